@@ -1,0 +1,35 @@
+"""neurofuse: zero-shot fusion of trained neural networks by neuron interpolation.
+
+>>> import neurofuse
+>>> neurofuse.methods()  # doctest: +SKIP
+['hf-linear', 'kf-linear', 'vanilla', 'ensemble', ...]
+"""
+
+from . import models  # noqa: F401  (registers the zoo)
+from ._fusion_set import FusionSet
+from .api import fuse, methods
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    IncompatibleModelsError,
+    NeurofuseError,
+    OutputExistsError,
+)
+from .levels import LeveledNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FusionSet",
+    "IncompatibleModelsError",
+    "LeveledNet",
+    "NeurofuseError",
+    "OutputExistsError",
+    "__version__",
+    "fuse",
+    "methods",
+]

@@ -1,0 +1,171 @@
+r"""Closed-form weighted least squares from streamed sufficient statistics (appendix B.2).
+
+For an affine level the fused output of neuron :math:`c` is :math:`X w_c`, where :math:`X` is the
+design matrix of the fused model's own previous-level outputs (inputs of a linear layer, or
+unfolded patches of a conv, plus a ones column for the bias).  The least-squares weights of every
+base neuron :math:`a_j` are :math:`w_j = X^+ a_j = (X^\top X)^+ X^\top a_j`, so only
+
+.. math::  G = X^\top X, \qquad C = X^\top A, \qquad q_j = \lVert a_j \rVert^2
+
+are needed; they are accumulated over mini-batches, so memory does not grow with the number of
+fusion samples.  With the eigendecomposition :math:`G = U \Lambda U^\top` restricted to eigenvalues
+above ``rtol² * max(eigenvalue)`` (the pseudo-inverse's cut-off on singular values), the projections
+:math:`P a_j = X w_j` of the base outputs onto the image of :math:`X` (section 4.3.2(a)) have the
+coordinates :math:`f_j = \Lambda^{-1/2} U^\top C_j` in an orthonormal basis of that image, so
+:math:`\lVert P a_i - P a_j\rVert = \lVert f_i - f_j\rVert`; grouping runs on these :math:`f_j`.
+The weights of a fused neuron are the importance-weighted mean of its members' :math:`w_j`, which
+makes :math:`X w_c` the projection of the weighted cluster centre.  A ``ridge`` > 0 adds
+``ridge * mean(diag G)`` to the diagonal instead of truncating (Tikhonov regularisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, IncompatibleModelsError
+
+__all__ = ["LinearSolution", "LinearStats", "assign_affine", "design_matrix"]
+
+
+def design_matrix(affine: nn.Module, u: Tensor) -> Tensor:
+    """Rows of inputs that ``affine`` (Linear or Conv2d) maps to its output rows, with a ones
+    column appended when it has a bias.  Conv rows are ordered (sample, h, w), as
+    :func:`neurofuse.levels.flatten_neurons` orders output rows."""
+    if isinstance(affine, nn.Linear):
+        x = u.reshape(u.shape[0], -1)
+    elif isinstance(affine, nn.Conv2d):
+        if affine.groups != 1 or affine.padding_mode != "zeros" or isinstance(affine.padding, str):
+            raise IncompatibleModelsError(
+                "closed-form fusion supports Conv2d with groups=1, zero padding and numeric "
+                "padding only; use method='kf-gradient'"
+            )
+        cols = F.unfold(u, affine.kernel_size, dilation=affine.dilation, padding=affine.padding,
+                        stride=affine.stride)
+        x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        raise IncompatibleModelsError(f"{type(affine).__name__} is not a Linear or Conv2d layer")
+    if affine.bias is not None:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+    return x
+
+
+def assign_affine(affine: nn.Module, w: Tensor) -> None:
+    """Write solved weights ``w`` (``[d, out]``, bias in the last row if any) into ``affine``."""
+    wt = w.T.to(affine.weight.dtype).to(affine.weight.device)
+    with torch.no_grad():
+        if affine.bias is not None:
+            affine.bias.copy_(wt[:, -1])
+            wt = wt[:, :-1]
+        affine.weight.copy_(wt.reshape(affine.weight.shape))
+
+
+@dataclass
+class LinearSolution:
+    """Least-squares weights and image coordinates of every base neuron.
+
+    Attributes
+    ----------
+    weights : Tensor
+        ``[d, M]`` least-squares weights :math:`w_j` of each base neuron (float64).
+    features : Tensor
+        ``[M, r]`` coordinates :math:`f_j` of the projections :math:`P a_j`.
+    residual : Tensor
+        ``[M]`` :math:`\\lVert (I - P) a_j \\rVert^2`, the part no fused level can reproduce.
+    rank : int
+        Numerical rank ``r`` of the design matrix.
+    """
+
+    weights: Tensor
+    features: Tensor
+    residual: Tensor
+    rank: int
+
+
+class LinearStats:
+    """Accumulates :math:`X^\\top X`, :math:`X^\\top A` and :math:`\\lVert a_j\\rVert^2` in float64."""
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+        self.cross: Tensor | None = None
+        self.sq: Tensor | None = None
+        self.rows = 0
+
+    def update(self, x: Tensor, a: Tensor) -> None:
+        if x.shape[0] != a.shape[0]:
+            raise IncompatibleModelsError(
+                f"fused level produces {x.shape[0]} rows but the base models {a.shape[0]}; the "
+                "level's spatial shapes differ between models"
+            )
+        x = x.double()
+        a = a.double()
+        g, c, q = x.T @ x, x.T @ a, (a * a).sum(0)
+        if self.gram is None:
+            self.gram, self.cross, self.sq = g, c, q
+        else:
+            self.gram += g
+            self.cross += c
+            self.sq += q
+        self.rows += x.shape[0]
+
+    def default_rtol(self) -> float:
+        """``torch.linalg.pinv``'s default for float32 data: ``max(rows, d) * eps(float32)``."""
+        assert self.gram is not None
+        return max(self.rows, self.gram.shape[0]) * float(torch.finfo(torch.float32).eps)
+
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        assert self.gram is not None
+        g = 0.5 * (self.gram + self.gram.T)
+        if not torch.isfinite(g).all():
+            raise IncompatibleModelsError(
+                "the fused model's previous level produced NaN or infinite outputs; try a larger "
+                "rtol or a ridge (options rtol=..., ridge=...)"
+            )
+        try:
+            return torch.linalg.eigh(g)
+        except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
+            import scipy.linalg
+
+            w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
+            return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
+
+    def solve(self, rtol: float | None = None, ridge: float = 0.0) -> LinearSolution:
+        """Least-squares weights, image coordinates and residuals of every base neuron.
+
+        Parameters
+        ----------
+        rtol : float, optional
+            Singular values of :math:`X` below ``rtol`` times the largest are treated as zero, as
+            in ``torch.linalg.pinv``; default :meth:`default_rtol`.
+        ridge : float
+            If > 0, Tikhonov regularisation instead of truncation.
+        """
+        if self.gram is None or self.cross is None or self.sq is None:
+            raise ValueError("no statistics accumulated")
+        rtol = self.default_rtol() if rtol is None else rtol
+        if rtol <= 0 or ridge < 0:
+            raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")
+        cut = rtol * rtol  # eigenvalues of X^T X are squared singular values of X
+        if ridge == 0:
+            evals, evecs = self._eigh()
+            keep = evals > cut * evals.max().clamp_min(1e-300)
+            lam, u = evals[keep], evecs[:, keep]
+            proj = u.T @ self.cross                       # [r, M]
+            weights = u @ (proj / lam[:, None])           # (X^T X)^+ X^T A
+            feats = proj / torch.sqrt(lam)[:, None]       # Λ^{-1/2} U^T C, coordinates of P a_j
+            residual = self.sq - (feats * feats).sum(0)
+            rank = int(keep.sum())
+        else:
+            eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
+            reg = self.gram + ridge * torch.diagonal(self.gram).mean() * eye
+            weights = torch.linalg.solve(reg, self.cross)
+            # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
+            evals, evecs = self._eigh()
+            feats = torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights)
+            fitted = (weights * (self.gram @ weights)).sum(0)
+            residual = self.sq - 2.0 * (weights * self.cross).sum(0) + fitted
+            rank = int((evals > cut * evals.max().clamp_min(1e-300)).sum())
+        return LinearSolution(weights, feats.T.contiguous(), residual.clamp_min(0.0), rank)

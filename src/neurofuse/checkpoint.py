@@ -1,0 +1,483 @@
+"""Saving and loading models as self-describing ``.safetensors`` checkpoints.
+
+A neurofuse checkpoint is one ``.safetensors`` file: the tensors are the model's state dict and the
+safetensors metadata holds, under the key ``"neurofuse"``, the JSON document::
+
+    {"format": "neurofuse-checkpoint", "version": 1,
+     "config": {"arch": ..., "kwargs": {...}},   # LeveledNet.config()
+     "metadata": {...}}                          # free-form, given to save_model
+
+so :func:`load_model` rebuilds the architecture with :func:`neurofuse.models.build_model` and
+needs nothing else.  Legacy PyTorch state dicts (``.pt`` / ``.pth``) are read too, only with
+``torch.load(..., weights_only=True)`` (no arbitrary code runs) and only together with an
+architecture config.
+
+Every write is atomic (a temporary file in the same directory, then :func:`os.replace`) and refuses
+to overwrite an existing file unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, ConfigError, NeurofuseError, OutputExistsError
+from .levels import LeveledNet
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "METADATA_KEY",
+    "load_model",
+    "read_config",
+    "save_json",
+    "save_model",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: value of the ``"format"`` field of the metadata document
+CHECKPOINT_FORMAT = "neurofuse-checkpoint"
+#: newest metadata version this code writes and reads
+CHECKPOINT_VERSION = 1
+#: safetensors metadata key that holds the JSON document
+METADATA_KEY = "neurofuse"
+
+_SAFETENSORS_SUFFIX = ".safetensors"
+_TORCH_SUFFIXES = (".pt", ".pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writing
+# ---------------------------------------------------------------------------------------------
+def _prepare_output(path: PathLike, force: bool) -> Path:
+    """Check that ``path`` may be written and create its parent directories."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file path instead")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path next to ``out``, flush it to disk, then rename it."""
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_default(obj: Any) -> Any:
+    """Make numpy / torch scalars and arrays and paths JSON-serialisable."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().tolist()
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def save_json(obj: Any, path: PathLike, *, force: bool = False) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Numpy and torch scalars / arrays and :class:`pathlib.Path` values are converted.  Non-finite
+    floats are written as ``NaN`` / ``Infinity`` (what :mod:`json` reads back).
+
+    Parameters
+    ----------
+    obj : object
+        A JSON-serialisable object.
+    path : str or path-like
+        Output file; parent directories are created.
+    force : bool
+        Overwrite ``path`` if it exists.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and ``force`` is false, or is a directory.
+    TypeError
+        If ``obj`` holds a value that cannot be written as JSON.
+    """
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    out = _prepare_output(path, force)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+
+    _atomic_write(out, write)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------
+def _architecture_config(model: nn.Module) -> Dict[str, Any]:
+    config_fn = getattr(model, "config", None)
+    if not callable(config_fn):
+        raise ConfigError(
+            f"cannot save a {type(model).__name__}: it is not a neurofuse LeveledNet; build it "
+            "from neurofuse.models"
+        )
+    try:
+        config = config_fn()
+    except NotImplementedError:
+        raise ConfigError(
+            f"cannot save a {type(model).__name__}: it does not describe its architecture "
+            "(config() is not implemented); build it from neurofuse.models"
+        ) from None
+    if not isinstance(config, Mapping) or "arch" not in config:
+        raise ConfigError(
+            f"{type(model).__name__}.config() returned {config!r}, not {{'arch': ..., "
+            "'kwargs': {...}}; fix the model's config()"
+        )
+    return dict(config)
+
+
+def save_model(model: LeveledNet, path: PathLike, *, force: bool = False,
+               metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Save ``model`` as a self-describing ``.safetensors`` checkpoint.
+
+    The state dict is copied to contiguous CPU tensors (tied / shared tensors become independent
+    copies, which safetensors requires); the architecture config and ``metadata`` go into the
+    file's metadata (see the module docstring).  The file is written atomically.
+
+    Parameters
+    ----------
+    model : LeveledNet
+        The model; its :meth:`~neurofuse.levels.LeveledNet.config` must describe it.
+    path : str or path-like
+        Output file, ending in ``.safetensors``; parent directories are created.
+    force : bool
+        Overwrite ``path`` if it exists.
+    metadata : mapping, optional
+        JSON-serialisable extra information (training settings, accuracy...), returned by
+        :func:`read_config` under ``"metadata"``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and ``force`` is false.
+    ConfigError
+        If ``path`` does not end in ``.safetensors``, if the model cannot describe its
+        architecture, or if ``metadata`` is not JSON-serialisable.
+    """
+    out = Path(path)
+    if out.suffix != _SAFETENSORS_SUFFIX:
+        raise ConfigError(
+            f"checkpoint path {out} must end in {_SAFETENSORS_SUFFIX} (neurofuse saves "
+            "safetensors files only); rename the output"
+        )
+    document = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": _architecture_config(model),
+        "metadata": dict(metadata) if metadata is not None else {},
+    }
+    try:
+        header = json.dumps(document, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"checkpoint metadata is not JSON-serialisable: {exc}") from None
+    tensors = {
+        name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
+    }
+    out = _prepare_output(out, force)
+
+    from safetensors.torch import save_file
+
+    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def _reason(exc: BaseException) -> str:
+    """First line of an exception message, shortened, for one-line error messages."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 120 else first[:117] + "..."
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: file is corrupt or truncated ({_reason(exc)}); re-save or re-download it"
+    )
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file")
+
+
+def _unwrap_config(config: Any, source: str) -> Dict[str, Any]:
+    """Accept an architecture config or a full metadata document; return the architecture config."""
+    if isinstance(config, Mapping) and "arch" not in config and isinstance(config.get("config"),
+                                                                             Mapping):
+        config = config["config"]
+    if not isinstance(config, Mapping) or "arch" not in config:
+        raise CheckpointError(
+            f"{source} is not an architecture config: expected {{\"arch\": ..., \"kwargs\": "
+            "{...}} (as written by LeveledNet.config())"
+        )
+    return dict(config)
+
+
+def _read_json_config(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"architecture config {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"architecture config {path} is not valid JSON ({_reason(exc)}); "
+                              "fix or re-create it") from None
+    return _unwrap_config(data, f"architecture config {path}")
+
+
+def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, Any]:
+    """Validate the neurofuse metadata document of a safetensors file."""
+    if not meta or METADATA_KEY not in meta:
+        raise CheckpointError(
+            f"{path} has no neurofuse metadata, so it is not a neurofuse checkpoint; save it with "
+            "neurofuse.checkpoint.save_model or pass the architecture config (e.g. --arch-config "
+            "file.json)"
+        )
+    try:
+        document = json.loads(meta[METADATA_KEY])
+    except ValueError as exc:
+        raise _corrupt(path, exc) from None
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a neurofuse checkpoint (its metadata format is not "
+            f"{CHECKPOINT_FORMAT!r}); re-save it with neurofuse.checkpoint.save_model"
+        )
+    version = document.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid checkpoint version {version!r}; re-save it")
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint version {version} but this neurofuse reads up to "
+            f"{CHECKPOINT_VERSION}; upgrade neurofuse"
+        )
+    document["config"] = _unwrap_config(document.get("config"), f"the config stored in {path}")
+    document.setdefault("metadata", {})
+    return document
+
+
+def read_config(path: PathLike) -> Dict[str, Any]:
+    """Read the metadata document of a neurofuse checkpoint without loading its tensors.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.safetensors`` file written by :func:`save_model`.
+
+    Returns
+    -------
+    dict
+        ``{"format": "neurofuse-checkpoint", "version": 1, "config": {...}, "metadata": {...}}``.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, corrupt or truncated, or not a neurofuse checkpoint.
+    """
+    p = Path(path)
+    _check_exists(p)
+    if p.suffix.lower() in _TORCH_SUFFIXES:
+        raise CheckpointError(
+            f"{p} is a bare PyTorch state dict with no neurofuse metadata; only .safetensors "
+            "checkpoints written by save_model carry their config"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            meta = fh.metadata()
+    except Exception as exc:  # safetensors raises several types for bad files
+        raise _corrupt(p, exc) from None
+    return _parse_document(p, meta)
+
+
+def _read_safetensors(path: Path) -> tuple[Dict[str, Tensor], Optional[Mapping[str, str]]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata()
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for bad files
+        raise _corrupt(path, exc) from None
+    return tensors, meta
+
+
+def _read_torch(path: Path) -> Dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and runtime errors for bad files
+        message = str(exc).lower()
+        if "weights only load failed" in message and "global" in message:
+            raise CheckpointError(
+                f"{path} contains pickled Python objects other than tensors and is not loaded "
+                "(neurofuse reads .pt files with weights_only=True); re-save it as a plain state "
+                "dict with torch.save(model.state_dict(), path)"
+            ) from None
+        if "weights only load failed" in message:  # torch's long advice hides the real cause
+            raise CheckpointError(
+                f"{path}: file is corrupt or truncated (not a readable PyTorch state dict); "
+                "re-save or re-download it"
+            ) from None
+        raise _corrupt(path, exc) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a mapping of names to tensors); re-save it with "
+            "torch.save(model.state_dict(), path)"
+        )
+    return dict(obj)
+
+
+def _sidecar_config(path: Path) -> Optional[Dict[str, Any]]:
+    for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
+        if candidate.is_file():
+            return _read_json_config(candidate)
+    return None
+
+
+def _build(config: Mapping[str, Any], path: Path) -> LeveledNet:
+    from .models import build_model
+
+    try:
+        return build_model(config)
+    except NeurofuseError as exc:
+        raise CheckpointError(f"cannot rebuild the architecture of {path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot rebuild the architecture of {path} from config {dict(config)!r}: "
+            f"{_reason(exc)}"
+        ) from None
+
+
+def _shape(t: Tensor) -> list[int]:
+    return [int(s) for s in t.shape]
+
+
+def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> None:
+    """Load ``state`` into ``model`` after checking names and shapes, naming the first mismatch."""
+    expected = model.state_dict()
+    arch = getattr(model, "arch", type(model).__name__)
+    for name, ref in expected.items():
+        if name not in state:
+            raise CheckpointError(
+                f"{path} lacks tensor {name!r} that architecture {arch!r} needs; the checkpoint "
+                "was saved from another architecture: check the architecture config"
+            )
+        if _shape(state[name]) != _shape(ref):
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has shape {_shape(state[name])} but architecture "
+                f"{arch!r} expects {_shape(ref)}; the architecture config does not match the "
+                "checkpoint"
+            )
+    for name in state:
+        if name not in expected:
+            raise CheckpointError(
+                f"{path} has tensor {name!r} that architecture {arch!r} does not have; the "
+                "architecture config does not match the checkpoint"
+            )
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+        raise CheckpointError(f"cannot load the weights of {path}: {_reason(exc)}") from None
+
+
+def load_model(path: PathLike, *,
+               config: Optional[Union[Mapping[str, Any], PathLike]] = None) -> LeveledNet:
+    """Load a model from a neurofuse ``.safetensors`` checkpoint or a legacy ``.pt`` state dict.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.safetensors`` file written by :func:`save_model`, or a ``.pt`` / ``.pth`` file that
+        holds a plain state dict (read with ``torch.load(..., weights_only=True)``; a mapping with
+        a ``"state_dict"`` entry is also accepted).
+    config : mapping or path-like, optional
+        The architecture config ``{"arch": ..., "kwargs": {...}}`` (or a full metadata document
+        as returned by :func:`read_config`), or the path of a JSON file that holds one.  It
+        overrides the config stored in a ``.safetensors`` checkpoint and is required for a
+        ``.pt`` file unless ``<path>.json`` (e.g. ``model.pt.json``) or ``<stem>.json``
+        (``model.json``) exists next to it.
+
+    Returns
+    -------
+    LeveledNet
+        The model, on the CPU, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, corrupt or truncated, holds pickled objects other than tensors,
+        is not a neurofuse checkpoint (and no config is given), has no architecture config, or if
+        its tensor names or shapes do not match the architecture.
+    """
+    p = Path(path)
+    _check_exists(p)
+    if p.suffix.lower() == ".json":
+        raise CheckpointError(
+            f"{p} is a JSON file, not a checkpoint; pass the weights file (.safetensors or .pt) "
+            "and give this file as its architecture config"
+        )
+    arch_config: Optional[Dict[str, Any]] = None
+    if config is not None:
+        if isinstance(config, Mapping):
+            arch_config = _unwrap_config(config, "the given config")
+        else:
+            arch_config = _read_json_config(Path(config))
+
+    if p.suffix.lower() in _TORCH_SUFFIXES:
+        if arch_config is None:
+            arch_config = _sidecar_config(p)
+        if arch_config is None:
+            raise CheckpointError(
+                f"{p} is a bare state dict without its architecture: pass the architecture config "
+                f"(e.g. --arch-config file.json) or put it in {p.name}.json next to it"
+            )
+        state = _read_torch(p)
+    else:
+        state, meta = _read_safetensors(p)
+        if arch_config is None:
+            arch_config = _parse_document(p, meta)["config"]
+
+    model = _build(arch_config, p)
+    _load_state(model, state, p)
+    return model.eval()

@@ -1,0 +1,23 @@
+"""Grouping the neurons of all base models into the fused model's neurons (paper section 4.3.1)."""
+
+from ._core import (
+    Grouping,
+    centroids,
+    hungarian_grouping,
+    identity_grouping,
+    kmeans_grouping,
+    weighted_kmeans,
+)
+from ._theory import approximation_error, grouping_error, representation_cost
+
+__all__ = [
+    "Grouping",
+    "approximation_error",
+    "centroids",
+    "grouping_error",
+    "hungarian_grouping",
+    "identity_grouping",
+    "kmeans_grouping",
+    "representation_cost",
+    "weighted_kmeans",
+]

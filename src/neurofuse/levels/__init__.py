@@ -1,0 +1,27 @@
+"""Levels: an ordered partition of a network into sub-networks (paper section 3).
+
+A level's output is a tensor whose *neurons* are features (``dense``: ``[B, C]``), channels
+(``conv``: ``[B, C, H, W]``, spatial positions become rows) or hidden units (``token``:
+``[B, T, C]``, tokens become rows).  Level outputs are pre-activations: the non-linearity starts the
+next level.
+"""
+
+from ._core import (
+    AXES,
+    LeveledNet,
+    NeuronAxis,
+    check_same_levels,
+    flatten_neurons,
+    split_affine,
+    unflatten_neurons,
+)
+
+__all__ = [
+    "AXES",
+    "LeveledNet",
+    "NeuronAxis",
+    "check_same_levels",
+    "flatten_neurons",
+    "split_affine",
+    "unflatten_neurons",
+]

@@ -1,0 +1,223 @@
+"""The level abstraction shared by every fusion method."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IncompatibleModelsError
+
+NeuronAxis = Literal["dense", "conv", "token"]
+AXES: Tuple[str, ...] = ("dense", "conv", "token")
+
+#: modules that may precede the affine layer of a level without making it non-affine in its weights
+_PARAMETER_FREE = (
+    nn.ReLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+)
+
+
+def flatten_neurons(t: Tensor, axis: str) -> Tensor:
+    r"""Reshape a level output to a ``[rows, neurons]`` matrix.
+
+    ``dense`` ``[B, C]`` is returned as is; ``conv`` ``[B, C, H, W]`` becomes ``[B*H*W, C]``
+    (every spatial position is a sample); ``token`` ``[B, T, C]`` becomes ``[B*T, C]``.
+    """
+    if axis == "dense":
+        return t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+    if axis == "conv":
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    if axis == "token":
+        return t.reshape(-1, t.shape[-1])
+    raise ValueError(f"unknown neuron axis {axis!r}; choose one of {AXES}")
+
+
+def unflatten_neurons(m: Tensor, axis: str, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`flatten_neurons` for an output of ``shape`` (with any neuron count)."""
+    if axis == "dense":
+        return m
+    if axis == "conv":
+        b, _, h, w = shape
+        return m.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    if axis == "token":
+        b, t = shape[0], shape[1]
+        return m.reshape(b, t, -1)
+    raise ValueError(f"unknown neuron axis {axis!r}; choose one of {AXES}")
+
+
+def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """Split an affine-terminal level into ``(pre, affine)``.
+
+    A level is *affine in its parameters* when it is an ``nn.Sequential`` whose last child is an
+    ``nn.Linear`` or ``nn.Conv2d`` and whose other children hold no parameters (activations,
+    pooling, flattening).  The closed-form methods need this; other levels need ``kf-gradient``.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the level is not affine in its parameters.
+    """
+    children = list(level.children()) if isinstance(level, nn.Sequential) else [level]
+    last = children[-1] if children else None
+    pre = children[:-1]
+    ok = isinstance(last, (nn.Linear, nn.Conv2d)) and all(
+        isinstance(c, _PARAMETER_FREE) and not any(True for _ in c.parameters()) for c in pre
+    )
+    if not ok:
+        raise IncompatibleModelsError(
+            f"level {type(level).__name__} is not affine in its parameters (it is not "
+            "[parameter-free ops..., Linear|Conv2d]); the closed-form methods 'hf-linear' and "
+            "'kf-linear' cannot fit it: use method='kf-gradient'"
+        )
+    return nn.Sequential(*pre), last  # type: ignore[return-value]
+
+
+class LeveledNet(nn.Module):
+    """A network that is the composition of its levels: ``forward = levels[-1] ∘ … ∘ levels[0]``.
+
+    Subclasses (the model zoo) build ``self.levels`` and ``self.axes`` in ``__init__`` and
+    implement :meth:`config` (the JSON architecture description that rebuilds them) and
+    :meth:`with_widths` (the same architecture with other level widths).
+
+    Attributes
+    ----------
+    levels : nn.ModuleList
+        The sub-networks, in order from the input.
+    axes : list of str
+        The neuron axis of each level output: ``"dense"``, ``"conv"`` or ``"token"``.
+    input_shape : tuple of int
+        The shape of one input sample (without the batch dimension).
+    num_classes : int
+        The width of the last level (the logits).
+    """
+
+    arch: str = "leveled"
+
+    def __init__(self, levels: Sequence[nn.Module], axes: Sequence[str], input_shape: Sequence[int],
+                 num_classes: int) -> None:
+        super().__init__()
+        if len(levels) != len(axes):
+            raise ValueError(f"{len(levels)} levels but {len(axes)} neuron axes")
+        for a in axes:
+            if a not in AXES:
+                raise ValueError(f"unknown neuron axis {a!r}; choose one of {AXES}")
+        self.levels = nn.ModuleList(levels)
+        self.axes: List[str] = list(axes)
+        self.input_shape: Tuple[int, ...] = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        for level in self.levels:
+            x = level(x)
+        return x
+
+    def forward_until(self, x: Tensor, level: int) -> Tensor:
+        """Output of level ``level`` (0-based, inclusive; negative counts from the end)."""
+        n = len(self.levels)
+        stop = level % n if level < 0 else level
+        if not 0 <= stop < n:
+            raise IndexError(f"level {level} out of range for a model with {n} levels")
+        for i in range(stop + 1):
+            x = self.levels[i](x)
+        return x
+
+    def forward_from(self, h: Tensor, start: int) -> Tensor:
+        """Run levels ``start, start+1, …`` on ``h`` (the output of level ``start - 1``)."""
+        for i in range(start, len(self.levels)):
+            h = self.levels[i](h)
+        return h
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    # -- architecture --------------------------------------------------------------------
+    def level_widths(self) -> List[int]:
+        """Number of neurons at each level output (found with one forward pass on zeros)."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        widths: List[int] = []
+        with torch.no_grad():
+            x = torch.zeros((1, *self.input_shape), device=device)
+            for level, axis in zip(self.levels, self.axes):
+                x = level(x)
+                widths.append(int(flatten_neurons(x, axis).shape[1]))
+        self.train(was_training)
+        return widths
+
+    def config(self) -> Dict[str, Any]:
+        """JSON-serialisable description ``{"arch": name, "kwargs": {...}}`` that rebuilds the model."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its architecture")
+
+    def with_widths(self, widths: Sequence[int]) -> "LeveledNet":
+        """A new, randomly initialised model of this family whose levels have ``widths``.
+
+        ``widths`` lists every level but the last (whose width is the number of classes).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot change its level widths")
+
+    def clone(self) -> "LeveledNet":
+        return copy.deepcopy(self)
+
+
+def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
+    """Check that ``models`` can be fused level by level and return them typed.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If a model is not a :class:`LeveledNet`, if level counts, neuron axes, input shapes or
+        class counts differ, or if a weight is NaN or infinite.
+    """
+    if len(models) == 0:
+        raise IncompatibleModelsError("no models to fuse: pass at least one model")
+    out: List[LeveledNet] = []
+    for i, m in enumerate(models):
+        if not isinstance(m, LeveledNet):
+            raise IncompatibleModelsError(
+                f"model {i} is a {type(m).__name__}, not a neurofuse LeveledNet; build it from the "
+                "zoo (neurofuse.models) or declare its levels with neurofuse.levels_from"
+            )
+        for name, p in m.named_parameters():
+            if not torch.isfinite(p).all():
+                raise IncompatibleModelsError(
+                    f"model {i} has NaN or infinite values in parameter {name!r}; retrain or "
+                    "repair that checkpoint before fusing"
+                )
+        out.append(m)
+    ref = out[0]
+    for i, m in enumerate(out[1:], start=1):
+        if m.num_levels != ref.num_levels:
+            raise IncompatibleModelsError(
+                f"model {i} has {m.num_levels} levels but model 0 has {ref.num_levels}; layer-wise "
+                "fusion needs equal level counts (use depth='align' for models of different depth)"
+            )
+        if m.axes != ref.axes:
+            raise IncompatibleModelsError(
+                f"model {i} has level neuron axes {m.axes} but model 0 has {ref.axes}"
+            )
+        if m.input_shape != ref.input_shape:
+            raise IncompatibleModelsError(
+                f"model {i} takes inputs of shape {list(m.input_shape)} but model 0 takes "
+                f"{list(ref.input_shape)}"
+            )
+        if m.num_classes != ref.num_classes:
+            raise IncompatibleModelsError(
+                f"model {i} has {m.num_classes} output classes but model 0 has {ref.num_classes}"
+            )
+    return out

@@ -1,0 +1,172 @@
+"""The fusion-method interface: one verb, ``fuse(models, data)``, for every method.
+
+Like Flower's ``Strategy``, a method is a small abstract surface around a template method:
+:meth:`FusionMethod.fuse` validates the models and the data and calls :meth:`FusionMethod._fuse`,
+the one method a new algorithm overrides.  Method-specific settings are a typed, validated
+``Options`` dataclass per method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, TypeVar, Union
+
+import torch
+from torch import nn
+
+from .._fusion_set import FusionSet, as_fusion_set
+from .._registry import Registry
+from ..errors import ConfigError, IncompatibleModelsError
+from ..importance import importance_methods
+
+__all__ = ["FusionMethod", "NoOptions", "WidthSpec", "get_method", "list_methods", "register_method"]
+
+log = logging.getLogger("neurofuse")
+
+WidthSpec = Union[None, int, float, Sequence[int]]
+
+_METHODS: Registry[Type["FusionMethod"]] = Registry("fusion method")
+F = TypeVar("F", bound=Type["FusionMethod"])
+
+
+def register_method(name: str) -> Callable[[F], F]:
+    """Class decorator registering a :class:`FusionMethod` subclass under ``name``."""
+
+    def deco(cls: F) -> F:
+        cls.name = name
+        _METHODS.register(name)(cls)
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> Type["FusionMethod"]:
+    """The method class registered as ``name``."""
+    return _METHODS.get(name)
+
+
+def list_methods() -> List[str]:
+    """Names of the registered fusion methods, in registration order."""
+    return _METHODS.names()
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A method without settings of its own."""
+
+
+class FusionMethod(ABC):
+    """Base class of every fusion method.
+
+    Parameters
+    ----------
+    importance : str
+        Neuron importance score (see :func:`neurofuse.importance.importance_methods`); methods
+        that do not use importance accept only ``"uniform"``.
+    width : None, int, float or sequence of int
+        Fused width per level (every level but the output): ``None`` keeps the first model's
+        widths, an int sets every level, a float multiplies the first model's widths, a list
+        gives each level.  Only methods with ``supports_width`` accept anything but ``None``.
+    seed : int
+        Seed of every random choice the method makes.
+    progress : bool
+        Show progress bars.
+    device : str
+        Where the computation runs (``"cpu"``, ``"cuda"``).
+    batch_size : int
+        Rows per batch when streaming the fusion set.
+    **options
+        Fields of the method's ``Options`` dataclass.
+    """
+
+    name: ClassVar[str] = "?"
+    #: one-line description and citation, shown by ``neurofuse methods``
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    uses_importance: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = True
+    supports_width: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[Optional[int]] = None
+
+    def __init__(self, *, importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
+                 progress: bool = True, device: str = "cpu", batch_size: int = 256,
+                 **options: Any) -> None:
+        if importance not in importance_methods():
+            raise ConfigError(f"unknown importance {importance!r}; choose one of {importance_methods()}")
+        if importance != "uniform" and not self.uses_importance:
+            raise ConfigError(f"method {self.name!r} does not use importance scores; use importance='uniform'")
+        if width is not None and not self.supports_width:
+            raise ConfigError(f"method {self.name!r} keeps the first model's widths; do not pass width")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        fields = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = set(options) - fields
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {sorted(unknown)} for method {self.name!r}; valid: {sorted(fields) or 'none'}"
+            )
+        self.options = self.Options(**options)
+        self.importance = importance
+        self.width = width
+        self.seed = int(seed)
+        self.progress = progress
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+
+    # -- template -------------------------------------------------------------------------
+    def fuse(self, models: Sequence[nn.Module], data: Any = None) -> nn.Module:
+        """Fuse ``models`` using ``data`` (the fusion set) and return the fused model."""
+        models = list(models)
+        if len(models) < max(1, self.min_models):
+            raise IncompatibleModelsError(
+                f"method {self.name!r} needs at least {max(1, self.min_models)} models, got {len(models)}"
+            )
+        if self.max_models is not None and len(models) > self.max_models:
+            raise IncompatibleModelsError(
+                f"method {self.name!r} fuses at most {self.max_models} models, got {len(models)}; "
+                "use 'kf-linear' for N models"
+            )
+        fset: Optional[FusionSet] = None
+        if self.needs_data or data is not None:
+            fset = as_fusion_set(data, self.batch_size)
+            shape = getattr(models[0], "input_shape", None)
+            if shape is not None:
+                fset.check_input_shape(shape)
+        models = [m.to(self.device).eval() for m in models]
+        log.info("fusing %d models with %s (importance=%s)", len(models), self.name, self.importance)
+        fused = self._fuse(models, fset)
+        return fused.eval()
+
+    @abstractmethod
+    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+        """Produce the fused model.  ``data`` is ``None`` only when ``needs_data`` is false."""
+
+    # -- helpers shared by level-wise methods ----------------------------------------------
+    def resolve_widths(self, base_widths: Sequence[int]) -> List[int]:
+        """Fused widths of every level (the last stays the class count) from ``self.width``."""
+        hidden = list(base_widths[:-1])
+        w = self.width
+        if w is None:
+            out = hidden
+        elif isinstance(w, bool):
+            raise ConfigError(f"width must be an int, a float or a list, got {w!r}")
+        elif isinstance(w, int):
+            out = [w] * len(hidden)
+        elif isinstance(w, float):
+            if w <= 0:
+                raise ConfigError(f"width multiplier must be positive, got {w}")
+            out = [max(1, int(round(h * w))) for h in hidden]
+        else:
+            out = [int(x) for x in w]
+            if len(out) != len(hidden):
+                raise ConfigError(
+                    f"width lists {len(out)} levels but the models have {len(hidden)} levels "
+                    "before the output"
+                )
+        for i, x in enumerate(out):
+            if x < 1:
+                raise ConfigError(f"fused width of level {i} must be at least 1, got {x}")
+        return out + [base_widths[-1]]

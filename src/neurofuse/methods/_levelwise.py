@@ -1,0 +1,194 @@
+"""Neuron interpolation fusion, level by level (paper Algorithm 1).
+
+For each level from the input: collect every base model's level outputs on the fusion set,
+group their neurons (importance-weighted), take the weighted cluster centres as targets and fit
+the fused model's level to them from the fused model's *own* previous-level outputs.
+:class:`LevelwiseFusion` is the template; subclasses choose how to fit a level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import abstractmethod
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._fusion_set import FusionSet
+from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
+from ..approximation import LinearStats, assign_affine, design_matrix
+from ..importance import neuron_importance, normalize_scores
+from ..levels import LeveledNet, check_same_levels, flatten_neurons, split_affine
+from ._base import FusionMethod, register_method
+
+__all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelwiseFusion", "LinearFusion"]
+
+log = logging.getLogger("neurofuse")
+
+
+class LevelwiseFusion(FusionMethod):
+    """Template for level-by-level neuron interpolation; override :meth:`fuse_level`."""
+
+    uses_importance = True
+    supports_width = True
+
+    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+        assert data is not None
+        nets = check_same_levels(models)
+        base_widths = [m.level_widths() for m in nets]
+        widths = self.resolve_widths(base_widths[0])
+        for lvl, k in enumerate(widths[:-1]):
+            available = sum(bw[lvl] for bw in base_widths)
+            if k > available:
+                raise IncompatibleModelsError(
+                    f"fused width {k} at level {lvl} is larger than the {available} neurons the "
+                    "base models have there; choose a smaller width"
+                )
+        self.base_widths = base_widths
+        fused = nets[0].clone() if widths == base_widths[0] else nets[0].with_widths(widths[:-1])
+        fused = fused.to(self.device).eval()
+        self.report: List[dict] = []
+        levels = range(fused.num_levels)
+        for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
+            self.fuse_level(lvl, nets, fused, data, widths[lvl])
+        return fused
+
+    @abstractmethod
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
+                   k: int) -> None:
+        """Fit ``fused.levels[level]`` (``k`` neurons) to the grouped base outputs, in place."""
+
+    def level_scores(self, models: Sequence[LeveledNet], level: int, data: FusionSet) -> np.ndarray:
+        """Concatenated importance scores of every base model's neurons at ``level``."""
+        scores = []
+        for m in models:
+            s = neuron_importance(m, level, data, self.importance, self.device)
+            if getattr(self.options, "normalize_importance", False):
+                s = normalize_scores(s)
+            scores.append(s.cpu().numpy())
+        return np.concatenate(scores)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+    """Settings of the closed-form methods.
+
+    Attributes
+    ----------
+    rtol : float, optional
+        Singular values of the design matrix below ``rtol`` times the largest are treated as zero
+        (pseudo-inverse).  Default: ``max(rows, d) * eps(float32)``, as ``torch.linalg.pinv``.
+    ridge : float
+        If > 0, solve :math:`(X^\\top X + \\text{ridge}\\cdot\\overline{\\mathrm{diag}}\\,I) w = X^\\top a`
+        instead of using the pseudo-inverse.
+    normalize_importance : bool
+        Scale each model's scores at a level to sum to one.
+    class_weights : array-like, optional
+        ``[N, C]`` weights of each model for each class at the output level ("head weights", e.g.
+        each model's share of the class's training samples).  Default: the mean logit.
+    """
+
+    rtol: Optional[float] = None
+    ridge: float = 0.0
+    normalize_importance: bool = False
+    class_weights: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.rtol is not None and not self.rtol > 0:
+            raise ConfigError(f"rtol must be positive, got {self.rtol}")
+        if self.ridge < 0:
+            raise ConfigError(f"ridge must be non-negative, got {self.ridge}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansOptions(LinearOptions):
+    """:class:`LinearOptions` plus K-means restarts (``n_init``) and iterations (``max_iter``)."""
+
+    n_init: int = 10
+    max_iter: int = 300
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_init < 1 or self.max_iter < 1:
+            raise ConfigError(f"n_init and max_iter must be >= 1, got {self.n_init}, {self.max_iter}")
+
+
+class LinearFusion(LevelwiseFusion):
+    """Closed-form (Linear) neuron interpolation; subclasses choose the grouping (:meth:`group`)."""
+
+    Options = LinearOptions
+
+    @abstractmethod
+    def group(self, features: np.ndarray, scores: np.ndarray, widths: Sequence[int], k: int,
+              level: int) -> Grouping:
+        """Group the ``M`` base neurons (rows of ``features``) into ``k`` fused neurons."""
+
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
+                   k: int) -> None:
+        pre, affine = split_affine(fused.levels[level])
+        stats = LinearStats()
+        with torch.no_grad():
+            for xb, _ in data.batches(self.device):
+                z = xb if level == 0 else fused.forward_until(xb, level - 1)
+                x = design_matrix(affine, pre(z))
+                a = torch.cat([flatten_neurons(m.forward_until(xb, level), m.axes[level])
+                               for m in models], dim=1)
+                stats.update(x, a)
+        sol = stats.solve(self.options.rtol, self.options.ridge)
+        widths = [bw[level] for bw in self.base_widths]
+        feats = sol.features.cpu().numpy()
+        if level == fused.num_levels - 1:
+            grouping = identity_grouping(widths, self.options.class_weights)
+        else:
+            grouping = self.group(feats, self.level_scores(models, level, data), widths, k, level)
+        w = centroids(sol.weights.T.cpu().numpy(), grouping.weights, grouping.labels, grouping.k)
+        assign_affine(affine, torch.from_numpy(w.T))
+        t = centroids(feats, grouping.weights, grouping.labels, grouping.k)
+        g_err = float((grouping.weights * ((feats - t[grouping.labels]) ** 2).sum(1)).sum())
+        r_err = float((torch.from_numpy(grouping.weights) * sol.residual.cpu()).sum())
+        self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
+                            "grouping_error": g_err, "unreachable_error": r_err})
+        log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
+
+
+@register_method("hf-linear")
+class HungarianLinearFusion(LinearFusion):
+    """Hungarian Linear Fusion: two equal-width models, optimal one-to-one matching, closed-form fit.
+
+    Luenam, Spanopoulos, Sant et al., "Model Fusion via Neuron Interpolation", 2025, section 4.3.
+    """
+
+    summary = "Hungarian Linear Fusion (Luenam et al. 2025): 2 models, equal widths, closed form"
+    min_models = 2
+    max_models = 2
+
+    def group(self, features: np.ndarray, scores: np.ndarray, widths: Sequence[int], k: int,
+              level: int) -> Grouping:
+        if k != widths[0]:
+            raise IncompatibleModelsError(
+                f"'hf-linear' matches neurons one to one, so the fused width must equal the models' "
+                f"width {widths[0]} at level {level}, got {k}; use 'kf-linear' to change widths"
+            )
+        return hungarian_grouping(features, scores, widths)
+
+
+@register_method("kf-linear")
+class KMeansLinearFusion(LinearFusion):
+    """K-means Linear Fusion: N models of any widths, importance-weighted K-means, closed-form fit.
+
+    Luenam, Spanopoulos, Sant et al., "Model Fusion via Neuron Interpolation", 2025, section 4.3.
+    """
+
+    summary = "K-means Linear Fusion (Luenam et al. 2025): N models, any widths, closed form"
+    Options = KMeansOptions
+    min_models = 1
+
+    def group(self, features: np.ndarray, scores: np.ndarray, widths: Sequence[int], k: int,
+              level: int) -> Grouping:
+        return kmeans_grouping(features, scores, k, n_init=self.options.n_init,
+                               max_iter=self.options.max_iter, seed=self.seed + 7919 * level)

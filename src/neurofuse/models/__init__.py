@@ -1,0 +1,11 @@
+"""The model zoo: every model knows its levels (``register_model`` / ``get_model`` / ``list_models``)."""
+
+from ._registry import build_model, get_model, list_models, register_model
+from .mlp import MLP
+from .vgg import VGG
+
+__all__ = ["MLP", "VGG", "build_model", "get_model", "list_models", "register_model"]
+
+from .ensemble import Ensemble  # noqa: E402  (registers the "ensemble" architecture)
+
+__all__ += ["Ensemble"]
