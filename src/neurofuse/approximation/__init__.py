@@ -1,5 +1,5 @@
 """Fitting a fused level to its targets (paper section 4.3.2): closed form for affine levels."""
 
-from ._linear import LinearSolution, LinearStats, assign_affine, design_matrix
+from ._linear import LinearSolution, LinearStats, aligned_prior, assign_affine, design_matrix
 
-__all__ = ["LinearSolution", "LinearStats", "assign_affine", "design_matrix"]
+__all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]

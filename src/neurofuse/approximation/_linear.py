@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 
-__all__ = ["LinearSolution", "LinearStats", "assign_affine", "design_matrix"]
+__all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
 
 def design_matrix(affine: nn.Module, u: Tensor) -> Tensor:
@@ -61,6 +61,33 @@ def assign_affine(affine: nn.Module, w: Tensor) -> None:
             affine.bias.copy_(wt[:, -1])
             wt = wt[:, :-1]
         affine.weight.copy_(wt.reshape(affine.weight.shape))
+
+
+def aligned_prior(affine: nn.Module, assign: "Tensor | None", k_prev: int) -> Tensor | None:
+    r"""A base layer's weights rewritten in the fused layer's input coordinates, ``[d, out]``.
+
+    Input neuron :math:`i` of the base layer was grouped into fused neuron :math:`c(i)` at the
+    previous level, so its incoming weight is added to fused input :math:`c(i)`
+    (:math:`\tilde W_{:,c} = \sum_{i: c(i)=c} W_{:,i}`, per spatial tap for convs and per position
+    after a flatten).  ``assign=None`` means the inputs are shared (the first level).  Returns
+    ``None`` when the shapes do not allow the mapping.
+    """
+    w = affine.weight.detach().double()
+    out_dim = w.shape[0]
+    if assign is None:
+        mapped = w.reshape(out_dim, -1)
+    else:
+        c_in = int(assign.numel())
+        per = w.reshape(out_dim, -1).shape[1]
+        if per % c_in:
+            return None
+        w3 = w.reshape(out_dim, c_in, per // c_in)
+        mapped = torch.zeros(out_dim, k_prev, per // c_in, dtype=w.dtype, device=w.device)
+        mapped.index_add_(1, assign.to(w.device), w3)
+        mapped = mapped.reshape(out_dim, -1)
+    if affine.bias is not None:
+        mapped = torch.cat([mapped, affine.bias.detach().double()[:, None]], dim=1)
+    return mapped.T
 
 
 @dataclass
@@ -132,7 +159,8 @@ class LinearStats:
             w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
             return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
 
-    def solve(self, rtol: float | None = None, ridge: float = 0.0) -> LinearSolution:
+    def solve(self, rtol: float | None = None, ridge: float = 0.0,
+              prior: Tensor | None = None) -> LinearSolution:
         """Least-squares weights, image coordinates and residuals of every base neuron.
 
         Parameters
@@ -142,26 +170,38 @@ class LinearStats:
             in ``torch.linalg.pinv``; default :meth:`default_rtol`.
         ridge : float
             If > 0, Tikhonov regularisation instead of truncation.
+        prior : Tensor, optional
+            ``[d, M]`` prior weights.  With truncation, the components of the solution in the null
+            space of :math:`X` (input directions the fusion set never excites) are taken from the
+            prior instead of being zero; the fitted values :math:`X w_j` do not change.  With a
+            ridge, the solution is shrunk towards the prior instead of towards zero.
         """
         if self.gram is None or self.cross is None or self.sq is None:
             raise ValueError("no statistics accumulated")
         rtol = self.default_rtol() if rtol is None else rtol
         if rtol <= 0 or ridge < 0:
             raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")
-        cut = rtol * rtol  # eigenvalues of X^T X are squared singular values of X
+        # eigenvalues of X^T X are squared singular values of X; below ~d * eps(float64) they are
+        # rounding noise of the accumulated Gram matrix, whatever rtol asks for
+        d = self.gram.shape[0]
+        cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
         if ridge == 0:
             evals, evecs = self._eigh()
             keep = evals > cut * evals.max().clamp_min(1e-300)
             lam, u = evals[keep], evecs[:, keep]
             proj = u.T @ self.cross                       # [r, M]
             weights = u @ (proj / lam[:, None])           # (X^T X)^+ X^T A
+            if prior is not None:
+                weights = weights + prior - u @ (u.T @ prior)  # null-space part from the prior
             feats = proj / torch.sqrt(lam)[:, None]       # Λ^{-1/2} U^T C, coordinates of P a_j
             residual = self.sq - (feats * feats).sum(0)
             rank = int(keep.sum())
         else:
             eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
             reg = self.gram + ridge * torch.diagonal(self.gram).mean() * eye
-            weights = torch.linalg.solve(reg, self.cross)
+            lam_bar = ridge * torch.diagonal(self.gram).mean()
+            rhs = self.cross if prior is None else self.cross + lam_bar * prior
+            weights = torch.linalg.solve(reg, rhs)
             # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
             evals, evecs = self._eigh()
             feats = torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights)

@@ -122,27 +122,78 @@ def _sq_dist(points: np.ndarray, centres: np.ndarray, p2: np.ndarray) -> np.ndar
 
 def _kmeanspp(points: np.ndarray, weights: np.ndarray, k: int, p2: np.ndarray,
               rng: np.random.Generator) -> np.ndarray:
-    """Weighted k-means++ seeding (Arthur & Vassilvitskii 2007): D² sampling times the weight."""
+    """Greedy weighted k-means++ seeding (Arthur & Vassilvitskii 2007).
+
+    Each new centre is drawn with probability proportional to ``weight * D^2`` (D the distance to
+    the closest centre so far); ``2 + log(k)`` candidates are drawn per step and the one that lowers
+    the weighted potential most is kept.
+    """
     m = points.shape[0]
+    trials = 2 + int(np.log(k))
     first = rng.choice(m, p=weights / weights.sum())
-    centres = [points[first]]
+    centres = [first]
     closest = _sq_dist(points, points[first:first + 1], p2)[:, 0]
     for _ in range(1, k):
         prob = weights * closest
         total = prob.sum()
-        idx = rng.choice(m, p=prob / total) if total > 0 else rng.integers(m)
-        centres.append(points[idx])
-        closest = np.minimum(closest, _sq_dist(points, points[idx:idx + 1], p2)[:, 0])
-    return np.stack(centres)
+        if total > 0:
+            cand = rng.choice(m, size=trials, p=prob / total)
+        else:
+            cand = rng.integers(m, size=trials)
+        d = np.minimum(closest[None, :], _sq_dist(points[cand], points, p2[cand]))  # [trials, m]
+        best = int((d * weights[None, :]).sum(1).argmin())
+        centres.append(int(cand[best]))
+        closest = d[best]
+    return points[np.array(centres)].copy()
+
+
+def _hartigan(points: np.ndarray, weights: np.ndarray, labels: np.ndarray, k: int,
+              max_passes: int = 10) -> np.ndarray:
+    r"""Single-point moves that lower the weighted cost (Hartigan & Wong 1979), after Lloyd.
+
+    Moving point :math:`x` (weight :math:`w`) from cluster :math:`a` to :math:`b` changes the cost by
+    :math:`\frac{w W_b}{W_b + w}\lVert x-\mu_b\rVert^2 - \frac{w W_a}{W_a - w}\lVert x-\mu_a\rVert^2`,
+    with :math:`W` the clusters' total weights; every Lloyd fixed point that admits an improving move
+    is left for a strictly better clustering.
+    """
+    labels = labels.copy()
+    mu = centroids(points, weights, labels, k)
+    big_w = np.bincount(labels, weights=weights, minlength=k)
+    count = np.bincount(labels, minlength=k)
+    for _ in range(max_passes):
+        moved = False
+        for j in range(points.shape[0]):
+            a, w, x = labels[j], weights[j], points[j]
+            if count[a] <= 1:
+                continue
+            d = ((mu - x) ** 2).sum(1)
+            remove = w * big_w[a] / (big_w[a] - w) * d[a]
+            add = w * big_w / (big_w + w) * d
+            add[a] = np.inf
+            b = int(add.argmin())
+            if add[b] < remove * (1 - 1e-12):
+                mu[a] = (mu[a] * big_w[a] - w * x) / (big_w[a] - w)
+                mu[b] = (mu[b] * big_w[b] + w * x) / (big_w[b] + w)
+                big_w[a] -= w
+                big_w[b] += w
+                count[a] -= 1
+                count[b] += 1
+                labels[j] = b
+                moved = True
+        if not moved:
+            break
+    return labels
 
 
 def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: int = 10,
-                    max_iter: int = 300, tol: float = 0.0, seed: int = 0):
+                    max_iter: int = 300, tol: float = 0.0, seed: int = 0, refine: bool = True):
     r"""Importance-weighted K-means (Lloyd with k-means++ seeding, several restarts).
 
     Minimises :math:`\sum_j s_j \lVert x_j - \mu_{c(j)}\rVert^2` (squared Euclidean, paper
     Eq. 3-4).  An empty cluster is repaired by moving into it the point that contributes most to
-    the cost among clusters with more than one member.
+    the cost among clusters with more than one member.  With ``refine`` each Lloyd solution is
+    improved by Hartigan single-point moves (a local search in the spirit of Kanungo et al. 2002,
+    which the paper's approximation guarantee refers to).
 
     Parameters
     ----------
@@ -160,6 +211,8 @@ def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: 
         Stop when the relative cost improvement falls below ``tol``.
     seed : int
         Seed of the ``numpy.random.Generator`` used for seeding.
+    refine : bool
+        Run Hartigan single-point moves after Lloyd's iterations.
 
     Returns
     -------
@@ -206,6 +259,10 @@ def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: 
             if stable or (tol > 0 and np.isfinite(prev_cost) and prev_cost - cost <= tol * prev_cost):
                 break
             prev_cost = cost
+        if refine:
+            labels = _hartigan(points, weights, labels, k)
+            centres = centroids(points, weights, labels, k)
+            cost = float((weights * _sq_dist(points, centres, p2)[np.arange(m), labels]).sum())
         if best is None or cost < best[2]:
             best = (labels.copy(), centres.copy(), cost)
     assert best is not None

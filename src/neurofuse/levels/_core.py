@@ -171,6 +171,12 @@ class LeveledNet(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot change its level widths")
 
+    @classmethod
+    def preset(cls, size: str, input_shape: Sequence[int], num_classes: int) -> "LeveledNet":
+        """A model of this family at a named size: ``"tiny"`` (tests), ``"small"`` (demo, CPU
+        benchmarks) or ``"paper"`` (the paper's configuration)."""
+        raise NotImplementedError(f"{cls.__name__} has no presets")
+
     def clone(self) -> "LeveledNet":
         return copy.deepcopy(self)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
-from ..approximation import LinearStats, assign_affine, design_matrix
+from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
 from ..importance import neuron_importance, normalize_scores
 from ..levels import LeveledNet, check_same_levels, flatten_neurons, split_affine
 from ._base import FusionMethod, register_method
@@ -88,6 +88,12 @@ class LinearOptions:
         instead of using the pseudo-inverse.
     normalize_importance : bool
         Scale each model's scores at a level to sum to one.
+    prior : bool
+        Input directions that the fusion set never excites (e.g. pixels that are always zero,
+        neurons that never fire on it) are left undetermined by least squares.  With ``prior`` they
+        keep the base models' weights, aligned through the previous level's grouping and averaged
+        like the rest; without it they are zero (the minimum-norm solution).  Either way the fit
+        on the fusion set is the same.
     class_weights : array-like, optional
         ``[N, C]`` weights of each model for each class at the output level ("head weights", e.g.
         each model's share of the class's training samples).  Default: the mean logit.
@@ -96,6 +102,7 @@ class LinearOptions:
     rtol: Optional[float] = None
     ridge: float = 0.0
     normalize_importance: bool = False
+    prior: bool = True
     class_weights: Optional[Any] = None
 
     def __post_init__(self) -> None:
@@ -128,6 +135,24 @@ class LinearFusion(LevelwiseFusion):
               level: int) -> Grouping:
         """Group the ``M`` base neurons (rows of ``features``) into ``k`` fused neurons."""
 
+    def _prior(self, level: int, models: List[LeveledNet], affine: nn.Module) -> Optional[torch.Tensor]:
+        """Every base neuron's weights in the fused input coordinates (see :func:`aligned_prior`)."""
+        d = affine.weight[0].numel() + (affine.bias is not None)
+        priors = []
+        for i, m in enumerate(models):
+            try:
+                _, base_affine = split_affine(m.levels[level])
+            except IncompatibleModelsError:
+                return None
+            if level == 0:
+                p = aligned_prior(base_affine, None, 0)
+            else:
+                p = aligned_prior(base_affine, torch.from_numpy(self._assign[i]), self._k_prev)
+            if p is None or p.shape[0] != d:
+                return None
+            priors.append(p)
+        return torch.cat(priors, dim=1).to(self.device)
+
     def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
                    k: int) -> None:
         pre, affine = split_affine(fused.levels[level])
@@ -139,18 +164,21 @@ class LinearFusion(LevelwiseFusion):
                 a = torch.cat([flatten_neurons(m.forward_until(xb, level), m.axes[level])
                                for m in models], dim=1)
                 stats.update(x, a)
-        sol = stats.solve(self.options.rtol, self.options.ridge)
+        prior = self._prior(level, models, affine) if self.options.prior else None
+        sol = stats.solve(self.options.rtol, self.options.ridge, prior)
         widths = [bw[level] for bw in self.base_widths]
         feats = sol.features.cpu().numpy()
         if level == fused.num_levels - 1:
             grouping = identity_grouping(widths, self.options.class_weights)
         else:
             grouping = self.group(feats, self.level_scores(models, level, data), widths, k, level)
+        self._assign = np.split(grouping.labels, np.cumsum(widths)[:-1])
         w = centroids(sol.weights.T.cpu().numpy(), grouping.weights, grouping.labels, grouping.k)
         assign_affine(affine, torch.from_numpy(w.T))
         t = centroids(feats, grouping.weights, grouping.labels, grouping.k)
         g_err = float((grouping.weights * ((feats - t[grouping.labels]) ** 2).sum(1)).sum())
         r_err = float((torch.from_numpy(grouping.weights) * sol.residual.cpu()).sum())
+        self._k_prev = grouping.k
         self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
                             "grouping_error": g_err, "unreachable_error": r_err})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)

@@ -1,10 +1,11 @@
 """The model zoo: every model knows its levels (``register_model`` / ``get_model`` / ``list_models``)."""
 
-from ._registry import build_model, get_model, list_models, register_model
+from ._registry import build_model, get_model, list_models, make_model, register_model, zoo_architectures
 from .mlp import MLP
 from .vgg import VGG
 
-__all__ = ["MLP", "VGG", "build_model", "get_model", "list_models", "register_model"]
+__all__ = ["MLP", "VGG", "build_model", "get_model", "list_models", "make_model", "register_model",
+           "zoo_architectures"]
 
 from .ensemble import Ensemble  # noqa: E402  (registers the "ensemble" architecture)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Type, TypeVar
 
 from .._registry import Registry
 from ..errors import CheckpointError, ConfigError
@@ -30,6 +30,21 @@ def get_model(name: str, **kwargs: Any) -> LeveledNet:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad arguments for architecture {name!r}: {exc}") from None
+
+
+def make_model(arch: str, size: str, input_shape: Sequence[int], num_classes: int) -> LeveledNet:
+    """A zoo model by family and named size (see :meth:`LeveledNet.preset`)."""
+    cls = _MODELS.get(arch)
+    preset = getattr(cls, "preset", None)
+    if preset is None:
+        raise ConfigError(f"architecture {arch!r} has no named sizes")
+    return preset(size, input_shape, num_classes)
+
+
+def zoo_architectures() -> List[str]:
+    """Registered architectures that have named sizes (what ``--arch`` accepts)."""
+    return [n for n in _MODELS.names() if isinstance(_MODELS.get(n), type)
+            and issubclass(_MODELS.get(n), LeveledNet)]
 
 
 def list_models() -> List[str]:

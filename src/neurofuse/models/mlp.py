@@ -48,6 +48,13 @@ class MLP(LeveledNet):
         self.hidden = hidden
         self.bias = bias
 
+    @classmethod
+    def preset(cls, size: str, input_shape: Sequence[int], num_classes: int) -> "MLP":
+        hidden = {"tiny": [32, 32], "small": [64, 64], "paper": [256]}
+        if size not in hidden:
+            raise ConfigError(f"unknown size {size!r} for mlp; choose one of {sorted(hidden)}")
+        return cls(input_shape, num_classes, hidden[size])
+
     def config(self) -> Dict[str, Any]:
         return {"arch": "mlp", "kwargs": {"input_shape": list(self.input_shape),
                                           "num_classes": self.num_classes,

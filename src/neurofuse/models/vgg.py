@@ -83,6 +83,13 @@ class VGG(LeveledNet):
         self.layout = layout if isinstance(layout, str) else list(layout)
         self.widths = widths
 
+    @classmethod
+    def preset(cls, size: str, input_shape: Sequence[int], num_classes: int) -> "VGG":
+        mult = {"tiny": 0.125, "small": 0.25, "paper": 1.0}
+        if size not in mult:
+            raise ConfigError(f"unknown size {size!r} for vgg; choose one of {sorted(mult)}")
+        return cls(input_shape, num_classes, "vgg11", width_multiplier=mult[size])
+
     def config(self) -> Dict[str, Any]:
         return {"arch": "vgg", "kwargs": {"input_shape": list(self.input_shape),
                                           "num_classes": self.num_classes,

@@ -1,0 +1,69 @@
+"""Streamed least squares equals the dense pseudo-inverse solution."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neurofuse.approximation import LinearStats, assign_affine, design_matrix
+
+
+def _stream(x, a, batch):
+    st = LinearStats()
+    for i in range(0, x.shape[0], batch):
+        st.update(x[i:i + batch], a[i:i + batch])
+    return st
+
+
+@pytest.mark.parametrize("rows,d,m", [(200, 10, 7), (50, 80, 12)])  # over- and under-determined
+def test_streamed_weights_equal_dense_pinv(rows, d, m):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    a = torch.randn(rows, m, generator=g, dtype=torch.float64)
+    sol = _stream(x, a, 17).solve(rtol=1e-10)
+    dense = torch.linalg.pinv(x) @ a
+    assert torch.allclose(sol.weights, dense, atol=1e-8)
+
+
+def test_features_preserve_distances_between_projected_neurons():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(100, 5, generator=g, dtype=torch.float64)
+    sol = _stream(x, a, 32).solve(rtol=1e-10)
+    proj = x @ sol.weights                                    # P a_j
+    d_proj = torch.cdist(proj.T, proj.T)
+    d_feat = torch.cdist(sol.features, sol.features)
+    assert torch.allclose(d_proj, d_feat, atol=1e-8)
+    assert torch.allclose(sol.residual, ((a - proj) ** 2).sum(0), atol=1e-8)
+
+
+def test_rank_deficient_inputs_give_the_minimum_norm_solution():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:, :1]], 1)                    # duplicated column: rank 3 of 4
+    a = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    sol = _stream(x, a, 7).solve()
+    assert sol.rank == 3
+    assert torch.allclose(sol.weights, torch.linalg.pinv(x) @ a, atol=1e-8)
+
+
+def test_ridge_shrinks_the_weights():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    a = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    st = _stream(x, a, 40)
+    assert st.solve(ridge=1.0).weights.norm() < st.solve().weights.norm()
+
+
+def test_conv_design_matrix_reproduces_the_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    u = torch.randn(2, 3, 7, 7)
+    x = design_matrix(conv, u)
+    w = torch.cat([conv.weight.reshape(4, -1), conv.bias[:, None]], 1).T
+    out = (x @ w)
+    ref = conv(u).permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(out, ref, atol=1e-5)
+    other = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    assign_affine(other, w.double())
+    assert torch.allclose(other(u), conv(u), atol=1e-5)
