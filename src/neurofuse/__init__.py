@@ -16,7 +16,7 @@ from .errors import (
     NeurofuseError,
     OutputExistsError,
 )
-from .levels import LeveledNet
+from .levels import LeveledNet, levels_from
 
 __version__ = "0.1.0"
 
@@ -31,5 +31,6 @@ __all__ = [
     "OutputExistsError",
     "__version__",
     "fuse",
+    "levels_from",
     "methods",
 ]

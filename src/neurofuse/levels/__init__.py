@@ -15,13 +15,19 @@ from ._core import (
     split_affine,
     unflatten_neurons,
 )
+from ._bn import fold_batchnorm, has_batchnorm
+from ._declare import DeclaredNet, levels_from
 
 __all__ = [
     "AXES",
+    "DeclaredNet",
     "LeveledNet",
     "NeuronAxis",
     "check_same_levels",
     "flatten_neurons",
+    "fold_batchnorm",
+    "has_batchnorm",
+    "levels_from",
     "split_affine",
     "unflatten_neurons",
 ]

@@ -3,12 +3,17 @@
 from ._base import FusionMethod, WidthSpec, get_method, list_methods, register_method
 from ._levelwise import HungarianLinearFusion, KMeansLinearFusion, LevelwiseFusion, LinearFusion
 from ._simple import EnsembleFusion, VanillaAveraging
+from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 
 __all__ = [
     "EnsembleFusion",
     "FusionMethod",
+    "GRADIENT_PRESETS",
+    "GradientOptions",
     "HungarianLinearFusion",
+    "KMeansGradientFusion",
     "KMeansLinearFusion",
+    "LevelConfig",
     "LevelwiseFusion",
     "LinearFusion",
     "VanillaAveraging",

@@ -24,6 +24,7 @@ from ..grouping import Grouping, centroids, hungarian_grouping, identity_groupin
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
 from ..importance import neuron_importance, normalize_scores
 from ..levels import LeveledNet, check_same_levels, flatten_neurons, split_affine
+from ..levels._bn import fold_batchnorm, has_batchnorm
 from ._base import FusionMethod, register_method
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelwiseFusion", "LinearFusion"]
@@ -40,6 +41,17 @@ class LevelwiseFusion(FusionMethod):
     def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
         assert data is not None
         nets = check_same_levels(models)
+        # --- closed-form methods: fold BatchNorm into the preceding Conv2d/Linear (on copies) and
+        # check every level is affine before any work, so a residual/attention level fails at once
+        # with the one-line error that suggests kf-gradient (levels/_bn.py, _core.split_affine).
+        if isinstance(self, LinearFusion):
+            nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
+            for lvl, level in enumerate(nets[0].levels):
+                try:
+                    split_affine(level)
+                except IncompatibleModelsError as exc:
+                    raise IncompatibleModelsError(f"level {lvl} of {type(nets[0]).__name__}: {exc}") from None
+        # --- end of BatchNorm folding
         base_widths = [m.level_widths() for m in nets]
         widths = self.resolve_widths(base_widths[0])
         for lvl, k in enumerate(widths[:-1]):

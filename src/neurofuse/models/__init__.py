@@ -2,9 +2,11 @@
 
 from ._registry import build_model, get_model, list_models, make_model, register_model, zoo_architectures
 from .mlp import MLP
+from .resnet import ResNet
 from .vgg import VGG
+from .vit import ViT
 
-__all__ = ["MLP", "VGG", "build_model", "get_model", "list_models", "make_model", "register_model",
+__all__ = ["MLP", "ResNet", "VGG", "ViT", "build_model", "get_model", "list_models", "make_model", "register_model",
            "zoo_architectures"]
 
 from .ensemble import Ensemble  # noqa: E402  (registers the "ensemble" architecture)

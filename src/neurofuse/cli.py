@@ -1,0 +1,277 @@
+"""The ``neurofuse`` command line: ``demo``, ``train``, ``fuse``, ``eval``, ``methods``.
+
+Every user error (bad models, missing data, corrupt checkpoints, existing outputs) ends in one line
+on stderr, ``neurofuse: error: ...``, and exit status 2; inputs are never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main"]
+
+log = logging.getLogger("neurofuse")
+
+
+def _width(text: str) -> Any:
+    """``--width``: an int (every level), a float multiplier (``0.5``) or a list ``32,64``."""
+    try:
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, a float or a comma-separated list, got {text!r}")
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_dataset: Optional[str] = "digits") -> None:
+    from .data import list_datasets
+
+    p.add_argument("--dataset", default=default_dataset, choices=list_datasets(),
+                   help="dataset (default: %(default)s; digits needs no files)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    from .models import zoo_architectures
+
+    p.add_argument("--arch", default="mlp", choices=zoo_architectures(), help="architecture (default: mlp)")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "paper"],
+                   help="named model size (default: small)")
+    p.add_argument("--models", type=int, default=4, help="number of base models (default: 4)")
+    p.add_argument("--partition", default="dirichlet", choices=["dirichlet", "sharded", "iid"],
+                   help="how the training data is split among the models (default: dirichlet)")
+    p.add_argument("--ratio", type=float, default=0.2, help="Dirichlet min/max concentration ratio")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per base model")
+    p.add_argument("--lr", type=float, default=1e-3, help="training learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, training and fusion")
+
+
+def _split_config(a: argparse.Namespace):
+    from .experiment import SplitConfig
+
+    return SplitConfig(arch=a.arch, size=a.size, n_models=a.models, partition=a.partition,
+                       ratio=a.ratio, seed=a.seed, epochs=a.epochs, lr=a.lr)
+
+
+def _check_output(path: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    from .errors import OutputExistsError
+
+    resolved = path.resolve()
+    for i in inputs:
+        if i.resolve() == resolved:
+            raise OutputExistsError(f"output {path} is one of the input checkpoints; choose another --out")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_methods(a: argparse.Namespace) -> int:
+    from .importance import importance_methods
+    from .methods import get_method, list_methods
+
+    for name in list_methods():
+        cls = get_method(name)
+        n = f"{cls.min_models}..{cls.max_models or 'N'} models"
+        imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
+        print(f"{name:14s} {cls.summary}  [{n}; {imp}]")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_table, run_demo
+
+    cfg = DemoConfig(out=a.out, dataset=a.dataset, data_dir=a.data_dir, split=_split_config(a),
+                     fusion_samples=a.fusion_samples, force=a.force, progress=not a.no_progress,
+                     methods=a.methods.split(",") if a.methods else None, device=a.device)
+    doc = run_demo(cfg)
+    print(f"neurofuse demo: {doc['dataset']}, {doc['arch']}, {doc['n_models']} models, "
+          f"{doc['partition']} split, seed {doc['seed']}, {doc['fusion_samples']} fusion samples")
+    print(format_table(doc))
+    print(f"wrote {Path(a.out) / 'results.json'} and {Path(a.out) / 'accuracy.png'} "
+          f"({doc['seconds_total']:.0f} s)")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .checkpoint import save_json, save_model
+    from .data import load_dataset
+    from .experiment import train_base_models
+    from .training import evaluate
+
+    out = Path(a.out)
+    paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
+    for p in paths:
+        _check_output(p, a.force)
+    ds = load_dataset(a.dataset, a.data_dir)
+    cfg = _split_config(a)
+    base = train_base_models(ds, cfg, progress=not a.no_progress, device=a.device)
+    for i, (m, part) in enumerate(zip(base.models, base.parts)):
+        val = base.histories[i]["best_val_accuracy"]
+        save_model(m, paths[i], force=a.force,
+                   metadata={"dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed,
+                             "model_index": i, "train_samples": int(len(part)), "val_accuracy": val})
+        print(f"{paths[i]}: {len(part)} training samples, validation accuracy "
+              f"{100 * (val or 0):.1f}%")
+    save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
+               "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
+               "parts": [p.tolist() for p in base.parts],
+               "class_shares": base.class_shares.tolist()}, paths[-1], force=a.force)
+    print(f"wrote {paths[-1]} (partition indices and class shares)")
+    return 0
+
+
+def _load_all(paths: Sequence[str]) -> List[Any]:
+    from .checkpoint import load_model
+
+    return [load_model(p) for p in paths]
+
+
+def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
+    from .checkpoint import read_config
+    from .errors import DataError
+
+    if explicit:
+        return explicit
+    for p in paths:
+        try:
+            name = read_config(p).get("metadata", {}).get("dataset")
+        except Exception:  # noqa: BLE001 - legacy files have no metadata; load errors come later
+            name = None
+        if name:
+            return str(name)
+    raise DataError("cannot tell which dataset the checkpoints were trained on; pass --dataset")
+
+
+def cmd_fuse(a: argparse.Namespace) -> int:
+    from .api import fuse
+    from .checkpoint import save_model
+    from .data import load_dataset
+    from .experiment import fusion_set
+    from .training import evaluate
+
+    out = Path(a.out)
+    _check_output(out, a.force, [Path(p) for p in a.checkpoints])
+    models = _load_all(a.checkpoints)
+    ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
+    fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
+    options: Dict[str, Any] = {}
+    for kv in a.option or []:
+        k, _, v = kv.partition("=")
+        options[k] = json.loads(v) if v else True
+    fused = fuse(models, fusion, method=a.method, importance=a.importance, width=a.width,
+                 seed=a.seed, progress=not a.no_progress, device=a.device, **options)
+    save_model(fused, out, force=a.force, metadata={
+        "dataset": ds.name, "method": a.method, "importance": a.importance,
+        "inputs": [str(p) for p in a.checkpoints], "fusion_samples": int(fusion[0].shape[0])})
+    s = evaluate(fused, ds.x_test, ds.y_test)
+    print(f"{out}: {a.method}/{a.importance} of {len(models)} models, test accuracy "
+          f"{100 * s['accuracy']:.2f}%")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .checkpoint import save_json
+    from .data import load_dataset
+    from .training import evaluate
+
+    ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
+    rows = {}
+    for p, m in zip(a.checkpoints, _load_all(a.checkpoints)):
+        rows[p] = evaluate(m, ds.x_test, ds.y_test)
+    width = max(len(p) for p in rows)
+    print(f"{'checkpoint'.ljust(width)}  {'acc %':>6}  {'loss':>7}  {'F1 %':>6}   ({ds.name} test set, n={len(ds.y_test)})")
+    for p, s in rows.items():
+        print(f"{p.ljust(width)}  {100 * s['accuracy']:6.2f}  {s['loss']:7.4f}  {100 * s['macro_f1']:6.2f}")
+    if a.json:
+        save_json(rows, a.json, force=a.force)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="neurofuse", description=(
+        "Fuse independently trained neural networks into one, zero-shot (neuron interpolation "
+        "fusion and the field's baselines)."))
+    parser.add_argument("--version", action="version", version=f"neurofuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    p = sub.add_parser("demo", help="train base models, fuse with every method, print a table")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    _add_data_args(p)
+    _add_split_args(p)
+    p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train base models on a partition of a dataset")
+    p.add_argument("--out", required=True, help="directory for model_<i>.safetensors and split.json")
+    _add_data_args(p)
+    _add_split_args(p)
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("fuse", help="fuse checkpoints into one checkpoint")
+    p.add_argument("checkpoints", nargs="+", help="base model checkpoints (.safetensors)")
+    p.add_argument("--out", required=True, help="fused checkpoint (.safetensors)")
+    p.add_argument("--method", default="kf-linear", help="fusion method (see `neurofuse methods`)")
+    p.add_argument("--importance", default="uniform", help="uniform, conductance or deeplift")
+    p.add_argument("--width", type=_width, default=None,
+                   help="fused width: an int, a multiplier like 0.5, or a list like 32,64")
+    p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", metavar="KEY=JSON",
+                   help="method option, e.g. --option n_init=20 (repeatable)")
+    _add_data_args(p, default_dataset=None)
+    common(p)
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("eval", help="accuracy, loss and macro-F1 of checkpoints on the test set")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _add_data_args(p, default_dataset=None)
+    p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("methods", help="list the fusion methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    from .errors import NeurofuseError
+
+    try:
+        return int(args.func(args) or 0)
+    except NeurofuseError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"neurofuse: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurofuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,323 @@
+r"""K-means Gradient Fusion (``kf-gradient``, paper section 4.3.2(b), appendices B.2 and F).
+
+For each level, from the input:
+
+1. every base model's level outputs on the fusion set are collected and flattened to
+   ``[rows, neurons]`` (conv: rows = samples x positions; tokens: samples x tokens);
+2. the neurons of all models (points whose features are their values over all rows) are grouped
+   by importance-weighted K-means into ``k`` clusters (the fused width), seeded from the neurons of
+   the model the level is initialised from (default model 0) or by weighted k-means++; the
+   targets are the importance-weighted cluster centres (computed on the raw outputs, even when
+   ``normalize_acts`` normalises them for clustering);
+3. the clusters are put in the order of that model's neurons (Hungarian matching of centres to
+   its neurons, a neuron's own cluster first), so that warm-started weights and targets line up
+   (the reference code seeded from model 1 but initialised from model 0, see paper-notes §15);
+4. the fused level, initialised as :math:`(1-\varepsilon)\theta_{base} + \varepsilon\theta_{rand}`
+   on every parameter, is trained with Adam or SGD to map the fused model's *own* previous-level
+   outputs to the targets (plain MSE, or MSE weighted by each cluster's total importance), with a
+   seeded validation split and early stopping that restores the best weights; batch-norm
+   statistics are then re-estimated on the fusion set.
+
+The output level uses the identity grouping: the target is the mean logit of the base models
+(weighted per class by ``class_weights``), or, with ``head_kd``, their mean softmax at a
+temperature, fitted with a true KL divergence.
+
+Settings are per level (:class:`~neurofuse.approximation._gradient.LevelConfig`), grouped in
+:class:`GradientOptions` with named presets from the paper's table 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from .._fusion_set import FusionSet
+from ..approximation._gradient import LevelConfig, fit_level, perturb_level, weighted_lloyd
+from ..errors import ConfigError, IncompatibleModelsError
+from ..levels import LeveledNet, flatten_neurons, unflatten_neurons
+from ._base import register_method
+from ._levelwise import LevelwiseFusion
+
+__all__ = ["GRADIENT_PRESETS", "GradientOptions", "KMeansGradientFusion", "LevelConfig"]
+
+log = logging.getLogger("neurofuse")
+
+#: named settings: (hidden levels, output level)
+GRADIENT_PRESETS: Dict[str, Tuple[LevelConfig, LevelConfig]] = {
+    # CPU-friendly default: warm start from the init model, short Adam fits with early stopping
+    "default": (LevelConfig("adam", 1e-3, 0.0, 30, 32, 0.0, 5, 0.1),
+                LevelConfig("adam", 1e-3, 0.0, 50, 32, 0.0, 10, 0.1)),
+    # paper table 5, setting 1: far from the initialisation (fresh random levels)
+    "setting1": (LevelConfig("adam", 1e-3, 1e-4, 100, 32, 1.0, 15, 0.1),
+                 LevelConfig("adam", 1e-3, 1e-4, 100, 32, 1.0, 15, 0.1)),
+    # paper table 5, setting 2: small SGD steps from a slightly perturbed base model
+    "setting2": (LevelConfig("sgd", 1e-4, 1e-4, 50, 32, 0.1, 15, 0.1),
+                 LevelConfig("adam", 1e-3, 1e-4, 100, 32, 0.1, 15, 0.1)),
+}
+
+LevelSpec = Union[None, LevelConfig, Mapping[str, Any]]
+
+
+def _merge(base: LevelConfig, spec: LevelSpec, what: str) -> LevelConfig:
+    if spec is None:
+        return base
+    if isinstance(spec, LevelConfig):
+        return spec
+    if isinstance(spec, Mapping):
+        return base.replace(**dict(spec))
+    raise ConfigError(f"{what} must be a LevelConfig or a dict of its fields, got {type(spec).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientOptions:
+    """Settings of ``kf-gradient``.
+
+    Attributes
+    ----------
+    preset : str
+        ``"default"`` (fast: Adam lr 1e-3, at most 30 epochs per hidden level and 50 for the
+        head, patience 5/10, warm start from the init model without perturbation, batch 32,
+        10% validation), ``"setting1"`` or ``"setting2"`` (paper table 5, see
+        :data:`GRADIENT_PRESETS`).
+    levels : LevelConfig or dict, optional
+        Settings of the hidden levels; a dict changes only the given fields of the preset's.
+    head : LevelConfig or dict, optional
+        Settings of the output level; a dict changes only the given fields of the preset's.
+    overrides : dict of int to dict
+        Per-level changes on top of ``levels``/``head``, e.g. ``{0: {"epochs": 5}, -1: {"lr": 1e-4}}``
+        (negative indices count from the end).
+    init_model : int
+        Base model whose levels initialise the fused levels (and seed K-means).
+    kmeans_init : str
+        ``"model"`` (centres start at the init model's neurons; deterministic; falls back to
+        k-means++ where the fused width differs from that model's) or ``"kmeans++"``.
+    kmeans_n_init : int
+        k-means++ restarts (the lowest-cost clustering is kept).
+    kmeans_max_iter : int
+        Lloyd iterations.
+    normalize_acts : bool
+        Cluster on level outputs divided, per model and row, by their L2 norm over that model's
+        neurons; targets still use the raw outputs.
+    normalize_importance : bool
+        Scale each model's importance scores at a level to sum to one.
+    weighted_loss : bool
+        Weight each fused neuron's squared error by its cluster's total importance (normalised
+        to mean one) instead of plain MSE; the paper uses plain MSE (appendix B.2).
+    class_weights : array-like, optional
+        ``[N, C]`` per-class weights of the models at the output level (the paper's "head
+        weights", e.g. :func:`neurofuse.data.class_shares`); default: the mean logit.
+    head_kd : bool
+        Fit the output level by distillation: KL divergence between the fused model's
+        log-softmax and the (class-weighted) mean softmax of the base models, both at
+        ``temperature``, scaled by ``temperature²``.
+    temperature : float
+        Distillation temperature (> 0).
+    """
+
+    preset: str = "default"
+    levels: LevelSpec = None
+    head: LevelSpec = None
+    overrides: Optional[Mapping[int, Mapping[str, Any]]] = None
+    init_model: int = 0
+    kmeans_init: str = "model"
+    kmeans_n_init: int = 3
+    kmeans_max_iter: int = 100
+    normalize_acts: bool = False
+    normalize_importance: bool = False
+    weighted_loss: bool = False
+    class_weights: Optional[Any] = None
+    head_kd: bool = False
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in GRADIENT_PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(GRADIENT_PRESETS)}")
+        lv, hd = GRADIENT_PRESETS[self.preset]
+        object.__setattr__(self, "levels", _merge(lv, self.levels, "levels"))
+        object.__setattr__(self, "head", _merge(hd, self.head, "head"))
+        ov: Dict[int, Dict[str, Any]] = {}
+        for key, change in dict(self.overrides or {}).items():
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+                raise ConfigError(f"overrides keys must be level indices (int), got {key!r}")
+            if not isinstance(change, Mapping):
+                raise ConfigError(f"overrides[{key}] must be a dict of level settings, got {change!r}")
+            self.levels.replace(**dict(change))   # validates names and values
+            ov[int(key)] = dict(change)
+        object.__setattr__(self, "overrides", ov)
+        if isinstance(self.init_model, bool) or not isinstance(self.init_model, (int, np.integer)) \
+                or self.init_model < 0:
+            raise ConfigError(f"init_model must be a model index >= 0, got {self.init_model!r}")
+        if self.kmeans_init not in ("model", "kmeans++"):
+            raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose 'model' or 'kmeans++'")
+        for name in ("kmeans_n_init", "kmeans_max_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+
+    def level_config(self, level: int, num_levels: int) -> LevelConfig:
+        """The settings of ``level`` in a model of ``num_levels`` levels."""
+        base = self.head if level == num_levels - 1 else self.levels
+        assert isinstance(base, LevelConfig) and isinstance(self.overrides, dict)
+        change = self.overrides.get(level, self.overrides.get(level - num_levels))
+        return base.replace(**change) if change else base
+
+
+def _per_neuron_view(w: Tensor, axis: str, ndim: int) -> Tensor:
+    if axis == "conv":
+        return w.view(1, -1, *([1] * (ndim - 2)))
+    return w.view(*([1] * (ndim - 1)), -1)
+
+
+@register_method("kf-gradient")
+class KMeansGradientFusion(LevelwiseFusion):
+    """K-means Gradient Fusion: N models of any architecture, each level trained to the targets.
+
+    Luenam, Spanopoulos, Sant et al., "Model Fusion via Neuron Interpolation", 2025, section
+    4.3.2(b) and appendix F.  Works on any level (residual blocks, attention blocks, batch norm),
+    where ``kf-linear`` needs affine levels.  See :class:`GradientOptions` for the settings.
+    """
+
+    summary = "K-means Gradient Fusion (Luenam et al. 2025): N models, any architecture, per-level SGD/Adam"
+    Options = GradientOptions
+    min_models = 1
+
+    # -- the level template -----------------------------------------------------------------
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
+                   k: int) -> None:
+        opts: GradientOptions = self.options
+        n_levels = fused.num_levels
+        b = opts.init_model
+        if b >= len(models):
+            raise ConfigError(f"init_model is {b} but only {len(models)} models are fused")
+        if level == 0:
+            self._x = torch.cat([xb for xb, _ in data.batches(self.device)])
+            self._fused_in = self._x
+            self._base_in = [self._x] * len(models)
+        cfg = opts.level_config(level, n_levels)
+        axis = fused.axes[level]
+        with torch.no_grad():
+            outs = [self._run(m.levels[level], h) for m, h in zip(models, self._base_in)]
+        if level == n_levels - 1:
+            targets, neuron_w, info = self._head_targets(outs)
+        else:
+            targets, neuron_w, info = self._hidden_targets(level, models, outs, data, k, axis)
+        seed = self.seed * 1_000_003 + level
+        target_level = fused.levels[level]
+        info["init"] = perturb_level(target_level, models[b].levels[level], cfg.perturbation, seed)
+        loss_fn = self._loss(level == n_levels - 1, neuron_w, axis)
+        hist = fit_level(target_level, self._fused_in, targets, cfg, loss_fn, seed=seed,
+                         progress=self.progress, desc=f"kf-gradient level {level}")
+        with torch.no_grad():
+            self._fused_in = self._run(target_level, self._fused_in)
+        self._base_in = outs
+        hist.pop("val_index", None)
+        self.report.append({"level": level, "k": k, **info, **{key: hist[key] for key in
+                            ("epochs", "best_epoch", "best_val_loss", "stopped_early")},
+                            "initial_val_loss": hist["val_loss"][0]})
+        log.debug("kf-gradient level %d: %s", level, self.report[-1])
+        if level == n_levels - 1:   # free the cached activations
+            del self._x, self._fused_in, self._base_in
+
+    def _run(self, module: nn.Module, x: Tensor) -> Tensor:
+        module.eval()
+        bs = self.batch_size
+        return torch.cat([module(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
+
+    # -- targets ------------------------------------------------------------------------------
+    def _hidden_targets(self, level: int, models: List[LeveledNet], outs: List[Tensor],
+                        data: FusionSet, k: int, axis: str) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+        opts: GradientOptions = self.options
+        b = opts.init_model
+        mats = [flatten_neurons(o, axis).float() for o in outs]          # [rows, n_i] each
+        widths = [m.shape[1] for m in mats]
+        raw = torch.cat(mats, dim=1)                                        # [rows, M]
+        if opts.normalize_acts:
+            feats = torch.cat([m / m.norm(dim=1, keepdim=True).clamp_min(1e-12) for m in mats], dim=1)
+        else:
+            feats = raw
+        points = feats.T.contiguous()                                       # neurons as points
+        scores = torch.from_numpy(self.level_scores(models, level, data)).to(points)
+        offset = sum(widths[:b])
+        use_model = opts.kmeans_init == "model" and widths[b] == k
+        init = points[offset:offset + k] if use_model else None
+        labels, _ = weighted_lloyd(points, scores, k, init=init, n_init=opts.kmeans_n_init,
+                                   max_iter=opts.kmeans_max_iter, seed=self.seed + 7919 * level)
+        labels = labels.to(raw.device)
+        # ordering: cluster i <-> neuron i of the init model (Hungarian, own cluster preferred)
+        ordered = widths[b] == k
+        targets = self._centres(raw, scores, labels, k)                     # [rows, k]
+        if ordered:
+            nb = raw[:, offset:offset + k]
+            cost = ((nb * nb).sum(0)[:, None] + (targets * targets).sum(0)[None, :]
+                    - 2.0 * nb.T @ targets).clamp_min(0).double()
+            own = labels[offset:offset + k]
+            cost[torch.arange(k), own] -= float(cost.max()) + 1.0
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            new_index = torch.empty(k, dtype=torch.long)
+            new_index[torch.as_tensor(cols)] = torch.as_tensor(rows)
+            labels = new_index.to(labels.device)[labels]
+            targets = self._centres(raw, scores, labels, k)
+        cluster_w = torch.zeros(k, dtype=scores.dtype, device=scores.device).index_add_(0, labels, scores)
+        g_err = float((scores * ((raw - targets[:, labels]) ** 2).sum(0)).sum())
+        shaped = unflatten_neurons(targets, axis, outs[0].shape)
+        info = {"grouping_error": g_err, "kmeans_init": "model" if use_model else "kmeans++",
+                "ordered_like_model": b if ordered else None}
+        return shaped.contiguous(), cluster_w, info
+
+    @staticmethod
+    def _centres(raw: Tensor, scores: Tensor, labels: Tensor, k: int) -> Tensor:
+        assign = torch.zeros(raw.shape[1], k, dtype=raw.dtype, device=raw.device)
+        assign[torch.arange(raw.shape[1], device=raw.device), labels] = scores
+        return (raw @ assign) / assign.sum(0).clamp_min(1e-30)
+
+    def _head_targets(self, outs: List[Tensor]) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+        opts: GradientOptions = self.options
+        z = torch.stack([o.reshape(o.shape[0], -1).float() for o in outs])   # [N_models, B, C]
+        n, _, c = z.shape
+        if any(o.shape != outs[0].shape for o in outs):
+            raise IncompatibleModelsError(f"output levels have different shapes {[list(o.shape) for o in outs]}")
+        if opts.class_weights is None:
+            w = torch.ones(n, c, dtype=z.dtype, device=z.device)
+        else:
+            w = torch.as_tensor(np.asarray(opts.class_weights, dtype=np.float64), dtype=z.dtype,
+                                device=z.device)
+            if w.shape != (n, c):
+                raise ConfigError(f"class_weights must have shape [{n}, {c}], got {list(w.shape)}")
+            w = w + 1e-12
+        if opts.head_kd:
+            p = torch.softmax(z / opts.temperature, dim=-1)
+            t = (p * w[:, None, :]).sum(0) / w.sum(0)
+            t = torch.log((t / t.sum(-1, keepdim=True)).clamp_min(1e-30))    # log-probabilities
+        else:
+            t = (z * w[:, None, :]).sum(0) / w.sum(0)
+        return t.reshape(outs[0].shape), w.sum(0), {"head": "kd" if opts.head_kd else "mean-logit"}
+
+    # -- loss -----------------------------------------------------------------------------------
+    def _loss(self, is_head: bool, neuron_w: Tensor, axis: str):
+        opts: GradientOptions = self.options
+        if is_head and opts.head_kd:
+            temp = float(opts.temperature)
+
+            def kd(out: Tensor, log_t: Tensor) -> Tensor:
+                log_q = F.log_softmax(out / temp, dim=-1)
+                return F.kl_div(log_q, log_t, reduction="batchmean", log_target=True) * temp * temp
+
+            return kd
+        if opts.weighted_loss:
+            w = (neuron_w / neuron_w.mean().clamp_min(1e-30)).float()
+
+            def wmse(out: Tensor, t: Tensor) -> Tensor:
+                return ((out - t) ** 2 * _per_neuron_view(w.to(out), axis, out.dim())).mean()
+
+            return wmse
+        return F.mse_loss

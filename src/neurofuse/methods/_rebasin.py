@@ -1,0 +1,250 @@
+r"""Git Re-Basin (activation matching) with importance-weighted averaging.
+
+Ainsworth, Hayase & Srinivasa, "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+ICLR 2023; the weighted average is the one of Luenam et al., "Model Fusion via Neuron
+Interpolation", 2025, appendix C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from .._fusion_set import FusionSet
+from ..errors import ConfigError, IncompatibleModelsError
+from ..importance import neuron_importance, normalize_scores
+from ..levels import LeveledNet, check_same_levels, flatten_neurons
+from ._base import FusionMethod, register_method
+from ._otfusion import (
+    LevelLayout,
+    NeuronMap,
+    align_level,
+    check_alignable,
+    identity_ok,
+    next_activation,
+    stream_members,
+)
+
+__all__ = ["GitRebasin", "GitRebasinOptions"]
+
+log = logging.getLogger("neurofuse")
+
+
+@dataclasses.dataclass(frozen=True)
+class GitRebasinOptions:
+    """Settings of :class:`GitRebasin`.
+
+    Attributes
+    ----------
+    metric : str
+        ``"distance"``: importance-weighted Euclidean distance between the two neurons' activation
+        vectors (the reference code's cost); ``"sqdistance"``: its square (Ainsworth et al.'s
+        :math:`\\lVert Z_0 - \\Pi Z_1\\rVert_F^2` objective); ``"correlation"``: maximise the sum of
+        Pearson correlations.
+    activations : str
+        ``"post"`` (after the non-linearity, as in the paper) or ``"pre"`` (level outputs).
+    normalize_importance : bool
+        Scale each model's scores at a level to sum to one.
+    """
+
+    metric: str = "distance"
+    activations: str = "post"
+    normalize_importance: bool = False
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("distance", "sqdistance", "correlation"):
+            raise ConfigError(
+                f"metric must be 'distance', 'sqdistance' or 'correlation', got {self.metric!r}")
+        if self.activations not in ("post", "pre"):
+            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+
+
+class _MomentStats:
+    """Streams first and second moments of two row blocks (for distances and correlations)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: List[Any] = [None] * 5  # sum a, sum b, sum a^2, sum b^2, a^T b
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        a, b = a.double(), b.double()
+        new = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b]
+        self.s = new if self.s[0] is None else [x + y for x, y in zip(self.s, new)]
+        self.n += a.shape[0]
+
+    def sq_dist(self) -> np.ndarray:
+        _, _, aa, bb, ab = self.s
+        return (aa[:, None] + bb[None, :] - 2.0 * ab).clamp_min(0.0).cpu().numpy()
+
+    def correlation(self) -> np.ndarray:
+        sa, sb, aa, bb, ab = self.s
+        n = float(self.n)
+        ma, mb = sa / n, sb / n
+        cov = ab / n - ma[:, None] * mb[None, :]
+        va = (aa / n - ma * ma).clamp_min(0.0)
+        vb = (bb / n - mb * mb).clamp_min(0.0)
+        den = (va.sqrt()[:, None] * vb.sqrt()[None, :]).clamp_min(1e-12)
+        return (cov / den).cpu().numpy()
+
+
+@register_method("git-rebasin")
+class GitRebasin(FusionMethod):
+    r"""Git Re-Basin activation matching of two equal-width models, importance-weighted average.
+
+    For every level but the output (identity), the neurons of model 1 are permuted onto model
+    0's by the Hungarian algorithm (``scipy.optimize.linear_sum_assignment``, Kuhn 1955) on the
+    activations of the *original* models over the fusion set (post-ReLU by default, conv outputs
+    flattened over batch and positions).  With importance scores :math:`s^0, s^1` the
+    ``"distance"`` cost of pairing neuron :math:`i` of model 0 with neuron :math:`j` of model 1 is
+    the reference code's
+
+    .. math:: C_{ij} = s^0_i\lVert \bar a - a^0_i\rVert + s^1_j\lVert \bar a - a^1_j\rVert
+              = \frac{2 s^0_i s^1_j}{s^0_i + s^1_j}\,\lVert a^0_i - a^1_j\rVert,\qquad
+              \bar a = \frac{s^0_i a^0_i + s^1_j a^1_j}{s^0_i + s^1_j},
+
+    (``"sqdistance"`` squares the norm; ``"correlation"`` maximises
+    :math:`\sum_i \operatorname{corr}(a^0_i, a^1_{\pi(i)})`).  Model 1 is permuted,
+    :math:`W^1 \leftarrow \Pi W^1 \Pi_{\text{prev}}^\top` (per tap for convolutions, per position
+    for the classifier after a flattened feature map), and the models are averaged neuron by
+    neuron with their importance (appendix C of the neuron-interpolation paper):
+
+    .. math:: W = \operatorname{diag}\!\Bigl(\frac{s^0}{s^0+s'^1}\Bigr) W^0
+              + \operatorname{diag}\!\Bigl(\frac{s'^1}{s^0+s'^1}\Bigr) \widetilde W^1,
+              \qquad s'^1 = \Pi s^1,
+
+    biases likewise; the output level is a plain mean.  Residual levels
+    (``level.adds_input``) share one permutation with the level they add to; its cost is the sum
+    of the costs of every level in the stream.  Two models of equal widths only.
+
+    With ``activations="pre"``, ``metric="distance"`` and uniform importance this equals
+    ``otfusion`` with exact OT and uniform marginals (for equal widths the optimal plan is a
+    permutation), the equivalence the neuron-interpolation paper notes under its table 1.
+
+    References
+    ----------
+    Ainsworth, S. K., Hayase, J., & Srinivasa, S. (2023). Git Re-Basin: Merging Models modulo
+    Permutation Symmetries. ICLR 2023.
+    """
+
+    summary = "Git Re-Basin (Ainsworth et al. 2023): 2 models, activation matching, weighted average"
+    Options = GitRebasinOptions
+    uses_importance = True
+    min_models = 2
+    max_models = 2
+
+    def fuse(self, models: Sequence[nn.Module], data: Any = None) -> nn.Module:
+        models = list(models)
+        if len(models) != 2:
+            raise IncompatibleModelsError(
+                f"'git-rebasin' fuses exactly 2 models, got {len(models)}; use 'otfusion' or "
+                "'kf-linear' for N models"
+            )
+        return super().fuse(models, data)
+
+    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+        assert data is not None
+        nets = check_same_levels(models)
+        layouts, heads = check_alignable(nets, self.name)
+        m0, m1 = nets
+        widths = [m.level_widths() for m in nets]
+        if widths[0] != widths[1]:
+            raise IncompatibleModelsError(
+                f"'git-rebasin' needs equal widths, got {widths[0][:-1]} and {widths[1][:-1]}; use "
+                "'otfusion' or 'kf-linear' for models of different widths"
+            )
+        n_levels = m0.num_levels
+        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
+        maps: List[Optional[NeuronMap]] = [None] * n_levels
+        self.permutations: List[Optional[np.ndarray]] = [None] * n_levels
+        for lvl in range(n_levels):
+            head = heads[lvl]
+            members = stream_members(heads, head)
+            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
+                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
+            elif head < lvl:
+                maps[lvl] = maps[head]
+                self.permutations[lvl] = self.permutations[head]
+            else:
+                perm = self._match(m0, m1, members, scores, data)
+                self.permutations[lvl] = perm
+                n = len(perm)
+                plan = np.zeros((n, n))
+                plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
+                maps[lvl] = NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
+        fused = m0.clone()
+        sd0 = m0.state_dict()
+        state: Dict[str, Tensor] = {}
+        for lvl in range(n_levels):
+            prev = maps[lvl - 1] if lvl > 0 else None
+            aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, prev, maps[lvl])
+            w_out = self._weights(scores, maps, lvl, n_levels)
+            w_in = self._weights(scores, maps, lvl - 1, n_levels) if lvl > 0 else None
+            for key, t1 in aligned.items():
+                full = f"levels.{lvl}.{key}"
+                t0 = sd0[full]
+                if not t0.is_floating_point():
+                    state[full] = t0.clone()
+                    continue
+                if key in layouts[lvl].out_keys:
+                    w = w_out
+                elif key in layouts[lvl].in_keys:
+                    w = w_in
+                else:
+                    w = None
+                if w is None:
+                    state[full] = ((t0.double() + t1.double()) / 2).to(t0.dtype)
+                else:
+                    a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
+                    state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
+        fused.load_state_dict(state)
+        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if maps[lvl] is None
+                           else maps[lvl].out.numpy()] for lvl in range(n_levels - 1)]
+        return fused
+
+    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
+        s = neuron_importance(net, level, data, self.importance, self.device)
+        if self.options.normalize_importance:
+            s = normalize_scores(s)
+        return s.cpu().numpy()
+
+    @staticmethod
+    def _weights(scores: List[List[np.ndarray]], maps: List[Optional[NeuronMap]], lvl: int,
+                 n_levels: int) -> Optional[Tensor]:
+        """Weight of model 1 per output neuron of ``lvl``: ``s1' / (s0 + s1')``; None = 1/2."""
+        if lvl == n_levels - 1 or maps[lvl] is None:
+            return None
+        s0 = torch.from_numpy(scores[0][lvl])
+        s1p = maps[lvl].out @ torch.from_numpy(scores[1][lvl])  # type: ignore[union-attr]
+        return s1p / (s0 + s1p)
+
+    def _match(self, m0: LeveledNet, m1: LeveledNet, members: List[int],
+               scores: List[List[np.ndarray]], data: FusionSet) -> np.ndarray:
+        """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j``."""
+        stats = [_MomentStats() for _ in members]
+        post = self.options.activations == "post"
+        with torch.no_grad():
+            for xb, _ in data.batches(self.device):
+                for s, m in zip(stats, members):
+                    z0, z1 = m0.forward_until(xb, m), m1.forward_until(xb, m)
+                    if post:
+                        z0, z1 = next_activation(m0, m)(z0), next_activation(m1, m)(z1)
+                    s.update(flatten_neurons(z0, m0.axes[m]), flatten_neurons(z1, m1.axes[m]))
+        cost = np.zeros_like(stats[0].sq_dist())
+        for s, m in zip(stats, members):
+            if self.options.metric == "correlation":
+                cost -= s.correlation()
+                continue
+            d = s.sq_dist() if self.options.metric == "sqdistance" else np.sqrt(s.sq_dist())
+            s0, s1 = scores[0][m][:, None], scores[1][m][None, :]
+            cost += 2.0 * s0 * s1 / (s0 + s1) * d
+        rows, cols = linear_sum_assignment(cost)
+        perm = np.empty(len(rows), dtype=np.int64)
+        perm[rows] = cols
+        log.debug("git-rebasin level %d: matching cost %.4g", members[0], float(cost[rows, cols].sum()))
+        return perm

@@ -1,0 +1,120 @@
+"""The command line: demo output, train -> fuse -> eval, and one-line errors that lose nothing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neurofuse.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neurofuse: error: "), err
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    assert main(["train", "--out", str(out), "--models", "2", "--size", "tiny", "--epochs", "8",
+                 "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_demo_writes_results_json_with_the_documented_fields(tmp_path, capsys):
+    code, out, _ = _run(capsys, "demo", "--out", str(tmp_path / "d"), "--models", "2", "--epochs", "10",
+                        "--methods", "kf-linear,hf-linear,vanilla,ensemble", "--no-progress")
+    assert code == 0
+    doc = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert {"dataset", "partition", "n_models", "seed", "base_models", "methods"} <= set(doc)
+    assert doc["dataset"] == "digits" and doc["partition"] == "dirichlet" and doc["n_models"] == 2
+    assert len(doc["base_models"]) == 2
+    for key in ("kf-linear/uniform", "kf-linear/conductance", "kf-linear/deeplift",
+                "hf-linear/uniform", "vanilla", "ensemble"):
+        r = doc["methods"][key]
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["seconds"] >= 0.0
+    assert (tmp_path / "d" / "accuracy.png").stat().st_size > 1000
+    assert "kf-linear/uniform" in out and "mean base model" in out
+
+
+def test_demo_refuses_to_overwrite_results_without_force(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "results.json").write_text("keep me")
+    code, _, err = _run(capsys, "demo", "--out", str(d), "--no-progress")
+    _assert_one_line_error(code, err, "exists; pass --force")
+    assert (d / "results.json").read_text() == "keep me"
+
+
+def test_train_fuse_eval_round_trip(trained, tmp_path, capsys):
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    fused = tmp_path / "fused.safetensors"
+    code, out, _ = _run(capsys, "fuse", *ckpts, "--out", str(fused), "--method", "hf-linear",
+                        "--no-progress")
+    assert code == 0 and fused.exists() and "test accuracy" in out
+    code, out, _ = _run(capsys, "eval", str(fused), *ckpts)
+    assert code == 0 and "fused.safetensors" in out
+    split = json.loads((trained / "split.json").read_text())
+    assert sum(len(p) for p in split["parts"]) == 1437
+
+
+def test_fuse_refuses_existing_output_and_never_overwrites_an_input(trained, tmp_path, capsys):
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    before = Path(ckpts[0]).read_bytes()
+    code, _, err = _run(capsys, "fuse", *ckpts, "--out", ckpts[0], "--force", "--no-progress")
+    _assert_one_line_error(code, err, "is one of the input checkpoints")
+    assert Path(ckpts[0]).read_bytes() == before
+    existing = tmp_path / "x.safetensors"
+    existing.write_bytes(b"old")
+    code, _, err = _run(capsys, "fuse", *ckpts, "--out", str(existing), "--no-progress")
+    _assert_one_line_error(code, err, "exists; pass --force")
+    assert existing.read_bytes() == b"old"
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    good = (trained / "model_0.safetensors").read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(good[: len(good) // 2])
+    code, _, err = _run(capsys, "eval", str(bad), "--dataset", "digits")
+    _assert_one_line_error(code, err, "corrupt or truncated")
+    code, _, err = _run(capsys, "fuse", str(bad), str(trained / "model_1.safetensors"),
+                        "--out", str(tmp_path / "o.safetensors"), "--dataset", "digits")
+    _assert_one_line_error(code, err, "corrupt or truncated")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_missing_data_files_name_what_is_expected_and_where(tmp_path, capsys):
+    code, _, err = _run(capsys, "demo", "--dataset", "mnist", "--data-dir", str(tmp_path),
+                        "--out", str(tmp_path / "o"), "--no-progress")
+    _assert_one_line_error(code, err, "train-images-idx3-ubyte")
+    assert str(tmp_path) in err
+
+
+def test_models_of_different_depth_are_refused_by_fuse(tmp_path, capsys):
+    for i, hidden in enumerate(("8", "8,8")):
+        assert main(["train", "--out", str(tmp_path / f"m{i}"), "--models", "1", "--epochs", "1",
+                     "--size", "tiny", "--no-progress"]) == 0
+    # make the second one deeper by training an MLP of another preset is not possible from the CLI,
+    # so build it through the API and save it
+    from neurofuse.checkpoint import save_model
+    from neurofuse.models import MLP
+
+    deep = tmp_path / "deep.safetensors"
+    save_model(MLP((1, 8, 8), 10, [8, 8, 8]), deep, metadata={"dataset": "digits"})
+    code, _, err = _run(capsys, "fuse", str(tmp_path / "m0" / "model_0.safetensors"), str(deep),
+                        "--out", str(tmp_path / "f.safetensors"), "--no-progress")
+    _assert_one_line_error(code, err, "levels")
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0 and "kf-linear" in out and "hf-linear" in out and "vanilla" in out
