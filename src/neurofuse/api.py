@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+import logging
+from typing import Any, List, Optional, Sequence, Union
 
 from torch import nn
 
+from ._fusion_set import as_fusion_set
+from .errors import ConfigError, DataError
+from .finetune import FinetuneConfig
+from .finetune import finetune as finetune_model
 from .methods import WidthSpec, get_method, list_methods
+from .repair import repair as repair_model
+
+log = logging.getLogger("neurofuse")
 
 __all__ = ["fuse", "methods"]
 
 
 def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear",
          importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
-         progress: bool = True, **options: Any) -> nn.Module:
+         progress: bool = True, finetune: Union[None, int, FinetuneConfig] = None,
+         finetune_data: Any = None, repair: bool = False, **options: Any) -> nn.Module:
     """Fuse trained ``models`` into one model.
 
     Parameters
@@ -34,6 +43,18 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
         Seed of every random choice (K-means seeding, data order).
     progress : bool
         Show progress bars.
+    finetune : None, int or FinetuneConfig
+        Fine-tune the fused model after fusion (and after ``repair``): an int is a number of
+        epochs with the default :class:`~neurofuse.finetune.FinetuneConfig` (paper schedule,
+        ``seed`` and ``device`` taken from this call), a config sets everything.  A stratified
+        part of the fine-tuning data is held out to pick the best checkpoint.  The history is
+        attached to the result as ``fused.finetune_history``.  Refused for ``"ensemble"``.
+    finetune_data : (x, y) pair, TensorDataset or DataLoader, optional
+        Labelled *training* data to fine-tune on; default: the fusion set ``data``.
+    repair : bool
+        Run REPAIR after fusion (:func:`neurofuse.repair.repair`): re-estimate BatchNorm
+        statistics on the fusion set and rescale every fused neuron to the mean and std of the
+        base neurons it stands for (using the method's ``groupings`` when it records them).
     **options
         Method settings (its ``Options`` dataclass), e.g. ``n_init=10`` for ``kf-linear``, or the
         common ``device="cuda"`` and ``batch_size=256``.
@@ -49,7 +70,36 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
     ...                        importance="conductance")  # doctest: +SKIP
     """
     cls = get_method(method)
-    return cls(importance=importance, width=width, seed=seed, progress=progress, **options).fuse(models, data)
+    if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, (int, FinetuneConfig))):
+        raise ConfigError(f"finetune must be None, a number of epochs or a FinetuneConfig, got {finetune!r}")
+    if method == "ensemble" and (finetune is not None or repair):
+        raise ConfigError(
+            "an output ensemble keeps the models separate: there is nothing to repair or fine-tune; "
+            "choose a fusion method"
+        )
+    if isinstance(finetune, int):
+        finetune = FinetuneConfig(epochs=finetune, seed=seed, device=str(options.get("device", "cpu")))
+    fusion = cls(importance=importance, width=width, seed=seed, progress=progress, **options)
+    fused = fusion.fuse(models, data)
+    if repair:
+        if data is None:
+            raise DataError("repair needs the fusion data: pass data=(x, y)")
+        groups = getattr(fusion, "groupings", None)
+        if groups is None:
+            log.info("repair: %r records no neuron groupings; matching fused neuron j with neuron j "
+                     "of each base model of equal width", method)
+        fused = repair_model(fused, list(models), data, groups=groups,
+                             batch_size=int(options.get("batch_size", 256)))
+    if finetune is not None:
+        source = data if finetune_data is None else finetune_data
+        if source is None:
+            raise DataError("fine-tuning needs labelled training data: pass finetune_data=(x, y)")
+        fs = as_fusion_set(source)
+        if fs.y is None:
+            raise DataError("fine-tuning needs labels: pass finetune_data=(x, y)")
+        fused, history = finetune_model(fused, fs.x, fs.y, finetune, progress=progress)
+        fused.finetune_history = history
+    return fused
 
 
 def methods() -> List[str]:

@@ -22,9 +22,12 @@ from ..importance import neuron_importance, normalize_scores
 from ..levels import LeveledNet, check_same_levels, flatten_neurons
 from ._base import FusionMethod, register_method
 from ._otfusion import (
-    LevelLayout,
     NeuronMap,
+    Space,
+    SpaceMaps,
+    activation_module,
     align_level,
+    capture,
     check_alignable,
     identity_ok,
     next_activation,
@@ -118,9 +121,12 @@ class GitRebasin(FusionMethod):
               + \operatorname{diag}\!\Bigl(\frac{s'^1}{s^0+s'^1}\Bigr) \widetilde W^1,
               \qquad s'^1 = \Pi s^1,
 
-    biases likewise; the output level is a plain mean.  Residual levels
-    (``level.adds_input``) share one permutation with the level they add to; its cost is the sum
-    of the costs of every level in the stream.  Two models of equal widths only.
+    biases likewise; the output level is a plain mean.  Residual levels (an identity skip:
+    ``level.adds_input`` or a block whose ``shortcut`` is ``nn.Identity``, as the zoo's ResNet)
+    share one permutation with the level they add to; its cost is the sum of the costs of every
+    level in the stream.  The inner neurons of a level (a residual block's first convolution) are
+    matched too, on their own activations without importance weights, and averaged with weight
+    1/2 (importance is defined for level outputs only).  Two models of equal widths only.
 
     With ``activations="pre"``, ``metric="distance"`` and uniform importance this equals
     ``otfusion`` with exact OT and uniform marginals (for equal widths the optimal plan is a
@@ -160,52 +166,53 @@ class GitRebasin(FusionMethod):
             )
         n_levels = m0.num_levels
         scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
-        maps: List[Optional[NeuronMap]] = [None] * n_levels
-        self.permutations: List[Optional[np.ndarray]] = [None] * n_levels
+        outs: List[Optional[NeuronMap]] = [None] * n_levels
+        inner: List[Dict[str, NeuronMap]] = []
         for lvl in range(n_levels):
+            inner.append({sp.name: self._perm_map(self._match(m0, m1, lvl, [lvl], scores, data, sp))
+                          for sp in layouts[lvl].internal})
             head = heads[lvl]
             members = stream_members(heads, head)
             if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
                 identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
             elif head < lvl:
-                maps[lvl] = maps[head]
-                self.permutations[lvl] = self.permutations[head]
+                outs[lvl] = outs[head]
             else:
-                perm = self._match(m0, m1, members, scores, data)
-                self.permutations[lvl] = perm
-                n = len(perm)
-                plan = np.zeros((n, n))
-                plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
-                maps[lvl] = NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
+                outs[lvl] = self._perm_map(self._match(m0, m1, lvl, members, scores, data, None))
+        self.permutations: List[Optional[np.ndarray]] = [
+            None if m is None else m.out.numpy().argmax(1) for m in outs]
         fused = m0.clone()
         sd0 = m0.state_dict()
         state: Dict[str, Tensor] = {}
         for lvl in range(n_levels):
-            prev = maps[lvl - 1] if lvl > 0 else None
-            aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, prev, maps[lvl])
-            w_out = self._weights(scores, maps, lvl, n_levels)
-            w_in = self._weights(scores, maps, lvl - 1, n_levels) if lvl > 0 else None
+            maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl], **inner[lvl]}
+            aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, maps)
+            weights = {"out": self._weights(scores, outs, lvl, n_levels),
+                       "in": self._weights(scores, outs, lvl - 1, n_levels) if lvl > 0 else None}
+            space_of = {key: s0 for key, s0, _, _ in layouts[lvl].tensors}
             for key, t1 in aligned.items():
                 full = f"levels.{lvl}.{key}"
                 t0 = sd0[full]
                 if not t0.is_floating_point():
                     state[full] = t0.clone()
                     continue
-                if key in layouts[lvl].out_keys:
-                    w = w_out
-                elif key in layouts[lvl].in_keys:
-                    w = w_in
-                else:
-                    w = None
-                if w is None:
+                w = weights.get(space_of.get(key, ""))
+                if w is None:  # internal neurons, output level, identity spaces: plain mean
                     state[full] = ((t0.double() + t1.double()) / 2).to(t0.dtype)
                 else:
                     a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
                     state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
         fused.load_state_dict(state)
-        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if maps[lvl] is None
-                           else maps[lvl].out.numpy()] for lvl in range(n_levels - 1)]
+        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if outs[lvl] is None
+                           else outs[lvl].out.numpy()] for lvl in range(n_levels - 1)]
         return fused
+
+    @staticmethod
+    def _perm_map(perm: np.ndarray) -> NeuronMap:
+        n = len(perm)
+        plan = np.zeros((n, n))
+        plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
+        return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
 
     def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
         s = neuron_importance(net, level, data, self.importance, self.device)
@@ -223,17 +230,26 @@ class GitRebasin(FusionMethod):
         s1p = maps[lvl].out @ torch.from_numpy(scores[1][lvl])  # type: ignore[union-attr]
         return s1p / (s0 + s1p)
 
-    def _match(self, m0: LeveledNet, m1: LeveledNet, members: List[int],
-               scores: List[List[np.ndarray]], data: FusionSet) -> np.ndarray:
-        """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j``."""
-        stats = [_MomentStats() for _ in members]
+    def _activations(self, net: LeveledNet, xb: Tensor, lvl: int, space: Optional[Space]) -> Tensor:
         post = self.options.activations == "post"
+        if space is None:
+            z = net.forward_until(xb, lvl)
+            return next_activation(net, lvl)(z) if post else z
+        modules = dict(net.levels[lvl].named_modules())
+        z = capture(modules[space.point], lambda: net.forward_until(xb, lvl))
+        if post:
+            z = activation_module(modules.get(space.act) if space.act else None)(z)
+        return z
+
+    def _match(self, m0: LeveledNet, m1: LeveledNet, lvl: int, members: List[int],
+               scores: List[List[np.ndarray]], data: FusionSet, space: Optional[Space]) -> np.ndarray:
+        """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
+        the stream ``members``, or at the internal ``space`` of level ``lvl``)."""
+        stats = [_MomentStats() for _ in members]
         with torch.no_grad():
             for xb, _ in data.batches(self.device):
                 for s, m in zip(stats, members):
-                    z0, z1 = m0.forward_until(xb, m), m1.forward_until(xb, m)
-                    if post:
-                        z0, z1 = next_activation(m0, m)(z0), next_activation(m1, m)(z1)
+                    z0, z1 = self._activations(m0, xb, m, space), self._activations(m1, xb, m, space)
                     s.update(flatten_neurons(z0, m0.axes[m]), flatten_neurons(z1, m1.axes[m]))
         cost = np.zeros_like(stats[0].sq_dist())
         for s, m in zip(stats, members):
@@ -241,10 +257,13 @@ class GitRebasin(FusionMethod):
                 cost -= s.correlation()
                 continue
             d = s.sq_dist() if self.options.metric == "sqdistance" else np.sqrt(s.sq_dist())
-            s0, s1 = scores[0][m][:, None], scores[1][m][None, :]
-            cost += 2.0 * s0 * s1 / (s0 + s1) * d
+            if space is None:
+                s0, s1 = scores[0][m][:, None], scores[1][m][None, :]
+                d = 2.0 * s0 * s1 / (s0 + s1) * d
+            cost += d
         rows, cols = linear_sum_assignment(cost)
         perm = np.empty(len(rows), dtype=np.int64)
         perm[rows] = cols
-        log.debug("git-rebasin level %d: matching cost %.4g", members[0], float(cost[rows, cols].sum()))
+        log.debug("git-rebasin level %d%s: matching cost %.4g", lvl,
+                  f" ({space.name})" if space is not None else "", float(cost[rows, cols].sum()))
         return perm
