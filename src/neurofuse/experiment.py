@@ -122,7 +122,8 @@ def method_variants(methods: Optional[Sequence[str]] = None,
 
     The key is ``"<method>/<importance>"`` for methods that use importance, else ``"<method>"``.
     """
-    for name in methods or list_methods():
+    names = methods or [n for n in list_methods() if get_method(n).listed_in_comparisons]
+    for name in names:
         cls = get_method(name)
         if cls.uses_importance:
             for imp in importances or importance_methods():

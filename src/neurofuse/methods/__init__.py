@@ -2,13 +2,14 @@
 
 from ._base import FusionMethod, WidthSpec, get_method, list_methods, register_method
 from ._levelwise import HungarianLinearFusion, KMeansLinearFusion, LevelwiseFusion, LinearFusion
-from ._simple import EnsembleFusion, VanillaAveraging
+from ._simple import BaseModel, EnsembleFusion, VanillaAveraging
 from ._otfusion import OTFusion, OTFusionOptions
 from ._rebasin import GitRebasin, GitRebasinOptions
 from ._kd import KDHead, KDHeadOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 
 __all__ = [
+    "BaseModel",
     "GitRebasin",
     "GitRebasinOptions",
     "KDHead",

@@ -90,6 +90,8 @@ class FusionMethod(ABC):
     supports_width: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[Optional[int]] = None
+    #: whether ``neurofuse demo`` and the benchmarks run it as one of the compared methods
+    listed_in_comparisons: ClassVar[bool] = True
 
     def __init__(self, *, importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
                  progress: bool = True, device: str = "cpu", batch_size: int = 256,

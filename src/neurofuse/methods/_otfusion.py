@@ -519,10 +519,15 @@ class OTFusion(FusionMethod):
             states.append(sd)
         fused = anchor.clone()
         ref = fused.state_dict()
+        own = [net.state_dict() for net in nets]
         avg = {}
         for key, v in ref.items():
             if v.is_floating_point():
-                avg[key] = torch.stack([s[key].double() for s in states]).mean(0).to(v.dtype)
+                # tensors outside the levels (none in the zoo) are averaged as they are when their
+                # shapes agree, and otherwise taken from the anchor
+                vals = [s[key] if key in s else (own[i][key] if own[i][key].shape == v.shape else v)
+                        for i, s in enumerate(states)]
+                avg[key] = torch.stack([t.double() for t in vals]).mean(0).to(v.dtype)
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)

@@ -14,7 +14,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..models.ensemble import Ensemble
 from ._base import FusionMethod, register_method
 
-__all__ = ["EnsembleFusion", "VanillaAveraging"]
+__all__ = ["BaseModel", "EnsembleFusion", "VanillaAveraging"]
 
 
 @register_method("vanilla")
@@ -75,3 +75,26 @@ class EnsembleFusion(FusionMethod):
                 if v.is_floating_point() and not torch.isfinite(v).all():
                     raise IncompatibleModelsError(f"model {i} has NaN or infinite values in {k!r}")
         return Ensemble([copy.deepcopy(m) for m in models], self.options.class_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseOptions:
+    """``index``: which base model to return."""
+
+    index: int = 0
+
+
+@register_method("base")
+class BaseModel(FusionMethod):
+    """One of the base models itself (``index``), as the reference row of every comparison."""
+
+    summary = "a base model itself (option index=i): the reference every fusion must beat"
+    Options = BaseOptions
+    needs_data = False
+    listed_in_comparisons = False
+
+    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+        i = self.options.index
+        if not 0 <= i < len(models):
+            raise ConfigError(f"index {i} is out of range for {len(models)} models")
+        return copy.deepcopy(models[i])
