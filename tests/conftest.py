@@ -55,3 +55,12 @@ def dirichlet_mlps(digits):
                     config=TrainConfig(epochs=60, lr=1e-3, seed=i))
         models.append(m.eval())
     return models, parts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine OpenMP threads thrash."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -5,7 +5,7 @@ fix is to give every fused neuron the statistics its base neurons had.  :func:`r
 things, for the output of any fusion method:
 
 1. **BatchNorm reset.**  Running statistics of every BatchNorm layer are reset and re-estimated
-   on the fusion data (a cumulative average over its batches, in eval mode otherwise).
+   on the fusion data, layer after layer in forward order (:func:`reset_batchnorm`).
 2. **Rescaling** (``rescale=True``, :class:`~neurofuse.levels.LeveledNet` models).  From the input
    on, for every level :math:`\ell` but the output, with mean :math:`m_j` and standard deviation
    :math:`\sigma_j` of fused neuron :math:`j`'s pre-activation over the fusion set (conv outputs
@@ -17,7 +17,8 @@ things, for the output of any fusion method:
              b_j = \bar m_j - a_j m_j,
 
    folded into the level's last affine layer (``W_j <- a_j W_j``, ``b_j <- a_j b_j + b_j'``; a
-   trailing BatchNorm's weight and bias instead), so no module is added.  A neuron that is
+   trailing BatchNorm's weight and bias instead), so no module is added.  BatchNorms of later
+   levels are re-estimated once earlier levels have been corrected.  A neuron that is
    constant on the fusion set (:math:`\sigma_j \approx 0`) is only shifted.
 
 Which base neurons are "matched" to fused neuron :math:`j` comes from ``groups`` (the methods
@@ -26,8 +27,9 @@ Which base neurons are "matched" to fused neuron :math:`j` comes from ``groups``
 is matched with neuron :math:`j` of every base model of the fused width there, which is right for
 ``vanilla``, ``kd-head`` and any method that keeps model 0's neuron order with aligned models,
 but **not** for clustering methods whose fused neurons are cluster indices (pass their
-groupings).  Residual levels (``adds_input``) are not rescaled (their output is not the output of
-one affine layer).
+groupings).  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
+or blocks such as the zoo's ResNet ``BasicBlock``, which sum two paths) are not rescaled; their
+BatchNorms are still re-estimated.
 
 References
 ----------
@@ -69,36 +71,59 @@ def reset_batchnorm(model: nn.Module, data: Any, batch_size: int = 256,
                     modules: Optional[Sequence[_BatchNorm]] = None) -> int:
     """Reset and re-estimate the running statistics of ``model``'s BatchNorm layers on ``data``.
 
-    Every batch of ``data`` is passed forward with the BatchNorm layers in training mode and
-    ``momentum=None`` (a cumulative average over the batches) and every other module in eval
-    mode; afterwards the model is in eval mode.  Returns the number of layers reset.
+    The layers are re-estimated one at a time in the order the forward pass reaches them: each
+    sees its inputs exactly as they are at evaluation time (every other module in eval mode,
+    earlier layers already re-estimated), and averages the batch statistics over all of
+    ``data`` (``momentum=None``).  ``modules`` restricts the reset to some layers.  The model
+    ends in eval mode.  Returns the number of layers reset.
     """
     fs = data if isinstance(data, FusionSet) else as_fusion_set(data, batch_size)
     bns = list(_batchnorms(model) if modules is None else modules)
     if not bns:
         return 0
     device = _device_of(model)
-    momenta = [bn.momentum for bn in bns]
     model.eval()
-    for bn in bns:
+    order: List[_BatchNorm] = []
+    hooks = [bn.register_forward_pre_hook(lambda m, _i: order.append(m) if m not in order else None)
+             for bn in bns]
+    try:
+        with torch.no_grad():
+            model(next(fs.batches(device))[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    order += [bn for bn in bns if bn not in order]  # not on the forward path: reset only
+    for bn in order:
+        momentum = bn.momentum
         bn.reset_running_stats()
-        bn.momentum = None
+        bn.momentum = None  # cumulative average over the batches
         bn.train()
-    with torch.no_grad():
-        for xb, _ in fs.batches(device):
-            model(xb)
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
+        try:
+            with torch.no_grad():
+                for xb, _ in fs.batches(device):
+                    model(xb)
+        finally:
+            bn.momentum = momentum
+            bn.eval()
     model.eval()
     return len(bns)
 
 
-def _last_affine(level: nn.Module) -> Optional[nn.Module]:
-    last = None
+def _fold_target(level: nn.Module) -> Optional[nn.Module]:
+    """The module whose per-channel output *is* the level output up to parameter-free ops: the
+    last ``Linear`` / ``Conv2d`` / affine BatchNorm of a sequential level; ``None`` for levels
+    whose output sums several paths (residual levels) or ends in another parametrised module."""
+    if not isinstance(level, nn.Sequential) or getattr(level, "adds_input", False):
+        return None
+    target = None
     for m in level.modules():
+        if list(m.children()):
+            continue
         if isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, _BatchNorm) and m.affine):
-            last = m
-    return last
+            target = m
+        elif any(True for _ in m.parameters(recurse=False)):
+            target = None  # a parametrised module after the candidate
+    return target
 
 
 def _moments(stats: Tuple[Tensor, Tensor, int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -251,17 +276,16 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     base_stats = _base_statistics(bases, fs)
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
+    changed = False
     for lvl in range(n_levels - 1):
         level = out.levels[lvl]
-        if getattr(level, "adds_input", False):
-            log.debug("repair: level %d is residual; not rescaled", lvl)
-            continue
         bns = _batchnorms(level)
-        if bns:  # inputs changed since step 1: re-estimate this level's BatchNorms
+        if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
             reset_batchnorm(out, fs, modules=bns)
-        target = _last_affine(level)
+        target = _fold_target(level)
         if target is None:
-            log.warning("repair: level %d has no affine layer to fold into; not rescaled", lvl)
+            log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
+                      "not rescaled", lvl, type(level).__name__)
             continue
         acc = None
         with torch.no_grad():
@@ -278,5 +302,6 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
         shift = np.where(matched, mean_t - a * mean_f, 0.0)
         _fold(target, a, shift, lvl)
+        changed = True
         log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
     return out.eval()

@@ -131,3 +131,14 @@ def test_ensemble_returns_log_probabilities_of_the_mean_softmax(trained_mlp, dig
         out = ens(digits.x_test)
         ref = torch.log_softmax(trained_mlp(digits.x_test), -1)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_models_whose_spatial_sizes_differ_are_refused():
+    from neurofuse.models import VGG
+
+    a = VGG((1, 8, 8), 10, layout=[4, "M", 4])
+    b = VGG((1, 8, 8), 10, layout=[4, 4, "M"])
+    with pytest.raises(IncompatibleModelsError, match="spatial sizes differ") as e:
+        neurofuse.fuse([a, b], (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
+                       progress=False)
+    _one_line(e)

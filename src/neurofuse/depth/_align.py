@@ -28,7 +28,7 @@ from torch import nn
 from .._fusion_set import as_fusion_set
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
-from ._balance import groups_of, insert_identity_levels, merge_levels
+from ._balance import _output_shapes, groups_of, insert_identity_levels, merge_levels
 from ._cka import METRICS, level_cost_matrix, level_features, level_grams
 
 __all__ = [
@@ -119,8 +119,8 @@ def align_levels(cost: Any, insertable: Optional[Any] = None) -> List[int]:
                 back[i, j] = window[0]
     if not np.isfinite(d[m - 1, n - 1]):
         raise IncompatibleModelsError(
-            "no monotone level alignment of finite cost: the models' level axes cannot be matched "
-            "in order (first to first, output to output)")
+            "no monotone level alignment of finite cost: the models' level axes and output "
+            "shapes cannot be matched in order (first to first, output to output)")
     a = [n - 1]
     for i in range(m - 1, 0, -1):
         a.append(int(back[i, a[-1]]))
@@ -243,9 +243,21 @@ def _resolve_reference(reference: Optional[int], depths: List[int], balance: str
     return int(reference) % len(depths)
 
 
-def _masked(cost: np.ndarray, rows: Sequence[str], cols: Sequence[str]) -> np.ndarray:
-    same = np.array([[r == c for c in cols] for r in rows], dtype=bool)
-    return np.where(same, cost, np.inf)
+def _level_kinds(model: LeveledNet) -> List[Tuple[Any, ...]]:
+    """Per level: its axis and the shape of its rows (conv: ``(H, W)``, token: ``(T,)``).
+
+    Level-wise fusion stacks the base models' level outputs row by row, so aligned levels (and
+    inserted identity levels) must agree on both; only the neuron count may differ.
+    """
+    kinds = []
+    for axis, shape in zip(model.axes, _output_shapes(model)):
+        rows = tuple(shape[2:]) if axis == "conv" else tuple(shape[1:-1]) if axis == "token" else ()
+        kinds.append((axis, rows))
+    return kinds
+
+
+def _compatible(rows: Sequence[Any], cols: Sequence[Any]) -> np.ndarray:
+    return np.array([[r == c for c in cols] for r in rows], dtype=bool)
 
 
 def align_models(models: Sequence[nn.Module], data: Any, *, reference: Optional[int] = None,
@@ -332,16 +344,18 @@ def align_models(models: Sequence[nn.Module], data: Any, *, reference: Optional[
     if len(nets) > 1:
         ref_grams = level_grams(level_features(rnet, fset, spatial=spatial, max_samples=max_samples),
                                 metric)
+    ref_kinds = _level_kinds(rnet)
     for i in order[1:]:
         net = nets[i]
+        kinds = _level_kinds(net)
         # cost[reference level, model level]
         cost_rm = level_cost_matrix(rnet, net, fset, metric=metric, spatial=spatial,
                                     max_samples=max_samples, grams_a=ref_grams)
         if net.num_levels <= rnet.num_levels:     # the model is the shallower (or equal) one
             cost = cost_rm.T
-            ins = np.array([[a == b for b in rnet.axes] for a in net.axes], dtype=bool)
+            ok = _compatible(kinds, ref_kinds)
             try:
-                a = align_levels(_masked(cost, net.axes, rnet.axes), ins)
+                a = align_levels(np.where(ok, cost, np.inf), ok)
             except IncompatibleModelsError as exc:
                 raise IncompatibleModelsError(f"model {i} vs reference model {ref}: {exc}") from None
             if net.num_levels == rnet.num_levels:
@@ -355,7 +369,7 @@ def align_models(models: Sequence[nn.Module], data: Any, *, reference: Optional[
         else:                                      # the reference is the shallower one: merge
             cost = cost_rm
             try:
-                a = align_levels(_masked(cost, rnet.axes, net.axes))
+                a = align_levels(np.where(_compatible(ref_kinds, kinds), cost, np.inf))
             except IncompatibleModelsError as exc:
                 raise IncompatibleModelsError(f"model {i} vs reference model {ref}: {exc}") from None
             out = merge_levels(net, a)
@@ -435,24 +449,25 @@ def plot_cost_matrix(cost: Any, alignment: Sequence[int], path: str | Path, *, t
     c = np.asarray(cost, dtype=np.float64)
     plt = _pyplot()
     m, n = c.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 1.0 + 0.45 * m))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 0.55 * n), max(3.0, 1.4 + 0.45 * m)))
     shown = np.where(np.isfinite(c), c, np.nan)
     im = ax.imshow(shown, cmap="viridis_r", aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="dissimilarity")
     a = [int(j) for j in alignment]
-    ax.plot(a, list(range(len(a))), "o-", color="#d62728", ms=6, lw=1.5, label="alignment")
+    ax.plot(a, list(range(len(a))), "o-", color="#d62728", ms=11, lw=1.2, mfc="none", mew=1.5,
+            label="alignment")
     for i in range(m):
         for j in range(n):
             if np.isfinite(c[i, j]):
                 ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if c[i, j] < np.nanmean(shown) else "black")
+                        color="white" if c[i, j] > np.nanmean(shown) else "black")
     ax.set_xticks(range(n))
     ax.set_yticks(range(m))
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7, frameon=False)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
@@ -206,15 +206,17 @@ def _output_shapes(model: LeveledNet) -> List[Tuple[int, ...]]:
     return shapes
 
 
-def _check_alignment(alignment: Sequence[int], m: int, n: int) -> List[int]:
+def _check_alignment(alignment: Sequence[int], m: int, n: int,
+                     first_to_first: bool = True) -> List[int]:
     a = [int(j) for j in alignment]
-    ok = len(a) == m and all(0 <= j < n for j in a) and all(x < y for x, y in zip(a, a[1:]))
-    if ok and m > 0:
-        ok = a[-1] == n - 1 and (m == 1 or a[0] == 0)
+    ok = m > 0 and len(a) == m and all(0 <= j < n for j in a) and all(x < y for x, y in zip(a, a[1:]))
+    if ok:
+        ok = a[-1] == n - 1 and (m == 1 or a[0] == 0 or not first_to_first)
     if not ok:
+        rule = "first to first, " if first_to_first else ""
         raise ConfigError(
             f"alignment {a} is not a monotone map of {m} levels onto {n} (strictly increasing, "
-            "first to first, last to last)")
+            f"{rule}last to last)")
     return a
 
 
@@ -360,12 +362,13 @@ def merge_levels(deep: LeveledNet, alignment: Sequence[int]) -> SequentialNet:
     """``deep`` with consecutive levels grouped so that it has ``len(alignment)`` levels.
 
     Level ``i`` of the result is the composite of deep levels ``alignment[i-1]+1 .. alignment[i]``
-    (level 0: ``0 .. alignment[0]``), so its output is deep level ``alignment[i]``'s output and the
+    (level 0: ``0 .. alignment[0]``; :func:`align_levels` gives ``alignment[0] = 0``, but any
+    strictly increasing map ending at the last level is accepted), so its output is deep level ``alignment[i]``'s output and the
     function is unchanged.  Composite levels are ``nn.Sequential`` of the copied original modules,
     with adjacent affine layers merged (:func:`merge_affine`).
     """
     n = deep.num_levels
-    a = _check_alignment(alignment, len(alignment), n)
+    a = _check_alignment(alignment, len(alignment), n, first_to_first=False)
     levels: List[nn.Module] = []
     axes: List[str] = []
     start = 0
@@ -390,7 +393,3 @@ def groups_of(alignment: Sequence[int]) -> List[List[int]]:
         start = int(j) + 1
     return out
 
-
-def _max_abs_diff(a: nn.Module, b: nn.Module, x: Tensor) -> float:
-    with torch.no_grad():
-        return float((a(x) - b(x)).abs().max())

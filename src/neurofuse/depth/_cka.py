@@ -36,14 +36,14 @@ distances rather than inner products.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._fusion_set import FusionSet
+from .._fusion_set import as_fusion_set
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
 
@@ -79,13 +79,15 @@ def sample_features(t: Tensor, axis: str, spatial: Optional[int] = 4) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def level_features(model: LeveledNet, data: FusionSet, *, spatial: Optional[int] = 4,
+def level_features(model: LeveledNet, data: Any, *, spatial: Optional[int] = 4,
                    max_samples: Optional[int] = 1000) -> List[Tensor]:
     """Per-sample features ``[n, d_l]`` (float32, CPU) of every level of ``model`` on ``data``.
 
     The fusion set is streamed in its batches (``data.batches()``); each batch runs through the
-    levels once.  At most ``max_samples`` samples (the first ones) are used.
+    levels once.  At most ``max_samples`` samples (the first ones) are used.  ``data`` is
+    anything the fusion methods accept (tensor, ``(x, y)`` pair, DataLoader, FusionSet).
     """
+    data = as_fusion_set(data)
     if spatial is not None and (isinstance(spatial, bool) or int(spatial) < 1):
         raise ConfigError(f"spatial must be a positive integer or None, got {spatial!r}")
     if max_samples is not None and int(max_samples) < 2:
@@ -174,7 +176,7 @@ def cka_dissimilarity(x: Tensor, y: Tensor, metric: str = "cka") -> float:
     return float(_cross(ga, gb, metric, x.shape[0])[0, 0])
 
 
-def level_cost_matrix(model_a: LeveledNet, model_b: LeveledNet, data: FusionSet, *,
+def level_cost_matrix(model_a: LeveledNet, model_b: LeveledNet, data: Any, *,
                       metric: str = "cka", spatial: Optional[int] = 4,
                       max_samples: Optional[int] = 1000,
                       grams_a: Optional[Tensor] = None) -> np.ndarray:
@@ -184,6 +186,7 @@ def level_cost_matrix(model_a: LeveledNet, model_b: LeveledNet, data: FusionSet,
     model is compared with many.
     """
     _check_metric(metric)
+    data = as_fusion_set(data)
     if grams_a is None:
         grams_a = level_grams(level_features(model_a, data, spatial=spatial,
                                              max_samples=max_samples), metric)

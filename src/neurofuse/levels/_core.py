@@ -148,17 +148,21 @@ class LeveledNet(nn.Module):
     # -- architecture --------------------------------------------------------------------
     def level_widths(self) -> List[int]:
         """Number of neurons at each level output (found with one forward pass on zeros)."""
-        device = next(self.parameters()).device
+        return [int(s[1] if a == "conv" else s[-1]) for s, a in zip(self.level_shapes(), self.axes)]
+
+    def level_shapes(self) -> List[Tuple[int, ...]]:
+        """Shape of each level's output for a batch of one sample (one forward pass on zeros)."""
+        device = next(iter(self.parameters()), torch.empty(0)).device
         was_training = self.training
         self.eval()
-        widths: List[int] = []
+        shapes: List[Tuple[int, ...]] = []
         with torch.no_grad():
             x = torch.zeros((1, *self.input_shape), device=device)
-            for level, axis in zip(self.levels, self.axes):
+            for level in self.levels:
                 x = level(x)
-                widths.append(int(flatten_neurons(x, axis).shape[1]))
+                shapes.append(tuple(int(d) for d in x.shape))
         self.train(was_training)
-        return widths
+        return shapes
 
     def config(self) -> Dict[str, Any]:
         """JSON-serialisable description ``{"arch": name, "kwargs": {...}}`` that rebuilds the model."""
@@ -226,4 +230,14 @@ def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
             raise IncompatibleModelsError(
                 f"model {i} has {m.num_classes} output classes but model 0 has {ref.num_classes}"
             )
+    ref_shapes = ref.level_shapes()
+    for i, m in enumerate(out[1:], start=1):
+        for lvl, (a, b, axis) in enumerate(zip(ref_shapes, m.level_shapes(), ref.axes)):
+            rows_a = a[2:] if axis == "conv" else a[1:-1]
+            rows_b = b[2:] if axis == "conv" else b[1:-1]
+            if rows_a != rows_b:
+                raise IncompatibleModelsError(
+                    f"level {lvl} of model {i} outputs {list(b)} per sample but model 0's outputs "
+                    f"{list(a)}: the {'spatial' if axis == 'conv' else 'token'} sizes differ"
+                )
     return out

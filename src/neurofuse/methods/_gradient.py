@@ -52,8 +52,8 @@ log = logging.getLogger("neurofuse")
 #: named settings: (hidden levels, output level)
 GRADIENT_PRESETS: Dict[str, Tuple[LevelConfig, LevelConfig]] = {
     # CPU-friendly default: warm start from the init model, short Adam fits with early stopping
-    "default": (LevelConfig("adam", 1e-3, 0.0, 30, 32, 0.0, 5, 0.1),
-                LevelConfig("adam", 1e-3, 0.0, 50, 32, 0.0, 10, 0.1)),
+    "default": (LevelConfig("adam", 1e-2, 0.0, 30, 32, 0.0, 5, 0.1),
+                LevelConfig("adam", 1e-2, 0.0, 50, 32, 0.0, 10, 0.1)),
     # paper table 5, setting 1: far from the initialisation (fresh random levels)
     "setting1": (LevelConfig("adam", 1e-3, 1e-4, 100, 32, 1.0, 15, 0.1),
                  LevelConfig("adam", 1e-3, 1e-4, 100, 32, 1.0, 15, 0.1)),

@@ -160,6 +160,13 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 )
     else:
         paths = [("", level)]
+    for n, m in level.named_modules():
+        if list(m.children()) and _own_tensors(m):
+            raise IncompatibleModelsError(
+                f"level {index}: {type(m).__name__} {n or '(the level)'} holds parameters of its own "
+                f"next to its sub-modules; {method!r} aligns only Linear/Conv2d layers and "
+                "per-channel normalisations (use 'kf-gradient' for such levels)"
+            )
     tensors: List[Tuple[str, str, Optional[str], str]] = []
     internal: List[Space] = []
     for prefix, root in paths:
@@ -196,7 +203,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 if not isinstance(m, _CHANNEL):
                     raise IncompatibleModelsError(
                         f"level {index} holds a {type(m).__name__} with parameters; {method!r} aligns "
-                        "only Linear/Conv2d layers and per-channel normalisations"
+                        "only Linear/Conv2d layers and per-channel normalisations (use 'kf-gradient' "
+                        "for such levels)"
                     )
                 for pn, t in own:
                     if t.dim() == 0:
@@ -506,6 +514,7 @@ class OTFusion(FusionMethod):
         layouts, heads = check_alignable(nets, self.name)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
+        self._score_cache: Dict[Tuple[int, int], np.ndarray] = {}
         self.transports: List[List[Optional[np.ndarray]]] = []
         maps_per_model: List[List[Optional[NeuronMap]]] = []
         states = [anchor.state_dict()]
@@ -549,45 +558,57 @@ class OTFusion(FusionMethod):
         pair = [model.level_widths(), anchor.level_widths()]
         outs: List[Optional[NeuronMap]] = [None] * n_levels
         params: List[Dict[str, Tensor]] = []
+        # inputs of the current level for every fusion batch: of the aligned model k (its levels
+        # below already aligned, so its activations follow the alignment) and of the anchor
+        with torch.no_grad():
+            h_k = [xb for xb, _ in data.batches(self.device)]
+        h_a = list(h_k)
         for lvl in range(n_levels):
             layout = layouts[lvl]
-            maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None}
-            for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
-                partial = align_level(model.levels[lvl], layout, lvl, maps)
-                maps[sp.name] = self._transport(model, anchor, params, partial, lvl, [lvl], data, sp)
             head = heads[lvl]
             members = stream_members(heads, head)
+            known = True  # the output map is fixed before the level's inner layers are aligned
             if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
                 why = "output level" if lvl == n_levels - 1 else "residual stream tied to the input or output"
                 identity_ok(pair, lvl, why)
             elif head < lvl:
-                outs[lvl] = outs[head]
+                outs[lvl] = outs[head]  # identity skip: the output neurons are the input neurons
             else:
+                known = False
+            maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl]}
+            for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
                 partial = align_level(model.levels[lvl], layout, lvl, maps)
-                outs[lvl] = self._transport(model, anchor, params, partial, lvl, members, data, None)
+                maps[sp.name] = self._transport(model, anchor, h_k, h_a, partial, lvl, [lvl], data, sp)
+            if not known:
+                partial = align_level(model.levels[lvl], layout, lvl, maps)
+                outs[lvl] = self._transport(model, anchor, h_k, h_a, partial, lvl, members, data, None)
             maps["out"] = outs[lvl]
             params.append(align_level(model.levels[lvl], layout, lvl, maps))
+            if lvl < n_levels - 1:
+                with torch.no_grad():
+                    h_k = [functional_call(model.levels[lvl], params[lvl], (h,)) for h in h_k]
+                    h_a = [anchor.levels[lvl](h) for h in h_a]
         return params, outs
 
-    def _transport(self, model: LeveledNet, anchor: LeveledNet, params: List[Dict[str, Tensor]],
+    def _transport(self, model: LeveledNet, anchor: LeveledNet, h_k: List[Tensor], h_a: List[Tensor],
                    partial: Dict[str, Tensor], lvl: int, members: List[int], data: FusionSet,
                    space: Optional[Space]) -> NeuronMap:
         """Transport of level ``lvl``'s output (over its stream ``members``), or of its internal
-        ``space``, from model ``k`` (aligned below, ``partial`` at ``lvl``) to the anchor."""
+        ``space``, from model ``k`` (inputs ``h_k`` from its aligned levels, ``partial`` at
+        ``lvl``) to the anchor (inputs ``h_a``)."""
         stats = [_PairStats() for _ in members]
         if space is not None:
             point_k = dict(model.levels[lvl].named_modules())[space.point]
             point_a = dict(anchor.levels[lvl].named_modules())[space.point]
         with torch.no_grad():
-            for xb, _ in data.batches(self.device):
-                h = run_levels(model, params, xb)
+            for h, ha in zip(h_k, h_a):
                 if space is not None:
                     z = capture(point_k, lambda: functional_call(model.levels[lvl], partial, (h,)))
-                    za = capture(point_a, lambda: anchor.forward_until(xb, lvl))
+                    za = capture(point_a, lambda: anchor.levels[lvl](ha))
                     stats[0].update(flatten_neurons(z, model.axes[lvl]), flatten_neurons(za, anchor.axes[lvl]))
                     continue
                 z = functional_call(model.levels[lvl], partial, (h,))
-                za = anchor.forward_until(xb, lvl)
+                za = anchor.levels[lvl](ha)
                 for s, m in zip(stats, members):
                     if m > lvl:  # rest of the stream, in model k's basis (not yet aligned)
                         z = model.levels[m](z)
@@ -608,7 +629,11 @@ class OTFusion(FusionMethod):
         return NeuronMap.from_plan(plan, nu)
 
     def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        return neuron_importance(net, level, data, self.importance, self.device).cpu().numpy()
+        key = (id(net), level)
+        if key not in self._score_cache:
+            self._score_cache[key] = neuron_importance(
+                net, level, data, self.importance, self.device).cpu().numpy()
+        return self._score_cache[key]
 
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:
         import ot

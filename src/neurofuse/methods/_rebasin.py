@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ from ._otfusion import (
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
 log = logging.getLogger("neurofuse")
+
+#: weight of the pre-activation cost that breaks ties of the post-activation cost (relative to
+#: the largest post-activation cost): neurons inactive on the whole fusion set are otherwise
+#: indistinguishable, and a wrong pairing of them changes the model on other inputs
+TIE_BREAK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,27 +235,18 @@ class GitRebasin(FusionMethod):
         s1p = maps[lvl].out @ torch.from_numpy(scores[1][lvl])  # type: ignore[union-attr]
         return s1p / (s0 + s1p)
 
-    def _activations(self, net: LeveledNet, xb: Tensor, lvl: int, space: Optional[Space]) -> Tensor:
-        post = self.options.activations == "post"
+    def _activations(self, net: LeveledNet, xb: Tensor, lvl: int, space: Optional[Space]
+                     ) -> Tuple[Tensor, Tensor]:
+        """(pre-activations, post-activations) at the output of ``lvl`` or at its ``space``."""
         if space is None:
             z = net.forward_until(xb, lvl)
-            return next_activation(net, lvl)(z) if post else z
+            return z, next_activation(net, lvl)(z)
         modules = dict(net.levels[lvl].named_modules())
         z = capture(modules[space.point], lambda: net.forward_until(xb, lvl))
-        if post:
-            z = activation_module(modules.get(space.act) if space.act else None)(z)
-        return z
+        return z, activation_module(modules.get(space.act) if space.act else None)(z)
 
-    def _match(self, m0: LeveledNet, m1: LeveledNet, lvl: int, members: List[int],
-               scores: List[List[np.ndarray]], data: FusionSet, space: Optional[Space]) -> np.ndarray:
-        """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
-        the stream ``members``, or at the internal ``space`` of level ``lvl``)."""
-        stats = [_MomentStats() for _ in members]
-        with torch.no_grad():
-            for xb, _ in data.batches(self.device):
-                for s, m in zip(stats, members):
-                    z0, z1 = self._activations(m0, xb, m, space), self._activations(m1, xb, m, space)
-                    s.update(flatten_neurons(z0, m0.axes[m]), flatten_neurons(z1, m1.axes[m]))
+    def _cost(self, stats: List[_MomentStats], members: List[int], scores: List[List[np.ndarray]],
+              space: Optional[Space]) -> np.ndarray:
         cost = np.zeros_like(stats[0].sq_dist())
         for s, m in zip(stats, members):
             if self.options.metric == "correlation":
@@ -261,6 +257,33 @@ class GitRebasin(FusionMethod):
                 s0, s1 = scores[0][m][:, None], scores[1][m][None, :]
                 d = 2.0 * s0 * s1 / (s0 + s1) * d
             cost += d
+        return cost
+
+    def _match(self, m0: LeveledNet, m1: LeveledNet, lvl: int, members: List[int],
+               scores: List[List[np.ndarray]], data: FusionSet, space: Optional[Space]) -> np.ndarray:
+        """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
+        the stream ``members``, or at the internal ``space`` of level ``lvl``).
+
+        On post-activations, neurons that are inactive on the whole fusion set all look alike
+        (zero vectors), which leaves ties; they are broken by adding the pre-activation cost
+        scaled by :data:`TIE_BREAK` relative to the post-activation cost.
+        """
+        post = self.options.activations == "post"
+        stats = [(_MomentStats(), _MomentStats()) for _ in members]
+        with torch.no_grad():
+            for xb, _ in data.batches(self.device):
+                for (s_pre, s_post), m in zip(stats, members):
+                    (a0, p0), (a1, p1) = (self._activations(m0, xb, m, space),
+                                          self._activations(m1, xb, m, space))
+                    s_pre.update(flatten_neurons(a0, m0.axes[m]), flatten_neurons(a1, m1.axes[m]))
+                    if post:
+                        s_post.update(flatten_neurons(p0, m0.axes[m]), flatten_neurons(p1, m1.axes[m]))
+        cost = self._cost([s[0] for s in stats], members, scores, space)
+        if post:
+            tie = cost
+            cost = self._cost([s[1] for s in stats], members, scores, space)
+            scale = np.abs(cost).max() / max(float(np.abs(tie).max()), 1e-300)
+            cost = cost + TIE_BREAK * scale * tie
         rows, cols = linear_sum_assignment(cost)
         perm = np.empty(len(rows), dtype=np.int64)
         perm[rows] = cols
