@@ -7,7 +7,8 @@
 
 from . import models  # noqa: F401  (registers the zoo)
 from ._fusion_set import FusionSet
-from .api import fuse, methods
+from . import methods  # noqa: F811  (a package that is also callable: neurofuse.methods())
+from .api import fuse
 from .errors import (
     CheckpointError,
     ConfigError,

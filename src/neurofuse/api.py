@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Sequence, Union
 
 from torch import nn
 
@@ -86,8 +86,13 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
             raise DataError("repair needs the fusion data: pass data=(x, y)")
         groups = getattr(fusion, "groupings", None)
         if groups is None:
-            log.info("repair: %r records no neuron groupings; matching fused neuron j with neuron j "
-                     "of each base model of equal width", method)
+            from .methods import LevelwiseFusion
+
+            # by index is right for methods that keep model 0's neuron order with aligned models
+            # (vanilla, kd-head), not for clustering methods whose fused neurons are clusters
+            (log.warning if isinstance(fusion, LevelwiseFusion) else log.info)(
+                "repair: %r records no neuron groupings; matching fused neuron j with neuron j of "
+                "each base model of equal width", method)
         fused = repair_model(fused, list(models), data, groups=groups,
                              batch_size=int(options.get("batch_size", 256)))
     if finetune is not None:

@@ -163,3 +163,42 @@ def run_methods(models: Sequence[nn.Module], fusion: Tuple[torch.Tensor, torch.T
                         "macro_f1": scores["macro_f1"], "seconds": seconds}
         fused_models[key] = fused
     return results, skipped, fused_models
+
+
+# -- added for the benchmarks (neurofuse.bench) -------------------------------------------------
+
+def split_parts(ds: Dataset, cfg: SplitConfig) -> List[np.ndarray]:
+    """The training-set indices of each base model: :func:`neurofuse.data.partition`, or, for
+    ``cfg.partition == "full"``, the whole training set for every model (the models then differ
+    only by their seed, as in the paper's full-dataset setup)."""
+    y = ds.y_train.numpy()
+    if cfg.partition == "full":
+        return [np.arange(len(y)) for _ in range(cfg.n_models)]
+    return partition(y, cfg.n_models, cfg.partition, seed=cfg.seed, ratio=cfg.ratio)
+
+
+def train_models_on_parts(ds: Dataset, parts: Sequence[np.ndarray], cfg: SplitConfig,
+                          progress: bool = True, device: str = "cpu",
+                          train_options: Optional[Dict[str, Any]] = None) -> BaseModels:
+    """Train one model per part exactly as :func:`train_base_models` does (same seeds, same
+    validation split for checkpoint selection), with extra :class:`TrainConfig` settings
+    (``batch_size``, ``weight_decay``, ...) and a progress bar over each model's epochs."""
+    epochs = cfg.epochs or DEFAULT_EPOCHS.get(ds.name, 20)
+    extra = dict(train_options or {})
+    extra.pop("epochs", None)
+    extra.pop("lr", None)
+    models, histories = [], []
+    for i, part in enumerate(parts):
+        torch.manual_seed(cfg.seed * 1000 + i)
+        model = make_model(cfg.arch, cfg.size, ds.input_shape, ds.num_classes)
+        tr, val = train_val_split(np.asarray(part), cfg.val_fraction, seed=cfg.seed * 1000 + i)
+        xv = ds.x_train[val] if len(val) else None
+        yv = ds.y_train[val] if len(val) else None
+        tc = TrainConfig(epochs=epochs, lr=cfg.lr, seed=cfg.seed * 1000 + i, device=device, **extra)
+        if progress:
+            log.info("training base model %d/%d (%d samples, %d epochs)", i + 1, len(parts), len(tr), epochs)
+        hist = train_model(model, ds.x_train[tr], ds.y_train[tr], xv, yv, config=tc, progress=progress)
+        models.append(model.eval())
+        histories.append(hist)
+    shares = class_shares(ds.y_train.numpy(), list(parts), ds.num_classes)
+    return BaseModels(models, list(parts), shares, histories)

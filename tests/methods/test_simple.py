@@ -43,3 +43,19 @@ def test_class_weighted_ensemble_follows_the_model_that_saw_the_class():
     assert torch.allclose(p.sum(-1), torch.ones(2))
     plain = neurofuse.fuse([a, b], method="ensemble")(x).exp()
     assert p[0, 2] < plain[0, 2]  # class 2 loses the mass neither model claims
+
+
+def test_fusion_leaves_the_callers_models_in_their_mode():
+    ms = [MLP((1, 8, 8), 10, [8]) for _ in range(2)]
+    ms[0].train()
+    ms[1].eval()
+    x = (torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    neurofuse.fuse(ms, x, method="kf-linear", progress=False)
+    assert ms[0].training and not ms[1].training
+
+
+def test_neurofuse_methods_is_callable_and_a_package():
+    import neurofuse.methods._levelwise as lw
+
+    assert "kf-linear" in neurofuse.methods()
+    assert neurofuse.methods.get_method("kf-linear") is lw.KMeansLinearFusion

@@ -212,8 +212,9 @@ def has_batchnorm(module: nn.Module) -> bool:
 def reestimate_batchnorm(level: nn.Module, inputs: Tensor, batch_size: int = 256) -> None:
     """Recompute the running statistics of every BatchNorm in ``level`` on ``inputs``.
 
-    The statistics are reset and accumulated as exact averages over the batches (momentum
-    ``None``); the level is left in eval mode.
+    The statistics are reset and accumulated as the average of the statistics of near-equal
+    chunks of ``inputs`` (momentum ``None``; equal chunks make the running mean the exact mean over
+    all inputs); the level is left in eval mode.
     """
     bns = [m for m in level.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns or inputs.shape[0] == 0:
@@ -224,10 +225,8 @@ def reestimate_batchnorm(level: nn.Module, inputs: Tensor, batch_size: int = 256
         m.reset_running_stats()
         m.momentum = None
     level.train()
-    for i in range(0, inputs.shape[0], batch_size):
-        xb = inputs[i:i + batch_size]
-        if xb.shape[0] < 2 and inputs.shape[0] >= 2:   # BN needs 2+ samples: merge a lone tail
-            xb = inputs[i - 1:i + 1]
+    chunks = max(1, min(-(-inputs.shape[0] // batch_size), inputs.shape[0] // 2))
+    for xb in torch.tensor_split(inputs, chunks):
         level(xb)
     for m, mom in zip(bns, saved):
         m.momentum = mom

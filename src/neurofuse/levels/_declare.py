@@ -31,8 +31,13 @@ _AXIS_DIMS = {"dense": 2, "conv": 4, "token": 3}
 _AXIS_SHAPE = {"dense": "[B, C]", "conv": "[B, C, H, W]", "token": "[B, T, C]"}
 
 
-class Fn(nn.Module):
-    """Wraps a parameter-free callable (``torch.relu``, ``F.max_pool2d``, a lambda) as a module."""
+class Fn(nn.Identity):
+    """Wraps a parameter-free callable (``torch.relu``, ``F.max_pool2d``, a lambda) as a module.
+
+    It derives from ``nn.Identity`` (a parameter-free op for
+    :func:`~neurofuse.levels.split_affine`), so a level ``[Fn(F.relu), conv]`` stays affine in its
+    parameters and the closed-form methods can fit it.
+    """
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()

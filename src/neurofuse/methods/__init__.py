@@ -32,3 +32,15 @@ __all__ = [
     "list_methods",
     "register_method",
 ]
+
+
+class _MethodsModule(__import__("types").ModuleType):
+    """``neurofuse.methods`` is both this package and the function the API promises:
+    ``neurofuse.methods()`` lists the registry, ``neurofuse.methods.get_method(...)`` and
+    ``import neurofuse.methods._otfusion`` keep working."""
+
+    def __call__(self) -> "list[str]":
+        return list_methods()
+
+
+__import__("sys").modules[__name__].__class__ = _MethodsModule

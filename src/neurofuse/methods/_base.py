@@ -137,9 +137,15 @@ class FusionMethod(ABC):
             shape = getattr(models[0], "input_shape", None)
             if shape is not None:
                 fset.check_input_shape(shape)
-        models = [m.to(self.device).eval() for m in models]
-        log.info("fusing %d models with %s (importance=%s)", len(models), self.name, self.importance)
-        fused = self._fuse(models, fset)
+        # the caller's models are moved and put in eval mode only for the duration of the call
+        state = [(m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in models]
+        try:
+            models = [m.to(self.device).eval() for m in models]
+            log.info("fusing %d models with %s (importance=%s)", len(models), self.name, self.importance)
+            fused = self._fuse(models, fset)
+        finally:
+            for m, (training, device) in zip(models, state):
+                m.to(device).train(training)
         return fused.eval()
 
     @abstractmethod

@@ -65,6 +65,8 @@ class LevelwiseFusion(FusionMethod):
         fused = nets[0].clone() if widths == base_widths[0] else nets[0].with_widths(widths[:-1])
         fused = fused.to(self.device).eval()
         self.report: List[dict] = []
+        #: the grouping of every hidden level (REPAIR uses them to find each fused neuron's parents)
+        self.groupings: List[Grouping] = []
         levels = range(fused.num_levels)
         for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
             self.fuse_level(lvl, nets, fused, data, widths[lvl])
@@ -185,6 +187,8 @@ class LinearFusion(LevelwiseFusion):
         else:
             grouping = self.group(feats, self.level_scores(models, level, data), widths, k, level)
         self._assign = np.split(grouping.labels, np.cumsum(widths)[:-1])
+        if level < fused.num_levels - 1:
+            self.groupings.append(grouping)
         w = centroids(sol.weights.T.cpu().numpy(), grouping.weights, grouping.labels, grouping.k)
         assign_affine(affine, torch.from_numpy(w.T))
         t = centroids(feats, grouping.weights, grouping.labels, grouping.k)

@@ -51,9 +51,12 @@ from ._base import FusionMethod, register_method
 
 __all__ = [
     "LevelLayout",
+    "NeuronMap",
     "OTFusion",
     "OTFusionOptions",
+    "Space",
     "align_level",
+    "level_adds_input",
     "level_layout",
     "residual_heads",
 ]
@@ -365,13 +368,6 @@ def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMa
             t = _map_out(t, maps[s0].out)  # type: ignore[union-attr]
         result[key] = t.to(v.dtype)
     return result
-
-
-def run_levels(net: LeveledNet, params: Sequence[Dict[str, Tensor]], x: Tensor) -> Tensor:
-    """Run ``net``'s first ``len(params)`` levels with the given (aligned) level state dicts."""
-    for i, p in enumerate(params):
-        x = functional_call(net.levels[i], p, (x,))
-    return x
 
 
 def identity_ok(widths: Sequence[List[int]], level: int, why: str) -> None:

@@ -1,0 +1,460 @@
+"""Running a benchmark: cached base models, one small JSON per finished cell, resumable.
+
+Layout of an output directory::
+
+    <out>/config.json                 the settings of the run (BenchConfig.to_dict())
+    <out>/cache/<hash>/model_<i>.safetensors, meta.json
+                                      base models of one (dataset, arch, size, split, seed,
+                                      training settings); meta.json is written last and marks the
+                                      entry complete
+    <out>/cells/<cell id>.json        one finished cell (method x importance x split x seed
+                                      [x fusion-set size] [x fine-tuning]); written to a temporary
+                                      file and renamed, so a file that exists is complete
+    <out>/results.json, report.md, *.png
+
+A cell file is reused only when its ``key`` (a hash of everything that determines its result:
+base models, method, importance, options, fusion set) matches, so changing a setting recomputes
+exactly the cells it affects.  Base models are looked up first in ``<out>/cache`` and then in the
+caches of sibling output directories (``<out>/../*/cache``, e.g. ``runs/bench/table1-cpu`` when
+running ``importance`` at the same scale), and copied in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NeurofuseError
+from ._config import BenchConfig
+
+__all__ = ["CACHE_VERSION", "Cell", "STATS", "base_key", "cell_path", "expected_cells",
+           "run_benchmark", "default_out"]
+
+log = logging.getLogger("neurofuse")
+
+#: bump when a change to training makes old cached base models invalid
+CACHE_VERSION = 1
+#: counters of the current process (tests and the CLI read them)
+STATS: Dict[str, int] = {"trained_base_models": 0, "cache_hits": 0, "computed_cells": 0, "reused_cells": 0}
+
+Event = Callable[[str, Dict[str, Any]], None]
+
+
+def default_out(name: str, scale: str) -> Path:
+    """``runs/bench/<name>-<scale>``."""
+    return Path("runs") / "bench" / f"{Path(name).stem}-{scale}"
+
+
+def _hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One result: a method with one importance score on one split and seed."""
+
+    method: str
+    importance: str
+    split: int
+    seed: int
+    fusion_samples: int
+    finetuned: bool = False
+    sweep: bool = False
+
+    @property
+    def cell_id(self) -> str:
+        parts = [self.method, self.importance, f"n{self.split}", f"s{self.seed}"]
+        if self.sweep:
+            parts.append(f"f{self.fusion_samples}")
+        if self.finetuned:
+            parts.append("ft")
+        return "__".join(parts)
+
+    @property
+    def label(self) -> str:
+        imp = f"/{self.importance}" if self.importance != "uniform" or self._uses_importance() else ""
+        extra = f", {self.fusion_samples} samples" if self.sweep else ""
+        ft = " + fine-tuning" if self.finetuned else ""
+        return f"{self.method}{imp}{ft}, {self.split}-way, seed {self.seed}{extra}"
+
+    def _uses_importance(self) -> bool:
+        from ..methods import get_method
+
+        try:
+            return bool(get_method(self.method).uses_importance)
+        except NeurofuseError:
+            return False
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    return Path(out) / "cells" / f"{cell.cell_id}.json"
+
+
+def _variants(methods: Sequence[str], importances: Sequence[str]) -> List[Tuple[str, str]]:
+    from ..methods import get_method
+
+    out = []
+    for m in methods:
+        if get_method(m).uses_importance:
+            out.extend((m, imp) for imp in importances)
+        else:
+            out.append((m, "uniform"))
+    return out
+
+
+def expected_cells(cfg: BenchConfig) -> List[Cell]:
+    """Every cell of a config, in the order they run (seed, then split, then method)."""
+    cells: List[Cell] = []
+    for seed in cfg.seeds:
+        for split in cfg.splits:
+            for m, imp in _variants(cfg.methods, cfg.importances):
+                cells.append(Cell(m, imp, split, seed, cfg.fusion_samples))
+            if cfg.finetune is not None:
+                for m, imp in _variants(cfg.finetune.methods, cfg.importances):
+                    cells.append(Cell(m, imp, split, seed, cfg.fusion_samples, finetuned=True))
+            if cfg.sweep is not None:
+                for m in cfg.sweep.methods:
+                    for n in cfg.sweep.fusion_samples:
+                        cells.append(Cell(m, cfg.sweep.importance, split, seed, n, sweep=True))
+    return cells
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_cells(out: Path) -> List[Dict[str, Any]]:
+    """Every complete cell file of an output directory (temporary files are ignored)."""
+    docs = []
+    for p in sorted((Path(out) / "cells").glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        d = _read_json(p)
+        if d and d.get("cell_id") == p.stem and d.get("status") in ("ok", "n/a"):
+            docs.append(d)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# data and base models
+# ---------------------------------------------------------------------------------------------
+def load_data(cfg: BenchConfig, data_dir: Optional[str] = None):
+    """The dataset of a config, with its training set subsampled when the config says so."""
+    from ..data import balanced_subset, load_dataset
+
+    ds = load_dataset(cfg.dataset, data_dir)
+    if cfg.train_subsample is not None and cfg.train_subsample < len(ds.y_train):
+        y = ds.y_train.numpy()
+        idx = np.sort(balanced_subset(y, np.arange(len(y)), cfg.train_subsample, seed=0))
+        ds = dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
+    return ds
+
+
+def base_key(cfg: BenchConfig, split: int, seed: int) -> Dict[str, Any]:
+    """Everything that determines the base models of one split and seed (hashed for the cache)."""
+    return {"version": CACHE_VERSION, "dataset": cfg.dataset, "train_subsample": cfg.train_subsample,
+            "arch": cfg.arch, "size": cfg.size, "n_models": split, "partition": cfg.partition,
+            "ratio": cfg.ratio if cfg.partition == "dirichlet" else None, "seed": seed,
+            "val_fraction": cfg.val_fraction, "train": cfg.train_config(split)}
+
+
+def _split_config(cfg: BenchConfig, split: int, seed: int):
+    from ..experiment import SplitConfig
+
+    tc = cfg.train_config(split)
+    return SplitConfig(arch=cfg.arch, size=cfg.size, n_models=split, partition=cfg.partition,
+                       ratio=cfg.ratio, seed=seed, epochs=tc["epochs"], lr=float(tc.get("lr", 1e-3)),
+                       val_fraction=cfg.val_fraction)
+
+
+@dataclass
+class Base:
+    models: List[nn.Module]
+    parts: List[np.ndarray]
+    class_shares: np.ndarray
+    meta: Dict[str, Any]
+    trained: bool
+
+
+def _cache_complete(d: Path) -> bool:
+    meta = _read_json(d / "meta.json")
+    if not meta:
+        return False
+    return all((d / f"model_{i}.safetensors").is_file() for i in range(int(meta.get("n_models", 0))))
+
+
+def _find_cached(out: Path, h: str) -> Optional[Path]:
+    own = out / "cache" / h
+    if _cache_complete(own):
+        return own
+    parent = out.resolve().parent
+    if parent.is_dir():
+        for sib in sorted(parent.iterdir()):
+            d = sib / "cache" / h
+            if sib.resolve() != out.resolve() and _cache_complete(d):
+                own.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out / "cache" / f".{h}.{os.getpid()}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(d, tmp)
+                if own.exists():
+                    shutil.rmtree(own)
+                os.replace(tmp, own)
+                log.info("base models %s copied from %s", h, sib)
+                return own
+    return None
+
+
+def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, out: Path, device: str,
+                    progress: bool, emit: Event) -> Base:
+    """The base models of one split and seed: from the cache, or trained and cached."""
+    from ..checkpoint import load_model, save_json, save_model
+    from ..data import class_shares
+    from ..experiment import split_parts, train_models_on_parts
+
+    key = base_key(cfg, split, seed)
+    h = _hash(key)
+    scfg = _split_config(cfg, split, seed)
+    parts = split_parts(ds, scfg)
+    found = _find_cached(out, h)
+    if found is not None:
+        meta = _read_json(found / "meta.json") or {}
+        models = [load_model(found / f"model_{i}.safetensors").eval() for i in range(split)]
+        STATS["cache_hits"] += 1
+        emit("cache", {"split": split, "seed": seed, "hash": h})
+        return Base(models, parts, class_shares(ds.y_train.numpy(), parts, ds.num_classes), meta, False)
+
+    from ..models import zoo_architectures
+
+    if cfg.arch not in zoo_architectures():
+        raise ConfigError(f"benchmark {cfg.name!r} needs architecture {cfg.arch!r}, which is not registered "
+                          f"in this neurofuse (available: {zoo_architectures()})")
+    emit("train", {"split": split, "seed": seed, "hash": h, "epochs": scfg.epochs})
+    start = time.perf_counter()
+    extra = {k: v for k, v in cfg.train_config(split).items() if k not in ("epochs", "lr")}
+    base = train_models_on_parts(ds, parts, scfg, progress=progress, device=device, train_options=extra)
+    seconds = time.perf_counter() - start
+    STATS["trained_base_models"] += split
+    d = out / "cache" / h
+    d.mkdir(parents=True, exist_ok=True)
+    for i, m in enumerate(base.models):
+        save_model(m.cpu(), d / f"model_{i}.safetensors", force=True,
+                   metadata={"cache_key": key, "model_index": i})
+    meta = {"key": key, "hash": h, "n_models": split, "train_seconds": seconds,
+            "train_samples": [int(len(p)) for p in parts],
+            "val_accuracies": [hst.get("best_val_accuracy") for hst in base.histories],
+            "best_epochs": [hst.get("best_epoch") for hst in base.histories],
+            "device": device}
+    save_json(meta, d / "meta.json", force=True)
+    return Base([m.eval() for m in base.models], parts, base.class_shares, meta, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# computing cells
+# ---------------------------------------------------------------------------------------------
+def _options(cfg: BenchConfig, method: str, base: Base) -> Dict[str, Any]:
+    opts = copy.deepcopy(dict(cfg.method_options.get(method, {})))
+    for k, v in list(opts.items()):
+        if v == "class_shares":
+            opts[k] = np.asarray(base.class_shares)
+    return opts
+
+
+def _cell_key(cfg: BenchConfig, cell: Cell, base_hash: str) -> str:
+    key = {"base": base_hash, "method": cell.method, "importance": cell.importance,
+           "fusion_samples": cell.fusion_samples, "options": cfg.method_options.get(cell.method, {}),
+           "sweep": cell.sweep}
+    if cell.finetuned and cfg.finetune is not None:
+        key["finetune"] = {"settings": dict(cfg.finetune.settings), "samples": cfg.finetune.samples}
+    return _hash(key)
+
+
+def _finetune_data(cfg: BenchConfig, ds) -> Tuple[torch.Tensor, torch.Tensor]:
+    from ..data import balanced_subset
+
+    assert cfg.finetune is not None
+    n = cfg.finetune.samples
+    if n is None or n >= len(ds.y_train):
+        return ds.x_train, ds.y_train
+    y = ds.y_train.numpy()
+    idx = np.sort(balanced_subset(y, np.arange(len(y)), n, seed=1))
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> Dict[str, Any]:
+    """Fuse (and fine-tune) one cell and score it on the test set."""
+    from ..experiment import fusion_set, run_methods
+    from ..finetune import FinetuneConfig, finetune
+    from ..training import evaluate
+
+    fusion = fusion_set(ds, cell.fusion_samples, seed=cell.seed)
+    doc: Dict[str, Any] = {}
+    if cell.finetuned and cell.method == "ensemble":
+        # the paper's fine-tuned ensemble: every base model fine-tuned alike, then ensembled
+        from ..api import fuse
+
+        assert cfg.finetune is not None
+        x, y = _finetune_data(cfg, ds)
+        ft_cfg = FinetuneConfig(seed=cell.seed, device=device, **dict(cfg.finetune.settings))
+        start = time.perf_counter()
+        tuned = []
+        for m in base.models:
+            t, _ = finetune(copy.deepcopy(m), x, y, ft_cfg, progress=False)
+            tuned.append(t.eval())
+        ens = fuse(tuned, fusion, method="ensemble", progress=False, **_options(cfg, "ensemble", base))
+        seconds = time.perf_counter() - start
+        s = evaluate(ens, ds.x_test, ds.y_test)
+        members = [evaluate(t, ds.x_test, ds.y_test)["accuracy"] for t in tuned]
+        return {"status": "ok", "accuracy": s["accuracy"], "loss": s["loss"], "macro_f1": s["macro_f1"],
+                "seconds": seconds, "finetuned_base_accuracies": members}
+    opts = _options(cfg, cell.method, base)
+    opts["device"] = device
+    if cell.finetuned:
+        assert cfg.finetune is not None
+        opts["finetune"] = FinetuneConfig(seed=cell.seed, device=device, **dict(cfg.finetune.settings))
+        opts["finetune_data"] = _finetune_data(cfg, ds)
+    key = cell.method if cell.importance == "uniform" else f"{cell.method}/{cell.importance}"
+    results, skipped, _ = run_methods(base.models, fusion, ds, [(key, cell.method, cell.importance)],
+                                      seed=cell.seed, progress=False, options={cell.method: opts})
+    if key in skipped:
+        doc = {"status": "n/a", "reason": " ".join(str(skipped[key]).split())}
+    else:
+        r = results[key]
+        doc = {"status": "ok", "accuracy": r["accuracy"], "loss": r["loss"], "macro_f1": r["macro_f1"],
+               "seconds": r["seconds"]}
+    return doc
+
+
+def base_cell(ds, base: Base, split: int, seed: int, h: str) -> Dict[str, Any]:
+    from ..training import evaluate
+
+    scores = [evaluate(m, ds.x_test, ds.y_test) for m in base.models]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i]["accuracy"])
+    return {"split": split, "seed": seed, "cache": h,
+            "accuracies": [scores[i]["accuracy"] for i in order],
+            "losses": [scores[i]["loss"] for i in order],
+            "model_index": order,
+            "val_accuracies": [base.meta.get("val_accuracies", [None] * split)[i] for i in order],
+            "train_samples": [int(len(base.parts[i])) for i in order],
+            "train_seconds": base.meta.get("train_seconds")}
+
+
+def machine_info(device: str) -> Dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _check_runnable(cfg: BenchConfig, device: str) -> None:
+    from ..models import zoo_architectures
+
+    if cfg.arch not in zoo_architectures():
+        raise ConfigError(f"benchmark {cfg.name!r} needs architecture {cfg.arch!r}, which is not registered "
+                          f"in this neurofuse (available: {zoo_architectures()})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optional[str] = None,
+                  data_dir: Optional[str] = None, progress: bool = True, on_event: Optional[Event] = None,
+                  command: Optional[str] = None) -> Dict[str, Any]:
+    """Run (or resume) a benchmark and write ``results.json``, ``report.md`` and the figures.
+
+    Returns the ``results.json`` document.  ``on_event(kind, info)`` is called with kind
+    ``"train"`` / ``"cache"`` (base models trained / reused), ``"cell"`` (a cell finished or was
+    reused; ``info["reused"]``), ``"figure"`` and ``"done"``.
+    """
+    from ..checkpoint import save_json
+    from ._figures import make_figures
+    from ._report import write_outputs
+
+    out = Path(out) if out is not None else default_out(cfg.name, cfg.scale)
+    device = device or cfg.device
+    _check_runnable(cfg, device)
+
+    def emit(kind: str, info: Dict[str, Any]) -> None:
+        if on_event is not None:
+            on_event(kind, info)
+        else:
+            log.info("%s %s", kind, info)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_json({"config": cfg.to_dict(), "command": command, "data_dir": data_dir, "device": device},
+              out / "config.json", force=True)
+    t0 = time.perf_counter()
+    run_stats = {"trained_base_models": 0, "computed_cells": 0, "reused_cells": 0}
+    ds = load_data(cfg, data_dir)
+    cells = expected_cells(cfg)
+    groups: Dict[Tuple[int, int], List[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.seed, c.split), []).append(c)
+    bar = tqdm(total=len(cells), desc=f"{cfg.name}/{cfg.scale} cells", disable=not progress, unit="cell")
+    try:
+        for (seed, split), group in groups.items():
+            h = _hash(base_key(cfg, split, seed))
+            todo = []
+            for c in group:
+                doc = _read_json(cell_path(out, c))
+                if doc and doc.get("status") in ("ok", "n/a") and doc.get("key") == _cell_key(cfg, c, h):
+                    STATS["reused_cells"] += 1
+                    run_stats["reused_cells"] += 1
+                    emit("cell", {**doc, "reused": True})
+                    bar.update(1)
+                else:
+                    todo.append(c)
+            bpath = out / "cells" / f"base__n{split}__s{seed}.json"
+            bdoc = _read_json(bpath)
+            if not todo and bdoc and bdoc.get("cache") == h:
+                continue
+            base = get_base_models(cfg, ds, split, seed, out, device, progress, emit)
+            if base.trained:
+                run_stats["trained_base_models"] += split
+            if not (bdoc and bdoc.get("cache") == h):
+                bdoc = base_cell(ds, base, split, seed, h)
+                save_json(bdoc, bpath, force=True)
+                emit("base", bdoc)
+            for c in todo:
+                bar.set_postfix_str(c.cell_id)
+                doc = compute_cell(cfg, c, ds, base, device)
+                doc = {"cell_id": c.cell_id, "key": _cell_key(cfg, c, h), "method": c.method,
+                       "importance": c.importance, "split": c.split, "seed": c.seed,
+                       "fusion_samples": c.fusion_samples, "finetuned": c.finetuned, "sweep": c.sweep,
+                       "label": c.label, **doc}
+                save_json(doc, cell_path(out, c), force=True)
+                STATS["computed_cells"] += 1
+                run_stats["computed_cells"] += 1
+                emit("cell", {**doc, "reused": False})
+                bar.update(1)
+    finally:
+        bar.close()
+    run_stats["seconds"] = time.perf_counter() - t0
+    figs = make_figures(cfg, out, ds=ds, device=device, progress=progress, emit=emit)
+    doc = write_outputs(out, cfg_doc={"config": cfg.to_dict(), "command": command, "device": device},
+                        machine=machine_info(device), last_run=run_stats, figures=figs)
+    emit("done", {"out": str(out), **run_stats})
+    return doc
