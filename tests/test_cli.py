@@ -118,3 +118,38 @@ def test_models_of_different_depth_are_refused_by_fuse(tmp_path, capsys):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = _run(capsys, "methods")
     assert code == 0 and "kf-linear" in out and "hf-linear" in out and "vanilla" in out
+
+
+def test_fuse_with_repair_and_finetune_then_finetune_command(trained, tmp_path, capsys):
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    fused = tmp_path / "f.safetensors"
+    code, out, _ = _run(capsys, "fuse", *ckpts, "--out", str(fused), "--method", "otfusion",
+                        "--option", "solver=sinkhorn", "--repair", "--finetune", "2", "--no-progress")
+    assert code == 0 and fused.exists(), out
+    code, out, _ = _run(capsys, "finetune", str(fused), "--out", str(tmp_path / "g.safetensors"),
+                        "--epochs", "1", "--no-progress")
+    assert code == 0 and "->" in out
+    code, _, err = _run(capsys, "finetune", str(fused), "--out", str(fused), "--epochs", "1")
+    _assert_one_line_error(code, err, "is one of the input checkpoints")
+
+
+def test_align_prints_the_alignment_and_fuse_accepts_depth_align(tmp_path, capsys):
+    import torch
+
+    from neurofuse.checkpoint import save_model
+    from neurofuse.models import MLP
+
+    paths = []
+    for i, hidden in enumerate(([16, 16], [16, 16, 16, 16])):
+        torch.manual_seed(i)
+        p = tmp_path / f"m{i}.safetensors"
+        save_model(MLP((1, 8, 8), 10, hidden), p, metadata={"dataset": "digits"})
+        paths.append(str(p))
+    code, out, _ = _run(capsys, "align", *paths, "--plot", str(tmp_path / "a.png"))
+    assert code == 0 and "identity levels at" in out and (tmp_path / "a.png").exists()
+    code, out, _ = _run(capsys, "fuse", *paths, "--depth", "align", "--out", str(tmp_path / "f.safetensors"),
+                        "--no-progress")
+    assert code == 0
+    from neurofuse.checkpoint import load_model
+
+    assert load_model(tmp_path / "f.safetensors").num_levels == 5

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -22,7 +22,8 @@ __all__ = ["fuse", "methods"]
 def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear",
          importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
          progress: bool = True, finetune: Union[None, int, FinetuneConfig] = None,
-         finetune_data: Any = None, repair: bool = False, **options: Any) -> nn.Module:
+         finetune_data: Any = None, repair: bool = False, depth: Optional[str] = None,
+         reference: Optional[int] = None, **options: Any) -> nn.Module:
     """Fuse trained ``models`` into one model.
 
     Parameters
@@ -55,6 +56,18 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
         Run REPAIR after fusion (:func:`neurofuse.repair.repair`): re-estimate BatchNorm
         statistics on the fusion set and rescale every fused neuron to the mean and std of the
         base neurons it stands for (using the method's ``groupings`` when it records them).
+    depth : None or "align"
+        ``"align"`` fuses models of different depths (CLAFusion, Nguyen et al. 2023): every model's
+        levels are aligned to a reference model's by dynamic programming on a CKA dissimilarity
+        and the depths are balanced exactly (:func:`neurofuse.depth.align_models`); the fused
+        model has the reference's depth.  Options ``depth_metric`` (``"cka"`` or ``"euclidean"``)
+        and ``balance`` (``"add"``: identity levels into shallower models, the deepest is the
+        reference; ``"merge"``: composite levels of deeper models, the shallowest is the
+        reference — compression) tune it.  The alignment is attached as
+        ``fused.depth_alignment``.
+    reference : int, optional
+        With ``depth="align"``, the index of the model whose depth (and architecture) the fused
+        model takes.
     **options
         Method settings (its ``Options`` dataclass), e.g. ``n_init=10`` for ``kf-linear``, or the
         common ``device="cuda"`` and ``batch_size=256``.
@@ -79,8 +92,25 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
         )
     if isinstance(finetune, int):
         finetune = FinetuneConfig(epochs=finetune, seed=seed, device=str(options.get("device", "cpu")))
+    alignment = None
+    metric = options.pop("depth_metric", "cka")
+    balance = options.pop("balance", "add")
+    if depth is not None:
+        if depth != "align":
+            raise ConfigError(f"depth must be None or 'align', got {depth!r}")
+        if data is None:
+            raise DataError("depth='align' compares level outputs: pass the fusion data=(x, y)")
+        from .depth import align_models
+
+        models, alignment = align_models(list(models), as_fusion_set(data), reference=reference,
+                                         metric=metric, balance=balance)
+    elif reference is not None:
+        raise ConfigError("reference= is used with depth='align'; reorder the models to choose the "
+                          "fused architecture otherwise")
     fusion = cls(importance=importance, width=width, seed=seed, progress=progress, **options)
     fused = fusion.fuse(models, data)
+    if alignment is not None:
+        fused.depth_alignment = alignment
     if repair:
         if data is None:
             raise DataError("repair needs the fusion data: pass data=(x, y)")

@@ -1,4 +1,5 @@
-"""The ``neurofuse`` command line: ``demo``, ``train``, ``fuse``, ``eval``, ``methods``.
+"""The ``neurofuse`` command line: ``demo``, ``train``, ``fuse``, ``finetune``, ``eval``, ``align``,
+``methods`` (and ``bench``).
 
 Every user error (bad models, missing data, corrupt checkpoints, existing outputs) ends in one line
 on stderr, ``neurofuse: error: ...``, and exit status 2; inputs are never overwritten.
@@ -90,7 +91,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=a.out, dataset=a.dataset, data_dir=a.data_dir, split=_split_config(a),
                      fusion_samples=a.fusion_samples, force=a.force, progress=not a.no_progress,
-                     methods=a.methods.split(",") if a.methods else None, device=a.device)
+                     methods=a.methods.split(",") if a.methods else None, device=a.device,
+                     finetune=a.finetune)
     doc = run_demo(cfg)
     print(f"neurofuse demo: {doc['dataset']}, {doc['arch']}, {doc['n_models']} models, "
           f"{doc['partition']} split, seed {doc['seed']}, {doc['fusion_samples']} fusion samples")
@@ -162,18 +164,102 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     models = _load_all(a.checkpoints)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
-    options: Dict[str, Any] = {}
-    for kv in a.option or []:
-        k, _, v = kv.partition("=")
-        options[k] = json.loads(v) if v else True
+    options = _parse_options(a.option)
+    if a.depth:
+        options.update(depth_metric=a.depth_metric, balance=a.balance)
+    finetune, finetune_data = _finetune_args(a, ds)
     fused = fuse(models, fusion, method=a.method, importance=a.importance, width=a.width,
-                 seed=a.seed, progress=not a.no_progress, device=a.device, **options)
+                 seed=a.seed, progress=not a.no_progress, device=a.device, repair=a.repair,
+                 finetune=finetune, finetune_data=finetune_data, depth=a.depth,
+                 reference=a.reference, **options)
     save_model(fused, out, force=a.force, metadata={
         "dataset": ds.name, "method": a.method, "importance": a.importance,
         "inputs": [str(p) for p in a.checkpoints], "fusion_samples": int(fusion[0].shape[0])})
     s = evaluate(fused, ds.x_test, ds.y_test)
     print(f"{out}: {a.method}/{a.importance} of {len(models)} models, test accuracy "
           f"{100 * s['accuracy']:.2f}%")
+    return 0
+
+
+def _parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    from .errors import ConfigError
+
+    options: Dict[str, Any] = {}
+    for kv in items or []:
+        k, _, v = kv.partition("=")
+        try:
+            options[k.strip().replace("-", "_")] = json.loads(v) if v else True
+        except json.JSONDecodeError:
+            options[k.strip().replace("-", "_")] = v  # a bare word, e.g. solver=sinkhorn
+    if "" in options:
+        raise ConfigError("--option needs KEY=VALUE, e.g. --option n_init=20")
+    return options
+
+
+def _finetune_args(a: argparse.Namespace, ds: Any) -> Any:
+    """``(FinetuneConfig or None, data or None)`` from the --finetune* flags."""
+    if not getattr(a, "finetune", None):
+        return None, None
+    from .finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(epochs=a.finetune, lr=a.finetune_lr, seed=a.seed, device=a.device)
+    data = (ds.x_train, ds.y_train) if a.finetune_data == "train" else None
+    return cfg, data
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--finetune", type=int, default=None, metavar="EPOCHS",
+                   help="fine-tune after fusion for EPOCHS epochs (cosine warm restarts, best "
+                        "validation checkpoint)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default: 1e-4)")
+    p.add_argument("--finetune-data", choices=["train", "fusion"], default="train",
+                   help="fine-tune on the whole training split (default) or on the fusion set only")
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .checkpoint import load_model, save_model
+    from .data import load_dataset
+    from .finetune import FinetuneConfig, finetune
+    from .training import evaluate
+
+    out = Path(a.out)
+    _check_output(out, a.force, [Path(a.checkpoint)])
+    model = load_model(a.checkpoint)
+    ds = load_dataset(_dataset_of([a.checkpoint], a.dataset), a.data_dir)
+    cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device)
+    tuned, history = finetune(model, ds.x_train, ds.y_train, cfg, progress=not a.no_progress)
+    save_model(tuned, out, force=a.force, metadata={"dataset": ds.name, "finetuned_from": a.checkpoint,
+                                                    "epochs": a.epochs})
+    before = evaluate(model, ds.x_test, ds.y_test)["accuracy"]
+    after = evaluate(tuned, ds.x_test, ds.y_test)["accuracy"]
+    print(f"{out}: test accuracy {100 * before:.2f}% -> {100 * after:.2f}% after {a.epochs} epochs "
+          f"(checkpoint chosen on a validation split)")
+    return 0
+
+
+def cmd_align(a: argparse.Namespace) -> int:
+    from .checkpoint import save_json
+    from .data import load_dataset
+    from .depth import align_models, alignment_report, plot_cost_matrix
+    from .experiment import fusion_set
+
+    for p in (a.plot, a.json):
+        if p:
+            _check_output(Path(p), a.force)
+    models = _load_all(a.checkpoints)
+    ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
+    fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
+    _, info = align_models(models, fusion, reference=a.reference, metric=a.metric, balance=a.balance)
+    print(alignment_report(info))
+    if a.json:
+        save_json(info.to_dict(), a.json, force=a.force)
+    if a.plot:
+        pair = info.pairs[0] if info.pairs else None
+        if pair is not None:
+            plot_cost_matrix(pair.cost, pair.alignment, a.plot,
+                             title=f"1 - linear CKA, model {pair.model} vs reference {info.reference}"
+                             if a.metric == "cka" else f"{a.metric} cost, model {pair.model}")
+            print(f"wrote {a.plot}")
     return 0
 
 
@@ -218,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(p)
     p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
+    p.add_argument("--finetune", type=int, default=None, metavar="EPOCHS",
+                   help="also fine-tune every fused model for EPOCHS epochs on the training split "
+                        "(rows '<method>+ft')")
     common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -237,11 +326,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused width: an int, a multiplier like 0.5, or a list like 32,64")
     p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--option", action="append", metavar="KEY=JSON",
-                   help="method option, e.g. --option n_init=20 (repeatable)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. --option n_init=20 --option solver=sinkhorn (repeatable)")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR after fusion: re-estimate BatchNorm statistics and rescale neurons")
+    _add_finetune_args(p)
+    p.add_argument("--depth", choices=["align"], default=None,
+                   help="fuse models of different depths (cross-layer alignment, CLAFusion)")
+    p.add_argument("--reference", type=int, default=None,
+                   help="with --depth align: index of the model whose depth the fused model takes")
+    p.add_argument("--balance", choices=["add", "merge"], default="add",
+                   help="with --depth align: insert identity levels (add) or merge levels (merge)")
+    p.add_argument("--depth-metric", choices=["cka", "euclidean"], default="cka",
+                   help="with --depth align: level dissimilarity (default: cka)")
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint on the training split")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="fine-tuned checkpoint (.safetensors)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p, default_dataset=None)
+    common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("align", help="align the levels of models of different depths (CLAFusion)")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--reference", type=int, default=None, help="index of the reference model")
+    p.add_argument("--balance", choices=["add", "merge"], default="add")
+    p.add_argument("--metric", choices=["cka", "euclidean"], default="cka")
+    p.add_argument("--fusion-samples", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="save the cost matrix and alignment as a heat map (PNG)")
+    p.add_argument("--json", default=None, help="save the alignment and cost matrices as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite --plot/--json outputs")
+    _add_data_args(p, default_dataset=None)
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("eval", help="accuracy, loss and macro-F1 of checkpoints on the test set")
     p.add_argument("checkpoints", nargs="+")

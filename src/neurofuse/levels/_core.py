@@ -215,7 +215,7 @@ def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
         if m.num_levels != ref.num_levels:
             raise IncompatibleModelsError(
                 f"model {i} has {m.num_levels} levels but model 0 has {ref.num_levels}; layer-wise "
-                "fusion needs equal level counts (use depth='align' for models of different depth)"
+                "fusion needs equal level counts (for models of different depth use depth='align', on the command line --depth align)"
             )
         if m.axes != ref.axes:
             raise IncompatibleModelsError(

@@ -121,7 +121,13 @@ def _build_level(model: nn.Module, spec: LevelSpec, i: int) -> Tuple[nn.Module, 
     # the last part must be the level's final operation for the per-level check to apply
     if last_model_mod is not None and last_model_mod is not mods[-1]:
         last_model_mod = None
-    level = mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+    if len(mods) == 1:
+        level = mods[0]
+    else:  # splice nn.Sequential parts in, so that [relu, conv, bn] stays a flat (foldable) chain
+        flat: List[nn.Module] = []
+        for m in mods:
+            flat.extend(m.children() if type(m) is nn.Sequential else [m])
+        level = nn.Sequential(*flat)
     return level, name, last_model_mod
 
 
