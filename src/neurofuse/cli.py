@@ -281,6 +281,81 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_event(name: str, scale: str) -> Callable[[str, Dict[str, Any]], None]:
+    tag = f"[{name}/{scale}]"
+
+    def event(kind: str, info: Dict[str, Any]) -> None:
+        if kind == "cell":
+            what = info.get("label") or info.get("cell_id")
+            if info.get("status") == "ok":
+                res = (f"accuracy {100 * info['accuracy']:.2f}%, loss {info['loss']:.4f}, "
+                       f"{info['seconds']:.1f} s")
+            else:
+                res = f"N/A ({info.get('reason', '')})"
+            print(f"{tag} {'reused' if info.get('reused') else 'done'}: {what}: {res}", flush=True)
+        elif kind == "train":
+            print(f"{tag} training {info['split']} base models (seed {info['seed']}, {info['epochs']} epochs; "
+                  f"cache {info['hash']})", flush=True)
+        elif kind == "cache":
+            print(f"{tag} base models of the {info['split']}-way split, seed {info['seed']}: cached "
+                  f"({info['hash']})", flush=True)
+        elif kind == "base":
+            accs = ", ".join(f"{100 * a:.1f}" for a in info["accuracies"])
+            print(f"{tag} base models, {info['split']}-way, seed {info['seed']}: test accuracy {accs} %",
+                  flush=True)
+        elif kind == "figure":
+            print(f"{tag} wrote {info['path']}", flush=True)
+
+    return event
+
+
+def cmd_bench_list(a: argparse.Namespace) -> int:
+    from .bench import SCALES, list_configs, load_config
+
+    for name in list_configs():
+        cfg = load_config(name, "cpu")
+        print(f"{name:11s} {cfg.title}")
+        for scale in SCALES:
+            c = load_config(name, scale)
+            n = len(c.seeds)
+            print(f"    {scale:5s}  {c.dataset}{f' ({c.train_subsample} train)' if c.train_subsample else ''}, "
+                  f"{c.arch} {c.size}, {c.partition}, splits {list(c.splits)}, {n} seed{'s' * (n > 1)}, "
+                  f"{len(c.methods)} methods x {len(c.importances)} importances")
+    return 0
+
+
+def cmd_bench_run(a: argparse.Namespace) -> int:
+    from .bench import default_out, load_config, run_benchmark
+
+    cfg = load_config(a.name, a.scale)
+    if a.seeds is not None:
+        cfg = cfg.with_seeds(a.seeds)
+    out = Path(a.out) if a.out else default_out(cfg.name, cfg.scale)
+    command = "neurofuse bench run " + " ".join(
+        [a.name, "--scale", a.scale] + (["--seeds", str(a.seeds)] if a.seeds is not None else [])
+        + (["--out", str(a.out)] if a.out else []) + (["--device", a.device] if a.device else [])
+        + (["--data-dir", a.data_dir] if a.data_dir else []))
+    print(f"[{cfg.name}/{cfg.scale}] output: {out}", flush=True)
+    doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
+                        on_event=_bench_event(cfg.name, cfg.scale), command=command)
+    lr = doc["last_run"]
+    print(f"[{cfg.name}/{cfg.scale}] {doc['n_done']}/{doc['n_expected']} cells "
+          f"({lr['computed_cells']} computed, {lr['reused_cells']} reused, {lr['trained_base_models']} base "
+          f"models trained) in {lr['seconds']:.0f} s; wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
+
+
+def cmd_bench_report(a: argparse.Namespace) -> int:
+    from .bench import write_outputs
+
+    doc = write_outputs(Path(a.dir))
+    print(f"{doc['n_done']}/{doc['n_expected']} cells; wrote {Path(a.dir) / 'results.json'} and "
+          f"{Path(a.dir) / 'report.md'}")
+    if doc["missing"]:
+        print(f"missing {len(doc['missing'])} cells (rerun `neurofuse bench run` to compute them)")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +450,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the fusion methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("bench", help="reproduce the paper's tables: list, run, report")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
+    q = bsub.add_parser("list", help="list the benchmarks and their scales")
+    q.set_defaults(func=cmd_bench_list)
+    q = bsub.add_parser("run", help="run (or resume) a benchmark")
+    q.add_argument("name", help="benchmark name (see `neurofuse bench list`) or a config .json")
+    q.add_argument("--scale", required=True, choices=["smoke", "cpu", "full"],
+                   help="smoke: seconds on digits; cpu: minutes on MNIST; full: the paper's budgets (GPU)")
+    q.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's)")
+    q.add_argument("--out", default=None, help="output directory (default: runs/bench/<name>-<scale>)")
+    q.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the config's, cpu)")
+    q.add_argument("--data-dir", default=None,
+                   help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    q.set_defaults(func=cmd_bench_run)
+    q = bsub.add_parser("report", help="rewrite results.json and report.md of a run directory")
+    q.add_argument("dir", help="output directory of `neurofuse bench run`")
+    q.set_defaults(func=cmd_bench_report)
     return parser
 
 

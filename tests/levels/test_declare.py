@@ -112,7 +112,7 @@ def declared_pair(digits):
         torch.manual_seed(i)
         model = UserCNN()
         train_model(model, digits.x_train[p], digits.y_train[p],
-                    config=TrainConfig(epochs=6, lr=3e-3, warmup_epochs=1, seed=i))
+                    config=TrainConfig(epochs=12, lr=3e-3, warmup_epochs=1, seed=i))
         out.append(levels_from(model.eval(), GOOD, input_shape=(1, 8, 8)))
     return out
 

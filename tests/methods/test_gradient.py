@@ -271,6 +271,7 @@ def test_presets_follow_the_paper_table_5_and_merge_overrides():
     assert o.level_config(3, 4).epochs == 7 and o.level_config(3, 4).lr == 1e-3
     assert o.level_config(2, 4) == o.levels
     assert set(GRADIENT_PRESETS) >= {"default", "setting1", "setting2"}
+    assert GradientOptions(overrides={"-1": {"epochs": 3}}).level_config(2, 3).epochs == 3  # JSON keys
 
 
 def test_preset_is_accepted_by_fuse(trained_mlp, digits_fusion):

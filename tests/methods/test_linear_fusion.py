@@ -142,3 +142,14 @@ def test_models_whose_spatial_sizes_differ_are_refused():
         neurofuse.fuse([a, b], (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
                        progress=False)
     _one_line(e)
+
+
+def test_any_parameter_free_module_may_precede_the_affine_layer():
+    from neurofuse.levels import split_affine
+
+    level = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Unflatten(1, (2, 4)), torch.nn.Flatten(1),
+                                torch.nn.Linear(8, 3))
+    pre, affine = split_affine(level)
+    assert isinstance(affine, torch.nn.Linear)
+    with pytest.raises(IncompatibleModelsError, match="kf-gradient"):
+        split_affine(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)))

@@ -3,7 +3,6 @@ parents), with kf-gradient and kf-linear."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

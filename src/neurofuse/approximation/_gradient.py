@@ -80,15 +80,17 @@ class LevelConfig:
         training loss decides.
     momentum : float
         SGD momentum in ``[0, 1)`` (ignored by Adam).
+
+    The defaults are the hidden levels of ``kf-gradient``'s ``"default"`` preset.
     """
 
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
-    epochs: int = 30
+    epochs: int = 50
     batch_size: int = 32
     perturbation: float = 0.0
-    patience: int = 5
+    patience: int = 10
     val_fraction: float = 0.1
     momentum: float = 0.0
 

@@ -82,8 +82,8 @@ def bars_figure(cfg: BenchConfig, summary: Mapping[str, Mapping[str, Any]], path
             errs.append(100 * (v.get("std") or 0.0))
         ax.barh(ys, vals, height=h * 0.95, xerr=errs, color=colors[j], label=f"{c} split",
                 error_kw={"elinewidth": 0.8, "capsize": 2})
-        for y, v in zip(ys, vals):
-            ax.text(v + 0.6, y, f"{v:.1f}", va="center", fontsize=7)
+        for y, v, e in zip(ys, vals, errs):
+            ax.text(v + e + 0.8, y, f"{v:.1f}", va="center", fontsize=7)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             if summary[r].get(c, {}).get("status") == "n/a":
@@ -213,7 +213,8 @@ def landscape_figure(cfg: BenchConfig, ds, path: Path, device: str = "cpu", seed
     parts = partition(ds.y_train.numpy(), 3, "dirichlet", seed=seed, ratio=cfg.ratio)
     torch.manual_seed(seed)
     init = make_model("mlp", size, ds.input_shape, ds.num_classes)
-    models = [_train(copy.deepcopy(init), ds, p, epochs, seed * 1000 + i, device, lr=1e-3)
+    lr = float(cfg.train.get("lr", 1e-3))
+    models = [_train(copy.deepcopy(init), ds, p, epochs, seed * 1000 + i, device, lr=lr)
               for i, p in enumerate(parts)]
     x, y = fusion_set(ds, cfg.fusion_samples, seed=seed)
     fused = fuse(models, (x, y), method=method, seed=seed, progress=False)
@@ -229,7 +230,10 @@ def landscape_figure(cfg: BenchConfig, ds, path: Path, device: str = "cpu", seed
     v = v - (v @ e1) * e1
     e2 = v / v.norm()
     tf = _flat(fused)
-    coords = lambda w: ((w - o) @ e1).item(), ((w - o) @ e2).item()  # noqa: E731
+
+    def coords(w: torch.Tensor):
+        return ((w - o) @ e1).item(), ((w - o) @ e2).item()
+
     pts = [coords(w) for w in t]
     pf = coords(tf)
     proj = o + pf[0] * e1 + pf[1] * e2

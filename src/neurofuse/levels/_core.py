@@ -13,23 +13,6 @@ from ..errors import IncompatibleModelsError
 NeuronAxis = Literal["dense", "conv", "token"]
 AXES: Tuple[str, ...] = ("dense", "conv", "token")
 
-#: modules that may precede the affine layer of a level without making it non-affine in its weights
-_PARAMETER_FREE = (
-    nn.ReLU,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.LeakyReLU,
-    nn.Identity,
-    nn.Flatten,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Dropout,
-)
-
-
 def flatten_neurons(t: Tensor, axis: str) -> Tensor:
     r"""Reshape a level output to a ``[rows, neurons]`` matrix.
 
@@ -63,7 +46,7 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
 
     A level is *affine in its parameters* when it is an ``nn.Sequential`` whose last child is an
     ``nn.Linear`` or ``nn.Conv2d`` and whose other children hold no parameters (activations,
-    pooling, flattening).  The closed-form methods need this; other levels need ``kf-gradient``.
+    pooling, flattening, any parameter-free module: they only transform the input).  The closed-form methods need this; other levels need ``kf-gradient``.
 
     Raises
     ------
@@ -74,7 +57,7 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
     last = children[-1] if children else None
     pre = children[:-1]
     ok = isinstance(last, (nn.Linear, nn.Conv2d)) and all(
-        isinstance(c, _PARAMETER_FREE) and not any(True for _ in c.parameters()) for c in pre
+        not any(True for _ in c.parameters()) for c in pre
     )
     if not ok:
         raise IncompatibleModelsError(

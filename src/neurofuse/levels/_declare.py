@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import ConfigError
 from ._core import AXES, LeveledNet
 
 __all__ = ["DeclaredNet", "Fn", "levels_from"]
@@ -230,6 +230,9 @@ def levels_from(model: nn.Module, levels: Sequence[LevelSpec], axes: Optional[Se
                 raise ConfigError(
                     f"model(x) fails on a random input of shape {[2, *shape]}: {exc}; check input_shape"
                 ) from None
+            finally:
+                for hk in hooks:   # record model(x) only, not the composition below
+                    hk.remove()
         if not isinstance(ref, Tensor):
             raise ConfigError(f"model(x) returns a {type(ref).__name__}, not a logits tensor")
         inferred: List[str] = []
