@@ -165,6 +165,8 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
     options = _parse_options(a.option)
+    if a.head_weights:
+        options["class_weights"] = _class_shares_for(a.checkpoints)
     if a.depth:
         options.update(depth_metric=a.depth_metric, balance=a.balance)
     finetune, finetune_data = _finetune_args(a, ds)
@@ -194,6 +196,25 @@ def _parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     if "" in options:
         raise ConfigError("--option needs KEY=VALUE, e.g. --option n_init=20")
     return options
+
+
+def _class_shares_for(checkpoints: Sequence[str]) -> Any:
+    """The class shares of the models' training parts, from ``split.json`` beside the checkpoints."""
+    from .checkpoint import read_config
+    from .errors import ConfigError
+
+    split = Path(checkpoints[0]).parent / "split.json"
+    if not split.exists():
+        raise ConfigError(f"--head-weights needs the class shares in {split} (written by "
+                          "`neurofuse train`); it is missing")
+    shares = json.loads(split.read_text())["class_shares"]
+    rows = []
+    for p in checkpoints:
+        idx = read_config(p).get("metadata", {}).get("model_index")
+        if idx is None or not 0 <= int(idx) < len(shares):
+            raise ConfigError(f"{p} does not say which part of {split} it was trained on")
+        rows.append(shares[int(idx)])
+    return rows
 
 
 def _finetune_args(a: argparse.Namespace, ds: Any) -> Any:
@@ -403,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --option n_init=20 --option solver=sinkhorn (repeatable)")
+    p.add_argument("--head-weights", action="store_true",
+                   help="weigh each model's logits per class by its share of the class's training "
+                        "samples (the paper's head weights; reads split.json beside the checkpoints)")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR after fusion: re-estimate BatchNorm statistics and rescale neurons")
     _add_finetune_args(p)
