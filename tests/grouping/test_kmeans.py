@@ -50,3 +50,26 @@ def test_weighted_kmeans_is_deterministic_given_the_seed():
 def test_more_clusters_than_points_is_a_clear_error():
     with pytest.raises(IncompatibleModelsError, match="cannot make 5 fused neurons out of 3"):
         weighted_kmeans(np.zeros((3, 2)), np.ones(3), 5)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_torch_points_stay_tensors_and_init_from_given_neurons_recovers_the_clusters(init):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 5, generator=gen) * 10
+    pts = torch.cat([centres + 0.01 * torch.randn(3, 5, generator=gen) for _ in range(4)])
+    labels, c, cost = weighted_kmeans(pts, torch.ones(12), 3, init=pts[3:6] if init else None,
+                                      n_init=3, seed=0)
+    assert isinstance(labels, torch.Tensor) and isinstance(c, torch.Tensor)
+    assert all(len(set(labels[i::3].tolist())) == 1 for i in range(3))
+    assert len(set(labels.tolist())) == 3 and cost < 1.0
+
+
+def test_hartigan_moves_never_increase_the_cost():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(150, 6))
+    w = rng.gamma(1.0, size=150) + 1e-3
+    plain = weighted_kmeans(x, w, 12, n_init=1, seed=1, refine=False)[2]
+    refined = weighted_kmeans(x, w, 12, n_init=1, seed=1, refine=True)[2]
+    assert refined <= plain + 1e-9

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neurofuse
-from neurofuse.approximation._gradient import fit_level, perturb_level, random_like, weighted_lloyd
+from neurofuse.approximation._gradient import fit_level, perturb_level, random_like
 from neurofuse.data import partition
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.methods import GRADIENT_PRESETS, GradientOptions, LevelConfig, get_method
@@ -204,20 +204,6 @@ def test_diverging_fit_is_a_one_line_error():
     with pytest.raises(ConfigError) as err:
         fit_level(nn.Linear(3, 2), x, t, LevelConfig(optimizer="sgd", lr=1e10, epochs=5))
     assert "\n" not in str(err.value) and "lr" in str(err.value)
-
-
-def test_weighted_lloyd_from_model_neurons_and_kmeanspp():
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(3, 5, generator=gen) * 10
-    pts = torch.cat([centres + 0.01 * torch.randn(3, 5, generator=gen) for _ in range(4)])
-    w = torch.ones(12)
-    for init in (pts[3:6], None):
-        labels, cost = weighted_lloyd(pts, w, 3, init=init, n_init=3, seed=0)
-        assert len(set(labels.tolist())) == 3
-        assert all(len(set(labels[i::3].tolist())) == 1 for i in range(3))
-        assert cost < 1.0
-    with pytest.raises(IncompatibleModelsError):
-        weighted_lloyd(pts, w, 13)
 
 
 # ------------------------------------------------------------------------------------------------

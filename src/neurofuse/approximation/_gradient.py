@@ -10,9 +10,9 @@ model's own previous-level outputs.  This module holds the pieces, independent o
   :math:`\theta = (1-\varepsilon)\,\theta_{base} + \varepsilon\,\theta_{rand}` of *every*
   parameter of the level, nested modules included;
 * :func:`fit_level`: mini-batch training with a seeded validation split, early stopping that
-  restores the best weights, and batch-norm statistics re-estimated afterwards;
-* :func:`weighted_lloyd`: importance-weighted K-means over neurons (seeded from given centres
-  or weighted k-means++), in torch.
+  restores the best weights, and batch-norm statistics re-estimated afterwards.
+
+The grouping (importance-weighted K-means over neurons) is :func:`neurofuse.grouping.weighted_kmeans`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ __all__ = [
     "perturb_level",
     "random_like",
     "reestimate_batchnorm",
-    "weighted_lloyd",
 ]
 
 log = logging.getLogger("neurofuse")
@@ -375,83 +374,3 @@ def fit_level(level: nn.Module, inputs: Tensor, targets: Tensor, cfg: LevelConfi
 # ---------------------------------------------------------------------------------------------
 # importance-weighted K-means over neurons
 # ---------------------------------------------------------------------------------------------
-def _sq_dist(points: Tensor, p2: Tensor, centres: Tensor) -> Tensor:
-    return (p2[:, None] + (centres * centres).sum(1)[None, :] - 2.0 * points @ centres.T).clamp_min(0.0)
-
-
-def _weighted_centres(points: Tensor, weights: Tensor, labels: Tensor, k: int) -> Tensor:
-    num = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device)
-    num.index_add_(0, labels, points * weights[:, None])
-    den = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, labels, weights)
-    return num / den.clamp_min(1e-30)[:, None]
-
-
-def _kmeanspp(points: Tensor, weights: Tensor, p2: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Weighted k-means++ seeding (Arthur & Vassilvitskii 2007): sample ∝ weight x D²."""
-    m = points.shape[0]
-    w = weights.double().cpu()
-    first = int(torch.multinomial(w / w.sum(), 1, generator=gen))
-    chosen = [first]
-    closest = _sq_dist(points, p2, points[first:first + 1])[:, 0].double().cpu()
-    for _ in range(1, k):
-        prob = w * closest
-        total = float(prob.sum())
-        idx = (int(torch.multinomial(prob / total, 1, generator=gen)) if total > 0
-               else int(torch.randint(m, (1,), generator=gen)))
-        chosen.append(idx)
-        closest = torch.minimum(closest, _sq_dist(points, p2, points[idx:idx + 1])[:, 0].double().cpu())
-    return points[chosen].clone()
-
-
-def weighted_lloyd(points: Tensor, weights: Tensor, k: int, *, init: Optional[Tensor] = None,
-                   n_init: int = 1, max_iter: int = 100, seed: int = 0) -> Tuple[Tensor, float]:
-    r"""Importance-weighted K-means of the rows of ``points`` (neurons as points).
-
-    Minimises :math:`\sum_j s_j \lVert x_j - \mu_{c(j)}\rVert^2` with Lloyd's algorithm.  Seeded
-    from ``init`` (``[k, D]`` centres, e.g. one base model's neurons: deterministic, one run) or,
-    when ``init`` is ``None``, by weighted k-means++ with ``n_init`` restarts (lowest cost kept)
-    drawn from a ``torch.Generator`` seeded with ``seed``.  An empty cluster takes the point that
-    contributes most to the cost among clusters with more than one member.
-
-    Returns
-    -------
-    labels : Tensor
-        ``[M]`` int64 cluster of every point.
-    cost : float
-        The weighted squared cost.
-    """
-    m = points.shape[0]
-    if not 1 <= k <= m:
-        raise IncompatibleModelsError(
-            f"cannot make {k} fused neurons out of {m} base neurons; choose a width between 1 and {m}"
-        )
-    p2 = (points * points).sum(1)
-    gen = torch.Generator().manual_seed(int(seed))
-    best: Optional[Tuple[Tensor, float]] = None
-    runs = 1 if init is not None else max(1, int(n_init))
-    ar = torch.arange(m, device=points.device)
-    for _ in range(runs):
-        centres = init.clone() if init is not None else _kmeanspp(points, weights, p2, k, gen)
-        labels = torch.full((m,), -1, dtype=torch.long, device=points.device)
-        cost = math.inf
-        for _ in range(max_iter):
-            d = _sq_dist(points, p2, centres)
-            new = d.argmin(1)
-            counts = torch.bincount(new, minlength=k)
-            for c in torch.nonzero(counts == 0).flatten().tolist():
-                contrib = weights * d[ar, new]
-                contrib[counts[new] <= 1] = -1.0
-                j = int(contrib.argmax())
-                counts[new[j]] -= 1
-                new[j] = c
-                counts[c] += 1
-            centres = _weighted_centres(points, weights, new, k)
-            cost = float((weights * _sq_dist(points, p2, centres)[ar, new]).sum())
-            stable = bool(torch.equal(new, labels))
-            labels = new
-            if stable:
-                break
-        if best is None or cost < best[1]:
-            best = (labels.clone(), cost)
-    assert best is not None
-    return best

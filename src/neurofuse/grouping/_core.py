@@ -12,12 +12,16 @@ neurons; the importance-weighted squared grouping error (paper Eq. 4) is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
+from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleModelsError
+
+ArrayLike = Union[np.ndarray, Tensor]
 
 __all__ = [
     "Grouping",
@@ -115,13 +119,19 @@ def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence
     return Grouping(labels, n0, weights.copy())
 
 
-def _sq_dist(points: np.ndarray, centres: np.ndarray, p2: np.ndarray) -> np.ndarray:
+def _sq_dist(points: Tensor, centres: Tensor, p2: Tensor) -> Tensor:
     d = p2[:, None] + (centres * centres).sum(1)[None, :] - 2.0 * points @ centres.T
-    return np.maximum(d, 0.0)
+    return d.clamp_min(0.0)
 
 
-def _kmeanspp(points: np.ndarray, weights: np.ndarray, k: int, p2: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
+def _torch_centroids(points: Tensor, weights: Tensor, labels: Tensor, k: int) -> Tensor:
+    num = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device)
+    num.index_add_(0, labels, points * weights[:, None])
+    den = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, labels, weights)
+    return num / den.clamp_min(1e-300)[:, None]
+
+
+def _kmeanspp(points: Tensor, weights: Tensor, k: int, p2: Tensor, gen: torch.Generator) -> Tensor:
     """Greedy weighted k-means++ seeding (Arthur & Vassilvitskii 2007).
 
     Each new centre is drawn with probability proportional to ``weight * D^2`` (D the distance to
@@ -130,102 +140,142 @@ def _kmeanspp(points: np.ndarray, weights: np.ndarray, k: int, p2: np.ndarray,
     """
     m = points.shape[0]
     trials = 2 + int(np.log(k))
-    first = rng.choice(m, p=weights / weights.sum())
-    centres = [first]
-    closest = _sq_dist(points, points[first:first + 1], p2)[:, 0]
+
+    def draw(prob: Tensor, n: int) -> Tensor:
+        prob = prob.double().cpu()
+        if not float(prob.sum()) > 0:
+            prob = torch.ones_like(prob)
+        return torch.multinomial(prob, n, replacement=True, generator=gen).to(points.device)
+
+    first = draw(weights, 1)
+    chosen = [first]
+    closest = _sq_dist(points, points[first], p2)[:, 0]
     for _ in range(1, k):
-        prob = weights * closest
-        total = prob.sum()
-        if total > 0:
-            cand = rng.choice(m, size=trials, p=prob / total)
-        else:
-            cand = rng.integers(m, size=trials)
-        d = np.minimum(closest[None, :], _sq_dist(points[cand], points, p2[cand]))  # [trials, m]
+        cand = draw(weights * closest, trials)
+        d = torch.minimum(closest[None, :], _sq_dist(points[cand], points, p2[cand]))  # [trials, m]
         best = int((d * weights[None, :]).sum(1).argmin())
-        centres.append(int(cand[best]))
+        chosen.append(cand[best:best + 1])
         closest = d[best]
-    return points[np.array(centres)].copy()
+    return points[torch.cat(chosen)].clone()
 
 
-def _hartigan(points: np.ndarray, weights: np.ndarray, labels: np.ndarray, k: int,
-              max_passes: int = 10) -> np.ndarray:
+def _lloyd(points: Tensor, weights: Tensor, centres: Tensor, p2: Tensor, max_iter: int,
+           tol: float) -> Tensor:
+    m, k = points.shape[0], centres.shape[0]
+    ar = torch.arange(m, device=points.device)
+    labels = torch.full((m,), -1, dtype=torch.long, device=points.device)
+    prev = float("inf")
+    for _ in range(max_iter):
+        d = _sq_dist(points, centres, p2)
+        new = d.argmin(1)
+        # empty-cluster repair: move the costliest point of a multi-member cluster
+        counts = torch.bincount(new, minlength=k)
+        for c in torch.nonzero(counts == 0).flatten().tolist():
+            contrib = weights * d[ar, new]
+            contrib[counts[new] <= 1] = -1.0
+            j = int(contrib.argmax())
+            counts[new[j]] -= 1
+            new[j] = c
+            counts[c] += 1
+        centres = _torch_centroids(points, weights, new, k)
+        cost = float((weights * _sq_dist(points, centres, p2)[ar, new]).sum())
+        stable = bool(torch.equal(new, labels))
+        labels = new
+        if stable or (tol > 0 and prev - cost <= tol * prev):
+            break
+        prev = cost
+    return labels
+
+
+def _hartigan(points: Tensor, weights: Tensor, labels: Tensor, k: int, p2: Tensor,
+              max_passes: int = 10) -> Tensor:
     r"""Single-point moves that lower the weighted cost (Hartigan & Wong 1979), after Lloyd.
 
     Moving point :math:`x` (weight :math:`w`) from cluster :math:`a` to :math:`b` changes the cost by
     :math:`\frac{w W_b}{W_b + w}\lVert x-\mu_b\rVert^2 - \frac{w W_a}{W_a - w}\lVert x-\mu_a\rVert^2`,
-    with :math:`W` the clusters' total weights; every Lloyd fixed point that admits an improving move
-    is left for a strictly better clustering.
+    with :math:`W` the clusters' total weights, so a Lloyd fixed point that admits an improving move
+    is left for a strictly better clustering.  The point-to-centre distances are computed once and
+    only the two changed columns are refreshed after a move.
     """
-    labels = labels.copy()
-    mu = centroids(points, weights, labels, k)
-    big_w = np.bincount(labels, weights=weights, minlength=k)
-    count = np.bincount(labels, minlength=k)
+    labels = labels.clone()
+    mu = _torch_centroids(points, weights, labels, k)
+    big_w = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, labels, weights)
+    count = torch.bincount(labels, minlength=k)
+    d = _sq_dist(points, mu, p2)
+    lab, cnt = labels.tolist(), count.tolist()
     for _ in range(max_passes):
         moved = False
         for j in range(points.shape[0]):
-            a, w, x = labels[j], weights[j], points[j]
-            if count[a] <= 1:
+            a = lab[j]
+            if cnt[a] <= 1:
                 continue
-            d = ((mu - x) ** 2).sum(1)
-            remove = w * big_w[a] / (big_w[a] - w) * d[a]
-            add = w * big_w / (big_w + w) * d
-            add[a] = np.inf
+            w = weights[j]
+            remove = w * big_w[a] / (big_w[a] - w) * d[j, a]
+            add = w * big_w / (big_w + w) * d[j]
+            add[a] = float("inf")
             b = int(add.argmin())
-            if add[b] < remove * (1 - 1e-12):
+            if float(add[b]) < float(remove) * (1 - 1e-12):
+                x = points[j]
                 mu[a] = (mu[a] * big_w[a] - w * x) / (big_w[a] - w)
                 mu[b] = (mu[b] * big_w[b] + w * x) / (big_w[b] + w)
                 big_w[a] -= w
                 big_w[b] += w
-                count[a] -= 1
-                count[b] += 1
-                labels[j] = b
+                cnt[a] -= 1
+                cnt[b] += 1
+                lab[j] = b
+                d[:, [a, b]] = _sq_dist(points, mu[[a, b]], p2)
                 moved = True
         if not moved:
             break
-    return labels
+    return torch.tensor(lab, dtype=torch.long, device=points.device)
 
 
-def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: int = 10,
-                    max_iter: int = 300, tol: float = 0.0, seed: int = 0, refine: bool = True):
-    r"""Importance-weighted K-means (Lloyd with k-means++ seeding, several restarts).
+def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Optional[ArrayLike] = None,
+                    n_init: int = 10, max_iter: int = 300, tol: float = 0.0, seed: int = 0,
+                    refine: bool = True) -> Tuple[ArrayLike, ArrayLike, float]:
+    r"""Importance-weighted K-means (Lloyd with k-means++ seeding, restarts, Hartigan moves).
 
     Minimises :math:`\sum_j s_j \lVert x_j - \mu_{c(j)}\rVert^2` (squared Euclidean, paper
     Eq. 3-4).  An empty cluster is repaired by moving into it the point that contributes most to
     the cost among clusters with more than one member.  With ``refine`` each Lloyd solution is
     improved by Hartigan single-point moves (a local search in the spirit of Kanungo et al. 2002,
-    which the paper's approximation guarantee refers to).
+    which the paper's approximation guarantee refers to).  Runs in torch on the device of
+    ``points`` (numpy inputs run on the CPU in float64 and give numpy outputs).
 
     Parameters
     ----------
-    points : np.ndarray
+    points : np.ndarray or Tensor
         ``[M, D]`` points (neurons).
-    weights : np.ndarray
+    weights : np.ndarray or Tensor
         ``[M]`` positive weights (importance scores).
     k : int
         Number of clusters, ``1 <= k <= M``.
+    init : array, optional
+        ``[k, D]`` initial centres (e.g. one base model's neurons): one deterministic run.
     n_init : int
-        Restarts; the lowest-cost run is kept.
+        Restarts from k-means++ seeds when ``init`` is not given; the lowest-cost run is kept.
     max_iter : int
         Lloyd iterations per restart (stops earlier when assignments are stable).
     tol : float
-        Stop when the relative cost improvement falls below ``tol``.
+        Also stop when the relative cost improvement falls below ``tol``.
     seed : int
-        Seed of the ``numpy.random.Generator`` used for seeding.
+        Seed of the ``torch.Generator`` used for seeding.
     refine : bool
         Run Hartigan single-point moves after Lloyd's iterations.
 
     Returns
     -------
-    labels : np.ndarray
+    labels : np.ndarray or Tensor
         ``[M]`` cluster of every point.
-    centres : np.ndarray
+    centres : np.ndarray or Tensor
         ``[k, D]`` weighted centres.
     cost : float
         The weighted squared cost of the returned clustering.
     """
-    points = np.asarray(points, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    m = points.shape[0]
+    as_numpy = not isinstance(points, Tensor)
+    x = torch.as_tensor(np.asarray(points, dtype=np.float64)) if as_numpy else points
+    w = torch.as_tensor(weights).to(device=x.device, dtype=x.dtype)
+    m = x.shape[0]
     if not 1 <= k <= m:
         raise IncompatibleModelsError(
             f"cannot make {k} fused neurons out of {m} base neurons; choose a fused width "
@@ -233,40 +283,29 @@ def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: 
         )
     if n_init < 1 or max_iter < 1:
         raise ConfigError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
-    rng = np.random.default_rng(seed)
-    p2 = (points * points).sum(1)
-    best = None
-    for _ in range(n_init):
-        centres = _kmeanspp(points, weights, k, p2, rng)
-        labels = np.full(m, -1)
-        prev_cost = np.inf
-        for _ in range(max_iter):
-            d = _sq_dist(points, centres, p2)
-            new = d.argmin(1)
-            # empty-cluster repair: move the costliest point of a multi-member cluster
-            counts = np.bincount(new, minlength=k)
-            for c in np.flatnonzero(counts == 0):
-                contrib = weights * d[np.arange(m), new]
-                contrib[counts[new] <= 1] = -1.0
-                j = int(contrib.argmax())
-                counts[new[j]] -= 1
-                new[j] = c
-                counts[c] += 1
-            centres = centroids(points, weights, new, k)
-            cost = float((weights * _sq_dist(points, centres, p2)[np.arange(m), new]).sum())
-            stable = np.array_equal(new, labels)
-            labels = new
-            if stable or (tol > 0 and np.isfinite(prev_cost) and prev_cost - cost <= tol * prev_cost):
-                break
-            prev_cost = cost
+    gen = torch.Generator().manual_seed(int(seed))
+    p2 = (x * x).sum(1)
+    ar = torch.arange(m, device=x.device)
+    best: Optional[Tuple[Tensor, Tensor, float]] = None
+    for _ in range(1 if init is not None else n_init):
+        if init is not None:
+            start = torch.as_tensor(init).to(device=x.device, dtype=x.dtype).clone()
+            if start.shape != (k, x.shape[1]):
+                raise ConfigError(f"init must have shape [{k}, {x.shape[1]}], got {list(start.shape)}")
+        else:
+            start = _kmeanspp(x, w, k, p2, gen)
+        labels = _lloyd(x, w, start, p2, max_iter, tol)
         if refine:
-            labels = _hartigan(points, weights, labels, k)
-            centres = centroids(points, weights, labels, k)
-            cost = float((weights * _sq_dist(points, centres, p2)[np.arange(m), labels]).sum())
+            labels = _hartigan(x, w, labels, k, p2)
+        centres = _torch_centroids(x, w, labels, k)
+        cost = float((w * _sq_dist(x, centres, p2)[ar, labels]).sum())
         if best is None or cost < best[2]:
-            best = (labels.copy(), centres.copy(), cost)
+            best = (labels, centres, cost)
     assert best is not None
-    return best
+    labels, centres, cost = best
+    if as_numpy:
+        return labels.cpu().numpy(), centres.cpu().numpy(), cost
+    return labels, centres, cost
 
 
 def kmeans_grouping(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: int = 10,

@@ -39,7 +39,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
-from ..approximation._gradient import LevelConfig, fit_level, perturb_level, weighted_lloyd
+from ..approximation._gradient import LevelConfig, fit_level, perturb_level
+from ..grouping import weighted_kmeans
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet, flatten_neurons, unflatten_neurons
 from ._base import register_method
@@ -255,8 +256,8 @@ class KMeansGradientFusion(LevelwiseFusion):
         offset = sum(widths[:b])
         use_model = opts.kmeans_init == "model" and widths[b] == k
         init = points[offset:offset + k] if use_model else None
-        labels, _ = weighted_lloyd(points, scores, k, init=init, n_init=opts.kmeans_n_init,
-                                   max_iter=opts.kmeans_max_iter, seed=self.seed + 7919 * level)
+        labels, _, _ = weighted_kmeans(points, scores, k, init=init, n_init=opts.kmeans_n_init,
+                                       max_iter=opts.kmeans_max_iter, seed=self.seed + 7919 * level)
         labels = labels.to(raw.device)
         # ordering: cluster i <-> neuron i of the init model (Hungarian, own cluster preferred)
         ordered = widths[b] == k
