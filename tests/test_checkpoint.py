@@ -149,7 +149,7 @@ def test_pt_state_dict_loads_with_config_or_sidecar(tmp_path: Path) -> None:
     x = torch.randn(4, 1, 8, 8)
     with pytest.raises(CheckpointError) as exc:
         load_model(path)
-    assert "--arch-config" in _assert_one_line(exc)
+    assert "legacy.pt.json" in _assert_one_line(exc)
     with torch.no_grad():
         assert torch.equal(load_model(path, config=model.config())(x), model(x))
         config_file = tmp_path / "arch.json"

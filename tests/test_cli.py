@@ -153,3 +153,26 @@ def test_align_prints_the_alignment_and_fuse_accepts_depth_align(tmp_path, capsy
     from neurofuse.checkpoint import load_model
 
     assert load_model(tmp_path / "f.safetensors").num_levels == 5
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["fuse", "a.safetensors", "--out", "x", "--width", "abc"], "--width"),
+    (["train", "--out", "x", "--epochs", "0"], "--epochs"),
+    (["fuse", "a.safetensors", "--out", "x", "--seed", "-1"], "--seed"),
+    (["demo", "--methods", "nosuch", "--out", "x"], "unknown fusion method 'nosuch'"),
+])
+def test_bad_arguments_are_one_line_errors(argv, pattern, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits
+        code = exc.code
+    _, err = capsys.readouterr()
+    _assert_one_line_error(code, err, pattern)
+
+
+def test_option_values_of_the_wrong_type_are_refused(trained, tmp_path, capsys):
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    for opt, pattern in (("n_init=abc", "must be int"), ("n_init", "KEY=VALUE")):
+        code, _, err = _run(capsys, "fuse", *ckpts, "--option", opt, "--out", str(tmp_path / "u.safetensors"))
+        _assert_one_line_error(code, err, pattern)

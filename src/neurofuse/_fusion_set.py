@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +41,17 @@ class FusionSet:
             yb = None if self.y is None else self.y[i:i + self.batch_size].to(device)
             yield xb, yb
 
+    def check_labels(self, num_classes: Optional[int]) -> None:
+        """Labels must be class indices in ``[0, num_classes)``."""
+        if self.y is None or num_classes is None or self.y.numel() == 0:
+            return
+        lo, hi = int(self.y.min()), int(self.y.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"fusion labels range over [{lo}, {hi}] but the models have {num_classes} classes; "
+                "pass class indices in [0, num_classes)"
+            )
+
     def check_input_shape(self, input_shape: Sequence[int]) -> None:
         got = tuple(self.x.shape[1:])
         if got != tuple(input_shape):
@@ -59,8 +71,11 @@ def as_fusion_set(data: Any, batch_size: int = 256) -> FusionSet:
         fs = data
     elif isinstance(data, Tensor):
         fs = FusionSet(data, None, batch_size)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        fs = FusionSet(data[0], torch.as_tensor(data[1]).long(), batch_size)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (Tensor, np.ndarray)):
+        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            raise DataError("fusion labels must be integer class indices, got non-integer values")
+        fs = FusionSet(x, y.long(), batch_size)
     elif isinstance(data, torch.utils.data.TensorDataset):
         t = data.tensors
         fs = FusionSet(t[0], t[1].long() if len(t) > 1 else None, batch_size)

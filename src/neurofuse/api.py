@@ -126,6 +126,9 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
         fused = repair_model(fused, list(models), data, groups=groups,
                              batch_size=int(options.get("batch_size", 256)))
     if finetune is not None:
+        if finetune_data is None:
+            log.warning("fine-tuning on the fusion set only (%s samples); pass finetune_data=(x, y) "
+                        "to fine-tune on more training data", len(as_fusion_set(data)) if data is not None else 0)
         source = data if finetune_data is None else finetune_data
         if source is None:
             raise DataError("fine-tuning needs labelled training data: pass finetune_data=(x, y)")

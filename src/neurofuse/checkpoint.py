@@ -267,8 +267,8 @@ def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, 
     if not meta or METADATA_KEY not in meta:
         raise CheckpointError(
             f"{path} has no neurofuse metadata, so it is not a neurofuse checkpoint; save it with "
-            "neurofuse.checkpoint.save_model or pass the architecture config (e.g. --arch-config "
-            "file.json)"
+            "neurofuse.checkpoint.save_model, or load it in Python with "
+            "load_model(path, config=...)"
         )
     try:
         document = json.loads(meta[METADATA_KEY])
@@ -469,8 +469,8 @@ def load_model(path: PathLike, *,
             arch_config = _sidecar_config(p)
         if arch_config is None:
             raise CheckpointError(
-                f"{p} is a bare state dict without its architecture: pass the architecture config "
-                f"(e.g. --arch-config file.json) or put it in {p.name}.json next to it"
+                f"{p} is a bare state dict without its architecture: put the architecture config "
+                f"in {p.name}.json next to it (or pass config= to load_model)"
             )
         state = _read_torch(p)
     else:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -34,7 +34,8 @@ def _add_data_args(p: argparse.ArgumentParser, default_dataset: Optional[str] = 
     from .data import list_datasets
 
     p.add_argument("--dataset", default=default_dataset, choices=list_datasets(),
-                   help="dataset (default: %(default)s; digits needs no files)")
+                   help="dataset (default: %(default)s; digits needs no files)" if default_dataset else
+                   "dataset (default: the one recorded in the checkpoints)")
     p.add_argument("--data-dir", default=None,
                    help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
 
@@ -45,13 +46,13 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="mlp", choices=zoo_architectures(), help="architecture (default: mlp)")
     p.add_argument("--size", default="small", choices=["tiny", "small", "paper"],
                    help="named model size (default: small)")
-    p.add_argument("--models", type=int, default=4, help="number of base models (default: 4)")
+    p.add_argument("--models", type=_pos_int, default=4, help="number of base models (default: 4)")
     p.add_argument("--partition", default="dirichlet", choices=["dirichlet", "sharded", "iid"],
                    help="how the training data is split among the models (default: dirichlet)")
     p.add_argument("--ratio", type=float, default=0.2, help="Dirichlet min/max concentration ratio")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per base model")
+    p.add_argument("--epochs", type=_pos_int, default=None, help="training epochs per base model (default: per dataset)")
     p.add_argument("--lr", type=float, default=1e-3, help="training learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, training and fusion")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split, training and fusion")
 
 
 def _split_config(a: argparse.Namespace):
@@ -80,9 +81,11 @@ def cmd_methods(a: argparse.Namespace) -> int:
 
     for name in list_methods():
         cls = get_method(name)
-        n = f"{cls.min_models}..{cls.max_models or 'N'} models"
+        n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
+             else f"up to {cls.max_models} models" if cls.max_models else "N models")
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
-        print(f"{name:14s} {cls.summary}  [{n}; {imp}]")
+        width = "; fused width per level (--width)" if cls.supports_width else ""
+        print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
     return 0
 
 
@@ -174,12 +177,20 @@ def cmd_fuse(a: argparse.Namespace) -> int:
                  seed=a.seed, progress=not a.no_progress, device=a.device, repair=a.repair,
                  finetune=finetune, finetune_data=finetune_data, depth=a.depth,
                  reference=a.reference, **options)
+    from .methods import get_method
+
+    label = f"{a.method}/{a.importance}" if get_method(a.method).uses_importance else a.method
+    steps = ([f"depth {a.depth} ({a.balance})"] if a.depth else []) + (["REPAIR"] if a.repair else []) + (
+        [f"fine-tuned {a.finetune} epochs on the {a.finetune_data} data"] if a.finetune else [])
     save_model(fused, out, force=a.force, metadata={
-        "dataset": ds.name, "method": a.method, "importance": a.importance,
-        "inputs": [str(p) for p in a.checkpoints], "fusion_samples": int(fusion[0].shape[0])})
+        "dataset": ds.name, "method": a.method, "importance": a.importance, "seed": a.seed,
+        "width": a.width, "options": {k: v for k, v in options.items() if k != "class_weights"},
+        "head_weights": bool(a.head_weights), "repair": bool(a.repair), "finetune": a.finetune,
+        "depth": a.depth, "inputs": [str(p) for p in a.checkpoints],
+        "fusion_samples": int(fusion[0].shape[0])})
     s = evaluate(fused, ds.x_test, ds.y_test)
-    print(f"{out}: {a.method}/{a.importance} of {len(models)} models, test accuracy "
-          f"{100 * s['accuracy']:.2f}%")
+    extra = f" + {', '.join(steps)}" if steps else ""
+    print(f"{out}: {label} of {len(models)} models{extra}, test accuracy {100 * s['accuracy']:.2f}%")
     return 0
 
 
@@ -188,13 +199,13 @@ def _parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
 
     options: Dict[str, Any] = {}
     for kv in items or []:
-        k, _, v = kv.partition("=")
+        k, eq, v = kv.partition("=")
+        if not eq or not k.strip():
+            raise ConfigError(f"--option needs KEY=VALUE, e.g. --option n_init=20, got {kv!r}")
         try:
             options[k.strip().replace("-", "_")] = json.loads(v) if v else True
         except json.JSONDecodeError:
             options[k.strip().replace("-", "_")] = v  # a bare word, e.g. solver=sinkhorn
-    if "" in options:
-        raise ConfigError("--option needs KEY=VALUE, e.g. --option n_init=20")
     return options
 
 
@@ -349,6 +360,14 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
     from .bench import default_out, load_config, run_benchmark
 
     cfg = load_config(a.name, a.scale)
+    if a.threads is not None:
+        import torch
+
+        if a.threads < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--threads must be a positive integer, got {a.threads}")
+        torch.set_num_threads(a.threads)
     if a.seeds is not None:
         cfg = cfg.with_seeds(a.seeds)
     out = Path(a.out) if a.out else default_out(cfg.name, cfg.scale)
@@ -379,15 +398,39 @@ def cmd_bench_report(a: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line error format as every other neurofuse error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"neurofuse: error: {message} (see {self.prog} --help)\n")
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="neurofuse", description=(
+    parser = _Parser(prog="neurofuse", description=(
         "Fuse independently trained neural networks into one, zero-shot (neuron interpolation "
         "fusion and the field's baselines)."))
     parser.add_argument("--version", action="version", version=f"neurofuse {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -398,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     _add_data_args(p)
     _add_split_args(p)
-    p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
+    p.add_argument("--fusion-samples", type=_pos_int, default=400, help="size of the fusion set (default: 400)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
     p.add_argument("--finetune", type=int, default=None, metavar="EPOCHS",
                    help="also fine-tune every fused model for EPOCHS epochs on the training split "
@@ -420,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", default="uniform", help="uniform, conductance or deeplift")
     p.add_argument("--width", type=_width, default=None,
                    help="fused width: an int, a multiplier like 0.5, or a list like 32,64")
-    p.add_argument("--fusion-samples", type=int, default=400, help="size of the fusion set (default: 400)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fusion-samples", type=_pos_int, default=400, help="size of the fusion set (default: 400)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --option n_init=20 --option solver=sinkhorn (repeatable)")
     p.add_argument("--head-weights", action="store_true",
@@ -443,22 +486,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fuse)
 
     p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint on the training split")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint to fine-tune (never overwritten)")
     p.add_argument("--out", required=True, help="fine-tuned checkpoint (.safetensors)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_pos_int, default=30, help="fine-tuning epochs (default: 30)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("align", help="align the levels of models of different depths (CLAFusion)")
-    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("checkpoints", nargs="+", help="checkpoints of models of different depths")
     p.add_argument("--reference", type=int, default=None, help="index of the reference model")
-    p.add_argument("--balance", choices=["add", "merge"], default="add")
-    p.add_argument("--metric", choices=["cka", "euclidean"], default="cka")
-    p.add_argument("--fusion-samples", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance", choices=["add", "merge"], default="add",
+                   help="insert identity levels into shallower models (add, default) or merge levels "
+                        "of deeper ones (merge)")
+    p.add_argument("--metric", choices=["cka", "euclidean"], default="cka",
+                   help="level dissimilarity (default: cka)")
+    p.add_argument("--fusion-samples", type=_pos_int, default=400, help="samples compared (default: 400)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
     p.add_argument("--plot", default=None, help="save the cost matrix and alignment as a heat map (PNG)")
     p.add_argument("--json", default=None, help="save the alignment and cost matrices as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --plot/--json outputs")
@@ -466,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("eval", help="accuracy, loss and macro-F1 of checkpoints on the test set")
-    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("checkpoints", nargs="+", help="checkpoints to score")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     _add_data_args(p, default_dataset=None)
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
@@ -488,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the config's, cpu)")
     q.add_argument("--data-dir", default=None,
                    help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
+    q.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
     q.set_defaults(func=cmd_bench_run)
     q = bsub.add_parser("report", help="rewrite results.json and report.md of a run directory")

@@ -48,11 +48,11 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             if t.exists():
                 raise OutputExistsError(f"{t} exists; pass --force to overwrite or choose another --out")
     t0 = time.perf_counter()
+    variants = list(method_variants(cfg.methods, cfg.importances))  # unknown names fail before training
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     base = train_base_models(ds, cfg.split, progress=cfg.progress, device=cfg.device)
     base_scores = [evaluate(m, ds.x_test, ds.y_test) for m in base.models]
     fusion = fusion_set(ds, cfg.fusion_samples, seed=cfg.split.seed)
-    variants = list(method_variants(cfg.methods, cfg.importances))
     results, skipped, fused = run_methods(base.models, fusion, ds, variants, seed=cfg.split.seed,
                                           progress=cfg.progress)
     if cfg.finetune:

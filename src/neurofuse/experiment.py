@@ -75,6 +75,11 @@ class SplitConfig:
             raise ConfigError(f"need at least one model, got n_models={self.n_models}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 1):
+            raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass
@@ -92,7 +97,7 @@ def train_base_models(ds: Dataset, cfg: SplitConfig, progress: bool = True,
     """Split ``ds``'s training set and train one model per part (checkpoint chosen on validation)."""
     y = ds.y_train.numpy()
     parts = partition(y, cfg.n_models, cfg.partition, seed=cfg.seed, ratio=cfg.ratio)
-    epochs = cfg.epochs or DEFAULT_EPOCHS.get(ds.name, 20)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(ds.name, 20)
     models, histories = [], []
     bar = tqdm(list(enumerate(parts)), desc="train base models", disable=not progress, leave=False)
     for i, part in bar:
@@ -112,6 +117,8 @@ def train_base_models(ds: Dataset, cfg: SplitConfig, progress: bool = True,
 
 def fusion_set(ds: Dataset, size: int = 400, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced fusion set of ``size`` samples from the training data (never the test set)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), size, seed=seed)
     return ds.x_train[idx], ds.y_train[idx]
 
@@ -183,7 +190,7 @@ def train_models_on_parts(ds: Dataset, parts: Sequence[np.ndarray], cfg: SplitCo
     """Train one model per part exactly as :func:`train_base_models` does (same seeds, same
     validation split for checkpoint selection), with extra :class:`TrainConfig` settings
     (``batch_size``, ``weight_decay``, ...) and a progress bar over each model's epochs."""
-    epochs = cfg.epochs or DEFAULT_EPOCHS.get(ds.name, 20)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(ds.name, 20)
     extra = dict(train_options or {})
     extra.pop("epochs", None)
     extra.pop("lr", None)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurofuse.bench import (SCALES, STATS, config_dir, expected_cells, fmt_mean_std, format_cell,
                              list_configs, load_config, parse_config)
@@ -131,7 +132,12 @@ def test_cell_formatting_na_and_missing():
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "table1-smoke"
     before = dict(STATS)
-    rc = main(["bench", "run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress"])
+    threads = torch.get_num_threads()
+    try:  # one thread: much faster on a CI machine shared with other jobs
+        rc = main(["bench", "run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress",
+                   "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     return out, {k: STATS[k] - before[k] for k in STATS}
 

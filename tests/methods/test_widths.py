@@ -75,7 +75,7 @@ def test_bad_widths_are_one_line_errors(width, err, word, two_wide, digits_fusio
 
 
 def test_hf_linear_needs_equal_widths(two_wide, digits_fusion):
-    with pytest.raises(IncompatibleModelsError, match="kf-linear"):
+    with pytest.raises(neurofuse.ConfigError, match="kf-linear"):
         neurofuse.fuse(two_wide, digits_fusion, method="hf-linear", width=32, progress=False)
 
 

@@ -23,6 +23,7 @@ distance to the plane and its own loss and accuracy next to those of its project
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -168,7 +169,12 @@ def clustering_figure(cfg: BenchConfig, ds, path: Path, device: str = "cpu", see
         ax.set_xlabel(f"PC 1 ({100 * pca.explained_variance_ratio_[0]:.0f}% var.)")
         ax.set_ylabel(f"PC 2 ({100 * pca.explained_variance_ratio_[1]:.0f}% var.)")
         ax.grid(alpha=0.25)
-    handles, lbls = axes[0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[mi % len(markers)], ls="", mfc="white", mec="k", ms=9)
+               for mi in range(n_models)]
+    handles.append(Line2D([], [], marker="X", ls="", mfc="#bbbbbb", mec="k", ms=11))
+    lbls = [f"neurons of model {mi}" for mi in range(n_models)] + ["weighted K-means centre (fused neuron)"]
     fig.legend(handles, lbls, loc="lower center", ncol=n_models + 1, fontsize=8, frameon=False,
                markerscale=0.7)
     fig.suptitle(f"Neurons of the first hidden layer of {n_models} MLPs (width {width}, {ds.name}, non-IID) "
@@ -295,8 +301,14 @@ def make_figures(cfg: BenchConfig, out: Path, ds=None, device: str = "cpu", prog
         if name not in cfg.figures:
             continue
         path = Path(out) / f"{name}.png"
-        if not path.is_file():
+        stamp = Path(out) / f".{name}.key"
+        key = json.dumps({"options": cfg.figure_options.get(name, {}), "dataset": cfg.dataset,
+                          "train_subsample": cfg.train_subsample, "fusion_samples": cfg.fusion_samples,
+                          "ratio": cfg.ratio, "train": cfg.train, "splits": list(cfg.splits),
+                          "version": 1}, sort_keys=True)
+        if not (path.is_file() and stamp.is_file() and stamp.read_text() == key):
             fn(cfg, ds, path, device=device)
+            stamp.write_text(key)
             if emit is not None:
                 emit("figure", {"path": str(path)})
         made.append(path.name)

@@ -260,10 +260,16 @@ def render_report(doc: Mapping[str, Any]) -> str:
             lines.append(_runtime_section(cfg, cells))
         elif section == "sweep":
             lines.append(_sweep_section(cfg, cells))
-    reasons = sorted({(c["method"], c.get("reason", "")) for c in cells if c.get("status") == "n/a"})
+    reasons: Dict[str, Tuple[List[int], str]] = {}
+    for c in cells:
+        if c.get("status") == "n/a":
+            splits, _ = reasons.setdefault(c["method"], ([], c.get("reason", "")))
+            if c["split"] not in splits:
+                splits.append(c["split"])
     if reasons:
         lines.append("## Not applicable\n")
-        lines += [f"- {METHOD_LABELS.get(mm, mm)}: {r}" for mm, r in reasons]
+        lines += [f"- {METHOD_LABELS.get(mm, mm)} ({', '.join(f'{s}-way' for s in sorted(sp))}): {r}"
+                  for mm, (sp, r) in reasons.items()]
         lines.append("")
     figs = doc.get("figures") or []
     if figs:

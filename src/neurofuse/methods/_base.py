@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import typing
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
@@ -50,6 +52,30 @@ def get_method(name: str) -> Type["FusionMethod"]:
 def list_methods() -> List[str]:
     """Names of the registered fusion methods, in registration order."""
     return _METHODS.names()
+
+
+def _check_option_types(options_cls: type, values: Dict[str, Any], method: str) -> None:
+    """Refuse option values of the wrong simple type (int, float, bool, str, Optional of those)."""
+    hints = typing.get_type_hints(options_cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        simple = [t for t in allowed if t in (int, float, bool, str)]
+        if not simple or len(simple) != len([t for t in allowed if t is not type(None)]):
+            continue  # a richer type (sequence, mapping, config object): the dataclass validates it
+        ok = any(
+            (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(float(value)))
+            or (t is str and isinstance(value, str))
+            for t in simple
+        )
+        if not ok:
+            want = " or ".join(t.__name__ for t in simple)
+            raise ConfigError(f"option {name!r} of method {method!r} must be {want}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +127,8 @@ class FusionMethod(ABC):
         if importance != "uniform" and not self.uses_importance:
             raise ConfigError(f"method {self.name!r} does not use importance scores; use importance='uniform'")
         if width is not None and not self.supports_width:
-            raise ConfigError(f"method {self.name!r} keeps the first model's widths; do not pass width")
+            raise ConfigError(f"method {self.name!r} keeps the first model's widths; do not pass width "
+                              "(use 'kf-linear' or 'kf-gradient' to choose fused widths)")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         fields = {f.name for f in dataclasses.fields(self.Options)}
@@ -110,6 +137,9 @@ class FusionMethod(ABC):
             raise ConfigError(
                 f"unknown option(s) {sorted(unknown)} for method {self.name!r}; valid: {sorted(fields) or 'none'}"
             )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        _check_option_types(self.Options, options, self.name)
         self.options = self.Options(**options)
         self.importance = importance
         self.width = width
@@ -121,6 +151,10 @@ class FusionMethod(ABC):
     # -- template -------------------------------------------------------------------------
     def fuse(self, models: Sequence[nn.Module], data: Any = None) -> nn.Module:
         """Fuse ``models`` using ``data`` (the fusion set) and return the fused model."""
+        if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+            raise IncompatibleModelsError(
+                f"models must be a list of models, got a {type(models).__name__}; pass [model_a, model_b, ...]"
+            )
         models = list(models)
         if len(models) < max(1, self.min_models):
             raise IncompatibleModelsError(
@@ -137,6 +171,7 @@ class FusionMethod(ABC):
             shape = getattr(models[0], "input_shape", None)
             if shape is not None:
                 fset.check_input_shape(shape)
+            fset.check_labels(getattr(models[0], "num_classes", None))
         # the caller's models are moved and put in eval mode only for the duration of the call
         state = [(m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in models]
         try:
@@ -164,16 +199,18 @@ class FusionMethod(ABC):
         elif isinstance(w, int):
             out = [w] * len(hidden)
         elif isinstance(w, float):
-            if w <= 0:
+            if not math.isfinite(w) or w <= 0:
                 raise ConfigError(f"width multiplier must be positive, got {w}")
             out = [max(1, int(round(h * w))) for h in hidden]
-        else:
+        elif isinstance(w, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in w):
             out = [int(x) for x in w]
             if len(out) != len(hidden):
                 raise ConfigError(
                     f"width lists {len(out)} levels but the models have {len(hidden)} levels "
                     "before the output"
                 )
+        else:
+            raise ConfigError(f"width must be an int, a float multiplier or a list of ints, got {w!r}")
         for i, x in enumerate(out):
             if x < 1:
                 raise ConfigError(f"fused width of level {i} must be at least 1, got {x}")

@@ -174,6 +174,10 @@ class GradientOptions:
         """The settings of ``level`` in a model of ``num_levels`` levels."""
         base = self.head if level == num_levels - 1 else self.levels
         assert isinstance(base, LevelConfig) and isinstance(self.overrides, dict)
+        bad = [k for k in self.overrides if not -num_levels <= k < num_levels]
+        if bad:
+            raise ConfigError(f"overrides name level(s) {bad} but the model has {num_levels} levels "
+                              f"(0..{num_levels - 1}, or -1 for the last)")
         change = self.overrides.get(level, self.overrides.get(level - num_levels))
         return base.replace(**change) if change else base
 

@@ -210,6 +210,7 @@ class HungarianLinearFusion(LinearFusion):
     summary = "Hungarian Linear Fusion (Luenam et al. 2025): 2 models, equal widths, closed form"
     min_models = 2
     max_models = 2
+    supports_width = False  # one-to-one matching keeps the models' width
 
     def group(self, features: np.ndarray, scores: np.ndarray, widths: Sequence[int], k: int,
               level: int) -> Grouping:

@@ -46,7 +46,9 @@ class VanillaAveraging(FusionMethod):
         for i, sd in enumerate(states):
             for k, v in sd.items():
                 if v.is_floating_point() and not torch.isfinite(v).all():
-                    raise IncompatibleModelsError(f"model {i} has NaN or infinite values in {k!r}")
+                    raise IncompatibleModelsError(
+                        f"model {i} has NaN or infinite values in {k!r}; retrain or repair that "
+                        "checkpoint before fusing")
         avg = {k: (torch.stack([sd[k].double() for sd in states]).mean(0).to(v.dtype)
                    if v.is_floating_point() else v.clone()) for k, v in ref.items()}
         fused = copy.deepcopy(models[0])
@@ -73,7 +75,9 @@ class EnsembleFusion(FusionMethod):
         for i, m in enumerate(models):
             for k, v in m.state_dict().items():
                 if v.is_floating_point() and not torch.isfinite(v).all():
-                    raise IncompatibleModelsError(f"model {i} has NaN or infinite values in {k!r}")
+                    raise IncompatibleModelsError(
+                        f"model {i} has NaN or infinite values in {k!r}; retrain or repair that "
+                        "checkpoint before fusing")
         return Ensemble([copy.deepcopy(m) for m in models], self.options.class_weights)
 
 
