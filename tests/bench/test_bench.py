@@ -229,3 +229,13 @@ def test_base_models_are_shared_across_tables(smoke_run, tmp_path):
 def test_report_of_a_non_run_directory(tmp_path, capsys):
     assert main(["bench", "report", str(tmp_path)]) == 2
     assert "not a benchmark output directory" in capsys.readouterr().err
+
+
+def test_with_seeds_takes_the_first_then_extends():
+    cfg = load_config("table1", "smoke")
+    assert cfg.seeds == (0, 1)
+    assert cfg.with_seeds(1).seeds == (0,)
+    assert cfg.with_seeds(3).seeds == (0, 1, 2)
+    with pytest.raises(ConfigError):
+        cfg.with_seeds(0)
+    assert len(expected_cells(cfg.with_seeds(3))) == 3 * len(expected_cells(cfg.with_seeds(1)))

@@ -152,7 +152,17 @@ class LinearStats:
                 "rtol or a ridge (options rtol=..., ridge=...)"
             )
         try:
-            return torch.linalg.eigh(g)
+            if g.device.type != "cpu":
+                return torch.linalg.eigh(g)
+            # torch's multi-threaded CPU eigh slows down 10-20x as soon as another process competes
+            # for the cores (measured: d=2305 took 40 s on 2 threads, 2.3 s on 1); one thread is at
+            # worst ~2x slower on an idle machine.  See benchmarks/eigh_threads.py.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return torch.linalg.eigh(g)
+            finally:
+                torch.set_num_threads(threads)
         except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
             import scipy.linalg
 
