@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.neurofuse-installed
+# spinning OpenMP threads make torch crawl when another process shares the cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test setup clean
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see neurofuse/__init__.py
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 

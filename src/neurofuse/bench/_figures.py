@@ -26,7 +26,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
