@@ -9,24 +9,13 @@ import pytest
 import torch
 
 import neurofuse
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, DataError
 from neurofuse.finetune import FinetuneConfig, finetune, schedule_lr, stratified_holdout
 from neurofuse.models import MLP
 from neurofuse.training import TrainConfig, evaluate, train_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

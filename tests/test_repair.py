@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import neurofuse
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.grouping import Grouping
 from neurofuse.levels import LeveledNet, flatten_neurons
@@ -20,17 +20,6 @@ from neurofuse.training import TrainConfig, evaluate, predict_logits, train_mode
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

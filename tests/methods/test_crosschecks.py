@@ -18,7 +18,7 @@ from torch import nn
 
 import neurofuse
 from neurofuse.methods import get_method
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.models import MLP, VGG
 from neurofuse.training import TrainConfig, evaluate, predict_logits, train_model
 
@@ -62,10 +62,6 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

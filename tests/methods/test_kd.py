@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import neurofuse
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.methods import KDHead, get_method
 from neurofuse.methods._kd import kd_loss
@@ -15,17 +15,6 @@ from neurofuse.models import MLP
 from neurofuse.training import TrainConfig, predict_logits, train_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from scipy.spatial.distance import cdist
 from torch import nn
 
 import neurofuse
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.importance import neuron_importance
 from neurofuse.levels import LeveledNet
@@ -79,10 +79,6 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

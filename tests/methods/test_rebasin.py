@@ -10,7 +10,7 @@ from scipy.spatial.distance import cdist
 
 import neurofuse
 from neurofuse._fusion_set import as_fusion_set
-from neurofuse.data import balanced_subset, load_dataset
+from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.importance import neuron_importance
 from neurofuse.methods import GitRebasin, get_method
@@ -18,17 +18,6 @@ from neurofuse.models import MLP
 from neurofuse.training import TrainConfig, predict_logits, train_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")
