@@ -403,12 +403,12 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
         else:
             log.info("%s %s", kind, info)
 
+    t0 = time.perf_counter()
+    run_stats = {"trained_base_models": 0, "computed_cells": 0, "reused_cells": 0}
+    ds = load_data(cfg, data_dir)  # fails (one line) before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_json({"config": cfg.to_dict(), "command": command, "data_dir": data_dir, "device": device},
               out / "config.json", force=True)
-    t0 = time.perf_counter()
-    run_stats = {"trained_base_models": 0, "computed_cells": 0, "reused_cells": 0}
-    ds = load_data(cfg, data_dir)
     cells = expected_cells(cfg)
     groups: Dict[Tuple[int, int], List[Cell]] = {}
     for c in cells:
