@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Mapping, Sequence
 
-__all__ = ["accuracy_bars"]
+__all__ = ["accuracy_bars", "save_figure"]
 
 
 def _pyplot():
@@ -15,6 +15,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out and write ``fig`` as a PNG atomically (temporary file, then rename); close it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
 
 
 def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str | Path,
@@ -41,11 +54,4 @@ def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str
     ax.set_xlabel("test accuracy (%)")
     ax.set_title(title + "\n(grey: base models, orange: ensemble of all models, blue: one fused model)",
                  fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, path)

@@ -468,11 +468,6 @@ def plot_cost_matrix(cost: Any, alignment: Sequence[int], path: str | Path, *, t
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7, frameon=False)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    from ..plots import save_figure
+
+    return save_figure(fig, path)
