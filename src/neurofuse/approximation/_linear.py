@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ..stats import AdditiveStats
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
@@ -112,14 +113,19 @@ class LinearSolution:
     rank: int
 
 
-class LinearStats:
-    """Accumulates :math:`X^\\top X`, :math:`X^\\top A` and :math:`\\lVert a_j\\rVert^2` in float64."""
+class LinearStats(AdditiveStats):
+    """Accumulates :math:`X^\\top X`, :math:`X^\\top A` and :math:`\\lVert a_j\\rVert^2` in float64.
 
-    def __init__(self) -> None:
-        self.gram: Tensor | None = None
-        self.cross: Tensor | None = None
-        self.sq: Tensor | None = None
-        self.rows = 0
+    Additive statistics (:class:`neurofuse.stats.AdditiveStats`): shards of the fusion set can be
+    accumulated separately and merged (or all-reduced across processes) before :meth:`solve`.
+    """
+
+    fields = ("count", "gram", "cross", "sq")
+
+    @property
+    def rows(self) -> int:
+        """Rows of the design matrix seen so far."""
+        return 0 if self.count is None else int(self.count)
 
     def update(self, x: Tensor, a: Tensor) -> None:
         if x.shape[0] != a.shape[0]:
@@ -129,14 +135,8 @@ class LinearStats:
             )
         x = x.double()
         a = a.double()
-        g, c, q = x.T @ x, x.T @ a, (a * a).sum(0)
-        if self.gram is None:
-            self.gram, self.cross, self.sq = g, c, q
-        else:
-            self.gram += g
-            self.cross += c
-            self.sq += q
-        self.rows += x.shape[0]
+        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                  gram=x.T @ x, cross=x.T @ a, sq=(a * a).sum(0))
 
     def default_rtol(self) -> float:
         """``torch.linalg.pinv``'s default for float32 data: ``max(rows, d) * eps(float32)``."""

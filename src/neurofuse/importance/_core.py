@@ -24,7 +24,7 @@ from .._registry import Registry
 from ..errors import DataError
 from ..levels import LeveledNet
 
-__all__ = ["importance_methods", "neuron_importance", "normalize_scores", "register_importance"]
+__all__ = ["importance_methods", "importance_sums", "neuron_importance", "normalize_scores", "register_importance"]
 
 ImportanceFn = Callable[[LeveledNet, int, FusionSet, torch.device], Tensor]
 _IMPORTANCE: Registry[ImportanceFn] = Registry("importance score")
@@ -123,3 +123,10 @@ def neuron_importance(model: LeveledNet, level: int, data: FusionSet, method: st
 def normalize_scores(scores: Tensor) -> Tensor:
     """Scale scores to sum to one (per model and level), so that models weigh equally overall."""
     return scores / scores.sum()
+
+
+def importance_sums(model: LeveledNet, data: FusionSet, method: str = "uniform",
+                    device: torch.device | str = "cpu", levels=None):  # TEMPORARY shim
+    levels = list(range(model.num_levels)) if levels is None else list(levels)
+    n = len(data)
+    return [(neuron_importance(model, lvl, data, method, device) - EPS) * n for lvl in levels], n

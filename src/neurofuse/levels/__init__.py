@@ -17,9 +17,13 @@ from ._core import (
 )
 from ._bn import fold_batchnorm, has_batchnorm
 from ._declare import DeclaredNet, levels_from
+from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
 
 __all__ = [
     "AXES",
+    "DEFAULT_MEMORY_BUDGET",
+    "LevelStream",
+    "StreamBatch",
     "DeclaredNet",
     "LeveledNet",
     "NeuronAxis",

@@ -16,12 +16,14 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._fusion_set import FusionSet, as_fusion_set
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleModelsError
-from ..importance import importance_methods
+from ..importance import importance_methods, importance_sums
+from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream
+from ..stats import AdditiveStats, ImportanceSums
 
 __all__ = ["FusionMethod", "NoOptions", "WidthSpec", "get_method", "list_methods", "register_method"]
 
@@ -31,6 +33,7 @@ WidthSpec = Union[None, int, float, Sequence[int]]
 
 _METHODS: Registry[Type["FusionMethod"]] = Registry("fusion method")
 F = TypeVar("F", bound=Type["FusionMethod"])
+S = TypeVar("S", bound=AdditiveStats)
 
 
 def register_method(name: str) -> Callable[[F], F]:
@@ -103,6 +106,16 @@ class FusionMethod(ABC):
         Where the computation runs (``"cpu"``, ``"cuda"``).
     batch_size : int
         Rows per batch when streaming the fusion set.
+    memory_budget : int, optional
+        Bytes of level activations the level stream keeps in memory (all models together)
+        before it spills them to temporary files; ``None`` never spills.  Default
+        :data:`neurofuse.levels.DEFAULT_MEMORY_BUDGET`.
+    distributed : bool
+        Fuse with ``torch.distributed``: every process (rank) streams its own shard of the
+        fusion set, the statistics of every level are summed over the ranks
+        (:meth:`neurofuse.stats.AdditiveStats.all_reduce`) and every rank solves the same level,
+        so all ranks end with the same fused model.  The process group must be initialised
+        (see :mod:`neurofuse.distributed`).  Only methods with ``supports_distributed``.
     **options
         Fields of the method's ``Options`` dataclass.
     """
@@ -118,9 +131,13 @@ class FusionMethod(ABC):
     max_models: ClassVar[Optional[int]] = None
     #: whether ``neurofuse demo`` and the benchmarks run it as one of the compared methods
     listed_in_comparisons: ClassVar[bool] = True
+    #: whether the method reduces everything it reads from the data to additive statistics, so
+    #: that it can run on shards of the fusion set in several processes (``distributed=True``)
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, *, importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
                  progress: bool = True, device: str = "cpu", batch_size: int = 256,
+                 memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET, distributed: bool = False,
                  **options: Any) -> None:
         if importance not in importance_methods():
             raise ConfigError(f"unknown importance {importance!r}; choose one of {importance_methods()}")
@@ -131,6 +148,14 @@ class FusionMethod(ABC):
                               "(use 'kf-linear' or 'kf-gradient' to choose fused widths)")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget < 0):
+            raise ConfigError(f"memory_budget must be a number of bytes >= 0 or None, got {memory_budget!r}")
+        if distributed and not self.supports_distributed:
+            raise ConfigError(
+                f"method {self.name!r} cannot run distributed (it needs every fusion sample in one "
+                f"process); distributed methods: {[n for n in list_methods() if get_method(n).supports_distributed]}"
+            )
         fields = {f.name for f in dataclasses.fields(self.Options)}
         unknown = set(options) - fields
         if unknown:
@@ -147,6 +172,8 @@ class FusionMethod(ABC):
         self.progress = progress
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.memory_budget = memory_budget
+        self.distributed = bool(distributed)
 
     # -- template -------------------------------------------------------------------------
     def fuse(self, models: Sequence[nn.Module], data: Any = None) -> nn.Module:
@@ -172,6 +199,10 @@ class FusionMethod(ABC):
             if shape is not None:
                 fset.check_input_shape(shape)
             fset.check_labels(getattr(models[0], "num_classes", None))
+            if self.distributed:
+                from ..distributed import shard_fusion_set
+
+                fset = shard_fusion_set(fset)
         # the caller's models are moved and put in eval mode only for the duration of the call
         state = [(m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in models]
         try:
@@ -188,6 +219,28 @@ class FusionMethod(ABC):
         """Produce the fused model.  ``data`` is ``None`` only when ``needs_data`` is false."""
 
     # -- helpers shared by level-wise methods ----------------------------------------------
+    def reduce(self, stats: S) -> S:
+        """The statistics of the whole fusion set from this process's ``stats``: summed over the
+        ranks when fusing distributed, unchanged otherwise.  Every method calls it on what it
+        accumulated before it solves."""
+        return stats.all_reduce() if self.distributed else stats
+
+    def stream(self, data: FusionSet, n: int) -> LevelStream:
+        """A :class:`~neurofuse.levels.LevelStream` of ``n`` networks over ``data``."""
+        return LevelStream(data, n, self.device, memory_budget=self.memory_budget)
+
+    def importance_scores(self, net: nn.Module, data: FusionSet) -> List[Tensor]:
+        """Importance scores of every level of ``net`` (float64, on the CPU), computed once per
+        model for all levels (:func:`neurofuse.importance.importance_sums`) and cached."""
+        cache: Dict[int, List[Tensor]] = self.__dict__.setdefault("_importance_cache", {})
+        key = id(net)
+        if key not in cache:
+            sums, n = importance_sums(net, data, self.importance, self.device)
+            stats = ImportanceSums(len(sums))
+            stats.update([s.double().cpu() for s in sums], n)
+            cache[key] = [s.cpu() for s in self.reduce(stats).scores()]
+        return cache[key]
+
     def resolve_widths(self, base_widths: Sequence[int]) -> List[int]:
         """Fused widths of every level (the last stays the class count) from ``self.width``."""
         hidden = list(base_widths[:-1])

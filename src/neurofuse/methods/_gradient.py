@@ -42,7 +42,7 @@ from .._fusion_set import FusionSet
 from ..approximation._gradient import LevelConfig, fit_level, perturb_level
 from ..grouping import weighted_kmeans
 from ..errors import ConfigError, IncompatibleModelsError
-from ..levels import LeveledNet, flatten_neurons, unflatten_neurons
+from ..levels import LeveledNet, LevelStream, flatten_neurons, unflatten_neurons
 from ._base import register_method
 from ._levelwise import LevelwiseFusion
 
@@ -202,21 +202,31 @@ class KMeansGradientFusion(LevelwiseFusion):
     min_models = 1
 
     # -- the level template -----------------------------------------------------------------
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
-                   k: int) -> None:
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                   stream: LevelStream, k: int) -> None:
         opts: GradientOptions = self.options
         n_levels = fused.num_levels
         b = opts.init_model
         if b >= len(models):
             raise ConfigError(f"init_model is {b} but only {len(models)} models are fused")
-        if level == 0:
-            self._x = torch.cat([xb for xb, _ in data.batches(self.device)])
-            self._fused_in = self._x
-            self._base_in = [self._x] * len(models)
+        data = stream.data
         cfg = opts.level_config(level, n_levels)
         axis = fused.axes[level]
+        # every base model's level output, once per batch (the stream moves on with it), and the
+        # fused model's level input; gradient fitting needs all rows at once
+        base_streams = list(range(1, len(models) + 1))
+        chunks: List[List[Tensor]] = [[] for _ in models]
+        fused_in: List[Tensor] = []
         with torch.no_grad():
-            outs = [self._run(m.levels[level], h) for m, h in zip(models, self._base_in)]
+            for batch in stream.batches([0, *base_streams]):
+                fused_in.append(batch.inputs[0])
+                for i, (m, h) in enumerate(zip(models, batch.inputs[1:])):
+                    z = m.levels[level](h)
+                    chunks[i].append(z)
+                    batch.keep(i + 1, z)
+        outs = [torch.cat(c) for c in chunks]
+        x_in = torch.cat(fused_in)
+        del chunks, fused_in
         if level == n_levels - 1:
             targets, neuron_w, info = self._head_targets(outs)
         else:
@@ -225,23 +235,16 @@ class KMeansGradientFusion(LevelwiseFusion):
         target_level = fused.levels[level]
         info["init"] = perturb_level(target_level, models[b].levels[level], cfg.perturbation, seed)
         loss_fn = self._loss(level == n_levels - 1, neuron_w, axis)
-        hist = fit_level(target_level, self._fused_in, targets, cfg, loss_fn, seed=seed,
+        hist = fit_level(target_level, x_in, targets, cfg, loss_fn, seed=seed,
                          progress=self.progress, desc=f"kf-gradient level {level}")
-        with torch.no_grad():
-            self._fused_in = self._run(target_level, self._fused_in)
-        self._base_in = outs
+        if level < n_levels - 1:
+            target_level.eval()
+            stream.advance({0: target_level, **{i + 1: m.levels[level] for i, m in enumerate(models)}})
         hist.pop("val_index", None)
         self.report.append({"level": level, "k": k, **info, **{key: hist[key] for key in
                             ("epochs", "best_epoch", "best_val_loss", "stopped_early")},
                             "initial_val_loss": hist["val_loss"][0]})
         log.debug("kf-gradient level %d: %s", level, self.report[-1])
-        if level == n_levels - 1:   # free the cached activations
-            del self._x, self._fused_in, self._base_in
-
-    def _run(self, module: nn.Module, x: Tensor) -> Tensor:
-        module.eval()
-        bs = self.batch_size
-        return torch.cat([module(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
 
     # -- targets ------------------------------------------------------------------------------
     def _hidden_targets(self, level: int, models: List[LeveledNet], outs: List[Tensor],

@@ -23,7 +23,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
 from ..importance import neuron_importance, normalize_scores
-from ..levels import LeveledNet, check_same_levels, flatten_neurons, split_affine
+from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
 from ..levels._bn import fold_batchnorm, has_batchnorm
 from ._base import FusionMethod, register_method
 
@@ -33,25 +33,24 @@ log = logging.getLogger("neurofuse")
 
 
 class LevelwiseFusion(FusionMethod):
-    """Template for level-by-level neuron interpolation; override :meth:`fuse_level`."""
+    """Template for level-by-level neuron interpolation; override :meth:`fuse_level`.
+
+    :meth:`_fuse` checks the models (:meth:`prepare`), resolves the fused widths, and then walks
+    the levels from the input with a :class:`~neurofuse.levels.LevelStream` that holds the level
+    inputs of the fused model (stream 0) and of every base model (streams ``1..N``), so each model
+    runs each level once per fusion batch.  ``fuse_level`` reads the stream and advances it.
+    """
 
     uses_importance = True
     supports_width = True
 
+    def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
+        """Checks or conversions of the base models before any work (default: none)."""
+        return nets
+
     def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
         assert data is not None
-        nets = check_same_levels(models)
-        # --- closed-form methods: fold BatchNorm into the preceding Conv2d/Linear (on copies) and
-        # check every level is affine before any work, so a residual/attention level fails at once
-        # with the one-line error that suggests kf-gradient (levels/_bn.py, _core.split_affine).
-        if isinstance(self, LinearFusion):
-            nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
-            for lvl, level in enumerate(nets[0].levels):
-                try:
-                    split_affine(level)
-                except IncompatibleModelsError as exc:
-                    raise IncompatibleModelsError(f"level {lvl} of {type(nets[0]).__name__}: {exc}") from None
-        # --- end of BatchNorm folding
+        nets = self.prepare(check_same_levels(models))
         base_widths = [m.level_widths() for m in nets]
         widths = self.resolve_widths(base_widths[0])
         for lvl, k in enumerate(widths[:-1]):
@@ -68,20 +67,25 @@ class LevelwiseFusion(FusionMethod):
         #: the grouping of every hidden level (REPAIR uses them to find each fused neuron's parents)
         self.groupings: List[Grouping] = []
         levels = range(fused.num_levels)
-        for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
-            self.fuse_level(lvl, nets, fused, data, widths[lvl])
+        with self.stream(data, 1 + len(nets)) as stream:
+            for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
+                self.fuse_level(lvl, nets, fused, stream, widths[lvl])
         return fused
 
     @abstractmethod
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
-                   k: int) -> None:
-        """Fit ``fused.levels[level]`` (``k`` neurons) to the grouped base outputs, in place."""
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                   stream: LevelStream, k: int) -> None:
+        """Fit ``fused.levels[level]`` (``k`` neurons) to the grouped base outputs, in place.
+
+        ``stream`` holds the inputs of level ``level`` of the fused model (stream 0) and of every
+        base model (stream ``i + 1``); the method advances every stream past the level.
+        """
 
     def level_scores(self, models: Sequence[LeveledNet], level: int, data: FusionSet) -> np.ndarray:
         """Concatenated importance scores of every base model's neurons at ``level``."""
         scores = []
         for m in models:
-            s = neuron_importance(m, level, data, self.importance, self.device)
+            s = self.importance_scores(m, data)[level]
             if getattr(self.options, "normalize_importance", False):
                 s = normalize_scores(s)
             scores.append(s.cpu().numpy())
@@ -143,6 +147,19 @@ class LinearFusion(LevelwiseFusion):
     """Closed-form (Linear) neuron interpolation; subclasses choose the grouping (:meth:`group`)."""
 
     Options = LinearOptions
+    supports_distributed = True
+
+    def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
+        """Fold BatchNorm into the preceding Conv2d/Linear (on copies) and check that every level
+        is affine, so a residual or attention level fails at once with the one-line error that
+        suggests kf-gradient (see :func:`neurofuse.levels.split_affine`)."""
+        nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
+        for lvl, level in enumerate(nets[0].levels):
+            try:
+                split_affine(level)
+            except IncompatibleModelsError as exc:
+                raise IncompatibleModelsError(f"level {lvl} of {type(nets[0]).__name__}: {exc}") from None
+        return nets
 
     @abstractmethod
     def group(self, features: np.ndarray, scores: np.ndarray, widths: Sequence[int], k: int,
@@ -167,17 +184,23 @@ class LinearFusion(LevelwiseFusion):
             priors.append(p)
         return torch.cat(priors, dim=1).to(self.device)
 
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet, data: FusionSet,
-                   k: int) -> None:
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                   stream: LevelStream, k: int) -> None:
         pre, affine = split_affine(fused.levels[level])
         stats = LinearStats()
+        last = level == fused.num_levels - 1
         with torch.no_grad():
-            for xb, _ in data.batches(self.device):
-                z = xb if level == 0 else fused.forward_until(xb, level - 1)
-                x = design_matrix(affine, pre(z))
-                a = torch.cat([flatten_neurons(m.forward_until(xb, level), m.axes[level])
-                               for m in models], dim=1)
-                stats.update(x, a)
+            for b in stream:
+                x = design_matrix(affine, pre(b.inputs[0]))
+                outs = []
+                for i, (m, h) in enumerate(zip(models, b.inputs[1:]), start=1):
+                    z = m.levels[level](h)
+                    if not last:
+                        b.keep(i, z)
+                    outs.append(flatten_neurons(z, m.axes[level]))
+                stats.update(x, torch.cat(outs, dim=1))
+        stats = self.reduce(stats)
+        data = stream.data
         prior = self._prior(level, models, affine) if self.options.prior else None
         sol = stats.solve(self.options.rtol, self.options.ridge, prior)
         widths = [bw[level] for bw in self.base_widths]
@@ -195,6 +218,8 @@ class LinearFusion(LevelwiseFusion):
         g_err = float((grouping.weights * ((feats - t[grouping.labels]) ** 2).sum(1)).sum())
         r_err = float((torch.from_numpy(grouping.weights) * sol.residual.cpu()).sum())
         self._k_prev = grouping.k
+        if not last:
+            stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
         self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
                             "grouping_error": g_err, "unreachable_error": r_err})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
