@@ -276,14 +276,19 @@ class LevelStream:
             store = self._next[stream] = self._new_store(nbytes)
         store.put(index, value.detach())
 
-    def advance(self, fns: Mapping[int, Optional[Fn]]) -> None:
+    def advance(self, fns: Mapping[int, Optional[Fn]],
+                transforms: Optional[Mapping[int, Fn]] = None) -> None:
         """Move each stream in ``fns`` to its next level: its input becomes ``fn(input)``.
 
         Values offered with :meth:`StreamBatch.keep` for every batch are used as they are; the
         others are computed now, one batch at a time, without gradients.  ``fn`` may be
         ``None`` for a stream whose values were all kept, unless ``spill="recompute"`` (which
-        needs every level's function to recompute it).
+        needs every level's function to recompute it).  ``transforms[s]``, if given, is applied
+        to stream ``s``'s *kept* values (which must all be there): a cheap map from what was kept
+        to ``fn(input)``, e.g. a change of neuron basis; values that are computed or recomputed
+        come from ``fn`` itself.
         """
+        transforms = dict(transforms or {})
         for s, fn in fns.items():
             if not 0 <= s < len(self._stores):
                 raise IndexError(f"stream {s} out of range (there are {len(self._stores)})")
@@ -291,6 +296,7 @@ class LevelStream:
                 raise ValueError(f"stream {s}: spill='recompute' needs the level's function")
         todo = [s for s in fns if not (s in self._next and self._next[s].complete(self.num_batches))]
         for s in todo:
+            transforms.pop(s, None)
             if fns[s] is None:
                 raise ValueError(f"stream {s}: no function given and not every batch was kept")
             self._next.pop(s, None)
@@ -303,6 +309,13 @@ class LevelStream:
             if fn is not None:
                 self._chains[s].append(fn)
             new = self._next.pop(s)
+            if s in transforms and not isinstance(new, _DropStore):
+                mapped = self._new_store(0)
+                with torch.no_grad():
+                    for i in range(self.num_batches):
+                        mapped.put(i, transforms[s](new.get(i, self.device)))
+                new.close()
+                new = mapped
             if isinstance(new, _DropStore):
                 new = _RecomputeStore(self.data, self._chains[s])
             self._stores[s].close()

@@ -129,6 +129,8 @@ class FusionMethod(ABC):
     supports_width: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[Optional[int]] = None
+    #: the methods suggested when more than ``max_models`` models are given
+    for_more_models: ClassVar[str] = "'kf-linear'"
     #: whether ``neurofuse demo`` and the benchmarks run it as one of the compared methods
     listed_in_comparisons: ClassVar[bool] = True
     #: whether the method reduces everything it reads from the data to additive statistics, so
@@ -183,14 +185,14 @@ class FusionMethod(ABC):
                 f"models must be a list of models, got a {type(models).__name__}; pass [model_a, model_b, ...]"
             )
         models = list(models)
-        if len(models) < max(1, self.min_models):
-            raise IncompatibleModelsError(
-                f"method {self.name!r} needs at least {max(1, self.min_models)} models, got {len(models)}"
-            )
+        lo = max(1, self.min_models)
+        if len(models) < lo:
+            need = f"fuses exactly {lo}" if self.max_models == lo else f"needs at least {lo}"
+            raise IncompatibleModelsError(f"method {self.name!r} {need} models, got {len(models)}")
         if self.max_models is not None and len(models) > self.max_models:
             raise IncompatibleModelsError(
                 f"method {self.name!r} fuses at most {self.max_models} models, got {len(models)}; "
-                "use 'kf-linear' for N models"
+                f"use {self.for_more_models} for N models"
             )
         fset: Optional[FusionSet] = None
         if self.needs_data or data is not None:

@@ -18,16 +18,16 @@ from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
-from ..importance import neuron_importance, normalize_scores
+from ..importance import normalize_scores
+from ..stats import CrossMoments
 from ..levels import LeveledNet, check_same_levels, flatten_neurons
 from ._base import FusionMethod, register_method
-from ._otfusion import (
+from ..levels._layout import (
     NeuronMap,
     Space,
     SpaceMaps,
     activation_module,
     align_level,
-    capture,
     check_alignable,
     identity_ok,
     next_activation,
@@ -73,32 +73,17 @@ class GitRebasinOptions:
             raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
 
 
-class _MomentStats:
-    """Streams first and second moments of two row blocks (for distances and correlations)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s: List[Any] = [None] * 5  # sum a, sum b, sum a^2, sum b^2, a^T b
-
-    def update(self, a: Tensor, b: Tensor) -> None:
-        a, b = a.double(), b.double()
-        new = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b]
-        self.s = new if self.s[0] is None else [x + y for x, y in zip(self.s, new)]
-        self.n += a.shape[0]
-
-    def sq_dist(self) -> np.ndarray:
-        _, _, aa, bb, ab = self.s
-        return (aa[:, None] + bb[None, :] - 2.0 * ab).clamp_min(0.0).cpu().numpy()
-
-    def correlation(self) -> np.ndarray:
-        sa, sb, aa, bb, ab = self.s
-        n = float(self.n)
-        ma, mb = sa / n, sb / n
-        cov = ab / n - ma[:, None] * mb[None, :]
-        va = (aa / n - ma * ma).clamp_min(0.0)
-        vb = (bb / n - mb * mb).clamp_min(0.0)
-        den = (va.sqrt()[:, None] * vb.sqrt()[None, :]).clamp_min(1e-12)
-        return (cov / den).cpu().numpy()
+def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
+    """``level(h)`` and the outputs of its sub-modules ``points`` during that call."""
+    store: Dict[int, Tensor] = {}
+    handles = [p.register_forward_hook(lambda _m, _i, o, i=i: store.__setitem__(i, o))
+               for i, p in enumerate(points)]
+    try:
+        out = level(h)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out, [store[i] for i in range(len(points))]
 
 
 @register_method("git-rebasin")
@@ -148,15 +133,8 @@ class GitRebasin(FusionMethod):
     uses_importance = True
     min_models = 2
     max_models = 2
-
-    def fuse(self, models: Sequence[nn.Module], data: Any = None) -> nn.Module:
-        models = list(models)
-        if len(models) != 2:
-            raise IncompatibleModelsError(
-                f"'git-rebasin' fuses exactly 2 models, got {len(models)}; use 'otfusion' or "
-                "'kf-linear' for N models"
-            )
-        return super().fuse(models, data)
+    for_more_models = "'otfusion' or 'kf-linear'"
+    supports_distributed = True
 
     def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
         assert data is not None
@@ -170,11 +148,13 @@ class GitRebasin(FusionMethod):
                 "'otfusion' or 'kf-linear' for models of different widths"
             )
         n_levels = m0.num_levels
+        level_stats, inner_stats = self._statistics(nets, layouts, data)
         scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
         outs: List[Optional[NeuronMap]] = [None] * n_levels
         inner: List[Dict[str, NeuronMap]] = []
         for lvl in range(n_levels):
-            inner.append({sp.name: self._perm_map(self._match(m0, m1, lvl, [lvl], scores, data, sp))
+            inner.append({sp.name: self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl],
+                                                              scores, sp))
                           for sp in layouts[lvl].internal})
             head = heads[lvl]
             members = stream_members(heads, head)
@@ -183,7 +163,8 @@ class GitRebasin(FusionMethod):
             elif head < lvl:
                 outs[lvl] = outs[head]
             else:
-                outs[lvl] = self._perm_map(self._match(m0, m1, lvl, members, scores, data, None))
+                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
+                                                       scores, None))
         self.permutations: List[Optional[np.ndarray]] = [
             None if m is None else m.out.numpy().argmax(1) for m in outs]
         fused = m0.clone()
@@ -220,7 +201,7 @@ class GitRebasin(FusionMethod):
         return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
 
     def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        s = neuron_importance(net, level, data, self.importance, self.device)
+        s = self.importance_scores(net, data)[level]
         if self.options.normalize_importance:
             s = normalize_scores(s)
         return s.cpu().numpy()
@@ -235,49 +216,76 @@ class GitRebasin(FusionMethod):
         s1p = maps[lvl].out @ torch.from_numpy(scores[1][lvl])  # type: ignore[union-attr]
         return s1p / (s0 + s1p)
 
-    def _activations(self, net: LeveledNet, xb: Tensor, lvl: int, space: Optional[Space]
-                     ) -> Tuple[Tensor, Tensor]:
-        """(pre-activations, post-activations) at the output of ``lvl`` or at its ``space``."""
-        if space is None:
-            z = net.forward_until(xb, lvl)
-            return z, next_activation(net, lvl)(z)
-        modules = dict(net.levels[lvl].named_modules())
-        z = capture(modules[space.point], lambda: net.forward_until(xb, lvl))
-        return z, activation_module(modules.get(space.act) if space.act else None)(z)
+    def _statistics(self, nets: Sequence[LeveledNet], layouts: Sequence[Any], data: FusionSet
+                    ) -> Tuple[List[Tuple[CrossMoments, CrossMoments]],
+                               List[Dict[str, Tuple[CrossMoments, CrossMoments]]]]:
+        """Moments of the pre- and post-activations of both models at every level output and
+        every internal space, from one pass of each model over the fusion set (a level stream).
 
-    def _cost(self, stats: List[_MomentStats], members: List[int], scores: List[List[np.ndarray]],
+        Matching uses the *original* models' activations, so every level's statistics are
+        independent of the others' permutations and all come from the same pass.
+        """
+        n_levels = nets[0].num_levels
+        level_stats = [(CrossMoments(), CrossMoments()) for _ in range(n_levels)]
+        inner_stats = [{sp.name: (CrossMoments(), CrossMoments()) for sp in layouts[lvl].internal}
+                       for lvl in range(n_levels)]
+        post = self.options.activations == "post"
+        with self.stream(data, 2) as stream, torch.no_grad():
+            for lvl in range(n_levels):
+                spaces = layouts[lvl].internal
+                mods = [dict(net.levels[lvl].named_modules()) for net in nets]
+                last = lvl == n_levels - 1
+                for b in stream:
+                    res = []
+                    for i, (net, h) in enumerate(zip(nets, b.inputs)):
+                        z, inner = _run_capturing(net.levels[lvl], h, [mods[i][sp.point] for sp in spaces])
+                        if not last:
+                            b.keep(i, z)
+                        res.append((z, inner))
+                    (z0, in0), (z1, in1) = res
+                    axis = nets[0].axes[lvl]
+                    pairs = [(level_stats[lvl], z0, z1, next_activation(nets[0], lvl))]
+                    for sp, a0, a1 in zip(spaces, in0, in1):
+                        act = activation_module(mods[0].get(sp.act) if sp.act else None)
+                        pairs.append((inner_stats[lvl][sp.name], a0, a1, act))
+                    for (s_pre, s_post), a0, a1, act in pairs:
+                        s_pre.update(flatten_neurons(a0, axis), flatten_neurons(a1, axis))
+                        if post:
+                            s_post.update(flatten_neurons(act(a0), axis), flatten_neurons(act(a1), axis))
+                if not last:
+                    stream.advance({0: nets[0].levels[lvl], 1: nets[1].levels[lvl]})
+        for pair in level_stats + [p for d in inner_stats for p in d.values()]:
+            self.reduce(pair[0])
+            if post:
+                self.reduce(pair[1])
+        return level_stats, inner_stats
+
+    def _cost(self, stats: List[CrossMoments], members: List[int], scores: List[List[np.ndarray]],
               space: Optional[Space]) -> np.ndarray:
         cost = np.zeros_like(stats[0].sq_dist())
         for s, m in zip(stats, members):
             if self.options.metric == "correlation":
-                cost -= s.correlation()
+                cost -= s.correlation().cpu().numpy()
                 continue
-            d = s.sq_dist() if self.options.metric == "sqdistance" else np.sqrt(s.sq_dist())
+            sq = s.sq_dist().cpu().numpy()
+            d = sq if self.options.metric == "sqdistance" else np.sqrt(sq)
             if space is None:
                 s0, s1 = scores[0][m][:, None], scores[1][m][None, :]
                 d = 2.0 * s0 * s1 / (s0 + s1) * d
             cost += d
         return cost
 
-    def _match(self, m0: LeveledNet, m1: LeveledNet, lvl: int, members: List[int],
-               scores: List[List[np.ndarray]], data: FusionSet, space: Optional[Space]) -> np.ndarray:
+    def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
+               scores: List[List[np.ndarray]], space: Optional[Space]) -> np.ndarray:
         """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
-        the stream ``members``, or at the internal ``space`` of level ``lvl``).
+        the stream ``members``, or at the internal ``space`` of level ``lvl``), from the
+        (pre, post)-activation moments ``stats`` of each member.
 
         On post-activations, neurons that are inactive on the whole fusion set all look alike
         (zero vectors), which leaves ties; they are broken by adding the pre-activation cost
         scaled by :data:`TIE_BREAK` relative to the post-activation cost.
         """
         post = self.options.activations == "post"
-        stats = [(_MomentStats(), _MomentStats()) for _ in members]
-        with torch.no_grad():
-            for xb, _ in data.batches(self.device):
-                for (s_pre, s_post), m in zip(stats, members):
-                    (a0, p0), (a1, p1) = (self._activations(m0, xb, m, space),
-                                          self._activations(m1, xb, m, space))
-                    s_pre.update(flatten_neurons(a0, m0.axes[m]), flatten_neurons(a1, m1.axes[m]))
-                    if post:
-                        s_post.update(flatten_neurons(p0, m0.axes[m]), flatten_neurons(p1, m1.axes[m]))
         cost = self._cost([s[0] for s in stats], members, scores, space)
         if post:
             tie = cost

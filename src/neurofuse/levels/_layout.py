@@ -1,0 +1,384 @@
+r"""Level layouts and neuron maps: how the parameters of a level follow its neurons.
+
+This is the alignment machinery shared by every method that rewrites one model in another
+model's neuron basis (OTFusion, Git Re-Basin): which tensors of a level belong to its input, its
+output and its internal neurons (:class:`LevelLayout`, :func:`level_layout`), how residual levels
+tie the neurons of several levels into one *residual stream* (:func:`residual_heads`, the
+convention every architecture with skip connections follows: ``level.adds_input = True``, or a
+block with ``branch`` and an ``nn.Identity`` ``shortcut``), and how a level's parameters are
+written in another basis (:func:`align_level`).
+
+Notation
+--------
+Model :math:`k` has :math:`n` neurons at a level, the anchor :math:`m`.  A transport map
+:math:`T \in \mathbb{R}_{\ge 0}^{n\times m}` with row sums :math:`\mu` (model :math:`k`'s
+marginal) and column sums :math:`\nu` (the anchor's marginal) moves model :math:`k`'s neurons onto
+the anchor's.  With
+
+.. math:: Q = \operatorname{diag}(1/\nu)\, T^\top \in \mathbb{R}^{m\times n}, \qquad
+          P = T\, \operatorname{diag}(1/\nu) \in \mathbb{R}^{n\times m},
+
+every row of :math:`Q` is a convex combination of model :math:`k`'s neurons (a barycentric
+projection onto anchor neuron :math:`j`).  A level with weight :math:`W` (output neurons on the
+rows, input neurons on the columns) is aligned as
+
+.. math:: \widetilde W = Q\, W\, P_{\text{prev}}, \qquad \tilde b = Q\, b,
+
+where :math:`P_{\text{prev}}` is the previous level's map (the identity at the input) and
+:math:`Q` is the identity at the output level.  For a convolution the right product acts on the
+input-channel axis of every kernel tap; for a linear layer after a flattened feature map (VGG's
+classifier) it acts on the channel axis of every spatial position.  For a permutation (uniform
+marginals, equal widths) :math:`Q = \Pi^\top` and :math:`P = \Pi`, so the aligned model computes
+exactly the same function as the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import IncompatibleModelsError
+from ._core import LeveledNet
+
+__all__ = [
+    "LevelLayout",
+    "NeuronMap",
+    "Space",
+    "SpaceMaps",
+    "activation_module",
+    "align_level",
+    "capture",
+    "check_alignable",
+    "identity_ok",
+    "level_adds_input",
+    "level_layout",
+    "next_activation",
+    "normalized",
+    "residual_heads",
+    "stream_members",
+]
+
+_AFFINE = (nn.Linear, nn.Conv2d)
+_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+#: element-wise non-linearities a level may start with (used for post-activation matching)
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SiLU)
+
+
+# ---------------------------------------------------------------------------------------------
+# level layout: which tensors follow which neurons
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """An internal neuron space of a level (the output of one of its inner affine layers).
+
+    ``point`` names the module (relative to the level) whose output is the space's
+    pre-activation; ``act`` the parameter-free module applied next (``None`` if none).
+    """
+
+    name: str
+    point: str
+    act: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelLayout:
+    """Which tensors of a level (state-dict keys relative to the level) follow which neurons.
+
+    Neuron spaces are ``"in"`` (the level input = the previous level's output), ``"out"`` (the
+    level output) and the level's internal spaces (``"h0"``, ``"h1"``, ...).
+
+    Attributes
+    ----------
+    tensors : tuple of (key, space0, space1, kind)
+        ``space0`` is the space of axis 0, ``space1`` that of axis 1 for affine weights
+        (``None`` otherwise), ``kind`` is ``"linear"``, ``"conv"`` or ``"vector"``.
+    internal : tuple of Space
+        Internal spaces, in forward order.
+    tied : bool
+        The level adds its input to its output (identity skip): ``"out"`` *is* ``"in"``.
+    """
+
+    tensors: Tuple[Tuple[str, str, Optional[str], str], ...]
+    internal: Tuple[Space, ...]
+    tied: bool
+
+    def keys_in(self, space: str) -> List[str]:
+        """Keys whose axis 0 runs over ``space``."""
+        return [k for k, s0, _, _ in self.tensors if s0 == space]
+
+
+def level_adds_input(level: nn.Module) -> bool:
+    """Whether a level declares an identity skip connection.
+
+    Either ``level.adds_input = True`` (``output = level(input)`` already includes ``+ input``),
+    or the residual-block protocol of :class:`neurofuse.models.resnet.BasicBlock`: attributes
+    ``branch`` and ``shortcut`` with ``shortcut`` an ``nn.Identity``.
+    """
+    if getattr(level, "adds_input", False):
+        return True
+    return _is_block(level) and isinstance(getattr(level, "shortcut"), nn.Identity)
+
+
+def _is_block(level: nn.Module) -> bool:
+    return isinstance(getattr(level, "branch", None), nn.Module) and isinstance(
+        getattr(level, "shortcut", None), nn.Module)
+
+
+def _own_tensors(m: nn.Module) -> List[Tuple[str, Tensor]]:
+    return list(m.named_parameters(recurse=False)) + [
+        (n, b) for n, b in m.named_buffers(recurse=False) if b is not None]
+
+
+def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> LevelLayout:
+    """Describe a level for alignment.
+
+    A level is read as one or two *paths* of leaf modules in registration order: the level
+    itself, or, for a residual block (attributes ``branch`` and ``shortcut``, computing
+    ``branch(f(x)) + shortcut(f(x))`` with ``f`` parameter-free, as
+    :class:`neurofuse.models.resnet.BasicBlock`), its ``branch`` and its ``shortcut`` (unless the
+    shortcut is the identity, which ties the output neurons to the input neurons).  A path holds
+    ``Linear`` / ungrouped ``Conv2d`` layers, per-channel normalisations (``BatchNorm1d/2d``,
+    ``LayerNorm`` over the neurons) and parameter-free modules.  Its first affine layer reads the
+    level input, its last writes the level output and each inner one opens an internal space.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the level has no affine layer, a grouped convolution or another module with parameters.
+    """
+    if _is_block(level):
+        paths = [("branch.", level.branch)]
+        if not isinstance(level.shortcut, nn.Identity):
+            paths.append(("shortcut.", level.shortcut))
+        for n, m in level.named_modules():
+            if n and not (n.startswith("branch") or n.startswith("shortcut")) and _own_tensors(m):
+                raise IncompatibleModelsError(
+                    f"level {index} holds parameters outside its branch and shortcut ({n}); "
+                    f"{method!r} cannot align it"
+                )
+    else:
+        paths = [("", level)]
+    for n, m in level.named_modules():
+        if list(m.children()) and _own_tensors(m):
+            raise IncompatibleModelsError(
+                f"level {index}: {type(m).__name__} {n or '(the level)'} holds parameters of its own "
+                f"next to its sub-modules; {method!r} aligns only Linear/Conv2d layers and "
+                "per-channel normalisations (use 'kf-gradient' for such levels)"
+            )
+    tensors: List[Tuple[str, str, Optional[str], str]] = []
+    internal: List[Space] = []
+    for prefix, root in paths:
+        leaves = [(prefix + n, m) for n, m in root.named_modules() if not list(m.children())]
+        n_aff = sum(isinstance(m, _AFFINE) for _, m in leaves)
+        if n_aff == 0:
+            raise IncompatibleModelsError(
+                f"level {index} has no Linear/Conv2d layer{' in ' + prefix[:-1] if prefix else ''}; "
+                f"{method!r} aligns levels that end at an affine layer"
+            )
+        current, seen, open_space = "in", 0, None  # open_space: internal space still taking its point
+        for name, m in leaves:
+            if isinstance(m, _AFFINE):
+                if isinstance(m, nn.Conv2d) and m.groups != 1:
+                    raise IncompatibleModelsError(
+                        f"level {index} has a grouped convolution (groups={m.groups}); {method!r} "
+                        "aligns only ungrouped convolutions"
+                    )
+                seen += 1
+                out_space = "out" if seen == n_aff else f"h{len(internal)}"
+                kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+                tensors.append((f"{name}.weight", out_space, current, kind))
+                if m.bias is not None:
+                    tensors.append((f"{name}.bias", out_space, None, "vector"))
+                if out_space != "out":
+                    internal.append(Space(out_space, name, None))
+                    open_space = len(internal) - 1
+                else:
+                    open_space = None
+                current = out_space
+                continue
+            own = _own_tensors(m)
+            if own:
+                if not isinstance(m, _CHANNEL):
+                    raise IncompatibleModelsError(
+                        f"level {index} holds a {type(m).__name__} with parameters; {method!r} aligns "
+                        "only Linear/Conv2d layers and per-channel normalisations (use 'kf-gradient' "
+                        "for such levels)"
+                    )
+                for pn, t in own:
+                    if t.dim() == 0:
+                        continue  # num_batches_tracked: a counter, copied from the anchor
+                    if t.dim() != 1:
+                        raise IncompatibleModelsError(
+                            f"level {index}: {type(m).__name__} normalises over several axes; "
+                            f"{method!r} aligns only per-channel normalisations"
+                        )
+                    tensors.append((f"{name}.{pn}", current, None, "vector"))
+                if open_space is not None:
+                    sp = internal[open_space]
+                    internal[open_space] = Space(sp.name, name, None)
+            elif open_space is not None:
+                sp = internal[open_space]
+                internal[open_space] = Space(sp.name, sp.point, name)
+                open_space = None
+        if current != "out":  # pragma: no cover - guarded by n_aff > 0
+            raise IncompatibleModelsError(f"level {index}: a path does not reach the level output")
+    return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level))
+
+
+def residual_heads(layouts: Sequence[LevelLayout]) -> List[int]:
+    """For every level, the first level of its *residual stream* (``-1``: the network input).
+
+    Levels tied by identity skip connections (:func:`level_adds_input`) share their output
+    neurons with the level before them; a chain of such levels is one stream and is aligned with
+    one transport map, computed from the activations of every level in the stream.
+    """
+    heads: List[int] = []
+    for i, lay in enumerate(layouts):
+        if lay.tied:
+            heads.append(heads[i - 1] if i > 0 else -1)
+        else:
+            heads.append(i)
+    return heads
+
+
+def stream_members(heads: Sequence[int], head: int) -> List[int]:
+    """The levels of the stream that starts at ``head`` (contiguous)."""
+    return [i for i, h in enumerate(heads) if h == head]
+
+
+def activation_module(module: Optional[nn.Module]) -> nn.Module:
+    """``module`` if it is an element-wise activation, ReLU otherwise."""
+    return module if isinstance(module, _ACTIVATIONS) else nn.ReLU()
+
+
+def next_activation(net: LeveledNet, level: int) -> nn.Module:
+    """The non-linearity applied to ``level``'s output: the first leaf module of the next level
+    when it is an element-wise activation, ReLU otherwise."""
+    if level + 1 < net.num_levels:
+        for m in net.levels[level + 1].modules():
+            if len(list(m.children())) == 0:
+                return activation_module(m)
+    return nn.ReLU()
+
+
+def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[LevelLayout], List[int]]:
+    """Layouts and residual heads of the anchor, checked to be the same for every model."""
+    layouts = [level_layout(lv, i, method) for i, lv in enumerate(nets[0].levels)]
+    for k, net in enumerate(nets[1:], start=1):
+        for i, lv in enumerate(net.levels):
+            lk = level_layout(lv, i, method)
+            if lk != layouts[i]:
+                raise IncompatibleModelsError(
+                    f"model {k} level {i} has different layers or skip connections than model 0's; "
+                    f"{method!r} needs the same architecture up to widths"
+                )
+    return layouts, residual_heads(layouts)
+
+
+def capture(module: nn.Module, run) -> Tensor:  # type: ignore[no-untyped-def]
+    """The output of ``module`` while ``run()`` executes (a forward hook)."""
+    store: Dict[str, Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, o: store.__setitem__("z", o))
+    try:
+        run()
+    finally:
+        handle.remove()
+    if "z" not in store:  # pragma: no cover - the layout names modules on the forward path
+        raise IncompatibleModelsError(f"{type(module).__name__} was not run by its level's forward")
+    return store["z"]
+
+
+# ---------------------------------------------------------------------------------------------
+# applying transport maps to parameters
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NeuronMap:
+    r"""The two faces of a transport map ``T`` ``[n, m]`` with target marginal ``nu``.
+
+    ``out`` is :math:`Q = \operatorname{diag}(1/\nu) T^\top` (``[m, n]``, rows sum to one):
+    it writes a per-neuron quantity of model ``k`` in the anchor's basis.  ``inc`` is
+    :math:`P = T \operatorname{diag}(1/\nu)` (``[n, m]``): it feeds anchor-basis inputs to a layer
+    that expects model ``k``'s neurons.
+    """
+
+    out: Tensor
+    inc: Tensor
+    plan: np.ndarray
+
+    @classmethod
+    def from_plan(cls, plan: np.ndarray, nu: np.ndarray) -> "NeuronMap":
+        p = torch.from_numpy(np.asarray(plan, dtype=np.float64) / np.asarray(nu, dtype=np.float64)[None, :])
+        return cls(out=p.T.contiguous(), inc=p, plan=np.asarray(plan, dtype=np.float64))
+
+
+def _map_out(t: Tensor, q: Tensor) -> Tensor:
+    """Rows of ``t`` (axis 0 = neurons) written in the target basis: ``q @ t``."""
+    return torch.tensordot(q.to(t.device), t, dims=([1], [0]))
+
+
+def _map_in(w: Tensor, p: Tensor, kind: str, level: int) -> Tensor:
+    """Input axis (1) of an affine weight fed with target-basis inputs: ``w @ p`` per tap."""
+    p = p.to(w.device)
+    n = p.shape[0]
+    if kind == "conv":
+        if w.shape[1] != n:
+            raise IncompatibleModelsError(
+                f"level {level}: the convolution takes {w.shape[1]} channels but its input has "
+                f"{n} neurons"
+            )
+        return torch.einsum("oikl,ij->ojkl", w, p)
+    d_in = w.shape[1]
+    if d_in == n:
+        return w @ p
+    if d_in % n == 0:  # Linear after Flatten of [C, H, W]: channel-major, one map per position
+        w3 = w.reshape(w.shape[0], n, d_in // n)
+        return torch.einsum("ois,ij->ojs", w3, p).reshape(w.shape[0], -1)
+    raise IncompatibleModelsError(
+        f"level {level}: the linear layer takes {d_in} inputs, not a multiple of the previous "
+        f"level's {n} neurons"
+    )
+
+
+SpaceMaps = Dict[str, Optional[NeuronMap]]
+
+
+def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMaps) -> Dict[str, Tensor]:
+    """State dict of ``level`` with every neuron space in ``maps`` written in the anchor's basis.
+
+    ``maps`` gives a :class:`NeuronMap` per space (``"in"``, ``"out"``, internal names); a
+    missing or ``None`` space is left as it is (identity, or not aligned yet).  The arithmetic
+    is done in float64 and cast back to each tensor's dtype.
+    """
+    spec = {key: (s0, s1, kind) for key, s0, s1, kind in layout.tensors}
+    result: Dict[str, Tensor] = {}
+    for key, v in level.state_dict().items():
+        if not v.is_floating_point() or key not in spec:
+            result[key] = v.clone()
+            continue
+        s0, s1, kind = spec[key]
+        t = v.double()
+        if s1 is not None and maps.get(s1) is not None:
+            t = _map_in(t, maps[s1].inc, kind, index)  # type: ignore[union-attr]
+        if maps.get(s0) is not None:
+            t = _map_out(t, maps[s0].out)  # type: ignore[union-attr]
+        result[key] = t.to(v.dtype)
+    return result
+
+
+def identity_ok(widths: Sequence[List[int]], level: int, why: str) -> None:
+    """Raise unless every model has the anchor's width at ``level`` (identity transport)."""
+    w = [bw[level] for bw in widths]
+    if len(set(w)) != 1:
+        raise IncompatibleModelsError(
+            f"level {level} has widths {w} but must be aligned by the identity ({why}); give the "
+            "models equal widths there"
+        )
+
+
+def normalized(scores: np.ndarray) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    return s / s.sum()
