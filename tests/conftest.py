@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see neurofuse/__init__.py
+# before torch loads libgomp: idle OpenMP threads sleep instead of spinning, which keeps the
+# suite fast on a shared 2-core machine (neurofuse itself leaves the variable to its users)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest

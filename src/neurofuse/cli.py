@@ -156,14 +156,35 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
 
 
 def cmd_fuse(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    _check_output(out, a.force, [Path(p) for p in a.checkpoints])
+    if a.distributed:
+        return _fuse_distributed(a)
+    return _fuse_and_save(a, out)
+
+
+def _fuse_distributed(a: argparse.Namespace) -> int:
+    """``fuse --distributed`` under torchrun: every rank fuses on its shard, rank 0 writes."""
+    from . import distributed
+    from .errors import ConfigError
+
+    if a.finetune or a.depth:
+        raise ConfigError("--distributed fuses level by level on shards of the fusion set; it "
+                          "does not combine with --finetune or --depth (run those afterwards)")
+    distributed.init(device=a.device)
+    try:
+        return _fuse_and_save(a, Path(a.out), distributed=True, main=distributed.is_main())
+    finally:
+        distributed.shutdown()
+
+
+def _fuse_and_save(a: argparse.Namespace, out: Path, distributed: bool = False, main: bool = True) -> int:
     from .api import fuse
     from .checkpoint import save_model
     from .data import load_dataset
     from .experiment import fusion_set
     from .training import evaluate
 
-    out = Path(a.out)
-    _check_output(out, a.force, [Path(p) for p in a.checkpoints])
     models = _load_all(a.checkpoints)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
@@ -173,10 +194,15 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     if a.depth:
         options.update(depth_metric=a.depth_metric, balance=a.balance)
     finetune, finetune_data = _finetune_args(a, ds)
+    if distributed:
+        options["distributed"] = True
     fused = fuse(models, fusion, method=a.method, importance=a.importance, width=a.width,
-                 seed=a.seed, progress=not a.no_progress, device=a.device, repair=a.repair,
+                 seed=a.seed, progress=not a.no_progress and main, device=a.device, repair=a.repair,
                  finetune=finetune, finetune_data=finetune_data, depth=a.depth,
                  reference=a.reference, **options)
+    options.pop("distributed", None)
+    if not main:
+        return 0
     from .methods import get_method
 
     label = f"{a.method}/{a.importance}" if get_method(a.method).uses_importance else a.method
@@ -186,7 +212,7 @@ def cmd_fuse(a: argparse.Namespace) -> int:
         "dataset": ds.name, "method": a.method, "importance": a.importance, "seed": a.seed,
         "width": a.width, "options": {k: v for k, v in options.items() if k != "class_weights"},
         "head_weights": bool(a.head_weights), "repair": bool(a.repair), "finetune": a.finetune,
-        "depth": a.depth, "inputs": [str(p) for p in a.checkpoints],
+        "depth": a.depth, "inputs": [str(p) for p in a.checkpoints], "distributed": bool(distributed),
         "fusion_samples": int(fusion[0].shape[0])})
     s = evaluate(fused, ds.x_test, ds.y_test)
     extra = f" + {', '.join(steps)}" if steps else ""
@@ -481,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --depth align: insert identity levels (add) or merge levels (merge)")
     p.add_argument("--depth-metric", choices=["cka", "euclidean"], default="cka",
                    help="with --depth align: level dissimilarity (default: cka)")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: each rank streams a shard of the fusion set, the level "
+                        "statistics are all-reduced (gloo on CPU, nccl on GPU), rank 0 writes --out; "
+                        "e.g. torchrun --nproc-per-node 2 -m neurofuse fuse ... --distributed")
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_fuse)

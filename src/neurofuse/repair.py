@@ -50,7 +50,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._fusion_set import FusionSet, as_fusion_set
 from .errors import ConfigError, IncompatibleModelsError
-from .levels import LeveledNet, check_same_levels, flatten_neurons
+from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
+from .stats import MomentStats
 
 __all__ = ["repair", "reset_batchnorm"]
 
@@ -126,34 +127,25 @@ def _fold_target(level: nn.Module) -> Optional[nn.Module]:
     return target
 
 
-def _moments(stats: Tuple[Tensor, Tensor, int]) -> Tuple[np.ndarray, np.ndarray]:
-    s, sq, n = stats
-    mean = s / n
-    var = (sq / n - mean * mean).clamp_min(0.0)
-    return mean.cpu().numpy(), var.sqrt().cpu().numpy()
-
-
-def _accumulate(acc: Optional[Tuple[Tensor, Tensor, int]], z: Tensor, axis: str) -> Tuple[Tensor, Tensor, int]:
-    f = flatten_neurons(z, axis).double()
-    s, sq, n = f.sum(0), (f * f).sum(0), f.shape[0]
-    if acc is None:
-        return s, sq, n
-    return acc[0] + s, acc[1] + sq, acc[2] + n
+def _moments(stats: MomentStats) -> Tuple[np.ndarray, np.ndarray]:
+    mean, std = stats.mean_std()
+    return mean.cpu().numpy(), std.cpu().numpy()
 
 
 def _base_statistics(models: Sequence[LeveledNet], fs: FusionSet) -> List[List[Tuple[np.ndarray, np.ndarray]]]:
-    """Per model, per level: (mean, std) of every neuron's output over the fusion set."""
+    """Per model, per level: (mean, std) of every neuron's output over the fusion set (one
+    forward pass per model)."""
     out = []
     for m in models:
         dev = _device_of(m)
-        acc: List[Optional[Tuple[Tensor, Tensor, int]]] = [None] * m.num_levels
+        acc = [MomentStats() for _ in range(m.num_levels)]
         with torch.no_grad():
             for xb, _ in fs.batches(dev):
                 h = xb
                 for i, level in enumerate(m.levels):
                     h = level(h)
-                    acc[i] = _accumulate(acc[i], h, m.axes[i])
-        out.append([_moments(a) for a in acc])  # type: ignore[arg-type]
+                    acc[i].update(flatten_neurons(h, m.axes[i]))
+        out.append([_moments(a) for a in acc])
     return out
 
 
@@ -215,7 +207,8 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
 
 
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
-           groups: Optional[Sequence[Any]] = None, batch_size: int = 256) -> nn.Module:
+           groups: Optional[Sequence[Any]] = None, batch_size: int = 256,
+           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:
     """Repair the statistics of a fused model (REPAIR, Jordan et al. 2023); see the module notes.
 
     Parameters
@@ -237,6 +230,9 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         ``[n_fused, sum n_k]`` matrix.
     batch_size : int
         Rows per forward pass.
+    memory_budget : int, optional
+        Bytes of the fused model's level inputs kept in memory while they are carried forward
+        (see :class:`neurofuse.levels.LevelStream`); beyond it they go to temporary files.
 
     Returns
     -------
@@ -277,31 +273,35 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
     changed = False
-    for lvl in range(n_levels - 1):
-        level = out.levels[lvl]
-        bns = _batchnorms(level)
-        if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
-            reset_batchnorm(out, fs, modules=bns)
-        target = _fold_target(level)
-        if target is None:
-            log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
-                      "not rescaled", lvl, type(level).__name__)
-            continue
-        acc = None
-        with torch.no_grad():
-            for xb, _ in fs.batches(device):
-                acc = _accumulate(acc, out.forward_until(xb, lvl), out.axes[lvl])
-        mean_f, std_f = _moments(acc)  # type: ignore[arg-type]
-        b = _matching(groups, lvl, len(mean_f), [w[lvl] for w in base_widths])
-        if b is None:
-            continue
-        mean_t = b @ np.concatenate([s[lvl][0] for s in base_stats])
-        std_t = b @ np.concatenate([s[lvl][1] for s in base_stats])
-        matched = b.sum(1) > 0
-        flat = std_f <= _EPS * np.maximum(1.0, np.abs(mean_f))
-        a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
-        shift = np.where(matched, mean_t - a * mean_f, 0.0)
-        _fold(target, a, shift, lvl)
-        changed = True
-        log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
+    # the fused model's level inputs, carried forward as its levels are rescaled
+    stream = LevelStream(fs, 1, device, memory_budget=memory_budget)
+    with stream:
+        for lvl in range(n_levels - 1):
+            level = out.levels[lvl]
+            bns = _batchnorms(level)
+            if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
+                reset_batchnorm(out, fs, modules=bns)
+            target = _fold_target(level)
+            if target is None:
+                log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
+                          "not rescaled", lvl, type(level).__name__)
+                stream.advance({0: level})
+                continue
+            acc = MomentStats()
+            with torch.no_grad():
+                for b in stream:
+                    acc.update(flatten_neurons(level(b.inputs[0]), out.axes[lvl]))
+            mean_f, std_f = _moments(acc)
+            bm = _matching(groups, lvl, len(mean_f), [w[lvl] for w in base_widths])
+            if bm is not None:
+                mean_t = bm @ np.concatenate([s[lvl][0] for s in base_stats])
+                std_t = bm @ np.concatenate([s[lvl][1] for s in base_stats])
+                matched = bm.sum(1) > 0
+                flat = std_f <= _EPS * np.maximum(1.0, np.abs(mean_f))
+                a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
+                shift = np.where(matched, mean_t - a * mean_f, 0.0)
+                _fold(target, a, shift, lvl)
+                changed = True
+                log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
+            stream.advance({0: level})
     return out.eval()

@@ -203,7 +203,11 @@ class LinearStats(AdditiveStats):
             weights = u @ (proj / lam[:, None])           # (X^T X)^+ X^T A
             if prior is not None:
                 weights = weights + prior - u @ (u.T @ prior)  # null-space part from the prior
-            feats = proj / torch.sqrt(lam)[:, None]       # Λ^{-1/2} U^T C, coordinates of P a_j
+            # U Λ^{-1/2} U^T C: coordinates of P a_j (an isometry of the image), written back in
+            # the input basis so that they do not depend on the eigenvectors' signs or on the
+            # basis LAPACK picks inside a (near-)degenerate eigenspace; the grouping then sees the
+            # same points whatever the summation order of the statistics (shards, ranks, batches)
+            feats = u @ (proj / torch.sqrt(lam)[:, None])
             residual = self.sq - (feats * feats).sum(0)
             rank = int(keep.sum())
         else:
@@ -214,7 +218,7 @@ class LinearStats(AdditiveStats):
             weights = torch.linalg.solve(reg, rhs)
             # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
             evals, evecs = self._eigh()
-            feats = torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights)
+            feats = evecs @ (torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights))
             fitted = (weights * (self.gram @ weights)).sum(0)
             residual = self.sq - 2.0 * (weights * self.cross).sum(0) + fitted
             rank = int((evals > cut * evals.max().clamp_min(1e-300)).sum())

@@ -204,7 +204,10 @@ class LinearFusion(LevelwiseFusion):
         prior = self._prior(level, models, affine) if self.options.prior else None
         sol = stats.solve(self.options.rtol, self.options.ridge, prior)
         widths = [bw[level] for bw in self.base_widths]
-        feats = sol.features.cpu().numpy()
+        # grouping sees the features rounded to float32: float64 statistics summed in another order
+        # (other batches, shards, ranks) differ in the last bits, and K-means is a discrete search
+        # that such bits can send to another local optimum
+        feats = sol.features.float().double().cpu().numpy()
         if level == fused.num_levels - 1:
             grouping = identity_grouping(widths, self.options.class_weights)
         else:

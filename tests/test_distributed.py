@@ -1,0 +1,73 @@
+"""Fusion on torch.distributed: 2 gloo ranks on shards equal one process on the union."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import neurofuse
+from neurofuse import FusionSet
+from neurofuse.distributed import shard_fusion_set
+from neurofuse.errors import ConfigError, DataError
+from neurofuse.stats import CrossMoments, MomentStats
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, models, x, y, method: str, importance: str,
+               out_dir: str) -> None:  # pragma: no cover - runs in the spawned ranks
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fused = neurofuse.fuse(models, (x, y), method=method, importance=importance, progress=False,
+                               distributed=True, batch_size=64)
+        torch.save({k: v.clone() for k, v in fused.state_dict().items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method,importance", [("kf-linear", "uniform"), ("otfusion", "conductance"),
+                                               ("git-rebasin", "uniform")])
+def test_two_gloo_ranks_give_the_fused_model_of_one_process_on_the_union(
+        method, importance, dirichlet_mlps, digits_fusion, tmp_path):
+    models = dirichlet_mlps[0][:2]
+    x, y = digits_fusion
+    ref = neurofuse.fuse(models, (x, y), method=method, importance=importance, progress=False,
+                         batch_size=64)
+    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, method, importance, str(tmp_path)),
+             nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, v in ref.state_dict().items():
+        for st in states:
+            assert torch.allclose(st[key], v, atol=1e-6, rtol=0), key
+
+
+def test_shards_cover_the_fusion_set_in_order():
+    fs = FusionSet(torch.arange(10.0)[:, None], torch.arange(10), batch_size=3)
+    parts = [shard_fusion_set(fs, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p.x for p in parts]), fs.x)
+    assert [len(p) for p in parts] == [3, 3, 4]
+    with pytest.raises(DataError, match="every rank needs one"):
+        shard_fusion_set(FusionSet(torch.zeros(1, 2)), 0, 2)
+
+
+def test_distributed_without_a_process_group_is_a_clear_error(dirichlet_mlps, digits_fusion):
+    with pytest.raises(ConfigError, match="not initialised"):
+        neurofuse.fuse(dirichlet_mlps[0][:2], digits_fusion, progress=False, distributed=True)
+
+
+def test_methods_that_need_all_samples_refuse_distributed(dirichlet_mlps, digits_fusion):
+    with pytest.raises(ConfigError, match="cannot run distributed.*kf-linear"):
+        neurofuse.fuse(dirichlet_mlps[0][:2], digits_fusion, method="kf-gradient", progress=False,
+                       distributed=True)
