@@ -176,3 +176,39 @@ def test_option_values_of_the_wrong_type_are_refused(trained, tmp_path, capsys):
     for opt, pattern in (("n_init=abc", "must be int"), ("n_init", "KEY=VALUE")):
         code, _, err = _run(capsys, "fuse", *ckpts, "--option", opt, "--out", str(tmp_path / "u.safetensors"))
         _assert_one_line_error(code, err, pattern)
+
+
+def test_fuse_distributed_under_torchrun_writes_the_single_process_checkpoint(trained, tmp_path):
+    """`torchrun --nproc-per-node 2 -m neurofuse fuse ... --distributed`: rank 0 writes a
+    checkpoint equal to the one-process fusion."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from neurofuse.checkpoint import load_model
+
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert main(["fuse", *ckpts, "--out", str(one), "--no-progress"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+         "127.0.0.1", "--master-port", str(port), "-m", "neurofuse", "fuse", *ckpts, "--out", str(two),
+         "--no-progress", "--distributed"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("test accuracy") == 1  # only rank 0 reports
+    a, b = load_model(one), load_model(two)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert (v - w).abs().max() <= 1e-6, k
+
+
+def test_fuse_distributed_outside_torchrun_is_a_one_line_error(trained, tmp_path, capsys):
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    code, _, err = _run(capsys, "fuse", *ckpts, "--out", str(tmp_path / "f.safetensors"),
+                        "--distributed", "--no-progress")
+    _assert_one_line_error(code, err, "torchrun")
