@@ -889,6 +889,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sets, cells = _plan(a)
     if a.only:
         cells = [c for c in cells if any(s in c["id"] for s in a.only)]
+        sets = {k: v for k, v in sets.items() if any(c["set"] == k for c in cells)}
     if a.list:
         for c in cells:
             print(f"{c['id']:<44} {'+'.join(_versions_of(c)):<13} {', '.join(c['sections'])}")
