@@ -295,15 +295,20 @@ def _move(space: _Space, st: _State, r: Tensor, j: Tensor, new: Tensor, k: int, 
     """
     src = r * k + st.labels[r, j]
     dst = r * k + new
-    wj, xw, ones = space.w[j], space.xw[j], torch.ones_like(src)
+    wj, ones = space.w[j], torch.ones_like(src)
     for rows, sign in ((dst, 1), (src, -1)):
         st.weight.index_add_(0, rows, wj, alpha=sign)
         st.count.index_add_(0, rows, ones, alpha=sign)
-        st.sums.index_add_(0, rows, xw, alpha=sign)
-    if space.gram_w is not None:
-        step = tmp.shape[0]
-        for lo in range(0, j.shape[0], step):
-            g = torch.index_select(space.gram_w, 0, j[lo:lo + step], out=tmp[:j[lo:lo + step].shape[0]])
+    d = space.x.shape[1]
+    flat = tmp.view(-1)
+    step = min(tmp.shape[0], flat.shape[0] // d)
+    for lo in range(0, j.shape[0], step):   # row gathers into the scratch space, chunk by chunk
+        jc = j[lo:lo + step]
+        xw = torch.index_select(space.xw, 0, jc, out=flat[:jc.shape[0] * d].view(-1, d))
+        st.sums.index_add_(0, dst[lo:lo + step], xw)
+        st.sums.index_add_(0, src[lo:lo + step], xw, alpha=-1)
+        if space.gram_w is not None:
+            g = torch.index_select(space.gram_w, 0, jc, out=tmp[:jc.shape[0]])
             st.inner.index_add_(0, dst[lo:lo + step], g)
             st.inner.index_add_(0, src[lo:lo + step], g, alpha=-1)
     st.labels[r, j] = new
@@ -597,10 +602,15 @@ def _hartigan(space: _Space, st: _State, wk: _Work, k: int, max_rounds: int) -> 
 
 def _exact_costs(space: _Space, labels: Tensor, k: int) -> Tensor:
     """``[R]`` weighted costs of the clusterings ``labels``, centres and residuals from scratch."""
+    x, w = space.x, space.w
+    res = torch.empty_like(x)
     out = []
     for lab in labels:
-        mu = _torch_centroids(space.x, space.w, lab, k)
-        out.append((space.w * (space.x - mu[lab]).square_().sum(1)).sum())
+        mu = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, lab, space.xw)
+        wt = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, lab, w)
+        mu /= wt.clamp_min(torch.finfo(x.dtype).tiny)[:, None]
+        torch.index_select(mu, 0, lab, out=res).sub_(x).square_()
+        out.append(res.sum(1) @ w)
     return torch.stack(out)
 
 
@@ -716,13 +726,15 @@ def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Opti
         st = _build(space, labels, k)
         wk = _work(nr * k, m, x)
         _lloyd(space, st, wk, k, max_iter, tol)
-        costs = _exact_costs(space, st.labels, k)
+        # in float64 the running sums rank the restarts well enough; the final cost is exact
+        exact = x.dtype != torch.float64
+        costs = _exact_costs(space, st.labels, k) if exact else _costs(space, st, k)
         if refine:
             plain = st.labels.clone()
-            if x.dtype != torch.float64:  # drop the rounding the incremental updates gathered
+            if exact:  # drop the rounding the incremental updates gathered
                 st = _build(space, plain, k)
             rounds = _hartigan(space, st, wk, k, max(100, 4 * m))
-            refined = _exact_costs(space, st.labels, k)
+            refined = _exact_costs(space, st.labels, k) if exact else _costs(space, st, k)
             logger.debug("k-means refinement of restarts %d-%d: %d rounds", lo, lo + nr - 1, rounds)
             keep = refined <= costs            # always, up to rounding
             st.labels = torch.where(keep[:, None], st.labels, plain)
@@ -732,7 +744,8 @@ def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Opti
             best = (float(costs[i]), st.labels[i].clone())
         del st, wk
     assert best is not None
-    cost, labels = best
+    labels = best[1]
+    cost = float(_exact_costs(space, labels[None], k)[0])
     centres = _torch_centroids(x, w, labels, k)
     if as_numpy:
         return labels.cpu().numpy(), centres.cpu().numpy(), cost
