@@ -170,3 +170,13 @@ def test_a_tolerance_stops_lloyd_early_but_still_gives_a_full_clustering():
     labels, c, cost = weighted_kmeans(x, np.ones(100), 7, n_init=2, tol=0.5, refine=False)
     assert set(labels) == set(range(7)) and c.shape == (7, 5)
     assert cost == pytest.approx(_cost(x, np.ones(100), labels, 7))
+
+
+def test_points_of_more_dimensions_than_clusters_times_points_are_clustered():
+    # the scratch space is [R * k, M]: here a point has more coordinates than it holds
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 300))[rng.integers(3, size=12)] + 0.1 * rng.normal(size=(12, 300))
+    for refine in (False, True):
+        labels, c, cost = weighted_kmeans(x, np.ones(12), 2, n_init=3, refine=refine)
+        assert set(labels) == {0, 1} and c.shape == (2, 300)
+        assert cost == pytest.approx(_cost(x, np.ones(12), labels, 2))

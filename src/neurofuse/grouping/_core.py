@@ -301,10 +301,13 @@ def _move(space: _Space, st: _State, r: Tensor, j: Tensor, new: Tensor, k: int, 
         st.count.index_add_(0, rows, ones, alpha=sign)
     d = space.x.shape[1]
     flat = tmp.view(-1)
-    step = min(tmp.shape[0], flat.shape[0] // d)
+    step = max(1, min(tmp.shape[0], flat.shape[0] // d))
     for lo in range(0, j.shape[0], step):   # row gathers into the scratch space, chunk by chunk
         jc = j[lo:lo + step]
-        xw = torch.index_select(space.xw, 0, jc, out=flat[:jc.shape[0] * d].view(-1, d))
+        if jc.shape[0] * d <= flat.shape[0]:
+            xw = torch.index_select(space.xw, 0, jc, out=flat[:jc.shape[0] * d].view(-1, d))
+        else:  # points of more dimensions than the scratch space holds
+            xw = space.xw[jc]
         st.sums.index_add_(0, dst[lo:lo + step], xw)
         st.sums.index_add_(0, src[lo:lo + step], xw, alpha=-1)
         if space.gram_w is not None:
