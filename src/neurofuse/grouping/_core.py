@@ -154,6 +154,7 @@ class _Space:
     """The points (centred on their weighted mean) and what every distance computation needs."""
 
     x: Tensor                 # [M, D] points minus their weighted mean
+    shift: Tensor             # [D] the weighted mean
     w: Tensor                 # [M] weights
     xw: Tensor                # [M, D] w_j x_j
     p2: Tensor                # [M] squared norms
@@ -173,17 +174,20 @@ class _State:
     sqnorm: Tensor  # [R*k] |S_c|^2
 
 
-def _space(x: Tensor, w: Tensor, gram: bool) -> Tuple[_Space, Optional[Tensor]]:
-    """Centre the points; with ``gram``, also return the ``[M, M]`` squared distances."""
-    xc = x - (w[:, None] * x).sum(0) / w.sum()
+def _space(x: Tensor, w: Tensor, gram: bool, pairs: bool) -> Tuple[_Space, Optional[Tensor]]:
+    """Centre the points; with ``gram`` keep the weighted Gram matrix, and with ``pairs`` as well
+    return the ``[M, M]`` squared distances between the points (for seeding)."""
+    shift = (w[:, None] * x).sum(0) / w.sum()
+    xc = x - shift
     p2 = (xc * xc).sum(1)
     res = 64.0 * torch.finfo(x.dtype).eps * max(float(p2.max()), torch.finfo(x.dtype).tiny)
     gram_w = pdist = None
     if gram:
         g = xc @ xc.T
         gram_w = g * w[:, None]
-        pdist = g.mul_(-2.0).add_(p2[:, None]).add_(p2[None, :]).clamp_min_(0.0)
-    return _Space(xc, w, xc * w[:, None], p2, gram_w, res), pdist
+        if pairs:
+            pdist = g.mul_(-2.0).add_(p2[:, None]).add_(p2[None, :]).clamp_min_(0.0)
+    return _Space(xc, shift, w, xc * w[:, None], p2, gram_w, res), pdist
 
 
 def _point_dist(space: _Space, pdist: Optional[Tensor], idx: Tensor) -> Tensor:
@@ -709,9 +713,9 @@ def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Opti
         if start.shape != (k, dim):
             raise ConfigError(f"init must have shape [{k}, {dim}], got {list(start.shape)}")
     runs = 1 if start is not None else n_init
-    space, pdist = _space(x, w, gram=2 * m * m * x.element_size() <= _GRAM_BYTES)
+    space, pdist = _space(x, w, gram=2 * m * m * x.element_size() <= _GRAM_BYTES, pairs=start is None)
     if start is not None:
-        c = start - (x[0] - space.x[0])
+        c = start - space.shift
         seeds = None
     else:
         gen = torch.Generator().manual_seed(int(seed))
