@@ -113,6 +113,26 @@ class LinearSolution:
     rank: int
 
 
+def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
+    try:
+        if g.device.type != "cpu":
+            return torch.linalg.eigh(g)
+        # torch's multi-threaded CPU eigh slows down 10-20x as soon as another process competes
+        # for the cores (measured: d=2305 took 40 s on 2 threads, 2.3 s on 1); one thread is at
+        # worst ~2x slower on an idle machine.  See benchmarks/eigh_threads.py.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.linalg.eigh(g)
+        finally:
+            torch.set_num_threads(threads)
+    except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
+        import scipy.linalg
+
+        w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
+        return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
+
+
 class LinearStats(AdditiveStats):
     """Accumulates :math:`X^\\top X`, :math:`X^\\top A` and :math:`\\lVert a_j\\rVert^2` in float64.
 
@@ -144,6 +164,13 @@ class LinearStats(AdditiveStats):
         return max(self.rows, self.gram.shape[0]) * float(torch.finfo(torch.float32).eps)
 
     def _eigh(self) -> tuple[Tensor, Tensor]:
+        """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row.
+
+        An input that is exactly zero on the whole fusion set (a pixel that is always black, a
+        neuron that never fires) has a zero row and column in :math:`G`: it spans an exact null
+        direction, so the decomposition runs on the other inputs only (``[d, d']`` eigenvectors
+        with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.
+        """
         assert self.gram is not None
         g = 0.5 * (self.gram + self.gram.T)
         if not torch.isfinite(g).all():
@@ -151,23 +178,14 @@ class LinearStats(AdditiveStats):
                 "the fused model's previous level produced NaN or infinite outputs; try a larger "
                 "rtol or a ridge (options rtol=..., ridge=...)"
             )
-        try:
-            if g.device.type != "cpu":
-                return torch.linalg.eigh(g)
-            # torch's multi-threaded CPU eigh slows down 10-20x as soon as another process competes
-            # for the cores (measured: d=2305 took 40 s on 2 threads, 2.3 s on 1); one thread is at
-            # worst ~2x slower on an idle machine.  See benchmarks/eigh_threads.py.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return torch.linalg.eigh(g)
-            finally:
-                torch.set_num_threads(threads)
-        except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
-            import scipy.linalg
-
-            w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
-            return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
+        active = torch.diagonal(g) > 0
+        if bool(active.all()) or not bool(active.any()):
+            return _eigh_dense(g)
+        idx = torch.nonzero(active).flatten()
+        w, v = _eigh_dense(g[idx][:, idx])
+        full = torch.zeros(g.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
+        full[idx] = v
+        return w, full
 
     def solve(self, rtol: float | None = None, ridge: float = 0.0,
               prior: Tensor | None = None) -> LinearSolution:

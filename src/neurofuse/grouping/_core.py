@@ -58,8 +58,20 @@ class Grouping:
         return np.flatnonzero(self.labels == c)
 
 
-def centroids(points: np.ndarray, weights: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Weighted centres ``[k, D]`` of ``points`` ``[M, D]``; an empty cluster gets zeros."""
+def centroids(points: ArrayLike, weights: ArrayLike, labels: ArrayLike, k: int) -> ArrayLike:
+    """Weighted centres ``[k, D]`` of ``points`` ``[M, D]``; an empty cluster gets zeros.
+
+    numpy inputs give a float64 numpy array; a Tensor ``points`` gives a Tensor on its device
+    and in its dtype (``weights`` and ``labels`` may then be numpy or Tensors).
+    """
+    if isinstance(points, Tensor):
+        w = torch.as_tensor(weights).to(points.device, points.dtype)
+        lab = torch.as_tensor(labels).to(points.device, torch.long)
+        num = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device)
+        num.index_add_(0, lab, points * w[:, None])
+        den = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, lab, w)
+        return torch.where(den[:, None] > 0, num / den.clamp_min(torch.finfo(points.dtype).tiny)[:, None],
+                           torch.zeros_like(num))
     d = points.shape[1]
     num = np.zeros((k, d), dtype=np.float64)
     np.add.at(num, labels, points * weights[:, None])
@@ -766,8 +778,17 @@ def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Opti
     return labels, centres, cost
 
 
-def kmeans_grouping(points: np.ndarray, weights: np.ndarray, k: int, *, n_init: int = 10,
-                    max_iter: int = 300, seed: int = 0) -> Grouping:
-    """K-means Fusion grouping (paper section 4.3.1(b)): any number of models, any widths."""
-    labels, _, _ = weighted_kmeans(points, weights, k, n_init=n_init, max_iter=max_iter, seed=seed)
-    return Grouping(labels.astype(np.int64), k, weights.copy())
+def kmeans_grouping(points: ArrayLike, weights: np.ndarray, k: int, *, n_init: int = 10,
+                    max_iter: int = 300, seed: int = 0, refine: bool = True) -> Grouping:
+    """K-means Fusion grouping (paper section 4.3.1(b)): any number of models, any widths.
+
+    ``points`` may be a numpy array (CPU, float64) or a Tensor (K-means runs on its device and
+    in its dtype); ``weights`` are the neurons' importance scores.  See :func:`weighted_kmeans`.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    pts_w = torch.as_tensor(w).to(points.device, points.dtype) if isinstance(points, Tensor) else w
+    labels, _, _ = weighted_kmeans(points, pts_w, k, n_init=n_init, max_iter=max_iter, seed=seed,
+                                   refine=refine)
+    if isinstance(labels, Tensor):
+        labels = labels.cpu().numpy()
+    return Grouping(np.asarray(labels, dtype=np.int64), k, w.copy())
