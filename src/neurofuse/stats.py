@@ -72,6 +72,16 @@ class AdditiveStats:
             cur = self._sums[name]
             self._sums[name] = v.clone() if cur is None else cur.add_(v.to(cur.device))
 
+    def _add_product(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Add ``a @ b`` (float64) to the sum ``name`` in place (``addmm_``): no temporary of the
+        sum's size per batch, which on the CPU would fragment the allocator's heap."""
+        cur = self._sums[name]
+        a, b = a.detach().double(), b.detach().double()
+        if cur is None:
+            self._sums[name] = a @ b
+        else:
+            cur.addmm_(a.to(cur.device), b.to(cur.device))
+
     @property
     def empty(self) -> bool:
         """Whether no batch has been added yet."""
@@ -158,7 +168,8 @@ class CrossMoments(AdditiveStats):
     def update(self, a: Tensor, b: Tensor) -> None:
         a, b = a.double(), b.double()
         self._add(count=torch.tensor(float(a.shape[0]), dtype=torch.float64, device=a.device),
-                  sa=a.sum(0), sb=b.sum(0), aa=(a * a).sum(0), bb=(b * b).sum(0), ab=a.T @ b)
+                  sa=a.sum(0), sb=b.sum(0), aa=(a * a).sum(0), bb=(b * b).sum(0))
+        self._add_product("ab", a.T, b)
 
     def sq_dist(self) -> Tensor:
         """``[n, m]`` squared Euclidean distances between the columns of ``a`` and ``b``."""

@@ -156,7 +156,9 @@ class LinearStats(AdditiveStats):
         x = x.double()
         a = a.double()
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  gram=x.T @ x, cross=x.T @ a, sq=(a * a).sum(0))
+                  sq=(a * a).sum(0))
+        self._add_product("gram", x.T, x)
+        self._add_product("cross", x.T, a)
 
     def default_rtol(self) -> float:
         """``torch.linalg.pinv``'s default for float32 data: ``max(rows, d) * eps(float32)``."""

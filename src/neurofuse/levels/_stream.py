@@ -7,7 +7,7 @@ forward costs one evaluation of each level per batch, one forward pass per model
 
 :class:`LevelStream` carries ``n`` such *streams* (one per network) batch by batch.  Level
 inputs are kept in memory while the stream's stored bytes stay under a budget; above it they are
-spilled to files in a private temporary folder (read back memory-mapped, one batch at a time) or,
+spilled to files in a private temporary folder (read back one batch at a time) or,
 with ``spill="recompute"``, not stored at all and recomputed from the fusion set through the
 levels applied so far.  The folder is removed when the stream is closed (it is a context manager)
 or garbage-collected.
@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "LevelStream", "StreamBatch"]
 log = logging.getLogger("neurofuse")
 
 #: bytes of level inputs a stream keeps in memory before it spills (all streams together)
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -55,6 +55,8 @@ class _Store:
         raise NotImplementedError
 
     nbytes_in_memory = 0
+    #: bytes a store being filled will hold (its estimate when it was created)
+    reserved = 0
 
     def complete(self, n: int) -> bool:
         """Whether all ``n`` batches were put."""
@@ -101,7 +103,8 @@ class _MemoryStore(_Store):
 
 
 class _DiskStore(_Store):
-    """Raw bytes of every batch in one file; read back through a memory map per batch."""
+    """Raw bytes of every batch in one file, read back into a fresh tensor per batch (no
+    memory map stays open, so resident memory does not grow with the spilled level)."""
 
     def __init__(self, folder: str) -> None:
         fd, self.path = tempfile.mkstemp(suffix=".level", dir=folder)
@@ -111,7 +114,7 @@ class _DiskStore(_Store):
 
     def put(self, i: int, t: Tensor) -> None:
         raw = t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
-        self.file.write(raw.tobytes())
+        self.file.write(memoryview(raw))  # no copy of the batch
         self.index[i] = (self.offset, tuple(t.shape), t.dtype)
         self.offset += raw.size
 
@@ -125,10 +128,11 @@ class _DiskStore(_Store):
         n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
         if n == 0:
             return torch.empty(shape, dtype=dtype, device=device)
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=off, shape=(n,))
-        t = torch.from_numpy(np.array(mm)).view(dtype).reshape(shape)
-        del mm
-        return t.to(device)
+        out = torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as f:  # read straight into the batch's own buffer
+            f.seek(off)
+            f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+        return out.to(device)
 
     def close(self) -> None:
         if not self.file.closed:
@@ -256,11 +260,14 @@ class LevelStream:
 
     # -- moving on --------------------------------------------------------------------------
     def _bytes_in_memory(self) -> int:
-        return sum(s.nbytes_in_memory for s in list(self._stores) + list(self._next.values()))
+        """Bytes held or reserved in memory: a level being filled counts at its full size."""
+        return sum(max(s.nbytes_in_memory, s.reserved) for s in list(self._stores) + list(self._next.values()))
 
     def _new_store(self, nbytes: int) -> _Store:
         if self.budget is None or self._bytes_in_memory() + nbytes <= self.budget:
-            return _MemoryStore()
+            store = _MemoryStore()
+            store.reserved = nbytes
+            return store
         self.spilled += 1
         if self.spill == "recompute":
             return _DropStore()
