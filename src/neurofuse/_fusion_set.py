@@ -61,6 +61,11 @@ class FusionSet:
             )
 
 
+def _all_finite(x: Tensor, rows: int = 4096) -> bool:
+    """``torch.isfinite(x).all()`` in slices of ``rows``: no temporaries the size of the data."""
+    return all(bool(torch.isfinite(x[i:i + rows]).all()) for i in range(0, x.shape[0], rows))
+
+
 def as_fusion_set(data: Any, batch_size: int = 256) -> FusionSet:
     """Turn ``data`` into a :class:`FusionSet`.
 
@@ -102,7 +107,7 @@ def as_fusion_set(data: Any, batch_size: int = 256) -> FusionSet:
         raise DataError("empty fusion set: pass at least one sample (e.g. --fusion-samples 400)")
     if not torch.is_floating_point(fs.x):
         fs.x = fs.x.float()
-    if not torch.isfinite(fs.x).all():
+    if not _all_finite(fs.x):
         raise DataError("fusion inputs contain NaN or infinite values; clean the data first")
     if fs.y is not None and fs.y.shape[0] != fs.x.shape[0]:
         raise DataError(f"fusion set has {fs.x.shape[0]} inputs but {fs.y.shape[0]} labels")
