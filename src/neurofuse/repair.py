@@ -45,7 +45,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._fusion_set import FusionSet, as_fusion_set

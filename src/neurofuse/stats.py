@@ -28,7 +28,7 @@ and across federated clients.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 import torch
 from torch import Tensor
@@ -38,7 +38,6 @@ __all__ = [
     "CrossMoments",
     "ImportanceSums",
     "MomentStats",
-    "reduce_stats",
 ]
 
 S = TypeVar("S", bound="AdditiveStats")
@@ -103,13 +102,18 @@ class AdditiveStats:
     @classmethod
     def from_state(cls: Type[S], state: Dict[str, Tensor], **kwargs: Any) -> S:
         """Statistics holding the sums of ``state`` (as returned by :meth:`state`)."""
-        out = cls(**kwargs)
+        out = cls._empty_for(state, **kwargs)
         unknown = set(state) - set(out._sums)
         if unknown:
             raise KeyError(f"{cls.__name__} has no statistic(s) {sorted(unknown)}")
         for k, v in state.items():
             out._sums[k] = torch.as_tensor(v).double().clone()
         return out
+
+    @classmethod
+    def _empty_for(cls: Type[S], state: Dict[str, Tensor], **kwargs: Any) -> S:
+        """Empty statistics that can hold ``state`` (subclasses whose fields depend on it override)."""
+        return cls(**kwargs)
 
     def all_reduce(self: S, group: Any = None) -> S:
         """Sum the statistics over every process of ``group`` (``torch.distributed``), in place.
@@ -125,12 +129,6 @@ class AdditiveStats:
             assert t is not None
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return self
-
-
-def reduce_stats(stats: S, reduce: Optional[Callable[[AdditiveStats], AdditiveStats]]) -> S:
-    """``reduce(stats)`` if a reduction is given (e.g. :meth:`AdditiveStats.all_reduce`), else
-    ``stats``; the one place where the fusion methods hand their statistics to a communicator."""
-    return stats if reduce is None else reduce(stats)  # type: ignore[return-value]
 
 
 class MomentStats(AdditiveStats):
@@ -198,9 +196,8 @@ class ImportanceSums(AdditiveStats):
         super().__init__()
 
     @classmethod
-    def from_state(cls, state: Dict[str, Tensor], **kwargs: Any) -> "ImportanceSums":  # type: ignore[override]
-        n = sum(1 for k in state if k.startswith("level"))
-        return super().from_state.__func__(cls, state, num_levels=n)  # type: ignore[attr-defined]
+    def _empty_for(cls, state: Dict[str, Tensor], **kwargs: Any) -> "ImportanceSums":
+        return cls(num_levels=sum(1 for k in state if k.startswith("level")))
 
     def update(self, sums: List[Tensor], count: int) -> None:
         self._add(count=torch.tensor(float(count), dtype=torch.float64),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._fusion_set import FusionSet
 from ..approximation._gradient import LevelConfig, fit_level, perturb_level

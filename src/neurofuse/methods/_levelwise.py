@@ -22,7 +22,7 @@ from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
-from ..importance import neuron_importance, normalize_scores
+from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
 from ..levels._bn import fold_batchnorm, has_batchnorm
 from ._base import FusionMethod, register_method
