@@ -195,8 +195,15 @@ class LinearFusion(LevelwiseFusion):
             priors.append(p)
         return torch.cat(priors, dim=1).to(self.device)
 
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
-                   stream: LevelStream, k: int) -> None:
+    def level_statistics(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                         stream: LevelStream) -> LinearStats:
+        """Accumulate the level's least-squares statistics over ``stream`` (this process's data).
+
+        Reads the fused model's level inputs (stream 0) and every base model's (streams ``1..N``),
+        and keeps the base models' level outputs in the stream for the next level.  The result is
+        additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
+        union (:meth:`neurofuse.stats.AdditiveStats.merge`).
+        """
         pre, affine = split_affine(fused.levels[level])
         stats = LinearStats()
         last = level == fused.num_levels - 1
@@ -210,8 +217,15 @@ class LinearFusion(LevelwiseFusion):
                         b.keep(i, z)
                     outs.append(flatten_neurons(z, m.axes[level]))
                 stats.update(x, torch.cat(outs, dim=1))
-        stats = self.reduce(stats)
-        data = stream.data
+        return stats
+
+    def solve_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                    stats: LinearStats, k: int, data: Optional[FusionSet]) -> None:
+        """Group the level's base neurons and write the fused level's weights, from ``stats``
+        (merged over all the data) alone; ``data`` is used only for importance scores (``None``:
+        uniform importance is required)."""
+        _, affine = split_affine(fused.levels[level])
+        last = level == fused.num_levels - 1
         prior = self._prior(level, models, affine) if self.options.prior else None
         sol = stats.solve(self.options.rtol, self.options.ridge, prior)
         widths = [bw[level] for bw in self.base_widths]
@@ -235,11 +249,16 @@ class LinearFusion(LevelwiseFusion):
         g_err = float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum())
         r_err = float((gw * sol.residual.to(gw.device)).sum())
         self._k_prev = grouping.k
-        if not last:
-            stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
         self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
                             "grouping_error": g_err, "unreachable_error": r_err})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
+
+    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+                   stream: LevelStream, k: int) -> None:
+        stats = self.reduce(self.level_statistics(level, models, fused, stream))
+        self.solve_level(level, models, fused, stats, k, stream.data)
+        if level < fused.num_levels - 1:
+            stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
 
 
 @register_method("hf-linear")
