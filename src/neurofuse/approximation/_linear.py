@@ -20,7 +20,8 @@ makes :math:`X w_c` the projection of the weighted cluster centre.  A ``ridge`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,24 +94,58 @@ def aligned_prior(affine: nn.Module, assign: "Tensor | None", k_prev: int) -> Te
 
 @dataclass
 class LinearSolution:
-    """Least-squares weights and image coordinates of every base neuron.
+    """Image coordinates and residuals of every base neuron, and their least-squares weights.
+
+    The weights :math:`w_j = (X^\top X)^+ X^\top a_j` (plus the prior's null-space part) are
+    linear in the cross statistics :math:`X^\top a_j`, so the weighted mean of a group's weights,
+    which is all the fused level needs, is the solve applied to the group's weighted mean cross
+    column: :meth:`combine` forms ``k`` columns instead of the ``M`` of :attr:`weights`.
 
     Attributes
     ----------
-    weights : Tensor
-        ``[d, M]`` least-squares weights :math:`w_j` of each base neuron (float64).
     features : Tensor
         ``[M, r]`` coordinates :math:`f_j` of the projections :math:`P a_j`.
     residual : Tensor
-        ``[M]`` :math:`\\lVert (I - P) a_j \\rVert^2`, the part no fused level can reproduce.
+        ``[M]`` :math:`\lVert (I - P) a_j \rVert^2`, the part no fused level can reproduce.
     rank : int
         Numerical rank ``r`` of the design matrix.
     """
 
-    weights: Tensor
     features: Tensor
     residual: Tensor
     rank: int
+    cross: Tensor = field(repr=False)           # [d, M] X^T A
+    prior: Optional[Tensor] = field(repr=False)  # [d, M] or None
+    apply: Callable[[Tensor, Optional[Tensor]], Tensor] = field(repr=False)
+
+    @property
+    def weights(self) -> Tensor:
+        """``[d, M]`` least-squares weights :math:`w_j` of each base neuron (float64)."""
+        return self.apply(self.cross, self.prior)
+
+    def combine(self, weights: Tensor, labels: Tensor, k: int) -> Tensor:
+        """``[d, k]`` weighted means :math:`\sum_{j \in c} s_j w_j / \sum_{j \in c} s_j` of
+        the groups' least-squares weights (zeros for an empty group).
+
+        Parameters
+        ----------
+        weights : Tensor
+            ``[M]`` weights :math:`s_j` of the base neurons (importance scores).
+        labels : Tensor
+            ``[M]`` group of every base neuron, in ``0..k-1``.
+        k : int
+            Number of groups.
+        """
+        w = weights.to(self.cross.device, self.cross.dtype)
+        lab = labels.to(self.cross.device, torch.long)
+        den = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, lab, w)
+        scale = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(den))
+
+        def mean(c: Tensor) -> Tensor:
+            num = torch.zeros(c.shape[0], k, dtype=c.dtype, device=c.device)
+            return num.index_add_(1, lab, c * w).mul_(scale)
+
+        return self.apply(mean(self.cross), None if self.prior is None else mean(self.prior))
 
 
 def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,26 +255,32 @@ class LinearStats(AdditiveStats):
             keep = evals > cut * evals.max().clamp_min(1e-300)
             lam, u = evals[keep], evecs[:, keep]
             proj = u.T @ self.cross                       # [r, M]
-            weights = u @ (proj / lam[:, None])           # (X^T X)^+ X^T A
-            if prior is not None:
-                weights = weights + prior - u @ (u.T @ prior)  # null-space part from the prior
             # U Λ^{-1/2} U^T C: coordinates of P a_j (an isometry of the image), written back in
             # the input basis so that they do not depend on the eigenvectors' signs or on the
             # basis LAPACK picks inside a (near-)degenerate eigenspace; the grouping then sees the
             # same points whatever the summation order of the statistics (shards, ranks, batches)
-            feats = u @ (proj / torch.sqrt(lam)[:, None])
+            feats = u @ proj.div_(torch.sqrt(lam)[:, None])
             residual = self.sq - (feats * feats).sum(0)
             rank = int(keep.sum())
+
+            def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
+                w = u @ ((u.T @ c) / lam[:, None])            # (X^T X)^+ X^T A
+                if p is not None:
+                    w = w + p - u @ (u.T @ p)                 # null-space part from the prior
+                return w
         else:
             eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
             reg = self.gram + ridge * torch.diagonal(self.gram).mean() * eye
             lam_bar = ridge * torch.diagonal(self.gram).mean()
-            rhs = self.cross if prior is None else self.cross + lam_bar * prior
-            weights = torch.linalg.solve(reg, rhs)
+
+            def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
+                return torch.linalg.solve(reg, c if p is None else c + lam_bar * p)
+
+            weights = apply(self.cross, prior)
             # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
             evals, evecs = self._eigh()
             feats = evecs @ (torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights))
             fitted = (weights * (self.gram @ weights)).sum(0)
             residual = self.sq - 2.0 * (weights * self.cross).sum(0) + fitted
             rank = int((evals > cut * evals.max().clamp_min(1e-300)).sum())
-        return LinearSolution(weights, feats.T.contiguous(), residual.clamp_min(0.0), rank)
+        return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior, apply)

@@ -242,8 +242,7 @@ class LinearFusion(LevelwiseFusion):
             self.groupings.append(grouping)
         gw = torch.from_numpy(grouping.weights).to(self.device)
         labels = torch.from_numpy(grouping.labels).to(self.device)
-        w = centroids(sol.weights.T, gw, labels, grouping.k)          # [k, d], float64
-        assign_affine(affine, w.T)
+        assign_affine(affine, sol.combine(gw, labels, grouping.k))    # [d, k], float64
         f64 = feats.double()
         t = centroids(f64, gw, labels, grouping.k)
         g_err = float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum())
