@@ -67,3 +67,37 @@ def test_conv_design_matrix_reproduces_the_convolution():
     other = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     assign_affine(other, w.double())
     assert torch.allclose(other(u), conv(u), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,d", [(300, 12), (20, 40)])   # full rank and rank-deficient Gram
+def test_shared_input_statistics_give_the_general_solution_without_cross(rows, d):
+    """Outputs a_j = X p_j (the first level): statistics without X^T A solve to w_j = p_j, the
+    general path's answer, with features at the same pairwise distances and zero residuals."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    x[:, 3] = 0.0                                             # an input that never fires
+    p = torch.randn(d, 9, generator=g, dtype=torch.float64)
+    a = x @ p
+    full, shared = LinearStats(), LinearStats(cross=False)
+    for i in range(0, rows, 7):
+        full.update(x[i:i + 7], a[i:i + 7])
+        shared.update(x[i:i + 7], a[i:i + 7])
+    assert "cross" not in shared.state()
+    restored = LinearStats.from_state(shared.state())          # travels without X^T A
+    assert not restored.has_cross
+    ref, sol = full.solve(prior=p), restored.solve(prior=p)
+    assert torch.allclose(sol.weights, p) and torch.allclose(ref.weights, p, atol=1e-6)
+    d_ref = torch.cdist(ref.features.double(), ref.features.double())
+    d_sol = torch.cdist(sol.features.double(), sol.features.double())
+    assert torch.allclose(d_sol, d_ref, rtol=1e-4, atol=1e-4 * float(d_ref.max()))
+    assert float(sol.residual.max()) <= 1e-4 * float(full.sq.max())
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    assert torch.allclose(sol.combine(w, labels, 3), ref.combine(w, labels, 3), atol=1e-6)
+
+
+def test_shared_input_statistics_need_the_prior():
+    st = LinearStats(cross=False)
+    st.update(torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+    with pytest.raises(Exception, match="prior"):
+        st.solve()

@@ -94,7 +94,7 @@ def aligned_prior(affine: nn.Module, assign: "Tensor | None", k_prev: int) -> Te
 
 @dataclass
 class LinearSolution:
-    """Image coordinates and residuals of every base neuron, and their least-squares weights.
+    r"""Image coordinates and residuals of every base neuron, and their least-squares weights.
 
     The weights :math:`w_j = (X^\top X)^+ X^\top a_j` (plus the prior's null-space part) are
     linear in the cross statistics :math:`X^\top a_j`, so the weighted mean of a group's weights,
@@ -114,7 +114,7 @@ class LinearSolution:
     features: Tensor
     residual: Tensor
     rank: int
-    cross: Tensor = field(repr=False)           # [d, M] X^T A
+    cross: Optional[Tensor] = field(repr=False)  # [d, M] X^T A (None: shared inputs, see solve)
     prior: Optional[Tensor] = field(repr=False)  # [d, M] or None
     apply: Callable[[Tensor, Optional[Tensor]], Tensor] = field(repr=False)
 
@@ -124,7 +124,7 @@ class LinearSolution:
         return self.apply(self.cross, self.prior)
 
     def combine(self, weights: Tensor, labels: Tensor, k: int) -> Tensor:
-        """``[d, k]`` weighted means :math:`\sum_{j \in c} s_j w_j / \sum_{j \in c} s_j` of
+        r"""``[d, k]`` weighted means :math:`\sum_{j \in c} s_j w_j / \sum_{j \in c} s_j` of
         the groups' least-squares weights (zeros for an empty group).
 
         Parameters
@@ -136,8 +136,10 @@ class LinearSolution:
         k : int
             Number of groups.
         """
-        w = weights.to(self.cross.device, self.cross.dtype)
-        lab = labels.to(self.cross.device, torch.long)
+        ref = self.cross if self.cross is not None else self.prior
+        assert ref is not None
+        w = weights.to(ref.device, ref.dtype)
+        lab = labels.to(ref.device, torch.long)
         den = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, lab, w)
         scale = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(den))
 
@@ -145,7 +147,8 @@ class LinearSolution:
             num = torch.zeros(c.shape[0], k, dtype=c.dtype, device=c.device)
             return num.index_add_(1, lab, c * w).mul_(scale)
 
-        return self.apply(mean(self.cross), None if self.prior is None else mean(self.prior))
+        return self.apply(None if self.cross is None else mean(self.cross),
+                          None if self.prior is None else mean(self.prior))
 
 
 def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,7 +178,21 @@ class LinearStats(AdditiveStats):
     accumulated separately and merged (or all-reduced across processes) before :meth:`solve`.
     """
 
-    fields = ("count", "gram", "cross", "sq")
+    fields: tuple = ("count", "gram", "cross", "sq")
+
+    def __init__(self, cross: bool = True) -> None:
+        if not cross:
+            self.fields = ("count", "gram", "sq")
+        super().__init__()
+
+    @classmethod
+    def _empty_for(cls, state: dict, **kwargs: object) -> "LinearStats":
+        return cls(cross="cross" in state)
+
+    @property
+    def has_cross(self) -> bool:
+        """Whether :math:`X^\\top A` is accumulated (``False``: shared inputs, see :meth:`solve`)."""
+        return "cross" in self.fields
 
     @property
     def rows(self) -> int:
@@ -193,12 +210,65 @@ class LinearStats(AdditiveStats):
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
                   sq=(a * a).sum(0))
         self._add_product("gram", x.T, x)
-        self._add_product("cross", x.T, a)
+        if self.has_cross:
+            self._add_product("cross", x.T, a)
 
     def default_rtol(self) -> float:
         """``torch.linalg.pinv``'s default for float32 data: ``max(rows, d) * eps(float32)``."""
         assert self.gram is not None
         return max(self.rows, self.gram.shape[0]) * float(torch.finfo(torch.float32).eps)
+
+    def _gram(self) -> Tensor:
+        assert self.gram is not None
+        g = 0.5 * (self.gram + self.gram.T)
+        if not torch.isfinite(g).all():
+            raise IncompatibleModelsError(
+                "the fused model's previous level produced NaN or infinite outputs; try a larger "
+                "rtol or a ridge (options rtol=..., ridge=...)"
+            )
+        return g
+
+    def _solve_shared(self, prior: Optional[Tensor]) -> LinearSolution:
+        r"""The exact solution when every base output is :math:`a_j = X p_j` (shared inputs).
+
+        At a level whose design matrix is the same for the fused and every base model (the first
+        level: all read the model input), the least-squares weights with the prior's null-space
+        part are the base weights themselves, :math:`(X^\top X)^+ X^\top X p_j + (I - UU^\top)
+        p_j = p_j`, and the residuals are zero.  Grouping needs coordinates with
+        :math:`\lVert f_i - f_j\rVert = \lVert a_i - a_j\rVert`: :math:`f_j = L^\top p_j` with
+        the Cholesky factor :math:`G = LL^\top` of the Gram matrix (inputs that are zero on every
+        row left out, a jitter of ``10 d eps`` relative to its largest diagonal entry), an
+        isometry up to that jitter that is continuous in :math:`G` (no eigenvector signs or
+        bases) and costs a fraction of the eigendecomposition.
+        """
+        if prior is None:
+            raise ConfigError("statistics without X^T A (shared inputs) need the base weights (prior)")
+        g = self._gram()
+        diag = torch.diagonal(g)
+        idx = torch.nonzero(diag > 0).flatten()
+        if idx.numel() == 0:
+            feats = torch.zeros(prior.shape[1], 1, dtype=torch.float32, device=prior.device)
+            return LinearSolution(feats, self.sq.clamp_min(0.0), 0, None, prior, lambda c, p: p)  # type: ignore[arg-type]
+        ga = g[idx][:, idx]
+        scale = float(torch.diagonal(ga).max())
+        jitter = 10.0 * ga.shape[0] * float(torch.finfo(torch.float64).eps) * scale
+        eye = torch.eye(ga.shape[0], dtype=ga.dtype, device=ga.device)
+        for _ in range(6):  # a rounding-negative pivot: more jitter (the fit is exact regardless)
+            chol, info = torch.linalg.cholesky_ex(ga + jitter * eye)
+            if int(info) == 0:
+                break
+            jitter *= 100.0
+        else:
+            raise IncompatibleModelsError("the Gram matrix of the model inputs is not positive "
+                                          "semi-definite; check the fusion set for extreme values")
+        p = prior[idx.to(prior.device)]
+        feats = chol.T.float() @ p.float()                            # [d', M], float32 suffices
+        residual = (self.sq - (feats.double() ** 2).sum(0)).clamp_min(0.0)
+        # numerical rank, as the eigenvalue cut of the general path applied to the pivots
+        piv = torch.diagonal(chol) ** 2
+        cut = max(self.default_rtol() ** 2, 10.0 * g.shape[0] * float(torch.finfo(torch.float64).eps))
+        rank = min(self.rows, int((piv > cut * float(piv.max())).sum()))
+        return LinearSolution(feats.T.contiguous(), residual, rank, None, prior, lambda c, p: p)  # type: ignore[arg-type,return-value]
 
     def _eigh(self) -> tuple[Tensor, Tensor]:
         """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row.
@@ -208,13 +278,7 @@ class LinearStats(AdditiveStats):
         direction, so the decomposition runs on the other inputs only (``[d, d']`` eigenvectors
         with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.
         """
-        assert self.gram is not None
-        g = 0.5 * (self.gram + self.gram.T)
-        if not torch.isfinite(g).all():
-            raise IncompatibleModelsError(
-                "the fused model's previous level produced NaN or infinite outputs; try a larger "
-                "rtol or a ridge (options rtol=..., ridge=...)"
-            )
+        g = self._gram()
         active = torch.diagonal(g) > 0
         if bool(active.all()) or not bool(active.any()):
             return _eigh_dense(g)
@@ -239,10 +303,17 @@ class LinearStats(AdditiveStats):
             ``[d, M]`` prior weights.  With truncation, the components of the solution in the null
             space of :math:`X` (input directions the fusion set never excites) are taken from the
             prior instead of being zero; the fitted values :math:`X w_j` do not change.  With a
-            ridge, the solution is shrunk towards the prior instead of towards zero.
+            ridge, the solution is shrunk towards the prior instead of towards zero.  Statistics
+            accumulated without :math:`X^\top A` (``LinearStats(cross=False)``, for a level whose
+            inputs the base models share) hold the exact solution :math:`w_j = p_j`: ``prior`` is
+            required and ``ridge`` must be 0 (:meth:`_solve_shared`).
         """
-        if self.gram is None or self.cross is None or self.sq is None:
+        if self.empty:
             raise ValueError("no statistics accumulated")
+        if not self.has_cross:
+            if ridge != 0:
+                raise ConfigError("statistics without X^T A (shared inputs) solve without a ridge")
+            return self._solve_shared(prior)
         rtol = self.default_rtol() if rtol is None else rtol
         if rtol <= 0 or ridge < 0:
             raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")

@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "LevelStream", "StreamBatch"]
 log = logging.getLogger("neurofuse")
 
 #: bytes of level inputs a stream keeps in memory before it spills (all streams together)
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+DEFAULT_MEMORY_BUDGET = 16 * 2**20
 
 Fn = Callable[[Tensor], Tensor]
 

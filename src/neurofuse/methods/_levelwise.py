@@ -195,6 +195,29 @@ class LinearFusion(LevelwiseFusion):
             priors.append(p)
         return torch.cat(priors, dim=1).to(self.device)
 
+    def shares_inputs(self, level: int, models: List[LeveledNet], fused: LeveledNet) -> bool:
+        """Whether the fused and every base model see the same design matrix at ``level`` (the
+        first level, with the same input ops and layer geometry) and the options ask for the
+        prior's least-squares solution, which is then the base weights themselves: no
+        :math:`X^\top A` and no eigendecomposition (:meth:`LinearStats._solve_shared`)."""
+        if level != 0 or not self.options.prior or self.options.ridge != 0:
+            return False
+        pre, affine = split_affine(fused.levels[level])
+
+        def geometry(a: nn.Module) -> tuple:
+            keys = ("in_features", "in_channels", "kernel_size", "stride", "padding", "dilation",
+                    "groups", "padding_mode")
+            return (type(a), a.bias is not None) + tuple(getattr(a, k, None) for k in keys)
+
+        for m in models:
+            try:
+                p, a = split_affine(m.levels[level])
+            except IncompatibleModelsError:
+                return False
+            if repr(p) != repr(pre) or any(True for _ in p.buffers()) or geometry(a) != geometry(affine):
+                return False
+        return True
+
     def level_statistics(self, level: int, models: List[LeveledNet], fused: LeveledNet,
                          stream: LevelStream) -> LinearStats:
         """Accumulate the level's least-squares statistics over ``stream`` (this process's data).
@@ -205,7 +228,7 @@ class LinearFusion(LevelwiseFusion):
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
         pre, affine = split_affine(fused.levels[level])
-        stats = LinearStats()
+        stats = LinearStats(cross=not self.shares_inputs(level, models, fused))
         last = level == fused.num_levels - 1
         with torch.no_grad():
             for b in stream:
