@@ -12,21 +12,22 @@ needs nothing else.  Legacy PyTorch state dicts (``.pt`` / ``.pth``) are read to
 ``torch.load(..., weights_only=True)`` (no arbitrary code runs) and only together with an
 architecture config.
 
-Every write is atomic (a temporary file in the same directory, then :func:`os.replace`) and refuses
-to overwrite an existing file unless ``force=True``.
+Every write is atomic and durable (:mod:`neurofuse._io`: a uniquely named temporary file in the
+same directory, fsynced, then :func:`os.replace` and an fsync of the directory; the file gets the
+usual umask-derived mode) and refuses to overwrite an existing file unless ``force=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._io import write_safetensors, write_text
 from .errors import CheckpointError, ConfigError, NeurofuseError, OutputExistsError
 from .levels import LeveledNet
 
@@ -65,19 +66,6 @@ def _prepare_output(path: PathLike, force: bool) -> Path:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path next to ``out``, flush it to disk, then rename it."""
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _json_default(obj: Any) -> Any:
@@ -121,12 +109,7 @@ def save_json(obj: Any, path: PathLike, *, force: bool = False) -> Path:
     """
     text = json.dumps(obj, indent=2, default=_json_default) + "\n"
     out = _prepare_output(path, force)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write(out, write)
+    write_text(out, text)
     return out
 
 
@@ -209,9 +192,7 @@ def save_model(model: LeveledNet, path: PathLike, *, force: bool = False,
     }
     out = _prepare_output(out, force)
 
-    from safetensors.torch import save_file
-
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header})
     return out
 
 

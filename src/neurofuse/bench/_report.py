@@ -339,13 +339,7 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
 
 
 def write_report(out: Path, doc: Mapping[str, Any]) -> Path:
-    from ..checkpoint import _atomic_write
+    """Render ``doc`` into ``<out>/report.md`` (written atomically and durably)."""
+    from .._io import write_text
 
-    text = render_report(doc)
-    path = Path(out) / "report.md"
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    _atomic_write(path, write)
-    return path
+    return write_text(Path(out) / "report.md", render_report(doc))
