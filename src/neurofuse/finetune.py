@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import is_int as _is_int
+from ._validate import is_number as _is_num
 from .errors import ConfigError, DataError
 
 __all__ = ["FinetuneConfig", "finetune", "schedule_lr", "stratified_holdout"]
@@ -34,14 +36,6 @@ __all__ = ["FinetuneConfig", "finetune", "schedule_lr", "stratified_holdout"]
 log = logging.getLogger("neurofuse")
 
 SCHEDULES = ("warm-restarts", "cosine", "constant")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import is_int as _is_int
+from ._validate import is_number as _is_number
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -32,14 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _parse_device(device: Any) -> torch.device:

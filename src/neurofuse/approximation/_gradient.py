@@ -23,10 +23,11 @@ import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._validate import is_int as _is_int
+from .._validate import is_number as _is_num
 from ..errors import ConfigError, IncompatibleModelsError
 
 __all__ = [
@@ -41,15 +42,6 @@ log = logging.getLogger("neurofuse")
 
 OPTIMIZERS = ("adam", "sgd")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-        and math.isfinite(float(v))
 
 
 @dataclasses.dataclass(frozen=True)

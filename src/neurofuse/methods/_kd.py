@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, List, Optional
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from .._fusion_set import FusionSet
+from .._validate import is_int, is_number
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
 from ._base import FusionMethod, register_method
@@ -54,11 +54,11 @@ class KDHeadOptions:
     def __post_init__(self) -> None:
         for name in ("temperature", "lr"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
