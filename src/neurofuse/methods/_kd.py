@@ -14,9 +14,9 @@ from typing import Any, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import trange
 
 from .._fusion_set import FusionSet
+from .._loop import run_epochs, seeded_rng
 from .._validate import is_int, is_number
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
@@ -128,23 +128,13 @@ class KDHead(FusionMethod):
         bs = min(self.batch_size, n)
         gen = torch.Generator().manual_seed(self.seed)
         optim = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
-        self.history: List[float] = []
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(self.seed)
-            head.train()
-            for epoch in trange(opt.epochs, desc="kd-head", disable=not self.progress, leave=False):
-                order = torch.randperm(n, generator=gen).to(x.device)
-                total = 0.0
-                for start in range(0, n, bs):
-                    idx = order[start:start + bs]
-                    loss = kd_loss(head(x[idx]), p[idx], t)
-                    if not torch.isfinite(loss):
-                        raise ConfigError(f"kd-head diverged at epoch {epoch + 1}; lower lr (now {opt.lr})")
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    total += float(loss.detach()) * idx.numel()
-                self.history.append(total / n)
+        with seeded_rng(self.seed, torch.device("cpu")), torch.enable_grad():
+            result = run_epochs(
+                head, optim, n=n, batch_size=bs, epochs=opt.epochs, generator=gen,
+                batch_loss=lambda idx: kd_loss(head(x[idx]), p[idx], t), index_device=x.device,
+                diverged=lambda epoch, loss: f"kd-head diverged at epoch {epoch}; lower lr (now {opt.lr})",
+                desc="kd-head", progress=self.progress, leave=False)
+        self.history: List[float] = result.train_loss
         head.eval()
         return fused
 
