@@ -355,8 +355,8 @@ def _bench_event(name: str, scale: str) -> Callable[[str, Dict[str, Any]], None]
             print(f"{tag} training {info['split']} base models (seed {info['seed']}, {info['epochs']} epochs; "
                   f"cache {info['hash']})", flush=True)
         elif kind == "cache":
-            print(f"{tag} base models of the {info['split']}-way split, seed {info['seed']}: cached "
-                  f"({info['hash']})", flush=True)
+            print(f"{tag} base models of the {info['split']}-way split, seed {info['seed']}: reusing "
+                  f"{info.get('path', info['hash'])} (sha256 verified)", flush=True)
         elif kind == "base":
             accs = ", ".join(f"{100 * a:.1f}" for a in info["accuracies"])
             print(f"{tag} base models, {info['split']}-way, seed {info['seed']}: test accuracy {accs} %",
@@ -399,11 +399,13 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else default_out(cfg.name, cfg.scale)
     command = "neurofuse bench run " + " ".join(
         [a.name, "--scale", a.scale] + (["--seeds", str(a.seeds)] if a.seeds is not None else [])
-        + (["--out", str(a.out)] if a.out else []) + (["--device", a.device] if a.device else [])
+        + (["--out", str(a.out)] if a.out else []) + (["--cache", str(a.cache)] if a.cache else [])
+        + (["--device", a.device] if a.device else [])
         + (["--data-dir", a.data_dir] if a.data_dir else []))
-    print(f"[{cfg.name}/{cfg.scale}] output: {out}", flush=True)
+    cache = Path(a.cache) if a.cache else out / "cache"
+    print(f"[{cfg.name}/{cfg.scale}] output: {out}; base-model cache: {cache}", flush=True)
     doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
-                        on_event=_bench_event(cfg.name, cfg.scale), command=command)
+                        on_event=_bench_event(cfg.name, cfg.scale), command=command, cache=cache)
     lr = doc["last_run"]
     print(f"[{cfg.name}/{cfg.scale}] {doc['n_done']}/{doc['n_expected']} cells "
           f"({lr['computed_cells']} computed, {lr['reused_cells']} reused, {lr['trained_base_models']} base "
@@ -561,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke: seconds on digits; cpu: minutes on MNIST; full: the paper's budgets (GPU)")
     q.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's)")
     q.add_argument("--out", default=None, help="output directory (default: runs/bench/<name>-<scale>)")
+    q.add_argument("--cache", default=None, metavar="DIR",
+                   help="directory of cached base models, verified by sha256 before reuse (default: "
+                        "<out>/cache; pass one DIR to several runs to share their base models)")
     q.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the config's, cpu)")
     q.add_argument("--data-dir", default=None,
                    help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
