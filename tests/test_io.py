@@ -82,6 +82,23 @@ def test_every_writer_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypat
     assert len(list(tmp_path.iterdir())) == 1, "a temporary file was left behind"
 
 
+def test_new_parent_directories_are_made_durable_too(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "dir")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = _io.write_text(tmp_path / "a" / "b" / "c.txt", "x")
+    assert target.read_text() == "x"
+    if os.path.exists("/proc/self/fd"):
+        root = tmp_path.resolve()
+        assert synced == [str(root), str(root / "a"), str(root / "a" / "b")], synced
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     target = _io.write_text(tmp_path / "keep.json", "old")
 

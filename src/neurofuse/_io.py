@@ -65,13 +65,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _make_parents(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, making each new entry durable."""
+    missing = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    if not missing:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        _fsync_dir(d.parent)
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     """Write ``path`` atomically and durably with ``write(tmp)``, which creates the file ``tmp``.
 
     Parameters
     ----------
     path : str or path-like
-        The target file; its parent directories are created.
+        The target file; missing parent directories are created (and made durable).
     write : callable
         ``write(tmp)`` writes the whole content to the path ``tmp`` (an existing empty file in
         the target's directory), e.g. ``lambda tmp: safetensors.torch.save_file(t, tmp)``.
@@ -82,7 +96,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         ``path``.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(out.parent)
     try:
         mode = out.stat().st_mode & 0o7777 if out.is_file() else default_file_mode()
     except OSError:
