@@ -12,21 +12,22 @@ needs nothing else.  Legacy PyTorch state dicts (``.pt`` / ``.pth``) are read to
 ``torch.load(..., weights_only=True)`` (no arbitrary code runs) and only together with an
 architecture config.
 
-Every write is atomic (a temporary file in the same directory, then :func:`os.replace`) and refuses
-to overwrite an existing file unless ``force=True``.
+Every write is atomic and durable (:mod:`neurofuse._io`: a uniquely named temporary file in the
+same directory, fsynced, then :func:`os.replace` and an fsync of the directory; the file gets the
+usual umask-derived mode) and refuses to overwrite an existing file unless ``force=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._io import write_safetensors, write_text
 from .errors import CheckpointError, ConfigError, NeurofuseError, OutputExistsError
 from .levels import LeveledNet
 
@@ -34,10 +35,13 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "METADATA_KEY",
+    "WEIGHTS_FORMAT",
     "load_model",
+    "load_weights",
     "read_config",
     "save_json",
     "save_model",
+    "save_weights",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -48,6 +52,8 @@ CHECKPOINT_FORMAT = "neurofuse-checkpoint"
 CHECKPOINT_VERSION = 1
 #: safetensors metadata key that holds the JSON document
 METADATA_KEY = "neurofuse"
+#: value of the ``"format"`` field of a weights-only file (:func:`save_weights`)
+WEIGHTS_FORMAT = "neurofuse-weights"
 
 _SAFETENSORS_SUFFIX = ".safetensors"
 _TORCH_SUFFIXES = (".pt", ".pth")
@@ -65,19 +71,6 @@ def _prepare_output(path: PathLike, force: bool) -> Path:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path next to ``out``, flush it to disk, then rename it."""
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _json_default(obj: Any) -> Any:
@@ -121,12 +114,7 @@ def save_json(obj: Any, path: PathLike, *, force: bool = False) -> Path:
     """
     text = json.dumps(obj, indent=2, default=_json_default) + "\n"
     out = _prepare_output(path, force)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write(out, write)
+    write_text(out, text)
     return out
 
 
@@ -143,6 +131,13 @@ def _architecture_config(model: nn.Module) -> Dict[str, Any]:
     try:
         config = config_fn()
     except NotImplementedError:
+        if getattr(model, "arch", None) == "declared":
+            raise ConfigError(
+                f"cannot save a declared model ({type(model).__name__} from levels_from) as a "
+                "self-describing checkpoint: neurofuse cannot rebuild your architecture; save its "
+                "weights and declaration with neurofuse.checkpoint.save_weights(model, path), "
+                "then reload with load_weights(levels_from(YourModel(...), levels=[...]), path)"
+            ) from None
         raise ConfigError(
             f"cannot save a {type(model).__name__}: it does not describe its architecture "
             "(config() is not implemented); build it from neurofuse.models"
@@ -209,9 +204,7 @@ def save_model(model: LeveledNet, path: PathLike, *, force: bool = False,
     }
     out = _prepare_output(out, force)
 
-    from safetensors.torch import save_file
-
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header})
     return out
 
 
@@ -480,4 +473,114 @@ def load_model(path: PathLike, *,
 
     model = _build(arch_config, p)
     _load_state(model, state, p)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# weights only (declared models)
+# ---------------------------------------------------------------------------------------------
+def _declaration(model: nn.Module) -> Dict[str, Any]:
+    """What a model says about its levels (names, axes, shapes), for :func:`save_weights`."""
+    doc: Dict[str, Any] = {"class": type(model).__name__, "arch": getattr(model, "arch", None)}
+    for key, attr in (("levels", "level_names"), ("axes", "axes"), ("input_shape", "input_shape"),
+                      ("num_classes", "num_classes"), ("source", "source")):
+        value = getattr(model, attr, None)
+        if value is not None:
+            doc[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return doc
+
+
+def save_weights(model: nn.Module, path: PathLike, *, force: bool = False,
+                 metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Save the weights of any model (e.g. a fused declared model) with its level declaration.
+
+    For models that :func:`save_model` cannot describe, such as those declared with
+    :func:`neurofuse.levels_from` (and the fused models made from them): the ``.safetensors``
+    file holds the state dict and, under the ``"neurofuse"`` metadata key, the document
+    ``{"format": "neurofuse-weights", "version": 1, "declaration": {...}, "metadata": {...}}``
+    (level names, neuron axes, input shape, number of classes).  To reload, build the model
+    again, declare the same levels and call :func:`load_weights`::
+
+        fused = load_weights(levels_from(MyNet(), levels=[...], input_shape=...), path)
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose ``state_dict`` is saved.
+    path : str or path-like
+        Output file, ending in ``.safetensors``; parent directories are created.
+    force : bool
+        Overwrite ``path`` if it exists.
+    metadata : mapping, optional
+        JSON-serialisable extra information.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and ``force`` is false.
+    ConfigError
+        If ``path`` does not end in ``.safetensors`` or ``metadata`` is not JSON-serialisable.
+    """
+    out = Path(path)
+    if out.suffix != _SAFETENSORS_SUFFIX:
+        raise ConfigError(f"weights path {out} must end in {_SAFETENSORS_SUFFIX}; rename the output")
+    document = {"format": WEIGHTS_FORMAT, "version": 1, "declaration": _declaration(model),
+                "metadata": dict(metadata) if metadata is not None else {}}
+    try:
+        header = json.dumps(document, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"weights metadata is not JSON-serialisable: {exc}") from None
+    tensors = {
+        name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
+    }
+    out = _prepare_output(out, force)
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header})
+    return out
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load weights written by :func:`save_weights` (or :func:`save_model`) into ``model``.
+
+    The tensor names and shapes must match ``model``'s exactly; for a declared model the level
+    declaration stored in the file must match too.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The rebuilt model, e.g. ``levels_from(MyNet(), levels=[...], input_shape=...)``.
+    path : str or path-like
+        A ``.safetensors`` file.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with the weights loaded, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or corrupt, or its tensors or declaration do not match ``model``.
+    """
+    p = Path(path)
+    _check_exists(p)
+    state, meta = _read_safetensors(p)
+    try:
+        document = json.loads((meta or {}).get(METADATA_KEY, "{}"))
+    except ValueError as exc:
+        raise _corrupt(p, exc) from None
+    saved = document.get("declaration") if isinstance(document, dict) else None
+    if isinstance(saved, dict) and getattr(model, "arch", None) == "declared":
+        mine = _declaration(model)
+        for key in ("levels", "axes"):
+            if key in saved and saved[key] != mine.get(key):
+                raise CheckpointError(
+                    f"{p} was saved from a model declared with {key} {saved[key]}, but this model "
+                    f"has {key} {mine.get(key)}; declare the same levels as when it was saved"
+                )
+    _load_state(model, state, p)  # type: ignore[arg-type]
     return model.eval()

@@ -49,9 +49,10 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=_pos_int, default=4, help="number of base models (default: 4)")
     p.add_argument("--partition", default="dirichlet", choices=["dirichlet", "sharded", "iid"],
                    help="how the training data is split among the models (default: dirichlet)")
-    p.add_argument("--ratio", type=float, default=0.2, help="Dirichlet min/max concentration ratio")
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="Dirichlet min/max concentration ratio (default: %(default)s)")
     p.add_argument("--epochs", type=_pos_int, default=None, help="training epochs per base model (default: per dataset)")
-    p.add_argument("--lr", type=float, default=1e-3, help="training learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="training learning rate (default: %(default)s)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split, training and fusion")
 
 
@@ -79,6 +80,8 @@ def cmd_methods(a: argparse.Namespace) -> int:
     from .importance import importance_methods
     from .methods import get_method, list_methods
 
+    if getattr(a, "name", None):
+        return _show_method(a.name)
     for name in list_methods():
         cls = get_method(name)
         n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
@@ -86,6 +89,27 @@ def cmd_methods(a: argparse.Namespace) -> int:
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
         print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+    return 0
+
+
+def _show_method(name: str) -> int:
+    """``neurofuse methods NAME``: the method's summary and its ``--option`` keys."""
+    import textwrap
+
+    from .methods import get_method, method_options
+
+    cls = get_method(name)
+    print(f"{name}: {cls.summary}")
+    rows = method_options(name)
+    own = [o for o in rows if not o.common]
+    for title, opts in (("options (--option KEY=VALUE; values are JSON or a bare word)", own),
+                        ("settings every method takes (--option KEY=VALUE)", [o for o in rows if o.common])):
+        print(f"\n{title}:" if opts else f"\n{title[:7]}: none")
+        for o in opts:
+            print(f"  {o.name} ({o.type}, default {o.default})")
+            if o.description:
+                print(textwrap.fill(o.description, width=96, initial_indent="      ",
+                                    subsequent_indent="      "))
     return 0
 
 
@@ -300,6 +324,7 @@ def cmd_align(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .depth import align_models, alignment_report, plot_cost_matrix
     from .experiment import fusion_set
+    from .training import _resolve_device
 
     for p in (a.plot, a.json):
         if p:
@@ -307,6 +332,8 @@ def cmd_align(a: argparse.Namespace) -> int:
     models = _load_all(a.checkpoints)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
+    device = _resolve_device(a.device)  # the levels are compared where the models run
+    models = [m.to(device) for m in models]
     _, info = align_models(models, fusion, reference=a.reference, metric=a.metric, balance=a.balance)
     print(alignment_report(info))
     if a.json:
@@ -329,7 +356,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     rows = {}
     for p, m in zip(a.checkpoints, _load_all(a.checkpoints)):
-        rows[p] = evaluate(m, ds.x_test, ds.y_test)
+        rows[p] = evaluate(m, ds.x_test, ds.y_test, device=a.device)
     width = max(len(p) for p in rows)
     print(f"{'checkpoint'.ljust(width)}  {'acc %':>6}  {'loss':>7}  {'F1 %':>6}   ({ds.name} test set, n={len(ds.y_test)})")
     for p, s in rows.items():
@@ -355,8 +382,8 @@ def _bench_event(name: str, scale: str) -> Callable[[str, Dict[str, Any]], None]
             print(f"{tag} training {info['split']} base models (seed {info['seed']}, {info['epochs']} epochs; "
                   f"cache {info['hash']})", flush=True)
         elif kind == "cache":
-            print(f"{tag} base models of the {info['split']}-way split, seed {info['seed']}: cached "
-                  f"({info['hash']})", flush=True)
+            print(f"{tag} base models of the {info['split']}-way split, seed {info['seed']}: reusing "
+                  f"{info.get('path', info['hash'])} (sha256 verified)", flush=True)
         elif kind == "base":
             accs = ", ".join(f"{100 * a:.1f}" for a in info["accuracies"])
             print(f"{tag} base models, {info['split']}-way, seed {info['seed']}: test accuracy {accs} %",
@@ -399,11 +426,13 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else default_out(cfg.name, cfg.scale)
     command = "neurofuse bench run " + " ".join(
         [a.name, "--scale", a.scale] + (["--seeds", str(a.seeds)] if a.seeds is not None else [])
-        + (["--out", str(a.out)] if a.out else []) + (["--device", a.device] if a.device else [])
+        + (["--out", str(a.out)] if a.out else []) + (["--cache", str(a.cache)] if a.cache else [])
+        + (["--device", a.device] if a.device else [])
         + (["--data-dir", a.data_dir] if a.data_dir else []))
-    print(f"[{cfg.name}/{cfg.scale}] output: {out}", flush=True)
+    cache = Path(a.cache) if a.cache else out / "cache"
+    print(f"[{cfg.name}/{cfg.scale}] output: {out}; base-model cache: {cache}", flush=True)
     doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
-                        on_event=_bench_event(cfg.name, cfg.scale), command=command)
+                        on_event=_bench_event(cfg.name, cfg.scale), command=command, cache=cache)
     lr = doc["last_run"]
     print(f"[{cfg.name}/{cfg.scale}] {doc['n_done']}/{doc['n_expected']} cells "
           f"({lr['computed_cells']} computed, {lr['reused_cells']} reused, {lr['trained_base_models']} base "
@@ -448,6 +477,27 @@ def _pos_int(text: str) -> int:
     return value
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--no-progress`` for commands without ``--force`` of the common kind."""
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Accept ``-v`` after the subcommand too (``neurofuse fuse ... -v``), on every subcommand.
+
+    The subcommand's count is stored only when given (``SUPPRESS``), so ``neurofuse -v fuse``
+    keeps the count given before the subcommand.
+    """
+    for p in sub.choices.values():
+        if not any("--verbose" in a.option_strings for a in p._actions):
+            p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                           help="more log output (repeat for debug)")
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose_everywhere(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -485,14 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fuse", help="fuse checkpoints into one checkpoint")
     p.add_argument("checkpoints", nargs="+", help="base model checkpoints (.safetensors)")
     p.add_argument("--out", required=True, help="fused checkpoint (.safetensors)")
-    p.add_argument("--method", default="kf-linear", help="fusion method (see `neurofuse methods`)")
-    p.add_argument("--importance", default="uniform", help="uniform, conductance or deeplift")
+    p.add_argument("--method", default="kf-linear",
+                   help="fusion method (default: %(default)s; see `neurofuse methods`)")
+    p.add_argument("--importance", default="uniform",
+                   help="neuron importance: uniform, conductance or deeplift (default: %(default)s)")
     p.add_argument("--width", type=_width, default=None,
-                   help="fused width: an int, a multiplier like 0.5, or a list like 32,64")
+                   help="fused width: an int, a multiplier like 0.5, or a list like 32,64 (default: "
+                        "the first model's widths)")
     p.add_argument("--fusion-samples", type=_pos_int, default=400, help="size of the fusion set (default: 400)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, e.g. --option n_init=20 --option solver=sinkhorn (repeatable)")
+                   help="method option, e.g. --option n_init=20 --option solver=sinkhorn (repeatable; "
+                        "`neurofuse methods NAME` lists a method's keys, types and defaults)")
     p.add_argument("--head-weights", action="store_true",
                    help="weigh each model's logits per class by its share of the class's training "
                         "samples (the paper's head weights; reads split.json beside the checkpoints)")
@@ -504,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=int, default=None,
                    help="with --depth align: index of the model whose depth the fused model takes")
     p.add_argument("--balance", choices=["add", "merge"], default="add",
-                   help="with --depth align: insert identity levels (add) or merge levels (merge)")
+                   help="with --depth align: insert identity levels (add, default) or merge levels (merge)")
     p.add_argument("--depth-metric", choices=["cka", "euclidean"], default="cka",
                    help="with --depth align: level dissimilarity (default: cka)")
     p.add_argument("--distributed", action="store_true",
@@ -520,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="fine-tuned checkpoint (.safetensors)")
     p.add_argument("--epochs", type=_pos_int, default=30, help="fine-tuning epochs (default: 30)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
+    p.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of the validation hold-out, the data order and dropout (default: 0)")
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_finetune)
@@ -534,10 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["cka", "euclidean"], default="cka",
                    help="level dissimilarity (default: cka)")
     p.add_argument("--fusion-samples", type=_pos_int, default=400, help="samples compared (default: 400)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fusion set and of fusion (default: 0)")
+    p.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of the sample of training images compared (default: 0)")
     p.add_argument("--plot", default=None, help="save the cost matrix and alignment as a heat map (PNG)")
     p.add_argument("--json", default=None, help="save the alignment and cost matrices as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --plot/--json outputs")
+    _add_run_args(p)
     _add_data_args(p, default_dataset=None)
     p.set_defaults(func=cmd_align)
 
@@ -546,9 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     _add_data_args(p, default_dataset=None)
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
+    _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("methods", help="list the fusion methods")
+    p = sub.add_parser("methods", help="list the fusion methods, or one method's options")
+    p.add_argument("name", nargs="?", default=None,
+                   help="a method: show its --option keys with their types and defaults")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench", help="reproduce the paper's tables: list, run, report")
@@ -561,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke: seconds on digits; cpu: minutes on MNIST; full: the paper's budgets (GPU)")
     q.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's)")
     q.add_argument("--out", default=None, help="output directory (default: runs/bench/<name>-<scale>)")
+    q.add_argument("--cache", default=None, metavar="DIR",
+                   help="directory of cached base models, verified by sha256 before reuse (default: "
+                        "<out>/cache; pass one DIR to several runs to share their base models)")
     q.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the config's, cpu)")
     q.add_argument("--data-dir", default=None,
                    help="directory with the dataset files (default: $NEUROFUSE_DATA, then ../shared/data)")
@@ -571,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("report", help="rewrite results.json and report.md of a run directory")
     q.add_argument("dir", help="output directory of `neurofuse bench run`")
     q.set_defaults(func=cmd_bench_report)
+    _add_verbose_everywhere(sub)
     return parser
 
 

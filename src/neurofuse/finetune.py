@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._loop import EpochEnd, run_epochs, seeded_rng
+from ._validate import is_int as _is_int
+from ._validate import is_number as _is_num
 from .errors import ConfigError, DataError
 
 __all__ = ["FinetuneConfig", "finetune", "schedule_lr", "stratified_holdout"]
@@ -34,14 +37,6 @@ __all__ = ["FinetuneConfig", "finetune", "schedule_lr", "stratified_holdout"]
 log = logging.getLogger("neurofuse")
 
 SCHEDULES = ("warm-restarts", "cosine", "constant")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +231,6 @@ def finetune(model: nn.Module, x: Any, y: Any, config: Optional[FinetuneConfig] 
     DataError
         If the data is empty, mislabelled or of the wrong shape.
     """
-    from tqdm.auto import trange
-
     from .models.ensemble import Ensemble
 
     config = FinetuneConfig() if config is None else config
@@ -288,38 +281,28 @@ def finetune(model: nn.Module, x: Any, y: Any, config: Optional[FinetuneConfig] 
             history["best_epoch"] = epoch
             best_state = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
 
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(config.seed))
+    def batch_loss(idx: Tensor) -> Tensor:
+        out = tuned(x_tr[idx].to(device))
+        return F.cross_entropy(out, y_tr[idx].to(device), label_smoothing=config.label_smoothing)
+
+    def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> EpochEnd:
+        history["train_loss"].append(loss)
+        history["lr"].append(lr)
+        post = {"loss": round(loss, 4)}
+        if has_val:
+            consider(epoch + 1)
+            post["val_acc"] = round(history["val_accuracy"][-1], 4)
+        return EpochEnd(post)
+
+    with seeded_rng(config.seed, device):
         if has_val:
             consider(0)
-        bar = trange(config.epochs, desc="finetune", unit="epoch", disable=not progress)
-        for epoch in bar:
-            tuned.train()
-            order = torch.randperm(n, generator=gen)
-            total, lr = 0.0, config.lr
-            for step, start in enumerate(range(0, n, bs)):
-                lr = schedule_lr(config, epoch + step / steps)
-                for g in optim.param_groups:
-                    g["lr"] = lr
-                idx = order[start:start + bs]
-                out = tuned(x_tr[idx].to(device))
-                loss = F.cross_entropy(out, y_tr[idx].to(device), label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise ConfigError(
-                        f"fine-tuning diverged at epoch {epoch + 1}; lower lr (now {config.lr})")
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                total += float(loss.detach()) * idx.numel()
-            history["train_loss"].append(total / n)
-            history["lr"].append(lr)
-            post = {"loss": round(total / n, 4)}
-            if has_val:
-                consider(epoch + 1)
-                post["val_acc"] = round(history["val_accuracy"][-1], 4)
-            bar.set_postfix(post)
-        bar.close()
+        run_epochs(tuned, optim, n=n, batch_size=bs, epochs=config.epochs, generator=gen,
+                   batch_loss=batch_loss, end_epoch=end_epoch,
+                   lr_at=lambda epoch, b: schedule_lr(config, epoch + b / steps),
+                   diverged=lambda epoch, loss: f"fine-tuning diverged at epoch {epoch}; lower lr "
+                                                f"(now {config.lr})",
+                   desc="finetune", progress=progress)
     if best_state is not None:
         tuned.load_state_dict(best_state)
         history["best_val_accuracy"] = best_key[0]

@@ -18,16 +18,13 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Lay out and write ``fig`` as a PNG atomically (temporary file, then rename); close it."""
-    plt = _pyplot()
+    """Lay out and write ``fig`` as a PNG atomically and durably (:func:`neurofuse._io.write_figure`);
+    close it."""
+    from ._io import write_figure
+
+    _pyplot()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return write_figure(fig, Path(path), dpi=120)
 
 
 def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str | Path,

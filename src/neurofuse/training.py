@@ -14,13 +14,16 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._loop import EpochEnd, run_epochs, seeded_rng
+from ._validate import is_int as _is_int
+from ._validate import is_number as _is_number
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -32,14 +35,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _parse_device(device: Any) -> torch.device:
@@ -330,13 +325,6 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
-def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    devices: List[int] = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.random.fork_rng(devices=devices)
-
-
 def train_model(model: nn.Module, x_train: Any, y_train: Any, x_val: Any = None,
                 y_val: Any = None, config: TrainConfig = TrainConfig(),
                 progress: bool = False) -> Dict[str, Any]:
@@ -378,8 +366,6 @@ def train_model(model: nn.Module, x_train: Any, y_train: Any, x_val: Any = None,
     ConfigError
         If the device is unavailable, or if the loss becomes NaN or infinite (lower ``lr``).
     """
-    from tqdm.auto import trange
-
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     if (x_val is None) != (y_val is None):
@@ -407,51 +393,37 @@ def train_model(model: nn.Module, x_train: Any, y_train: Any, x_val: Any = None,
                                "best_epoch": config.epochs - 1, "best_val_accuracy": None}
     best_acc = -math.inf
     best_state: Optional[Dict[str, Tensor]] = None
-    step = 0
     logger.info("training %s on %d samples for %d epochs (%d steps/epoch) on %s",
                 type(model).__name__, n, config.epochs, steps_per_epoch, device)
 
-    with _running_on(model, device, train=True), _fork_rng(device):
-        torch.manual_seed(int(config.seed))
-        bar = trange(config.epochs, desc="train", unit="epoch", disable=not progress)
-        for epoch in bar:
-            model.train()
-            order = torch.randperm(n, generator=generator)
-            total_loss = 0.0
-            lr = config.lr
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
-                lr = config.lr_at(step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                xb, yb = xt[idx].to(device), yt[idx].to(device)
-                loss = F.cross_entropy(model(xb), yb, label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise ConfigError(
-                        f"training diverged at epoch {epoch + 1} (loss is {float(loss.detach())}); lower "
-                        f"lr (now {config.lr}) or check the data for NaN values"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * idx.numel()
-                step += 1
-            epoch_loss = total_loss / n
-            history["train_loss"].append(epoch_loss)
-            history["lr"].append(lr)
-            postfix: Dict[str, float] = {"loss": round(epoch_loss, 4)}
-            if has_val:
-                model.eval()
-                acc = _accuracy(model, xv, yv, max(bs, 512), device)
-                history["val_accuracy"].append(acc)
-                postfix["val_acc"] = round(acc, 4)
-                if acc > best_acc:
-                    best_acc = acc
-                    history["best_epoch"] = epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            bar.set_postfix(postfix)
-            logger.debug("epoch %d/%d: %s", epoch + 1, config.epochs, postfix)
-        bar.close()
+    def batch_loss(idx: Tensor) -> Tensor:
+        xb, yb = xt[idx].to(device), yt[idx].to(device)
+        return F.cross_entropy(model(xb), yb, label_smoothing=config.label_smoothing)
+
+    def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> EpochEnd:
+        nonlocal best_acc, best_state
+        history["train_loss"].append(loss)
+        history["lr"].append(lr)
+        postfix: Dict[str, float] = {"loss": round(loss, 4)}
+        if has_val:
+            model.eval()
+            acc = _accuracy(model, xv, yv, max(bs, 512), device)
+            history["val_accuracy"].append(acc)
+            postfix["val_acc"] = round(acc, 4)
+            if acc > best_acc:
+                best_acc = acc
+                history["best_epoch"] = epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return EpochEnd(postfix)
+
+    with _running_on(model, device, train=True), seeded_rng(config.seed, device):
+        run_epochs(model, optimizer, n=n, batch_size=bs, epochs=config.epochs, generator=generator,
+                   batch_loss=batch_loss, end_epoch=end_epoch,
+                   lr_at=lambda epoch, b: config.lr_at(epoch * steps_per_epoch + b, steps_per_epoch),
+                   diverged=lambda epoch, loss: (
+                       f"training diverged at epoch {epoch} (loss is {loss}); lower lr (now "
+                       f"{config.lr}) or check the data for NaN values"),
+                   desc="train", progress=progress)
         if best_state is not None:
             model.load_state_dict(best_state)
             history["best_val_accuracy"] = best_acc

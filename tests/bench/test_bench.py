@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,16 @@ TABLES = ["importance", "runtime", "table1", "table2", "table3"]
 
 def _doc(name: str = "table1") -> dict:
     return json.loads((config_dir() / f"{name}.json").read_text())
+
+
+def _bench(*args: str) -> int:
+    """``neurofuse bench ...`` with one torch thread (the thread count is part of the cache key,
+    and one thread is much faster on a CI machine shared with other jobs)."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["bench", *args, "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- configs ----------------------------------------------------------------------------------
@@ -131,13 +144,7 @@ def test_cell_formatting_na_and_missing():
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "table1-smoke"
     before = dict(STATS)
-    threads = torch.get_num_threads()
-    try:  # one thread: much faster on a CI machine shared with other jobs
-        rc = main(["bench", "run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress",
-                   "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    assert rc == 0
+    assert _bench("run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress") == 0
     return out, {k: STATS[k] - before[k] for k in STATS}
 
 
@@ -170,6 +177,18 @@ def test_smoke_table1_writes_everything(smoke_run):
 
 
 @pytest.mark.slow
+def test_results_record_the_software_versions_threads_and_cache(smoke_run):
+    out, _ = smoke_run
+    doc = json.loads((out / "results.json").read_text())
+    sw = doc["machine"]["software"]
+    for name in ("python", "torch", "numpy", "scipy", "POT", "captum", "neurofuse", "platform"):
+        assert sw.get(name), name
+    assert sw["torch_threads"] == 1
+    assert doc["cache"] == str(out / "cache")
+    assert "- Software: python " in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_resume_recomputes_only_the_missing_cell_and_trains_nothing(smoke_run, tmp_path, capsys):
     src, _ = smoke_run
     out = tmp_path / "resumed"
@@ -183,7 +202,7 @@ def test_resume_recomputes_only_the_missing_cell_and_trains_nothing(smoke_run, t
     # a truncated cell file is not complete either
     (cells / "vanilla__uniform__n4__s0.json").write_text('{"cell_id": "vanilla__uniform__n4__s0", "st')
     before = dict(STATS)
-    assert main(["bench", "run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert _bench("run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress") == 0
     stats = {k: STATS[k] - before[k] for k in STATS}
     assert stats["computed_cells"] == 2
     assert stats["trained_base_models"] == 0  # cache hit: no base model is trained again
@@ -203,7 +222,7 @@ def test_rerun_reuses_everything_and_report_rebuilds(smoke_run, tmp_path, capsys
     out = tmp_path / "again"
     shutil.copytree(src, out)
     before = dict(STATS)
-    assert main(["bench", "run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert _bench("run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress") == 0
     stats = {k: STATS[k] - before[k] for k in STATS}
     assert stats["computed_cells"] == 0 and stats["trained_base_models"] == 0 and stats["cache_hits"] == 0
     (out / "report.md").unlink()
@@ -217,8 +236,8 @@ def test_base_models_are_shared_across_tables(smoke_run, tmp_path):
     parent = tmp_path / "bench"
     shutil.copytree(src, parent / "table1-smoke")
     before = dict(STATS)
-    assert main(["bench", "run", "runtime", "--scale", "smoke", "--out", str(parent / "runtime-smoke"),
-                 "--no-progress"]) == 0
+    assert _bench("run", "runtime", "--scale", "smoke", "--out", str(parent / "runtime-smoke"),
+                  "--cache", str(parent / "table1-smoke" / "cache"), "--no-progress") == 0
     stats = {k: STATS[k] - before[k] for k in STATS}
     assert stats["trained_base_models"] == 0 and stats["cache_hits"] == 1
     report = (parent / "runtime-smoke" / "report.md").read_text()
@@ -238,3 +257,95 @@ def test_with_seeds_takes_the_first_then_extends():
     with pytest.raises(ConfigError):
         cfg.with_seeds(0)
     assert len(expected_cells(cfg.with_seeds(3))) == 3 * len(expected_cells(cfg.with_seeds(1)))
+
+
+@pytest.mark.slow
+def test_a_sibling_folders_cache_is_not_reused(smoke_run, tmp_path, monkeypatch):
+    import neurofuse.experiment as experiment
+    from neurofuse.bench import run_benchmark
+
+    src, _ = smoke_run
+    parent = tmp_path / "bench"
+    shutil.copytree(src, parent / "table1-smoke")
+
+    class WouldTrain(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise WouldTrain
+
+    monkeypatch.setattr(experiment, "train_models_on_parts", refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(WouldTrain):  # the sibling's cache has the right entry: it must not be used
+            run_benchmark(load_config("runtime", "smoke"), parent / "runtime-smoke", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not (parent / "runtime-smoke" / "cache").exists() or \
+        not list((parent / "runtime-smoke" / "cache").glob("*/meta.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["bit-flip", "truncation"])
+def test_a_corrupt_cached_base_model_is_retrained_with_a_warning(smoke_run, tmp_path, caplog, damage):
+    from neurofuse.bench._runner import file_sha256
+
+    src, _ = smoke_run
+    out = tmp_path / "corrupt"
+    shutil.copytree(src, out)
+    meta = sorted((out / "cache").glob("*/meta.json"))[0]
+    doc = json.loads(meta.read_text())
+    split, seed = doc["key"]["n_models"], doc["key"]["seed"]
+    model = meta.parent / "model_0.safetensors"
+    data = bytearray(model.read_bytes())
+    if damage == "bit-flip":
+        data[-3] ^= 0x40  # in the tensor data: the file still loads, only the hash can tell
+    else:
+        data = data[: len(data) // 2]
+    model.write_bytes(bytes(data))
+    (out / "cells" / f"vanilla__uniform__n{split}__s{seed}.json").unlink()  # needs the base models
+    before = dict(STATS)
+    with caplog.at_level(logging.WARNING, logger="neurofuse"):
+        assert _bench("run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress") == 0
+    stats = {k: STATS[k] - before[k] for k in STATS}
+    assert stats["trained_base_models"] == split and stats["computed_cells"] == 1
+    assert "unusable" in caplog.text and "sha256" in caplog.text and str(meta.parent) in caplog.text
+    rewritten = json.loads(meta.read_text())["sha256"]
+    # retrained with the same seeds and one thread: the very same bytes as before the damage
+    assert rewritten == doc["sha256"] and file_sha256(model) == doc["sha256"]["model_0.safetensors"]
+
+
+def test_the_cache_key_includes_the_torch_thread_count():
+    from neurofuse.bench._runner import _hash, base_key
+
+    cfg = load_config("table1", "smoke")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _hash(base_key(cfg, 2, 0))
+        torch.set_num_threads(2)
+        two = _hash(base_key(cfg, 2, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two
+
+
+def test_bench_modules_import_no_cycle():
+    import neurofuse.bench as bench
+
+    folder = Path(bench.__file__).parent
+    graph = {}
+    for p in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):  # function-level imports too
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+        graph[p.stem] = deps
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d)))
+                   for d in graph.get(start, ()))
+
+    cycles = [m for m in graph if m != "__init__" and reaches(m, m)]
+    assert not cycles, f"import cycle through {cycles}: {graph}"

@@ -23,10 +23,12 @@ import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._loop import EpochEnd, run_epochs
+from .._validate import is_int as _is_int
+from .._validate import is_number as _is_num
 from ..errors import ConfigError, IncompatibleModelsError
 
 __all__ = [
@@ -41,15 +43,6 @@ log = logging.getLogger("neurofuse")
 
 OPTIMIZERS = ("adam", "sgd")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-        and math.isfinite(float(v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +287,6 @@ def fit_level(level: nn.Module, inputs: Tensor, targets: Tensor, cfg: LevelConfi
     ConfigError
         If the loss becomes NaN or infinite (lower the learning rate).
     """
-    from tqdm.auto import trange
-
     loss_fn = loss_fn or nn.functional.mse_loss
     n = int(inputs.shape[0])
     if targets.shape[0] != n:
@@ -328,31 +319,19 @@ def fit_level(level: nn.Module, inputs: Tensor, targets: Tensor, cfg: LevelConfi
         return history
     opt = _make_optimizer(params, cfg)
     bad = 0
-    n_tr = x_tr.shape[0]
-    bar = trange(cfg.epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        level.train()
-        order = torch.randperm(n_tr, generator=gen).to(dev)
-        total = 0.0
-        for i in range(0, n_tr, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            if bn and idx.numel() < 2:   # a batch of one breaks BatchNorm in train mode
-                continue
-            loss = loss_fn(level(x_tr[idx]), t_tr[idx])
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"{desc}: the fit diverged at epoch {epoch + 1} (loss {float(loss.detach())}); "
-                    f"lower lr (now {cfg.lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
-        history["train_loss"].append(total / max(n_tr, 1))
+
+    def batch_loss(idx: Tensor) -> Optional[Tensor]:
+        if bn and idx.numel() < 2:   # a batch of one breaks BatchNorm in train mode
+            return None
+        return loss_fn(level(x_tr[idx]), t_tr[idx])
+
+    def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> EpochEnd:
+        nonlocal best, bad, best_state
+        history["train_loss"].append(loss)
         val = validate()
         history["val_loss"].append(val)
         history["epochs"] = epoch + 1
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.4g}", val=f"{val:.4g}")
+        postfix = {"loss": f"{loss:.4g}", "val": f"{val:.4g}"}
         if val < best:
             best, bad = val, 0
             history["best_epoch"] = epoch + 1
@@ -361,8 +340,14 @@ def fit_level(level: nn.Module, inputs: Tensor, targets: Tensor, cfg: LevelConfi
             bad += 1
             if bad >= cfg.patience:
                 history["stopped_early"] = True
-                break
-    bar.close()
+                return EpochEnd(postfix, stop=True)
+        return EpochEnd(postfix)
+
+    run_epochs(level, opt, n=int(x_tr.shape[0]), batch_size=cfg.batch_size, epochs=cfg.epochs,
+               generator=gen, batch_loss=batch_loss, end_epoch=end_epoch, index_device=dev,
+               diverged=lambda epoch, loss: (f"{desc}: the fit diverged at epoch {epoch} (loss {loss}); "
+                                             f"lower lr (now {cfg.lr})"),
+               desc=desc, progress=progress, leave=False)
     level.load_state_dict(best_state)
     if bn:
         reestimate_batchnorm(level, inputs, eval_bs)

@@ -13,9 +13,11 @@ JSON file (so a killed run resumes), and writes ``results.json``, ``report.md`` 
 
 from ._config import (FIGURES, SCALES, SECTIONS, BenchConfig, FinetuneSpec, SweepSpec, config_dir,
                       list_configs, load_config, parse_config)
+from ._cells import Cell, expected_cells
 from ._report import config_from_dict, fmt_mean_std, format_cell, render_report, write_outputs
-from ._runner import STATS, Cell, default_out, expected_cells, run_benchmark
+from ._runner import STATS, default_out, machine_info, run_benchmark, software_versions
 
 __all__ = ["BenchConfig", "Cell", "FIGURES", "FinetuneSpec", "SCALES", "SECTIONS", "STATS", "SweepSpec",
            "config_dir", "config_from_dict", "default_out", "expected_cells", "fmt_mean_std", "format_cell",
-           "list_configs", "load_config", "parse_config", "render_report", "run_benchmark", "write_outputs"]
+           "list_configs", "load_config", "machine_info", "parse_config", "render_report", "run_benchmark",
+           "software_versions", "write_outputs"]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
+from .._io import write_figure, write_text
 from ._config import BenchConfig
 
 __all__ = ["bars_figure", "clustering_figure", "landscape_figure", "make_figures"]
@@ -48,14 +49,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    """Write ``fig`` atomically (a uniquely named temporary file, fsync, rename) and close it."""
+    _pyplot()
+    return write_figure(fig, Path(path), dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +304,7 @@ def make_figures(cfg: BenchConfig, out: Path, ds=None, device: str = "cpu", prog
                           "version": 1}, sort_keys=True)
         if not (path.is_file() and stamp.is_file() and stamp.read_text() == key):
             fn(cfg, ds, path, device=device)
-            stamp.write_text(key)
+            write_text(stamp, key)
             if emit is not None:
                 emit("figure", {"path": str(path)})
         made.append(path.name)

@@ -18,7 +18,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._io import write_text
 from ..errors import ConfigError
+from ._cells import expected_cells, read_cells
 from ._config import BenchConfig, FinetuneSpec, SweepSpec
 
 __all__ = ["METHOD_LABELS", "ROW_ORDER", "config_from_dict", "fmt_mean_std", "format_cell",
@@ -224,6 +226,12 @@ def _sweep_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _software_line(sw: Mapping[str, Any]) -> str:
+    names = ["python", "neurofuse", "torch", "numpy", "scipy", "POT", "captum", "scikit-learn", "safetensors"]
+    return "- Software: " + ", ".join(f"{k} {sw[k]}" for k in names if sw.get(k)) + \
+        f"; {sw.get('torch_threads', '?')} torch threads; {sw.get('platform', '?')}"
+
+
 def render_report(doc: Mapping[str, Any]) -> str:
     """``report.md`` from a ``results.json`` document."""
     cfg = config_from_dict(doc["config"])
@@ -245,6 +253,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         f"- Machine: {m.get('processor', '?')}, {m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}"
         f" ({m.get('torch_threads', '?')} threads), device {m.get('device', '?')}"
         + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        *([_software_line(m["software"])] if m.get("software") else []),
         f"- Cells: {doc['n_done']} of {doc['n_expected']} done" +
         (f"; missing: {', '.join(doc['missing'][:12])}{' ...' if len(doc['missing']) > 12 else ''}"
          if doc["missing"] else ""),
@@ -291,7 +300,6 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
     """Collect the cell files of ``out`` into ``results.json``, ``report.md`` and the bar chart."""
     from ..checkpoint import save_json
     from ._figures import bars_figure
-    from ._runner import expected_cells, read_cells
 
     out = Path(out)
     if cfg_doc is None:
@@ -317,6 +325,7 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
     doc: Dict[str, Any] = {
         "benchmark": cfg.name, "scale": cfg.scale, "title": cfg.title, "paper": cfg.paper,
         "command": cfg_doc.get("command"), "device": cfg_doc.get("device"),
+        "cache": cfg_doc.get("cache", old.get("cache")),
         "machine": dict(machine or old.get("machine", {})),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": cfg.to_dict(),
@@ -339,13 +348,5 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
 
 
 def write_report(out: Path, doc: Mapping[str, Any]) -> Path:
-    from ..checkpoint import _atomic_write
-
-    text = render_report(doc)
-    path = Path(out) / "report.md"
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    _atomic_write(path, write)
-    return path
+    """Render ``doc`` into ``<out>/report.md`` (written atomically and durably)."""
+    return write_text(Path(out) / "report.md", render_report(doc))

@@ -3,10 +3,11 @@
 Layout of an output directory::
 
     <out>/config.json                 the settings of the run (BenchConfig.to_dict())
-    <out>/cache/<hash>/model_<i>.safetensors, meta.json
+    <cache>/<hash>/model_<i>.safetensors, meta.json
                                       base models of one (dataset, arch, size, split, seed,
-                                      training settings); meta.json is written last and marks the
-                                      entry complete
+                                      training settings, torch thread count); meta.json is written
+                                      last, holds the sha256 of every model file and marks the
+                                      entry complete; <cache> is --cache, by default <out>/cache
     <out>/cells/<cell id>.json        one finished cell (method x importance x split x seed
                                       [x fusion-set size] [x fine-tuning]); written to a temporary
                                       file and renamed, so a file that exists is complete
@@ -14,9 +15,15 @@ Layout of an output directory::
 
 A cell file is reused only when its ``key`` (a hash of everything that determines its result:
 base models, method, importance, options, fusion set) matches, so changing a setting recomputes
-exactly the cells it affects.  Base models are looked up first in ``<out>/cache`` and then in the
-caches of sibling output directories (``<out>/../*/cache``, e.g. ``runs/bench/table1-cpu`` when
-running ``importance`` at the same scale), and copied in.
+exactly the cells it affects.  Base models are looked up only in the cache directory given
+(``cache=``, ``--cache``; by default ``<out>/cache``): to share base models between tables at the
+same scale, pass the same ``--cache`` to both runs (e.g. ``--cache runs/bench/cache-cpu``).  A cache
+entry is reused only when its ``meta.json`` names the same key and every model file has the
+sha256 recorded there; the reuse is logged with the entry's path.  An entry that fails the check
+or cannot be loaded (a corrupt or truncated file) is retrained and rewritten, with a warning.
+
+The thread count is part of the key because it changes the bits of training (and of
+``kf-gradient``): reduction orders in torch's CPU kernels depend on it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -40,16 +46,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._io import write_json
 from ..errors import ConfigError, NeurofuseError
+from ._cells import Cell, cell_path, expected_cells, read_cells, read_json
 from ._config import BenchConfig
+from ._figures import make_figures
+from ._report import write_outputs
 
-__all__ = ["CACHE_VERSION", "Cell", "STATS", "base_key", "cell_path", "expected_cells",
-           "run_benchmark", "default_out"]
+__all__ = ["CACHE_VERSION", "Cell", "STATS", "base_key", "cell_path", "expected_cells", "read_cells",
+           "run_benchmark", "default_out", "machine_info", "software_versions"]
 
 log = logging.getLogger("neurofuse")
 
 #: bump when a change to training makes old cached base models invalid
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: counters of the current process (tests and the CLI read them)
 STATS: Dict[str, int] = {"trained_base_models": 0, "cache_hits": 0, "computed_cells": 0, "reused_cells": 0}
 
@@ -64,98 +74,6 @@ def default_out(name: str, scale: str) -> Path:
 def _hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# cells
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    """One result: a method with one importance score on one split and seed."""
-
-    method: str
-    importance: str
-    split: int
-    seed: int
-    fusion_samples: int
-    finetuned: bool = False
-    sweep: bool = False
-
-    @property
-    def cell_id(self) -> str:
-        parts = [self.method, self.importance, f"n{self.split}", f"s{self.seed}"]
-        if self.sweep:
-            parts.append(f"f{self.fusion_samples}")
-        if self.finetuned:
-            parts.append("ft")
-        return "__".join(parts)
-
-    @property
-    def label(self) -> str:
-        imp = f"/{self.importance}" if self.importance != "uniform" or self._uses_importance() else ""
-        extra = f", {self.fusion_samples} samples" if self.sweep else ""
-        ft = " + fine-tuning" if self.finetuned else ""
-        return f"{self.method}{imp}{ft}, {self.split}-way, seed {self.seed}{extra}"
-
-    def _uses_importance(self) -> bool:
-        from ..methods import get_method
-
-        try:
-            return bool(get_method(self.method).uses_importance)
-        except NeurofuseError:
-            return False
-
-
-def cell_path(out: Path, cell: Cell) -> Path:
-    return Path(out) / "cells" / f"{cell.cell_id}.json"
-
-
-def _variants(methods: Sequence[str], importances: Sequence[str]) -> List[Tuple[str, str]]:
-    from ..methods import get_method
-
-    out = []
-    for m in methods:
-        if get_method(m).uses_importance:
-            out.extend((m, imp) for imp in importances)
-        else:
-            out.append((m, "uniform"))
-    return out
-
-
-def expected_cells(cfg: BenchConfig) -> List[Cell]:
-    """Every cell of a config, in the order they run (seed, then split, then method)."""
-    cells: List[Cell] = []
-    for seed in cfg.seeds:
-        for split in cfg.splits:
-            for m, imp in _variants(cfg.methods, cfg.importances):
-                cells.append(Cell(m, imp, split, seed, cfg.fusion_samples))
-            if cfg.finetune is not None:
-                for m, imp in _variants(cfg.finetune.methods, cfg.importances):
-                    cells.append(Cell(m, imp, split, seed, cfg.fusion_samples, finetuned=True))
-            if cfg.sweep is not None:
-                for m in cfg.sweep.methods:
-                    for n in cfg.sweep.fusion_samples:
-                        cells.append(Cell(m, cfg.sweep.importance, split, seed, n, sweep=True))
-    return cells
-
-
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def read_cells(out: Path) -> List[Dict[str, Any]]:
-    """Every complete cell file of an output directory (temporary files are ignored)."""
-    docs = []
-    for p in sorted((Path(out) / "cells").glob("*.json")):
-        if p.name.startswith("."):
-            continue
-        d = _read_json(p)
-        if d and d.get("cell_id") == p.stem and d.get("status") in ("ok", "n/a"):
-            docs.append(d)
-    return docs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +92,15 @@ def load_data(cfg: BenchConfig, data_dir: Optional[str] = None):
 
 
 def base_key(cfg: BenchConfig, split: int, seed: int) -> Dict[str, Any]:
-    """Everything that determines the base models of one split and seed (hashed for the cache)."""
+    """Everything that determines the base models of one split and seed (hashed for the cache).
+
+    Includes ``torch.get_num_threads()``: the thread count changes the bits of CPU training.
+    """
     return {"version": CACHE_VERSION, "dataset": cfg.dataset, "train_subsample": cfg.train_subsample,
             "arch": cfg.arch, "size": cfg.size, "n_models": split, "partition": cfg.partition,
             "ratio": cfg.ratio if cfg.partition == "dirichlet" else None, "seed": seed,
-            "val_fraction": cfg.val_fraction, "train": cfg.train_config(split)}
+            "val_fraction": cfg.val_fraction, "train": cfg.train_config(split),
+            "torch_threads": torch.get_num_threads()}
 
 
 def _split_config(cfg: BenchConfig, split: int, seed: int):
@@ -199,38 +121,59 @@ class Base:
     trained: bool
 
 
-def _cache_complete(d: Path) -> bool:
-    meta = _read_json(d / "meta.json")
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_file(i: int) -> str:
+    return f"model_{i}.safetensors"
+
+
+def _cache_problem(d: Path, h: str, split: int) -> Optional[str]:
+    """Why the cache entry ``d`` cannot be reused for hash ``h`` (``None``: it can)."""
+    meta = read_json(d / "meta.json")
     if not meta:
-        return False
-    return all((d / f"model_{i}.safetensors").is_file() for i in range(int(meta.get("n_models", 0))))
-
-
-def _find_cached(out: Path, h: str) -> Optional[Path]:
-    own = out / "cache" / h
-    if _cache_complete(own):
-        return own
-    parent = out.resolve().parent
-    if parent.is_dir():
-        for sib in sorted(parent.iterdir()):
-            d = sib / "cache" / h
-            if sib.resolve() != out.resolve() and _cache_complete(d):
-                own.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out / "cache" / f".{h}.{os.getpid()}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(d, tmp)
-                if own.exists():
-                    shutil.rmtree(own)
-                os.replace(tmp, own)
-                log.info("base models %s copied from %s", h, sib)
-                return own
+        return "its meta.json is missing or unreadable"
+    if meta.get("hash") != h or int(meta.get("n_models", -1)) != split:
+        return f"its meta.json describes another entry ({meta.get('hash')!r}, {meta.get('n_models')!r} models)"
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict):
+        return "its meta.json records no content hashes"
+    for i in range(split):
+        p = d / _model_file(i)
+        if not p.is_file():
+            return f"{p.name} is missing"
+        if digests.get(p.name) != file_sha256(p):
+            return f"{p.name} does not match its recorded sha256 (corrupt or modified)"
     return None
 
 
-def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, out: Path, device: str,
+def _load_cached(d: Path, h: str, split: int) -> Tuple[Optional[List[nn.Module]], Optional[str]]:
+    """The verified models of a cache entry, or ``(None, reason)``."""
+    from ..checkpoint import load_model
+
+    problem = _cache_problem(d, h, split)
+    if problem is not None:
+        return None, problem
+    try:
+        return [load_model(d / _model_file(i)).eval() for i in range(split)], None
+    except NeurofuseError as exc:
+        return None, " ".join(str(exc).split())
+
+
+def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, cache: Path, device: str,
                     progress: bool, emit: Event) -> Base:
-    """The base models of one split and seed: from the cache, or trained and cached."""
-    from ..checkpoint import load_model, save_json, save_model
+    """The base models of one split and seed: from ``cache/<hash>`` if verified, else trained.
+
+    A cache entry that exists but fails verification (content hash, loading) is retrained and
+    rewritten, with a warning; it never aborts the benchmark.
+    """
+    from ..checkpoint import save_model
     from ..data import class_shares
     from ..experiment import split_parts, train_models_on_parts
 
@@ -238,13 +181,20 @@ def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, out: Path, devi
     h = _hash(key)
     scfg = _split_config(cfg, split, seed)
     parts = split_parts(ds, scfg)
-    found = _find_cached(out, h)
-    if found is not None:
-        meta = _read_json(found / "meta.json") or {}
-        models = [load_model(found / f"model_{i}.safetensors").eval() for i in range(split)]
-        STATS["cache_hits"] += 1
-        emit("cache", {"split": split, "seed": seed, "hash": h})
-        return Base(models, parts, class_shares(ds.y_train.numpy(), parts, ds.num_classes), meta, False)
+    d = Path(cache) / h
+    if d.exists():
+        models, problem = _load_cached(d, h, split)
+        if models is not None:
+            meta = read_json(d / "meta.json") or {}
+            STATS["cache_hits"] += 1
+            log.info("reusing base models %s from %s (sha256 verified)", h, d)
+            emit("cache", {"split": split, "seed": seed, "hash": h, "path": str(d)})
+            return Base(models, parts, class_shares(ds.y_train.numpy(), parts, ds.num_classes), meta, False)
+        log.warning("cached base models in %s are unusable (%s); training them again", d, problem)
+        try:
+            (d / "meta.json").unlink()  # the entry is incomplete until it is rewritten
+        except OSError:
+            pass
 
     from ..models import zoo_architectures
 
@@ -257,17 +207,18 @@ def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, out: Path, devi
     base = train_models_on_parts(ds, parts, scfg, progress=progress, device=device, train_options=extra)
     seconds = time.perf_counter() - start
     STATS["trained_base_models"] += split
-    d = out / "cache" / h
     d.mkdir(parents=True, exist_ok=True)
+    digests = {}
     for i, m in enumerate(base.models):
-        save_model(m.cpu(), d / f"model_{i}.safetensors", force=True,
-                   metadata={"cache_key": key, "model_index": i})
+        p = save_model(m.cpu(), d / _model_file(i), force=True,
+                       metadata={"cache_key": key, "model_index": i})
+        digests[p.name] = file_sha256(p)
     meta = {"key": key, "hash": h, "n_models": split, "train_seconds": seconds,
             "train_samples": [int(len(p)) for p in parts],
             "val_accuracies": [hst.get("best_val_accuracy") for hst in base.histories],
             "best_epochs": [hst.get("best_epoch") for hst in base.histories],
-            "device": device}
-    save_json(meta, d / "meta.json", force=True)
+            "device": device, "sha256": digests}
+    write_json(d / "meta.json", meta)
     return Base([m.eval() for m in base.models], parts, base.class_shares, meta, True)
 
 
@@ -361,10 +312,35 @@ def base_cell(ds, base: Base, split: int, seed: int, h: str) -> Dict[str, Any]:
             "train_seconds": base.meta.get("train_seconds")}
 
 
+#: distributions whose versions results.json records (name shown -> distribution name)
+_SOFTWARE = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "POT": "pot", "captum": "captum",
+             "scikit-learn": "scikit-learn", "safetensors": "safetensors"}
+
+
+def software_versions() -> Dict[str, Any]:
+    """Versions of Python, neurofuse and the libraries that change results, the torch thread
+    count and the platform (``None`` for a library that is not installed)."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    info: Dict[str, Any] = {"python": sys.version.split()[0], "neurofuse": __version__}
+    for shown, dist in _SOFTWARE.items():
+        try:
+            info[shown] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[shown] = None
+    info["torch"] = torch.__version__  # the running build (e.g. "2.13.0+cpu")
+    info["torch_threads"] = torch.get_num_threads()
+    info["platform"] = platform.platform()
+    return info
+
+
 def machine_info(device: str) -> Dict[str, Any]:
+    """The machine and the software of a run (``results.json["machine"]``)."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0], "device": device}
+            "python": sys.version.split()[0], "device": device, "software": software_versions()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -382,18 +358,19 @@ def _check_runnable(cfg: BenchConfig, device: str) -> None:
 
 def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optional[str] = None,
                   data_dir: Optional[str] = None, progress: bool = True, on_event: Optional[Event] = None,
-                  command: Optional[str] = None) -> Dict[str, Any]:
+                  command: Optional[str] = None, cache: Optional[Path] = None) -> Dict[str, Any]:
     """Run (or resume) a benchmark and write ``results.json``, ``report.md`` and the figures.
 
     Returns the ``results.json`` document.  ``on_event(kind, info)`` is called with kind
-    ``"train"`` / ``"cache"`` (base models trained / reused), ``"cell"`` (a cell finished or was
-    reused; ``info["reused"]``), ``"figure"`` and ``"done"``.
+    ``"train"`` / ``"cache"`` (base models trained / reused; ``info["path"]`` is the entry),
+    ``"cell"`` (a cell finished or was reused; ``info["reused"]``), ``"figure"`` and ``"done"``.
+    ``cache`` is the directory of cached base models (default ``<out>/cache``); no other
+    directory is looked in.
     """
     from ..checkpoint import save_json
-    from ._figures import make_figures
-    from ._report import write_outputs
 
     out = Path(out) if out is not None else default_out(cfg.name, cfg.scale)
+    cache = Path(cache) if cache is not None else out / "cache"
     device = device or cfg.device
     _check_runnable(cfg, device)
 
@@ -407,8 +384,8 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
     run_stats = {"trained_base_models": 0, "computed_cells": 0, "reused_cells": 0}
     ds = load_data(cfg, data_dir)  # fails (one line) before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    save_json({"config": cfg.to_dict(), "command": command, "data_dir": data_dir, "device": device},
-              out / "config.json", force=True)
+    save_json({"config": cfg.to_dict(), "command": command, "data_dir": data_dir, "device": device,
+               "cache": str(cache)}, out / "config.json", force=True)
     cells = expected_cells(cfg)
     groups: Dict[Tuple[int, int], List[Cell]] = {}
     for c in cells:
@@ -419,7 +396,7 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
             h = _hash(base_key(cfg, split, seed))
             todo = []
             for c in group:
-                doc = _read_json(cell_path(out, c))
+                doc = read_json(cell_path(out, c))
                 if doc and doc.get("status") in ("ok", "n/a") and doc.get("key") == _cell_key(cfg, c, h):
                     STATS["reused_cells"] += 1
                     run_stats["reused_cells"] += 1
@@ -428,10 +405,10 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
                 else:
                     todo.append(c)
             bpath = out / "cells" / f"base__n{split}__s{seed}.json"
-            bdoc = _read_json(bpath)
+            bdoc = read_json(bpath)
             if not todo and bdoc and bdoc.get("cache") == h:
                 continue
-            base = get_base_models(cfg, ds, split, seed, out, device, progress, emit)
+            base = get_base_models(cfg, ds, split, seed, cache, device, progress, emit)
             if base.trained:
                 run_stats["trained_base_models"] += split
             if not (bdoc and bdoc.get("cache") == h):
@@ -454,7 +431,8 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
         bar.close()
     run_stats["seconds"] = time.perf_counter() - t0
     figs = make_figures(cfg, out, ds=ds, device=device, progress=progress, emit=emit)
-    doc = write_outputs(out, cfg_doc={"config": cfg.to_dict(), "command": command, "device": device},
+    doc = write_outputs(out, cfg_doc={"config": cfg.to_dict(), "command": command, "device": device,
+                                      "cache": str(cache)},
                         machine=machine_info(device), last_run=run_stats, figures=figs)
     emit("done", {"out": str(out), **run_stats})
     return doc

@@ -7,6 +7,7 @@ from ._otfusion import OTFusion, OTFusionOptions
 from ._rebasin import GitRebasin, GitRebasinOptions
 from ._kd import KDHead, KDHeadOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
+from ._describe import OptionInfo, method_options
 
 __all__ = [
     "BaseModel",
@@ -26,10 +27,12 @@ __all__ = [
     "LevelConfig",
     "LevelwiseFusion",
     "LinearFusion",
+    "OptionInfo",
     "VanillaAveraging",
     "WidthSpec",
     "get_method",
     "list_methods",
+    "method_options",
     "register_method",
 ]
 

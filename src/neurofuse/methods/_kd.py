@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import trange
 
 from .._fusion_set import FusionSet
+from .._loop import run_epochs, seeded_rng
+from .._validate import is_int, is_number
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
 from ._base import FusionMethod, register_method
@@ -54,11 +54,11 @@ class KDHeadOptions:
     def __post_init__(self) -> None:
         for name in ("temperature", "lr"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
@@ -128,23 +128,13 @@ class KDHead(FusionMethod):
         bs = min(self.batch_size, n)
         gen = torch.Generator().manual_seed(self.seed)
         optim = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
-        self.history: List[float] = []
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(self.seed)
-            head.train()
-            for epoch in trange(opt.epochs, desc="kd-head", disable=not self.progress, leave=False):
-                order = torch.randperm(n, generator=gen).to(x.device)
-                total = 0.0
-                for start in range(0, n, bs):
-                    idx = order[start:start + bs]
-                    loss = kd_loss(head(x[idx]), p[idx], t)
-                    if not torch.isfinite(loss):
-                        raise ConfigError(f"kd-head diverged at epoch {epoch + 1}; lower lr (now {opt.lr})")
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    total += float(loss.detach()) * idx.numel()
-                self.history.append(total / n)
+        with seeded_rng(self.seed, torch.device("cpu")), torch.enable_grad():
+            result = run_epochs(
+                head, optim, n=n, batch_size=bs, epochs=opt.epochs, generator=gen,
+                batch_loss=lambda idx: kd_loss(head(x[idx]), p[idx], t), index_device=x.device,
+                diverged=lambda epoch, loss: f"kd-head diverged at epoch {epoch}; lower lr (now {opt.lr})",
+                desc="kd-head", progress=self.progress, leave=False)
+        self.history: List[float] = result.train_loss
         head.eval()
         return fused
 

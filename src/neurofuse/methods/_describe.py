@@ -1,0 +1,172 @@
+"""What a fusion method can be told: its ``Options`` fields with types, defaults and descriptions.
+
+Read from the method's ``Options`` dataclass (field names, annotations, defaults) and the
+numpydoc ``Attributes`` sections of its docstrings, so the listing shown by
+``neurofuse methods NAME`` cannot drift from the code that validates the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from collections import abc
+from typing import Any, Dict, List, Optional, Type
+
+from ._base import FusionMethod, get_method
+
+__all__ = ["OptionInfo", "method_options"]
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One option of a method: ``--option NAME=VALUE`` on the command line, ``NAME=`` in Python.
+
+    Attributes
+    ----------
+    name : str
+        The key.
+    type : str
+        Its type as the command line writes it (``int``, ``float``, ``bool``, ``str``, ``list``,
+        ``dict``, ``... or null``); values on the command line are JSON (or a bare word).
+    default : str
+        The default as JSON (``null``, ``true``, ``3``, ``"exact"``), or ``"required"``.
+    description : str
+        First sentence of the option's entry in the ``Options`` docstring (may be empty).
+    common : bool
+        Whether it is a setting every method takes (``batch_size``, ``memory_budget``) rather
+        than a field of the method's ``Options``.
+    """
+
+    name: str
+    type: str
+    default: str
+    description: str = ""
+    common: bool = False
+
+
+def _type_name(hint: Any) -> str:
+    if hint is Any:
+        return "any"
+    if hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        names: List[str] = []
+        for a in args:
+            if a is not type(None) and _type_name(a) not in names:
+                names.append(_type_name(a))
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if origin in (dict, abc.Mapping, abc.MutableMapping) or hint in (dict, abc.Mapping):
+        return "dict"
+    if origin in (list, tuple, abc.Sequence) or hint in (list, tuple, abc.Sequence):
+        return "list"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _default_text(value: Any) -> str:
+    if value is _MISSING:
+        return "required"
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a docstring entry, without reST markup (``x``, :math:`x`)."""
+    plain = re.sub(r":\w+:`([^`]*)`", r"\1", text)
+    plain = plain.replace("``", "")
+    sentence = re.split(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.\s", plain.strip(), maxsplit=1)[0].strip()
+    return sentence.rstrip(".") + "." if sentence else ""
+
+
+def _doc_entries(cls: type) -> Dict[str, str]:
+    """``{name: first sentence}`` from the numpydoc ``Attributes`` sections of ``cls`` and its bases."""
+    out: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        lines = inspect.cleandoc(klass.__doc__ or "").splitlines()
+        in_section, names, text = False, [], []
+
+        def flush() -> None:
+            if names:
+                sentence = _first_sentence(" ".join(text))
+                for n in names:
+                    out[n] = sentence
+
+        for i, line in enumerate(lines):
+            if line.strip() in ("Attributes", "Parameters") and i + 1 < len(lines) \
+                    and set(lines[i + 1].strip()) == {"-"}:
+                flush()
+                in_section, names, text = True, [], []
+                continue
+            if not in_section or set(line.strip()) == {"-"}:
+                continue
+            if line and not line.startswith(" "):
+                if " : " not in line:  # the end of the section
+                    flush()
+                    in_section, names, text = False, [], []
+                    continue
+                flush()
+                names, text = [n.strip() for n in line.split(" : ")[0].split(",")], []
+            elif line.strip():
+                text.append(line.strip())
+        flush()
+    return out
+
+
+def _init_default(cls: Type[FusionMethod], name: str) -> Any:
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        param = inspect.signature(init).parameters.get(name)
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return _MISSING
+
+
+def method_options(name: str) -> List[OptionInfo]:
+    """The options of fusion method ``name``: its ``Options`` fields, then the common settings.
+
+    Parameters
+    ----------
+    name : str
+        A registered method (see :func:`neurofuse.methods.list_methods`).
+
+    Returns
+    -------
+    list of OptionInfo
+        One entry per key, in declaration order.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is not a registered method.
+    """
+    cls = get_method(name)
+    opts = cls.Options
+    hints = typing.get_type_hints(opts)
+    docs = _doc_entries(opts)
+    out: List[OptionInfo] = []
+    for f in dataclasses.fields(opts):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = _MISSING
+        out.append(OptionInfo(f.name, _type_name(hints.get(f.name, Any)), _default_text(default),
+                              docs.get(f.name, "")))
+    base_docs = _doc_entries(FusionMethod)
+    for key in ("batch_size", "memory_budget"):
+        hint: Optional[Any] = typing.get_type_hints(FusionMethod.__init__).get(key)
+        out.append(OptionInfo(key, _type_name(hint), _default_text(_init_default(cls, key)),
+                              base_docs.get(key, ""), common=True))
+    return out
