@@ -195,6 +195,8 @@ def _unfold_level(net: AutoNet, index: int, mine: nn.Module, theirs: nn.Module,
                         f"level {index}: the folded bias has nowhere to go (neither the layer nor "
                         "its BatchNorm has a bias); fuse this model with kf-gradient"
                     )
+                if getattr(bn, "num_batches_tracked", None) is not None:
+                    out[key(bn.num_batches_tracked)] = bn.num_batches_tracked.detach().clone()
                 if bn.running_mean is not None:
                     out[key(bn.running_mean)] = torch.zeros_like(bn.running_mean)
                     out[key(bn.running_var)] = torch.full_like(bn.running_var, 1.0 - bn.eps)
