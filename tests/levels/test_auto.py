@@ -342,3 +342,55 @@ def test_untraceable_model_with_functional_ops_is_a_one_line_error():
 def test_declared_axes_without_levels_are_refused():
     with pytest.raises(ConfigError, match="axes are found"):
         neurofuse.levels_from(MLP(), input_shape=(3, 8, 8), axes=["dense"] * 3)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4 * 6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))))
+
+
+def test_conv1d_outputs_are_not_cut_because_their_neurons_are_not_last():
+    net = neurofuse.levels_from(Conv1dNet().eval(), input_shape=(2, 6))
+    assert net.level_names == ["conv -> bn -> relu -> flatten -> fc", "relu -> out"]
+    assert net.axes == ["dense", "dense"]
+
+
+def test_automatic_levels_keep_their_widths():
+    net = neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(ConfigError, match="keep their widths"):
+        neurofuse.fuse([net, copy.deepcopy(net)], (x, y), method="kf-gradient", width=8, progress=False)
+
+
+def test_level_kinds_survive_the_copies_methods_make():
+    """Fusion methods deep-copy models: the reasons and eval-identity marks must survive."""
+    vit = copy.deepcopy(neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16)))
+    assert "parameters directly" in level_support(vit)[1]["otfusion"]
+    mlp = copy.deepcopy(neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8)))
+    assert level_support(mlp)[1]["otfusion"] is None
+
+
+class FunctionalDropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.dropout(self.fc1(x.flatten(1)), 0.2, self.training)
+        return F.dropout(self.fc2(F.relu(h)), 0.1, self.training)
+
+
+def test_functional_dropout_at_the_end_keeps_the_level_affine():
+    net = copy.deepcopy(neurofuse.levels_from(FunctionalDropoutMLP().eval(), input_shape=(3, 2, 2)))
+    assert net.level_widths() == [8, 3]
+    assert all(r is None for row in level_support(net) for r in row.values())
+    _, affine = split_affine(net.levels[-1])
+    assert affine.out_features == 3

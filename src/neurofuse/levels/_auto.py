@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, IncompatibleModelsError
 from ._declare import DeclaredNet
 
-__all__ = ["AutoBlock", "AutoNet", "auto_levels", "level_support", "format_levels",
+__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
            "is_eval_identity"]
 
 log = logging.getLogger("neurofuse")
@@ -88,6 +88,39 @@ class AutoBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.pre(x)
         return self.branch(h) + self.shortcut(h)
+
+
+class Glue(nn.Module):
+    """Parameter-free operations between two layers of a chain (a traced ``torch.fx`` sub-graph).
+
+    ``eval_identity`` is true when they are all identities in eval mode (dropout), so that
+    :func:`~neurofuse.levels.split_affine` ignores them at the end of a level.
+    """
+
+    def __init__(self, ops: fx.GraphModule, eval_identity: bool = False) -> None:
+        super().__init__()
+        self.ops = ops
+        self.eval_identity = bool(eval_identity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops(x)
+
+
+class AutoGraph(nn.Module):
+    """A level that is neither a chain nor a residual block (attention, several paths, direct
+    parameters): the traced sub-graph, fitted by ``kf-gradient`` only.
+
+    ``not_alignable`` says why; :func:`neurofuse.levels._layout.level_layout` refuses the level
+    with it.
+    """
+
+    def __init__(self, graph: fx.GraphModule, not_alignable: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.not_alignable = not_alignable
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph(x)
 
 
 class AutoNet(DeclaredNet):
@@ -372,7 +405,7 @@ def _subgraph_module(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, end: f
             new.target = str(n.target)[:-1]  # relu_ -> relu: never change the level's input
         env[n] = new
     graph.output(env[end])
-    gm = fx.GraphModule(g.gm, graph, class_name="Glue")
+    gm = fx.GraphModule(g.gm, graph, class_name="Ops")
     for name, m in list(gm.named_modules()):
         if getattr(m, "inplace", False) and not _has_state(m):
             parent, _, attr = name.rpartition(".")
@@ -387,9 +420,7 @@ def _glue(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> nn.Module:
         if m is not None and len(n.all_input_nodes) == 1 and not n.kwargs and len(n.args) == 1:
             return _no_inplace(m)
     gm = _subgraph_module(g, nodes, start, nodes[-1])
-    if all(_eval_identity_node(g, n) for n in nodes):
-        gm.eval_identity = True  # type: ignore[assignment]
-    return gm
+    return Glue(gm, all(_eval_identity_node(g, n) for n in nodes))
 
 
 def _chain(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[nn.Sequential]:
@@ -492,8 +523,7 @@ def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
     why = (f"it uses parameters directly ({', '.join(direct)})" if direct
            else "it is a sub-graph with several paths (attention or a skip connection that is not "
                 "a two-path residual block)")
-    gm.not_alignable = f"level {index} is not a chain of layers: {why}"  # type: ignore[assignment]
-    return gm, "graph"
+    return AutoGraph(gm, f"level {index} is not a chain of layers: {why}"), "graph"
 
 
 def _describe(g: _Graph, nodes: Sequence[fx.Node]) -> str:
@@ -537,8 +567,7 @@ def _hook_levels(model: nn.Module, x: Tensor) -> Tuple[List[nn.Module], List[str
                 "operation or skip connection in forward), which forward hooks cannot see"
             )
         prev = out
-    levels: List[nn.Module] = []
-    names: List[str] = []
+    parts: List[List[Tuple[str, nn.Module]]] = []
     cur: List[Tuple[str, nn.Module]] = []
     for i, (name, m, _, _) in enumerate(calls):
         cur.append((name, m if _has_state(m) else _no_inplace(m)))
@@ -546,17 +575,15 @@ def _hook_levels(model: nn.Module, x: Tensor) -> Tuple[List[nn.Module], List[str
         ends = isinstance(m, _AFFINE + _NORM) and not (
             isinstance(m, _AFFINE) and isinstance(nxt, _NORM))
         if ends and any(isinstance(mm, _AFFINE) for _, mm in cur):
-            levels.append(nn.Sequential(*[mm for _, mm in cur]))
-            names.append(" -> ".join(n for n, _ in cur))
+            parts.append(cur)
             cur = []
     if cur:
-        if levels and not any(isinstance(mm, _AFFINE) for _, mm in cur):
-            last = levels.pop()
-            names[-1] = names[-1] + " -> " + " -> ".join(n for n, _ in cur)
-            cur = [(None, mm) for mm in last.children()] + cur  # type: ignore[misc]
-        levels.append(nn.Sequential(*[mm for _, mm in cur]))
-        if len(names) < len(levels):
-            names.append(" -> ".join(n for n, _ in cur))
+        if parts and not any(isinstance(mm, _AFFINE) for _, mm in cur):
+            parts[-1].extend(cur)  # trailing parameter-free modules join the last level
+        else:
+            parts.append(cur)
+    levels: List[nn.Module] = [nn.Sequential(*[mm for _, mm in part]) for part in parts]
+    names = [" -> ".join(n for n, _ in part) for part in parts]
     return levels, names
 
 
