@@ -65,9 +65,10 @@ _AXIS_OF_DIM = {2: "dense", 4: "conv", 3: "token"}
 
 def is_eval_identity(module: nn.Module) -> bool:
     """Whether ``module`` is the identity in eval mode (``Dropout`` and friends, a plain
-    ``nn.Identity``, or a parameter-free glue of such operations built by :func:`auto_levels`)."""
-    return (isinstance(module, _DROPOUT) or type(module) is nn.Identity
-            or bool(getattr(module, "eval_identity", False)))
+    ``nn.Identity``, or a :class:`Glue` of such operations)."""
+    from ._core import _is_eval_identity
+
+    return _is_eval_identity(module)
 
 
 class AutoBlock(nn.Module):
