@@ -392,6 +392,7 @@ def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> N
     arch = getattr(model, "arch", type(model).__name__)
     for name, ref in expected.items():
         if name not in state:
+            _names_differ_only(model, state, path)
             raise CheckpointError(
                 f"{path} lacks tensor {name!r} that architecture {arch!r} needs; the checkpoint "
                 "was saved from another architecture: check the architecture config"
@@ -414,8 +415,41 @@ def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> N
         raise CheckpointError(f"cannot load the weights of {path}: {_reason(exc)}") from None
 
 
+def _no_architecture(path: Path) -> CheckpointError:
+    """The error for a ``.pt`` file without a config, saying what the file really holds."""
+    from .interop import read_state_dict
+
+    state = read_state_dict(path)  # a pickled module or a corrupt file raises its own error here
+    first = ", ".join(list(state)[:3])
+    return CheckpointError(
+        f"{path} holds a state dict of {len(state)} tensors ({first}{', ...' if len(state) > 3 else ''}) "
+        "but no architecture; for a neurofuse zoo model put its config in "
+        f"{path.name}.json next to it (or pass config=); for your own model class load it with "
+        "neurofuse.interop.load_state_dict(make_net(), path), or fuse such checkpoints with "
+        "`neurofuse fuse --model-factory FILE.py:make_net`"
+    )
+
+
+def _names_differ_only(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """Raise a precise error when ``state`` is ``model``'s but under other tensor names."""
+    from .interop import KeyMatchError, match_state_dict
+
+    try:
+        match_state_dict(state, model)
+    except KeyMatchError:
+        return
+    arch = getattr(model, "arch", type(model).__name__)
+    first = next(iter(state), "")
+    raise CheckpointError(
+        f"{path} names its tensors differently ({first!r}, ...) from architecture {arch!r} "
+        f"({next(iter(model.state_dict()), '')!r}, ...) but every tensor matches by shape and "
+        "order: pass key_map='auto' to load_model (or a key_map of names/prefixes)"
+    )
+
+
 def load_model(path: PathLike, *,
-               config: Optional[Union[Mapping[str, Any], PathLike]] = None) -> LeveledNet:
+               config: Optional[Union[Mapping[str, Any], PathLike]] = None,
+               key_map: Any = None) -> LeveledNet:
     """Load a model from a neurofuse ``.safetensors`` checkpoint or a legacy ``.pt`` state dict.
 
     Parameters
@@ -430,6 +464,10 @@ def load_model(path: PathLike, *,
         overrides the config stored in a ``.safetensors`` checkpoint and is required for a
         ``.pt`` file unless ``<path>.json`` (e.g. ``model.pt.json``) or ``<stem>.json``
         (``model.json``) exists next to it.
+    key_map : ``"auto"``, mapping or callable, optional
+        Tensor names of a checkpoint saved by other code: ``"auto"`` matches them onto the
+        architecture's by shapes and order, a mapping renames exact keys and prefixes
+        (``{"level1.": "levels.0."}``); see :func:`neurofuse.interop.match_state_dict`.
 
     Returns
     -------
@@ -461,10 +499,7 @@ def load_model(path: PathLike, *,
         if arch_config is None:
             arch_config = _sidecar_config(p)
         if arch_config is None:
-            raise CheckpointError(
-                f"{p} is a bare state dict without its architecture: put the architecture config "
-                f"in {p.name}.json next to it (or pass config= to load_model)"
-            )
+            raise _no_architecture(p)
         state = _read_torch(p)
     else:
         state, meta = _read_safetensors(p)
@@ -472,6 +507,10 @@ def load_model(path: PathLike, *,
             arch_config = _parse_document(p, meta)["config"]
 
     model = _build(arch_config, p)
+    if key_map is not None:
+        from .interop import match_state_dict
+
+        state = match_state_dict(state, model, None if key_map == "auto" else key_map, source=str(p))
     _load_state(model, state, p)
     return model.eval()
 

@@ -1,5 +1,5 @@
 """The ``neurofuse`` command line: ``demo``, ``train``, ``fuse``, ``finetune``, ``eval``, ``align``,
-``methods`` (and ``bench``).
+``methods``, ``levels`` (and ``bench``).
 
 Every user error (bad models, missing data, corrupt checkpoints, existing outputs) ends in one line
 on stderr, ``neurofuse: error: ...``, and exit status 2; inputs are never overwritten.
@@ -182,6 +182,8 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
 def cmd_fuse(a: argparse.Namespace) -> int:
     out = Path(a.out)
     _check_output(out, a.force, [Path(p) for p in a.checkpoints])
+    if a.model_factory or a.auto_levels:
+        return _fuse_factory(a, out)
     if a.distributed:
         return _fuse_distributed(a)
     return _fuse_and_save(a, out)
@@ -242,6 +244,140 @@ def _fuse_and_save(a: argparse.Namespace, out: Path, distributed: bool = False, 
     extra = f" + {', '.join(steps)}" if steps else ""
     print(f"{out}: {label} of {len(models)} models{extra}, test accuracy {100 * s['accuracy']:.2f}%")
     return 0
+
+
+# -- your own models: --model-factory and `neurofuse levels` ---------------------------------
+
+def _add_factory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-factory", default=None, metavar="FILE.py:FUNCTION",
+                   help="fuse checkpoints of your own model: FUNCTION() builds it, the checkpoints "
+                        "are its state dicts (.pt read with weights_only=True, or .safetensors; "
+                        "names matched by shapes and order if they differ), the levels are found "
+                        "automatically, --out gets the fused state dict in your model's names")
+    p.add_argument("--auto-levels", action="store_true",
+                   help="with --model-factory: find the levels automatically even if FUNCTION "
+                        "returns a model with declared levels")
+
+
+def _factory_models(a: argparse.Namespace, input_shape: Sequence[int]) -> List[Any]:
+    """The checkpoints loaded into FUNCTION() models, with their levels (automatic or declared)."""
+    from .errors import ConfigError
+    from .interop import KeyMatchError, load_factory, load_state_dict
+    from .levels import LeveledNet, auto_levels
+    from torch import nn
+
+    make = load_factory(a.model_factory)
+    nets = []
+    for path in a.checkpoints:
+        model = make()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model-factory {a.model_factory} returns a {type(model).__name__}, "
+                              "not a torch.nn.Module")
+        try:
+            load_state_dict(model, path)
+        except KeyMatchError as exc:
+            print(exc.table, file=sys.stderr)
+            raise
+        if isinstance(model, LeveledNet) and not a.auto_levels:
+            nets.append(model)
+        else:
+            nets.append(auto_levels(model, input_shape))
+    return nets
+
+
+def _fuse_factory(a: argparse.Namespace, out: Path) -> int:
+    """``fuse --model-factory FILE.py:FUNCTION ckpt...``: fuse your own model's state dicts."""
+    import json as _json
+
+    from ._io import write_safetensors
+    from .api import fuse
+    from .checkpoint import _prepare_output
+    from .data import load_dataset
+    from .errors import ConfigError
+    from .experiment import fusion_set
+    from .levels import AutoNet, LeveledNet
+    from .training import evaluate
+
+    if not a.model_factory:
+        raise ConfigError("--auto-levels needs --model-factory FILE.py:FUNCTION (zoo checkpoints "
+                          "carry their levels)")
+    if a.distributed or a.depth or a.head_weights:
+        raise ConfigError("--model-factory does not combine with --distributed, --depth or "
+                          "--head-weights; fuse without them")
+    if not a.dataset:
+        raise ConfigError("--model-factory checkpoints do not say which dataset they were trained "
+                          "on; pass --dataset")
+    if not out.name.endswith(".safetensors"):
+        raise ConfigError(f"--out {out} must end in .safetensors")
+    ds = load_dataset(a.dataset, a.data_dir)
+    nets = _factory_models(a, tuple(ds.x_train.shape[1:]))
+    fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
+    finetune, finetune_data = _finetune_args(a, ds)
+    fused = fuse(nets, fusion, method=a.method, importance=a.importance, width=a.width,
+                 seed=a.seed, progress=not a.no_progress, device=a.device, repair=a.repair,
+                 finetune=finetune, finetune_data=finetune_data, **_parse_options(a.option))
+    if not isinstance(fused, LeveledNet):
+        raise ConfigError(f"{a.method} does not give one model of your architecture "
+                          f"({type(fused).__name__}); choose a method that does")
+    ref = nets[0]
+    state = ref.model_state_dict(fused) if isinstance(ref, AutoNet) else fused.state_dict()
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    meta = {"model_factory": a.model_factory, "method": a.method, "importance": a.importance,
+            "seed": a.seed, "dataset": ds.name, "inputs": [str(p) for p in a.checkpoints],
+            "levels": "auto" if isinstance(ref, AutoNet) else "declared",
+            "fusion_samples": int(fusion[0].shape[0])}
+    write_safetensors(_prepare_output(out, a.force), state, metadata={"neurofuse-fused": _json.dumps(meta)})
+    s = evaluate(fused, ds.x_test, ds.y_test)
+    how = f"{ref.num_levels} automatic levels" if isinstance(ref, AutoNet) else f"{ref.num_levels} levels"
+    print(f"{out}: {a.method} of {len(nets)} {a.model_factory} models ({how}), "
+          f"test accuracy {100 * s['accuracy']:.2f}%; load it with "
+          "neurofuse.interop.load_state_dict(FUNCTION(), path)")
+    return 0
+
+
+def _shape_arg(text: str) -> List[int]:
+    try:
+        dims = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        dims = []
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive ints like 3,32,32, got {text!r}")
+    return dims
+
+
+def cmd_levels(a: argparse.Namespace) -> int:
+    """``neurofuse levels FILE.py:FUNCTION``: the automatic levels and the methods for each."""
+    from .data import load_dataset
+    from .errors import ConfigError
+    from .interop import load_factory, load_state_dict
+    from .levels import auto_levels, format_levels
+
+    if a.input_shape:
+        shape = tuple(a.input_shape)
+    elif a.dataset:
+        shape = tuple(load_dataset(a.dataset, a.data_dir).x_train.shape[1:])
+    else:
+        raise ConfigError("give the shape of one input with --input-shape C,H,W (or --dataset)")
+    model = load_factory(a.factory)()
+    if a.checkpoint:
+        load_state_dict(model, a.checkpoint)
+    net = auto_levels(model, shape)
+    print(f"{a.factory}: {type(model).__name__}, input {list(shape)}, {net.num_levels} levels "
+          f"(found with {'torch.fx' if net.tracer == 'fx' else 'forward hooks'})")
+    print(format_levels(net))
+    return 0
+
+
+def _add_levels_parser(sub: Any) -> None:
+    from .data import list_datasets
+
+    p = sub.add_parser("levels", help="show the automatic levels of your model and which methods fuse them")
+    p.add_argument("factory", metavar="FILE.py:FUNCTION", help="function that builds the model")
+    p.add_argument("--input-shape", type=_shape_arg, default=None, help="shape of one input, e.g. 3,32,32")
+    p.add_argument("--dataset", default=None, choices=list_datasets(), help="take the input shape from a dataset")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset files")
+    p.add_argument("--checkpoint", default=None, help="load these weights first (state dict)")
+    p.set_defaults(func=cmd_levels)
 
 
 def _parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
@@ -566,8 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics are all-reduced (gloo on CPU, nccl on GPU), rank 0 writes --out; "
                         "e.g. torchrun --nproc-per-node 2 -m neurofuse fuse ... --distributed")
     _add_data_args(p, default_dataset=None)
+    _add_factory_args(p)
     common(p)
     p.set_defaults(func=cmd_fuse)
+    _add_levels_parser(sub)
 
     p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint on the training split")
     p.add_argument("checkpoint", help="checkpoint to fine-tune (never overwritten)")

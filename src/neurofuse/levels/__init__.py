@@ -17,10 +17,18 @@ from ._core import (
 )
 from ._bn import fold_batchnorm, has_batchnorm
 from ._declare import DeclaredNet, levels_from
+from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels, format_levels, level_support
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
 
 __all__ = [
     "AXES",
+    "AutoBlock",
+    "AutoGraph",
+    "AutoNet",
+    "Glue",
+    "auto_levels",
+    "format_levels",
+    "level_support",
     "DEFAULT_MEMORY_BUDGET",
     "LevelStream",
     "StreamBatch",

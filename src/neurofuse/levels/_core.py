@@ -45,7 +45,8 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """Split an affine-terminal level into ``(pre, affine)``.
 
     A level is *affine in its parameters* when it is an ``nn.Sequential`` whose last child is an
-    ``nn.Linear`` or ``nn.Conv2d`` and whose other children hold no parameters (activations,
+    ``nn.Linear`` or ``nn.Conv2d`` (trailing eval-mode identities such as ``Dropout`` are ignored:
+    they stay in the level and do nothing in eval mode) and whose other children hold no parameters (activations,
     pooling, flattening, any parameter-free module: they only transform the input).  The closed-form methods need this; other levels need ``kf-gradient``.
 
     Raises
@@ -54,6 +55,8 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
         If the level is not affine in its parameters.
     """
     children = list(level.children()) if isinstance(level, nn.Sequential) else [level]
+    while len(children) > 1 and _is_eval_identity(children[-1]):
+        children.pop()  # a trailing Dropout / Identity does nothing in eval mode
     last = children[-1] if children else None
     pre = children[:-1]
     ok = isinstance(last, (nn.Linear, nn.Conv2d)) and all(
@@ -66,6 +69,12 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
             "'kf-linear' cannot fit it: use method='kf-gradient'"
         )
     return nn.Sequential(*pre), last  # type: ignore[return-value]
+
+
+def _is_eval_identity(m: nn.Module) -> bool:
+    """``Dropout`` and friends, a plain ``nn.Identity`` or glue marked ``eval_identity``."""
+    drop = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    return isinstance(m, drop) or type(m) is nn.Identity or bool(getattr(m, "eval_identity", False))
 
 
 class LeveledNet(nn.Module):

@@ -135,7 +135,8 @@ def _shape(t: Any) -> str:
     return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
-def levels_from(model: nn.Module, levels: Sequence[LevelSpec], axes: Optional[Sequence[str]] = None,
+def levels_from(model: nn.Module, levels: Optional[Sequence[LevelSpec]] = None,
+                axes: Optional[Sequence[str]] = None,
                 input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                 *, atol: float = 1e-5, seed: int = 0) -> DeclaredNet:
     """Declare the levels of ``model`` so that it can be fused by neurofuse.
@@ -144,8 +145,10 @@ def levels_from(model: nn.Module, levels: Sequence[LevelSpec], axes: Optional[Se
     ----------
     model : nn.Module
         The user's network; ``model(x)`` must return the logits ``[B, num_classes]``.
-    levels : sequence
-        The levels in order from the input.  Each is a dotted sub-module name (``"layer1.0"``),
+    levels : sequence, optional
+        ``None`` (the default): find the levels automatically with ``torch.fx`` (see
+        :func:`neurofuse.levels.auto_levels`; ``axes`` must then be left out).
+        Otherwise the levels in order from the input.  Each is a dotted sub-module name (``"layer1.0"``),
         an ``nn.Module``, a parameter-free callable (``torch.relu``, ``lambda x: x.flatten(1)``),
         or a list of those run in sequence (e.g. ``[F.relu, "pool", "conv2"]`` when the model
         applies a functional ReLU and a pool before ``conv2`` in its ``forward``).  Every module
@@ -187,6 +190,13 @@ def levels_from(model: nn.Module, levels: Sequence[LevelSpec], axes: Optional[Se
     """
     if input_shape is None:
         raise ConfigError("levels_from needs input_shape, the shape of one input sample, e.g. (3, 32, 32)")
+    if levels is None:
+        from ._auto import auto_levels
+
+        if axes is not None:
+            raise ConfigError("axes are found with the automatic levels; leave axes out or declare "
+                              "the levels")
+        return auto_levels(model, input_shape, num_classes, atol=atol, seed=seed)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"levels_from needs an nn.Module, got {type(model).__name__}")
     if isinstance(levels, (str, nn.Module)) or not isinstance(levels, Sequence) or len(levels) == 0:

@@ -150,6 +150,9 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     IncompatibleModelsError
         If the level has no affine layer, a grouped convolution or another module with parameters.
     """
+    reason = getattr(level, "not_alignable", None)
+    if reason:  # set by the automatic levels on sub-graphs that are not chains or blocks
+        raise IncompatibleModelsError(f"{reason}; {method!r} cannot align it (use 'kf-gradient')")
     if _is_block(level):
         paths = [("branch.", level.branch)]
         if not isinstance(level.shortcut, nn.Identity):

@@ -1,0 +1,396 @@
+"""Automatic levels on models written the way people write them (tests/levels/user_models.py).
+
+Properties checked:
+
+* the levels of each architecture are found where the paper puts them (pre-activations; residual
+  and attention blocks whole), reproduce ``model(x)``, and say which methods fuse each level;
+* every method that applies fuses two such models; every method that does not is refused with a
+  one-line error, and ``level_support`` gives the reason;
+* the permuted-copy property: a model fused with a copy of itself whose hidden neurons are
+  permuted gives back the same function, through its automatic levels, for every level-wise
+  method that applies;
+* Dropout at the end of a level leaves it affine; tracing failures fall back to forward hooks
+  (and say so); models that cannot be cut give one-line errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neurofuse
+from neurofuse.errors import ConfigError, IncompatibleModelsError
+from neurofuse.levels import AutoBlock, AutoNet, format_levels, level_support, split_affine
+from neurofuse.levels._layout import NeuronMap, align_level, check_alignable
+
+from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
+
+LEVELWISE = ["hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"]
+WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
+
+#: architecture -> level-wise methods that fuse it (the others are refused with a reason)
+SUPPORTED = {
+    "resnet18": {"otfusion", "git-rebasin", "kf-gradient"},
+    "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
+    "mobilenet_v2": {"kf-gradient"},
+    "vit": {"kf-gradient"},
+    "mlp_ln": {"otfusion", "git-rebasin", "kf-gradient"},
+}
+#: a word the one-line reason of each refused method must contain
+REASON = {
+    ("resnet18", "hf-linear"): "residual block",
+    ("mobilenet_v2", "otfusion"): "depthwise",
+    ("mobilenet_v2", "kf-linear"): "residual block",
+    ("vit", "otfusion"): "parameters directly",
+    ("vit", "kf-linear"): "not affine",
+    ("mlp_ln", "kf-linear"): "LayerNorm",
+}
+FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model.eval()
+
+
+def _make(arch: str, seed: int) -> nn.Module:
+    factory, _ = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    return _randomise_bn(factory(), seed)
+
+
+def _data(arch: str, n: int = 96, seed: int = 0):
+    shape = ARCHITECTURES[arch][1]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """max |a(x) - b(x)| relative to max |b(x)|."""
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    return float((ya - yb).abs().max() / yb.abs().max())
+
+
+# -- the levels that are found ---------------------------------------------------------------
+def test_resnet18_levels_are_stem_blocks_and_head():
+    net = neurofuse.levels_from(_make("resnet18", 0), input_shape=(3, 32, 32))
+    assert isinstance(net, AutoNet) and net.tracer == "fx"
+    assert net.kinds == ["chain"] + ["block"] * 8 + ["chain"]
+    assert net.axes == ["conv"] * 9 + ["dense"]
+    assert net.level_widths() == [4, 4, 4, 8, 8, 8, 8, 16, 16, 10]
+    stem = list(net.levels[0].children())
+    assert [type(m) for m in stem] == [nn.Conv2d, nn.BatchNorm2d]  # [conv, BN]: a pre-activation
+    down = net.levels[3]
+    assert isinstance(down, AutoBlock) and not isinstance(down.shortcut, nn.Identity)
+    assert isinstance(net.levels[2].shortcut, nn.Identity)      # identity skip: residual stream
+    # torchvision's in-place ReLUs are replaced, so a level never overwrites its input
+    assert not any(getattr(m, "inplace", False) for lv in net.levels for m in lv.modules())
+
+
+def test_vit_attention_blocks_stay_whole_and_mlp_blocks_are_residual():
+    net = neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16))
+    assert net.kinds == ["chain", "graph", "block", "graph", "block", "chain"]
+    assert net.axes == ["conv", "token", "token", "token", "token", "dense"]
+    assert "parameters directly" in level_support(net)[1]["otfusion"]
+
+
+def test_levels_share_the_models_parameters_and_map_back_to_its_keys():
+    model = _make("resnet18", 0)
+    net = neurofuse.levels_from(model, input_shape=(3, 32, 32))
+    assert set(net.model_keys.values()) == set(model.state_dict())
+    assert {id(p) for p in net.parameters()} == {id(p) for p in model.parameters()}
+    state = net.model_state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_automatic_levels_reproduce_the_model(arch):
+    model = _make(arch, 1)
+    net = neurofuse.levels_from(model, input_shape=ARCHITECTURES[arch][1])
+    x, _ = _data(arch, 8, seed=3)
+    assert _gap(net, model, x) < 1e-6
+
+
+def test_dropout_at_the_end_of_a_level_keeps_it_affine():
+    model = DropoutMLP().eval()
+    net = neurofuse.levels_from(model, input_shape=(3, 8, 8))
+    last = list(net.levels[-1].children())
+    assert isinstance(last[-1], nn.Dropout)                  # the model ends in a Dropout
+    _, affine = split_affine(net.levels[-1])
+    assert isinstance(affine, nn.Linear)
+    assert all(r is None for row in level_support(net) for r in row.values())
+    x, y = torch.randn(96, 3, 8, 8), torch.randint(0, 10, (96,))
+    fused = neurofuse.fuse([net, copy.deepcopy(net)], (x, y), method="kf-linear", progress=False)
+    assert _gap(fused, net, x) < 1e-4
+
+
+def test_format_levels_lists_widths_methods_and_reasons():
+    net = neurofuse.levels_from(_make("mobilenet_v2", 0), input_shape=(3, 16, 16))
+    text = format_levels(net)
+    assert "fused by: kf-gradient" in text
+    assert "not otfusion/git-rebasin: grouped/depthwise convolution" in text
+    assert text.splitlines()[-1].startswith("whole model: kf-gradient, vanilla")
+
+
+# -- every method that applies fuses; the others say why not --------------------------------
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_methods_that_apply_fuse_and_the_others_say_why(arch):
+    nets = [neurofuse.levels_from(_make(arch, s), input_shape=ARCHITECTURES[arch][1]) for s in (0, 1)]
+    x, y = _data(arch)
+    support = level_support(nets[0])
+    for method in LEVELWISE + WHOLE:
+        ok = method in WHOLE or method in SUPPORTED[arch]
+        refused = [r[method] for r in support if method in r and r[method] is not None]
+        kwargs = FAST_GRADIENT if method == "kf-gradient" else {"epochs": 1} if method == "kd-head" else {}
+        if ok:
+            assert not refused, (method, refused)
+            fused = neurofuse.fuse(nets, (x, y), method=method, progress=False, **kwargs)
+            with torch.no_grad():
+                out = fused(x[:4])
+            assert out.shape == (4, 10) and torch.isfinite(out).all(), method
+        else:
+            assert refused, method                       # a one-line reason per refused method
+            assert all("\n" not in r for r in refused)
+            if (arch, method) in REASON:
+                assert REASON[(arch, method)] in refused[0], refused[0]
+            with pytest.raises(IncompatibleModelsError):
+                neurofuse.fuse(nets, (x, y), method=method, progress=False)
+
+
+# -- the permuted-copy property ---------------------------------------------------------------
+def _perm(n: int, g: torch.Generator) -> torch.Tensor:
+    while True:
+        p = torch.randperm(n, generator=g)
+        if not torch.equal(p, torch.arange(n)):
+            return p
+
+
+def _permute_by_layout(net: AutoNet, seed: int) -> None:
+    """Permute every residual stream and internal space of a chain/block net in place."""
+    layouts, heads = check_alignable([net], "permute")
+    g = torch.Generator().manual_seed(seed)
+    widths = net.level_widths()
+    stream = {}
+    for h in sorted(set(heads)):
+        if h >= 0 and h < net.num_levels - 1:
+            p = _perm(widths[h], g)
+            stream[h] = NeuronMap.from_plan(np.eye(widths[h])[p.numpy()].T, np.ones(widths[h]))
+    for i, (level, lay) in enumerate(zip(net.levels, layouts)):
+        maps = {"in": stream.get(heads[i - 1]) if i else None, "out": stream.get(heads[i])}
+        for sp in lay.internal:
+            n = len(dict(level.named_modules())[sp.point].weight)
+            maps[sp.name] = NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+        level.load_state_dict(align_level(level, lay, i, maps))
+
+
+def _po(m: nn.Module, p: torch.Tensor) -> None:
+    """Permute the output axis of a layer / normalisation in place."""
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(m, name, None)
+        if t is not None and t.dim() >= 1:
+            t.data.copy_(t.data[p])
+
+
+def _pi(m: nn.Module, p: torch.Tensor) -> None:
+    m.weight.data.copy_(m.weight.data[:, p])
+
+
+def _permute_mobilenet(model: MobileNetV2, g: torch.Generator) -> None:
+    f = model.features
+    p = _perm(4, g)                     # the stem's channels run through block 1 (a residual stream)
+    _po(f[0][0], p), _po(f[0][1], p)
+    b1 = f[1].conv
+    _po(b1[0][0], p), _po(b1[0][1], p)  # depthwise conv: output channel i reads input channel i
+    _pi(b1[1], p), _po(b1[1], p), _po(b1[2], p)
+    _pi(f[2].conv[0][0], p)
+    for blk in (f[2], f[3], f[4]):      # every expansion (hidden) layer
+        c = blk.conv
+        q = _perm(c[0][0].out_channels, g)
+        _po(c[0][0], q), _po(c[0][1], q), _po(c[1][0], q), _po(c[1][1], q), _pi(c[2], q)
+
+
+def _permute_vit(model: VisionTransformer, g: torch.Generator) -> None:
+    p = _perm(model.head.in_features, g)  # the residual stream of every token level
+    _po(model.patch_embed.proj, p)
+    model.cls_token.data.copy_(model.cls_token.data[..., p])
+    model.pos_embed.data.copy_(model.pos_embed.data[..., p])
+    for blk in model.blocks:
+        _po(blk.norm1, p), _pi(blk.attn.qkv, p), _po(blk.attn.proj, p), _po(blk.norm2, p)
+        q = _perm(blk.mlp.fc1.out_features, g)
+        _pi(blk.mlp.fc1, p), _po(blk.mlp.fc1, q), _pi(blk.mlp.fc2, q), _po(blk.mlp.fc2, p)
+    _po(model.norm, p), _pi(model.head, p)
+
+
+def permuted_twin(arch: str, model: nn.Module, seed: int = 7) -> nn.Module:
+    """A copy of ``model`` whose hidden neurons are permuted (the same function)."""
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if arch == "mobilenet_v2":
+            _permute_mobilenet(twin, g)
+        elif arch == "vit":
+            _permute_vit(twin, g)
+        else:  # chains and residual blocks: through the alignment layout of the automatic levels
+            _permute_by_layout(neurofuse.levels_from(twin, input_shape=ARCHITECTURES[arch][1]), seed)
+    return twin.eval()
+
+
+def _calibrate_bn(model: nn.Module, x: torch.Tensor, shape) -> nn.Module:
+    """BatchNorm statistics of the fusion set itself, level by level as kf-gradient re-estimates
+    them (each level in train mode on the previous levels' eval-mode outputs)."""
+    from neurofuse.approximation._gradient import reestimate_batchnorm
+
+    net = neurofuse.levels_from(model, input_shape=shape)
+    h = x
+    with torch.no_grad():
+        for level in net.levels:
+            reestimate_batchnorm(level, h)
+            h = level.eval()(h)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,method", [(a, m) for a in sorted(ARCHITECTURES) for m in LEVELWISE
+                                         if m in SUPPORTED[a]])
+def test_fused_with_its_permuted_copy_gives_back_the_model(arch, method):
+    x, y = _data(arch, 128)
+    model = _make(arch, 0)
+    if method == "kf-gradient":
+        _calibrate_bn(model, x, ARCHITECTURES[arch][1])
+    twin = permuted_twin(arch, model)
+    shape = ARCHITECTURES[arch][1]
+    x_test, _ = _data(arch, 32, seed=9)
+    assert _gap(twin, model, x_test) < 1e-5                     # the permutation keeps the function
+    differ = [k for k, v in twin.state_dict().items()
+              if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])]
+    assert len(differ) > 4                                      # ... and changes the weights
+    nets = [neurofuse.levels_from(m, input_shape=shape) for m in (model, twin)]
+    kwargs = FAST_GRADIENT if method == "kf-gradient" else {}
+    fused = neurofuse.fuse(nets, (x, y), method=method, progress=False, **kwargs)
+    assert _gap(fused, model, x) < 1e-4
+    assert _gap(fused, model, x_test) < 1e-4
+    # the fused weights go back into the user's own architecture
+    back = _make(arch, 5)
+    back.load_state_dict(nets[0].model_state_dict(fused))
+    assert _gap(back, model, x_test) < 1e-4
+
+
+def test_vanilla_does_not_recover_a_permuted_copy():
+    """Control: without alignment the permuted copy is not recovered, so the tests can fail."""
+    model = _make("resnet18", 0)
+    twin = permuted_twin("resnet18", model)
+    nets = [neurofuse.levels_from(m, input_shape=(3, 32, 32)) for m in (model, twin)]
+    fused = neurofuse.fuse(nets, method="vanilla", progress=False)
+    assert _gap(fused, model, _data("resnet18", 32)[0]) > 1e-2
+
+
+# -- tracing failures and models that cannot be cut -------------------------------------------
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it; forward hooks see a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # never true, but fx cannot know
+            return self.body(x) * 0
+        return self.body(x)
+
+
+class BranchyFunctional(Branchy):
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        return self.body[3](F.relu(self.body[1](self.body[0](x))))
+
+
+def test_untraceable_model_falls_back_to_forward_hooks_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="neurofuse"):
+        net = neurofuse.levels_from(Branchy().eval(), input_shape=(3, 2, 2))
+    assert net.tracer == "hooks" and net.level_widths() == [8, 3]
+    assert "falling back to forward hooks" in caplog.text
+
+
+def test_untraceable_model_with_functional_ops_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="forward-hook fallback failed.*declare the levels"):
+        neurofuse.levels_from(BranchyFunctional().eval(), input_shape=(3, 2, 2))
+
+
+def test_declared_axes_without_levels_are_refused():
+    with pytest.raises(ConfigError, match="axes are found"):
+        neurofuse.levels_from(MLP(), input_shape=(3, 8, 8), axes=["dense"] * 3)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4 * 6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))))
+
+
+def test_conv1d_outputs_are_not_cut_because_their_neurons_are_not_last():
+    net = neurofuse.levels_from(Conv1dNet().eval(), input_shape=(2, 6))
+    assert net.level_names == ["conv -> bn -> relu -> flatten -> fc", "relu -> out"]
+    assert net.axes == ["dense", "dense"]
+
+
+def test_automatic_levels_keep_their_widths():
+    net = neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(ConfigError, match="keep their widths"):
+        neurofuse.fuse([net, copy.deepcopy(net)], (x, y), method="kf-gradient", width=8, progress=False)
+
+
+def test_level_kinds_survive_the_copies_methods_make():
+    """Fusion methods deep-copy models: the reasons and eval-identity marks must survive."""
+    vit = copy.deepcopy(neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16)))
+    assert "parameters directly" in level_support(vit)[1]["otfusion"]
+    mlp = copy.deepcopy(neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8)))
+    assert level_support(mlp)[1]["otfusion"] is None
+
+
+class FunctionalDropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.dropout(self.fc1(x.flatten(1)), 0.2, self.training)
+        return F.dropout(self.fc2(F.relu(h)), 0.1, self.training)
+
+
+def test_functional_dropout_at_the_end_keeps_the_level_affine():
+    net = copy.deepcopy(neurofuse.levels_from(FunctionalDropoutMLP().eval(), input_shape=(3, 2, 2)))
+    assert net.level_widths() == [8, 3]
+    assert all(r is None for row in level_support(net) for r in row.values())
+    _, affine = split_affine(net.levels[-1])
+    assert affine.out_features == 3

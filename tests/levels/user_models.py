@@ -1,0 +1,339 @@
+"""Models written the way people write them (torchvision / timm style), at tiny widths.
+
+torchvision cannot be imported on the CPU machines (its wheels fail against the CPU torch), so
+these follow ``torchvision.models.resnet`` (BasicBlock with BN and downsample, in-place ReLUs,
+``out += identity``), ``torchvision.models.vgg`` (``vgg11_bn``: features / avgpool / classifier
+with Dropout), ``torchvision.models.mobilenetv2`` (InvertedResidual with depthwise convs, ReLU6,
+linear bottlenecks), timm's ``VisionTransformer`` (PatchEmbed, cls token, pos embed, pre-norm
+blocks with an ``Attention`` and an ``Mlp``, ``x[:, 0]`` pooling, head dropout) and a plain MLP
+with LayerNorm and Dropout.  No neurofuse code is used in them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -- torchvision ResNet ------------------------------------------------------------------------
+def conv3x3(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers=(2, 2, 2, 2), widths=(4, 8, 8, 16), num_classes=10, in_ch=3):
+        super().__init__()
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(in_ch, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(widths[0], layers[0])
+        self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        for _ in range(1, blocks):
+            layers.append(BasicBlock(self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+
+def resnet18(num_classes=10):
+    return ResNet((2, 2, 2, 2), (4, 8, 8, 16), num_classes)
+
+
+# -- torchvision VGG-11 with BN -----------------------------------------------------------------
+class VGG(nn.Module):
+    def __init__(self, features, num_classes=10, hidden=32, dropout=0.5):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(
+            nn.Linear(features[-3].num_features * 4, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.classifier(x)
+        return x
+
+
+def make_layers(cfg, batch_norm=True, in_channels=3):
+    layers = []
+    for v in cfg:
+        if v == "M":
+            layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
+        else:
+            conv2d = nn.Conv2d(in_channels, v, kernel_size=3, padding=1)
+            layers += [conv2d, nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if batch_norm else [conv2d, nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(*layers)
+
+
+def vgg11_bn(num_classes=10):
+    # vgg11 "A": 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M at 1/16 width
+    cfg = [4, "M", 8, "M", 16, 16, "M", 16, 16, "M", 16, 16, "M"]
+    return VGG(make_layers(cfg, batch_norm=True), num_classes)
+
+
+# -- torchvision MobileNetV2 ---------------------------------------------------------------------
+class Conv2dNormActivation(nn.Sequential):
+    def __init__(self, in_planes, out_planes, kernel_size=3, stride=1, groups=1, activation=True):
+        padding = (kernel_size - 1) // 2
+        layers = [nn.Conv2d(in_planes, out_planes, kernel_size, stride, padding, groups=groups, bias=False),
+                  nn.BatchNorm2d(out_planes)]
+        if activation:
+            layers.append(nn.ReLU6(inplace=True))
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden_dim = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1))
+        layers.extend([
+            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim),
+            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        ])
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes=10, setting=((1, 4, 1, 1), (4, 8, 2, 2), (4, 8, 1, 1)), dropout=0.2):
+        super().__init__()
+        input_channel, last_channel = 4, 16
+        features = [Conv2dNormActivation(3, input_channel, stride=2)]
+        for t, c, n, s in setting:
+            for i in range(n):
+                features.append(InvertedResidual(input_channel, c, s if i == 0 else 1, expand_ratio=t))
+                input_channel = c
+        features.append(Conv2dNormActivation(input_channel, last_channel, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_channel, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        x = self.classifier(x)
+        return x
+
+
+# -- timm VisionTransformer ----------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size=16, patch_size=4, in_chans=3, embed_dim=16):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC
+        return self.norm(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=2, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=2.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = nn.Identity()
+        self.drop_path1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = nn.Identity()
+        self.drop_path2 = nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=16, depth=2,
+                 num_heads=2, mlp_ratio=2.0, drop_rate=0.1):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        self.norm_pre = nn.Identity()
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def _pos_embed(self, x):
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.norm_pre(x)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x):
+        x = x[:, 0]
+        x = self.head_drop(x)
+        return self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# -- an MLP with LayerNorm and Dropout ---------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, in_features=3 * 8 * 8, hidden=(16, 16), num_classes=10, p=0.1):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden[0])
+        self.ln1 = nn.LayerNorm(hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.ln2 = nn.LayerNorm(hidden[1])
+        self.drop = nn.Dropout(p)
+        self.out = nn.Linear(hidden[1], num_classes)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        x = self.drop(F.relu(self.ln1(self.fc1(x))))
+        x = self.drop(F.relu(self.ln2(self.fc2(x))))
+        return self.out(x)
+
+
+class DropoutMLP(nn.Module):
+    """An MLP whose levels end in Dropout (Linear -> Dropout -> ReLU) and whose output too."""
+
+    def __init__(self, in_features=3 * 8 * 8, hidden=16, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Dropout(0.2), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes), nn.Dropout(0.1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+#: name -> (factory, input shape)
+ARCHITECTURES = {
+    "resnet18": (resnet18, (3, 32, 32)),
+    "vgg11_bn": (vgg11_bn, (3, 32, 32)),
+    "mobilenet_v2": (MobileNetV2, (3, 16, 16)),
+    "vit": (VisionTransformer, (3, 16, 16)),
+    "mlp_ln": (MLP, (3, 8, 8)),
+}
