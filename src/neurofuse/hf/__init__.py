@@ -24,6 +24,7 @@ from ._adapters import COMMON_METHODS, HFAdapter, adapter_for, list_adapters, re
 from ._data import token_task
 from ._io import load_pretrained, require_transformers, save_pretrained, unwrap, wrap
 from ._net import HFLevel, HFLeveledNet
+from ._tiny import tiny_model
 
 __all__ = [
     "COMMON_METHODS",
@@ -38,6 +39,7 @@ __all__ = [
     "register_adapter",
     "require_transformers",
     "save_pretrained",
+    "tiny_model",
     "token_task",
     "unwrap",
     "wrap",

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -46,7 +46,8 @@ def require_transformers() -> Any:
 
 
 def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
-         atol: float = 1e-4, seed: int = 0) -> HFLeveledNet:
+         fallback_input_shape: Optional[Sequence[int]] = None, atol: float = 1e-4,
+         seed: int = 0) -> HFLeveledNet:
     """View a ``transformers`` classifier as a :class:`~neurofuse.levels.LeveledNet`.
 
     Parameters
@@ -59,6 +60,9 @@ def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
         Shape of one input sample: ``(C, H, W)`` for images, ``(T,)`` (sequence length) for
         text.  Default: what the config fixes (ViT: ``num_channels`` and ``image_size``), or the
         ``neurofuse_input_shape`` that :func:`save_pretrained` records.
+    fallback_input_shape : sequence of int, optional
+        The shape to use when neither ``input_shape`` nor the config gives one (e.g. the shape
+        of the data at hand, for a ResNet, which takes any image size).
     atol : float
         Tolerance of the check that the levels reproduce ``model(x).logits``.
     seed : int
@@ -82,6 +86,8 @@ def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
     shape = input_shape if input_shape is not None else getattr(config, SHAPE_KEY, None)
     if shape is None:
         shape = adapter.default_input_shape(config)
+    if shape is None:
+        shape = fallback_input_shape
     if shape is None:
         what = "(T,), the sequence length" if adapter.input_kind == "tokens" else "(C, H, W)"
         raise ConfigError(f"{type(model).__name__} does not fix its input size: pass "
@@ -138,12 +144,14 @@ def _local_dir(path: PathLike) -> Path:
     return p
 
 
-def load_pretrained(path: PathLike, input_shape: Optional[Sequence[int]] = None) -> nn.Module:
+def load_pretrained(path: PathLike, input_shape: Optional[Sequence[int]] = None, *,
+                    fallback_input_shape: Optional[Sequence[int]] = None) -> nn.Module:
     """Load a local ``save_pretrained`` folder (nothing is downloaded) and :func:`wrap` it.
 
     The class is the config's ``architectures[0]`` (e.g. ``ViTForImageClassification``).  A
     folder written by :func:`save_pretrained` for an ensemble loads as an
-    :class:`~neurofuse.models.ensemble.Ensemble` of wrapped members.
+    :class:`~neurofuse.models.ensemble.Ensemble` of wrapped members.  ``input_shape`` and
+    ``fallback_input_shape`` are passed to :func:`wrap`.
 
     Raises
     ------
@@ -154,7 +162,8 @@ def load_pretrained(path: PathLike, input_shape: Optional[Sequence[int]] = None)
     p = _local_dir(path)
     if (p / ENSEMBLE_FILE).is_file():
         doc = json.loads((p / ENSEMBLE_FILE).read_text())
-        members = [load_pretrained(p / name, input_shape) for name in doc["members"]]
+        members = [load_pretrained(p / name, input_shape, fallback_input_shape=fallback_input_shape)
+                   for name in doc["members"]]
         return Ensemble(members, doc.get("class_weights"))
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -169,10 +178,11 @@ def load_pretrained(path: PathLike, input_shape: Optional[Sequence[int]] = None)
         model = cls.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot load {p} as {cls.__name__}: {str(exc).splitlines()[0]}") from None
-    return wrap(model.eval(), input_shape)
+    return wrap(model.eval(), input_shape, fallback_input_shape=fallback_input_shape)
 
 
-def save_pretrained(model: nn.Module, path: PathLike, *, force: bool = False) -> Path:
+def save_pretrained(model: nn.Module, path: PathLike, *, force: bool = False,
+                    metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Save a (fused) Hugging Face model view with ``save_pretrained`` into the folder ``path``.
 
     The folder loads back with ``AutoModel...from_pretrained(path)`` or
@@ -180,6 +190,7 @@ def save_pretrained(model: nn.Module, path: PathLike, *, force: bool = False) ->
     :class:`~neurofuse.models.ensemble.Ensemble` of views is saved as one sub-folder per member
     (``member_0``, ...) and ``neurofuse_ensemble.json``.  The folder is written next to its
     destination and renamed into place, so a failed save leaves no half-written folder.
+    ``metadata`` (JSON-serialisable: how the model was fused) is written to ``neurofuse.json``.
 
     Raises
     ------
@@ -201,6 +212,7 @@ def save_pretrained(model: nn.Module, path: PathLike, *, force: bool = False) ->
                                       "save it with neurofuse.save_model")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)   # mkdtemp makes it private; the saved folder is an ordinary one
     try:
         if isinstance(model, Ensemble):
             names: List[str] = []
@@ -212,6 +224,8 @@ def save_pretrained(model: nn.Module, path: PathLike, *, force: bool = False) ->
                 {"members": names, "class_weights": None if cw is None else cw.tolist()}, indent=1))
         else:
             _save_one(model, tmp)
+        if metadata is not None:
+            (tmp / "neurofuse.json").write_text(json.dumps(metadata, indent=1, default=str))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
