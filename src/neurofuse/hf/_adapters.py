@@ -9,6 +9,11 @@ head.  A family is added by one adapter class::
         model_classes = ("ViTForImageClassification",)
         def levels(self, model): ...
 
+    @register_adapter("deit")          # a ViT-like family: only where its encoder lives differs
+    class DeiTAdapter(ViTAdapter):
+        model_classes = ("DeiTForImageClassification",)
+        body = "deit"
+
 The adapter also says which fusion methods apply to the family (:attr:`HFAdapter.methods`, each
 with a one-line note) and why the others do not (:attr:`HFAdapter.refused`).
 """
@@ -180,17 +185,20 @@ class ViTAdapter(HFAdapter):
     LayerNorm and the classifier on the CLS token."""
 
     model_classes = ("ViTForImageClassification",)
+    #: the attribute holding the encoder (a ViT-like family, e.g. DeiT's ``deit``, sets its own)
+    body: ClassVar[str] = "vit"
 
     def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
-        vit = model.vit
+        vit = getattr(model, self.body)
         if getattr(vit, "pooler", None) is not None:
             raise IncompatibleModelsError("this ViT has a pooler the classifier does not use; "
                                           "build it as ViTForImageClassification(config)")
-        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, "vit.embeddings"), "token")]
+        b = self.body
+        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings"), "token")]
         for i, layer in enumerate(_encoder_layers(model, vit)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"vit layer {i}"), "token"))
+            out.append((HFLevel({"layer": layer}, _run_layer, f"{b} layer {i}"), "token"))
         out.append((HFLevel({"layernorm": vit.layernorm, "classifier": model.classifier}, _cls_head,
-                            "vit.layernorm + classifier (CLS token)"), "dense"))
+                            f"{b}.layernorm + classifier (CLS token)"), "dense"))
         return out
 
     def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:

@@ -80,8 +80,10 @@ def fuse_hf(a: argparse.Namespace) -> int:
     from ..experiment import fusion_set
     from ..methods import get_method
     from ..training import evaluate
-    from . import load_pretrained, save_pretrained
+    from . import load_pretrained, require_transformers, save_pretrained
 
+    if a.no_progress:   # transformers' own bars (loading and writing weights)
+        require_transformers().utils.logging.disable_progress_bar()
     for flag, on in (("--distributed", a.distributed), ("--depth", a.depth), ("--repair", a.repair),
                      ("--head-weights", a.head_weights), ("--width", a.width is not None)):
         if on:
