@@ -20,7 +20,6 @@ import time
 from typing import Any, Dict, List
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 import neurofuse
@@ -89,7 +88,6 @@ def main() -> None:
     p.add_argument("--fusion-samples", type=int, default=400)
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     print("| family | N | seed | base models | mean base | vanilla | ensemble | kd-head | kf-gradient | kf-gradient s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
