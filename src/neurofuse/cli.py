@@ -80,6 +80,10 @@ def cmd_methods(a: argparse.Namespace) -> int:
     from .importance import importance_methods
     from .methods import get_method, list_methods
 
+    if getattr(a, "hf", False):
+        from .hf._cli import print_methods
+
+        return print_methods()
     if getattr(a, "name", None):
         return _show_method(a.name)
     for name in list_methods():
@@ -89,6 +93,7 @@ def cmd_methods(a: argparse.Namespace) -> int:
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
         print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+    print("\nwhich methods fuse Hugging Face models (fuse --hf): neurofuse methods --hf")
     return 0
 
 
@@ -180,6 +185,10 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
 
 
 def cmd_fuse(a: argparse.Namespace) -> int:
+    if a.hf:   # the checkpoints are Hugging Face save_pretrained folders
+        from .hf._cli import fuse_hf
+
+        return fuse_hf(a)
     out = Path(a.out)
     _check_output(out, a.force, [Path(p) for p in a.checkpoints])
     if a.model_factory or a.auto_levels:
@@ -432,6 +441,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default: 1e-4)")
     p.add_argument("--finetune-data", choices=["train", "fusion"], default="train",
                    help="fine-tune on the whole training split (default) or on the fusion set only")
+
+
+def _add_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", action="store_true",
+                   help="the checkpoints are Hugging Face save_pretrained folders (ViT, ResNet, "
+                        "BERT classifiers; needs neurofuse[hf]); --out is a folder that "
+                        "from_pretrained loads")
+    p.add_argument("--hf-data", default=None, metavar="FILE",
+                   help="with --hf: fusion data as safetensors with x_train, y_train (and x_test, "
+                        "y_test to report accuracy), e.g. token ids [N, T]; default: --dataset, "
+                        "resized to the models' image size")
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
@@ -703,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. torchrun --nproc-per-node 2 -m neurofuse fuse ... --distributed")
     _add_data_args(p, default_dataset=None)
     _add_factory_args(p)
+    _add_hf_args(p)
     common(p)
     p.set_defaults(func=cmd_fuse)
     _add_levels_parser(sub)
@@ -747,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the fusion methods, or one method's options")
     p.add_argument("name", nargs="?", default=None,
                    help="a method: show its --option keys with their types and defaults")
+    p.add_argument("--hf", action="store_true",
+                   help="which methods fuse which Hugging Face model family, and why not")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench", help="reproduce the paper's tables: list, run, report")

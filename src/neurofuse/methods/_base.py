@@ -194,6 +194,10 @@ class FusionMethod(ABC):
                 f"method {self.name!r} fuses at most {self.max_models} models, got {len(models)}; "
                 f"use {self.for_more_models} for N models"
             )
+        for m in models:   # a model may refuse methods that do not apply to it (neurofuse.hf)
+            check = getattr(m, "check_method", None)
+            if callable(check):
+                check(self.name)
         fset: Optional[FusionSet] = None
         if self.needs_data or data is not None:
             fset = as_fusion_set(data, self.batch_size)

@@ -1,0 +1,264 @@
+"""Level adapters, one per ``transformers`` model family, behind a small registry.
+
+``transformers`` 5 models cannot be traced with ``torch.fx``, so each family says explicitly
+where its levels are: the embeddings, every encoder layer (or residual layer of a stage), and the
+head.  A family is added by one adapter class::
+
+    @register_adapter("vit")
+    class ViTAdapter(HFAdapter):
+        model_classes = ("ViTForImageClassification",)
+        def levels(self, model): ...
+
+    @register_adapter("deit")          # a ViT-like family: only where its encoder lives differs
+    class DeiTAdapter(ViTAdapter):
+        model_classes = ("DeiTForImageClassification",)
+        body = "deit"
+
+The adapter also says which fusion methods apply to the family (:attr:`HFAdapter.methods`, each
+with a one-line note) and why the others do not (:attr:`HFAdapter.refused`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from .._registry import Registry
+from ..errors import ConfigError, IncompatibleModelsError
+from ._net import HFLevel
+
+__all__ = ["COMMON_METHODS", "HFAdapter", "adapter_for", "list_adapters", "register_adapter"]
+
+_ADAPTERS: Registry[Type["HFAdapter"]] = Registry("Hugging Face model family")
+
+#: the methods every family supports, with what they do there
+COMMON_METHODS: Dict[str, str] = {
+    "kf-gradient": "every level (embeddings, each encoder layer / residual layer, head) is trained "
+                   "to the K-means targets; any number of models",
+    "vanilla": "element-wise mean of the weights (the models must share one config)",
+    "ensemble": "mean softmax of the models (N x the inference cost; saved as one folder per member)",
+    "kd-head": "model 0 with its head level distilled on the models' mean softmax",
+    "base": "one base model itself (the reference row)",
+}
+
+_LINEAR = ("its levels are attention or residual blocks, not [parameter-free ops..., "
+           "Linear|Conv2d], so the closed-form fit does not apply")
+_ALIGN_ATTENTION = ("aligning a transformer needs attention heads permuted as units, one transport "
+                    "for the whole residual stream and LayerNorms following their neurons (Imfeld et "
+                    "al., ICLR 2024), which neurofuse's level layouts do not describe yet")
+_ALIGN_RESNET = ("the alignment machinery reads residual blocks in the zoo's branch/shortcut "
+                 "protocol; Hugging Face ResNet layers (ReLU after the sum, BatchNorm inside) are "
+                 "not described by it yet")
+
+
+class HFAdapter:
+    """How one ``transformers`` family is cut into levels.
+
+    Subclasses set :attr:`model_classes` and implement :meth:`levels`; those that take tokens
+    set ``input_kind = "tokens"``.
+    """
+
+    #: the ``config.model_type`` the adapter is registered under (set by :func:`register_adapter`)
+    model_type: ClassVar[str] = "?"
+    #: class names of the Hugging Face models it cuts (``type(model).__name__``)
+    model_classes: ClassVar[Tuple[str, ...]] = ()
+    #: ``"image"`` (``[B, C, H, W]`` floats) or ``"tokens"`` (``[B, T]`` token ids)
+    input_kind: ClassVar[str] = "image"
+    methods: ClassVar[Dict[str, str]] = COMMON_METHODS
+    refused: ClassVar[Dict[str, str]] = {"hf-linear": _LINEAR, "kf-linear": _LINEAR,
+                                         "otfusion": _ALIGN_ATTENTION,
+                                         "git-rebasin": _ALIGN_ATTENTION}
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        """``(level, neuron axis)`` pairs in order from the input, sharing ``model``'s modules."""
+        raise NotImplementedError
+
+    def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:
+        """The input shape the config fixes (``None``: the user must give it)."""
+        return None
+
+    def check_config(self, config: Any) -> None:
+        """Refuse configurations the levels do not describe (default: accept)."""
+
+    def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """A random batch of two inputs, for the check that the levels reproduce ``model(x)``."""
+        if self.input_kind == "tokens":
+            return torch.randint(0, int(config.vocab_size), (2, *shape), generator=gen)
+        return torch.randn((2, *shape), generator=gen)
+
+
+def register_adapter(model_type: str):  # type: ignore[no-untyped-def]
+    """Class decorator registering an :class:`HFAdapter` for ``config.model_type == model_type``."""
+
+    def deco(cls: Type[HFAdapter]) -> Type[HFAdapter]:
+        cls.model_type = model_type
+        _ADAPTERS.register(model_type)(cls)
+        return cls
+
+    return deco
+
+
+def list_adapters() -> List[str]:
+    """The registered families (``config.model_type`` values)."""
+    return _ADAPTERS.names()
+
+
+def adapter_for(model: nn.Module) -> HFAdapter:
+    """The adapter of ``model``'s family, checked to know its class."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise IncompatibleModelsError(
+            f"{type(model).__name__} is not a transformers model (it has no config.model_type); "
+            "declare its levels with neurofuse.levels_from instead"
+        )
+    if model_type not in _ADAPTERS:
+        raise IncompatibleModelsError(
+            f"no level adapter for Hugging Face model_type {model_type!r}; supported: "
+            f"{', '.join(list_adapters())} (add one with neurofuse.hf.register_adapter)"
+        )
+    adapter = _ADAPTERS.get(model_type)()
+    name = type(model).__name__
+    if name not in adapter.model_classes:
+        raise IncompatibleModelsError(
+            f"the {model_type!r} adapter cuts {', '.join(adapter.model_classes)}, not {name}; "
+            "load the classification model (e.g. from_pretrained with that class)"
+        )
+    adapter.check_config(config)
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# level calls (functions of the parts only, so copies of a level run their own parts)
+# ---------------------------------------------------------------------------------------------
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_layer(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return _first(parts["layer"](x))
+
+
+def _vit_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    emb = parts["embeddings"]
+    return emb(x.to(emb.patch_embeddings.projection.weight.dtype))
+
+
+def _cls_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["classifier"](parts["layernorm"](x)[:, 0])
+
+
+def _resnet_embedder(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["embedder"](x)
+
+
+def _pooled_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["classifier"](parts["pooler"](x))
+
+
+def _token_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["embeddings"](input_ids=x.long())
+
+
+def _pooler_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["classifier"](parts["dropout"](parts["pooler"](x)))
+
+
+def _encoder_layers(model: nn.Module, body: nn.Module) -> nn.ModuleList:
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(body, "encoder", None), "layer", None)
+    if layers is None:  # pragma: no cover - a transformers layout the adapter does not know
+        raise IncompatibleModelsError(f"cannot find the encoder layers of {type(model).__name__}")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# the families
+# ---------------------------------------------------------------------------------------------
+@register_adapter("vit")
+class ViTAdapter(HFAdapter):
+    """``ViTForImageClassification``: patch embeddings (+ CLS token, position embedding); one
+    level per encoder layer (pre-LN, attention + MLP with their residuals); the head is the final
+    LayerNorm and the classifier on the CLS token."""
+
+    model_classes = ("ViTForImageClassification",)
+    #: the attribute holding the encoder (a ViT-like family, e.g. DeiT's ``deit``, sets its own)
+    body: ClassVar[str] = "vit"
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        vit = getattr(model, self.body)
+        if getattr(vit, "pooler", None) is not None:
+            raise IncompatibleModelsError("this ViT has a pooler the classifier does not use; "
+                                          "build it as ViTForImageClassification(config)")
+        b = self.body
+        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings"), "token")]
+        for i, layer in enumerate(_encoder_layers(model, vit)):
+            out.append((HFLevel({"layer": layer}, _run_layer, f"{b} layer {i}"), "token"))
+        out.append((HFLevel({"layernorm": vit.layernorm, "classifier": model.classifier}, _cls_head,
+                            f"{b}.layernorm + classifier (CLS token)"), "dense"))
+        return out
+
+    def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:
+        size = config.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(config.num_channels), int(h), int(w))
+
+
+@register_adapter("resnet")
+class ResNetAdapter(HFAdapter):
+    """``ResNetForImageClassification``: the embedder (7x7 conv, BN, ReLU, max-pool); one level
+    per residual layer of every stage (basic or bottleneck); the head is the average pool and
+    the classifier."""
+
+    model_classes = ("ResNetForImageClassification",)
+    refused = {**HFAdapter.refused, "otfusion": _ALIGN_RESNET, "git-rebasin": _ALIGN_RESNET}
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        net = model.resnet
+        out = [(HFLevel({"embedder": net.embedder}, _resnet_embedder, "resnet.embedder"), "conv")]
+        for s, stage in enumerate(net.encoder.stages):
+            for j, layer in enumerate(stage.layers):
+                out.append((HFLevel({"layer": layer}, _run_layer, f"resnet stage {s} layer {j}"), "conv"))
+        out.append((HFLevel({"pooler": net.pooler, "classifier": model.classifier}, _pooled_head,
+                            "resnet.pooler + classifier"), "dense"))
+        return out
+
+
+@register_adapter("bert")
+class BertAdapter(HFAdapter):
+    """``BertForSequenceClassification``: the embeddings (word + position + token type,
+    LayerNorm); one level per encoder layer (post-LN); the head is the pooler (dense + tanh on
+    the CLS token), dropout and the classifier.  Inputs are token ids ``[B, T]`` of one length,
+    without padding (the levels run without an attention mask, as the model does when none is
+    given) and with token type 0."""
+
+    model_classes = ("BertForSequenceClassification",)
+    input_kind = "tokens"
+
+    def check_config(self, config: Any) -> None:
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            raise IncompatibleModelsError("the 'bert' adapter cuts encoder-only models; this config "
+                                          "is a decoder (is_decoder / add_cross_attention)")
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        bert = model.bert
+        if bert.pooler is None:
+            raise IncompatibleModelsError("BertForSequenceClassification needs its pooler")
+        out = [(HFLevel({"embeddings": bert.embeddings}, _token_embeddings, "bert.embeddings"), "token")]
+        for i, layer in enumerate(_encoder_layers(model, bert)):
+            out.append((HFLevel({"layer": layer}, _run_layer, f"bert layer {i}"), "token"))
+        out.append((HFLevel({"pooler": bert.pooler, "dropout": model.dropout,
+                             "classifier": model.classifier}, _pooler_head,
+                            "bert.pooler + dropout + classifier"), "dense"))
+        return out
+
+    def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
+        if len(shape) != 1:
+            raise ConfigError(f"BERT inputs are token ids [T]; input_shape must be (T,), got {list(shape)}")
+        if shape[0] > int(config.max_position_embeddings):
+            raise ConfigError(f"sequence length {shape[0]} exceeds the model's "
+                              f"max_position_embeddings {config.max_position_embeddings}")
+        return super().example_input(config, shape, gen)

@@ -1,0 +1,124 @@
+"""A Hugging Face model seen as a :class:`~neurofuse.levels.LeveledNet`: :class:`HFLeveledNet`.
+
+The levels are thin wrappers (:class:`HFLevel`) around the model's own sub-modules, so the
+leveled view and the Hugging Face model hold the *same* parameters: a fusion method that changes
+a level of (a copy of) the view changes (the copy of) the Hugging Face model, which
+:func:`neurofuse.hf.save_pretrained` then writes with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError, IncompatibleModelsError
+from ..levels import LeveledNet
+
+__all__ = ["HFLevel", "HFLeveledNet"]
+
+#: how a level runs its parts: ``call(parts, x) -> output``
+LevelCall = Callable[[nn.ModuleDict, Tensor], Tensor]
+
+
+class HFLevel(nn.Module):
+    """One level: named sub-modules of a Hugging Face model and how the model runs them.
+
+    Parameters
+    ----------
+    parts : dict of str to nn.Module
+        The model's own modules that make up the level (shared, not copied), e.g.
+        ``{"layernorm": vit.layernorm, "classifier": classifier}``.
+    call : callable
+        ``call(parts, x)`` computes the level's output from its input exactly as the model's
+        ``forward`` does (e.g. ``parts["classifier"](parts["layernorm"](x)[:, 0])``).
+    name : str
+        Where the level sits in the model (shown in ``repr`` and error messages).
+    """
+
+    def __init__(self, parts: Dict[str, nn.Module], call: LevelCall, name: str) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        self._call = call
+        self.level_name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._call(self.parts, x)
+
+    def extra_repr(self) -> str:
+        return self.level_name
+
+
+class HFLeveledNet(LeveledNet):
+    """A ``transformers`` classifier as a sequence of levels (built by :func:`neurofuse.hf.wrap`).
+
+    The Hugging Face model is kept as ``hf_model`` (not a registered sub-module: every one of its
+    parameters is in exactly one level, so ``state_dict`` has each tensor once, under
+    ``levels.<i>.parts.<name>``).  Copies (``clone``, ``copy.deepcopy``) copy the model and keep
+    the sharing.  ``forward`` takes what the adapter's family takes (images ``[B, C, H, W]``, or
+    token ids ``[B, T]``, as floats or integers) and returns the logits.
+
+    Attributes
+    ----------
+    hf_model : transformers.PreTrainedModel
+        The wrapped model; its parameters are the levels'.
+    family : str
+        The adapter's name (the ``config.model_type``, e.g. ``"vit"``).
+    level_names : list of str
+        Where each level sits in the model.
+    """
+
+    arch = "hf"
+
+    def __init__(self, hf_model: nn.Module, levels: Sequence[HFLevel], axes: Sequence[str],
+                 input_shape: Sequence[int], num_classes: int, family: str,
+                 methods: Dict[str, str], refused: Dict[str, str]) -> None:
+        super().__init__(levels, axes, input_shape, num_classes)
+        object.__setattr__(self, "hf_model", hf_model)   # not registered: no duplicate tensors
+        self.family = family
+        self.level_names: List[str] = [lv.level_name for lv in levels]
+        self._methods = dict(methods)
+        self._refused = dict(refused)
+        owned = {id(p) for lv in levels for p in lv.parameters()}
+        stray = [n for n, p in hf_model.named_parameters() if id(p) not in owned]
+        if stray:
+            raise IncompatibleModelsError(
+                f"the {family!r} adapter leaves parameters {stray[:4]} of "
+                f"{type(hf_model).__name__} out of every level; fix the adapter's levels"
+            )
+
+    # -- methods ----------------------------------------------------------------------------
+    def check_method(self, method: str) -> None:
+        """Raise :class:`~neurofuse.errors.IncompatibleModelsError` unless ``method`` fuses this
+        family (called by :meth:`neurofuse.methods.FusionMethod.fuse`)."""
+        if method in self._methods:
+            return
+        why = self._refused.get(method, "it has not been validated on Hugging Face models")
+        raise IncompatibleModelsError(
+            f"method {method!r} does not fuse Hugging Face {self.family!r} models: {why}; use one of "
+            f"{sorted(self._methods)}"
+        )
+
+    def fusion_methods(self) -> Dict[str, str]:
+        """The methods that fuse this family, each with a one-line note."""
+        return dict(self._methods)
+
+    # -- mode and architecture --------------------------------------------------------------
+    def train(self, mode: bool = True) -> "HFLeveledNet":
+        super().train(mode)
+        self.hf_model.train(mode)   # the top-level flag (the levels set their own)
+        return self
+
+    def with_widths(self, widths: Sequence[int]) -> "LeveledNet":
+        raise ConfigError(
+            "Hugging Face models keep the widths of their config: fuse them with width=None "
+            "(the fused model has model 0's config)"
+        )
+
+    def config(self) -> Dict[str, Any]:
+        raise NotImplementedError(
+            "Hugging Face models are saved with neurofuse.hf.save_pretrained (config.json + weights)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"family={self.family}, levels={self.level_names}, axes={self.axes}"

@@ -1,0 +1,143 @@
+"""The level adapters: levels reproduce the model, share its parameters, refuse what they cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import neurofuse  # noqa: E402
+import neurofuse.hf as nh  # noqa: E402
+from neurofuse.errors import ConfigError, IncompatibleModelsError  # noqa: E402
+
+FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25)}
+
+
+def tiny(family: str, seed: int = 0) -> nh.HFLeveledNet:
+    shape, classes, vocab = FAMILIES[family]
+    return nh.tiny_model(family, shape, classes, seed=seed, vocab_size=vocab)
+
+
+def inputs(family: str, n: int = 5) -> torch.Tensor:
+    shape, _, vocab = FAMILIES[family]
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, vocab, (n, *shape), generator=g) if vocab else torch.randn((n, *shape), generator=g)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_composed_levels_equal_hf_logits(family):
+    net = tiny(family)
+    x = inputs(family)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net.hf_model(x).logits, atol=1e-5)
+        # and level by level: forward_until / forward_from compose to the same function
+        h = net.forward_until(x, 1)
+        assert torch.allclose(net.forward_from(h, 2), net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("family,n_levels,axes", [
+    ("vit", 4, ["token", "token", "token", "dense"]),         # embeddings, 2 layers, head
+    ("resnet", 4, ["conv", "conv", "conv", "dense"]),          # embedder, 2 stages x 1 layer, head
+    ("bert", 4, ["token", "token", "token", "dense"]),
+])
+def test_levels_are_embeddings_layers_and_head(family, n_levels, axes):
+    net = tiny(family)
+    assert net.num_levels == n_levels and net.axes == axes
+    assert net.level_widths()[-1] == FAMILIES[family][1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_levels_share_every_parameter_with_the_hf_model_once(family):
+    net = tiny(family)
+    level_params = [p for lv in net.levels for p in lv.parameters()]
+    assert {id(p) for p in level_params} == {id(p) for p in net.hf_model.parameters()}
+    assert len(level_params) == len({id(p) for p in level_params})
+    # writing a level changes the Hugging Face model (no copies)
+    x = inputs(family)
+    before = net.hf_model(x).logits.detach()
+    with torch.no_grad():
+        for p in net.levels[-1].parameters():
+            p.add_(1.0)
+    assert not torch.allclose(net.hf_model(x).logits, before)
+    # a clone owns a new Hugging Face model whose parameters are the clone's levels'
+    c = net.clone()
+    assert c.hf_model is not net.hf_model
+    assert {id(p) for lv in c.levels for p in lv.parameters()} == {id(p) for p in c.hf_model.parameters()}
+
+
+def test_not_a_transformers_model_is_refused():
+    with pytest.raises(IncompatibleModelsError, match="not a transformers model"):
+        nh.wrap(torch.nn.Linear(3, 2))
+
+
+def test_unsupported_class_of_a_known_family_is_refused():
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,
+                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(IncompatibleModelsError, match="ViTForImageClassification, not ViTModel"):
+        nh.wrap(model)
+
+
+def test_unknown_family_names_the_supported_ones():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=10, dim=16, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=8))
+    with pytest.raises(IncompatibleModelsError, match="model_type 'distilbert'.*vit.*register_adapter"):
+        nh.wrap(model)
+
+
+def test_resnet_without_an_input_shape_says_to_pass_one():
+    net = tiny("resnet")
+    with pytest.raises(ConfigError, match=r"input_shape=\(C, H, W\)"):
+        nh.wrap(net.hf_model)
+    # ... and BERT one longer than its position embeddings is refused
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        nh.wrap(tiny("bert").hf_model, (40,))
+
+
+@pytest.mark.parametrize("method,reason", [
+    ("otfusion", "heads permuted as units"),
+    ("git-rebasin", "heads permuted as units"),
+    ("kf-linear", "closed-form fit does not apply"),
+    ("hf-linear", "closed-form fit does not apply"),
+])
+def test_methods_that_do_not_apply_say_why(method, reason):
+    nets = [tiny("vit", 0), tiny("vit", 1)]
+    x, y = inputs("vit", 20), torch.arange(20) % 10
+    with pytest.raises(IncompatibleModelsError, match=f"{method}.*{reason}.*kf-gradient"):
+        neurofuse.fuse(nets, (x, y), method=method, progress=False)
+
+
+def test_method_table_covers_every_method_and_family():
+    table = nh.method_table()
+    assert sorted(table) == ["bert", "resnet", "vit"]
+    for row in table.values():
+        assert list(row) == neurofuse.methods()
+        assert all(v.startswith(("yes: ", "no: ")) and len(v) > 12 for v in row.values())
+        assert {m for m, v in row.items() if v.startswith("yes")} == set(nh.COMMON_METHODS)
+    assert "branch/shortcut" in table["resnet"]["otfusion"]
+
+
+def test_register_adapter_adds_a_family_with_one_class():
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from neurofuse.hf._adapters import ViTAdapter, _ADAPTERS
+
+    @nh.register_adapter("deit")
+    class DeiTAdapter(ViTAdapter):   # DeiT's classifier is laid out as ViT's, under .deit
+        model_classes = ("DeiTForImageClassification",)
+        body = "deit"
+
+    try:
+        model = DeiTForImageClassification(DeiTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=16, num_labels=3))
+        net = nh.wrap(model.eval())      # checks the levels against the model's logits
+        assert net.family == "deit" and net.num_levels == 3 and net.level_names[0] == "deit.embeddings"
+        with pytest.raises(ValueError, match="already registered"):
+            nh.register_adapter("deit")(DeiTAdapter)
+    finally:
+        _ADAPTERS._items.pop("deit", None)

@@ -1,0 +1,92 @@
+"""``neurofuse fuse --hf DIR1 DIR2 ... --out DIR`` and ``neurofuse methods --hf``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+from transformers import BertForSequenceClassification  # noqa: E402
+
+import neurofuse.hf as nh  # noqa: E402
+from neurofuse.cli import main  # noqa: E402
+
+from .test_adapters import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfcli")
+    ds = nh.token_task(n_train=120, n_test=60, seed=0)
+    save_file({"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test,
+               "y_test": ds.y_test}, str(root / "tokens.safetensors"))
+    for i in range(2):
+        tiny("bert", i).hf_model.save_pretrained(str(root / f"bert{i}"))       # plain transformers
+        nh.save_pretrained(tiny("resnet", i), root / f"resnet{i}")             # records (1, 16, 16)
+    return root
+
+
+def test_fuse_hf_writes_a_from_pretrained_folder(folders, tmp_path, capsys):
+    out = tmp_path / "fused"
+    rc = main(["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--method", "kf-gradient",
+               "--hf-data", str(folders / "tokens.safetensors"), "--fusion-samples", "60",
+               "--option", 'levels={"epochs": 2}', "--option", 'head={"epochs": 2}',
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    line = capsys.readouterr().out
+    assert "kf-gradient/uniform of 2 Hugging Face bert models, test accuracy" in line
+    meta = json.loads((out / "neurofuse.json").read_text())
+    assert meta["method"] == "kf-gradient" and meta["fusion_samples"] == 60
+    model = BertForSequenceClassification.from_pretrained(str(out))
+    assert model.config.neurofuse_input_shape == [12]
+    # the inputs are untouched
+    assert not (folders / "bert0" / "neurofuse.json").exists()
+
+
+def test_fuse_hf_resizes_images_to_the_models_size(folders, tmp_path, capsys, caplog):
+    out = tmp_path / "resnet"
+    rc = main(["fuse", "--hf", str(folders / "resnet0"), str(folders / "resnet1"), "--method", "vanilla",
+               "--dataset", "digits", "--fusion-samples", "50", "--out", str(out), "--no-progress"])
+    assert rc == 0 and "vanilla of 2 Hugging Face resnet models" in capsys.readouterr().out
+    assert "resizing digits images from [8, 8] to the models' [16, 16]" in caplog.text
+    assert nh.load_pretrained(out).input_shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "otfusion"], "method 'otfusion' does not fuse Hugging Face 'bert' models: aligning"),
+    (["--method", "kf-gradient", "--width", "16"], "--width does not apply to --hf"),
+    (["--method", "vanilla", "--repair"], "--repair does not apply to --hf"),
+])
+def test_fuse_hf_errors_are_one_line(folders, tmp_path, capsys, extra, message):
+    rc = main(["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--hf-data",
+               str(folders / "tokens.safetensors"), "--fusion-samples", "60", "--out",
+               str(tmp_path / "x"), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_fuse_hf_needs_data_and_a_new_output(folders, tmp_path, capsys):
+    args = ["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "y")]) == 2
+    assert "--hf needs fusion data" in capsys.readouterr().err
+    assert main([*args, "--out", str(folders / "bert0"), "--hf-data", str(folders / "tokens.safetensors")]) == 2
+    assert "one of the input folders" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(3, 12)}, str(bad))
+    assert main([*args, "--out", str(tmp_path / "z"), "--hf-data", str(bad)]) == 2
+    assert "needs x_train and y_train" in capsys.readouterr().err
+
+
+def test_methods_hf_says_which_method_fuses_which_family(capsys):
+    assert main(["methods", "--hf"]) == 0
+    out = capsys.readouterr().out
+    for family in ("vit:", "resnet:", "bert:"):
+        assert family in out
+    assert "kf-gradient  yes:" in out and "otfusion     no:" in out
+    assert main(["methods"]) == 0
+    assert "neurofuse methods --hf" in capsys.readouterr().out
