@@ -14,7 +14,7 @@ from neurofuse.bench._report import format_base
 from neurofuse.cli import main
 from neurofuse.errors import ConfigError
 
-TABLES = ["importance", "runtime", "table1", "table2", "table3"]
+TABLES = ["importance", "pareto", "runtime", "table1", "table2", "table3"]
 
 
 def _doc(name: str = "table1") -> dict:
