@@ -159,7 +159,7 @@ def test_smoke_table1_writes_everything(smoke_run):
     na = {(c["method"], c["split"]) for c in doc["cells"] if c["status"] == "n/a"}
     assert ("hf-linear", 4) in na and ("git-rebasin", 4) in na and ("hf-linear", 2) not in na
     report = (out / "report.md").read_text()
-    for row in ["Base models", "Vanilla Averaging", "Last-layer KD", "Ensemble", "OTFusion", "Git Re-Basin",
+    for row in ["Base models", "Best base model", "Vanilla Averaging", "Last-layer KD", "Ensemble", "OTFusion", "Git Re-Basin",
                 "HF Linear (uniform)", "KF Linear (conductance)", "KF Gradient (uniform)"]:
         assert f"| {row} |" in report
     assert "| Method | 2-way split | 4-way split |" in report

@@ -122,6 +122,7 @@ def pareto_figure(cfg: BenchConfig, points: Sequence[Mapping[str, Any]], path: P
         if p["best_base"] is not None:
             ax.axhline(100 * p["best_base"], color="#2ca02c", lw=1.2, label="best base model")
             ax.axhline(100 * p["mean_base"], color="#d62728", ls="--", lw=1, label="mean base model")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
         ax.set_xlabel("parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{n} models", fontsize=9)

@@ -141,6 +141,15 @@ def summarise(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]],
         base_row[f"{split}-way"] = {"text": format_base(b), "n": len(b),
                                     "mean": float(np.mean([np.mean(d["accuracies"]) for d in b])) if b else None}
     out[METHOD_LABELS["base"]] = base_row
+    # the bar a fused model must clear to be worth having (mean over seeds of each seed's best)
+    best_row = {}
+    for split in cfg.splits:
+        b = [d for d in bases if d["split"] == split]
+        best = [d["accuracies"][0] for d in b if d.get("accuracies")]
+        best_row[f"{split}-way"] = {"text": fmt_mean_std(best), "n": len(best),
+                                    "mean": float(np.mean(best)) if best else None,
+                                    "std": float(np.std(best, ddof=1)) if len(best) > 1 else None}
+    out["Best base model"] = best_row
     rows = _rows(cfg, False) + (_rows(cfg, True) if cfg.finetune else [])
     for m, imp, ft in rows:
         row = {}
