@@ -8,6 +8,8 @@ from typing import Any, List, Optional, Sequence, Union
 from torch import nn
 
 from ._fusion_set import as_fusion_set
+from .distill import DistillConfig
+from .distill import distill as distill_model
 from .errors import ConfigError, DataError
 from .finetune import FinetuneConfig
 from .finetune import finetune as finetune_model
@@ -23,7 +25,8 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
          importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
          progress: bool = True, finetune: Union[None, int, FinetuneConfig] = None,
          finetune_data: Any = None, repair: bool = False, depth: Optional[str] = None,
-         reference: Optional[int] = None, **options: Any) -> nn.Module:
+         reference: Optional[int] = None, distill: Union[None, int, DistillConfig] = None,
+         distill_data: Any = None, **options: Any) -> nn.Module:
     """Fuse trained ``models`` into one model.
 
     Parameters
@@ -68,6 +71,15 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
     reference : int, optional
         With ``depth="align"``, the index of the model whose depth (and architecture) the fused
         model takes.
+    distill : None, int or DistillConfig
+        After fusion (and ``repair``, before ``finetune``), train the fused model toward the base
+        models' ensemble on the fusion inputs, without labels (:func:`neurofuse.distill.distill`:
+        temperature, mixup and shifts, early stopping on a held-out part of the fusion set); the
+        teacher is weighted per class by the ``class_weights`` option when given.  An int is a
+        number of epochs with the default :class:`~neurofuse.distill.DistillConfig` (``seed``
+        and ``device`` from this call).  The history is attached as ``fused.distill_history``.
+    distill_data : tensor or array-like, optional
+        Extra *unlabelled* training inputs to distill on, besides the fusion set.
     **options
         Method settings (its ``Options`` dataclass), e.g. ``n_init=10`` for ``kf-linear``, or the
         common ``device="cuda"`` and ``batch_size=256``.
@@ -85,11 +97,15 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
     cls = get_method(method)
     if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, (int, FinetuneConfig))):
         raise ConfigError(f"finetune must be None, a number of epochs or a FinetuneConfig, got {finetune!r}")
-    if method == "ensemble" and (finetune is not None or repair):
+    if isinstance(distill, bool) or not (distill is None or isinstance(distill, (int, DistillConfig))):
+        raise ConfigError(f"distill must be None, a number of epochs or a DistillConfig, got {distill!r}")
+    if method == "ensemble" and (finetune is not None or repair or distill is not None):
         raise ConfigError(
-            "an output ensemble keeps the models separate: there is nothing to repair or fine-tune; "
-            "choose a fusion method"
+            "an output ensemble keeps the models separate: there is nothing to repair, distill or "
+            "fine-tune; choose a fusion method"
         )
+    if isinstance(distill, int):
+        distill = DistillConfig(epochs=distill, seed=seed, device=str(options.get("device", "cpu")))
     if isinstance(finetune, int):
         finetune = FinetuneConfig(epochs=finetune, seed=seed, device=str(options.get("device", "cpu")))
     alignment = None
@@ -125,6 +141,14 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
                 "each base model of equal width", method)
         fused = repair_model(fused, list(models), data, groups=groups,
                              batch_size=int(options.get("batch_size", 256)))
+    if distill is not None:
+        if data is None:
+            raise DataError("distillation trains on the fusion inputs: pass data=(x, y) or data=x")
+        # with depth="align" these are the depth-balanced models: the same functions
+        fused, history = distill_model(fused, list(models), as_fusion_set(data).x, distill,
+                                       class_weights=options.get("class_weights"), extra=distill_data,
+                                       progress=progress)
+        fused.distill_history = history
     if finetune is not None:
         if finetune_data is None:
             log.warning("fine-tuning on the fusion set only (%s samples); pass finetune_data=(x, y) "

@@ -203,9 +203,9 @@ def _fuse_distributed(a: argparse.Namespace) -> int:
     from . import distributed
     from .errors import ConfigError
 
-    if a.finetune or a.depth:
+    if a.finetune or a.depth or a.distill:
         raise ConfigError("--distributed fuses level by level on shards of the fusion set; it "
-                          "does not combine with --finetune or --depth (run those afterwards)")
+                          "does not combine with --finetune, --distill or --depth (run those afterwards)")
     distributed.init(device=a.device)
     try:
         return _fuse_and_save(a, Path(a.out), distributed=True, main=distributed.is_main())
@@ -229,12 +229,13 @@ def _fuse_and_save(a: argparse.Namespace, out: Path, distributed: bool = False, 
     if a.depth:
         options.update(depth_metric=a.depth_metric, balance=a.balance)
     finetune, finetune_data = _finetune_args(a, ds)
+    distill, distill_data = _distill_args(a, ds)
     if distributed:
         options["distributed"] = True
     fused = fuse(models, fusion, method=a.method, importance=a.importance, width=a.width,
                  seed=a.seed, progress=not a.no_progress and main, device=a.device, repair=a.repair,
                  finetune=finetune, finetune_data=finetune_data, depth=a.depth,
-                 reference=a.reference, **options)
+                 reference=a.reference, distill=distill, distill_data=distill_data, **options)
     options.pop("distributed", None)
     if not main:
         return 0
@@ -242,12 +243,14 @@ def _fuse_and_save(a: argparse.Namespace, out: Path, distributed: bool = False, 
 
     label = f"{a.method}/{a.importance}" if get_method(a.method).uses_importance else a.method
     steps = ([f"depth {a.depth} ({a.balance})"] if a.depth else []) + (["REPAIR"] if a.repair else []) + (
+        [f"distilled {a.distill} epochs"] if a.distill else []) + (
         [f"fine-tuned {a.finetune} epochs on the {a.finetune_data} data"] if a.finetune else [])
     save_model(fused, out, force=a.force, metadata={
         "dataset": ds.name, "method": a.method, "importance": a.importance, "seed": a.seed,
         "width": a.width, "options": {k: v for k, v in options.items() if k != "class_weights"},
         "head_weights": bool(a.head_weights), "repair": bool(a.repair), "finetune": a.finetune,
         "depth": a.depth, "inputs": [str(p) for p in a.checkpoints], "distributed": bool(distributed),
+        "distill": a.distill, "distill_extra": a.distill_extra,
         "fusion_samples": int(fusion[0].shape[0])})
     s = evaluate(fused, ds.x_test, ds.y_test)
     extra = f" + {', '.join(steps)}" if steps else ""
@@ -432,6 +435,33 @@ def _finetune_args(a: argparse.Namespace, ds: Any) -> Any:
     cfg = FinetuneConfig(epochs=a.finetune, lr=a.finetune_lr, seed=a.seed, device=a.device)
     data = (ds.x_train, ds.y_train) if a.finetune_data == "train" else None
     return cfg, data
+
+
+def _distill_args(a: argparse.Namespace, ds: Any) -> Any:
+    """``(DistillConfig or None, extra unlabelled inputs or None)`` from the --distill* flags."""
+    if not getattr(a, "distill", None):
+        return None, None
+    import numpy as np
+
+    from .distill import DistillConfig
+
+    cfg = DistillConfig(epochs=a.distill, seed=a.seed, device=a.device,
+                        flip=ds.name.startswith("cifar"))
+    extra = None
+    if a.distill_extra:
+        rng = np.random.default_rng(a.seed + 1)
+        k = min(a.distill_extra, len(ds.x_train))
+        extra = ds.x_train[np.sort(rng.choice(len(ds.x_train), k, replace=False))]  # inputs only
+    return cfg, extra
+
+
+def _add_distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distill", type=_pos_int, default=None, metavar="EPOCHS",
+                   help="after fusion, train the fused model toward the models' ensemble (class-share "
+                        "weighted with --head-weights) on the fusion set for up to EPOCHS epochs, "
+                        "without labels (mixup, shifts, early stopping on a held-out part)")
+    p.add_argument("--distill-extra", type=_nonneg_int, default=0, metavar="N",
+                   help="with --distill: also distill on N random training images, labels unused (default: 0)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -708,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples (the paper's head weights; reads split.json beside the checkpoints)")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR after fusion: re-estimate BatchNorm statistics and rescale neurons")
+    _add_distill_args(p)
     _add_finetune_args(p)
     p.add_argument("--depth", choices=["align"], default=None,
                    help="fuse models of different depths (cross-layer alignment, CLAFusion)")

@@ -29,7 +29,8 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str | Path,
                   title: str = "") -> Path:
-    """Horizontal bars: each base model, then each method, with the mean base model as a line."""
+    """Horizontal bars: each base model, then each method, with the best and the mean base model
+    as lines (a fused model is worth having only right of the best one)."""
     plt = _pyplot()
     labels = [f"base model {i}" for i in range(len(base))] + list(methods)
     values = list(base) + list(methods.values())
@@ -42,8 +43,11 @@ def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str
         ax.text(100 * v + 0.5, yi, f"{100 * v:.1f}", va="center", fontsize=8)
     if base:
         mean = 100 * sum(base) / len(base)
+        best = 100 * max(base)
+        ax.axvline(best, color="#2ca02c", ls="-", lw=1.2, label=f"best base model ({best:.1f})")
         ax.axvline(mean, color="#d62728", ls="--", lw=1, label=f"mean base model ({mean:.1f})")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False,
+                  ncol=2)
     ax.set_yticks(list(y))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()

@@ -17,7 +17,7 @@ from neurofuse.bench._report import format_base
 from neurofuse.cli import main
 from neurofuse.errors import ConfigError
 
-TABLES = ["importance", "runtime", "table1", "table2", "table3"]
+TABLES = ["importance", "pareto", "runtime", "table1", "table2", "table3"]
 
 
 def _doc(name: str = "table1") -> dict:
@@ -166,7 +166,7 @@ def test_smoke_table1_writes_everything(smoke_run):
     na = {(c["method"], c["split"]) for c in doc["cells"] if c["status"] == "n/a"}
     assert ("hf-linear", 4) in na and ("git-rebasin", 4) in na and ("hf-linear", 2) not in na
     report = (out / "report.md").read_text()
-    for row in ["Base models", "Vanilla Averaging", "Last-layer KD", "Ensemble", "OTFusion", "Git Re-Basin",
+    for row in ["Base models", "Best base model", "Vanilla Averaging", "Last-layer KD", "Ensemble", "OTFusion", "Git Re-Basin",
                 "HF Linear (uniform)", "KF Linear (conductance)", "KF Gradient (uniform)"]:
         assert f"| {row} |" in report
     assert "| Method | 2-way split | 4-way split |" in report

@@ -141,10 +141,17 @@ def test_importance_weighted_average(pair, fs):
     v1 = b.levels[1][1].weight.detach().double().numpy()[p1][:, p0]
     assert np.allclose(fused.levels[1][1].weight.detach().numpy(),
                        (1 - mu)[:, None] * v0 + mu[:, None] * v1, atol=1e-6)
-    # output level: plain mean, inputs permuted
+    # output level: rows (classes) weighted by the output neurons' scores, inputs permuted
     h0 = a.levels[2][1].weight.detach().double().numpy()
     h1 = b.levels[2][1].weight.detach().double().numpy()[:, p1]
-    assert np.allclose(fused.levels[2][1].weight.detach().numpy(), (h0 + h1) / 2, atol=1e-6)
+    u0 = neuron_importance(a, 2, data, "conductance").numpy()
+    u1 = neuron_importance(b, 2, data, "conductance").numpy()
+    nu = u1 / (u0 + u1)
+    assert np.allclose(fused.levels[2][1].weight.detach().numpy(),
+                       (1 - nu)[:, None] * h0 + nu[:, None] * h1, atol=1e-6)
+    # with output_weights="mean": the plain mean
+    plain = GitRebasin(importance="conductance", progress=False, output_weights="mean").fuse([a, b], fs)
+    assert np.allclose(plain.levels[2][1].weight.detach().numpy(), (h0 + h1) / 2, atol=1e-6)
 
 
 def test_output_is_logits(pair, fs, digits):

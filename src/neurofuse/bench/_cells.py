@@ -28,12 +28,16 @@ class Cell:
     fusion_samples: int
     finetuned: bool = False
     sweep: bool = False
+    #: fused width multiplier of a ``pareto`` cell (``None``: the method's default width)
+    width: Optional[float] = None
 
     @property
     def cell_id(self) -> str:
         parts = [self.method, self.importance, f"n{self.split}", f"s{self.seed}"]
         if self.sweep:
             parts.append(f"f{self.fusion_samples}")
+        if self.width is not None:
+            parts.append(f"w{self.width:g}")
         if self.finetuned:
             parts.append("ft")
         return "__".join(parts)
@@ -43,6 +47,8 @@ class Cell:
         imp = f"/{self.importance}" if self.importance != "uniform" or self._uses_importance() else ""
         extra = f", {self.fusion_samples} samples" if self.sweep else ""
         ft = " + fine-tuning" if self.finetuned else ""
+        if self.width is not None:
+            extra += f", width x{self.width:g}"
         return f"{self.method}{imp}{ft}, {self.split}-way, seed {self.seed}{extra}"
 
     def _uses_importance(self) -> bool:
@@ -84,6 +90,13 @@ def expected_cells(cfg: BenchConfig) -> List[Cell]:
                 for m in cfg.sweep.methods:
                     for n in cfg.sweep.fusion_samples:
                         cells.append(Cell(m, cfg.sweep.importance, split, seed, n, sweep=True))
+            if cfg.pareto is not None:
+                # the ensemble (the curve's end point) and every width the models' neurons allow
+                cells.append(Cell("ensemble", "uniform", split, seed, cfg.fusion_samples, width=float(split)))
+                for w in cfg.pareto.widths:
+                    if w <= split:
+                        cells.append(Cell(cfg.pareto.method, cfg.pareto.importance, split, seed,
+                                          cfg.fusion_samples, width=float(w)))
     return cells
 
 

@@ -22,15 +22,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 
-__all__ = ["BenchConfig", "FinetuneSpec", "SCALES", "SECTIONS", "FIGURES", "SweepSpec",
+__all__ = ["BenchConfig", "FinetuneSpec", "ParetoSpec", "SCALES", "SECTIONS", "FIGURES", "SweepSpec",
            "config_dir", "list_configs", "load_config", "parse_config"]
 
 #: the scales every shipped config defines
 SCALES = ("smoke", "cpu", "full")
 #: report sections a config may ask for
-SECTIONS = ("accuracy", "importance", "runtime", "sweep")
+SECTIONS = ("accuracy", "importance", "runtime", "sweep", "pareto")
 #: figures a config may ask for
-FIGURES = ("bars", "clustering", "landscape")
+FIGURES = ("bars", "clustering", "landscape", "pareto")
 PARTITIONS = ("dirichlet", "sharded", "iid", "full")
 #: fields of :class:`neurofuse.training.TrainConfig` a config may set (``seed``/``device`` are the run's)
 TRAIN_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "lr_min", "label_smoothing")
@@ -122,6 +122,20 @@ class SweepSpec:
 
 
 @dataclass(frozen=True)
+class ParetoSpec:
+    """Accuracy against parameter count: one method at several fused widths (partial fusion).
+
+    ``widths`` are multipliers of the base width; those above the number of models of a split
+    (more neurons than the models have) are not run for that split.
+    """
+
+    method: str
+    importance: str
+    widths: Tuple[float, ...]
+    class_shares: bool = True
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """The settings of one benchmark at one scale (see the module docstring).
 
@@ -161,6 +175,8 @@ class BenchConfig:
         Fine-tune after fusion (table 3).
     sweep : SweepSpec or None
         Seconds against fusion-set size.
+    pareto : ParetoSpec or None
+        Accuracy against parameter count at several fused widths.
     report : tuple of str
         Report sections (:data:`SECTIONS`).
     figures : tuple of str
@@ -193,6 +209,7 @@ class BenchConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     finetune: Optional[FinetuneSpec] = None
     sweep: Optional[SweepSpec] = None
+    pareto: Optional[ParetoSpec] = None
     report: Tuple[str, ...] = ("accuracy",)
     figures: Tuple[str, ...] = ("bars",)
     figure_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -347,6 +364,20 @@ def parse_config(doc: Mapping[str, Any], scale: str, source: str = "<config>") -
             ctx.str_("sweep.importance", sw.get("importance", "uniform"), importances_known),
             tuple(ctx.list_("sweep.fusion_samples", sw.get("fusion_samples"), lambda k, v: ctx.int_(k, v, 1))),
         )
+    if s.get("pareto") is not None:
+        pa = ctx.dict_("pareto", s["pareto"])
+        ctx.keys("pareto", pa, ("method", "importance", "widths", "class_shares"))
+        method = ctx.str_("pareto.method", pa.get("method", "kf-linear"), methods_known)
+        from ..methods import get_method
+
+        if not get_method(method).supports_width:
+            raise ctx.fail("pareto.method", f"{method!r} keeps the models' widths; use 'kf-linear' or 'kf-gradient'")
+        cs = pa.get("class_shares", True)
+        if not isinstance(cs, bool):
+            raise ctx.fail("pareto.class_shares", f"expected true or false, got {cs!r}")
+        kw["pareto"] = ParetoSpec(
+            method, ctx.str_("pareto.importance", pa.get("importance", "uniform"), importances_known),
+            tuple(ctx.list_("pareto.widths", pa.get("widths"), lambda k, v: ctx.num(k, v, 1.0))), cs)
     kw["report"] = tuple(ctx.list_("report", s.get("report", ["accuracy"]),
                                    lambda k, v: ctx.str_(k, v, SECTIONS)))
     if "sweep" in kw["report"] and "sweep" not in kw:
@@ -361,8 +392,10 @@ def parse_config(doc: Mapping[str, Any], scale: str, source: str = "<config>") -
         ctx.keys(f"figure_options.{k}", ctx.dict_(f"figure_options.{k}", v), allowed[k])
     kw["figure_options"] = fo
     kw["device"] = ctx.str_("device", s.get("device", "cpu"))
-    if not kw["methods"] and kw.get("sweep") is None:
-        raise ctx.fail("methods", "no methods and no sweep: nothing to run")
+    if ("pareto" in kw["report"] or "pareto" in kw["figures"]) and "pareto" not in kw:
+        raise ctx.fail("report", "asks for a 'pareto' section or figure but the config has no 'pareto'")
+    if not kw["methods"] and kw.get("sweep") is None and kw.get("pareto") is None:
+        raise ctx.fail("methods", "no methods, no sweep and no pareto: nothing to run")
     return BenchConfig(**kw)
 
 

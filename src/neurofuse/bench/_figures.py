@@ -26,7 +26,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch
 from .._io import write_figure, write_text
 from ._config import BenchConfig
 
-__all__ = ["bars_figure", "clustering_figure", "landscape_figure", "make_figures"]
+__all__ = ["bars_figure", "clustering_figure", "landscape_figure", "make_figures", "pareto_figure"]
 
 log = logging.getLogger("neurofuse")
 
@@ -94,6 +94,37 @@ def bars_figure(cfg: BenchConfig, summary: Mapping[str, Mapping[str, Any]], path
                  f"{cfg.partition} partition, {len(cfg.seeds)} seed(s)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pareto_figure(cfg: BenchConfig, points: Sequence[Mapping[str, Any]], path: Path) -> Optional[Path]:
+    """Test accuracy against parameter count, one panel per split: the fused model at every width
+    (partial fusion), the ensemble at the end, the best and the mean base model as lines."""
+    panels = [(n, p) for n, p in zip(cfg.splits, points) if any(c[2] is not None for c in p["curve"])]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    assert cfg.pareto is not None
+    for ax, (n, p) in zip(axes[0], panels):
+        pts = [c for c in p["curve"] if c[2] is not None]
+        ax.errorbar([c[1] for c in pts], [100 * c[2] for c in pts], yerr=[100 * (c[3] or 0) for c in pts],
+                    fmt="o-", capsize=2, label=f"{cfg.pareto.method}, width x1 ... x{n}")
+        for w, params, acc, _, _ in pts:
+            ax.annotate(f"x{w:g}", (params, 100 * acc), textcoords="offset points", xytext=(3, -10), fontsize=7)
+        if p["ensemble"] is not None:
+            ax.plot([p["ensemble"][0]], [100 * p["ensemble"][1]], "*", color="#ff7f0e", ms=12, label="ensemble")
+        if p["best_base"] is not None:
+            ax.axhline(100 * p["best_base"], color="#2ca02c", lw=1.2, label="best base model")
+            ax.axhline(100 * p["mean_base"], color="#d62728", ls="--", lw=1, label="mean base model")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{n} models", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{cfg.title} — {cfg.dataset}, {cfg.arch} ({cfg.size}), scale {cfg.scale}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -21,7 +21,7 @@ import numpy as np
 from .._io import write_text
 from ..errors import ConfigError
 from ._cells import expected_cells, read_cells
-from ._config import BenchConfig, FinetuneSpec, SweepSpec
+from ._config import BenchConfig, FinetuneSpec, ParetoSpec, SweepSpec
 
 __all__ = ["METHOD_LABELS", "ROW_ORDER", "config_from_dict", "fmt_mean_std", "format_cell",
            "render_report", "summarise", "write_outputs", "write_report"]
@@ -86,6 +86,10 @@ def config_from_dict(d: Mapping[str, Any]) -> BenchConfig:
         if d.get("sweep") is not None:
             s = d["sweep"]
             d["sweep"] = SweepSpec(tuple(s["methods"]), s["importance"], tuple(s["fusion_samples"]))
+        if d.get("pareto") is not None:
+            pa = d["pareto"]
+            d["pareto"] = ParetoSpec(pa["method"], pa["importance"], tuple(pa["widths"]),
+                                     bool(pa.get("class_shares", True)))
         return BenchConfig(**d)
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"config.json of the run is not a benchmark config ({exc})") from None
@@ -131,7 +135,7 @@ def _rows(cfg: BenchConfig, finetuned: bool) -> List[Tuple[str, str, bool]]:
 def summarise(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]],
               bases: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """``{row label: {"<n>-way": {"mean", "std", "n", "text", "seconds"}}}`` of the main table."""
-    table = [c for c in cells if not c.get("sweep")]
+    table = [c for c in cells if not c.get("sweep") and c.get("width") is None]
     out: Dict[str, Dict[str, Any]] = {}
     base_row = {}
     for split in cfg.splits:
@@ -139,6 +143,15 @@ def summarise(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]],
         base_row[f"{split}-way"] = {"text": format_base(b), "n": len(b),
                                     "mean": float(np.mean([np.mean(d["accuracies"]) for d in b])) if b else None}
     out[METHOD_LABELS["base"]] = base_row
+    # the bar a fused model must clear to be worth having (mean over seeds of each seed's best)
+    best_row = {}
+    for split in cfg.splits:
+        b = [d for d in bases if d["split"] == split]
+        best = [d["accuracies"][0] for d in b if d.get("accuracies")]
+        best_row[f"{split}-way"] = {"text": fmt_mean_std(best), "n": len(best),
+                                    "mean": float(np.mean(best)) if best else None,
+                                    "std": float(np.std(best, ddof=1)) if len(best) > 1 else None}
+    out["Best base model"] = best_row
     rows = _rows(cfg, False) + (_rows(cfg, True) if cfg.finetune else [])
     for m, imp, ft in rows:
         row = {}
@@ -182,7 +195,8 @@ def _importance_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) ->
             r = [METHOD_LABELS.get(m, m)]
             for imp in cfg.importances:
                 docs = [c for c in cells if c["method"] == m and c["importance"] == imp
-                        and c["split"] == split and not c.get("sweep") and not c.get("finetuned")]
+                        and c["split"] == split and not c.get("sweep") and not c.get("finetuned")
+                        and c.get("width") is None]
                 r.append(format_cell(docs))
             rows.append(r)
         parts.append(f"### {split}-way split\n\n" + _md_table(["Method"] + list(cfg.importances), rows) + "\n")
@@ -201,7 +215,8 @@ def _runtime_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> st
                     r.append(NA)
                     continue
                 docs = [c for c in cells if c["method"] == m and c["importance"] == imp
-                        and c["split"] == split and not c.get("sweep") and not c.get("finetuned")]
+                        and c["split"] == split and not c.get("sweep") and not c.get("finetuned")
+                        and c.get("width") is None]
                 r.append(format_cell(docs, "seconds", scale=1.0, digits=2))
             rows.append(r)
         parts.append(f"### {split} models, {cfg.fusion_samples} fusion samples\n\n" +
@@ -230,6 +245,58 @@ def _software_line(sw: Mapping[str, Any]) -> str:
     names = ["python", "neurofuse", "torch", "numpy", "scipy", "POT", "captum", "scikit-learn", "safetensors"]
     return "- Software: " + ", ".join(f"{k} {sw[k]}" for k in names if sw.get(k)) + \
         f"; {sw.get('torch_threads', '?')} torch threads; {sw.get('platform', '?')}"
+
+
+def pareto_points(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]], bases: Sequence[Mapping[str, Any]],
+                  split: int) -> Dict[str, Any]:
+    """The ``pareto`` curve of one split: ``{"curve": [(width, params, mean, std, n)], "ensemble":
+    (params, mean, std, n) or None, "best_base", "mean_base"}`` (accuracies as fractions)."""
+    def stats(docs: Sequence[Mapping[str, Any]]) -> Tuple[Optional[int], Optional[float], Optional[float], int]:
+        ok = [d for d in docs if d.get("status") == "ok"]
+        if not ok:
+            return None, None, None, 0
+        acc = [d["accuracy"] for d in ok]
+        return (int(ok[0].get("params") or 0), float(np.mean(acc)),
+                float(np.std(acc, ddof=1)) if len(acc) > 1 else None, len(acc))
+
+    assert cfg.pareto is not None
+    mine = [c for c in cells if c.get("width") is not None and c["split"] == split]
+    curve = []
+    for w in cfg.pareto.widths:
+        if w > split:
+            continue
+        docs = [c for c in mine if c["method"] == cfg.pareto.method and c["width"] == float(w)]
+        curve.append((float(w),) + stats(docs))
+    ens = stats([c for c in mine if c["method"] == "ensemble"])
+    b = [d for d in bases if d["split"] == split]
+    return {"curve": curve, "ensemble": ens if ens[1] is not None else None,
+            "best_base": float(np.mean([d["accuracies"][0] for d in b])) if b else None,
+            "mean_base": float(np.mean([np.mean(d["accuracies"]) for d in b])) if b else None}
+
+
+def _pareto_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]], bases: Sequence[Mapping[str, Any]]) -> str:
+    assert cfg.pareto is not None
+    pa = cfg.pareto
+    parts = [f"## Accuracy against parameters: {METHOD_LABELS.get(pa.method, pa.method)} "
+             f"({pa.importance} importance{', class shares' if pa.class_shares else ''}) at fused widths "
+             f"{', '.join(f'x{w:g}' for w in pa.widths)}\n"]
+
+    def pct(mean: Optional[float], std: Optional[float]) -> str:
+        if mean is None:
+            return "–"
+        return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+    for split in cfg.splits:
+        pts = pareto_points(cfg, cells, bases, split)
+        rows = [[f"x{w:g}", f"{p:,}" if p else "–", pct(m, sd)] for w, p, m, sd, _ in pts["curve"]]
+        if pts["ensemble"] is not None:
+            p, m, sd, _ = pts["ensemble"]
+            rows.append([f"ensemble{' (class shares)' if pa.class_shares else ''}", f"{p:,}", pct(m, sd)])
+        rows.append(["best base model", pts["curve"][0][1] and f"{pts['curve'][0][1]:,}" or "–",
+                     pct(pts["best_base"], None)])
+        rows.append(["mean base model", "", pct(pts["mean_base"], None)])
+        parts.append(f"### {split} models\n\n" + _md_table(["Fused width", "Parameters", "Test accuracy %"], rows) + "\n")
+    return "\n".join(parts)
 
 
 def render_report(doc: Mapping[str, Any]) -> str:
@@ -269,6 +336,8 @@ def render_report(doc: Mapping[str, Any]) -> str:
             lines.append(_runtime_section(cfg, cells))
         elif section == "sweep":
             lines.append(_sweep_section(cfg, cells))
+        elif section == "pareto":
+            lines.append(_pareto_section(cfg, cells, doc.get("base_models", [])))
     reasons: Dict[str, Tuple[List[int], str]] = {}
     for c in cells:
         if c.get("status") == "n/a":
@@ -341,6 +410,12 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
         p = bars_figure(cfg, summary, out / "accuracy_bars.png")
         if p is not None and str(p.name) not in [Path(f).name for f in figs]:
             figs.insert(0, p.name)
+    if "pareto" in cfg.figures and cfg.pareto is not None:
+        from ._figures import pareto_figure
+
+        p = pareto_figure(cfg, [pareto_points(cfg, cells, bases, n) for n in cfg.splits], out / "pareto.png")
+        if p is not None and str(p.name) not in [Path(f).name for f in figs]:
+            figs.append(p.name)
     doc["figures"] = [Path(f).name for f in figs]
     save_json(doc, out / "results.json", force=True)
     write_report(out, doc)

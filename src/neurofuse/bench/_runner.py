@@ -237,6 +237,8 @@ def _cell_key(cfg: BenchConfig, cell: Cell, base_hash: str) -> str:
     key = {"base": base_hash, "method": cell.method, "importance": cell.importance,
            "fusion_samples": cell.fusion_samples, "options": cfg.method_options.get(cell.method, {}),
            "sweep": cell.sweep}
+    if cell.width is not None and cfg.pareto is not None:
+        key["pareto"] = {"width": cell.width, "class_shares": cfg.pareto.class_shares}
     if cell.finetuned and cfg.finetune is not None:
         key["finetune"] = {"settings": dict(cfg.finetune.settings), "samples": cfg.finetune.samples}
     return _hash(key)
@@ -282,19 +284,25 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
                 "seconds": seconds, "finetuned_base_accuracies": members}
     opts = _options(cfg, cell.method, base)
     opts["device"] = device
+    if cell.width is not None and cfg.pareto is not None:
+        if cell.method != "ensemble":
+            opts["width"] = cell.width
+        if cfg.pareto.class_shares:
+            opts["class_weights"] = np.asarray(base.class_shares)
     if cell.finetuned:
         assert cfg.finetune is not None
         opts["finetune"] = FinetuneConfig(seed=cell.seed, device=device, **dict(cfg.finetune.settings))
         opts["finetune_data"] = _finetune_data(cfg, ds)
     key = cell.method if cell.importance == "uniform" else f"{cell.method}/{cell.importance}"
-    results, skipped, _ = run_methods(base.models, fusion, ds, [(key, cell.method, cell.importance)],
-                                      seed=cell.seed, progress=False, options={cell.method: opts})
+    # (a pareto cell's ``width`` goes to neurofuse.fuse with the options)
+    results, skipped, fused = run_methods(base.models, fusion, ds, [(key, cell.method, cell.importance)],
+                                          seed=cell.seed, progress=False, options={cell.method: opts})
     if key in skipped:
         doc = {"status": "n/a", "reason": " ".join(str(skipped[key]).split())}
     else:
         r = results[key]
         doc = {"status": "ok", "accuracy": r["accuracy"], "loss": r["loss"], "macro_f1": r["macro_f1"],
-               "seconds": r["seconds"]}
+               "seconds": r["seconds"], "params": int(sum(p.numel() for p in fused[key].parameters()))}
     return doc
 
 
@@ -421,7 +429,7 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
                 doc = {"cell_id": c.cell_id, "key": _cell_key(cfg, c, h), "method": c.method,
                        "importance": c.importance, "split": c.split, "seed": c.seed,
                        "fusion_samples": c.fusion_samples, "finetuned": c.finetuned, "sweep": c.sweep,
-                       "label": c.label, **doc}
+                       "width": c.width, "label": c.label, **doc}
                 save_json(doc, cell_path(out, c), force=True)
                 STATS["computed_cells"] += 1
                 run_stats["computed_cells"] += 1

@@ -1,16 +1,19 @@
 """Grouping the neurons of all base models into the fused model's neurons (paper section 4.3.1)."""
 
 from ._core import (
+    OUTPUT_WEIGHTS,
     Grouping,
     centroids,
     hungarian_grouping,
     identity_grouping,
     kmeans_grouping,
+    output_weights,
     weighted_kmeans,
 )
 from ._theory import approximation_error, grouping_error, representation_cost
 
 __all__ = [
+    "OUTPUT_WEIGHTS",
     "Grouping",
     "approximation_error",
     "centroids",
@@ -18,6 +21,7 @@ __all__ = [
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",
+    "output_weights",
     "representation_cost",
     "weighted_kmeans",
 ]

@@ -27,13 +27,18 @@ ArrayLike = Union[np.ndarray, Tensor]
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OUTPUT_WEIGHTS",
     "Grouping",
     "centroids",
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",
+    "output_weights",
     "weighted_kmeans",
 ]
+
+#: how the output level weighs the models per class (:func:`output_weights`)
+OUTPUT_WEIGHTS = ("importance", "mean")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,49 @@ def identity_grouping(widths: Sequence[int], class_weights: Optional[np.ndarray]
             raise ConfigError(f"class weights must have shape [{n}, {c}], got {list(cw.shape)}")
         w = cw.reshape(-1) + 1e-12
     return Grouping(labels, c, w)
+
+
+def output_weights(n_models: int, n_classes: int, class_weights: Optional[ArrayLike] = None,
+                   scores: Optional[ArrayLike] = None) -> np.ndarray:
+    r"""Weight :math:`w_{i,c}` of model :math:`i` in fused class :math:`c`, normalised over models.
+
+    .. math::  w_{i,c} = \frac{p_{i,c}\, s_{i,c}}{\sum_j p_{j,c}\, s_{j,c}}
+
+    where :math:`p` are the ``class_weights`` (e.g. class shares; default all ones) and :math:`s`
+    the importance ``scores`` of every model's output neurons (default all ones: the mean).  This is
+    how the closed-form fusion of Luenam et al. (2025, section 4.3) forms the output targets:
+    the importance-weighted centre of the class-:math:`c` neurons.  A class that no model weighs
+    falls back to the plain mean.
+
+    Parameters
+    ----------
+    n_models, n_classes : int
+        Number of models and of classes (output neurons of each model).
+    class_weights : array-like, optional
+        ``[N, C]`` non-negative weights of each model per class.
+    scores : array-like, optional
+        ``[N, C]`` non-negative importance of each model's output neuron ``c`` (raw, not
+        normalised per model: scores of one class are compared across models).
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, C]`` float64 weights; every column sums to one.
+    """
+    w = np.ones((n_models, n_classes), dtype=np.float64)
+    for name, value in (("class weights", class_weights), ("output importance", scores)):
+        if value is None:
+            continue
+        a = np.asarray(value.cpu() if isinstance(value, Tensor) else value, dtype=np.float64)
+        if a.shape != (n_models, n_classes):
+            raise ConfigError(f"{name} must have shape [{n_models}, {n_classes}], got {list(a.shape)}")
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ConfigError(f"{name} must be finite and non-negative; got min {a.min()!r}")
+        w = w * a
+    total = w.sum(0)
+    empty = total <= 0
+    w[:, empty] = 1.0
+    return w / w.sum(0)
 
 
 def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence[int]) -> Grouping:

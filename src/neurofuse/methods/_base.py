@@ -15,17 +15,20 @@ import typing
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet, as_fusion_set
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, output_weights
 from ..importance import importance_methods, importance_sums
 from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream
 from ..stats import AdditiveStats, ImportanceSums
 
-__all__ = ["FusionMethod", "NoOptions", "WidthSpec", "get_method", "list_methods", "register_method"]
+__all__ = ["FusionMethod", "NoOptions", "WidthSpec", "check_output_weights", "get_method", "list_methods",
+           "register_method"]
 
 log = logging.getLogger("neurofuse")
 
@@ -79,6 +82,12 @@ def _check_option_types(options_cls: type, values: Dict[str, Any], method: str) 
         if not ok:
             want = " or ".join(t.__name__ for t in simple)
             raise ConfigError(f"option {name!r} of method {method!r} must be {want}, got {value!r}")
+
+
+def check_output_weights(value: Any) -> None:
+    """Refuse an ``output_weights`` option that is not one of :data:`neurofuse.grouping.OUTPUT_WEIGHTS`."""
+    if value not in OUTPUT_WEIGHTS:
+        raise ConfigError(f"output_weights must be one of {list(OUTPUT_WEIGHTS)}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +255,22 @@ class FusionMethod(ABC):
             stats.update([s.double().cpu() for s in sums], n)
             cache[key] = [s.cpu() for s in self.reduce(stats).scores()]
         return cache[key]
+
+    def output_level_weights(self, models: Sequence[nn.Module], data: Optional[FusionSet]) -> np.ndarray:
+        """``[N, C]`` weight of every model in every fused class at the output level, each column
+        summing to one (:func:`neurofuse.grouping.output_weights`): the options' ``class_weights``
+        times, with ``output_weights="importance"``, the importance of each model's output
+        neurons (raw scores, so that one class is compared across models)."""
+        widths = [m.level_widths()[-1] for m in models]  # type: ignore[operator]
+        if len(set(widths)) != 1:
+            raise IncompatibleModelsError(f"output levels have different class counts {widths}")
+        scores = None
+        if getattr(self.options, "output_weights", "mean") == "importance" and self.importance != "uniform":
+            if data is None:
+                raise ConfigError("output_weights='importance' needs the fusion data for the scores; "
+                                  "pass data or use output_weights='mean'")
+            scores = torch.stack([self.importance_scores(m, data)[-1] for m in models]).numpy()
+        return output_weights(len(models), widths[0], getattr(self.options, "class_weights", None), scores)
 
     def resolve_widths(self, base_widths: Sequence[int]) -> List[int]:
         """Fused widths of every level (the last stays the class count) from ``self.width``."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,10 +40,10 @@ from torch import Tensor
 
 from .._fusion_set import FusionSet
 from ..approximation._gradient import LevelConfig, fit_level, perturb_level
-from ..grouping import weighted_kmeans
+from ..grouping import output_weights, weighted_kmeans
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet, LevelStream, flatten_neurons, unflatten_neurons
-from ._base import register_method
+from ._base import check_output_weights, register_method
 from ._levelwise import LevelwiseFusion
 
 __all__ = ["GRADIENT_PRESETS", "GradientOptions", "KMeansGradientFusion", "LevelConfig"]
@@ -123,6 +123,11 @@ class GradientOptions:
         ``temperature``, scaled by ``temperature²``.
     temperature : float
         Distillation temperature (> 0).
+    output_weights : str
+        ``"importance"``: the output target of class ``c`` weighs each model's class-``c`` logit
+        (or probability, with ``head_kd``) also by the importance of that output neuron,
+        normalised over the models; ``"mean"``: ``class_weights`` only.  Same with
+        ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
     preset: str = "default"
@@ -139,8 +144,10 @@ class GradientOptions:
     class_weights: Optional[Any] = None
     head_kd: bool = False
     temperature: float = 1.0
+    output_weights: str = "importance"
 
     def __post_init__(self) -> None:
+        check_output_weights(self.output_weights)
         if self.preset not in GRADIENT_PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(GRADIENT_PRESETS)}")
         lv, hd = GRADIENT_PRESETS[self.preset]
@@ -228,7 +235,7 @@ class KMeansGradientFusion(LevelwiseFusion):
         x_in = torch.cat(fused_in)
         del chunks, fused_in
         if level == n_levels - 1:
-            targets, neuron_w, info = self._head_targets(outs)
+            targets, neuron_w, info = self._head_targets(outs, models, data)
         else:
             targets, neuron_w, info = self._hidden_targets(level, models, outs, data, k, axis)
         seed = self.seed * 1_000_003 + level
@@ -293,7 +300,8 @@ class KMeansGradientFusion(LevelwiseFusion):
         assign[torch.arange(raw.shape[1], device=raw.device), labels] = scores
         return (raw @ assign) / assign.sum(0).clamp_min(1e-30)
 
-    def _head_targets(self, outs: List[Tensor]) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    def _head_targets(self, outs: List[Tensor], models: Sequence[LeveledNet], data: FusionSet
+                      ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
         opts: GradientOptions = self.options
         if any(o.shape != outs[0].shape for o in outs):
             raise IncompatibleModelsError(f"output levels have different shapes {[list(o.shape) for o in outs]}")
@@ -307,6 +315,12 @@ class KMeansGradientFusion(LevelwiseFusion):
             if w.shape != (n, c):
                 raise ConfigError(f"class_weights must have shape [{n}, {c}], got {list(w.shape)}")
             w = w + 1e-12
+        if opts.output_weights == "importance" and self.importance != "uniform":
+            # importance share of every model per class (columns sum to one) times N keeps the
+            # scale of ``w`` (the weighted loss reads its column sums)
+            scores = torch.stack([self.importance_scores(m, data)[-1] for m in models]).numpy()
+            share = output_weights(n, c, None, scores)
+            w = w * torch.as_tensor(share * n, dtype=z.dtype, device=z.device)
         if opts.head_kd:
             p = torch.softmax(z / opts.temperature, dim=-1)
             t = (p * w[:, None, :]).sum(0) / w.sum(0)

@@ -19,6 +19,7 @@ from .._fusion_set import FusionSet
 from .._loop import run_epochs, seeded_rng
 from .._validate import is_int, is_number
 from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import output_weights
 from ..levels import LeveledNet
 from ._base import FusionMethod, register_method
 
@@ -29,7 +30,7 @@ log = logging.getLogger("neurofuse")
 
 @dataclasses.dataclass(frozen=True)
 class KDHeadOptions:
-    """Settings of :class:`KDHead`.
+    r"""Settings of :class:`KDHead`.
 
     The mini-batch size and the seed are the common ``batch_size`` (default 32 for this method)
     and ``seed`` arguments of every method.
@@ -44,12 +45,17 @@ class KDHeadOptions:
         Passes over the fusion set.
     weight_decay : float
         Adam L2 penalty.
+    class_weights : array-like, optional
+        ``[N, C]`` per-class weights of the teachers (e.g. class shares): the teacher is
+        :math:`\bar p_c \propto \sum_i w_{i,c}\,\operatorname{softmax}(z_i/T)_c`, as the
+        class-share ensemble.  Default: all teachers alike.
     """
 
     temperature: float = 1.0
     lr: float = 1e-3
     epochs: int = 150
     weight_decay: float = 0.0
+    class_weights: Optional[Any] = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "lr"):
@@ -112,6 +118,7 @@ class KDHead(FusionMethod):
         if not params:
             raise IncompatibleModelsError("model 0's last level has no parameters to train")
         feats, targets = [], []
+        w: Optional[Tensor] = None
         with torch.no_grad():
             for xb, _ in data.batches(self.device):
                 feats.append(fused.forward_until(xb, fused.num_levels - 2) if fused.num_levels > 1 else xb)
@@ -122,7 +129,12 @@ class KDHead(FusionMethod):
                             f"model {i} outputs shape {list(o.shape[1:])} but model 0 outputs "
                             f"{list(outs[0].shape[1:])}"
                         )
-                targets.append(torch.stack([torch.softmax(o / t, dim=-1) for o in outs]).mean(0))
+                probs = torch.stack([torch.softmax(o / t, dim=-1) for o in outs])     # [N, B, C]
+                if w is None:
+                    w = torch.from_numpy(output_weights(len(outs), probs.shape[-1], opt.class_weights)
+                                         ).to(probs)
+                p_bar = (probs * w[:, None, :]).sum(0)
+                targets.append(p_bar / p_bar.sum(-1, keepdim=True).clamp_min(1e-30))
         x, p = torch.cat(feats), torch.cat(targets)
         n = x.shape[0]
         bs = min(self.batch_size, n)

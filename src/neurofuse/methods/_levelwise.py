@@ -25,7 +25,7 @@ from ..approximation import LinearStats, aligned_prior, assign_affine, design_ma
 from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
 from ..levels._bn import fold_batchnorm, has_batchnorm
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, check_output_weights, register_method
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelwiseFusion", "LinearFusion"]
 
@@ -114,7 +114,13 @@ class LinearOptions:
         on the fusion set is the same.
     class_weights : array-like, optional
         ``[N, C]`` weights of each model for each class at the output level ("head weights", e.g.
-        each model's share of the class's training samples).  Default: the mean logit.
+        each model's share of the class's training samples).  Default: all models alike.
+    output_weights : str
+        How the output target of class ``c`` weighs the models: ``"importance"`` (the paper's
+        rule: each model's class-``c`` logit weighted by the importance score of that output
+        neuron, normalised over the models, times ``class_weights``) or ``"mean"`` (the mean
+        logit, times ``class_weights``).  With ``importance="uniform"`` both are the mean
+        (:func:`neurofuse.grouping.output_weights`).
     """
 
     rtol: Optional[float] = None
@@ -122,8 +128,10 @@ class LinearOptions:
     normalize_importance: bool = False
     prior: bool = True
     class_weights: Optional[Any] = None
+    output_weights: str = "importance"
 
     def __post_init__(self) -> None:
+        check_output_weights(self.output_weights)
         if self.rtol is not None and not self.rtol > 0:
             raise ConfigError(f"rtol must be positive, got {self.rtol}")
         if self.ridge < 0:
@@ -257,7 +265,7 @@ class LinearFusion(LevelwiseFusion):
         # rounds away, and K-means is a discrete search that such bits can send elsewhere
         feats = sol.features.float()
         if last:
-            grouping = identity_grouping(widths, self.options.class_weights)
+            grouping = identity_grouping(widths, self.output_level_weights(models, data))
         else:
             grouping = self.group(feats, self.level_scores(models, level, data), widths, k, level)
         self._assign = np.split(grouping.labels, np.cumsum(widths)[:-1])

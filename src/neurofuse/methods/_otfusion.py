@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..levels._layout import (
     normalized,
     stream_members,
 )
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, check_output_weights, register_method
 
 __all__ = ["OTFusion", "OTFusionOptions"]
 
@@ -59,14 +59,25 @@ class OTFusionOptions:
         pre-activation vectors over the fusion set.
     max_iter : int
         Iteration limit of the OT solver.
+    class_weights : array-like, optional
+        ``[N, C]`` weights of each model per class in the output level's average (e.g. class
+        shares).  Default: all models alike.
+    output_weights : str
+        ``"importance"``: the output level's rows (class ``c``) are averaged with each model's
+        importance of output neuron ``c``, normalised over the models, times ``class_weights``;
+        ``"mean"``: the plain mean (times ``class_weights``).  Same as the mean with
+        ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
     solver: str = "exact"
     reg: float = 0.01
     ground_metric: str = "euclidean"
     max_iter: int = 1_000_000
+    class_weights: Optional[Any] = None
+    output_weights: str = "importance"
 
     def __post_init__(self) -> None:
+        check_output_weights(self.output_weights)
         if self.solver not in ("exact", "sinkhorn"):
             raise ConfigError(f"solver must be 'exact' or 'sinkhorn', got {self.solver!r}")
         if not (isinstance(self.reg, (int, float)) and self.reg > 0):
@@ -179,6 +190,10 @@ class OTFusion(FusionMethod):
         fused = anchor.clone()
         ref = fused.state_dict()
         own = [net.state_dict() for net in nets]
+        last = anchor.num_levels - 1
+        # the output level's rows (classes) are averaged with per-class weights
+        per_class = {f"levels.{last}.{key}" for key in layouts[last].keys_in("out")}
+        w_out = torch.from_numpy(self.output_level_weights(nets, data))   # [N, C]
         avg = {}
         for key, v in ref.items():
             if v.is_floating_point():
@@ -186,7 +201,12 @@ class OTFusion(FusionMethod):
                 # shapes agree, and otherwise taken from the anchor
                 vals = [s[key] if key in s else (own[i][key] if own[i][key].shape == v.shape else v)
                         for i, s in enumerate(states)]
-                avg[key] = torch.stack([t.double() for t in vals]).mean(0).to(v.dtype)
+                stacked = torch.stack([t.double() for t in vals])
+                if key in per_class:
+                    w = w_out.reshape(*w_out.shape, *([1] * (v.dim() - 1)))
+                    avg[key] = (stacked * w).sum(0).to(v.dtype)
+                else:
+                    avg[key] = stacked.mean(0).to(v.dtype)
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)

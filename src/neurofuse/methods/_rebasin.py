@@ -21,7 +21,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..importance import normalize_scores
 from ..stats import CrossMoments
 from ..levels import LeveledNet, check_same_levels, flatten_neurons
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, check_output_weights, register_method
 from ..levels._layout import (
     NeuronMap,
     Space,
@@ -59,13 +59,24 @@ class GitRebasinOptions:
         ``"post"`` (after the non-linearity, as in the paper) or ``"pre"`` (level outputs).
     normalize_importance : bool
         Scale each model's scores at a level to sum to one.
+    class_weights : array-like, optional
+        ``[2, C]`` weights of each model per class in the output level's average (e.g. class
+        shares).  Default: both alike.
+    output_weights : str
+        ``"importance"``: the output level's rows (class ``c``) are averaged with each model's
+        importance of output neuron ``c``, normalised over the two models, times
+        ``class_weights``; ``"mean"``: the plain mean (times ``class_weights``).  Same as the
+        mean with ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
     metric: str = "distance"
     activations: str = "post"
     normalize_importance: bool = False
+    class_weights: Optional[Any] = None
+    output_weights: str = "importance"
 
     def __post_init__(self) -> None:
+        check_output_weights(self.output_weights)
         if self.metric not in ("distance", "sqdistance", "correlation"):
             raise ConfigError(
                 f"metric must be 'distance', 'sqdistance' or 'correlation', got {self.metric!r}")
@@ -170,10 +181,12 @@ class GitRebasin(FusionMethod):
         fused = m0.clone()
         sd0 = m0.state_dict()
         state: Dict[str, Tensor] = {}
+        # weight of model 1 in every class of the output level
+        head_w1 = torch.from_numpy(self.output_level_weights(nets, data)[1])
         for lvl in range(n_levels):
             maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl], **inner[lvl]}
             aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, maps)
-            weights = {"out": self._weights(scores, outs, lvl, n_levels),
+            weights = {"out": head_w1 if lvl == n_levels - 1 else self._weights(scores, outs, lvl, n_levels),
                        "in": self._weights(scores, outs, lvl - 1, n_levels) if lvl > 0 else None}
             space_of = {key: s0 for key, s0, _, _ in layouts[lvl].tensors}
             for key, t1 in aligned.items():
