@@ -108,8 +108,8 @@ class FusionStrategy(FedAvg):
         :func:`neurofuse.models.build_model` of the zoo config JSON in ``config["model"]``.
     class_weights : None or "class-shares"
         ``"class-shares"``: weigh each client's output neurons by its share of every class, from
-        the label counts the clients report (``config["label-counts"]``); for methods with a
-        ``class_weights`` option (kf-linear, hf-linear, kf-gradient, ensemble).
+        the label counts the clients report (``config["label-counts"]``); for ``method`` if it
+        has a ``class_weights`` option (kf-linear, hf-linear, kf-gradient, ensemble).
     no_server_data : bool
         Fuse from the clients' statistics, level by level (:func:`fuse_by_levels`): one extra
         query round per level; the server needs no sample.  Needs the grid (given to
@@ -119,8 +119,9 @@ class FusionStrategy(FedAvg):
         the first client's architecture (clients are ordered by node id).
     compare : sequence of str
         Methods that also aggregate every round's replies, for the metrics only
-        (``accuracy-<method>``, e.g. ``("vanilla", "ensemble")``); the broadcast model is
-        ``method``'s.
+        (``accuracy-<entry>``, e.g. ``("vanilla", "ensemble")``); the broadcast model is
+        ``method``'s.  ``"kf-linear@clients"`` fuses from the clients' statistics (no server
+        data), ``"kf-linear+shares"`` with class-share weights; comparisons use default options.
     initial_model : nn.Module, optional
         The model sent in round 1 (its weights are the ``initial_arrays`` of :meth:`start`; its
         architecture travels in the train config, so clients rebuild it).
@@ -153,7 +154,10 @@ class FusionStrategy(FedAvg):
         self.compare = [c for c in compare if c != method]
         for c in self.compare:
             name, _, where = c.partition("@")
+            name, _, flag = name.partition("+")
             get_method(name)
+            if flag not in ("", "shares"):
+                raise ConfigError(f"compare entry {c!r}: the only flag is '+shares' (class-share weights)")
             if where not in ("", "clients"):
                 raise ConfigError(f"compare entry {c!r}: write 'method' or 'method@clients' (fused "
                                   "from the clients' statistics, no server data)")
@@ -184,7 +188,8 @@ class FusionStrategy(FedAvg):
                     "importance='uniform', or fuse with no_server_data=True (the clients compute the "
                     "importance on their own labelled data)")
         needs_server = [m for m in [method, *self.compare] if "@" not in m
-                        and get_method(m).needs_data and not (self.no_server_data and m in level_methods())]
+                        and get_method(m.split("+")[0]).needs_data
+                        and not (self.no_server_data and m in level_methods())]
         if needs_server and self.server_data is None:
             raise DataError(
                 f"method(s) {needs_server} fuse on a server fusion set: pass server_data=(x[, y]) "
@@ -295,14 +300,14 @@ class FusionStrategy(FedAvg):
             usable = kept
         return usable, dropped
 
-    def _options_for(self, method: str, usable: Sequence[_Usable]) -> Dict[str, Any]:
+    def _options_for(self, method: str, usable: Sequence[_Usable], shares: bool) -> Dict[str, Any]:
         opts = dict(self.options) if method == self.method else {}
         if self.width is not None and method == self.method:
             opts["width"] = self.width
         fields = {f.name for f in dataclasses.fields(get_method(method).Options)}
         if "weights" in fields:
             opts.setdefault("weights", [u.num_examples for u in usable])
-        if self.class_weights == "class-shares" and "class_weights" in fields:
+        if shares and "class_weights" in fields:
             if any(u.label_counts is None for u in usable):
                 missing = [u.who for u in usable if u.label_counts is None]
                 raise DataError(f"class_weights='class-shares' needs every client's label counts; "
@@ -313,10 +318,12 @@ class FusionStrategy(FedAvg):
         return opts
 
     def _aggregate(self, method: str, usable: Sequence[_Usable], server_round: int) -> Tuple[nn.Module, Dict[str, Any]]:
+        main = method == self.method
         method, _, where = method.partition("@")
-        by_levels = bool(where) or (self.no_server_data and method in level_methods())
+        method, _, flag = method.partition("+")
+        by_levels = bool(where) or (main and self.no_server_data and method in level_methods())
         models = [u.model for u in usable]
-        opts = self._options_for(method, usable)
+        opts = self._options_for(method, usable, flag == "shares" or (main and self.class_weights == "class-shares"))
         cost: Dict[str, Any] = {}
         if method == "vanilla":
             odd = [u.who for u in usable if _shapes(u.model) != _shapes(usable[0].model)]
