@@ -102,14 +102,27 @@ def test_real_flower_simulation_with_four_clients_on_digits(tmp_path):
         "                  compare=('vanilla', 'ensemble', 'kf-linear@clients'), backend='simulation'))\n"
         "h = r['runs']['kf-linear'][0]\n"
         "assert h['clients-used'] == 4 and 'accuracy-kf-linear@clients' in h, h\n"
-        "import ray, time, psutil; assert not ray.is_initialized()\n"
+        "import os, ray, time; assert not ray.is_initialized()\n"
+        "def kids():\n"
+        "    out = []\n"
+        "    for d in os.listdir('/proc'):\n"
+        "        try:\n"
+        "            st = open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()\n"
+        "        except (OSError, IndexError):\n"
+        "            continue\n"
+        "        if d.isdigit() and int(st[1]) == os.getpid() and st[0] != 'Z':\n"
+        "            out.append(d)\n"
+        "    return out\n"
         "for _ in range(30):\n"
-        "    kids = [k for k in psutil.Process().children(recursive=True) if k.is_running()]\n"
-        "    if not kids: break\n"
+        "    if not kids(): break\n"
         "    time.sleep(1)\n"
-        "assert not kids, [k.cmdline()[:2] for k in kids]\n"
+        "assert not kids(), 'processes left running: ' + str(kids())\n"
         "print('OK', h['server-accuracy'])\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    import neurofuse
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(neurofuse.__file__)))  # this checkout's code
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0",
+           "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -227,20 +227,23 @@ def _config_dict(cfg: FederatedConfig) -> Dict[str, Any]:
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """The per-round accuracies (%) and gap shares as a plain-text table."""
+    """One line per aggregation, one column per round: test accuracy (%) and, in brackets, the
+    share of the FedAvg-to-ensemble gap it closes."""
     rows = results["rounds"]
-    cols = [k for k in rows[0] if k not in ("round", "gap_closed")]
-    head = f"{'round':>5}  " + "  ".join(f"{c:>18}" for c in cols)
+    names = [k for k in rows[0] if k not in ("round", "gap_closed")]
+    width = max(len(n) for n in names) + 2
+    head = f"{'aggregation':<{width}}" + "".join(f"{'round ' + str(r['round']):>16}" for r in rows)
     lines = [head, "-" * len(head)]
-    for row in rows:
+    for name in names:
         cells = []
-        for c in cols:
-            v = row.get(c)
-            g = (row.get("gap_closed") or {}).get(c)
-            txt = "-" if v is None else f"{100 * v:.2f}" + ("" if g is None or c == "ensemble" else f" ({100 * g:.0f}%)")
-            cells.append(f"{txt:>18}")
-        lines.append(f"{row['round']:>5}  " + "  ".join(cells))
-    lines.append("(test accuracy %; in brackets: share of the FedAvg-to-ensemble gap closed)")
+        for row in rows:
+            v = row.get(name)
+            g = (row.get("gap_closed") or {}).get(name)
+            txt = "-" if v is None else f"{100 * v:.2f}" + ("" if g is None or name in ("ensemble", "fedavg")
+                                                            else f" ({100 * g:.0f}%)")
+            cells.append(f"{txt:>16}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    lines.append("test accuracy (%); in brackets: share of the FedAvg-to-ensemble gap closed")
     return "\n".join(lines)
 
 
