@@ -86,6 +86,7 @@ def test_strategy_without_server_data_runs_the_protocol_in_aggregate_train(clien
     assert _max_diff(s.fused_model, central) < 1e-5
     assert metrics["protocol-rounds"] == models[0].num_levels
     assert metrics["bytes-sent"] > 0 and "accuracy-ensemble" in metrics
+    assert metrics["bytes-received"] > sum(r.content["arrays"].count_bytes() for r in replies)
 
 
 def test_methods_that_need_samples_are_refused_without_server_data(client_mlps):

@@ -392,10 +392,13 @@ class FusionStrategy(FedAvg):
             metrics["server-accuracy"] = acc
         for other in self.compare:
             try:
-                m, _ = self._aggregate(other, usable, server_round)
+                m, other_cost = self._aggregate(other, usable, server_round)
                 a = self._accuracy(m)
                 if a is not None:
                     metrics[f"accuracy-{other}"] = a
+                if other_cost:  # the no-server-data protocol of a comparison: its traffic apart
+                    metrics[f"bytes-sent-{other}"] = int(other_cost["bytes_sent"])
+                    metrics[f"bytes-received-{other}"] = int(other_cost["bytes_received"])
             except NeurofuseError as exc:
                 log.warning("round %d: comparison %r skipped: %s", server_round, other, exc)
         self.history.append({"round": server_round, **metrics, "dropped": dropped,
