@@ -440,8 +440,11 @@ def cmd_federate(a: argparse.Namespace) -> int:
     compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
     if a.clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {a.clients}")
+    from .experiment import DEFAULT_EPOCHS
+
+    epochs = a.epochs if a.epochs is not None else DEFAULT_EPOCHS.get(a.dataset, 10)
     setup = ClientSetup(dataset=a.dataset, num_clients=a.clients, partition=a.partition, alpha=a.alpha,
-                        arch=a.arch, size=a.size, epochs=a.epochs, lr=a.lr, seed=a.seed, data_dir=a.data_dir)
+                        arch=a.arch, size=a.size, epochs=epochs, lr=a.lr, seed=a.seed, data_dir=a.data_dir)
     cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
                           no_server_data=a.no_server_data, server_samples=a.server_samples,
                           server_labels=not a.server_unlabelled,
@@ -610,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fast start, small machines)")
     p.add_argument("--arch", default="mlp", help="client architecture (default: mlp)")
     p.add_argument("--size", default="small", choices=["tiny", "small", "paper"], help="named model size")
-    p.add_argument("--epochs", type=_pos_int, default=10, help="local epochs per round (default: 10)")
+    p.add_argument("--epochs", type=_pos_int, default=None,
+                   help="local epochs per round (default: per dataset, digits 60, mnist 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="local learning rate")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split, training and fusion")
     p.add_argument("--bench", default=None, help="run a federated benchmark config instead (e.g. fl)")

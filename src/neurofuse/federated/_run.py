@@ -179,9 +179,10 @@ def _run_one(cfg: FederatedConfig, strategy: FusionStrategy) -> List[Dict[str, A
 
 
 def gap_closed(acc: float, fedavg: float, ensemble: float) -> Optional[float]:
-    """Share of the FedAvg-to-ensemble accuracy gap that ``acc`` closes (None if no gap)."""
+    """Share of the FedAvg-to-ensemble accuracy gap that ``acc`` closes (None if the ensemble
+    is not better than FedAvg: then there is no gap to close)."""
     gap = ensemble - fedavg
-    return None if abs(gap) < 1e-12 else (acc - fedavg) / gap
+    return None if gap < 1e-12 else (acc - fedavg) / gap
 
 
 def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
