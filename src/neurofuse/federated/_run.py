@@ -258,8 +258,11 @@ def plot_rounds(results: Mapping[str, Any], path: Path, title: str = "") -> Path
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for k in [k for k in rows[0] if k not in ("round", "gap_closed")]:
         ys = [100 * r[k] if r.get(k) is not None else np.nan for r in rows]
-        style = {"ensemble": dict(color="#ff7f0e", ls="--"), "fedavg": dict(color="#7f7f7f", ls=":")}.get(k, {})
-        ax.plot(rounds, ys, marker="o", label=k, **style)
+        style = {"ensemble": dict(color="#ff7f0e", ls="--"), "fedavg": dict(color="#7f7f7f", ls=":"),
+                 "vanilla": dict(color="#2ca02c", ls="-.")}.get(k, {})
+        label = {"vanilla": "FedAvg of this run's client models", "fedavg": "FedAvg (its own run)",
+                 "ensemble": "ensemble of this run's client models"}.get(k, k)
+        ax.plot(rounds, ys, marker="o", label=label, **style)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xticks(rounds)
