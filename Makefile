@@ -17,7 +17,7 @@ $(PY):
 # torch first: anything that resolves `torch` before 2.13.0 is present would pull a CUDA build.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,hf,federated]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -637,6 +637,48 @@ def cmd_bench_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federate(a: argparse.Namespace) -> int:
+    """``neurofuse federate``: a Flower run (simulation or in-process), or the ``fl`` benchmark."""
+    from .errors import ConfigError
+
+    from .federated import ClientSetup, FederatedConfig, format_table, plot_rounds, run_federated
+
+    logging.getLogger("flwr").setLevel(logging.INFO if a.verbose else logging.WARNING)
+    if a.bench:
+        from .federated._bench import run_fl_bench
+
+        out = Path(a.out) if a.out else None
+        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir)
+        return 0
+    out = Path(a.out)
+    _check_output(out / "results.json", a.force)
+    compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
+    if a.clients < 1:
+        raise ConfigError(f"--clients must be >= 1, got {a.clients}")
+    from .experiment import DEFAULT_EPOCHS
+
+    epochs = a.epochs if a.epochs is not None else DEFAULT_EPOCHS.get(a.dataset, 10)
+    setup = ClientSetup(dataset=a.dataset, num_clients=a.clients, partition=a.partition, alpha=a.alpha,
+                        arch=a.arch, size=a.size, epochs=epochs, lr=a.lr, seed=a.seed, data_dir=a.data_dir)
+    cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
+                          no_server_data=a.no_server_data, server_samples=a.server_samples,
+                          server_labels=not a.server_unlabelled,
+                          class_weights="class-shares" if a.class_shares else None,
+                          compare=tuple(compare), backend=a.backend, seed=a.seed)
+    results = run_federated(cfg)
+    results["command"] = "neurofuse " + " ".join(getattr(a, "argv", []))
+    from .checkpoint import save_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(results, out / "results.json", force=True)
+    plot = plot_rounds(results, out / "accuracy.png",
+                       title=f"{a.dataset}, {a.clients} clients, {a.partition}"
+                             f"{f' alpha {a.alpha}' if a.partition == 'dirichlet' else ''}, {a.method}")
+    print(format_table(results))
+    print(f"wrote {out / 'results.json'} and {plot} ({results['seconds']:.0f} s)")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -796,6 +838,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("federate", help="federated fusion with Flower: clients train, the server fuses")
+    p.add_argument("--clients", type=_pos_int, default=5, help="number of clients (default: 5)")
+    p.add_argument("--partition", default="dirichlet", choices=["dirichlet", "sharded", "iid"],
+                   help="client data split (default: dirichlet: Dirichlet(alpha) class shares)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default: 0.5)")
+    p.add_argument("--method", default="kf-linear", help="aggregation: a fusion method, vanilla = FedAvg")
+    p.add_argument("--importance", default="uniform", help="importance score of the method")
+    p.add_argument("--rounds", type=_pos_int, default=1, help="federated rounds (default: 1, one-shot)")
+    p.add_argument("--no-server-data", action="store_true",
+                   help="fuse from the clients' level statistics: the server holds no sample")
+    p.add_argument("--server-samples", type=_nonneg_int, default=400,
+                   help="size of the server's fusion set (default: 400)")
+    p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")
+    p.add_argument("--class-shares", action="store_true",
+                   help="weigh the output level by the clients' class shares (from their label counts)")
+    p.add_argument("--compare", default="vanilla,ensemble",
+                   help="aggregations scored beside the method on the same client models "
+                        "(default: vanilla,ensemble; e.g. feddf, kf-linear@clients)")
+    p.add_argument("--backend", default="simulation", choices=["simulation", "local"],
+                   help="simulation: Flower's Ray simulation; local: the same apps in this process "
+                        "(fast start, small machines)")
+    p.add_argument("--arch", default="mlp", help="client architecture (default: mlp)")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "paper"], help="named model size")
+    p.add_argument("--epochs", type=_pos_int, default=None,
+                   help="local epochs per round (default: per dataset, digits 60, mnist 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split, training and fusion")
+    p.add_argument("--bench", default=None, help="run a federated benchmark config instead (e.g. fl)")
+    p.add_argument("--scale", default="full", help="benchmark scale (smoke, full)")
+    p.add_argument("--out", default="runs/federate", help="output directory (default: runs/federate)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_federate)
+
     p = sub.add_parser("methods", help="list the fusion methods, or one method's options")
     p.add_argument("name", nargs="?", default=None,
                    help="a method: show its --option keys with their types and defaults")
@@ -833,6 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
     from .errors import NeurofuseError

@@ -6,6 +6,7 @@ from ._simple import BaseModel, EnsembleFusion, VanillaAveraging
 from ._otfusion import OTFusion, OTFusionOptions
 from ._rebasin import GitRebasin, GitRebasinOptions
 from ._kd import KDHead, KDHeadOptions
+from ._distill import EnsembleDistillation, EnsembleDistillationOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 from ._describe import OptionInfo, method_options
 
@@ -17,6 +18,8 @@ __all__ = [
     "KDHeadOptions",
     "OTFusion",
     "OTFusionOptions",
+    "EnsembleDistillation",
+    "EnsembleDistillationOptions",
     "EnsembleFusion",
     "FusionMethod",
     "GRADIENT_PRESETS",

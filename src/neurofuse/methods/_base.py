@@ -272,6 +272,13 @@ class FusionMethod(ABC):
             scores = torch.stack([self.importance_scores(m, data)[-1] for m in models]).numpy()
         return output_weights(len(models), widths[0], getattr(self.options, "class_weights", None), scores)
 
+    def set_importance_scores(self, net: nn.Module, scores: Sequence[Tensor]) -> None:
+        """Use ``scores`` (one ``[width]`` tensor per level) as ``net``'s importance scores
+        instead of computing them from the fusion set: e.g. scores merged from statistics that
+        federated clients computed on their own labelled data (:mod:`neurofuse.federated`)."""
+        cache: Dict[int, List[Tensor]] = self.__dict__.setdefault("_importance_cache", {})
+        cache[id(net)] = [torch.as_tensor(s).double().cpu() for s in scores]
+
     def resolve_widths(self, base_widths: Sequence[int]) -> List[int]:
         """Fused widths of every level (the last stays the class count) from ``self.width``."""
         hidden = list(base_widths[:-1])

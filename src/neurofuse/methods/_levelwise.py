@@ -50,7 +50,22 @@ class LevelwiseFusion(FusionMethod):
 
     def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
         assert data is not None
-        nets = self.prepare(check_same_levels(models))
+        nets, fused, widths = self.setup(models)
+        levels = range(fused.num_levels)
+        with self.stream(data, 1 + len(nets)) as stream:
+            for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
+                self.fuse_level(lvl, nets, fused, stream, widths[lvl])
+        return fused
+
+    def setup(self, models: Sequence[nn.Module]) -> "tuple[List[LeveledNet], LeveledNet, List[int]]":
+        """Check and prepare the base models and make the fused model, before any level.
+
+        Returns ``(nets, fused, widths)``: the prepared base models, the fused model (model 0's
+        architecture at the fused widths, on the fusion device, its levels still to be fitted)
+        and the fused width of every level.  Federated fusion (:mod:`neurofuse.federated`) calls
+        it on the server and then fits the levels from statistics the clients send.
+        """
+        nets = self.prepare(check_same_levels(list(models)))
         base_widths = [m.level_widths() for m in nets]
         widths = self.resolve_widths(base_widths[0])
         for lvl, k in enumerate(widths[:-1]):
@@ -66,11 +81,7 @@ class LevelwiseFusion(FusionMethod):
         self.report: List[dict] = []
         #: the grouping of every hidden level (REPAIR uses them to find each fused neuron's parents)
         self.groupings: List[Grouping] = []
-        levels = range(fused.num_levels)
-        with self.stream(data, 1 + len(nets)) as stream:
-            for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
-                self.fuse_level(lvl, nets, fused, stream, widths[lvl])
-        return fused
+        return nets, fused, widths
 
     @abstractmethod
     def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,

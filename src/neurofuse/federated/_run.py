@@ -1,0 +1,272 @@
+"""Running a federated fusion: the ServerApp, the Ray simulation or the local grid, the results.
+
+:func:`run_federated` is what ``neurofuse federate`` and the ``fl`` benchmark call: clients of a
+:class:`ClientSetup` train on their partitions, a :class:`FusionStrategy` fuses their models every
+round and scores the result on the test set, beside FedAvg and the output ensemble of the same
+client models.  ``backend="simulation"`` runs Flower's simulation (Ray, one CPU per client,
+offline, shut down afterwards); ``backend="local"`` runs the same ServerApp and ClientApp logic
+in this process over a :class:`LocalGrid` (seconds instead of Ray's start-up, for small machines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..data import balanced_subset
+from ..errors import ConfigError, NeurofuseError
+from ..models import make_model
+from ._client import make_client_app
+from ._data import ClientSetup, _dataset
+from ._local import LocalGrid
+from ._strategy import FusionStrategy
+
+__all__ = ["BACKENDS", "FederatedConfig", "gap_closed", "make_server_app", "run_federated", "simulate",
+           "run_local", "plot_rounds", "format_table"]
+
+log = logging.getLogger("neurofuse")
+
+BACKENDS = ("local", "simulation")
+
+
+def make_server_app(strategy: FusionStrategy, num_rounds: int, timeout: float = 3600) -> ServerApp:
+    """A ``ServerApp`` whose main function runs ``strategy`` for ``num_rounds`` rounds."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy.start(grid, num_rounds=num_rounds, timeout=timeout)
+
+    return app
+
+
+def run_local(server_app: ServerApp, client_app: ClientApp, num_clients: int) -> LocalGrid:
+    """Run ``server_app`` against ``num_clients`` in-process clients (:class:`LocalGrid`)."""
+    grid = LocalGrid(client_app, num_clients)
+    server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                             run_config={}))
+    return grid
+
+
+def simulate(server_app: ServerApp, client_app: ClientApp, num_clients: int, cpus_per_client: int = 1,
+             num_cpus: Optional[int] = None) -> None:
+    """Flower's simulation (``flwr.simulation.run_simulation``, Ray backend), offline.
+
+    Telemetry, update checks and run-time dependency installation are off
+    (:data:`neurofuse.federated.FLOWER_ENV`); each client gets ``cpus_per_client`` CPUs of
+    ``num_cpus`` (default: all); Ray is shut down afterwards and the environment restored, so
+    nothing is left running.
+    """
+    from flwr.simulation import run_simulation
+
+    saved = os.environ.get("PYTHONPATH")  # Flower's Ray backend rewrites it for its workers
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": int(num_cpus or os.cpu_count() or 1), "include_dashboard": False,
+                             "log_to_driver": False}}
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                       backend_config=backend)  # type: ignore[arg-type]
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    """One federated run.
+
+    Attributes
+    ----------
+    clients : ClientSetup
+        Data, partition and local training of the clients.
+    method : str
+        The aggregation (a neurofuse method; ``"vanilla"`` is FedAvg).
+    importance : str
+        Importance score of the method.
+    options : mapping
+        The method's options.
+    rounds : int
+        Federated rounds (1: one-shot).
+    no_server_data : bool
+        Fuse from the clients' statistics (level by level), no server data.
+    server_samples : int
+        Size of the server's class-balanced fusion set (drawn from the training set).
+    server_labels : bool
+        Whether the server's fusion set has labels.
+    class_weights : None or "class-shares"
+        Class-share weights from the clients' label counts.
+    compare : sequence of str
+        Aggregations of the same replies scored for reference every round (``"vanilla"``,
+        ``"ensemble"``, ``"feddf"``, ``"kf-linear@clients"``...).
+    fedavg_run : bool
+        With ``rounds > 1`` and a method other than FedAvg, also run FedAvg for as many rounds
+        (its own trajectory) for the comparison.
+    backend : str
+        ``"local"`` or ``"simulation"`` (Ray).
+    seed : int
+        Seed of the server's choices (initial model, fusion set, fusion).
+    """
+
+    clients: ClientSetup = ClientSetup()
+    method: str = "kf-linear"
+    importance: str = "uniform"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rounds: int = 1
+    no_server_data: bool = False
+    server_samples: int = 400
+    server_labels: bool = True
+    class_weights: Optional[str] = None
+    compare: Sequence[str] = ("vanilla", "ensemble")
+    fedavg_run: bool = True
+    backend: str = "local"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+
+
+def _strategy(cfg: FederatedConfig, method: str, compare: Sequence[str]) -> FusionStrategy:
+    s = cfg.clients
+    ds = _dataset(s.dataset, s.data_dir)
+    server_data = None
+    if not cfg.no_server_data and cfg.server_samples > 0:
+        idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), cfg.server_samples,
+                              seed=cfg.seed + 12345)
+        server_data = (ds.x_train[idx], ds.y_train[idx]) if cfg.server_labels else ds.x_train[idx]
+    torch.manual_seed(cfg.seed)
+    initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    return FusionStrategy(
+        method, options=dict(cfg.options) if method == cfg.method else {}, importance=cfg.importance
+        if method == cfg.method else "uniform", server_data=server_data,
+        eval_data=(ds.x_test, ds.y_test), class_weights=cfg.class_weights,
+        no_server_data=cfg.no_server_data and method == cfg.method, compare=compare,
+        initial_model=initial, seed=cfg.seed, min_train_nodes=s.num_clients,
+        min_available_nodes=s.num_clients)
+
+
+def _run_one(cfg: FederatedConfig, strategy: FusionStrategy) -> List[Dict[str, Any]]:
+    client_app = make_client_app(cfg.clients)
+    server_app = make_server_app(strategy, cfg.rounds)
+    if cfg.backend == "local":
+        run_local(server_app, client_app, cfg.clients.num_clients)
+    else:
+        simulate(server_app, client_app, cfg.clients.num_clients)
+    if len(strategy.history) != cfg.rounds:
+        raise NeurofuseError(f"the run ended after {len(strategy.history)} of {cfg.rounds} rounds; "
+                             "see the log above for the client or server error")
+    return strategy.history
+
+
+def gap_closed(acc: float, fedavg: float, ensemble: float) -> Optional[float]:
+    """Share of the FedAvg-to-ensemble accuracy gap that ``acc`` closes (None if the ensemble
+    is not better than FedAvg: then there is no gap to close)."""
+    gap = ensemble - fedavg
+    return None if gap < 1e-12 else (acc - fedavg) / gap
+
+
+def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
+    """Run ``cfg`` and return its results (what ``results.json`` holds).
+
+    Returns
+    -------
+    dict
+        ``config``, ``runs`` (each strategy's per-round metrics: ``server-accuracy``,
+        ``accuracy-<compare>``, ``fusion-seconds``, ``bytes-received``, ``bytes-sent``...),
+        ``rounds`` (per round: the method's, FedAvg's and the ensemble's accuracy and the share of
+        the FedAvg-to-ensemble gap closed) and ``seconds``.
+    """
+    start = time.perf_counter()
+    key = cfg.method + ("@clients" if cfg.no_server_data else "")
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    compare = [c for c in cfg.compare if c != cfg.method]
+    runs[key] = _run_one(cfg, _strategy(cfg, cfg.method, compare))
+    if cfg.rounds > 1 and cfg.fedavg_run and cfg.method != "vanilla":
+        runs["fedavg"] = _run_one(cfg, _strategy(cfg, "vanilla", ()))
+    rows = []
+    for r, h in enumerate(runs[key], start=1):
+        row: Dict[str, Any] = {"round": r, key: h.get("server-accuracy")}
+        for c in compare:
+            row[c] = h.get(f"accuracy-{c}")
+        fedavg = runs["fedavg"][r - 1]["server-accuracy"] if "fedavg" in runs else h.get(
+            "server-accuracy" if cfg.method == "vanilla" else "accuracy-vanilla")
+        row["fedavg"] = fedavg
+        ens = h.get("accuracy-ensemble")
+        if fedavg is not None and ens is not None:
+            row["gap_closed"] = {k: gap_closed(v, fedavg, ens) for k, v in row.items()
+                                 if k not in ("round", "fedavg") and isinstance(v, float)}
+        rows.append(row)
+    return {"config": _config_dict(cfg), "runs": runs, "rounds": rows,
+            "seconds": time.perf_counter() - start}
+
+
+def _config_dict(cfg: FederatedConfig) -> Dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["options"] = dict(cfg.options)
+    d["compare"] = list(cfg.compare)
+    return d
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """One line per aggregation, one column per round: test accuracy (%) and, in brackets, the
+    share of the FedAvg-to-ensemble gap it closes."""
+    rows = results["rounds"]
+    names = [k for k in rows[0] if k not in ("round", "gap_closed")]
+    width = max(len(n) for n in names) + 2
+    head = f"{'aggregation':<{width}}" + "".join(f"{'round ' + str(r['round']):>16}" for r in rows)
+    lines = [head, "-" * len(head)]
+    for name in names:
+        cells = []
+        for row in rows:
+            v = row.get(name)
+            g = (row.get("gap_closed") or {}).get(name)
+            txt = "-" if v is None else f"{100 * v:.2f}" + ("" if g is None or name in ("ensemble", "fedavg")
+                                                            else f" ({100 * g:.0f}%)")
+            cells.append(f"{txt:>16}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    lines.append("test accuracy (%); in brackets: share of the FedAvg-to-ensemble gap closed")
+    return "\n".join(lines)
+
+
+def plot_rounds(results: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """Accuracy per round of every aggregation, FedAvg and the ensemble."""
+    from ..plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    rows = results["rounds"]
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for k in [k for k in rows[0] if k not in ("round", "gap_closed")]:
+        ys = [100 * r[k] if r.get(k) is not None else np.nan for r in rows]
+        style = {"ensemble": dict(color="#ff7f0e", ls="--"), "fedavg": dict(color="#7f7f7f", ls=":"),
+                 "vanilla": dict(color="#2ca02c", ls="-.")}.get(k, {})
+        label = {"vanilla": "FedAvg of this run's client models", "fedavg": "FedAvg (its own run)",
+                 "ensemble": "ensemble of this run's client models"}.get(k, k)
+        ax.plot(rounds, ys, marker="o", label=label, **style)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
