@@ -266,7 +266,8 @@ class FusionMethod(ABC):
             raise IncompatibleModelsError(f"output levels have different class counts {widths}")
         scores = None
         if getattr(self.options, "output_weights", "mean") == "importance" and self.importance != "uniform":
-            if data is None:
+            cached = self.__dict__.get("_importance_cache", {})
+            if data is None and not all(id(m) in cached for m in models):
                 raise ConfigError("output_weights='importance' needs the fusion data for the scores; "
                                   "pass data or use output_weights='mean'")
             scores = torch.stack([self.importance_scores(m, data)[-1] for m in models]).numpy()
