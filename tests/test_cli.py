@@ -71,7 +71,7 @@ def test_fuse_refuses_existing_output_and_never_overwrites_an_input(trained, tmp
     ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
     before = Path(ckpts[0]).read_bytes()
     code, _, err = _run(capsys, "fuse", *ckpts, "--out", ckpts[0], "--force", "--no-progress")
-    _assert_one_line_error(code, err, "is one of the input checkpoints")
+    _assert_one_line_error(code, err, "is one of the inputs")
     assert Path(ckpts[0]).read_bytes() == before
     existing = tmp_path / "x.safetensors"
     existing.write_bytes(b"old")
@@ -130,7 +130,7 @@ def test_fuse_with_repair_and_finetune_then_finetune_command(trained, tmp_path, 
                         "--epochs", "1", "--no-progress")
     assert code == 0 and "->" in out
     code, _, err = _run(capsys, "finetune", str(fused), "--out", str(fused), "--epochs", "1")
-    _assert_one_line_error(code, err, "is one of the input checkpoints")
+    _assert_one_line_error(code, err, "is one of the inputs")
 
 
 def test_fuse_with_distill_toward_the_class_share_ensemble(trained, tmp_path, capsys):

@@ -19,7 +19,9 @@ usual umask-derived mode) and refuses to overwrite an existing file unless ``for
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -34,6 +36,12 @@ from .levels import LeveledNet
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "DIGEST_KEY",
+    "MAX_CONFIG_BYTES",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MODULES",
+    "MAX_PARAMETERS",
     "METADATA_KEY",
     "WEIGHTS_FORMAT",
     "load_model",
@@ -46,6 +54,8 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+log = logging.getLogger("neurofuse")
+
 #: value of the ``"format"`` field of the metadata document
 CHECKPOINT_FORMAT = "neurofuse-checkpoint"
 #: newest metadata version this code writes and reads
@@ -54,6 +64,17 @@ CHECKPOINT_VERSION = 1
 METADATA_KEY = "neurofuse"
 #: value of the ``"format"`` field of a weights-only file (:func:`save_weights`)
 WEIGHTS_FORMAT = "neurofuse-weights"
+
+#: safetensors metadata key that holds the sha256 of the document and the tensor data
+DIGEST_KEY = "neurofuse.sha256"
+
+#: limits on what a checkpoint may ask for, checked before anything is built or read: a small
+#: file must not make the process allocate gigabytes or recurse without bound
+MAX_DOCUMENT_BYTES = 16 << 20
+MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
+MAX_PARAMETERS = 1 << 31
+MAX_MODULES = 100_000
 
 _SAFETENSORS_SUFFIX = ".safetensors"
 _TORCH_SUFFIXES = (".pt", ".pth")
@@ -204,8 +225,21 @@ def save_model(model: LeveledNet, path: PathLike, *, force: bool = False,
     }
     out = _prepare_output(out, force)
 
-    write_safetensors(out, tensors, metadata={METADATA_KEY: header})
+    meta = {METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)}
+    write_safetensors(out, tensors, metadata=meta)
     return out
+
+
+def _digest(header: str, tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of the metadata document and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(header.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{str(t.dtype)}\0{list(t.shape)}\0".encode("utf-8"))
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,13 +280,48 @@ def _unwrap_config(config: Any, source: str) -> Dict[str, Any]:
 
 def _read_json_config(path: Path) -> Dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _loads_bounded(path.read_text(encoding="utf-8"), f"architecture config {path}",
+                              MAX_CONFIG_BYTES)
+    except NeurofuseError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"architecture config {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"architecture config {path} is not valid JSON ({_reason(exc)}); "
                               "fix or re-create it") from None
     return _unwrap_config(data, f"architecture config {path}")
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, (dict, list)):
+            depth = max(depth, d)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, d + 1) for v in items if isinstance(v, (dict, list)))
+    return depth
+
+
+def _loads_bounded(text: str, what: str, limit: int) -> Any:
+    """``json.loads(text)`` with caps on the text's size and the value's nesting depth."""
+    if len(text) > limit:
+        raise CheckpointError(f"{what} is {len(text)} bytes, more than the {limit} bytes a "
+                              "checkpoint may hold there; re-save the checkpoint")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = _json_depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; it is "
+                              "corrupt or hostile: re-save the checkpoint")
+    return value
 
 
 def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, Any]:
@@ -264,8 +333,10 @@ def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, 
             "load_model(path, config=...)"
         )
     try:
-        document = json.loads(meta[METADATA_KEY])
+        document = _loads_bounded(meta[METADATA_KEY], f"the metadata of {path}", MAX_DOCUMENT_BYTES)
     except ValueError as exc:
+        if isinstance(exc, NeurofuseError):
+            raise
         raise _corrupt(path, exc) from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -273,7 +344,7 @@ def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, 
             f"{CHECKPOINT_FORMAT!r}); re-save it with neurofuse.checkpoint.save_model"
         )
     version = document.get("version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path} has an invalid checkpoint version {version!r}; re-save it")
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(
@@ -281,7 +352,8 @@ def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, 
             f"{CHECKPOINT_VERSION}; upgrade neurofuse"
         )
     document["config"] = _unwrap_config(document.get("config"), f"the config stored in {path}")
-    document.setdefault("metadata", {})
+    if not isinstance(document.setdefault("metadata", {}), dict):
+        raise CheckpointError(f"{path}: the checkpoint's 'metadata' is not a JSON object; re-save it")
     return document
 
 
@@ -320,16 +392,57 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     return _parse_document(p, meta)
 
 
-def _read_safetensors(path: Path) -> tuple[Dict[str, Tensor], Optional[Mapping[str, str]]]:
-    from safetensors import safe_open
+def _kind_of_safetensors_dtype(name: str) -> str:
+    """``"float"``, ``"int"`` or ``"bool"`` for a safetensors dtype name (``F32``, ``I64``...)."""
+    if name == "BOOL":
+        return "bool"
+    return "float" if name.startswith(("F", "BF")) else "int"
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            meta = fh.metadata()
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    except Exception as exc:  # safetensors raises several types for bad files
-        raise _corrupt(path, exc) from None
-    return tensors, meta
+
+def _kind(dtype: torch.dtype) -> str:
+    """``"float"``, ``"int"`` or ``"bool"`` for a torch dtype."""
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point or dtype.is_complex else "int"
+
+
+class _Header:
+    """What a safetensors file declares, read without reading the tensor data."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                self.meta: Optional[Mapping[str, str]] = fh.metadata()
+                self.tensors: Dict[str, tuple[list[int], str]] = {}
+                for name in fh.keys():
+                    sl = fh.get_slice(name)
+                    self.tensors[name] = ([int(d) for d in sl.get_shape()], str(sl.get_dtype()))
+        except Exception as exc:  # safetensors raises several types for bad files
+            raise _corrupt(path, exc) from None
+
+    def read(self) -> Dict[str, Tensor]:
+        """The tensors, checked against the stored sha256 (when the file has one)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as fh:
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as exc:  # safetensors raises several types for bad files
+            raise _corrupt(self.path, exc) from None
+        meta = self.meta or {}
+        stored = meta.get(DIGEST_KEY)
+        if stored is None:
+            log.debug("%s has no sha256 in its metadata (saved by an older neurofuse); its data "
+                      "is not verified", self.path)
+        elif _digest(meta.get(METADATA_KEY, ""), tensors) != stored:
+            raise CheckpointError(
+                f"{self.path}: checksum mismatch: its tensor data or metadata changed after it was "
+                "saved (bit rot, a partial copy or tampering); re-save or re-download it"
+            )
+        return tensors
 
 
 def _read_torch(path: Path) -> Dict[str, Tensor]:
@@ -368,47 +481,103 @@ def _sidecar_config(path: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _build(config: Mapping[str, Any], path: Path) -> LeveledNet:
+class _TooLarge(Exception):
+    """Raised inside a registration hook when a config asks for too big a model."""
+
+
+def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> LeveledNet:
+    """Build the model of ``config``; with ``meta=True`` on the meta device (no memory), with
+    caps on its parameter and module counts, so that a config can be checked before it costs."""
     from .models import build_model
 
     try:
+        text = json.dumps(dict(config), default=_json_default)
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError(f"the architecture config of {path} is not JSON data") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"the architecture config of {path} is {len(text)} bytes, more than "
+                              f"{MAX_CONFIG_BYTES}; it is corrupt or hostile")
+    counts = {"params": 0, "modules": 0}
+
+    def on_param(module: nn.Module, name: str, param: Any) -> None:
+        counts["params"] += int(param.numel()) if param is not None else 0
+        if counts["params"] > MAX_PARAMETERS:
+            raise _TooLarge(f"more than {MAX_PARAMETERS} parameters")
+
+    def on_module(module: nn.Module, name: str, sub: Any) -> None:
+        counts["modules"] += 1
+        if counts["modules"] > MAX_MODULES:
+            raise _TooLarge(f"more than {MAX_MODULES} modules")
+
+    from torch.nn.modules import module as _module
+
+    hooks = []
+    try:
+        if meta:
+            hooks = [_module.register_module_parameter_registration_hook(on_param),
+                     _module.register_module_buffer_registration_hook(on_param),
+                     _module.register_module_module_registration_hook(on_module)]
+            with torch.device("meta"):
+                return build_model(config)
         return build_model(config)
+    except _TooLarge as exc:
+        raise CheckpointError(f"the architecture config of {path} asks for a model with {exc}; "
+                              "it is corrupt or hostile") from None
     except NeurofuseError as exc:
         raise CheckpointError(f"cannot rebuild the architecture of {path}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError,
+            RuntimeError, RecursionError) as exc:
+        shown = text if len(text) <= 200 else text[:197] + "..."
         raise CheckpointError(
-            f"cannot rebuild the architecture of {path} from config {dict(config)!r}: "
+            f"cannot rebuild the architecture of {path} from config {shown}: "
             f"{_reason(exc)}"
         ) from None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _shape(t: Tensor) -> list[int]:
     return [int(s) for s in t.shape]
 
 
-def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> None:
-    """Load ``state`` into ``model`` after checking names and shapes, naming the first mismatch."""
-    expected = model.state_dict()
-    arch = getattr(model, "arch", type(model).__name__)
-    for name, ref in expected.items():
-        if name not in state:
-            _names_differ_only(model, state, path)
+def _check_layout(expected: Mapping[str, tuple[list[int], str]],
+                  found: Mapping[str, tuple[list[int], str]], path: Path, arch: str) -> None:
+    """Names, shapes and dtype kinds of ``found`` (the file) against ``expected`` (the model)."""
+    for name, (shape, kind) in expected.items():
+        if name not in found:
             raise CheckpointError(
                 f"{path} lacks tensor {name!r} that architecture {arch!r} needs; the checkpoint "
                 "was saved from another architecture: check the architecture config"
             )
-        if _shape(state[name]) != _shape(ref):
+        if found[name][0] != shape:
             raise CheckpointError(
-                f"tensor {name!r} in {path} has shape {_shape(state[name])} but architecture "
-                f"{arch!r} expects {_shape(ref)}; the architecture config does not match the "
+                f"tensor {name!r} in {path} has shape {found[name][0]} but architecture "
+                f"{arch!r} expects {shape}; the architecture config does not match the "
                 "checkpoint"
             )
-    for name in state:
+        if found[name][1] != kind:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} holds {found[name][1]} values but architecture "
+                f"{arch!r} expects {kind} values; refusing to cast them: re-save the checkpoint"
+            )
+    for name in found:
         if name not in expected:
             raise CheckpointError(
                 f"{path} has tensor {name!r} that architecture {arch!r} does not have; the "
                 "architecture config does not match the checkpoint"
             )
+
+
+def _layout_of_model(model: nn.Module) -> Dict[str, tuple[list[int], str]]:
+    return {name: (_shape(t), _kind(t.dtype)) for name, t in model.state_dict().items()}
+
+
+def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> None:
+    """Load ``state`` into ``model`` after checking names, shapes and dtypes."""
+    arch = getattr(model, "arch", type(model).__name__)
+    _check_layout(_layout_of_model(model),
+                  {k: (_shape(t), _kind(t.dtype)) for k, t in state.items()}, path, arch)
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
@@ -501,11 +670,26 @@ def load_model(path: PathLike, *,
         if arch_config is None:
             raise _no_architecture(p)
         state = _read_torch(p)
+        found = {k: (_shape(t), _kind(t.dtype)) for k, t in state.items()}
     else:
-        state, meta = _read_safetensors(p)
+        header = _Header(p)
         if arch_config is None:
-            arch_config = _parse_document(p, meta)["config"]
-
+            arch_config = _parse_document(p, header.meta)["config"]
+        found = {k: (shape, _kind_of_safetensors_dtype(dt)) for k, (shape, dt) in header.tensors.items()}
+    # the config is checked against what the file holds before anything of its size is built
+    skeleton = _build(arch_config, p, meta=True)
+    if key_map is None:
+        try:
+            _check_layout(_layout_of_model(skeleton), found, p,
+                          getattr(skeleton, "arch", type(skeleton).__name__))
+        except CheckpointError:
+            if set(skeleton.state_dict()) - set(found):   # other names: maybe only renamed
+                _names_differ_only(skeleton, header.read() if p.suffix.lower() not in _TORCH_SUFFIXES
+                                   else state, p)
+            raise
+    del skeleton
+    if p.suffix.lower() not in _TORCH_SUFFIXES:
+        state = header.read()
     model = _build(arch_config, p)
     if key_map is not None:
         from .interop import match_state_dict
@@ -578,7 +762,7 @@ def save_weights(model: nn.Module, path: PathLike, *, force: bool = False,
         name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
     }
     out = _prepare_output(out, force)
-    write_safetensors(out, tensors, metadata={METADATA_KEY: header})
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)})
     return out
 
 
@@ -607,7 +791,8 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     """
     p = Path(path)
     _check_exists(p)
-    state, meta = _read_safetensors(p)
+    header = _Header(p)
+    state, meta = header.read(), header.meta
     try:
         document = json.loads((meta or {}).get(METADATA_KEY, "{}"))
     except ValueError as exc:

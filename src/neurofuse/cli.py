@@ -63,15 +63,182 @@ def _split_config(a: argparse.Namespace):
                        ratio=a.ratio, seed=a.seed, epochs=a.epochs, lr=a.lr)
 
 
-def _check_output(path: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file: equal after resolving symlinks, or one inode."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop
+        pass
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
     from .errors import OutputExistsError
 
-    resolved = path.resolve()
-    for i in inputs:
-        if i.resolve() == resolved:
-            raise OutputExistsError(f"output {path} is one of the input checkpoints; choose another --out")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        if anc.is_symlink():  # a dangling symlink as a parent
+            raise OutputExistsError(f"cannot create {path}: {anc} is a broken symlink")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputExistsError(f"cannot create {path}: {anc} is a file, not a directory; "
+                                "choose another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write {path}: directory {anc} is not writable; choose "
+                                "another path or fix its permissions")
+
+
+def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = (),
+                   data_dir: Any = None, check_data: bool = True) -> None:
+    """Check every output of a command before any work, the same way for every command.
+
+    Parameters
+    ----------
+    outputs : sequence of (path, kind)
+        ``kind`` is the required suffix of an output file (``".safetensors"``, ``".json"``,
+        ``".png"``) or ``"dir"`` for an output directory.
+    force : bool
+        Whether existing outputs may be replaced (``--force``).
+    inputs : sequence of path
+        Every file the command reads: no output may be one of them, ``--force`` or not
+        (compared after resolving symlinks, and by inode for hard links).
+    data_dir : str, optional
+        The ``--data-dir``; existing files in the data directory are inputs too.
+    check_data : bool
+        Whether the command reads a dataset (then ``data_dir`` is protected).
+
+    Raises
+    ------
+    OutputExistsError, ConfigError
+        Naming the output and what to do.
+    """
+    from .errors import ConfigError, OutputExistsError
+
+    ins = [Path(i) for i in inputs]
+    data_root: Optional[Path] = None
+    if check_data:
+        from .data import resolve_data_dir
+
+        try:
+            data_root = resolve_data_dir(data_dir).resolve()
+        except (OSError, RuntimeError):
+            data_root = None
+    seen: List[Path] = []
+    for raw, kind in outputs:
+        out = Path(raw)
+        if str(raw) == "" or out.name in ("", ".", ".."):
+            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
+        for i in ins:
+            if _same_file(out, i):
+                raise OutputExistsError(f"output {out} is one of the inputs ({i}); inputs are never "
+                                        "overwritten: choose another output path")
+        for other in seen:
+            if _same_file(out, other):
+                raise ConfigError(f"two outputs are the same file {out}; give each its own path")
+        seen.append(out)
+        if kind == "dir":
+            if out.exists() and not out.is_dir():
+                raise OutputExistsError(f"output directory {out} is a file; choose a directory")
+            if not out.exists():
+                _writable_parent(out / "x")
+            elif not os.access(out, os.W_OK | os.X_OK):
+                raise OutputExistsError(f"cannot write into {out}: the directory is not writable")
+            continue
+        if out.is_dir():
+            raise OutputExistsError(f"output {out} is a directory; give a file path instead")
+        if out.suffix != kind:
+            raise ConfigError(f"output {out} must end in {kind}; rename it")
+        if out.exists() or out.is_symlink():
+            if data_root is not None and _inside(out, data_root):
+                raise OutputExistsError(f"output {out} is a file of the data directory "
+                                        f"{data_root}; choose another path")
+            if not force:
+                raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+        _writable_parent(out)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
+    """The checkpoint files and the architecture sidecars that loading them reads."""
+    out: List[Path] = []
+    for p in map(Path, paths):
+        out.append(p)
+        if p.suffix.lower() in (".pt", ".pth"):
+            out += [p.with_name(p.name + ".json"), p.with_suffix(".json")]
+    return out
+
+
+def _check_device(text: str) -> None:
+    """``--device``: a torch device that exists on this machine."""
+    import torch
+
+    from .errors import ConfigError
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown --device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if dev.type == "meta" or not callable(available):
+        raise ConfigError(f"--device {text!r} cannot run neurofuse; use cpu, cuda or cuda:N")
+    if not available():
+        raise ConfigError(f"--device {text!r}: {dev.type} is not available on this machine "
+                          f"(torch {torch.__version__}); use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ConfigError(f"--device {text!r}: this machine has {count()} {dev.type} device(s); "
+                          f"use an index below {count()}")
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    """Checks that need no work, run on every command before it starts."""
+    from .methods._base import MAX_SEED
+
+    from .errors import ConfigError
+
+    seed = getattr(a, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    device = getattr(a, "device", None)
+    if isinstance(device, str):
+        _check_device(device)
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an exception that is not a NeurofuseError but has a clear user cause."""
+    if isinstance(exc, OSError):
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        what = exc.strerror or str(exc) or type(exc).__name__
+        return (f"{where}: {what}" if where else what) + "; check the path, its permissions and free space"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to read (deeply nested JSON or config); it is corrupt or hostile"
+    if isinstance(exc, OverflowError):
+        return f"a number is too large ({exc}); use a smaller value"
+    return ("out of memory (" + (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            + "); use fewer --fusion-samples, a smaller model or another --device")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "defaultcpuallocator" in text
+                                              or "can't allocate memory" in text)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -121,6 +288,8 @@ def _show_method(name: str) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_table, run_demo
 
+    _check_outputs([(a.out, "dir"), (Path(a.out) / "results.json", ".json"),
+                    (Path(a.out) / "accuracy.png", ".png")], a.force, data_dir=a.data_dir)
     cfg = DemoConfig(out=a.out, dataset=a.dataset, data_dir=a.data_dir, split=_split_config(a),
                      fusion_samples=a.fusion_samples, force=a.force, progress=not a.no_progress,
                      methods=a.methods.split(",") if a.methods else None, device=a.device,
@@ -142,8 +311,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
-    for p in paths:
-        _check_output(p, a.force)
+    _check_outputs([(out, "dir")] + [(p, p.suffix) for p in paths], a.force, data_dir=a.data_dir)
     ds = load_dataset(a.dataset, a.data_dir)
     cfg = _split_config(a)
     base = train_base_models(ds, cfg, progress=not a.no_progress, device=a.device)
@@ -190,7 +358,13 @@ def cmd_fuse(a: argparse.Namespace) -> int:
 
         return fuse_hf(a)
     out = Path(a.out)
-    _check_output(out, a.force, [Path(p) for p in a.checkpoints])
+    inputs = _checkpoint_inputs(a.checkpoints)
+    if a.head_weights:
+        inputs.append(Path(a.checkpoints[0]).parent / "split.json")
+    if a.model_factory:
+        inputs.append(Path(a.model_factory.rsplit(":", 1)[0]))
+    _check_outputs([(out, ".safetensors")], a.force, inputs, data_dir=a.data_dir)
+    _parse_options(a.option)  # bad or clashing options fail before any work
     if a.model_factory or a.auto_levels:
         return _fuse_factory(a, out)
     if a.distributed:
@@ -404,7 +578,20 @@ def _parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
             options[k.strip().replace("-", "_")] = json.loads(v) if v else True
         except json.JSONDecodeError:
             options[k.strip().replace("-", "_")] = v  # a bare word, e.g. solver=sinkhorn
+    for key, flag in _OWN_FLAGS.items():
+        if key in options:
+            raise ConfigError(f"--option {key}=... clashes with the command's own setting; use "
+                              f"{flag} instead")
     return options
+
+
+#: ``fuse`` settings that have their own flag and must not come in through ``--option``
+_OWN_FLAGS = {"device": "--device", "seed": "--seed", "method": "--method",
+              "importance": "--importance", "width": "--width", "progress": "--no-progress",
+              "repair": "--repair", "finetune": "--finetune", "finetune_data": "--finetune-data",
+              "depth": "--depth", "reference": "--reference", "distributed": "--distributed",
+              "depth_metric": "--depth-metric", "balance": "--balance", "data": "--dataset",
+              "models": "the checkpoint arguments"}
 
 
 def _class_shares_for(checkpoints: Sequence[str]) -> Any:
@@ -416,13 +603,26 @@ def _class_shares_for(checkpoints: Sequence[str]) -> Any:
     if not split.exists():
         raise ConfigError(f"--head-weights needs the class shares in {split} (written by "
                           "`neurofuse train`); it is missing")
-    shares = json.loads(split.read_text())["class_shares"]
+    bad = ConfigError(f"{split} is not a split file written by `neurofuse train` (it needs "
+                      "'class_shares': one list of class shares per model); re-create it")
+    try:
+        text = split.read_text(encoding="utf-8")
+        if len(text) > 64 << 20:
+            raise bad
+        shares = json.loads(text)["class_shares"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        raise bad from None
+    if not (isinstance(shares, list) and shares and all(
+            isinstance(r, list) and r and len(r) == len(shares[0]) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+                for v in r) for r in shares)):
+        raise bad
     rows = []
     for p in checkpoints:
         idx = read_config(p).get("metadata", {}).get("model_index")
-        if idx is None or not 0 <= int(idx) < len(shares):
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(shares):
             raise ConfigError(f"{p} does not say which part of {split} it was trained on")
-        rows.append(shares[int(idx)])
+        rows.append(shares[idx])
     return rows
 
 
@@ -491,7 +691,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from .training import evaluate
 
     out = Path(a.out)
-    _check_output(out, a.force, [Path(a.checkpoint)])
+    _check_outputs([(out, ".safetensors")], a.force, _checkpoint_inputs([a.checkpoint]),
+                   data_dir=a.data_dir)
     model = load_model(a.checkpoint)
     ds = load_dataset(_dataset_of([a.checkpoint], a.dataset), a.data_dir)
     cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device)
@@ -512,9 +713,13 @@ def cmd_align(a: argparse.Namespace) -> int:
     from .experiment import fusion_set
     from .training import _resolve_device
 
-    for p in (a.plot, a.json):
-        if p:
-            _check_output(Path(p), a.force)
+    from .errors import ConfigError
+
+    if len(a.checkpoints) < 2:
+        raise ConfigError(f"align compares the levels of two or more models; got "
+                          f"{len(a.checkpoints)} checkpoint: pass the models to align")
+    _check_outputs([(p, kind) for p, kind in ((a.plot, ".png"), (a.json, ".json")) if p], a.force,
+                   _checkpoint_inputs(a.checkpoints), data_dir=a.data_dir)
     models = _load_all(a.checkpoints)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
@@ -539,6 +744,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .training import evaluate
 
+    if a.json:
+        _check_outputs([(a.json, ".json")], a.force, _checkpoint_inputs(a.checkpoints),
+                       data_dir=a.data_dir)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     rows = {}
     for p, m in zip(a.checkpoints, _load_all(a.checkpoints)):
@@ -651,7 +859,7 @@ def cmd_federate(a: argparse.Namespace) -> int:
         run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir)
         return 0
     out = Path(a.out)
-    _check_output(out / "results.json", a.force)
+    _check_outputs([(out / "results.json", ".json")], a.force, data_dir=a.data_dir)
     compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
     if a.clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {a.clients}")
@@ -915,6 +1123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import NeurofuseError
 
     try:
+        _check_args(args)
         return int(args.func(args) or 0)
     except NeurofuseError as exc:
         msg = " ".join(str(exc).split())
@@ -923,6 +1132,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("neurofuse: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RecursionError, OverflowError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, RecursionError) \
+                and not _is_out_of_memory(exc):
+            raise
+        log.debug("error", exc_info=True)
+        msg = " ".join(_error_line(exc).split())
+        print(f"neurofuse: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -201,12 +201,12 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
         If the file is missing or corrupt, or holds pickled objects other than tensors (a whole
         pickled module: use :func:`load_pickled_module`).
     """
-    from .checkpoint import _check_exists, _read_safetensors, _read_torch
+    from .checkpoint import _Header, _check_exists, _read_torch
 
     p = Path(path)
     _check_exists(p)
     if p.suffix.lower() == ".safetensors":
-        return _read_safetensors(p)[0]
+        return _Header(p).read()
     try:
         return _read_torch(p)
     except CheckpointError as exc:

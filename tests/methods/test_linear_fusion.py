@@ -139,7 +139,7 @@ def test_models_whose_spatial_sizes_differ_are_refused():
     a = VGG((1, 8, 8), 10, layout=[4, "M", 4])
     b = VGG((1, 8, 8), 10, layout=[4, 4, "M"])
     with pytest.raises(IncompatibleModelsError, match="spatial sizes differ") as e:
-        neurofuse.fuse([a, b], (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
+        neurofuse.fuse([a, b], (torch.zeros(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)),
                        progress=False)
     _one_line(e)
 

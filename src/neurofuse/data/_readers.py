@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 import struct
 import zlib
 from pathlib import Path
@@ -145,28 +146,6 @@ def find_files(
 # --------------------------------------------------------------------------------------------
 # Raw bytes
 # --------------------------------------------------------------------------------------------
-def _read_content(path: Path) -> bytes:
-    """Return the file's content, decompressed when it is gzip (detected by its magic bytes)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}; {_HINT}") from None
-    except OSError as exc:
-        raise DataError(
-            f"cannot read {path}: {exc.strerror or exc}; check its permissions"
-        ) from None
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path} is a corrupt or truncated gzip file ({exc}); download it again"
-            ) from None
-    if path.suffix == ".gz":
-        raise DataError(f"{path} ends in .gz but is not gzip-compressed; download it again")
-    return raw
-
-
 def md5_of_content(path: str | os.PathLike[str]) -> str:
     """md5 hex digest of a file's content, decompressed first when the file is gzip.
 
@@ -215,8 +194,31 @@ def md5_of_content(path: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # idx
 # --------------------------------------------------------------------------------------------
+#: most data bytes an idx file may declare (EMNIST, the largest idx data set, is about 0.6 GB)
+MAX_IDX_BYTES = 1 << 31
+#: largest CIFAR batch file read (the CIFAR-100 training file, the largest, is about 155 MB)
+MAX_CIFAR_BYTES = 1 << 30
+_CHUNK = 1 << 20
+
+
+def _read_upto(stream: Any, n: int) -> bytes:
+    """Read at most ``n`` bytes, in chunks: nothing is allocated beyond what the stream holds."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an idx file (the MNIST / Fashion-MNIST format), gzip-compressed or not.
+
+    The header is read first; then at most the number of data bytes it declares (plus one, to
+    detect extra data) is read or decompressed, so a small (gzip) file cannot make the reader
+    allocate more than its header states, and a header may state at most
+    :data:`MAX_IDX_BYTES`.
 
     Parameters
     ----------
@@ -233,16 +235,45 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     Raises
     ------
     DataError
-        If the file is missing, has a wrong magic number, or its payload is shorter or longer
-        than its header says (truncated or corrupt).
+        If the file is missing, has a wrong magic number, declares more than
+        :data:`MAX_IDX_BYTES`, or its payload is shorter or longer than its header says
+        (truncated or corrupt).
     """
     p = Path(path)
-    content = _read_content(p)
-    if len(content) < 4:
+    try:
+        with p.open("rb") as fh:
+            gz = fh.read(2) == _GZIP_MAGIC
+            fh.seek(0)
+            if not gz and p.suffix == ".gz":
+                raise DataError(f"{p} ends in .gz but is not gzip-compressed; download it again")
+            size = os.fstat(fh.fileno()).st_size
+            stream: Any = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
+            try:
+                return _parse_idx(p, stream, None if gz else size)
+            except (OSError, EOFError, zlib.error) as exc:
+                if not gz:
+                    raise
+                raise DataError(
+                    f"{p} is a corrupt or truncated gzip file ({exc}); download it again"
+                ) from None
+    except FileNotFoundError:
+        raise DataError(f"file not found: {p}; {_HINT}") from None
+    except IsADirectoryError:
+        raise DataError(f"{p} is a directory, not an idx file; {_HINT}") from None
+    except OSError as exc:
         raise DataError(
-            f"{p} is truncated ({len(content)} bytes, no idx header); download it again"
+            f"cannot read {p}: {exc.strerror or exc}; check its permissions"
+        ) from None
+
+
+def _parse_idx(p: Path, stream: Any, size: Any) -> np.ndarray:
+    """The idx array from ``stream``; ``size`` is the file's size when it is not compressed."""
+    head = _read_upto(stream, 4)
+    if len(head) < 4:
+        raise DataError(
+            f"{p} is truncated ({len(head)} bytes, no idx header); download it again"
         )
-    (magic,) = struct.unpack(">I", content[:4])
+    (magic,) = struct.unpack(">I", head)
     if magic not in _IDX_NDIM:
         raise DataError(
             f"{p} is not an idx image or label file (magic {magic}, expected "
@@ -251,18 +282,35 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         )
     ndim = _IDX_NDIM[magic]
     header = 4 + 4 * ndim
-    if len(content) < header:
+    rest = _read_upto(stream, 4 * ndim)
+    if len(rest) < 4 * ndim:
         raise DataError(f"{p} is truncated (header cut short); download it again")
-    dims = struct.unpack(f">{ndim}I", content[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
-    payload = len(content) - header
-    if payload != expected:
+    dims = struct.unpack(f">{ndim}I", rest)
+    expected = 1
+    for d in dims:
+        expected *= int(d)
+    if expected > MAX_IDX_BYTES:
+        raise DataError(
+            f"{p}: its header {tuple(dims)} declares {expected} data bytes, more than the "
+            f"{MAX_IDX_BYTES} an idx file may hold here; the file is corrupt, download it again"
+        )
+    if size is not None and size - header != expected:
+        payload = size - header
         kind = "truncated" if payload < expected else "corrupt"
         raise DataError(
             f"{p} is {kind}: its header {tuple(dims)} needs {expected} data bytes but it has "
             f"{payload}; download it again"
         )
-    arr = np.frombuffer(content, dtype=np.uint8, count=expected, offset=header)
+    content = _read_upto(stream, expected + 1)
+    payload = len(content)
+    if payload != expected:
+        kind = "truncated" if payload < expected else "corrupt"
+        shown = str(payload) if payload <= expected else "more"
+        raise DataError(
+            f"{p} is {kind}: its header {tuple(dims)} needs {expected} data bytes but it has "
+            f"{shown}; download it again"
+        )
+    arr = np.frombuffer(content, dtype=np.uint8, count=expected)
     return arr.reshape(dims).copy()
 
 
@@ -333,7 +381,16 @@ def read_cifar_batch(
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            batch = _CifarUnpickler(fh, p).load()  # type: ignore[arg-type]
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_CIFAR_BYTES:
+                raise DataError(f"{p} is {size} bytes, more than the {MAX_CIFAR_BYTES} of a CIFAR "
+                                "batch; not a CIFAR batch, check the file")
+            blob = fh.read()
+        # the unpickler allocates what a length field asks for before it reads: walk the opcodes
+        # first (nothing runs), so that a length beyond the end of the file is refused
+        for _ in pickletools.genops(io.BytesIO(blob)):
+            pass
+        batch = _CifarUnpickler(io.BytesIO(blob), p).load()  # type: ignore[arg-type]
     except DataError:
         raise
     except FileNotFoundError:

@@ -177,6 +177,37 @@ class LeveledNet(nn.Module):
         return copy.deepcopy(self)
 
 
+#: largest weight magnitude accepted for fusion: trained weights are many orders smaller, so a
+#: larger finite value is a flipped exponent bit or a broken training run, and is refused like NaN
+MAX_ABS_WEIGHT = 1e30
+
+
+def check_weights(model: nn.Module, index: int) -> None:
+    """Refuse NaN, infinite or absurdly large (``|w| > MAX_ABS_WEIGHT``) floating-point values in
+    the parameters and buffers of ``model`` (the ``index``-th model, for the message).
+
+    Raises
+    ------
+    IncompatibleModelsError
+        Naming the model, the tensor and the bad value.
+    """
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if not torch.isfinite(t).all():
+            raise IncompatibleModelsError(
+                f"model {index} has NaN or infinite values in {name!r}; retrain or repair that "
+                "checkpoint before fusing"
+            )
+        big = float(t.detach().abs().max())
+        if big > MAX_ABS_WEIGHT:
+            raise IncompatibleModelsError(
+                f"model {index} has a value of magnitude {big:.3g} in {name!r} (more than "
+                f"{MAX_ABS_WEIGHT:g}): the checkpoint is corrupt or the training diverged; retrain "
+                "or re-download it before fusing"
+            )
+
+
 def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
     """Check that ``models`` can be fused level by level and return them typed.
 
@@ -195,12 +226,7 @@ def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
                 f"model {i} is a {type(m).__name__}, not a neurofuse LeveledNet; build it from the "
                 "zoo (neurofuse.models) or declare its levels with neurofuse.levels_from"
             )
-        for name, p in m.named_parameters():
-            if not torch.isfinite(p).all():
-                raise IncompatibleModelsError(
-                    f"model {i} has NaN or infinite values in parameter {name!r}; retrain or "
-                    "repair that checkpoint before fusing"
-                )
+        check_weights(m, i)
         out.append(m)
     ref = out[0]
     for i, m in enumerate(out[1:], start=1):

@@ -21,18 +21,22 @@ from torch import Tensor, nn
 
 from .._fusion_set import FusionSet, as_fusion_set
 from .._registry import Registry
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import ConfigError, DataError, IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, output_weights
 from ..importance import importance_methods, importance_sums
 from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream
+from ..levels._core import check_weights
 from ..stats import AdditiveStats, ImportanceSums
 
-__all__ = ["FusionMethod", "NoOptions", "WidthSpec", "check_output_weights", "get_method", "list_methods",
+__all__ = ["MAX_SEED", "FusionMethod", "NoOptions", "WidthSpec", "check_output_weights", "get_method", "list_methods",
            "register_method"]
 
 log = logging.getLogger("neurofuse")
 
 WidthSpec = Union[None, int, float, Sequence[int]]
+
+#: largest seed accepted (NumPy's legacy seeding and many tools take 32-bit seeds)
+MAX_SEED = 2**32 - 1
 
 _METHODS: Registry[Type["FusionMethod"]] = Registry("fusion method")
 F = TypeVar("F", bound=Type["FusionMethod"])
@@ -88,6 +92,14 @@ def check_output_weights(value: Any) -> None:
     """Refuse an ``output_weights`` option that is not one of :data:`neurofuse.grouping.OUTPUT_WEIGHTS`."""
     if value not in OUTPUT_WEIGHTS:
         raise ConfigError(f"output_weights must be one of {list(OUTPUT_WEIGHTS)}, got {value!r}")
+
+
+def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the first floating-point parameter of ``model`` (None if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +185,8 @@ class FusionMethod(ABC):
             raise ConfigError(
                 f"unknown option(s) {sorted(unknown)} for method {self.name!r}; valid: {sorted(fields) or 'none'}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
         _check_option_types(self.Options, options, self.name)
         self.options = self.Options(**options)
         self.importance = importance
@@ -194,6 +206,12 @@ class FusionMethod(ABC):
                 f"models must be a list of models, got a {type(models).__name__}; pass [model_a, model_b, ...]"
             )
         models = list(models)
+        for i, m in enumerate(models):
+            if not isinstance(m, nn.Module):
+                raise IncompatibleModelsError(
+                    f"model {i} is a {type(m).__name__}, not a torch nn.Module; pass trained models "
+                    "(e.g. from neurofuse.models or neurofuse.checkpoint.load_model)"
+                )
         lo = max(1, self.min_models)
         if len(models) < lo:
             need = f"fuses exactly {lo}" if self.max_models == lo else f"needs at least {lo}"
@@ -203,6 +221,15 @@ class FusionMethod(ABC):
                 f"method {self.name!r} fuses at most {self.max_models} models, got {len(models)}; "
                 f"use {self.for_more_models} for N models"
             )
+        dtypes = [_float_dtype(m) for m in models]
+        for i, dt in enumerate(dtypes):
+            if dt != dtypes[0]:
+                raise IncompatibleModelsError(
+                    f"model {i} has {dt} weights but model 0 has {dtypes[0]}; convert them to one "
+                    "dtype (e.g. model.float()) before fusing"
+                )
+        for i, m in enumerate(models):
+            check_weights(m, i)
         for m in models:   # a model may refuse methods that do not apply to it (neurofuse.hf)
             check = getattr(m, "check_method", None)
             if callable(check):
@@ -213,7 +240,19 @@ class FusionMethod(ABC):
             shape = getattr(models[0], "input_shape", None)
             if shape is not None:
                 fset.check_input_shape(shape)
-            fset.check_labels(getattr(models[0], "num_classes", None))
+            num_classes = getattr(models[0], "num_classes", None)
+            fset.check_labels(num_classes)
+            if (self.needs_data and isinstance(num_classes, int) and len(fset) < num_classes):
+                raise DataError(
+                    f"the fusion set has {len(fset)} samples but the models have {num_classes} "
+                    f"classes; method {self.name!r} estimates its statistics from the fusion set "
+                    f"and needs at least one sample per class: pass at least {num_classes} "
+                    "samples (e.g. --fusion-samples 400)"
+                )
+            if dtypes[0] is not None and fset.x.dtype != dtypes[0]:
+                log.info("fusion inputs are %s, the models %s: converting the inputs",
+                         fset.x.dtype, dtypes[0])
+                fset = dataclasses.replace(fset, x=fset.x.to(dtypes[0]))
             if self.distributed:
                 from ..distributed import shard_fusion_set
 

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._registry import _MODELS
 
+#: most members an ensemble config may list (a small file must not build thousands of models)
+MAX_MEMBERS = 256
+
 
 class Ensemble(nn.Module):
     r"""Average of the members' class probabilities, returned as log-probabilities.
@@ -57,6 +60,11 @@ class Ensemble(nn.Module):
 def _build_ensemble(members: Sequence[Dict[str, Any]], class_weights: Optional[Any] = None) -> Ensemble:
     from ._registry import build_model
 
+    if not isinstance(members, (list, tuple)):
+        raise ConfigError(f"an ensemble config lists its members, got a {type(members).__name__}")
+    if len(members) > MAX_MEMBERS:
+        raise ConfigError(f"an ensemble config lists {len(members)} members, more than "
+                          f"{MAX_MEMBERS}; it is corrupt or hostile")
     return Ensemble([build_model(c) for c in members], class_weights)
 
 
