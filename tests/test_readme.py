@@ -28,8 +28,17 @@ def _blocks() -> list:
 
 
 def _shell_lines() -> list:
-    return [line.split("#", 1)[0].strip() for lang, b in _blocks() if lang != "python"
-            for line in b.splitlines() if line.strip().startswith("neurofuse ")]
+    """README shell commands, with ``\\``-continued lines joined and ``$ `` prompts dropped."""
+    out = []
+    for lang, b in _blocks():
+        if lang == "python":
+            continue
+        for line in b.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            line = line[2:] if line.startswith("$ ") else line
+            if line.startswith("neurofuse "):
+                out.append(line)
+    return out
 
 
 def _python_blocks() -> list:

@@ -1051,8 +1051,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="dirichlet", choices=["dirichlet", "sharded", "iid"],
                    help="client data split (default: dirichlet: Dirichlet(alpha) class shares)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default: 0.5)")
-    p.add_argument("--method", default="kf-linear", help="aggregation: a fusion method, vanilla = FedAvg")
-    p.add_argument("--importance", default="uniform", help="importance score of the method")
+    p.add_argument("--method", default="kf-linear", help="aggregation: a fusion method, vanilla = FedAvg (default: %(default)s)")
+    p.add_argument("--importance", default="uniform", help="importance score of the method (default: %(default)s)")
     p.add_argument("--rounds", type=_pos_int, default=1, help="federated rounds (default: 1, one-shot)")
     p.add_argument("--no-server-data", action="store_true",
                    help="fuse from the clients' level statistics: the server holds no sample")
@@ -1066,15 +1066,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: vanilla,ensemble; e.g. feddf, kf-linear@clients)")
     p.add_argument("--backend", default="simulation", choices=["simulation", "local"],
                    help="simulation: Flower's Ray simulation; local: the same apps in this process "
-                        "(fast start, small machines)")
+                        "(fast start, small machines; default: %(default)s)")
     p.add_argument("--arch", default="mlp", help="client architecture (default: mlp)")
-    p.add_argument("--size", default="small", choices=["tiny", "small", "paper"], help="named model size")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "paper"],
+                   help="named model size (default: %(default)s)")
     p.add_argument("--epochs", type=_pos_int, default=None,
                    help="local epochs per round (default: per dataset, digits 60, mnist 8)")
-    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate (default: %(default)s)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split, training and fusion")
     p.add_argument("--bench", default=None, help="run a federated benchmark config instead (e.g. fl)")
-    p.add_argument("--scale", default="full", help="benchmark scale (smoke, full)")
+    p.add_argument("--scale", default="full", help="benchmark scale: smoke or full (default: %(default)s)")
     p.add_argument("--out", default="runs/federate", help="output directory (default: runs/federate)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_data_args(p)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .._io import write_text
 from ..checkpoint import save_json
 from ..errors import ConfigError
 from ._data import ClientSetup
@@ -84,5 +85,5 @@ def run_fl_bench(name: str = "fl", scale: str = "full", out: Optional[Path] = No
     lines = [f"# {cfg['title']} ({scale})", ""]
     for key, res in cells.items():
         lines += [f"## {key}", "", "```", format_table(res), "```", ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(out / "report.md", "\n".join(lines))
     return doc
