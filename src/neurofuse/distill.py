@@ -21,8 +21,8 @@ Distillation for Robust Model Fusion in Federated Learning", NeurIPS 2020), whic
 FedAvg; here it follows any fusion method.  Distillation after Hinton, Vinyals & Dean, "Distilling
 the Knowledge in a Neural Network", 2015.
 
-The function is self-contained (its own small loop) so that it does not depend on the training
-loops of :mod:`neurofuse.training` and :mod:`neurofuse.finetune`.
+Training runs through the one mini-batch loop of neurofuse, :func:`neurofuse._loop.run_epochs`;
+augmentation and mixup are part of each batch's loss.
 """
 
 from __future__ import annotations
@@ -38,20 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._loop import EpochEnd, run_epochs, seeded_rng
+from ._validate import is_int, is_number
 from .errors import ConfigError, DataError
 from .grouping import output_weights
 
 __all__ = ["DistillConfig", "distill", "teacher_probs"]
 
 log = logging.getLogger("neurofuse")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,23 +105,23 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(f"distill {name} must be an integer >= 1, got {v!r}")
         for name in ("lr", "temperature"):
             v = getattr(self, name)
-            if not _is_num(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise ConfigError(f"distill {name} must be a positive number, got {v!r}")
-        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"distill weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not _is_num(self.mixup) or not 0 <= self.mixup <= 1:
+        if not is_number(self.mixup) or not 0 <= self.mixup <= 1:
             raise ConfigError(f"distill mixup must be in [0, 1], got {self.mixup!r}")
-        if not _is_int(self.shift) or self.shift < 0:
+        if not is_int(self.shift) or self.shift < 0:
             raise ConfigError(f"distill shift must be an integer >= 0, got {self.shift!r}")
         if not isinstance(self.flip, bool):
             raise ConfigError(f"distill flip must be True or False, got {self.flip!r}")
-        if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
+        if not is_number(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise ConfigError(f"distill val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"distill seed must be a non-negative integer, got {self.seed!r}")
 
 
@@ -226,8 +220,6 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], x: Any,
         ``e``), ``val_agreement`` (share of held-out inputs where the student's argmax is the
         teacher's), ``best_epoch`` and ``stopped_early``.
     """
-    from tqdm.auto import trange
-
     from .models.ensemble import Ensemble
 
     cfg = DistillConfig() if config is None else config
@@ -268,7 +260,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], x: Any,
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n, bs = x_tr.shape[0], min(cfg.batch_size, x_tr.shape[0])
-        steps_total = cfg.epochs * math.ceil(n / bs)
+        steps = math.ceil(n / bs)
+        steps_total = cfg.epochs * steps
         gen = torch.Generator().manual_seed(cfg.seed)
         history: Dict[str, Any] = {"train_loss": [], "val_kl": [], "val_agreement": [],
                                    "best_epoch": cfg.epochs, "stopped_early": False}
@@ -293,40 +286,32 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], x: Any,
             else:
                 since += 1
 
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(cfg.seed)
+        def batch_loss(idx: Tensor) -> Tensor:
+            xb = _augment(x_tr[idx].to(device), cfg, gen)
+            with torch.no_grad():
+                p = teacher_probs(teachers, xb, t, w)
+            return _kl(model(xb), p, t)
+
+        def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> Optional[EpochEnd]:
+            history["train_loss"].append(loss)
+            if p_va is None:
+                return None
+            score(epoch + 1)
+            stop = since >= cfg.patience
+            if stop:
+                history["stopped_early"] = True
+            return EpochEnd({"val_kl": round(history["val_kl"][-1], 4)}, stop=stop)
+
+        with seeded_rng(cfg.seed, device), torch.enable_grad():
             if p_va is not None:
                 score(0)
-            step = 0
-            bar = trange(cfg.epochs, desc="distill", unit="epoch", disable=not progress, leave=False)
-            for epoch in bar:
-                model.train()
-                perm = torch.randperm(n, generator=gen)
-                total = 0.0
-                for start in range(0, n, bs):
-                    lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / steps_total))
-                    for g in optim.param_groups:
-                        g["lr"] = lr
-                    xb = _augment(x_tr[perm[start:start + bs]].to(device), cfg, gen)
-                    with torch.no_grad():
-                        p = teacher_probs(teachers, xb, t, w)
-                    loss = _kl(model(xb), p, t)
-                    if not torch.isfinite(loss):
-                        raise ConfigError(f"distillation diverged at epoch {epoch + 1}; lower lr (now {cfg.lr})")
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    total += float(loss.detach()) * xb.shape[0]
-                    step += 1
-                history["train_loss"].append(total / n)
-                if p_va is not None:
-                    score(epoch + 1)
-                    bar.set_postfix(val_kl=round(history["val_kl"][-1], 4))
-                    if since >= cfg.patience:
-                        history["stopped_early"] = True
-                        break
-            bar.close()
+            run_epochs(model, optim, n=n, batch_size=bs, epochs=cfg.epochs, generator=gen,
+                       batch_loss=batch_loss, end_epoch=end_epoch,
+                       lr_at=lambda epoch, b: 0.5 * cfg.lr * (1 + math.cos(
+                           math.pi * (epoch * steps + b) / steps_total)),
+                       diverged=lambda epoch, loss: f"distillation diverged at epoch {epoch}; "
+                                                    f"lower lr (now {cfg.lr})",
+                       desc="distill", progress=progress, leave=False)
     finally:
         for m, (training, dev) in zip(teachers, states):
             m.to(dev).train(training)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .._fusion_set import FusionSet
+from .._loop import run_epochs, seeded_rng
+from .._validate import is_int, is_number
 from ..errors import ConfigError, IncompatibleModelsError
 from ._base import FusionMethod, register_method
 from ._kd import kd_loss
@@ -59,13 +61,13 @@ class EnsembleDistillationOptions:
     weights: Optional[Sequence[float]] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         for name in ("lr", "temperature"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if not 0 <= self.holdout < 1:
+        if not is_number(self.holdout) or not 0 <= self.holdout < 1:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
 
 
@@ -108,24 +110,25 @@ class EnsembleDistillation(FusionMethod):
         optim = torch.optim.Adam(student.parameters(), lr=opt.lr)
         best, best_state = math.inf, None
         self.history: List[float] = []
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(self.seed)
-            for _ in range(opt.epochs):
-                student.train()
-                order = train[torch.randperm(len(train), generator=gen).to(self.device)]
-                for s in range(0, len(order), bs):
-                    idx = order[s:s + bs]
-                    loss = kd_loss(student(x[idx]), teacher[idx], opt.temperature)
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                if n_hold:
-                    student.eval()
-                    with torch.no_grad():
-                        val = float(kd_loss(student(x[hold]), teacher[hold], opt.temperature))
-                    self.history.append(val)
-                    if val < best:
-                        best, best_state = val, copy.deepcopy(student.state_dict())
+
+        def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> None:
+            nonlocal best, best_state
+            if n_hold:
+                student.eval()
+                with torch.no_grad():
+                    val = float(kd_loss(student(x[hold]), teacher[hold], opt.temperature))
+                self.history.append(val)
+                if val < best:
+                    best, best_state = val, copy.deepcopy(student.state_dict())
+
+        with seeded_rng(self.seed, torch.device("cpu")), torch.enable_grad():
+            run_epochs(
+                student, optim, n=len(train), batch_size=bs, epochs=opt.epochs, generator=gen,
+                batch_loss=lambda idx: kd_loss(student(x[train[idx]]), teacher[train[idx]],
+                                               opt.temperature),
+                end_epoch=end_epoch, index_device=self.device,
+                diverged=lambda epoch, loss: f"feddf diverged at epoch {epoch}; lower lr (now {opt.lr})",
+                desc="feddf", progress=self.progress, leave=False)
         if best_state is not None:
             student.load_state_dict(best_state)
         return student.eval()
