@@ -179,3 +179,26 @@ def test_no_module_but_io_writes_output_files_itself():
             if _RAW_WRITES.search(code):
                 offenders.append(f"{p.relative_to(SRC)}:{i}: {line.strip()}")
     assert not offenders, "write through neurofuse._io instead:\n" + "\n".join(offenders)
+
+
+def test_safetensors_files_are_byte_identical_whatever_the_metadata_hash_order(tmp_path):
+    """safetensors writes its metadata map in hash order (random per process); the writer sorts
+    it, so equal tensors and metadata always give equal bytes (and equal content hashes)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from neurofuse._io import write_safetensors; "
+            "write_safetensors(sys.argv[1], {'w': torch.arange(4.0)}, "
+            "metadata={k: k * 3 for k in 'zyxwvutsrq'})")
+    outs = []
+    for i in range(4):
+        p = tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+        outs.append(p.read_bytes())
+    assert all(o == outs[0] for o in outs)
+    n = int.from_bytes(outs[0][:8], "little")
+    meta = json.loads(outs[0][8:8 + n])["__metadata__"]
+    assert list(meta) == sorted(meta)
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "m0.safetensors"))["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -157,7 +157,37 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, Any],
     from safetensors.torch import save_file
 
     meta = dict(metadata) if metadata is not None else None
-    return atomic_write(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        save_file(dict(tensors), str(tmp), metadata=meta)
+        _sort_safetensors_metadata(tmp)
+
+    return atomic_write(path, write)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of a ``.safetensors`` file with its metadata keys sorted, in place.
+
+    safetensors serialises the metadata map in hash order, which changes from process to
+    process, so the same tensors and metadata would give different bytes (and file hashes) on
+    every save.  Reordering keeps the header's length (padded with spaces, as safetensors pads),
+    so the tensor data does not move."""
+    import json
+
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n)
+        head = json.loads(raw)
+        meta = head.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        head["__metadata__"] = dict(sorted(meta.items()))
+        ordered = {"__metadata__": head.pop("__metadata__"), **head}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:   # cannot happen for a reordering; keep the file as written
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (n - len(text)))
 
 
 def write_figure(fig: Any, path: PathLike, *, dpi: int = 120, close: bool = True) -> Path:
