@@ -216,17 +216,21 @@ def save_model(model: LeveledNet, path: PathLike, *, force: bool = False,
         "config": _architecture_config(model),
         "metadata": dict(metadata) if metadata is not None else {},
     }
+    return _write_document(model, document, out, force, "checkpoint")
+
+
+def _write_document(model: nn.Module, document: Mapping[str, Any], out: Path, force: bool,
+                    what: str) -> Path:
+    """Write ``model``'s state dict with ``document`` (JSON) and the sha256 of both."""
     try:
         header = json.dumps(document, default=_json_default)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"checkpoint metadata is not JSON-serialisable: {exc}") from None
+        raise ConfigError(f"{what} metadata is not JSON-serialisable: {exc}") from None
     tensors = {
         name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
     }
     out = _prepare_output(out, force)
-
-    meta = {METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)}
-    write_safetensors(out, tensors, metadata=meta)
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)})
     return out
 
 
@@ -754,16 +758,7 @@ def save_weights(model: nn.Module, path: PathLike, *, force: bool = False,
         raise ConfigError(f"weights path {out} must end in {_SAFETENSORS_SUFFIX}; rename the output")
     document = {"format": WEIGHTS_FORMAT, "version": 1, "declaration": _declaration(model),
                 "metadata": dict(metadata) if metadata is not None else {}}
-    try:
-        header = json.dumps(document, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"weights metadata is not JSON-serialisable: {exc}") from None
-    tensors = {
-        name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
-    }
-    out = _prepare_output(out, force)
-    write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)})
-    return out
+    return _write_document(model, document, out, force, "weights")
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
