@@ -54,13 +54,6 @@ REASON = {
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
