@@ -204,3 +204,26 @@ def test_a_non_module_recursion_error_in_a_command_is_one_line(ckpts, capsys, mo
     monkeypatch.setattr(cli, "_load_all", deep)
     code, _, err = _run(capsys, "eval", ckpts[0], "--dataset", "digits")
     _one_line_error(code, err, "nested too deeply")
+
+
+def test_a_truncated_checkpoint_is_reported_as_corrupt_not_as_a_missing_dataset(tmp_path, capsys):
+    model = MLP((1, 8, 8), 10, [8])
+    good = save_model(model, tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:300])
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neurofuse: error:") and "bad.safetensors" in err and "--dataset" not in err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``neurofuse methods | head -1``: once the reader is gone, no traceback and no error line."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+            "sys.stdout.reconfigure(line_buffering=True); "
+            "from neurofuse.cli import main; sys.exit(main(['methods']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr

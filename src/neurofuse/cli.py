@@ -338,15 +338,17 @@ def _load_all(paths: Sequence[str]) -> List[Any]:
 
 def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
     from .checkpoint import read_config
-    from .errors import DataError
+    from .errors import DataError, NeurofuseError
 
     if explicit:
         return explicit
     for p in paths:
         try:
             name = read_config(p).get("metadata", {}).get("dataset")
-        except Exception:  # noqa: BLE001 - legacy files have no metadata; load errors come later
-            name = None
+        except NeurofuseError:
+            if Path(p).suffix.lower() == ".safetensors":
+                raise   # a corrupt or foreign checkpoint: say that, not "pass --dataset"
+            name = None  # legacy .pt files have no metadata; their load errors come later
         if name:
             return str(name)
     raise DataError("cannot tell which dataset the checkpoints were trained on; pass --dataset")
@@ -1133,6 +1135,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("neurofuse: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `neurofuse methods | head`: the reader left; say nothing, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # no second error when Python flushes stdout
+        return 141
     except (OSError, RecursionError, OverflowError, MemoryError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and not isinstance(exc, RecursionError) \
                 and not _is_out_of_memory(exc):
