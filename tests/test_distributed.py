@@ -53,6 +53,28 @@ def test_two_gloo_ranks_give_the_fused_model_of_one_process_on_the_union(
             assert torch.allclose(st[key], v, atol=1e-6, rtol=0), key
 
 
+def test_two_gloo_ranks_gather_the_first_level_outputs_when_the_fusion_set_is_small(
+        dirichlet_mlps, digits_fusion, tmp_path):
+    """60 samples <= 65 design columns: the first level's grouping runs on the outputs themselves
+    (``LinearStats(rows=True)``); the ranks gather them in rank order, so 2 ranks give the
+    one-process first level bit for bit.  The later levels solve from 60 rows, ill-conditioned
+    enough (fitted weights ~10) that float64 sums in another order move them by ~1e-5 of their
+    size, with or without kept rows: compared relative to their magnitude."""
+    models = dirichlet_mlps[0][:2]
+    x, y = digits_fusion[0][:60], digits_fusion[1][:60]
+    ref = neurofuse.fuse(models, (x, y), method="kf-linear", importance="uniform", progress=False,
+                         batch_size=64)
+    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, "kf-linear", "uniform", str(tmp_path)),
+             nprocs=2, join=True)
+    for r in range(2):
+        st = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for key, v in ref.state_dict().items():
+            if key.startswith("levels.0."):
+                assert torch.equal(st[key], v), key
+            else:
+                assert float((st[key] - v).abs().max()) <= 1e-4 * float(v.abs().max()), key
+
+
 def test_shards_cover_the_fusion_set_in_order():
     fs = FusionSet(torch.arange(10.0)[:, None], torch.arange(10), batch_size=3)
     parts = [shard_fusion_set(fs, r, 3) for r in range(3)]

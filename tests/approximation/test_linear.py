@@ -101,3 +101,45 @@ def test_shared_input_statistics_need_the_prior():
     st.update(torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
     with pytest.raises(Exception, match="prior"):
         st.solve()
+
+
+def test_kept_rows_are_exact_grouping_coordinates_and_the_gram_matrix_is_formed_on_demand():
+    """With n <= d rows (rows=True) the base outputs themselves are the grouping coordinates:
+    the same pairwise distances as the Cholesky coordinates, the same weights; the Gram matrix
+    still comes out exact when asked for (state), and past d rows the rows are let go."""
+    g = torch.Generator().manual_seed(11)
+    d, rows = 40, 30
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    x[:, 5] = 0.0
+    p = torch.randn(d, 12, generator=g, dtype=torch.float64)
+    a = x @ p
+    plain, kept = LinearStats(cross=False), LinearStats(cross=False, rows=True)
+    for i in range(0, rows, 8):
+        plain.update(x[i:i + 8], a[i:i + 8])
+        kept.update(x[i:i + 8], a[i:i + 8])
+    assert kept.kept_rows is not None and kept.kept_rows.shape == (rows, 12)
+    ref, sol = plain.solve(prior=p), kept.solve(prior=p)
+    assert sol.features.shape == (12, rows)                     # n coordinates, not d
+    assert torch.equal(sol.weights, p) and sol.rank == ref.rank == rows
+    d_ref = torch.cdist(ref.features.double(), ref.features.double())
+    d_sol = torch.cdist(sol.features.double(), sol.features.double())
+    assert torch.allclose(d_sol, d_ref, rtol=1e-4, atol=1e-4 * float(d_ref.max()))
+    assert float(sol.residual.abs().max()) == 0.0
+    state = kept.state()                                        # sums only, Gram included
+    assert set(state) == {"count", "gram", "sq"}
+    assert torch.allclose(state["gram"], plain.state()["gram"], rtol=1e-12, atol=1e-10)
+    # merge concatenates while the union has at most d rows; from_state carries no rows
+    other = LinearStats(cross=False, rows=True)
+    other.update(x[:5], a[:5])
+    merged = LinearStats(cross=False, rows=True).merge(kept).merge(other)
+    assert merged.kept_rows is not None and torch.equal(merged.kept_rows[rows:], a[:5].float())
+    assert LinearStats.from_state(kept.state()).merge(other).kept_rows is None
+    # beyond d rows: no rows kept, and the statistics equal the plain ones
+    big = LinearStats(cross=False, rows=True)
+    more = torch.cat([x, x])
+    big.update(more[:35], (more @ p)[:35])
+    big.update(more[35:], (more @ p)[35:])
+    assert big.kept_rows is None
+    full = LinearStats(cross=False)
+    full.update(more, more @ p)
+    assert torch.allclose(big.state()["gram"], full.state()["gram"], rtol=1e-12, atol=1e-10)

@@ -21,7 +21,7 @@ makes :math:`X w_c` the projection of the weighted cluster centre.  A ``ridge`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -172,18 +172,40 @@ def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class LinearStats(AdditiveStats):
-    """Accumulates :math:`X^\\top X`, :math:`X^\\top A` and :math:`\\lVert a_j\\rVert^2` in float64.
+    r"""Accumulates :math:`X^\top X`, :math:`X^\top A` and :math:`\lVert a_j\rVert^2` in float64.
 
     Additive statistics (:class:`neurofuse.stats.AdditiveStats`): shards of the fusion set can be
     accumulated separately and merged (or all-reduced across processes) before :meth:`solve`.
+
+    Parameters
+    ----------
+    cross : bool
+        Accumulate :math:`X^\top A` (``False``: a level whose inputs the base models share, see
+        :meth:`solve`).
+    rows : bool
+        With ``cross=False``, also keep the base outputs :math:`A` themselves (float32) while the
+        fusion set has at most as many rows as the design matrix has columns
+        (:math:`n \le d`).  They are then the smaller exact grouping coordinates:
+        :math:`A^\top A = P^\top X^\top X P`, so the columns of :math:`A` are at the pairwise
+        distances of the neurons' outputs in :math:`n` dimensions instead of :math:`d`, and no
+        Cholesky factor is needed; while they are kept, :math:`X^\top X` is formed only when it
+        is asked for (:meth:`state`, :meth:`merge`, more than ``d`` rows).  The rows are not part
+        of :meth:`state` (statistics that
+        travel, e.g. to a federated server, carry sums only); :meth:`merge` concatenates them and
+        :meth:`all_reduce` gathers them in rank order while the union still has at most ``d``
+        rows, so a distributed fusion uses the same coordinates as one process on the union.
     """
 
     fields: tuple = ("count", "gram", "cross", "sq")
 
-    def __init__(self, cross: bool = True) -> None:
+    def __init__(self, cross: bool = True, rows: bool = False) -> None:
         if not cross:
             self.fields = ("count", "gram", "sq")
         super().__init__()
+        self._rows_wanted = bool(rows and not cross)
+        #: kept (x, a) row blocks (``None``: not kept); the first ``_in_gram`` are in ``gram``
+        self._rows: Optional[list] = [] if self._rows_wanted else None
+        self._in_gram = 0
 
     @classmethod
     def _empty_for(cls, state: dict, **kwargs: object) -> "LinearStats":
@@ -206,12 +228,82 @@ class LinearStats(AdditiveStats):
                 "level's spatial shapes differ between models"
             )
         x = x.double()
-        a = a.double()
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  sq=(a * a).sum(0))
+                  sq=(a.double() ** 2).sum(0))
+        if self._rows is not None and self.rows <= x.shape[1]:
+            # the Gram matrix is formed only if it is asked for (state, merge, a larger set)
+            self._rows.append((x, a.detach().float()))
+            if self.gram is None:
+                self._sums["gram"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64,
+                                                 device=x.device)
+            return
+        self._drop_rows()
         self._add_product("gram", x.T, x)
         if self.has_cross:
             self._add_product("cross", x.T, a)
+
+    def _flush(self) -> None:
+        """Add the kept design rows not yet in ``gram`` to it."""
+        if self._rows and self._in_gram < len(self._rows):
+            x = torch.cat([xb for xb, _ in self._rows[self._in_gram:]], 0)
+            self._add_product("gram", x.T, x)
+            self._in_gram = len(self._rows)
+
+    def _drop_rows(self) -> None:
+        """Stop keeping rows (their design rows go into ``gram`` first)."""
+        self._flush()
+        self._rows = None
+
+    @property
+    def kept_rows(self) -> Optional[Tensor]:
+        """``[n, M]`` the base outputs kept with ``rows=True`` (``None``: not kept or too many)."""
+        if not self._rows:
+            return None
+        return torch.cat([ab for _, ab in self._rows], 0)
+
+    def state(self) -> dict:
+        self._flush()
+        return super().state()
+
+    def merge(self, other: "AdditiveStats") -> "LinearStats":
+        """Add another shard's sums; kept rows are concatenated (``self``'s first) while the union
+        has at most ``d`` rows."""
+        self._flush()
+        if isinstance(other, LinearStats):
+            other._flush()
+        mine, theirs = self._rows, getattr(other, "_rows", None)
+        super().merge(other)
+        if mine is not None and theirs is not None and self.rows <= self.gram.shape[0]:
+            self._rows = mine + list(theirs)
+            self._in_gram = len(self._rows)
+        else:
+            self._rows = None
+        return self
+
+    def all_reduce(self, group: Any = None) -> "LinearStats":
+        """Sum over the processes of ``group``; kept rows are gathered in rank order when every
+        process kept them and the union has at most ``d`` rows (otherwise none are kept)."""
+        import torch.distributed as dist
+
+        self._flush()
+        if self._rows_wanted and self.gram is not None:   # every rank takes this branch alike
+            a = self.kept_rows
+            info = torch.tensor([-1.0 if a is None else float(a.shape[0]), float(self.gram.shape[0])],
+                                dtype=torch.float64, device=self.gram.device)
+            sizes = [torch.zeros_like(info) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(sizes, info, group=group)
+            counts = [int(t[0]) for t in sizes]
+            self._rows = None
+            if min(counts) > 0 and sum(counts) <= int(sizes[0][1]):
+                assert a is not None
+                pad = torch.zeros(max(counts), a.shape[1], dtype=a.dtype, device=a.device)
+                pad[:a.shape[0]] = a
+                parts = [torch.empty_like(pad) for _ in counts]
+                dist.all_gather(parts, pad, group=group)
+                self._rows = [(None, p[:c]) for p, c in zip(parts, counts)]
+                self._in_gram = len(self._rows)
+        super().all_reduce(group)
+        return self
 
     def default_rtol(self) -> float:
         """``torch.linalg.pinv``'s default for float32 data: ``max(rows, d) * eps(float32)``."""
@@ -219,6 +311,7 @@ class LinearStats(AdditiveStats):
         return max(self.rows, self.gram.shape[0]) * float(torch.finfo(torch.float32).eps)
 
     def _gram(self) -> Tensor:
+        self._flush()
         assert self.gram is not None
         g = 0.5 * (self.gram + self.gram.T)
         if not torch.isfinite(g).all():
@@ -239,10 +332,26 @@ class LinearStats(AdditiveStats):
         the Cholesky factor :math:`G = LL^\top` of the Gram matrix (inputs that are zero on every
         row left out, a jitter of ``10 d eps`` relative to its largest diagonal entry), an
         isometry up to that jitter that is continuous in :math:`G` (no eigenvector signs or
-        bases) and costs a fraction of the eigendecomposition.
+        bases) and costs a fraction of the eigendecomposition.  With the outputs kept
+        (``rows=True`` and :math:`n \le d`) the coordinates are :math:`f_j = a_j` itself: exact,
+        in :math:`n` dimensions, with no factorisation (the reported rank is then the upper bound
+        :math:`\min(n, d')`, :math:`d'` the inputs that are not zero on every row).
         """
         if prior is None:
             raise ConfigError("statistics without X^T A (shared inputs) need the base weights (prior)")
+        kept = self.kept_rows
+        if kept is not None:
+            if self._in_gram == len(self._rows or ()):
+                active = torch.diagonal(self._gram()) > 0
+            else:
+                active = torch.cat([xb for xb, _ in self._rows or ()], 0).ne(0).any(0)
+            if not bool(torch.isfinite(kept).all()):
+                raise IncompatibleModelsError("the base models' first level produced NaN or "
+                                              "infinite outputs; check the models' weights")
+            rank = min(self.rows, int(active.sum()))
+            feats = kept.T.contiguous()                                   # [M, n], float32
+            zero = torch.zeros(feats.shape[0], dtype=torch.float64, device=feats.device)
+            return LinearSolution(feats, zero, rank, None, prior, lambda c, p: p)  # type: ignore[arg-type,return-value]
         g = self._gram()
         diag = torch.diagonal(g)
         idx = torch.nonzero(diag > 0).flatten()

@@ -218,7 +218,9 @@ class LinearFusion(LevelwiseFusion):
         """Whether the fused and every base model see the same design matrix at ``level`` (the
         first level, with the same input ops and layer geometry) and the options ask for the
         prior's least-squares solution, which is then the base weights themselves: no
-        :math:`X^\top A` and no eigendecomposition (:meth:`LinearStats._solve_shared`)."""
+        :math:`X^\top A` and no eigendecomposition (:meth:`LinearStats._solve_shared`); with no
+        more samples than design columns the base outputs themselves are the grouping
+        coordinates (``LinearStats(rows=True)``) and no Gram matrix is formed."""
         if level != 0 or not self.options.prior or self.options.ridge != 0:
             return False
         pre, affine = split_affine(fused.levels[level])
@@ -247,7 +249,8 @@ class LinearFusion(LevelwiseFusion):
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
         pre, affine = split_affine(fused.levels[level])
-        stats = LinearStats(cross=not self.shares_inputs(level, models, fused))
+        shared = self.shares_inputs(level, models, fused)
+        stats = LinearStats(cross=not shared, rows=shared)
         last = level == fused.num_levels - 1
         with torch.no_grad():
             for b in stream:
