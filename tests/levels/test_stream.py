@@ -70,6 +70,25 @@ def test_labels_and_several_streams_advance_independently():
         assert torch.equal(b.y, data.y[:5])
 
 
+def test_a_spilled_level_with_one_by_one_maps_in_channels_last_comes_back():
+    """A [B, C, 1, 1] output in channels_last is contiguous with a last stride of C (VGG's last
+    conv block at 1/8 width); spilling it to disk must not trip over the byte view."""
+    x = torch.randn(12, 8, 1, 1, generator=torch.Generator().manual_seed(1))
+    data = FusionSet(x, torch.arange(12) % 2, batch_size=5)
+
+    class _ChannelsLast(nn.Module):
+        def forward(self, t):
+            return (2.0 * t).to(memory_format=torch.channels_last)
+
+    with LevelStream(data, 1, memory_budget=0, spill="disk") as st:
+        for b in st:
+            b.keep(0, _ChannelsLast()(b.inputs[0]))
+        st.advance({0: _ChannelsLast()})
+        assert st.spilled == 1
+        got = torch.cat([b.inputs[0] for b in st])
+    assert torch.equal(got, 2.0 * x)
+
+
 def test_spilled_levels_live_in_a_private_folder_that_is_removed():
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "neurofuse-stream-*")))
     data = _data()

@@ -113,7 +113,9 @@ class _DiskStore(_Store):
         self.offset = 0
 
     def put(self, i: int, t: Tensor) -> None:
-        raw = t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+        # flatten before the byte view: a tensor with size-1 dims can be contiguous with a last
+        # stride other than 1 (a [B, C, 1, 1] conv output in channels_last), which view refuses
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self.file.write(memoryview(raw))  # no copy of the batch
         self.index[i] = (self.offset, tuple(t.shape), t.dtype)
         self.offset += raw.size
@@ -131,7 +133,7 @@ class _DiskStore(_Store):
         out = torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:  # read straight into the batch's own buffer
             f.seek(off)
-            f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+            f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
         return out.to(device)
 
     def close(self) -> None:
