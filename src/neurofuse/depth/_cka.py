@@ -157,8 +157,12 @@ def _cross(ga: Tensor, gb: Tensor, metric: str, n: int) -> np.ndarray:
         return (1.0 - cka.clamp(-1.0, 1.0)).numpy()
     sa = (ga * ga).sum(1)
     sb = (gb * gb).sum(1)
-    sq = (sa[:, None] + sb[None, :] - 2 * inner).clamp_min(0) / max(n * (n - 1), 1)
-    return torch.sqrt(sq).numpy()
+    total = sa[:, None] + sb[None, :]
+    raw = total - 2 * inner
+    # |a - b|^2 by expansion cancels: below the rounding of its terms it is zero (else its square
+    # root turns 1e-16 of rounding into 1e-8, which depends on the BLAS's summation order)
+    raw = torch.where(raw <= 64 * torch.finfo(raw.dtype).eps * total, torch.zeros_like(raw), raw)
+    return torch.sqrt(raw / max(n * (n - 1), 1)).numpy()
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
