@@ -17,7 +17,11 @@ hf-linear (2-way), otfusion, git-rebasin (2-way) with conductance importance and
 weighted by the mean (``out=mean``) or by output-neuron importance (``out=imp``), each also with
 class shares (``+cs``); kf-linear and otfusion + distillation (``neurofuse.distill``: teacher = the
 class-share ensemble, no labels; also with ``--extra`` more unlabelled training images, a quarter of
-the epochs) and + fine-tuning with the fusion set's labels.
+the epochs, or ``--extra-epochs``, with ``--extra-lr`` and ``--extra-mixup``) and + fine-tuning with
+the fusion set's labels.  ``--only A B`` keeps the rows whose name contains A or B, e.g.
+
+    python benchmarks/ensemble_gap.py --out runs/gap-20k --splits 8 4 2 --extra 20000 --extra-epochs 20 \
+        --extra-lr 1e-3 --extra-mixup 0 --only ensemble+cs "kf-linear/cond out=imp+cs +distill +20000"
 With ``--pareto``: kf-linear (conductance, output importance, class shares) at fused widths
 1, 1.25, 1.5, 2, ..., N times the base width, test accuracy vs parameter count, beside the ensemble
 and the best base model (``pareto.png``).
@@ -69,8 +73,8 @@ def build(args: argparse.Namespace, n: int) -> Tuple[Any, List[torch.nn.Module],
     return ds, base.models, np.asarray(shares), val, pool
 
 
-def variants(n: int, shares: np.ndarray, distill_epochs: int, finetune_epochs: int, extra: torch.Tensor
-             ) -> List[Tuple[str, Callable[[List[torch.nn.Module], Tuple[torch.Tensor, torch.Tensor]], torch.nn.Module]]]:
+def variants(n: int, shares: np.ndarray, distill_epochs: int, finetune_epochs: int, extra: torch.Tensor,
+             extra_cfg: DistillConfig) -> List[Tuple[str, Callable[[List[torch.nn.Module], Tuple[torch.Tensor, torch.Tensor]], torch.nn.Module]]]:
     """``(name, fn(models, fusion) -> model)`` of every row."""
     rows: List[Tuple[str, Callable[..., torch.nn.Module]]] = []
 
@@ -91,7 +95,7 @@ def variants(n: int, shares: np.ndarray, distill_epochs: int, finetune_epochs: i
         add(f"{m}/cond out=imp+cs +distill", method=m, importance="conductance", class_weights=shares,
             distill=DistillConfig(epochs=distill_epochs))
         add(f"{m}/cond out=imp+cs +distill +{len(extra)} unlabelled", method=m, importance="conductance",
-            class_weights=shares, distill=DistillConfig(epochs=distill_epochs // 4), distill_data=extra)
+            class_weights=shares, distill=extra_cfg, distill_data=extra)
         add(f"{m}/cond out=imp+cs +finetune(labels)", method=m, importance="conductance",
             class_weights=shares, finetune=FinetuneConfig(epochs=finetune_epochs, lr=1e-4, schedule="cosine", val_fraction=0.2))
     return rows
@@ -128,9 +132,12 @@ def run(args: argparse.Namespace) -> None:
             else:
                 rest = np.setdiff1d(pool, idx)
                 pick = np.random.default_rng(1000 + d).choice(rest, args.extra, replace=False)
-                rows = variants(n, shares, args.distill_epochs, args.finetune_epochs, ds.x_train[np.sort(pick)])
+                extra_cfg = DistillConfig(epochs=args.extra_epochs or args.distill_epochs // 4,
+                                          lr=args.extra_lr, mixup=args.extra_mixup)
+                rows = variants(n, shares, args.distill_epochs, args.finetune_epochs, ds.x_train[np.sort(pick)],
+                                extra_cfg)
             for name, fn in rows:
-                if (n, d, name) in done or (args.only and args.only not in name):
+                if (n, d, name) in done or (args.only and not any(o in name for o in args.only)):
                     continue
                 t = time.perf_counter()
                 fused = fn(models, fusion)
@@ -235,8 +242,12 @@ def main() -> None:
     p.add_argument("--extra", type=int, default=2000,
                    help="unlabelled training images (outside the fusion and validation sets) for the "
                         "'+distill +N unlabelled' rows")
+    p.add_argument("--extra-epochs", type=int, default=None,
+                   help="epochs of the '+N unlabelled' rows (default: a quarter of --distill-epochs)")
+    p.add_argument("--extra-lr", type=float, default=1e-4, help="learning rate of the '+N unlabelled' rows")
+    p.add_argument("--extra-mixup", type=float, default=0.5, help="mixup share of the '+N unlabelled' rows")
     p.add_argument("--pareto", action="store_true", help="kf-linear width sweep instead of the method rows")
-    p.add_argument("--only", default=None, help="only rows whose name contains this")
+    p.add_argument("--only", nargs="+", default=None, help="only rows whose name contains one of these")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
