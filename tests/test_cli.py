@@ -137,12 +137,17 @@ def test_fuse_with_distill_toward_the_class_share_ensemble(trained, tmp_path, ca
     ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
     fused = tmp_path / "d.safetensors"
     code, out, _ = _run(capsys, "fuse", *ckpts, "--out", str(fused), "--method", "kf-linear",
-                        "--head-weights", "--distill", "3", "--distill-extra", "50", "--no-progress")
+                        "--head-weights", "--distill", "3", "--distill-extra", "50",
+                        "--distill-lr", "1e-3", "--distill-mixup", "0", "--no-progress")
     assert code == 0 and fused.exists() and "distilled 3 epochs" in out, out
     from neurofuse.checkpoint import read_config
 
     meta = read_config(fused)["metadata"]
     assert meta["distill"] == 3 and meta["distill_extra"] == 50
+    code, _, err = _run(capsys, "fuse", *ckpts, "--out", str(tmp_path / "e.safetensors"),
+                        "--distill", "1", "--distill-mixup", "2", "--no-progress")
+    _assert_one_line_error(code, err, "mixup must be in [0, 1]")
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_align_prints_the_alignment_and_fuse_accepts_depth_align(tmp_path, capsys):

@@ -647,8 +647,8 @@ def _distill_args(a: argparse.Namespace, ds: Any) -> Any:
 
     from .distill import DistillConfig
 
-    cfg = DistillConfig(epochs=a.distill, seed=a.seed, device=a.device,
-                        flip=ds.name.startswith("cifar"))
+    cfg = DistillConfig(epochs=a.distill, seed=a.seed, device=a.device, lr=a.distill_lr,
+                        mixup=a.distill_mixup, flip=ds.name.startswith("cifar"))
     extra = None
     if a.distill_extra:
         rng = np.random.default_rng(a.seed + 1)
@@ -664,6 +664,12 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
                         "without labels (mixup, shifts, early stopping on a held-out part)")
     p.add_argument("--distill-extra", type=_nonneg_int, default=0, metavar="N",
                    help="with --distill: also distill on N random training images, labels unused (default: 0)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
+                   help="with --distill: learning rate (default: 1e-4; 1e-3 with --distill-extra 20000, "
+                        "docs/results.md)")
+    p.add_argument("--distill-mixup", type=float, default=0.5, metavar="ALPHA",
+                   help="with --distill: mixup strength between samples, 0 for none (default: 0.5; 0 "
+                        "with --distill-extra 20000)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
