@@ -190,10 +190,10 @@ class LinearStats(AdditiveStats):
         distances of the neurons' outputs in :math:`n` dimensions instead of :math:`d`, and no
         Cholesky factor is needed; while they are kept, :math:`X^\top X` is formed only when it
         is asked for (:meth:`state`, :meth:`merge`, more than ``d`` rows).  The rows are not part
-        of :meth:`state` (statistics that
-        travel, e.g. to a federated server, carry sums only); :meth:`merge` concatenates them and
-        :meth:`all_reduce` gathers them in rank order while the union still has at most ``d``
-        rows, so a distributed fusion uses the same coordinates as one process on the union.
+        of :meth:`state` (statistics that travel, e.g. to a federated server, carry sums only);
+        :meth:`merge` concatenates them and :meth:`all_reduce` gathers them in rank order while
+        the union still has at most ``d`` rows, so a distributed fusion uses the same
+        coordinates as one process on the union.
     """
 
     fields: tuple = ("count", "gram", "cross", "sq")
@@ -273,7 +273,8 @@ class LinearStats(AdditiveStats):
             other._flush()
         mine, theirs = self._rows, getattr(other, "_rows", None)
         super().merge(other)
-        if mine is not None and theirs is not None and self.rows <= self.gram.shape[0]:
+        if (mine is not None and theirs is not None and self.gram is not None
+                and self.rows <= self.gram.shape[0]):
             self._rows = mine + list(theirs)
             self._in_gram = len(self._rows)
         else:
