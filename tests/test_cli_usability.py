@@ -136,6 +136,18 @@ def test_method_options_reads_types_defaults_and_descriptions():
     lin = {o.name: o for o in method_options("kf-linear")}
     assert lin["rtol"].type == "float or null" and lin["rtol"].default == "null"
     assert "e.g. pixels" in lin["prior"].description  # "e.g." does not end the sentence
+    assert lin["n_init"].description.startswith("K-means restarts")
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_method_option_descriptions_are_plain_text_without_latex(name):
+    for o in method_options(name):
+        assert "\\" not in o.description and ":math:" not in o.description, (o.name, o.description)
+
+
+def test_option_formulas_read_as_plain_text():
+    ridge = {o.name: o for o in method_options("hf-linear")}["ridge"].description
+    assert "(Xᵀ X + ridge·mean(diag) I) w = Xᵀ a" in ridge
 
 
 def test_methods_with_an_unknown_name_is_a_one_line_error(capsys):

@@ -79,9 +79,27 @@ def _default_text(value: Any) -> str:
         return repr(value)
 
 
+#: LaTeX commands of the option docstrings and their plain-text forms (for a terminal).
+_LATEX = (
+    (r"\^\\top(?![A-Za-z])", "ᵀ"), (r"\\top(?![A-Za-z])", "ᵀ"), (r"\\cdot(?![A-Za-z])", "·"),
+    (r"\\propto(?![A-Za-z])", "∝"), (r"\\sum(?![A-Za-z])", "Σ"), (r"\\Pi(?![A-Za-z])", "Π"),
+    (r"\\bar\s*(\w)", "\\1\u0304"), (r"\\lVert\s*", "‖"), (r"\s*\\rVert", "‖"),
+    (r"\\(?:text|mathrm|operatorname)\{([^{}]*)\}", r"\1"), (r"\\overline\{([^{}]*)\}", r"mean(\1)"),
+    (r"\\[,;!]\s*", " "), (r"([_^])\{([^{},]*)\}", r"\1\2"), (r"([_^])\{([^{}]*)\}", r"\1(\2)"),
+)
+
+
+def _plain_math(tex: str) -> str:
+    """A LaTeX formula as plain text: ``X^\\top X + \\text{ridge}\\cdot I`` -> ``Xᵀ X + ridge·I``."""
+    for pattern, repl in _LATEX:
+        tex = re.sub(pattern, repl, tex)
+    return re.sub(r"\s*·\s*", "·", tex)
+
+
 def _first_sentence(text: str) -> str:
-    """The first sentence of a docstring entry, without reST markup (``x``, :math:`x`)."""
-    plain = re.sub(r":\w+:`([^`]*)`", r"\1", text)
+    """The first sentence of a docstring entry, without reST markup (``x``, :math:`x`, LaTeX)."""
+    plain = re.sub(r":math:`([^`]*)`", lambda m: _plain_math(m.group(1)), text)
+    plain = re.sub(r":\w+:`([^`]*)`", r"\1", plain)
     plain = plain.replace("``", "")
     sentence = re.split(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.\s", plain.strip(), maxsplit=1)[0].strip()
     return sentence.rstrip(".") + "." if sentence else ""

@@ -160,6 +160,16 @@ class KMeansOptions(LinearOptions):
     (92.09 / 92.03 / 93.06 % with it, 92.11 / 91.95 / 93.07 % without, for 2 / 4 / 8 models;
     docs/results.md), so it is off by default; plain Lloyd with k-means++ restarts is what the
     paper's reference code (scikit-learn) runs.
+
+    Attributes
+    ----------
+    n_init : int
+        K-means restarts (k-means++ seeds); the lowest-cost grouping is kept.  3 is the option
+        for speed: 93.63 against 93.70 % on held-out data at 8 MLPs (docs/results.md).
+    max_iter : int
+        Lloyd iterations per restart at most.
+    refine : bool
+        Batched Hartigan single-point moves after Lloyd's iterations.
     """
 
     n_init: int = 10
