@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurofuse._validate import is_int, is_number
+from neurofuse._validate import MAX_SEED, check_seed, is_int, is_number
+from neurofuse.distill import DistillConfig
+from neurofuse.errors import ConfigError
+from neurofuse.experiment import SplitConfig
+from neurofuse.finetune import FinetuneConfig
+from neurofuse.training import TrainConfig
 
 
 @pytest.mark.parametrize("value", [0, -3, 10**30, np.int64(4), np.uint8(1)])
@@ -56,3 +61,24 @@ def test_every_config_rejects_a_bool_and_a_nan(make):
         cls(lr=math.nan)
     with pytest.raises(ConfigError, match="weight_decay"):
         cls(weight_decay=math.inf)
+
+
+@pytest.mark.parametrize("value", [0, 7, MAX_SEED, np.int64(3)])
+def test_seeds_in_range_are_returned_as_python_ints(value):
+    assert check_seed(value) == int(value) and type(check_seed(value)) is int
+
+
+@pytest.mark.parametrize("value", [-1, MAX_SEED + 1, 2**64, 1.5, True, "3", None])
+def test_seeds_out_of_range_or_not_integers_are_a_one_line_config_error(value):
+    with pytest.raises(ConfigError, match=r"my seed must be an integer in \[0, 4294967295\]") as info:
+        check_seed(value, "my seed")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("make", [lambda s: TrainConfig(seed=s), lambda s: FinetuneConfig(seed=s),
+                                  lambda s: DistillConfig(seed=s), lambda s: SplitConfig(seed=s)],
+                         ids=["TrainConfig", "FinetuneConfig", "DistillConfig", "SplitConfig"])
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_every_config_refuses_a_seed_its_generators_cannot_take(make, seed):
+    with pytest.raises(ConfigError, match="seed"):
+        make(seed)

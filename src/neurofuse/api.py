@@ -14,7 +14,7 @@ from .errors import ConfigError, DataError
 from .finetune import FinetuneConfig
 from .finetune import finetune as finetune_model
 from .methods import WidthSpec, get_method, list_methods
-from .methods._base import MAX_SEED
+from ._validate import check_seed
 from .repair import repair as repair_model
 
 log = logging.getLogger("neurofuse")
@@ -96,8 +96,7 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
     ...                        importance="conductance")  # doctest: +SKIP
     """
     cls = get_method(method)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    check_seed(seed)
     if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, (int, FinetuneConfig))):
         raise ConfigError(f"finetune must be None, a number of epochs or a FinetuneConfig, got {finetune!r}")
     if isinstance(distill, bool) or not (distill is None or isinstance(distill, (int, DistillConfig))):

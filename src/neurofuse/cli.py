@@ -207,7 +207,7 @@ def _check_device(text: str) -> None:
 
 def _check_args(a: argparse.Namespace) -> None:
     """Checks that need no work, run on every command before it starts."""
-    from .methods._base import MAX_SEED
+    from ._validate import MAX_SEED
 
     from .errors import ConfigError
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._loop import EpochEnd, run_epochs, seeded_rng
-from ._validate import is_int, is_number
+from ._validate import check_seed, is_int, is_number
 from .errors import ConfigError, DataError
 from .grouping import output_weights
 
@@ -121,8 +121,7 @@ class DistillConfig:
             raise ConfigError(f"distill flip must be True or False, got {self.flip!r}")
         if not is_number(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise ConfigError(f"distill val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"distill seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed, "distill seed")
 
 
 def teacher_probs(teachers: Sequence[nn.Module], x: Tensor, temperature: float,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validate import check_seed
 from .api import fuse
 from .data import Dataset, balanced_subset, class_shares, partition, train_val_split
 from .errors import ConfigError, NeurofuseError
@@ -78,8 +79,7 @@ class SplitConfig:
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
                                         or self.epochs < 1):
             raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -117,8 +117,7 @@ def train_base_models(ds: Dataset, cfg: SplitConfig, progress: bool = True,
 
 def fusion_set(ds: Dataset, size: int = 400, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced fusion set of ``size`` samples from the training data (never the test set)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), size, seed=seed)
     return ds.x_train[idx], ds.y_train[idx]
 

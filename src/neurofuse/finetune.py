@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._loop import EpochEnd, run_epochs, seeded_rng
+from ._validate import check_seed
 from ._validate import is_int as _is_int
 from ._validate import is_number as _is_num
 from .errors import ConfigError, DataError
@@ -102,8 +103,7 @@ class FinetuneConfig:
             raise ConfigError(f"finetune weight_decay must be >= 0, got {self.weight_decay!r}")
         if not _is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         try:

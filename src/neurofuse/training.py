@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._loop import EpochEnd, run_epochs, seeded_rng
+from ._validate import check_seed
 from ._validate import is_int as _is_int
 from ._validate import is_number as _is_number
 from .errors import ConfigError, DataError
@@ -100,8 +101,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
         if not _is_number(self.lr_min) or not 0 <= self.lr_min <= self.lr:
             raise ConfigError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         _parse_device(self.device)
@@ -128,8 +128,7 @@ def seed_everything(seed: int) -> None:
     Prefer explicit generators (``torch.Generator``, ``numpy.random.default_rng``); this helper is
     for code paths that draw from global state, such as weight initialisation of new modules.
     """
-    if not _is_int(seed):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     random.seed(int(seed))
     np.random.seed(int(seed) % 2**32)
     torch.manual_seed(int(seed))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .._fusion_set import FusionSet, as_fusion_set
 from .._registry import Registry
+from .._validate import MAX_SEED, check_seed
 from ..errors import ConfigError, DataError, IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, output_weights
 from ..importance import importance_methods, importance_sums
@@ -34,9 +35,6 @@ __all__ = ["MAX_SEED", "FusionMethod", "NoOptions", "WidthSpec", "check_output_w
 log = logging.getLogger("neurofuse")
 
 WidthSpec = Union[None, int, float, Sequence[int]]
-
-#: largest seed accepted (NumPy's legacy seeding and many tools take 32-bit seeds)
-MAX_SEED = 2**32 - 1
 
 _METHODS: Registry[Type["FusionMethod"]] = Registry("fusion method")
 F = TypeVar("F", bound=Type["FusionMethod"])
@@ -185,8 +183,7 @@ class FusionMethod(ABC):
             raise ConfigError(
                 f"unknown option(s) {sorted(unknown)} for method {self.name!r}; valid: {sorted(fields) or 'none'}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        check_seed(seed)
         _check_option_types(self.Options, options, self.name)
         self.options = self.Options(**options)
         self.importance = importance
