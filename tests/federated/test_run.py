@@ -113,10 +113,12 @@ def test_real_flower_simulation_with_four_clients_on_digits(tmp_path):
         "        if d.isdigit() and int(st[1]) == os.getpid() and st[0] != 'Z':\n"
         "            out.append(d)\n"
         "    return out\n"
-        "for _ in range(30):\n"
-        "    if not kids(): break\n"
+        "for _ in range(90):  # Ray's workers take a while to exit on a loaded 2-core machine\n"
+        "    left = kids()\n"
+        "    if not left: break\n"
         "    time.sleep(1)\n"
-        "assert not kids(), 'processes left running: ' + str(kids())\n"
+        "assert not left, 'processes left running after 90 s: ' + str(\n"
+        "    [open(f'/proc/{d}/cmdline').read().replace(chr(0), ' ')[:80] for d in left if os.path.exists(f'/proc/{d}')])\n"
         "print('OK', h['server-accuracy'])\n")
     import neurofuse
 
