@@ -14,7 +14,6 @@ import neurofuse
 from neurofuse import FusionSet
 from neurofuse.distributed import shard_fusion_set
 from neurofuse.errors import ConfigError, DataError
-from neurofuse.stats import CrossMoments, MomentStats
 
 
 def _free_port() -> int:

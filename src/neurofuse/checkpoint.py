@@ -19,7 +19,6 @@ usual umask-derived mode) and refuses to overwrite an existing file unless ``for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._io import write_safetensors, write_text
+from ._tensorfile import (DIGEST_KEY, METADATA_KEY, SafetensorsHeader, check_exists, corrupt_error,
+                          digest, first_line, read_torch)
 from .errors import CheckpointError, ConfigError, NeurofuseError, OutputExistsError
 from .levels import LeveledNet
 
@@ -60,13 +61,8 @@ log = logging.getLogger("neurofuse")
 CHECKPOINT_FORMAT = "neurofuse-checkpoint"
 #: newest metadata version this code writes and reads
 CHECKPOINT_VERSION = 1
-#: safetensors metadata key that holds the JSON document
-METADATA_KEY = "neurofuse"
 #: value of the ``"format"`` field of a weights-only file (:func:`save_weights`)
 WEIGHTS_FORMAT = "neurofuse-weights"
-
-#: safetensors metadata key that holds the sha256 of the document and the tensor data
-DIGEST_KEY = "neurofuse.sha256"
 
 #: limits on what a checkpoint may ask for, checked before anything is built or read: a small
 #: file must not make the process allocate gigabytes or recurse without bound
@@ -230,45 +226,15 @@ def _write_document(model: nn.Module, document: Mapping[str, Any], out: Path, fo
         name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
     }
     out = _prepare_output(out, force)
-    write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: _digest(header, tensors)})
+    write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: digest(header, tensors)})
     return out
 
 
-def _digest(header: str, tensors: Mapping[str, Tensor]) -> str:
-    """sha256 of the metadata document and of every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    h.update(header.encode("utf-8"))
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"\0{name}\0{str(t.dtype)}\0{list(t.shape)}\0".encode("utf-8"))
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-def _reason(exc: BaseException) -> str:
-    """First line of an exception message, shortened, for one-line error messages."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return first if len(first) <= 120 else first[:117] + "..."
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: file is corrupt or truncated ({_reason(exc)}); re-save or re-download it"
-    )
-
-
-def _check_exists(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file")
-
-
 def _unwrap_config(config: Any, source: str) -> Dict[str, Any]:
     """Accept an architecture config or a full metadata document; return the architecture config."""
     if isinstance(config, Mapping) and "arch" not in config and isinstance(config.get("config"),
@@ -291,7 +257,7 @@ def _read_json_config(path: Path) -> Dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"architecture config {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"architecture config {path} is not valid JSON ({_reason(exc)}); "
+        raise CheckpointError(f"architecture config {path} is not valid JSON ({first_line(exc)}); "
                               "fix or re-create it") from None
     return _unwrap_config(data, f"architecture config {path}")
 
@@ -341,7 +307,7 @@ def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, 
     except ValueError as exc:
         if isinstance(exc, NeurofuseError):
             raise
-        raise _corrupt(path, exc) from None
+        raise corrupt_error(path, exc) from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a neurofuse checkpoint (its metadata format is not "
@@ -380,7 +346,7 @@ def read_config(path: PathLike) -> Dict[str, Any]:
         If the file is missing, corrupt or truncated, or not a neurofuse checkpoint.
     """
     p = Path(path)
-    _check_exists(p)
+    check_exists(p)
     if p.suffix.lower() in _TORCH_SUFFIXES:
         raise CheckpointError(
             f"{p} is a bare PyTorch state dict with no neurofuse metadata; only .safetensors "
@@ -392,7 +358,7 @@ def read_config(path: PathLike) -> Dict[str, Any]:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             meta = fh.metadata()
     except Exception as exc:  # safetensors raises several types for bad files
-        raise _corrupt(p, exc) from None
+        raise corrupt_error(p, exc) from None
     return _parse_document(p, meta)
 
 
@@ -408,74 +374,6 @@ def _kind(dtype: torch.dtype) -> str:
     if dtype == torch.bool:
         return "bool"
     return "float" if dtype.is_floating_point or dtype.is_complex else "int"
-
-
-class _Header:
-    """What a safetensors file declares, read without reading the tensor data."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                self.meta: Optional[Mapping[str, str]] = fh.metadata()
-                self.tensors: Dict[str, tuple[list[int], str]] = {}
-                for name in fh.keys():
-                    sl = fh.get_slice(name)
-                    self.tensors[name] = ([int(d) for d in sl.get_shape()], str(sl.get_dtype()))
-        except Exception as exc:  # safetensors raises several types for bad files
-            raise _corrupt(path, exc) from None
-
-    def read(self) -> Dict[str, Tensor]:
-        """The tensors, checked against the stored sha256 (when the file has one)."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as fh:
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        except Exception as exc:  # safetensors raises several types for bad files
-            raise _corrupt(self.path, exc) from None
-        meta = self.meta or {}
-        stored = meta.get(DIGEST_KEY)
-        if stored is None:
-            log.debug("%s has no sha256 in its metadata (saved by an older neurofuse); its data "
-                      "is not verified", self.path)
-        elif _digest(meta.get(METADATA_KEY, ""), tensors) != stored:
-            raise CheckpointError(
-                f"{self.path}: checksum mismatch: its tensor data or metadata changed after it was "
-                "saved (bit rot, a partial copy or tampering); re-save or re-download it"
-            )
-        return tensors
-
-
-def _read_torch(path: Path) -> Dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and runtime errors for bad files
-        message = str(exc).lower()
-        if "weights only load failed" in message and "global" in message:
-            raise CheckpointError(
-                f"{path} contains pickled Python objects other than tensors and is not loaded "
-                "(neurofuse reads .pt files with weights_only=True); re-save it as a plain state "
-                "dict with torch.save(model.state_dict(), path)"
-            ) from None
-        if "weights only load failed" in message:  # torch's long advice hides the real cause
-            raise CheckpointError(
-                f"{path}: file is corrupt or truncated (not a readable PyTorch state dict); "
-                "re-save or re-download it"
-            ) from None
-        raise _corrupt(path, exc) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise CheckpointError(
-            f"{path} does not hold a state dict (a mapping of names to tensors); re-save it with "
-            "torch.save(model.state_dict(), path)"
-        )
-    return dict(obj)
 
 
 def _sidecar_config(path: Path) -> Optional[Dict[str, Any]]:
@@ -534,7 +432,7 @@ def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> Leve
         shown = text if len(text) <= 200 else text[:197] + "..."
         raise CheckpointError(
             f"cannot rebuild the architecture of {path} from config {shown}: "
-            f"{_reason(exc)}"
+            f"{first_line(exc)}"
         ) from None
     finally:
         for h in hooks:
@@ -585,7 +483,7 @@ def _load_state(model: LeveledNet, state: Mapping[str, Tensor], path: Path) -> N
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
-        raise CheckpointError(f"cannot load the weights of {path}: {_reason(exc)}") from None
+        raise CheckpointError(f"cannot load the weights of {path}: {first_line(exc)}") from None
 
 
 def _no_architecture(path: Path) -> CheckpointError:
@@ -655,7 +553,7 @@ def load_model(path: PathLike, *,
         its tensor names or shapes do not match the architecture.
     """
     p = Path(path)
-    _check_exists(p)
+    check_exists(p)
     if p.suffix.lower() == ".json":
         raise CheckpointError(
             f"{p} is a JSON file, not a checkpoint; pass the weights file (.safetensors or .pt) "
@@ -673,10 +571,10 @@ def load_model(path: PathLike, *,
             arch_config = _sidecar_config(p)
         if arch_config is None:
             raise _no_architecture(p)
-        state = _read_torch(p)
+        state = read_torch(p)
         found = {k: (_shape(t), _kind(t.dtype)) for k, t in state.items()}
     else:
-        header = _Header(p)
+        header = SafetensorsHeader(p)
         if arch_config is None:
             arch_config = _parse_document(p, header.meta)["config"]
         found = {k: (shape, _kind_of_safetensors_dtype(dt)) for k, (shape, dt) in header.tensors.items()}
@@ -785,13 +683,13 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
         If the file is missing or corrupt, or its tensors or declaration do not match ``model``.
     """
     p = Path(path)
-    _check_exists(p)
-    header = _Header(p)
+    check_exists(p)
+    header = SafetensorsHeader(p)
     state, meta = header.read(), header.meta
     try:
         document = json.loads((meta or {}).get(METADATA_KEY, "{}"))
     except ValueError as exc:
-        raise _corrupt(p, exc) from None
+        raise corrupt_error(p, exc) from None
     saved = document.get("declaration") if isinstance(document, dict) else None
     if isinstance(saved, dict) and getattr(model, "arch", None) == "declared":
         mine = _declaration(model)

@@ -307,7 +307,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import save_json, save_model
     from .data import load_dataset
     from .experiment import train_base_models
-    from .training import evaluate
 
     out = Path(a.out)
     paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
@@ -358,7 +357,7 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     if a.hf:   # the checkpoints are Hugging Face save_pretrained folders
         from .hf._cli import fuse_hf
 
-        return fuse_hf(a)
+        return fuse_hf(a, _parse_options(a.option))
     out = Path(a.out)
     inputs = _checkpoint_inputs(a.checkpoints)
     if a.head_weights:

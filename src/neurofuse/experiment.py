@@ -7,7 +7,6 @@ the training data (never the test set), fuse with a list of methods and score on
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field

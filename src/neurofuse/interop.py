@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._tensorfile import SafetensorsHeader, check_exists, read_torch
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -201,14 +202,13 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
         If the file is missing or corrupt, or holds pickled objects other than tensors (a whole
         pickled module: use :func:`load_pickled_module`).
     """
-    from .checkpoint import _Header, _check_exists, _read_torch
 
     p = Path(path)
-    _check_exists(p)
+    check_exists(p)
     if p.suffix.lower() == ".safetensors":
-        return _Header(p).read()
+        return SafetensorsHeader(p).read()
     try:
-        return _read_torch(p)
+        return read_torch(p)
     except CheckpointError as exc:
         if "pickled Python objects" in str(exc):
             raise CheckpointError(
@@ -274,10 +274,9 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
         If the file names a class or function that is not allowed (the message lists them), or
         does not hold an ``nn.Module``.
     """
-    from .checkpoint import _check_exists
 
     p = Path(path)
-    _check_exists(p)
+    check_exists(p)
     allowed: List[Any] = _torch_nn_classes() + list(classes)
     allowed += [(cls, name) for name, cls in (remap or {}).items()]
     try:

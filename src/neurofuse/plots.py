@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
+from typing import Mapping, Sequence
 
 __all__ = ["accuracy_bars", "save_figure"]
 

@@ -1,6 +1,5 @@
 """Streamed least squares equals the dense pseudo-inverse solution."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

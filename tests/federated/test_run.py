@@ -20,7 +20,6 @@ from neurofuse.cli import main  # noqa: E402
 from neurofuse.errors import ConfigError  # noqa: E402
 from neurofuse.federated import (ClientSetup, FederatedConfig, FusionStrategy, client_parts,  # noqa: E402
                                  dirichlet_alpha_split, run_federated)
-from neurofuse.models import MLP  # noqa: E402
 
 from .conftest import mock_reply  # noqa: E402
 

@@ -15,7 +15,7 @@ from torch import nn
 import neurofuse
 from neurofuse.approximation._gradient import fit_level, perturb_level, random_like
 from neurofuse.data import partition
-from neurofuse.errors import ConfigError, IncompatibleModelsError
+from neurofuse.errors import ConfigError
 from neurofuse.methods import GRADIENT_PRESETS, GradientOptions, LevelConfig, get_method
 from neurofuse.models import MLP, ResNet, ViT, make_model
 from neurofuse.testing import permute_hidden

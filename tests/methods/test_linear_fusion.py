@@ -1,6 +1,5 @@
 """HF/KF Linear: permutation recovery, widths, and one-line errors on bad input."""
 
-import numpy as np
 import pytest
 import torch
 

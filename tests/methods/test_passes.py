@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import neurofuse
-from neurofuse import FusionSet
 from neurofuse.models import MLP, VGG, ResNet
 
 

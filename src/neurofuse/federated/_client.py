@@ -3,7 +3,6 @@ to the no-server-data protocol's queries."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Optional
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import traceback
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Optional
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp

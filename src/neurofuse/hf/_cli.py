@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,11 @@ def _fit_images(ds: Any, shape: Tuple[int, ...]) -> Any:
     return Dataset(ds.name, up(ds.x_train), ds.y_train, up(ds.x_test), ds.y_test, ds.num_classes, shape)
 
 
-def fuse_hf(a: argparse.Namespace) -> int:
-    """The ``fuse --hf`` command: the positional arguments are ``save_pretrained`` folders."""
+def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
+    """The ``fuse --hf`` command: the positional arguments are ``save_pretrained`` folders.
+
+    ``options`` are the method's ``--option KEY=VALUE`` settings, parsed by :mod:`neurofuse.cli`.
+    """
     from ..api import fuse
     from ..data import load_dataset
     from ..experiment import fusion_set
@@ -114,7 +117,6 @@ def fuse_hf(a: argparse.Namespace) -> int:
                               f"takes {list(shape)}")
     ds = _fit_images(ds, shape)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
-    options = _options(a)
     finetune, finetune_data = None, None
     if a.finetune:
         from ..finetune import FinetuneConfig
@@ -139,9 +141,3 @@ def fuse_hf(a: argparse.Namespace) -> int:
         print(f"{out}: {label} of {len(models)} Hugging Face {family} models{extra} "
               "(no x_test in the data: not scored)")
     return 0
-
-
-def _options(a: argparse.Namespace) -> dict:
-    from ..cli import _parse_options
-
-    return _parse_options(a.option)

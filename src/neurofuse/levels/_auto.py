@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ._declare import DeclaredNet
+from ._wrapped import DeclaredNet
 
 __all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
            "is_eval_identity"]

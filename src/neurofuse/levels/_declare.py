@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._core import AXES, LeveledNet
+from ._auto import auto_levels
+from ._core import AXES
+from ._wrapped import DeclaredNet, Fn
 
 __all__ = ["DeclaredNet", "Fn", "levels_from"]
 
@@ -29,57 +31,6 @@ LevelSpec = Union[Part, Sequence[Part]]
 
 _AXIS_DIMS = {"dense": 2, "conv": 4, "token": 3}
 _AXIS_SHAPE = {"dense": "[B, C]", "conv": "[B, C, H, W]", "token": "[B, T, C]"}
-
-
-class Fn(nn.Identity):
-    """Wraps a parameter-free callable (``torch.relu``, ``F.max_pool2d``, a lambda) as a module.
-
-    It derives from ``nn.Identity`` (a parameter-free op for
-    :func:`~neurofuse.levels.split_affine`), so a level ``[Fn(F.relu), conv]`` stays affine in its
-    parameters and the closed-form methods can fit it.
-    """
-
-    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
-
-    def extra_repr(self) -> str:
-        return getattr(self.fn, "__name__", repr(self.fn))
-
-
-class DeclaredNet(LeveledNet):
-    """A user model seen as a sequence of declared levels (built by :func:`levels_from`).
-
-    The levels are the user's own modules (shared with the original model, not copied), so
-    ``DeclaredNet`` and the model hold the same parameters.  Fusion methods clone it before
-    changing weights.  It cannot change its widths (:meth:`with_widths`) and has no zoo
-    ``config()``; save the fused model's ``state_dict`` and declare the levels again to reload.
-    """
-
-    arch = "declared"
-
-    def __init__(self, levels: Sequence[nn.Module], axes: Sequence[str], input_shape: Sequence[int],
-                 num_classes: int, names: Sequence[str], source: str = "model") -> None:
-        super().__init__(levels, axes, input_shape, num_classes)
-        self.level_names: List[str] = list(names)
-        self.source = source
-
-    def with_widths(self, widths: Sequence[int]) -> "LeveledNet":
-        raise ConfigError(
-            "declared models keep their widths: fuse them with width=None, or build the model "
-            "from the zoo (neurofuse.models) to change widths"
-        )
-
-    def config(self) -> Dict[str, Any]:
-        raise NotImplementedError(
-            "declared models have no zoo config; save their state_dict and declare the levels again"
-        )
-
-    def extra_repr(self) -> str:
-        return f"source={self.source}, levels={self.level_names}, axes={self.axes}"
 
 
 def _describe(part: Part) -> str:
@@ -191,8 +142,6 @@ def levels_from(model: nn.Module, levels: Optional[Sequence[LevelSpec]] = None,
     if input_shape is None:
         raise ConfigError("levels_from needs input_shape, the shape of one input sample, e.g. (3, 32, 32)")
     if levels is None:
-        from ._auto import auto_levels
-
         if axes is not None:
             raise ConfigError("axes are found with the automatic levels; leave axes out or declare "
                               "the levels")

@@ -1,0 +1,68 @@
+"""The :class:`~neurofuse.levels.LeveledNet` over a user's own modules, shared with the model.
+
+:func:`~neurofuse.levels.levels_from` builds a :class:`DeclaredNet` from declared levels and
+:func:`~neurofuse.levels.auto_levels` an :class:`~neurofuse.levels.AutoNet` (a ``DeclaredNet``) from
+a traced graph; both live on top of this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ._core import LeveledNet
+
+__all__ = ["DeclaredNet", "Fn"]
+
+
+class Fn(nn.Identity):
+    """Wraps a parameter-free callable (``torch.relu``, ``F.max_pool2d``, a lambda) as a module.
+
+    It derives from ``nn.Identity`` (a parameter-free op for
+    :func:`~neurofuse.levels.split_affine`), so a level ``[Fn(F.relu), conv]`` stays affine in its
+    parameters and the closed-form methods can fit it.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+class DeclaredNet(LeveledNet):
+    """A user model seen as a sequence of declared levels (built by :func:`levels_from`).
+
+    The levels are the user's own modules (shared with the original model, not copied), so
+    ``DeclaredNet`` and the model hold the same parameters.  Fusion methods clone it before
+    changing weights.  It cannot change its widths (:meth:`with_widths`) and has no zoo
+    ``config()``; save the fused model's ``state_dict`` and declare the levels again to reload.
+    """
+
+    arch = "declared"
+
+    def __init__(self, levels: Sequence[nn.Module], axes: Sequence[str], input_shape: Sequence[int],
+                 num_classes: int, names: Sequence[str], source: str = "model") -> None:
+        super().__init__(levels, axes, input_shape, num_classes)
+        self.level_names: List[str] = list(names)
+        self.source = source
+
+    def with_widths(self, widths: Sequence[int]) -> "LeveledNet":
+        raise ConfigError(
+            "declared models keep their widths: fuse them with width=None, or build the model "
+            "from the zoo (neurofuse.models) to change widths"
+        )
+
+    def config(self) -> Dict[str, Any]:
+        raise NotImplementedError(
+            "declared models have no zoo config; save their state_dict and declare the levels again"
+        )
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, levels={self.level_names}, axes={self.axes}"
