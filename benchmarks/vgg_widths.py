@@ -1,6 +1,7 @@
 """Why do OTFusion and Git Re-Basin fall apart on narrow VGGs? A short measured probe (issue 12, part 4).
 
     PYTHONPATH=src python benchmarks/vgg_widths.py --out runs/vgg-widths --widths 0.125 0.25 0.5
+    PYTHONPATH=src python benchmarks/vgg_widths.py --report runs/vgg-widths*/results.json
 
 MNIST, a class-balanced subset of ``--train`` training images split Dirichlet (ratio 0.2) between
 2 VGG11s (zoo ``VGG``, BatchNorm, ``width_multiplier``) trained ``--epochs`` epochs; 400-image
@@ -56,14 +57,43 @@ def permuted_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return out.eval()
 
 
+COLUMNS = ["ensemble+cs", "otfusion", "otfusion +REPAIR", "git-rebasin", "git-rebasin +REPAIR",
+           "git-rebasin/pre", "git-rebasin/pre +REPAIR", "kf-linear", "kf-linear +REPAIR", "vanilla",
+           "vanilla +REPAIR"]
+
+
+def report(paths: list) -> str:
+    """A markdown table of the mean over the runs (``results.json`` files, one per seed) per width."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    widths = sorted({w for r in runs for w in r}, key=float)
+    head = ["width", "seeds", "best base"] + COLUMNS
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w in widths:
+        cells = [r[w] for r in runs if w in r]
+        mean = lambda key: np.mean([c[key] for c in cells])  # noqa: E731
+        best = np.mean([max(c["base"]) for c in cells])
+        frac = {0.125: "1/8", 0.25: "1/4", 0.5: "1/2", 1.0: "1"}.get(float(w), w)
+        lines.append("| " + " | ".join([frac, str(len(cells)), f"{best:.1f}"]
+                                      + [f"{mean(k):.1f}" for k in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
+    p.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
+                   help="print the mean table of earlier runs and exit")
+    p.add_argument("--out")
     p.add_argument("--data-dir", default="/work/shared/data")
     p.add_argument("--widths", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     p.add_argument("--train", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="split, fusion set and initialisation")
     args = p.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.out:
+        p.error("--out is required (or --report)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("neurofuse").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -71,21 +101,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("mnist", args.data_dir)
     y = ds.y_train.numpy()
-    sub = np.sort(balanced_subset(y, np.arange(len(y)), args.train, seed=0))
-    parts = [sub[pt] for pt in partition(y[sub], 2, "dirichlet", seed=0, ratio=0.2)]
+    sub = np.sort(balanced_subset(y, np.arange(len(y)), args.train, seed=args.seed))
+    parts = [sub[pt] for pt in partition(y[sub], 2, "dirichlet", seed=args.seed, ratio=0.2)]
     shares = class_shares(y, parts, 10)
     rest = np.setdiff1d(np.arange(len(y)), sub)
-    fidx = balanced_subset(y, rest, 400, seed=0)
+    fidx = balanced_subset(y, rest, 400, seed=args.seed)
     fusion = (ds.x_train[fidx], ds.y_train[fidx])
     results = {}
     for w in args.widths:
         t0 = time.perf_counter()
         models = []
         for i, part in enumerate(parts):
-            torch.manual_seed(i)
+            torch.manual_seed(1000 * args.seed + i)
             m = VGG(ds.input_shape, 10, width_multiplier=w)
             train_model(m, ds.x_train[part], ds.y_train[part],
-                        config=TrainConfig(epochs=args.epochs, lr=1e-3, seed=i, warmup_epochs=1))
+                        config=TrainConfig(epochs=args.epochs, lr=1e-3, seed=1000 * args.seed + i, warmup_epochs=1))
             models.append(m.eval())
         r = {"train_seconds": time.perf_counter() - t0}
         acc = lambda m: 100 * evaluate(m, ds.x_test, ds.y_test)["accuracy"]  # noqa: E731

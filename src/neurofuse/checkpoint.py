@@ -20,7 +20,6 @@ usual umask-derived mode) and refuses to overwrite an existing file unless ``for
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -54,8 +53,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-log = logging.getLogger("neurofuse")
 
 #: value of the ``"format"`` field of the metadata document
 CHECKPOINT_FORMAT = "neurofuse-checkpoint"
@@ -228,8 +225,6 @@ def _write_document(model: nn.Module, document: Mapping[str, Any], out: Path, fo
     out = _prepare_output(out, force)
     write_safetensors(out, tensors, metadata={METADATA_KEY: header, DIGEST_KEY: digest(header, tensors)})
     return out
-
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,7 +202,6 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
         If the file is missing or corrupt, or holds pickled objects other than tensors (a whole
         pickled module: use :func:`load_pickled_module`).
     """
-
     p = Path(path)
     check_exists(p)
     if p.suffix.lower() == ".safetensors":
@@ -274,7 +273,6 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
         If the file names a class or function that is not allowed (the message lists them), or
         does not hold an ``nn.Module``.
     """
-
     p = Path(path)
     check_exists(p)
     allowed: List[Any] = _torch_nn_classes() + list(classes)
