@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = ["MAX_SEED", "check_seed", "is_int", "is_number"]
 
-#: The largest seed neurofuse accepts: every generator it seeds (``torch.Generator``,
-#: ``numpy.random.default_rng``, ``numpy.random.seed``) takes ``[0, 2**32 - 1]``.
+#: The largest seed neurofuse accepts: ``[0, 2**32 - 1]`` is the range that every generator it
+#: seeds takes (``numpy.random.seed`` takes no more; ``torch.Generator`` and ``default_rng`` more).
 MAX_SEED = 2**32 - 1
 
 
@@ -34,8 +36,6 @@ def is_number(value: Any) -> bool:
 
 def check_seed(value: Any, name: str = "seed") -> int:
     """``value`` as an ``int`` if it is an integer in ``[0, MAX_SEED]``; else a ``ConfigError``."""
-    from .errors import ConfigError
-
     if not is_int(value) or not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
     return int(value)
