@@ -190,7 +190,7 @@ def test_bad_arguments_are_one_line_errors(argv, pattern, capsys, tmp_path, monk
 
 def test_option_values_of_the_wrong_type_are_refused(trained, tmp_path, capsys):
     ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
-    for opt, pattern in (("n_init=abc", "must be int"), ("n_init", "KEY=VALUE")):
+    for opt, pattern in (("n_init=abc", "must be an integer >= 1, got 'abc'"), ("n_init", "KEY=VALUE")):
         code, _, err = _run(capsys, "fuse", *ckpts, "--option", opt, "--out", str(tmp_path / "u.safetensors"))
         _assert_one_line_error(code, err, pattern)
 

@@ -21,13 +21,11 @@ things, for the output of any fusion method:
    levels are re-estimated once earlier levels have been corrected.  A neuron that is
    constant on the fusion set (:math:`\sigma_j \approx 0`) is only shifted.
 
-Which base neurons are "matched" to fused neuron :math:`j` comes from ``groups`` (the methods
-``otfusion`` and ``git-rebasin`` record theirs in their ``groupings`` attribute, which
-:func:`neurofuse.fuse` passes on).  When no grouping is known for a level, fused neuron :math:`j`
-is matched with neuron :math:`j` of every base model of the fused width there, which is right for
-``vanilla``, ``kd-head`` and any method that keeps model 0's neuron order with aligned models,
-but **not** for clustering methods whose fused neurons are cluster indices (pass their
-groupings).  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
+Which base neurons are "matched" to fused neuron :math:`j` comes from ``correspondences``: every
+fusion method records one :class:`~neurofuse.grouping.Correspondence` per hidden level in its
+:class:`~neurofuse.methods.FusionResult`, which :func:`neurofuse.fuse` passes on.  When none is
+given for a level, fused neuron :math:`j` is matched with neuron :math:`j` of every base model of
+the fused width there, which is right only for averaging without alignment.  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
 or blocks such as the zoo's ResNet ``BasicBlock``, which sum two paths) are not rescaled; their
 BatchNorms are still re-estimated.
 
@@ -51,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._fusion_set import FusionSet, as_fusion_set
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
+from .grouping import Correspondence
 from .stats import MomentStats
 
 __all__ = ["repair", "reset_batchnorm"]
@@ -149,47 +148,24 @@ def _base_statistics(models: Sequence[LeveledNet], fs: FusionSet) -> List[List[T
     return out
 
 
-def _matching(groups: Any, level: int, n_fused: int, widths: Sequence[int]) -> Optional[np.ndarray]:
+def _matching(correspondences: Optional[Sequence[Optional[Correspondence]]], level: int, n_fused: int,
+              widths: Sequence[int]) -> Optional[np.ndarray]:
     """Row-stochastic ``[n_fused, sum(widths)]`` matrix of fused neurons to base neurons."""
-    total = int(sum(widths))
-    g = None if groups is None else groups[level]
-    if g is None:  # same index in every base model of the fused width
-        b = np.zeros((n_fused, total))
-        off = 0
-        for w in widths:
-            if w == n_fused:
-                b[:, off:off + w] = np.eye(w)
-            off += w
-        if not b.any():
-            log.warning("repair: no grouping for level %d and no base model of width %d; level "
-                        "left unchanged (pass groups=)", level, n_fused)
+    c = None if correspondences is None else correspondences[level]
+    if c is None:  # same index in every base model of the fused width
+        c = Correspondence.same_index(widths, n_fused)
+        if not c.covered().any():
+            log.warning("repair: no correspondence for level %d and no base model of width %d; level "
+                        "left unchanged (pass correspondences=)", level, n_fused)
             return None
-    elif hasattr(g, "labels") or (isinstance(g, np.ndarray) and g.ndim == 1) or (
-            isinstance(g, (list, tuple)) and len(g) > 0 and np.isscalar(g[0])):
-        labels = np.asarray(getattr(g, "labels", g), dtype=np.int64)
-        if labels.shape != (total,) or labels.min() < 0 or labels.max() >= n_fused:
-            raise ConfigError(
-                f"grouping of level {level} must label the {total} base neurons with fused neurons "
-                f"0..{n_fused - 1}"
-            )
-        b = np.zeros((n_fused, total))
-        b[labels, np.arange(total)] = 1.0
-    elif isinstance(g, (list, tuple)):
-        mats = [np.asarray(m, dtype=np.float64) for m in g]
-        if len(mats) != len(widths) or any(m.shape != (n_fused, w) for m, w in zip(mats, widths)):
-            raise ConfigError(
-                f"grouping of level {level} must hold one [{n_fused}, width] matrix per base model, "
-                f"widths {list(widths)}"
-            )
-        mats = [m / np.maximum(m.sum(1, keepdims=True), 1e-300) for m in mats]
-        b = np.concatenate(mats, axis=1)
-    else:
-        b = np.asarray(g, dtype=np.float64)
-        if b.shape != (n_fused, total):
-            raise ConfigError(f"grouping of level {level} must have shape [{n_fused}, {total}]")
-    if (b < 0).any():
-        raise ConfigError(f"grouping of level {level} has negative weights")
-    return b / np.maximum(b.sum(1, keepdims=True), 1e-300)
+    if not isinstance(c, Correspondence):
+        raise ConfigError(f"correspondences[{level}] is a {type(c).__name__}, not a "
+                          "neurofuse.grouping.Correspondence (FusionResult.correspondences holds them)")
+    if c.n_fused != n_fused or list(c.widths) != [int(w) for w in widths]:
+        raise ConfigError(
+            f"the correspondence of level {level} relates {c.n_fused} fused neurons to base widths "
+            f"{list(c.widths)}, but the models have {n_fused} and {list(widths)} there")
+    return c.normalized()
 
 
 def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
@@ -207,7 +183,7 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
 
 
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
-           groups: Optional[Sequence[Any]] = None, batch_size: int = 256,
+           correspondences: Optional[Sequence[Optional[Correspondence]]] = None, batch_size: int = 256,
            memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:
     """Repair the statistics of a fused model (REPAIR, Jordan et al. 2023); see the module notes.
 
@@ -221,13 +197,11 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         The fusion set (training samples only).
     rescale : bool
         Also rescale every fused neuron to its matched base neurons' mean and std.
-    groups : sequence, optional
-        Per level (every level but the output), which base neurons each fused neuron stands for:
-        ``None`` (same index in every base model of the fused width), a
-        :class:`~neurofuse.grouping.Grouping` or label array over the concatenated base neurons
-        (cluster members are averaged), a list of one ``[n_fused, n_k]`` non-negative matrix per
-        base model (soft matches, e.g. OT barycentric maps; rows are normalised), or one
-        ``[n_fused, sum n_k]`` matrix.
+    correspondences : sequence of Correspondence, optional
+        Per level (every level but the output), which base neurons each fused neuron stands for
+        (:attr:`neurofuse.methods.FusionResult.correspondences`; the targets are the
+        correspondence-weighted means of the base neurons' statistics).  ``None`` (or ``None`` for
+        a level): fused neuron ``j`` stands for neuron ``j`` of every base model of the fused width.
     batch_size : int
         Rows per forward pass.
     memory_budget : int, optional
@@ -242,7 +216,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     Raises
     ------
     ConfigError
-        If ``fused`` is an output ensemble (nothing is fused) or ``groups`` is malformed.
+        If ``fused`` is an output ensemble (nothing is fused) or a correspondence does not fit.
     IncompatibleModelsError
         If ``rescale`` is asked for models that are not compatible level-wise.
     """
@@ -267,8 +241,9 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     if not bases:
         raise IncompatibleModelsError("repair needs the base models the fused model came from")
     n_levels = out.num_levels
-    if groups is not None and len(groups) not in (n_levels - 1, n_levels):
-        raise ConfigError(f"groups must list {n_levels - 1} levels (all but the output), got {len(groups)}")
+    if correspondences is not None and len(correspondences) not in (n_levels - 1, n_levels):
+        raise ConfigError(f"correspondences must list {n_levels - 1} levels (all but the output), got "
+                          f"{len(correspondences)}")
     base_stats = _base_statistics(bases, fs)
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
@@ -292,7 +267,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
                 for b in stream:
                     acc.update(flatten_neurons(level(b.inputs[0]), out.axes[lvl]))
             mean_f, std_f = _moments(acc)
-            bm = _matching(groups, lvl, len(mean_f), [w[lvl] for w in base_widths])
+            bm = _matching(correspondences, lvl, len(mean_f), [w[lvl] for w in base_widths])
             if bm is not None:
                 mean_t = bm @ np.concatenate([s[lvl][0] for s in base_stats])
                 std_t = bm @ np.concatenate([s[lvl][1] for s in base_stats])

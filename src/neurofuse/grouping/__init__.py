@@ -10,9 +10,11 @@ from ._core import (
     output_weights,
     weighted_kmeans,
 )
+from ._correspondence import Correspondence
 from ._theory import approximation_error, grouping_error, representation_cost
 
 __all__ = [
+    "Correspondence",
     "OUTPUT_WEIGHTS",
     "Grouping",
     "approximation_error",

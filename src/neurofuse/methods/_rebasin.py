@@ -17,11 +17,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..importance import normalize_scores
 from ..stats import CrossMoments
-from ..levels import LeveledNet, check_same_levels, flatten_neurons
-from ._base import FusionMethod, check_output_weights, register_method
+from ..levels import LeveledNet, alignment_reason, check_same_levels, flatten_neurons
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Boolean, MethodOptions, OneOf, option
 from ..levels._layout import (
     NeuronMap,
     Space,
@@ -45,7 +47,7 @@ TIE_BREAK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class GitRebasinOptions:
+class GitRebasinOptions(MethodOptions):
     """Settings of :class:`GitRebasin`.
 
     Attributes
@@ -69,19 +71,11 @@ class GitRebasinOptions:
         mean with ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    metric: str = "distance"
-    activations: str = "post"
-    normalize_importance: bool = False
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.metric not in ("distance", "sqdistance", "correlation"):
-            raise ConfigError(
-                f"metric must be 'distance', 'sqdistance' or 'correlation', got {self.metric!r}")
-        if self.activations not in ("post", "pre"):
-            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+    metric: str = option("distance", OneOf("distance", "sqdistance", "correlation"))
+    activations: str = option("post", OneOf("post", "pre"))
+    normalize_importance: bool = option(False, Boolean())
+    class_weights: Optional[Any] = option(None, Anything("null or a [2, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
@@ -140,16 +134,25 @@ class GitRebasin(FusionMethod):
     """
 
     summary = "Git Re-Basin (Ainsworth et al. 2023): 2 models, activation matching, weighted average"
+    label = "Git Re-Basin"
+    order = 50
     Options = GitRebasinOptions
     uses_importance = True
     min_models = 2
     max_models = 2
     for_more_models = "'otfusion' or 'kf-linear'"
     supports_distributed = True
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        data = run.data
         assert data is not None
-        nets = check_same_levels(models)
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         m0, m1 = nets
         widths = [m.level_widths() for m in nets]
@@ -160,7 +163,7 @@ class GitRebasin(FusionMethod):
             )
         n_levels = m0.num_levels
         level_stats, inner_stats = self._statistics(nets, layouts, data)
-        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
+        scores = [[self._scores(run, m, lvl) for lvl in range(n_levels)] for m in nets]
         outs: List[Optional[NeuronMap]] = [None] * n_levels
         inner: List[Dict[str, NeuronMap]] = []
         for lvl in range(n_levels):
@@ -176,13 +179,13 @@ class GitRebasin(FusionMethod):
             else:
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
                                                        scores, None))
-        self.permutations: List[Optional[np.ndarray]] = [
-            None if m is None else m.out.numpy().argmax(1) for m in outs]
+        perms: List[Optional[np.ndarray]] = [None if m is None else m.out.numpy().argmax(1) for m in outs]
+        run.extras["permutations"] = perms
         fused = m0.clone()
         sd0 = m0.state_dict()
         state: Dict[str, Tensor] = {}
         # weight of model 1 in every class of the output level
-        head_w1 = torch.from_numpy(self.output_level_weights(nets, data)[1])
+        head_w1 = torch.from_numpy(self.output_level_weights(run, nets)[1])
         for lvl in range(n_levels):
             maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl], **inner[lvl]}
             aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, maps)
@@ -202,8 +205,8 @@ class GitRebasin(FusionMethod):
                     a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
                     state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
         fused.load_state_dict(state)
-        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if outs[lvl] is None
-                           else outs[lvl].out.numpy()] for lvl in range(n_levels - 1)]
+        for lvl in range(n_levels - 1):
+            run.record(lvl, Correspondence.from_permutations([None, perms[lvl]], widths[0][lvl:lvl + 1] * 2))
         return fused
 
     @staticmethod
@@ -213,8 +216,8 @@ class GitRebasin(FusionMethod):
         plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
         return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
 
-    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        s = self.importance_scores(net, data)[level]
+    def _scores(self, run: FusionRun, net: LeveledNet, level: int) -> np.ndarray:
+        s = run.importance_scores(net)[level]
         if self.options.normalize_importance:
             s = normalize_scores(s)
         return s.cpu().numpy()
