@@ -29,12 +29,14 @@ from ..levels._layout import (
     Space,
     SpaceMaps,
     align_level,
-    capture,
+    capture_spaces,
     check_alignable,
     identity_ok,
     normalized,
+    space_units,
     stream_members,
 )
+from ..levels._transformer import head_structured_plans
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, option
 
@@ -246,17 +248,18 @@ class OTFusion(FusionMethod):
                     known = False
                 maps: List[SpaceMaps] = [{"in": outs[k][lvl - 1] if lvl > 0 else None, "out": outs[k][lvl]}
                                          for k in range(n_models)]
-                for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
+                for unit in space_units(layout.internal):  # inner layers (a residual block's, heads)
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    for k, m in self._transports(run, nets, stream, partial, lvl, [lvl], sp).items():
-                        maps[k][sp.name] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit).items():
+                        for sp, m in zip(unit, ms):
+                            maps[k][sp.name] = m
                 mapped_outputs = False
                 if not known:
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     mapped_outputs = _ends_affine(nets[0].levels[lvl])
-                    for k, m in self._transports(run, nets, stream, partial, lvl, members, None,
-                                                 keep=mapped_outputs).items():
-                        outs[k][lvl] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
+                                                  keep=mapped_outputs).items():
+                        outs[k][lvl] = ms[0]
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
@@ -274,26 +277,28 @@ class OTFusion(FusionMethod):
 
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
-                    lvl: int, members: List[int], space: Optional[Space], keep: bool = False
-                    ) -> Dict[int, NeuronMap]:
-        """Transport of level ``lvl``'s output (over its stream ``members``), or of its internal
-        ``space``, from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to the anchor,
-        from one pass over the fusion set.  With ``keep``, the level outputs are handed to the
-        stream as every model's next input (the anchor's as they are, the others' to be mapped)."""
+                    lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False
+                    ) -> Dict[int, List[NeuronMap]]:
+        """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
+        or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
+        heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
+        the anchor, from one pass over the fusion set.  With ``keep``, the level outputs are handed
+        to the stream as every model's next input (the anchor's as they are, the others' to be
+        mapped)."""
         anchor = nets[0]
-        stats = {k: [CrossMoments() for _ in members] for k in partial}
-        if space is not None:
-            points = [dict(net.levels[lvl].named_modules())[space.point] for net in nets]
+        n_stats = len(members) if spaces is None else len(spaces)
+        stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
         with torch.no_grad():
             for b in stream:
                 runs = {0: lambda h=b.inputs[0]: anchor.levels[lvl](h)}
                 for k in partial:
                     runs[k] = (lambda h=b.inputs[k], k=k: functional_call(nets[k].levels[lvl], partial[k], (h,)))
-                if space is not None:
-                    z = {k: capture(points[k], call) for k, call in runs.items()}
+                if spaces is not None:
+                    z = {k: capture_spaces(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl])
+                         for k, call in runs.items()}
                     for k in partial:
-                        stats[k][0].update(flatten_neurons(z[k], nets[k].axes[lvl]),
-                                           flatten_neurons(z[0], anchor.axes[lvl]))
+                        for s, zk, za in zip(stats[k], z[k], z[0]):
+                            s.update(zk, za)
                     continue
                 chains: Dict[int, List[Tensor]] = {}
                 for k, call in runs.items():
@@ -307,24 +312,34 @@ class OTFusion(FusionMethod):
                 for k in partial:
                     for s, m, zk, za in zip(stats[k], members, chains[k], chains[0]):
                         s.update(flatten_neurons(zk, nets[k].axes[m]), flatten_neurons(za, anchor.axes[m]))
-        result = {}
+        result: Dict[int, List[NeuronMap]] = {}
         for k in partial:
-            cost = None
+            costs = []
             for s in stats[k]:
                 d = self.reduce(s).sq_dist().cpu().numpy()
-                d = d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d)
-                cost = d if cost is None else cost + d
-            assert cost is not None
-            if space is not None:  # importance is defined for level outputs only
+                costs.append(d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d))
+            if spaces is not None and spaces[0].heads:
+                # attention: heads matched as units, one within-head transport per space
+                def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+                    mu, nu = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
+                    plan = self._solve(mu, nu, c, lvl)
+                    return plan, float((plan * c).sum())
+
+                plans, _ = head_structured_plans(costs, spaces[0].heads, inner)
+                result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
+                continue
+            if spaces is not None:  # importance is defined for level outputs only
+                cost = costs[0]
                 mu = np.full(cost.shape[0], 1.0 / cost.shape[0])
                 nu = np.full(cost.shape[1], 1.0 / cost.shape[1])
             else:
+                cost = sum(costs)  # type: ignore[assignment]
                 mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
                 nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
             plan = self._solve(mu, nu, cost, lvl)
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,
-                      f" ({space.name})" if space is not None else "", float((plan * cost).sum()))
-            result[k] = NeuronMap.from_plan(plan, nu)
+                      f" ({spaces[0].name})" if spaces is not None else "", float((plan * cost).sum()))
+            result[k] = [NeuronMap.from_plan(plan, nu)]
         return result
 
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:

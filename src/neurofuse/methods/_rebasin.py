@@ -28,13 +28,16 @@ from ..levels._layout import (
     NeuronMap,
     Space,
     SpaceMaps,
-    activation_module,
     align_level,
+    capture_spaces,
     check_alignable,
     identity_ok,
     next_activation,
+    space_activation,
+    space_units,
     stream_members,
 )
+from ..levels._transformer import head_structured_plans
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -76,19 +79,6 @@ class GitRebasinOptions(MethodOptions):
     normalize_importance: bool = option(False, Boolean())
     class_weights: Optional[Any] = option(None, Anything("null or a [2, C] array of non-negative weights"))
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
-
-
-def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
-    """``level(h)`` and the outputs of its sub-modules ``points`` during that call."""
-    store: Dict[int, Tensor] = {}
-    handles = [p.register_forward_hook(lambda _m, _i, o, i=i: store.__setitem__(i, o))
-               for i, p in enumerate(points)]
-    try:
-        out = level(h)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return out, [store[i] for i in range(len(points))]
 
 
 @register_method("git-rebasin")
@@ -167,9 +157,15 @@ class GitRebasin(FusionMethod):
         outs: List[Optional[NeuronMap]] = [None] * n_levels
         inner: List[Dict[str, NeuronMap]] = []
         for lvl in range(n_levels):
-            inner.append({sp.name: self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl],
-                                                              scores, sp))
-                          for sp in layouts[lvl].internal})
+            inner.append({})
+            for unit in space_units(layouts[lvl].internal):
+                if unit[0].heads:  # attention: heads matched as units, a permutation per space
+                    for sp, m in zip(unit, self._match_heads([inner_stats[lvl][sp.name] for sp in unit],
+                                                              lvl, unit, scores)):
+                        inner[lvl][sp.name] = m
+                    continue
+                sp = unit[0]
+                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp))
             head = heads[lvl]
             members = stream_members(heads, head)
             if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
@@ -192,6 +188,7 @@ class GitRebasin(FusionMethod):
             weights = {"out": head_w1 if lvl == n_levels - 1 else self._weights(scores, outs, lvl, n_levels),
                        "in": self._weights(scores, outs, lvl - 1, n_levels) if lvl > 0 else None}
             space_of = {key: s0 for key, s0, _, _ in layouts[lvl].tensors}
+            last_axis = {key for key, _, _, kind in layouts[lvl].tensors if kind == "last"}
             for key, t1 in aligned.items():
                 full = f"levels.{lvl}.{key}"
                 t0 = sd0[full]
@@ -202,7 +199,8 @@ class GitRebasin(FusionMethod):
                 if w is None:  # internal neurons, output level, identity spaces: plain mean
                     state[full] = ((t0.double() + t1.double()) / 2).to(t0.dtype)
                 else:
-                    a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
+                    a = w.to(t0.device)
+                    a = a if key in last_axis else a.reshape(-1, *([1] * (t0.dim() - 1)))
                     state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
         fused.load_state_dict(state)
         for lvl in range(n_levels - 1):
@@ -249,25 +247,29 @@ class GitRebasin(FusionMethod):
         with self.stream(data, 2) as stream, torch.no_grad():
             for lvl in range(n_levels):
                 spaces = layouts[lvl].internal
-                mods = [dict(net.levels[lvl].named_modules()) for net in nets]
                 last = lvl == n_levels - 1
+                out_act = next_activation(nets[0], lvl)
+                acts = [space_activation(nets[0].levels[lvl], sp) for sp in spaces]
                 for b in stream:
                     res = []
                     for i, (net, h) in enumerate(zip(nets, b.inputs)):
-                        z, inner = _run_capturing(net.levels[lvl], h, [mods[i][sp.point] for sp in spaces])
+                        store: Dict[str, Tensor] = {}
+                        inner = capture_spaces(net.levels[lvl], spaces,
+                                               lambda: store.__setitem__("z", net.levels[lvl](h)), net.axes[lvl])
+                        z = store["z"]
                         if not last:
                             b.keep(i, z)
                         res.append((z, inner))
                     (z0, in0), (z1, in1) = res
                     axis = nets[0].axes[lvl]
-                    pairs = [(level_stats[lvl], z0, z1, next_activation(nets[0], lvl))]
-                    for sp, a0, a1 in zip(spaces, in0, in1):
-                        act = activation_module(mods[0].get(sp.act) if sp.act else None)
+                    # level outputs flattened to [rows, neurons]; inner spaces come flattened
+                    pairs = [(level_stats[lvl], flatten_neurons(z0, axis), flatten_neurons(z1, axis), out_act)]
+                    for sp, a0, a1, act in zip(spaces, in0, in1, acts):
                         pairs.append((inner_stats[lvl][sp.name], a0, a1, act))
                     for (s_pre, s_post), a0, a1, act in pairs:
-                        s_pre.update(flatten_neurons(a0, axis), flatten_neurons(a1, axis))
+                        s_pre.update(a0, a1)
                         if post:
-                            s_post.update(flatten_neurons(act(a0), axis), flatten_neurons(act(a1), axis))
+                            s_post.update(act(a0), act(a1))
                 if not last:
                     stream.advance({0: nets[0].levels[lvl], 1: nets[1].levels[lvl]})
         for pair in level_stats + [p for d in inner_stats for p in d.values()]:
@@ -290,6 +292,26 @@ class GitRebasin(FusionMethod):
                 d = 2.0 * s0 * s1 / (s0 + s1) * d
             cost += d
         return cost
+
+    def _match_heads(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, unit: List[Space],
+                     scores: List[List[np.ndarray]]) -> List[NeuronMap]:
+        """Permutations of the spaces of one attention (``unit``), heads matched as units: the
+        cost of pairing two heads is the sum over the spaces of their within-head matching costs
+        (:func:`neurofuse.levels._transformer.head_structured_plans`)."""
+        costs = []
+        for (pre, _), sp in zip(stats, unit):
+            costs.append(self._cost([pre], [lvl], scores, sp))
+
+        def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+            rows, cols = linear_sum_assignment(c)
+            plan = np.zeros_like(c)
+            plan[rows, cols] = 1.0 / len(rows)
+            return plan, float(c[rows, cols].sum())
+
+        # the costs are [model-0 neurons, model-1 neurons]: each plan's row j holds the model-1
+        # neuron matched to model-0 neuron j
+        plans, _ = head_structured_plans(costs, unit[0].heads, inner)
+        return [self._perm_map(p.argmax(1)) for p in plans]
 
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
                scores: List[List[np.ndarray]], space: Optional[Space]) -> np.ndarray:
