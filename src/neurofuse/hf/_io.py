@@ -95,7 +95,8 @@ def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
     shape_t: Tuple[int, ...] = tuple(int(s) for s in shape)
     pairs = adapter.levels(model)
     for lv, _ in pairs:
-        lv.not_alignable = lv.not_alignable or adapter.not_alignable
+        if lv.transformer_spec is None:
+            lv.not_alignable = lv.not_alignable or adapter.not_alignable
     net = HFLeveledNet(model, [lv for lv, _ in pairs], [ax for _, ax in pairs], shape_t,
                        int(config.num_labels), adapter.model_type)
     _check_levels(net, adapter, atol, seed)
@@ -119,6 +120,16 @@ def _check_levels(net: HFLeveledNet, adapter: Any, atol: float, seed: int) -> No
                 raise ConfigError(f"{type(model).__name__} fails on inputs of shape "
                                   f"{list(x.shape)}: {str(exc).splitlines()[0]}; check input_shape") from None
             got = net(x)
+            h = x
+            for lv in net.levels:   # a level's transformer stages must recompute it
+                out = lv(h)
+                spec = lv.transformer_spec
+                if spec is not None and not _close(spec.forward(lv, h), out, atol):
+                    log.warning("the %r adapter's transformer stages of %s do not recompute it; "
+                                "the level is fused as an opaque level", adapter.model_type, lv.level_name)
+                    lv.transformer_spec = None
+                    lv.not_alignable = lv.not_alignable or adapter.not_alignable
+                h = out
     finally:
         net.train(was)
     diff = float((got - ref).abs().max())
@@ -128,6 +139,10 @@ def _check_levels(net: HFLeveledNet, adapter: Any, atol: float, seed: int) -> No
             f"logits by {diff:.3g}; this transformers version computes the model differently "
             "from the adapter"
         )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= atol + atol * float(b.abs().max())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
                       fold_batchnorm, has_batchnorm, split_affine)
 from ._base import FusionMethod, FusionRun, register_method
+from ._blockfit import TransformerFit, closed_form_reason
 from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelRun", "LevelwiseFusion", "LinearFusion"]
@@ -54,6 +55,11 @@ class LevelRun(FusionRun):
         self.widths: List[int] = []
         self.prev_labels: Optional[List[np.ndarray]] = None
         self.prev_k = 0
+        #: the closed-form fit of transformer levels (:mod:`neurofuse.methods._blockfit`): made at
+        #: the first level, ``False`` when the model has no transformer level
+        self.blocks: Any = None
+        #: the grouping the next level must use (a plain level that starts a transformer stream)
+        self.forced_grouping: Optional[Grouping] = None
 
 
 class LevelwiseFusion(FusionMethod):
@@ -205,8 +211,12 @@ class LinearFusion(LevelwiseFusion):
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         """The closed form fits levels that are affine in their parameters after BatchNorm
-        folding (:func:`neurofuse.levels.affine_reason`); others need gradient steps."""
-        return affine_reason(net, index)
+        folding (:func:`neurofuse.levels.affine_reason`) and transformer levels sub-level by
+        sub-level (:mod:`neurofuse.methods._blockfit`); others need gradient steps."""
+        why = affine_reason(net, index)
+        if why is not None and closed_form_reason(net, index) is None:
+            return None
+        return why
 
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
         """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""
@@ -302,6 +312,8 @@ class LinearFusion(LevelwiseFusion):
         feats = sol.features.float()
         if last:
             grouping = identity_grouping(widths, self.output_level_weights(run, models))
+        elif getattr(run, "forced_grouping", None) is not None:   # the grouping of its stream
+            grouping, run.forced_grouping = run.forced_grouping, None
         else:
             grouping = self.group(feats, self.level_scores(run, models, level), widths, k, level)
             run.record(level, grouping.correspondence(widths))
@@ -320,6 +332,14 @@ class LinearFusion(LevelwiseFusion):
 
     def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
+        if run.blocks is None:
+            run.blocks = TransformerFit(self, run, models, fused) if TransformerFit.applies(fused) else False
+        if run.blocks:
+            if run.blocks.handles(level):     # a transformer level: stage by stage
+                run.blocks.fit_level(level, stream, k)
+                return
+            if run.blocks.starts_stream(level):
+                run.forced_grouping = run.blocks.stream_grouping(level, stream, k)
         stats = self.reduce(self.level_statistics(level, models, fused, stream))
         self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:
