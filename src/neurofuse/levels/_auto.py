@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ._transformer import affixed_block, block_stages
 from ._wrapped import DeclaredNet
 
 __all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
@@ -243,12 +244,29 @@ def _unfold_level(net: AutoNet, index: int, mine: nn.Module, theirs: nn.Module,
 # tracing
 # ---------------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Tuple[type, ...]) -> None:
+    def __init__(self, leaves: Tuple[type, ...], blocks: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self._leaves = leaves
+        self._blocks = {id(b) for b in blocks}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self._blocks:
+            return True   # a transformer block: one level of its own (levels/_transformer.py)
+        if isinstance(m, nn.TransformerEncoder):
+            return False  # traced as its layers, see call_module
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and not any(
+                v is not None and v is not False for v in kwargs.values()):
+            # without a mask, an encoder is its layers (and its final norm) one after the other
+            x = args[0]
+            for layer in m.layers:
+                x = self.call_module(layer, layer.forward, (x,), {})
+            if m.norm is not None:
+                x = self.call_module(m.norm, m.norm.forward, (x,), {})
+            return x
+        return super().call_module(m, forward, args, kwargs)
 
 
 class _Recorder(fx.Interpreter):
@@ -319,6 +337,8 @@ def _kind(g: _Graph, n: fx.Node) -> Optional[str]:
     if m is not None:
         if isinstance(m, _AFFINE):
             return "affine"
+        if block_stages(m) is not None:
+            return "stream"   # a transformer block: its output is the residual stream
         if isinstance(m, _NORM):
             return "norm"
         return None
@@ -368,7 +388,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         if n not in seps or _kind(g, n) is None or not _valid_output(g, n):
             continue
         seg = [m for m in g.nodes[since + 1:i + 1]]
-        if not any(_kind(g, m) == "affine" for m in seg):
+        if not any(_kind(g, m) in ("affine", "stream") for m in seg):
             continue
         users = list(n.users)
         if len(users) == 1 and _kind(g, n) in ("affine", "norm") and _kind(g, users[0]) == "norm" \
@@ -377,7 +397,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         cuts.append(n)
         since = i
     tail = g.nodes[since + 1:g.index[result] + 1]
-    if cuts and not any(_kind(g, m) == "affine" for m in tail):
+    if cuts and not any(_kind(g, m) in ("affine", "stream") for m in tail):
         cuts.pop()  # trailing parameter-free ops (a final dropout) join the last level
     cuts.append(result)
     return cuts
@@ -519,6 +539,11 @@ def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
     if blk is not None:
         return blk, "block"
     gm = _subgraph_module(g, nodes, start, nodes[-1])
+    spec = affixed_block(g, gm, nodes, start)
+    if spec is not None:   # tokens made ready (CLS token, position embedding), then a transformer block
+        level = AutoGraph(gm, "")
+        level.transformer_spec = spec
+        return level, "graph"
     direct = sorted({str(a.target) for n in nodes for a in n.all_input_nodes if a.op == "get_attr"})
     why = (f"it uses parameters directly ({', '.join(direct)})" if direct
            else "it is a sub-graph with several paths (attention or a skip connection that is not "
@@ -640,7 +665,9 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     try:
         kinds: List[str]
         try:
-            tracer = _Tracer(tuple(leaf_modules))
+            # transformer blocks are recognised (and checked by running them) before tracing
+            blocks = [m for name, m in model.named_modules() if name and block_stages(m) is not None]
+            tracer = _Tracer(tuple(leaf_modules), blocks)
             graph = tracer.trace(model)
             gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
             rec = _Recorder(gm)

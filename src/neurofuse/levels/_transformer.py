@@ -688,10 +688,62 @@ def _head_chain(children: Sequence[Tuple[str, nn.Module]]) -> Optional[List[Stag
                 h = g(h)
         except Exception:  # noqa: BLE001
             return None
+    norm_after = norm is not None and not isinstance(children[0][1], nn.LayerNorm)
     for pool in ("cls", "mean"):
         if h.shape == (2, width) and torch.allclose(h, _pool(x, pool), atol=1e-6):
+            if pool == "mean" and norm_after:
+                return None   # a LayerNorm of the mean is not the mean of the LayerNorms
             return [Head(fc, norm=norm, pool=pool)]  # type: ignore[arg-type]
     return None
+
+
+def affixed_block(g, gm: nn.Module, nodes: Sequence, start) -> Optional[TransformerSpec]:  # type: ignore[no-untyped-def]
+    """The spec of an automatic level that makes tokens ready and runs one transformer block
+    (a timm ``VisionTransformer`` between its patch convolution and its first block: flatten the
+    feature map, put a CLS token in front, add a position embedding), checked on the level's
+    recorded input; ``None`` if the sub-graph is anything else.
+
+    ``g`` is the traced model (:class:`neurofuse.levels._auto._Graph`), ``gm`` the level's
+    sub-graph module, ``nodes`` its nodes (the last one calls the block) and ``start`` the node
+    whose value is the level's input.
+    """
+    last = nodes[-1]
+    block = g.module(last)
+    stages = block_stages(block) if block is not None else None
+    if stages is None:
+        return None
+    width = _stream_width(stages, block)
+    cls = pos = None
+    for n in nodes[:-1]:
+        m = g.module(n)
+        if m is not None and any(True for _ in m.parameters()):
+            return None
+        for a in n.all_input_nodes:
+            if a.op != "get_attr":
+                continue
+            t = g.values.get(a)
+            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[0] != 1 or t.shape[-1] != width:
+                return None
+            if t.shape[1] == 1 and cls in (None, str(a.target)):
+                cls = str(a.target)
+            elif pos in (None, str(a.target)):
+                pos = str(a.target)
+            else:
+                return None
+    x = g.values.get(start)
+    if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+        return None
+    spec = numbered([Affix(x.dim() == 4, None if cls is None else f"graph.{cls}",
+                           None if pos is None else f"graph.{pos}")]
+                    + prefixed(stages, f"graph.{last.target}."))
+    holder = nn.Module()
+    holder.graph = gm
+    try:
+        with torch.no_grad():
+            ok = bool(torch.allclose(spec.forward(holder, x), gm(x), atol=1e-4, rtol=1e-4))
+    except Exception:  # noqa: BLE001 - not what the guess says
+        return None
+    return spec if ok else None
 
 
 def _stages(m: nn.Module, prefix: str) -> Optional[List[Stage]]:

@@ -262,8 +262,14 @@ class TransformerFit:
                         if len(points) <= p:
                             points.append([])
                         points[p].append(v)
-                for vs in points:
-                    gram.update(torch.cat(vs, 1))
+                import os
+                mode = os.environ.get("NF_SG", "all")
+                sel = points[-1:] if mode == "last" else points
+                for vs in sel:
+                    a = torch.cat(vs, 1)
+                    if mode == "norm":
+                        a = a / a.pow(2).mean().sqrt()
+                    gram.update(a)
         feats = self.method.reduce(gram).coordinates().float().to(self.device)
         widths = [bw[level] for bw in run.base_widths]
         scores = np.zeros(sum(widths))
@@ -351,6 +357,9 @@ class TransformerFit:
                 for i, s in enumerate(bspecs):
                     get = s.getter(bl[i])  # type: ignore[union-attr]
                     xb[i] = [stage_forward(bst[i], bl[i], get, x) for x in xb[i]]
+                if group is not None:  # how far the fused stream is from its targets after the stage
+                    info.setdefault("stream_error", []).append(_relative_error(
+                        xf, [group.target([v[j] for v in xb]) for j in range(len(xf))]))
         self.run.report.append(info)
         if group is not None:
             self.run.prev_labels = np.split(group.grouping.labels, np.cumsum(group.widths)[:-1])
@@ -517,45 +526,75 @@ class TransformerFit:
                     lab[cq] = lab[ck] = b * dq_f + int(g.labels[pos])
                     wq[cq] = wk[ck] = float(g.weights[pos])
                     pos += 1
+        import os
+        if os.environ.get("NF_QK") == "anchor":
+            wq[offs[0][2]:] = 0; wk[offs[0][2]:] = 0
         _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
         _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
         _identity_norm(fl, st.pre)
-        # 4. values, head by head, given the fused attention pattern
-        vstats = [LinearStats() for _ in range(heads)]
-        with torch.no_grad():
-            for j, x in enumerate(xf):
-                h = _normalised(st.pre, x)
-                q, k = st.q.apply(getf, h), st.k.apply(getf, h)
-                bsz, t = q.shape[0], q.shape[1]
-                qh = q.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                kh = k.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                pattern = torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
-                for b in range(heads):
-                    ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
-                           for i, p in enumerate(base_parts[j])]
-                    vstats[b].update(_design(pattern[:, b] @ h, bias_v), torch.cat([_flat(c) for c in ctx], 1))
-        vo_labels = [torch.zeros(n, dtype=torch.long) for n in nv]
-        for b in range(heads):
-            pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
-                            for i in range(len(bst))], 1)
-            sol_b = self._solve(vstats[b], pv)
-            g = self._group_inner(sol_b.features, dv, dv_f, level)
-            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
-            _write_proj(fl, st.v, sol_b.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
-            pos = 0
-            for i in range(len(bst)):
-                a = int(sigma[i, b])
-                vo_labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
-                pos += dv[i]
-        # 5. the output projection, to the residual target
-        designs, targets, sums = [], [], []
-        with torch.no_grad():
-            for j, x in enumerate(xf):
-                p = attention_parts(st, getf, x)
-                designs.append(_design(p["ctx"], st.o.bias is not None))
-                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
-        self._fit_residual(fl, st.o, designs, targets, self._residual_prior(
-            bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None, group.combiners))
+        def values_and_output() -> List[Tensor]:
+            # 4. values, head by head, given the fused attention pattern
+            vstats = [LinearStats() for _ in range(heads)]
+            with torch.no_grad():
+                for j, x in enumerate(xf):
+                    h = _normalised(st.pre, x)
+                    q, k = st.q.apply(getf, h), st.k.apply(getf, h)
+                    bsz, t = q.shape[0], q.shape[1]
+                    qh = q.reshape(bsz, t, heads, dq_f).transpose(1, 2)
+                    kh = k.reshape(bsz, t, heads, dq_f).transpose(1, 2)
+                    pattern = torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
+                    for b in range(heads):
+                        ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
+                               for i, p in enumerate(base_parts[j])]
+                        vstats[b].update(_design(pattern[:, b] @ h, bias_v), torch.cat([_flat(c) for c in ctx], 1))
+            vo_labels = [torch.zeros(n, dtype=torch.long) for n in nv]
+            for b in range(heads):
+                pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
+                                for i in range(len(bst))], 1)
+                sol_b = self._solve(vstats[b], pv)
+                g = self._group_inner(sol_b.features, dv, dv_f, level)
+                w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+                _write_proj(fl, st.v, sol_b.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
+                pos = 0
+                for i in range(len(bst)):
+                    a = int(sigma[i, b])
+                    vo_labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
+                    pos += dv[i]
+            # 5. the output projection, to the residual target
+            designs, targets, sums = [], [], []
+            with torch.no_grad():
+                for j, x in enumerate(xf):
+                    p = attention_parts(st, getf, x)
+                    designs.append(_design(p["ctx"], st.o.bias is not None))
+                    targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+            self._fit_residual(fl, st.o, designs, targets, self._residual_prior(
+                bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None, group.combiners))
+            return vo_labels
+
+        vo_labels = values_and_output()
+        import os
+        ep = int(os.environ.get("NF_QKGRAD", "0"))
+        if ep:
+            qk_keys = {st.q.weight, st.q.bias, st.k.weight, st.k.bias}
+            all_keys = qk_keys | {st.v.weight, st.v.bias, st.o.weight, st.o.bias}
+            keys = [k for k in (qk_keys if os.environ.get("NF_QKONLY") else all_keys) if k]
+            params = {k: tensor_of(fl, k).detach().clone().requires_grad_(True) for k in keys}
+            opt = torch.optim.Adam(list(params.values()), lr=float(os.environ.get("NF_LR", "1e-3")))
+            gg = lambda key: params[key] if key in params else tensor_of(fl, key)  # noqa: E731
+            tg = [group.target([bp["sum"] for bp in base_parts[j]]).float() for j in range(len(xf))]
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(ep):
+                for j in range(len(xf)):
+                    perm = torch.randperm(xf[j].shape[0], generator=gen)
+                    for c in perm.split(32):
+                        out = attention_parts(st, gg, xf[j][c])["sum"]
+                        loss = ((out - tg[j][c]) ** 2).mean()
+                        opt.zero_grad(); loss.backward(); opt.step()
+            with torch.no_grad():
+                for k, v in params.items():
+                    tensor_of(fl, k).copy_(v)
+            if os.environ.get("NF_REFIT"):
+                values_and_output()
         # 6. a post-norm, per neuron
         if st.post is not None:
             with torch.no_grad():
@@ -657,6 +696,15 @@ class TransformerFit:
         prior = sum(_prior(lv, s.fc, in_labels[i], k_in, norms[i], fc_bias) * w_out[i][None, :].double().cpu()
                     for i, (lv, s) in enumerate(zip(bl, bst)))
         self._fit_residual(fl, st.fc, designs, targets, prior)  # type: ignore[arg-type]
+
+
+def _relative_error(values: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
+    r""":math:`\lVert v - t\rVert^2 / \lVert t - \bar t\rVert^2` over all rows (``\bar t``: the
+    targets' mean per neuron): 0 is a perfect fit, 1 no better than the mean."""
+    err = sum(float(((v.double() - t) ** 2).sum()) for v, t in zip(values, targets))
+    flat = torch.cat([_flat(t) for t in targets], 0)
+    spread = float(((flat - flat.mean(0)) ** 2).sum())
+    return err / max(spread, 1e-300)
 
 
 def _batch_first(spec: TransformerSpec) -> List[Any]:
