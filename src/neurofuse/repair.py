@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._fusion_set import FusionSet, as_fusion_set
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
+from .levels._transformer import describe as describe_transformer
 from .grouping import Correspondence
 from .stats import MomentStats
 
@@ -115,6 +116,8 @@ def _fold_target(level: nn.Module) -> Optional[nn.Module]:
     whose output sums several paths (residual levels) or ends in another parametrised module."""
     if not isinstance(level, nn.Sequential) or getattr(level, "adds_input", False):
         return None
+    if describe_transformer(level) is not None:   # a transformer level: the stream is a residual sum
+        return None
     target = None
     for m in level.modules():
         if list(m.children()):
@@ -145,6 +148,21 @@ def _base_statistics(models: Sequence[LeveledNet], fs: FusionSet) -> List[List[T
                     h = level(h)
                     acc[i].update(flatten_neurons(h, m.axes[i]))
         out.append([_moments(a) for a in acc])
+    return out
+
+
+def _base_level_inputs(models: Sequence[LeveledNet], fs: FusionSet, level: int) -> List[List[Any]]:
+    """Per model, the inputs of ``level`` on every fusion batch."""
+    out = []
+    for m in models:
+        xs = []
+        with torch.no_grad():
+            for xb, _ in fs.batches(_device_of(m)):
+                h = xb
+                for i in range(level):
+                    h = m.levels[i](h)
+                xs.append(h)
+        out.append(xs)
     return out
 
 
@@ -182,9 +200,65 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
             log.warning("repair: level %d's last layer has no bias; only its scale was repaired", level)
 
 
+def _probe_values(level: nn.Module, space: Any, h: Any) -> List[Any]:
+    """The values ``[rows, n]`` of every probe of internal ``space`` while ``level`` runs on ``h``."""
+    from .levels._layout import Space, capture_spaces
+
+    one = [Space(f"{space.name}.{i}", space.point, None, probes=(p,)) for i, p in enumerate(space.probes)]
+    return capture_spaces(level, one, lambda: level(h), "token")
+
+
+def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, lvl: int,
+                  inner: Dict[str, Correspondence], fused_inputs: Any, base_inputs: Sequence[Any]) -> bool:
+    """REPAIR inside a transformer level: every internal space with a correspondence (attention
+    queries, keys, values; MLP hidden neurons) gets its matched base neurons' mean and std, folded
+    into the rows of the projection that writes it (in forward order, each measured after the
+    earlier ones were repaired).  Returns whether anything changed."""
+    from .levels._layout import level_layout
+    from .levels._transformer import tensor_of
+
+    changed = False
+    layout = level_layout(out.levels[lvl], lvl)
+    for space in layout.internal:
+        corr = inner.get(space.name)
+        if corr is None or not space.probes:
+            continue
+        bm = corr.normalized()
+        for pi, (_, weight, bias, start, stop) in enumerate(space.probes):
+            base = []
+            for m, xs in zip(bases, base_inputs):
+                acc = MomentStats()
+                with torch.no_grad():
+                    for h in xs:
+                        acc.update(_probe_values(m.levels[lvl], space, h)[pi])
+                base.append(_moments(acc))
+            acc = MomentStats()
+            with torch.no_grad():
+                for h in fused_inputs:
+                    acc.update(_probe_values(out.levels[lvl], space, h)[pi])
+            mean_f, std_f = _moments(acc)
+            mean_t = bm @ np.concatenate([b[0] for b in base])
+            std_t = bm @ np.concatenate([b[1] for b in base])
+            matched = bm.sum(1) > 0
+            flat = std_f <= _EPS * np.maximum(1.0, np.abs(mean_f))
+            a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
+            shift = np.where(matched, mean_t - a * mean_f, 0.0)
+            w = tensor_of(out.levels[lvl], weight)
+            at = torch.as_tensor(a, dtype=torch.float64, device=w.device)
+            with torch.no_grad():
+                rows = w[start:stop]
+                rows.copy_((rows.double() * at[:, None]).to(w.dtype))
+                if bias is not None:
+                    b = tensor_of(out.levels[lvl], bias)[start:stop]
+                    b.copy_((b.double() * at + torch.as_tensor(shift, device=w.device)).to(b.dtype))
+            changed = True
+    return changed
+
+
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
            correspondences: Optional[Sequence[Optional[Correspondence]]] = None, batch_size: int = 256,
-           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:
+           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET,
+           inner_correspondences: Optional[Dict[int, Dict[str, Correspondence]]] = None) -> nn.Module:
     """Repair the statistics of a fused model (REPAIR, Jordan et al. 2023); see the module notes.
 
     Parameters
@@ -204,6 +278,11 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         a level): fused neuron ``j`` stands for neuron ``j`` of every base model of the fused width.
     batch_size : int
         Rows per forward pass.
+    inner_correspondences : dict, optional
+        ``{level: {space: Correspondence}}`` for the internal spaces of transformer levels (the
+        alignment methods record them in ``FusionResult.extras["inner_correspondences"]``): the
+        attention queries, keys and values and the MLP hidden neurons are then repaired inside
+        the level (a transformer level's output is a residual sum and is not rescaled).
     memory_budget : int, optional
         Bytes of the fused model's level inputs kept in memory while they are carried forward
         (see :class:`neurofuse.levels.LevelStream`); beyond it they go to temporary files.
@@ -256,6 +335,13 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
             bns = _batchnorms(level)
             if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
                 reset_batchnorm(out, fs, modules=bns)
+            if inner_correspondences and lvl in inner_correspondences and describe_transformer(level):
+                base_in = _base_level_inputs(bases, fs, lvl)
+                if _repair_inner(out, bases, fs, lvl, inner_correspondences[lvl],
+                                 [b.inputs[0] for b in stream], base_in):
+                    changed = True
+                stream.advance({0: level})
+                continue
             target = _fold_target(level)
             if target is None:
                 log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "

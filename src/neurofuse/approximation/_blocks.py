@@ -16,7 +16,7 @@ neuron by neuron from additive statistics:
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,10 +49,12 @@ class NeuronRegression(AdditiveStats):
 
     fields = ("count", "sx", "sy", "sxx", "sxy")
 
-    def update(self, x: Tensor, y: Tensor) -> None:
+    def update(self, x: Tensor, y: Tensor, w: Optional[Tensor] = None) -> None:
+        """Add rows ``x``, ``y`` (``[rows, k]``), each with weight ``w[row]`` (default 1)."""
         x, y = x.double(), y.double()
-        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  sx=x.sum(0), sy=y.sum(0), sxx=(x * x).sum(0), sxy=(x * y).sum(0))
+        w = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device) if w is None else w.double().reshape(-1, 1)
+        self._add(count=w.sum(), sx=(w * x).sum(0), sy=(w * y).sum(0), sxx=(w * x * x).sum(0),
+                  sxy=(w * x * y).sum(0))
 
     def solve(self, eps: float = 1e-12) -> Tuple[Tensor, Tensor]:
         """``(gamma, beta)``: slope and intercept of every neuron (slope 0 where ``x`` is constant)."""

@@ -138,9 +138,26 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _design(h: Tensor, bias: bool) -> Tensor:
-    x = _flat(h).double()
-    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1) if bias else x
+def _design(h: Tensor, bias: bool, weights: Optional[Tensor] = None) -> Tensor:
+    """The rows of ``h`` (and a ones column with ``bias``), each token row scaled by the square
+    root of its weight (weighted least squares)."""
+    x = h.double()
+    if bias:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    return _flat(_weighted(x, weights))
+
+
+def _weighted(t: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """Token tensor ``[B, T, C]`` rows scaled by ``sqrt(weights[T])`` (others unchanged)."""
+    if weights is None or t.dim() != 3 or t.shape[1] != len(weights):
+        return t
+    return t * weights.sqrt().to(t.device, t.dtype)[None, :, None]
+
+
+def _row_weights(t: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+    if weights is None or t.dim() != 3 or t.shape[1] != len(weights):
+        return None
+    return weights.to(t.device).double()[None, :].expand(t.shape[0], -1).reshape(-1)
 
 
 def _normalised(norm: Optional[Norm], x: Tensor) -> Tensor:
@@ -226,6 +243,21 @@ class TransformerFit:
             heads.append(heads[i - 1] if tied else i)
         self.heads = heads
         self.streams: Dict[int, StreamGrouping] = {}
+        self.tw = self._token_weights()
+
+    def _token_weights(self) -> Optional[Tensor]:
+        r"""Weights of the token rows in every fit: when the head reads token 0 alone (a CLS
+        token), that token weighs as much as all the others together (:math:`T - 1`), since
+        the output depends on the stream through it; ``None`` (all alike) otherwise."""
+        last = self.specs[-1]
+        if last is None or not isinstance(last.stages[-1], Head) or last.stages[-1].pool != "cls":
+            return None
+        tokens = [s[1] for s, a in zip(self.fused.level_shapes(), self.fused.axes) if a == "token"]
+        if not tokens or len(set(tokens)) != 1 or tokens[0] < 2:
+            return None
+        w = torch.ones(tokens[0], dtype=torch.float64)
+        w[0] = tokens[0] - 1
+        return w
 
     @staticmethod
     def applies(fused: LeveledNet) -> bool:
@@ -262,14 +294,8 @@ class TransformerFit:
                         if len(points) <= p:
                             points.append([])
                         points[p].append(v)
-                import os
-                mode = os.environ.get("NF_SG", "all")
-                sel = points[-1:] if mode == "last" else points
-                for vs in sel:
-                    a = torch.cat(vs, 1)
-                    if mode == "norm":
-                        a = a / a.pow(2).mean().sqrt()
-                    gram.update(a)
+                for vs in points:
+                    gram.update(torch.cat(vs, 1))
         feats = self.method.reduce(gram).coordinates().float().to(self.device)
         widths = [bw[level] for bw in run.base_widths]
         scores = np.zeros(sum(widths))
@@ -305,9 +331,9 @@ class TransformerFit:
                 else:
                     parts = {"out": stage_forward(st, level, get, h)}
                 if "sum" in parts and getattr(st, "post", None) is not None:
-                    out.append(_flat(parts["sum"]))
+                    out.append(_flat(_weighted(parts["sum"], self.tw)))
                 h = parts["out"]
-                out.append(_flat(h))
+                out.append(_flat(_weighted(h, self.tw)))
             x = h.transpose(0, 1) if spec.seq_first else h
         return out
 
@@ -389,7 +415,7 @@ class TransformerFit:
         """Least squares of projection ``p`` on ``designs`` to ``targets`` (no grouping)."""
         stats = LinearStats()
         for x, t in zip(designs, targets):
-            stats.update(x, _flat(t))
+            stats.update(x, _flat(_weighted(t, self.tw)))
         _write_proj(level, p, self._solve(stats, prior).weights, p.bias is not None)
 
     def _residual_prior(self, bl: List[nn.Module], projs: List[Proj], labels: List[Tensor], k_in: int,
@@ -403,7 +429,7 @@ class TransformerFit:
         """A LayerNorm's weight and bias per neuron, from the normalised ``inputs`` to ``targets``."""
         reg = NeuronRegression()
         for x, t in zip(inputs, targets):
-            reg.update(_flat(_normalised(norm, x)), _flat(t))
+            reg.update(_flat(_normalised(norm, x)), _flat(t), _row_weights(x, self.tw))
         gamma, beta = self.method.reduce(reg).solve()
         if norm.weight:
             _write(level, norm.weight, gamma)
@@ -487,7 +513,8 @@ class TransformerFit:
                 h = _normalised(st.pre, x)
                 parts = [attention_parts(s, g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))]
                 base_parts.append(parts)
-                stats.update(_design(h, bias_qk), torch.cat([_flat(p[n]) for p in parts for n in ("q", "k", "v")], 1))
+                stats.update(_design(h, bias_qk, self.tw),
+                             torch.cat([_flat(_weighted(p[n], self.tw)) for p in parts for n in ("q", "k", "v")], 1))
         k_in = int(xf[0].shape[-1])
         priors = [torch.cat([_prior(lv, getattr(s, n), group.labels[i], k_in, s.pre, bias_qk if n != "v" else bias_v)
                              for n in ("q", "k", "v")], 1)
@@ -526,75 +553,46 @@ class TransformerFit:
                     lab[cq] = lab[ck] = b * dq_f + int(g.labels[pos])
                     wq[cq] = wk[ck] = float(g.weights[pos])
                     pos += 1
-        import os
-        if os.environ.get("NF_QK") == "anchor":
-            wq[offs[0][2]:] = 0; wk[offs[0][2]:] = 0
         _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
         _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
         _identity_norm(fl, st.pre)
-        def values_and_output() -> List[Tensor]:
-            # 4. values, head by head, given the fused attention pattern
-            vstats = [LinearStats() for _ in range(heads)]
-            with torch.no_grad():
-                for j, x in enumerate(xf):
-                    h = _normalised(st.pre, x)
-                    q, k = st.q.apply(getf, h), st.k.apply(getf, h)
-                    bsz, t = q.shape[0], q.shape[1]
-                    qh = q.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                    kh = k.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                    pattern = torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
-                    for b in range(heads):
-                        ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
-                               for i, p in enumerate(base_parts[j])]
-                        vstats[b].update(_design(pattern[:, b] @ h, bias_v), torch.cat([_flat(c) for c in ctx], 1))
-            vo_labels = [torch.zeros(n, dtype=torch.long) for n in nv]
-            for b in range(heads):
-                pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
-                                for i in range(len(bst))], 1)
-                sol_b = self._solve(vstats[b], pv)
-                g = self._group_inner(sol_b.features, dv, dv_f, level)
-                w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
-                _write_proj(fl, st.v, sol_b.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
-                pos = 0
-                for i in range(len(bst)):
-                    a = int(sigma[i, b])
-                    vo_labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
-                    pos += dv[i]
-            # 5. the output projection, to the residual target
-            designs, targets, sums = [], [], []
-            with torch.no_grad():
-                for j, x in enumerate(xf):
-                    p = attention_parts(st, getf, x)
-                    designs.append(_design(p["ctx"], st.o.bias is not None))
-                    targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
-            self._fit_residual(fl, st.o, designs, targets, self._residual_prior(
-                bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None, group.combiners))
-            return vo_labels
-
-        vo_labels = values_and_output()
-        import os
-        ep = int(os.environ.get("NF_QKGRAD", "0"))
-        if ep:
-            qk_keys = {st.q.weight, st.q.bias, st.k.weight, st.k.bias}
-            all_keys = qk_keys | {st.v.weight, st.v.bias, st.o.weight, st.o.bias}
-            keys = [k for k in (qk_keys if os.environ.get("NF_QKONLY") else all_keys) if k]
-            params = {k: tensor_of(fl, k).detach().clone().requires_grad_(True) for k in keys}
-            opt = torch.optim.Adam(list(params.values()), lr=float(os.environ.get("NF_LR", "1e-3")))
-            gg = lambda key: params[key] if key in params else tensor_of(fl, key)  # noqa: E731
-            tg = [group.target([bp["sum"] for bp in base_parts[j]]).float() for j in range(len(xf))]
-            gen = torch.Generator().manual_seed(0)
-            for _ in range(ep):
-                for j in range(len(xf)):
-                    perm = torch.randperm(xf[j].shape[0], generator=gen)
-                    for c in perm.split(32):
-                        out = attention_parts(st, gg, xf[j][c])["sum"]
-                        loss = ((out - tg[j][c]) ** 2).mean()
-                        opt.zero_grad(); loss.backward(); opt.step()
-            with torch.no_grad():
-                for k, v in params.items():
-                    tensor_of(fl, k).copy_(v)
-            if os.environ.get("NF_REFIT"):
-                values_and_output()
+        # 4. values, head by head, given the fused attention pattern
+        vstats = [LinearStats() for _ in range(heads)]
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                q, k = st.q.apply(getf, h), st.k.apply(getf, h)
+                bsz, t = q.shape[0], q.shape[1]
+                qh = q.reshape(bsz, t, heads, dq_f).transpose(1, 2)
+                kh = k.reshape(bsz, t, heads, dq_f).transpose(1, 2)
+                pattern = torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
+                for b in range(heads):
+                    ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
+                           for i, p in enumerate(base_parts[j])]
+                    vstats[b].update(_design(pattern[:, b] @ h, bias_v, self.tw),
+                                     torch.cat([_flat(_weighted(c, self.tw)) for c in ctx], 1))
+        vo_labels = [torch.zeros(n, dtype=torch.long) for n in nv]
+        for b in range(heads):
+            pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
+                            for i in range(len(bst))], 1)
+            sol_b = self._solve(vstats[b], pv)
+            g = self._group_inner(sol_b.features, dv, dv_f, level)
+            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+            _write_proj(fl, st.v, sol_b.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
+            pos = 0
+            for i in range(len(bst)):
+                a = int(sigma[i, b])
+                vo_labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
+                pos += dv[i]
+        # 5. the output projection, to the residual target
+        designs, targets, sums = [], [], []
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                p = attention_parts(st, getf, x)
+                designs.append(_design(p["ctx"], st.o.bias is not None, self.tw))
+                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+        self._fit_residual(fl, st.o, designs, targets, self._residual_prior(
+            bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None, group.combiners))
         # 6. a post-norm, per neuron
         if st.post is not None:
             with torch.no_grad():
@@ -617,7 +615,8 @@ class TransformerFit:
             for j, x in enumerate(xf):
                 parts = [mlp_parts(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))]
                 base_parts.append(parts)
-                stats.update(_design(_normalised(st.pre, x), bias1), torch.cat([_flat(p["z"]) for p in parts], 1))
+                stats.update(_design(_normalised(st.pre, x), bias1, self.tw),
+                             torch.cat([_flat(_weighted(p["z"], self.tw)) for p in parts], 1))
         k_in = int(xf[0].shape[-1])
         prior = torch.cat([_prior(lv, s.fc1, group.labels[i], k_in, s.pre, bias1) for i, (lv, s) in enumerate(zip(bl, bst))], 1)
         sol = self._solve(stats, prior)
@@ -631,7 +630,7 @@ class TransformerFit:
         with torch.no_grad():
             for j, x in enumerate(xf):
                 z = st.fc1.apply(getf, _normalised(st.pre, x))
-                designs.append(_design(act(z), st.fc2.bias is not None))
+                designs.append(_design(act(z), st.fc2.bias is not None, self.tw))
                 targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
         self._fit_residual(fl, st.fc2, designs, targets, self._residual_prior(
             bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners))

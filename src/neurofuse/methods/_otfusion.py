@@ -180,7 +180,7 @@ class OTFusion(FusionMethod):
         layouts, heads = check_alignable(nets, self.name)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
-        outs, params = self._align_all(run, nets, layouts, heads, widths, data)
+        outs, params, inner = self._align_all(run, nets, layouts, heads, widths, data)
         run.extras["transports"] = [
             [None if m is None else m.plan for m in outs[k]] for k in range(1, len(nets))]
         states = [anchor.state_dict()]
@@ -212,6 +212,11 @@ class OTFusion(FusionMethod):
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)
+        # the internal spaces' matchings (REPAIR inside transformer levels)
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_blocks([np.eye(ms[0].out.shape[0])] + [m.out.numpy() for m in ms])
+                  for name, ms in spaces.items() if ms and all(m is not None for m in ms)}
+            for lvl, spaces in enumerate(inner)}
         # matching matrices (for REPAIR): row j of Q_k averages model k's neurons matched to j
         for lvl in range(anchor.num_levels - 1):
             mats = [np.eye(widths[0][lvl])]
@@ -224,7 +229,8 @@ class OTFusion(FusionMethod):
     # -- alignment of every model to the anchor, level by level -----------------------------
     def _align_all(self, run: FusionRun, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
                    widths: List[List[int]], data: FusionSet
-                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]]]:
+                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]],
+                              List[Dict[str, List[NeuronMap]]]]:
         """Transport maps ``outs[k][lvl]`` and aligned parameters ``params[k][lvl]`` of every
         model ``k >= 1``.  A level stream carries the anchor's level inputs (stream 0) and those of
         every partially aligned model (stream ``k``: its levels below already aligned, so its
@@ -232,6 +238,7 @@ class OTFusion(FusionMethod):
         anchor, n_models, n_levels = nets[0], len(nets), nets[0].num_levels
         outs: List[List[Optional[NeuronMap]]] = [[None] * n_levels for _ in nets]
         params: List[List[Dict[str, Tensor]]] = [[] for _ in nets]
+        inner: List[Dict[str, List[NeuronMap]]] = []
         others = range(1, n_models)
         with self.stream(data, n_models) as stream:
             for lvl in tqdm(range(n_levels), desc="otfusion align", disable=not self.progress, leave=False):
@@ -263,6 +270,7 @@ class OTFusion(FusionMethod):
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
+                inner.append({sp.name: [maps[k][sp.name] for k in others] for sp in layout.internal})
                 if lvl < n_levels - 1:
                     fns: Dict[int, Callable[[Tensor], Tensor]] = {0: anchor.levels[lvl]}
                     post: Dict[int, Callable[[Tensor], Tensor]] = {}
@@ -273,7 +281,7 @@ class OTFusion(FusionMethod):
                             # output written in the anchor's basis (no second evaluation)
                             post[k] = _map_outputs(outs[k][lvl], nets[k].axes[lvl])  # type: ignore[arg-type]
                     stream.advance(fns, transforms=post)
-        return outs, params
+        return outs, params, inner
 
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],

@@ -175,6 +175,10 @@ class GitRebasin(FusionMethod):
             else:
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
                                                        scores, None))
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
+                  for name, m in spaces.items()}
+            for lvl, spaces in enumerate(inner)}
         perms: List[Optional[np.ndarray]] = [None if m is None else m.out.numpy().argmax(1) for m in outs]
         run.extras["permutations"] = perms
         fused = m0.clone()
