@@ -57,7 +57,7 @@ def test_fuse_hf_resizes_images_to_the_models_size(folders, tmp_path, capsys, ca
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "otfusion"], "method 'otfusion' cannot fuse level 0 (bert.embeddings) of model 0 (HFLeveledNet): aligning"),
+    (["--method", "kf-linear", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "kf-gradient", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "vanilla", "--repair"], "--repair does not apply to --hf"),
 ])
@@ -68,6 +68,16 @@ def test_fuse_hf_errors_are_one_line(folders, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["otfusion", "kf-linear"])
+def test_fuse_hf_aligns_and_fits_bert_in_closed_form(folders, tmp_path, capsys, method):
+    out = tmp_path / method
+    rc = main(["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--hf-data",
+               str(folders / "tokens.safetensors"), "--fusion-samples", "60", "--method", method,
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert nh.load_pretrained(out).family == "bert"
 
 
 def test_fuse_hf_needs_data_and_a_new_output(folders, tmp_path, capsys):
