@@ -187,3 +187,16 @@ def test_a_block_with_a_layer_scale_is_refused_with_the_reason():
 def test_embeddings_are_an_embed_stage():
     net, _ = _models("zoo")
     assert isinstance(describe(net.levels[0]).stages[0], Embed)
+
+
+@pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
+def test_values_fitted_head_by_head_when_the_attention_is_wide(monkeypatch, method):
+    """Above JOINT_VALUE_COLUMNS the values are fitted per head to the grouped contexts: the
+    permuted copy still gives the model back."""
+    import neurofuse.methods._blockfit as bf
+
+    monkeypatch.setattr(bf, "JOINT_VALUE_COLUMNS", 8)
+    net, x = _models("hf-bert")
+    y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    fused = neurofuse.fuse([net, permute_spaces(net, seed=3)], (x, y), method=method, progress=False)
+    assert _gap(fused, net, x) < 1e-4

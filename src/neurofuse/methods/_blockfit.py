@@ -80,9 +80,15 @@ from ..levels._transformer import (
     tensor_of,
 )
 
-__all__ = ["TransformerFit", "closed_form_reason"]
+__all__ = ["JOINT_VALUE_COLUMNS", "TransformerFit", "closed_form_reason"]
 
 log = logging.getLogger("neurofuse")
+
+#: the largest design (``heads x stream width + 1`` columns) for which the values are fitted
+#: jointly with the output projection to the residual target (:meth:`TransformerFit._values_jointly`;
+#: its Gram matrix is that size squared: 4097 columns are 134 MB in float64, a ViT-S/16 has
+#: 6 x 384 + 1 = 2305); wider attention fits its values head by head to the grouped contexts
+JOINT_VALUE_COLUMNS = 4097
 
 
 def closed_form_reason(net: nn.Module, index: int) -> Optional[str]:
@@ -556,43 +562,22 @@ class TransformerFit:
         _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
         _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
         _identity_norm(fl, st.pre)
-        # 4. values, head by head, given the fused attention pattern
-        vstats = [LinearStats() for _ in range(heads)]
-        with torch.no_grad():
-            for j, x in enumerate(xf):
-                h = _normalised(st.pre, x)
-                q, k = st.q.apply(getf, h), st.k.apply(getf, h)
-                bsz, t = q.shape[0], q.shape[1]
-                qh = q.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                kh = k.reshape(bsz, t, heads, dq_f).transpose(1, 2)
-                pattern = torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
-                for b in range(heads):
-                    ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
-                           for i, p in enumerate(base_parts[j])]
-                    vstats[b].update(_design(pattern[:, b] @ h, bias_v, self.tw),
-                                     torch.cat([_flat(_weighted(c, self.tw)) for c in ctx], 1))
-        vo_labels = [torch.zeros(n, dtype=torch.long) for n in nv]
-        for b in range(heads):
-            pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
-                            for i in range(len(bst))], 1)
-            sol_b = self._solve(vstats[b], pv)
-            g = self._group_inner(sol_b.features, dv, dv_f, level)
-            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
-            _write_proj(fl, st.v, sol_b.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
-            pos = 0
-            for i in range(len(bst)):
-                a = int(sigma[i, b])
-                vo_labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
-                pos += dv[i]
-        # 5. the output projection, to the residual target
-        designs, targets, sums = [], [], []
+        # 4. values and the output projection, given the fused attention pattern
+        k_in = int(xf[0].shape[-1])
+        o_prior = None
+        if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
+            self._values_jointly(fl, st, bl, bst, xf, base_parts, group, sigma, dq_f, dv_f)
+        else:
+            vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
+            o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
+                                           group.combiners)
+        designs, targets = [], []
         with torch.no_grad():
             for j, x in enumerate(xf):
                 p = attention_parts(st, getf, x)
                 designs.append(_design(p["ctx"], st.o.bias is not None, self.tw))
                 targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
-        self._fit_residual(fl, st.o, designs, targets, self._residual_prior(
-            bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None, group.combiners))
+        self._fit_residual(fl, st.o, designs, targets, o_prior)
         # 6. a post-norm, per neuron
         if st.post is not None:
             with torch.no_grad():
@@ -600,6 +585,94 @@ class TransformerFit:
                 outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
             self._fit_norm(fl, st.post, sums, outs)
         return sigma
+
+    def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
+        """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
+        get = self.base_specs_getter(fl)
+        q, k = st.q.apply(get, h), st.k.apply(get, h)
+        b, t = q.shape[0], q.shape[1]
+        qh = q.reshape(b, t, heads, dq_f).transpose(1, 2)
+        kh = k.reshape(b, t, heads, dq_f).transpose(1, 2)
+        return torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
+
+    def _values_jointly(self, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
+                        xf: List[Tensor], base_parts: List[List[Dict[str, Tensor]]], group: StreamGrouping,
+                        sigma: np.ndarray, dq_f: int, dv_f: int) -> None:
+        r"""Values from the residual target itself.  Given the fused patterns :math:`P_b`, the
+        attention output :math:`\sum_b P_b h W_{v,b}^\top W_{o,b}^\top` is linear in the products
+        :math:`M_b = W_{v,b}^\top W_{o,b}^\top`: least squares for every :math:`M_b` on the design
+        :math:`[P_1 h, \dots, P_H h, 1]` to the residual target, then each :math:`M_b` cut to its
+        rank-``dv`` part (SVD, :math:`U_b S_b^{1/2}` becomes head :math:`b`'s values); the output
+        projection is refitted on the fused contexts afterwards.  (A value bias only adds a constant
+        through the rows of :math:`P_b`, which sum to one: it is left to the output bias.)  The prior
+        of :math:`M_b` is the weighted centre of the products of the base heads matched to fused
+        head :math:`b`, in the fused stream's coordinates."""
+        heads = st.heads
+        k = int(xf[0].shape[-1])
+        prior = torch.zeros(heads * k + 1, k, dtype=torch.float64, device=self.device)
+        for i, (lv, s) in enumerate(zip(bl, bst)):
+            v = _prior(lv, s.v, group.labels[i], k, s.pre, s.v.bias is not None)      # [k(+1), n_v]
+            wo = s.o.rows(tensor_of(lv, s.o.weight)).detach().double()                  # [n_i, n_v]
+            comb = group.combiners[i].to(wo.device)                                    # [n_i, k]
+            dv = wo.shape[1] // heads
+            for b in range(heads):
+                cols = slice(int(sigma[i, b]) * dv, (int(sigma[i, b]) + 1) * dv)
+                mb = v[:, cols] @ wo[:, cols].T @ comb                                   # [k(+1), k]
+                prior[b * k:(b + 1) * k] += mb[:k]
+                if s.v.bias is not None:
+                    prior[-1] += mb[k]
+            if s.o.bias is not None:
+                prior[-1] += s.o.rows(tensor_of(lv, s.o.bias)).detach().double() @ comb
+        stats = LinearStats()
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                pattern = self._patterns(st, fl, h, heads, dq_f)
+                z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
+                tgt = group.target([bp["sum"] for bp in base_parts[j]]) - x.double()
+                stats.update(_design(z, True, self.tw), _flat(_weighted(tgt, self.tw)))
+        m = self._solve(stats, prior).weights
+        values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
+        for b in range(heads):
+            u, sv, _ = torch.linalg.svd(m[b * k:(b + 1) * k])
+            values[b * dv_f:(b + 1) * dv_f] = (u[:, :dv_f] * sv[:dv_f].sqrt()).T
+        _write(fl, st.v.weight, values, st.v.start, st.v.start + heads * dv_f)
+        if st.v.bias:
+            _write(fl, st.v.bias, torch.zeros(heads * dv_f), st.v.start, st.v.start + heads * dv_f)
+
+    def _values_per_head(self, level: int, fl: nn.Module, st: Attention, xf: List[Tensor],
+                         base_parts: List[List[Dict[str, Tensor]]], sigma: np.ndarray, priors: List[Tensor],
+                         nq: List[int], dv: List[int], dq_f: int, dv_f: int) -> List[Tensor]:
+        """Values head by head (models too wide for :meth:`_values_jointly`): given fused head
+        ``b``'s pattern, least squares on ``[P_b h, 1]`` to the grouped contexts of the base heads
+        matched to it (their value neurons grouped).  Returns every model's value neurons' fused
+        labels (the output projection's prior)."""
+        heads = len(sigma[0])
+        bias_v = st.v.bias is not None
+        vstats = [LinearStats() for _ in range(heads)]
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                pattern = self._patterns(st, fl, h, heads, dq_f)
+                for b in range(heads):
+                    ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
+                           for i, p in enumerate(base_parts[j])]
+                    vstats[b].update(_design(pattern[:, b] @ h, bias_v, self.tw),
+                                     torch.cat([_flat(_weighted(c, self.tw)) for c in ctx], 1))
+        labels = [torch.zeros(d * heads, dtype=torch.long) for d in dv]
+        for b in range(heads):
+            pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
+                            for i in range(len(dv))], 1)
+            sol = self._solve(vstats[b], pv)
+            g = self._group_inner(sol.features, dv, dv_f, level)
+            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+            _write_proj(fl, st.v, sol.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
+            pos = 0
+            for i in range(len(dv)):
+                a = int(sigma[i, b])
+                labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
+                pos += dv[i]
+        return labels
 
     def _mlp(self, level: int, fl: nn.Module, st: MLP, bl: List[nn.Module], bst: List[MLP], xf: List[Tensor],
              xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
