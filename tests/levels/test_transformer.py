@@ -200,3 +200,14 @@ def test_values_fitted_head_by_head_when_the_attention_is_wide(monkeypatch, meth
     y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
     fused = neurofuse.fuse([net, permute_spaces(net, seed=3)], (x, y), method=method, progress=False)
     assert _gap(fused, net, x) < 1e-4
+
+
+def test_statistics_only_fusion_refuses_transformers_with_the_reason():
+    """Federated fusion from one round of level statistics cannot run the stage-by-stage fit."""
+    from neurofuse.errors import IncompatibleModelsError
+    from neurofuse.methods import get_method
+
+    net, _ = _models("zoo")
+    method = get_method("kf-linear")(progress=False)
+    with pytest.raises(IncompatibleModelsError, match="transformer.*kf-gradient"):
+        method.level_statistics(0, [net], net.clone(), None)

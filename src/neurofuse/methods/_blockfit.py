@@ -635,7 +635,11 @@ class TransformerFit:
         values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
         for b in range(heads):
             u, sv, _ = torch.linalg.svd(m[b * k:(b + 1) * k])
-            values[b * dv_f:(b + 1) * dv_f] = (u[:, :dv_f] * sv[:dv_f].sqrt()).T
+            u = u[:, :dv_f]
+            # a sign per singular vector (its largest entry positive), so that the same statistics
+            # summed in another order give the same values
+            u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+            values[b * dv_f:(b + 1) * dv_f] = (u * sv[:dv_f].sqrt()).T
         _write(fl, st.v.weight, values, st.v.start, st.v.start + heads * dv_f)
         if st.v.bias:
             _write(fl, st.v.bias, torch.zeros(heads * dv_f), st.v.start, st.v.start + heads * dv_f)

@@ -280,6 +280,12 @@ class LinearFusion(LevelwiseFusion):
         additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
+        if TransformerFit.applies(fused):
+            raise IncompatibleModelsError(
+                f"level {level} belongs to a transformer: its closed form fits one sub-level after the "
+                "other from the fused model's values, which one round of level statistics does not "
+                "carry; fuse transformers where the fusion data is (kf-linear, also distributed) or "
+                "with kf-gradient")
         pre, affine = split_affine(fused.levels[level])
         shared = self.shares_inputs(level, models, fused)
         stats = LinearStats(cross=not shared, rows=shared)
