@@ -63,63 +63,12 @@ def _split_config(a: argparse.Namespace):
                        ratio=a.ratio, seed=a.seed, epochs=a.epochs, lr=a.lr)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name the same file: equal after resolving symlinks, or one inode."""
-    try:
-        if a.resolve() == b.resolve():
-            return True
-    except (OSError, RuntimeError):  # a symlink loop
-        pass
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _writable_parent(path: Path) -> None:
-    """The nearest existing ancestor of ``path`` must be a writable directory."""
-    from .errors import OutputExistsError
-
-    anc = path.parent
-    while not anc.exists() and anc != anc.parent:
-        if anc.is_symlink():  # a dangling symlink as a parent
-            raise OutputExistsError(f"cannot create {path}: {anc} is a broken symlink")
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputExistsError(f"cannot create {path}: {anc} is a file, not a directory; "
-                                "choose another path")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write {path}: directory {anc} is not writable; choose "
-                                "another path or fix its permissions")
-
-
 def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = (),
                    data_dir: Any = None, check_data: bool = True) -> None:
-    """Check every output of a command before any work, the same way for every command.
+    """:func:`neurofuse._io.check_outputs`, with the data directory of ``--data-dir`` protected when
+    the command reads a dataset (``check_data``)."""
+    from ._io import check_outputs
 
-    Parameters
-    ----------
-    outputs : sequence of (path, kind)
-        ``kind`` is the required suffix of an output file (``".safetensors"``, ``".json"``,
-        ``".png"``) or ``"dir"`` for an output directory.
-    force : bool
-        Whether existing outputs may be replaced (``--force``).
-    inputs : sequence of path
-        Every file the command reads: no output may be one of them, ``--force`` or not
-        (compared after resolving symlinks, and by inode for hard links).
-    data_dir : str, optional
-        The ``--data-dir``; existing files in the data directory are inputs too.
-    check_data : bool
-        Whether the command reads a dataset (then ``data_dir`` is protected).
-
-    Raises
-    ------
-    OutputExistsError, ConfigError
-        Naming the output and what to do.
-    """
-    from .errors import ConfigError, OutputExistsError
-
-    ins = [Path(i) for i in inputs]
     data_root: Optional[Path] = None
     if check_data:
         from .data import resolve_data_dir
@@ -128,46 +77,7 @@ def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = 
             data_root = resolve_data_dir(data_dir).resolve()
         except (OSError, RuntimeError):
             data_root = None
-    seen: List[Path] = []
-    for raw, kind in outputs:
-        out = Path(raw)
-        if str(raw) == "" or out.name in ("", ".", ".."):
-            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
-        for i in ins:
-            if _same_file(out, i):
-                raise OutputExistsError(f"output {out} is one of the inputs ({i}); inputs are never "
-                                        "overwritten: choose another output path")
-        for other in seen:
-            if _same_file(out, other):
-                raise ConfigError(f"two outputs are the same file {out}; give each its own path")
-        seen.append(out)
-        if kind == "dir":
-            if out.exists() and not out.is_dir():
-                raise OutputExistsError(f"output directory {out} is a file; choose a directory")
-            if not out.exists():
-                _writable_parent(out / "x")
-            elif not os.access(out, os.W_OK | os.X_OK):
-                raise OutputExistsError(f"cannot write into {out}: the directory is not writable")
-            continue
-        if out.is_dir():
-            raise OutputExistsError(f"output {out} is a directory; give a file path instead")
-        if out.suffix != kind:
-            raise ConfigError(f"output {out} must end in {kind}; rename it")
-        if out.exists() or out.is_symlink():
-            if data_root is not None and _inside(out, data_root):
-                raise OutputExistsError(f"output {out} is a file of the data directory "
-                                        f"{data_root}; choose another path")
-            if not force:
-                raise OutputExistsError(f"{out} exists; pass --force to overwrite")
-        _writable_parent(out)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
+    check_outputs(outputs, force, inputs, data_root)
 
 
 def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
