@@ -279,6 +279,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0
 
 
+def _empty_dir(path: Path) -> bool:
+    """Whether ``path`` is a real (not symlinked) directory with nothing in it."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
 def check_folder_replaceable(path: PathLike) -> None:
     """Raise :class:`~neurofuse.errors.OutputExistsError` unless the existing folder ``path`` may be
     replaced whole: it is empty, or a folder :func:`write_folder` wrote that holds nothing but the
@@ -317,7 +325,7 @@ def write_folder(path: PathLike, write: Callable[[Path], None], *, force: bool =
 
     ``tmp`` is a sibling of ``path``; when ``write`` returns, a manifest of its files is added,
     everything is fsynced and ``tmp`` takes the place of ``path`` (see the module docstring).  An
-    existing ``path`` is replaced only with ``force`` and only if
+    existing ``path`` is replaced only if it is empty, or with ``force`` and only if
     :func:`check_folder_replaceable` allows it.  On any error ``tmp`` is removed and ``path`` is
     left as it was.
 
@@ -329,7 +337,7 @@ def write_folder(path: PathLike, write: Callable[[Path], None], *, force: bool =
     out = Path(path)
     exists = out.exists() or out.is_symlink()
     if exists:
-        if not force:
+        if not force and not _empty_dir(out):
             raise OutputExistsError(f"{out} exists; pass --force to overwrite")
         check_folder_replaceable(out)
     _make_parents(out.parent)
@@ -431,9 +439,13 @@ def _check_folder(out: Path, force: bool, ins: Sequence[Path], data_root: Option
         raise OutputExistsError(f"output folder {out} is or holds the working directory, which "
                                 "would be replaced whole; give a new folder such as runs/fused")
     if out.exists() or out.is_symlink():
-        if not force:
+        if out.is_symlink() or not out.is_dir():
+            check_folder_replaceable(out)   # says why a link or a file cannot be replaced
+        if not force and not _empty_dir(out):
             raise OutputExistsError(f"{out} exists; pass --force to overwrite")
         check_folder_replaceable(out)
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise OutputExistsError(f"cannot replace {out}: its directory {out.parent} is not writable")
     else:
         _writable_parent(out)
 
@@ -466,9 +478,8 @@ def check_outputs(outputs: Sequence[Tuple[Any, str]], force: bool, inputs: Seque
     seen: List[Path] = []
     for raw, kind in outputs:
         out = Path(raw)
-        if str(raw) == "" or out.name in ("", ".", ".."):
-            what = "folder" if kind == "folder" else "file"
-            raise ConfigError(f"output path {str(raw)!r} names no {what}; give a {what} name")
+        if str(raw) == "" or (out.name in ("", ".", "..") and kind != "folder"):
+            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
         for other in seen:
             if same_file(out, other):
                 raise ConfigError(f"two outputs are the same file {out}; give each its own path")

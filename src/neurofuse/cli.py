@@ -214,28 +214,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from ._io import write_folder
     from .checkpoint import save_json, save_model
     from .data import load_dataset
     from .experiment import train_base_models
 
     out = Path(a.out)
-    paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
-    _check_outputs([(out, "dir")] + [(p, p.suffix) for p in paths], a.force, data_dir=a.data_dir)
+    names = [f"model_{i}.safetensors" for i in range(a.models)] + ["split.json"]
+    # the folder is written whole and swapped in: a run killed half-way never mixes two runs' models
+    _check_outputs([(out, "folder")], a.force, data_dir=a.data_dir)
     ds = load_dataset(a.dataset, a.data_dir)
     cfg = _split_config(a)
     base = train_base_models(ds, cfg, progress=not a.no_progress, device=a.device)
-    for i, (m, part) in enumerate(zip(base.models, base.parts)):
-        val = base.histories[i]["best_val_accuracy"]
-        save_model(m, paths[i], force=a.force,
-                   metadata={"dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed,
-                             "model_index": i, "train_samples": int(len(part)), "val_accuracy": val})
-        print(f"{paths[i]}: {len(part)} training samples, validation accuracy "
-              f"{100 * (val or 0):.1f}%")
-    save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
-               "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
-               "parts": [p.tolist() for p in base.parts],
-               "class_shares": base.class_shares.tolist()}, paths[-1], force=a.force)
-    print(f"wrote {paths[-1]} (partition indices and class shares)")
+
+    def write(tmp: Path) -> None:
+        for i, (m, part) in enumerate(zip(base.models, base.parts)):
+            save_model(m, tmp / names[i], metadata={
+                "dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed, "model_index": i,
+                "train_samples": int(len(part)), "val_accuracy": base.histories[i]["best_val_accuracy"]})
+        save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
+                   "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
+                   "parts": [p.tolist() for p in base.parts],
+                   "class_shares": base.class_shares.tolist()}, tmp / names[-1])
+
+    write_folder(out, write, force=a.force)
+    for i, part in enumerate(base.parts):
+        print(f"{out / names[i]}: {len(part)} training samples, validation accuracy "
+              f"{100 * (base.histories[i]['best_val_accuracy'] or 0):.1f}%")
+    print(f"wrote {out / names[-1]} (partition indices and class shares)")
     return 0
 
 
