@@ -779,10 +779,11 @@ def cmd_federate(a: argparse.Namespace) -> int:
         from .federated._bench import run_fl_bench
 
         out = Path(a.out) if a.out else None
-        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir)
+        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir, force=a.force)
         return 0
     out = Path(a.out)
-    _check_outputs([(out / "results.json", ".json")], a.force, data_dir=a.data_dir)
+    _check_outputs([(out, "dir"), (out / "results.json", ".json"), (out / "accuracy.png", ".png")],
+                   a.force, data_dir=a.data_dir)
     compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
     if a.clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {a.clients}")

@@ -23,6 +23,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from .._validate import check_choice, check_int, check_seed
 from ..data import balanced_subset
 from ..errors import ConfigError, NeurofuseError
 from ..models import make_model
@@ -37,6 +38,8 @@ __all__ = ["BACKENDS", "FederatedConfig", "gap_closed", "make_server_app", "run_
 log = logging.getLogger("neurofuse")
 
 BACKENDS = ("local", "simulation")
+#: most federated rounds of one run
+MAX_ROUNDS = 10_000
 
 
 def make_server_app(strategy: FusionStrategy, num_rounds: int, timeout: float = 3600) -> ServerApp:
@@ -140,10 +143,31 @@ class FederatedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        from ..importance import importance_methods
+        from ..methods import get_method
+
+        if not isinstance(self.clients, ClientSetup):
+            raise ConfigError(f"clients must be a ClientSetup, got {type(self.clients).__name__}")
+        check_choice(self.backend, "backend (--backend)", BACKENDS)
+        check_int(self.rounds, "rounds (--rounds)", 1, MAX_ROUNDS)
+        get_method(self.method)   # an unknown name: the registry's one-line error
+        check_choice(self.importance, "importance (--importance)", importance_methods())
+        check_int(self.server_samples, "server_samples (--server-samples)", 0)
+        check_seed(self.seed)
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
+        if isinstance(self.compare, str) or not all(isinstance(c, str) and c for c in self.compare):
+            raise ConfigError(f"compare must be a list of aggregation names, got {self.compare!r}")
+        for c in self.compare:   # 'method', 'method+shares', 'method@clients' (FusionStrategy)
+            get_method(c.partition("@")[0].partition("+")[0])
+
+    def check_fits(self) -> None:
+        """The limits that need the dataset, checked before Flower starts."""
+        self.clients.check_fits()
+        n = len(_dataset(self.clients.dataset, self.clients.data_dir).y_train)
+        if self.server_samples > n:
+            raise ConfigError(f"server_samples (--server-samples) is {self.server_samples} but "
+                              f"{self.clients.dataset} has {n} training samples; use at most {n}")
 
 
 def _strategy(cfg: FederatedConfig, method: str, compare: Sequence[str]) -> FusionStrategy:
@@ -197,6 +221,7 @@ def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
         the FedAvg-to-ensemble gap closed) and ``seconds``.
     """
     start = time.perf_counter()
+    cfg.check_fits()   # every limit before Flower (or Ray) starts
     key = cfg.method + ("@clients" if cfg.no_server_data else "")
     runs: Dict[str, List[Dict[str, Any]]] = {}
     compare = [c for c in cfg.compare if c != cfg.method]
