@@ -85,7 +85,7 @@ def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
     out: List[Path] = []
     for p in map(Path, paths):
         out.append(p)
-        if p.suffix.lower() in (".pt", ".pth"):
+        if p.suffix.lower() != ".safetensors":   # PyTorch files (by content) read a sidecar config
             out += [p.with_name(p.name + ".json"), p.with_suffix(".json")]
     return out
 
@@ -266,6 +266,10 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
             name = None  # legacy .pt files have no metadata; their load errors come later
         if name:
             return str(name)
+    from .checkpoint import load_model
+
+    for p in paths:   # a file that cannot be loaded says why, rather than "pass --dataset"
+        load_model(p)
     raise DataError("cannot tell which dataset the checkpoints were trained on; pass --dataset")
 
 

@@ -14,7 +14,9 @@ The one documented path from a third-party checkpoint to a model neurofuse can f
   side by side;
 * :func:`load_pickled_module` loads a *whole pickled* ``nn.Module`` safely: ``weights_only=True``
   with the classes you trust allow-listed through ``torch.serialization.safe_globals`` (and
-  renamed classes remapped), so no other code can run;
+  renamed classes remapped), so no other code can run, and on the meta device, so that a file
+  that calls an allowed class with huge sizes (instead of storing a module) allocates nothing
+  and is refused;
 * :func:`load_factory` imports ``FILE.py:function`` (the CLI's ``--model-factory``).
 """
 
@@ -31,7 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._tensorfile import SafetensorsHeader, check_exists, read_torch
+from ._tensorfile import (DATA_FACTOR, DATA_SLACK, SafetensorsHeader, check_exists, check_torch_zip,
+                          data_bytes, file_format, format_error, is_state_dict, load_torch)
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -191,23 +194,35 @@ def _check_exact(state: Mapping[str, Tensor], ref: Mapping[str, Tensor], source:
             "side by side are in the note below (exc.table)", table)
 
 
-def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
-    """The tensors of a ``.pt``/``.pth`` state dict (``weights_only=True``; a training checkpoint
+def read_state_dict(path: PathLike, max_bytes: Optional[int] = None) -> Dict[str, Tensor]:
+    """The tensors of a PyTorch state dict (``weights_only=True``; a training checkpoint
     ``{"state_dict" | "model_state_dict" | "model" | "net" | "module": {...}, "epoch": ...}`` is
-    unwrapped) or of a ``.safetensors`` file.
+    unwrapped) or of a ``.safetensors`` file, the format recognised by content (a ``.bin`` or
+    ``.ckpt`` written by ``torch.save`` is read as PyTorch).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    max_bytes : int, optional
+        Most bytes of data the file may hold (checked on its zip directory or safetensors header
+        before any data is read); :func:`load_state_dict` passes a small multiple of the model's.
 
     Raises
     ------
     CheckpointError
-        If the file is missing or corrupt, or holds pickled objects other than tensors (a whole
-        pickled module: use :func:`load_pickled_module`).
+        If the file is missing or corrupt, holds more data than ``max_bytes``, or holds pickled
+        objects other than tensors (a whole pickled module: use :func:`load_pickled_module`).
     """
     p = Path(path)
     check_exists(p)
-    if p.suffix.lower() == ".safetensors":
-        return SafetensorsHeader(p).read()
+    kind = file_format(p)
+    if kind == "safetensors":
+        return SafetensorsHeader(p).read(max_bytes)
+    if kind != "torch":
+        raise format_error(p, kind)
     try:
-        return read_torch(p)
+        obj = load_torch(p, max_bytes)
     except CheckpointError as exc:
         if "pickled Python objects" in str(exc):
             raise CheckpointError(
@@ -215,21 +230,25 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
                 "with neurofuse.interop.load_pickled_module(path, classes=[YourNet]) or re-save "
                 "it with torch.save(model.state_dict(), path)"
             ) from None
-        if "does not hold a state dict" not in str(exc):
-            raise
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # read before: it loads
-        for key in _WRAPPERS:
-            inner = obj.get(key) if isinstance(obj, Mapping) else None
-            if isinstance(inner, Mapping) and inner and all(
-                    isinstance(k, str) and isinstance(v, Tensor) for k, v in inner.items()):
-                return dict(inner)
         raise
+    if is_state_dict(obj) and obj:
+        return dict(obj)
+    for key in ("state_dict",) + _WRAPPERS:
+        inner = obj.get(key) if isinstance(obj, Mapping) else None
+        if isinstance(inner, Mapping) and inner and is_state_dict(inner):
+            return dict(inner)
+    raise CheckpointError(
+        f"{p} does not hold a state dict (a mapping of names to tensors); re-save it with "
+        "torch.save(model.state_dict(), path)"
+    )
 
 
 def load_state_dict(model: nn.Module, path: PathLike, key_map: Optional[KeyMap] = None) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` under its own names (see
-    :func:`match_state_dict`) and return ``model`` in eval mode."""
-    state = read_state_dict(path)
+    :func:`match_state_dict`) and return ``model`` in eval mode.  A file holding more than a small
+    multiple of the model's data is refused before its data is read."""
+    limit = DATA_FACTOR * data_bytes(model.state_dict()) + DATA_SLACK
+    state = read_state_dict(path, limit)
     model.load_state_dict(match_state_dict(state, model, key_map, source=str(path)), strict=True)
     return model.eval()
 
@@ -275,10 +294,16 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
     """
     p = Path(path)
     check_exists(p)
+    kind = file_format(p)
+    if kind != "torch":
+        raise format_error(p, kind)
+    check_torch_zip(p)   # every entry inside the file: no storage larger than the file
     allowed: List[Any] = _torch_nn_classes() + list(classes)
     allowed += [(cls, name) for name, cls in (remap or {}).items()]
     try:
-        with torch.serialization.safe_globals(allowed):
+        # a pickle may *call* an allowed class (nn.Linear(100000, 100000)): on the meta device
+        # that allocates nothing, and such a module is refused below
+        with torch.serialization.safe_globals(allowed), torch.device("meta"):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip/runtime errors for bad files
         msg = str(exc)
@@ -301,6 +326,12 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
             f"{p} holds a {type(obj).__name__}, not a pickled nn.Module; for a state dict use "
             "neurofuse.interop.load_state_dict(model, path)"
         )
+    built = [n for n, t in obj.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
+    if built:
+        raise CheckpointError(
+            f"{p} builds modules by calling their classes (tensor {built[0]!r} has no stored data) "
+            "instead of storing them as torch.save does; it is not a saved model (or hostile): "
+            "re-save the model with torch.save")
     return obj.eval()
 
 
