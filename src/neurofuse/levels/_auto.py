@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ._wrapped import DeclaredNet
+from ._wrapped import DeclaredNet, check_not_shared
 
 __all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
            "is_eval_identity"]
@@ -676,6 +676,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
                 ) from None
             kinds = ["chain"] * len(levels)
             how = "hooks"
+        check_not_shared(levels, model)   # a module applied twice would fuse to chance
         axes = _check(model, levels, names, x, atol)
         with torch.no_grad():
             out = levels[-1](_compose(levels[:-1], x))

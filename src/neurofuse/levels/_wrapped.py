@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._core import LeveledNet
 
-__all__ = ["DeclaredNet", "Fn"]
+__all__ = ["DeclaredNet", "Fn", "check_not_shared"]
 
 
 class Fn(nn.Identity):
@@ -34,6 +34,32 @@ class Fn(nn.Identity):
 
     def extra_repr(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def check_not_shared(levels: Sequence[nn.Module], model: nn.Module) -> None:
+    """Refuse levels that share a parameter or buffer (a module ``model.forward`` applies twice).
+
+    Fusion fits every level on its own; two levels holding one tensor would each overwrite it,
+    and the fused model computes neither (a fusion to chance with no error).  The message names
+    the model's module and the two levels.
+    """
+    owner = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is not None:
+                owner.setdefault(id(t), (mname or type(model).__name__, pname))
+    seen = {}
+    for i, lv in enumerate(levels):
+        tensors = {id(t) for t in lv.parameters()} | {id(b) for b in lv.buffers() if b is not None}
+        for t in tensors:
+            if t in seen and seen[t] != i:
+                mod, pname = owner.get(t, ("?", "?"))
+                raise ConfigError(
+                    f"module {mod!r} (its {pname!r}) is used by levels {seen[t]} and {i}: "
+                    "model.forward applies it more than once, or two modules share their weights; "
+                    "fusion fits each level on its own and cannot keep one tensor for both: give "
+                    "each use its own module, or declare levels that keep both uses in one level")
+            seen[t] = i
 
 
 class DeclaredNet(LeveledNet):
