@@ -25,7 +25,7 @@ def _width(text: str) -> Any:
     try:
         if "," in text:
             return [int(t) for t in text.split(",") if t.strip()]
-        return float(text) if "." in text else int(text)
+        return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int, a float or a comma-separated list, got {text!r}")
 
@@ -127,6 +127,9 @@ def _check_args(a: argparse.Namespace) -> None:
     device = getattr(a, "device", None)
     if isinstance(device, str):
         _check_device(device)
+    if getattr(a, "distill_extra", 0) and not getattr(a, "distill", None):
+        raise ConfigError(f"--distill-extra {a.distill_extra} needs --distill EPOCHS (it adds images "
+                          "to the distillation); add --distill or drop --distill-extra")
 
 
 def _error_line(exc: BaseException) -> str:
