@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -384,8 +384,38 @@ def _sidecar_config(path: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-class _TooLarge(Exception):
-    """Raised inside a registration hook when a config asks for too big a model."""
+class ModelTooLarge(Exception):
+    """Raised by :func:`build_on_meta` when a build asks for more parameters or modules than allowed."""
+
+
+def build_on_meta(build: Callable[[], nn.Module], max_parameters: int = MAX_PARAMETERS,
+                  max_modules: int = MAX_MODULES) -> nn.Module:
+    """``build()`` on the meta device (no memory), stopped as soon as it registers more than
+    ``max_parameters`` parameter elements or ``max_modules`` modules (a config of a million layers
+    is refused in the millisecond it passes the cap, not after minutes)."""
+    counts = {"params": 0, "modules": 0}
+
+    def on_param(module: nn.Module, name: str, param: Any) -> None:
+        counts["params"] += int(param.numel()) if param is not None else 0
+        if counts["params"] > max_parameters:
+            raise ModelTooLarge(f"more than {max_parameters} parameters")
+
+    def on_module(module: nn.Module, name: str, sub: Any) -> None:
+        counts["modules"] += 1
+        if counts["modules"] > max_modules:
+            raise ModelTooLarge(f"more than {max_modules} modules")
+
+    from torch.nn.modules import module as _module
+
+    hooks = [_module.register_module_parameter_registration_hook(on_param),
+             _module.register_module_buffer_registration_hook(on_param),
+             _module.register_module_module_registration_hook(on_module)]
+    try:
+        with torch.device("meta"):
+            return build()
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> LeveledNet:
@@ -400,30 +430,11 @@ def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> Leve
     if len(text) > MAX_CONFIG_BYTES:
         raise CheckpointError(f"the architecture config of {path} is {len(text)} bytes, more than "
                               f"{MAX_CONFIG_BYTES}; it is corrupt or hostile")
-    counts = {"params": 0, "modules": 0}
-
-    def on_param(module: nn.Module, name: str, param: Any) -> None:
-        counts["params"] += int(param.numel()) if param is not None else 0
-        if counts["params"] > MAX_PARAMETERS:
-            raise _TooLarge(f"more than {MAX_PARAMETERS} parameters")
-
-    def on_module(module: nn.Module, name: str, sub: Any) -> None:
-        counts["modules"] += 1
-        if counts["modules"] > MAX_MODULES:
-            raise _TooLarge(f"more than {MAX_MODULES} modules")
-
-    from torch.nn.modules import module as _module
-
-    hooks = []
     try:
         if meta:
-            hooks = [_module.register_module_parameter_registration_hook(on_param),
-                     _module.register_module_buffer_registration_hook(on_param),
-                     _module.register_module_module_registration_hook(on_module)]
-            with torch.device("meta"):
-                return build_model(config)
+            return build_on_meta(lambda: build_model(config))  # type: ignore[return-value]
         return build_model(config)
-    except _TooLarge as exc:
+    except ModelTooLarge as exc:
         raise CheckpointError(f"the architecture config of {path} asks for a model with {exc}; "
                               "it is corrupt or hostile") from None
     except NeurofuseError as exc:
@@ -435,9 +446,6 @@ def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> Leve
             f"cannot rebuild the architecture of {path} from config {shown}: "
             f"{first_line(exc)}"
         ) from None
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _shape(t: Tensor) -> list[int]:

@@ -137,6 +137,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 MAX_JSON_BYTES = 1 << 20
 #: most parameters a folder's config may declare (as for neurofuse's own checkpoints)
 MAX_PARAMETERS = 1 << 31
+#: most modules a folder's config may declare (BERT-large and ViT-huge have about 600)
+MAX_MODULES = 20_000
 #: most members an ensemble folder may list
 MAX_MEMBERS = 256
 #: config keys that make transformers import Python code from the folder
@@ -174,9 +176,9 @@ def _check_config(p: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{p / 'config.json'} holds a {type(doc).__name__}, not a config "
                               "object; re-save the folder with save_pretrained")
     for key in _CODE_KEYS:
-        if doc.get(key):
+        if key in doc and doc[key] not in (None, {}, []):
             raise CheckpointError(
-                f"{p / 'config.json'} has {key!r} ({', '.join(map(str, doc[key]))[:80]}): loading it "
+                f"{p / 'config.json'} has {key!r} ({str(doc[key])[:80]}): loading it "
                 "would import Python code from the folder, which neurofuse never does; use a folder "
                 "of a model class that transformers itself provides")
     return doc
@@ -244,16 +246,26 @@ def _check_weights(p: Path, cls: Any, config: Any) -> None:
     found: Dict[str, Tuple[List[int], str]] = {}
     for f in _weight_files(p):
         found.update(SafetensorsHeader(f).tensors)
+    from ..checkpoint import ModelTooLarge, build_on_meta
+
     try:
-        with torch.device("meta"):
-            skeleton = cls(config)
+        from transformers.initialization import no_init_weights   # no random init of meta tensors
+    except ImportError:  # pragma: no cover - another transformers layout
+        from contextlib import nullcontext as no_init_weights
+
+    def build() -> nn.Module:
+        with no_init_weights():
+            return cls(config)
+
+    try:
+        skeleton = build_on_meta(build, MAX_PARAMETERS, MAX_MODULES)
+    except ModelTooLarge as exc:
+        raise CheckpointError(f"{p / 'config.json'} declares a model with {exc}; it is corrupt or "
+                              "hostile") from None
     except Exception as exc:  # noqa: BLE001 - a config the class cannot build
+        text = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{p / 'config.json'} does not describe a buildable "
-                              f"{cls.__name__}: {str(exc).splitlines()[0][:160]}") from None
-    n = sum(int(t.numel()) for t in skeleton.parameters())
-    if n > MAX_PARAMETERS:
-        raise CheckpointError(f"{p / 'config.json'} declares a model of {n} parameters, more than "
-                              f"{MAX_PARAMETERS}; it is corrupt or hostile")
+                              f"{cls.__name__}: {text}") from None
     for name, t in skeleton.state_dict().items():
         if name not in found:
             continue   # missing tensors: from_pretrained's loading report (tied weights aside)
@@ -304,7 +316,9 @@ def load_pretrained(path: PathLike, input_shape: Optional[Sequence[int]] = None,
                                                          trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read {p / 'config.json'}: {str(exc).splitlines()[0]}") from None
-    archs = list(doc.get("architectures") or [])
+    archs = doc.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = [archs]
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if cls is None or not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
         raise CheckpointError(f"{p / 'config.json'} names no known model class (architectures: "
