@@ -164,3 +164,15 @@ def test_federate_bench_keeps_existing_outputs_without_force(tmp_path, capsys, n
         assert (out / "report.md").read_text().startswith("# t (smoke)")
         assert json.loads((out / "results.json").read_text())["cells"]
         assert Path(out / "one_shot-alpha0.5.json").is_file()
+
+
+def test_a_method_that_cannot_fuse_the_architecture_fails_before_any_client_trains(tmp_path, monkeypatch, capsys):
+    import neurofuse.federated._run as run
+
+    def no_clients(*args, **kwargs):
+        raise AssertionError("a client app was built: the run started")
+    monkeypatch.setattr(run, "make_client_app", no_clients)
+    rc = main(["federate", "--arch", "resnet", "--size", "tiny", "--method", "kf-linear", "--clients", "2",
+               "--epochs", "1", "--backend", "local", "--out", str(tmp_path / "o")])
+    assert "BasicBlock is not affine" in _one_line(capsys, rc)
+    assert not (tmp_path / "o").exists()

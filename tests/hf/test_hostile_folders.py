@@ -207,6 +207,10 @@ def test_a_malformed_ensemble_file_is_a_one_line_error(work, tmp_path, capsys, d
     ({"x_train": torch.zeros(4, 12, dtype=torch.long), "y_train": torch.zeros(3, dtype=torch.long)},
      "one sample per label"),
     ({"x_train": torch.zeros(2, 12, dtype=torch.long), "y_train": torch.tensor([0, -1])}, "label -1"),
+    ({"x_train": torch.full((4, 12), 1000), "y_train": torch.zeros(4, dtype=torch.long)},
+     "token id 1000, outside the models' vocabulary [0, 25)"),
+    ({"x_train": torch.full((4, 12), -3), "y_train": torch.zeros(4, dtype=torch.long)}, "token id -3"),
+    ({"x_train": torch.zeros(4, 12), "y_train": torch.zeros(4, dtype=torch.long)}, "takes integer token ids"),
 ])
 def test_a_bad_data_file_is_a_one_line_error(work, tmp_path, capsys, content, message):
     f = tmp_path / "d.safetensors"

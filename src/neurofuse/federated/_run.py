@@ -189,6 +189,29 @@ def _strategy(cfg: FederatedConfig, method: str, compare: Sequence[str]) -> Fusi
         min_available_nodes=s.num_clients)
 
 
+#: samples of the dry run of :func:`_preflight`
+PREFLIGHT_SAMPLES = 64
+
+
+def _preflight(cfg: FederatedConfig) -> None:
+    """Fuse two copies of the clients' initial model with the run's method and options on a few
+    training samples, so that a method that cannot fuse the architecture (or an option it
+    refuses) fails before any client trains, not after the first round."""
+    from ..api import fuse
+
+    s = cfg.clients
+    ds = _dataset(s.dataset, s.data_dir)
+    idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)),
+                          min(PREFLIGHT_SAMPLES, len(ds.y_train)), seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin.load_state_dict(model.state_dict())
+    fuse([model, twin], (ds.x_train[idx], ds.y_train[idx]), method=cfg.method,
+         importance=cfg.importance, seed=cfg.seed, progress=False, **dict(cfg.options))
+
+
 def _run_one(cfg: FederatedConfig, strategy: FusionStrategy) -> List[Dict[str, Any]]:
     client_app = make_client_app(cfg.clients)
     server_app = make_server_app(strategy, cfg.rounds)
@@ -225,7 +248,9 @@ def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
     key = cfg.method + ("@clients" if cfg.no_server_data else "")
     runs: Dict[str, List[Dict[str, Any]]] = {}
     compare = [c for c in cfg.compare if c != cfg.method]
-    runs[key] = _run_one(cfg, _strategy(cfg, cfg.method, compare))
+    strategy = _strategy(cfg, cfg.method, compare)
+    _preflight(cfg)
+    runs[key] = _run_one(cfg, strategy)
     if cfg.rounds > 1 and cfg.fedavg_run and cfg.method != "vanilla":
         runs["fedavg"] = _run_one(cfg, _strategy(cfg, "vanilla", ()))
     rows = []

@@ -80,6 +80,31 @@ def _read_data_file(path: Path) -> Any:
     return Dataset(path.stem, x_tr, y, x_te, y_te.long(), n_cls, tuple(x_tr.shape[1:]))
 
 
+def _check_inputs(ds: Any, models: List[Any], source: str) -> None:
+    """The data must be what the models take: integer token ids below every model's vocabulary
+    (an id out of range is an index error deep in the embedding), or real-valued images."""
+    from ..models.ensemble import Ensemble
+    from ._adapters import adapter_for
+
+    nets = [n for m in models for n in (m.members if isinstance(m, Ensemble) else [m])]
+    first = nets[0].hf_model
+    kind = adapter_for(first).input_kind
+    for name, x in (("x_train", ds.x_train), ("x_test", ds.x_test)):
+        if kind == "tokens":
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise DataError(f"{source}: {name} holds {str(x.dtype).replace('torch.', '')} values but "
+                                f"{type(first).__name__} takes integer token ids; give --hf-data with "
+                                "integer x_train")
+            vocab = min(int(getattr(n.hf_model.config, "vocab_size", 0) or 0) for n in nets)
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+                bad = int(x.min()) if int(x.min()) < 0 else int(x.max())
+                raise DataError(f"{source}: {name} has token id {bad}, outside the models' vocabulary "
+                                f"[0, {vocab}); tokenize the data with the models' tokenizer")
+        elif not x.is_floating_point():
+            raise DataError(f"{source}: {name} holds {str(x.dtype).replace('torch.', '')} values but "
+                            f"{type(first).__name__} takes real-valued images; convert them to float")
+
+
 def _fit_images(ds: Any, shape: Tuple[int, ...]) -> Any:
     """``ds`` with its images resized (bilinear) to the models' ``(C, H, W)`` when they differ."""
     from ..data import Dataset
@@ -144,6 +169,7 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
         if tuple(m.input_shape) != shape:
             raise ConfigError(f"{p} takes inputs of shape {list(m.input_shape)} but {inputs[0]} "
                               f"takes {list(shape)}")
+    _check_inputs(ds, models, a.hf_data or f"--dataset {ds.name}")
     ds = _fit_images(ds, shape)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
     finetune, finetune_data = None, None
