@@ -151,10 +151,10 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
         renamed = _apply_map(list(state), key_map)
         mapped = {renamed[k]: v for k, v in state.items()}
         _check_exact(mapped, ref, source, what, "after the key map")
-        return mapped
+        return _check_kinds(mapped, ref, source, what)
     if set(state) == set(ref):
         _check_exact(state, ref, source, what, "")
-        return {k: state[k] for k in ref}
+        return _check_kinds({k: state[k] for k in ref}, ref, source, what)
     counters = [k for k in ref if k.endswith("num_batches_tracked")]
     if not any(k.endswith("num_batches_tracked") for k in state):
         ref_keys = [k for k in ref if k not in counters]
@@ -165,7 +165,7 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
             _shape(state[s]) == _shape(ref[d]) for s, d in zip(src_keys, ref_keys)):
         out = {d: state[s] for s, d in zip(src_keys, ref_keys)}
         out.update({k: ref[k].clone() for k in counters})
-        return {k: out[k] for k in ref}
+        return _check_kinds({k: out[k] for k in ref}, ref, source, what)
     table = side_by_side(state, {k: ref[k] for k in ref_keys}, (source, what))
     bad = next((i for i, (s, d) in enumerate(zip(src_keys, ref_keys))
                 if _shape(state[s]) != _shape(ref[d])), None)
@@ -176,6 +176,31 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
         f"cannot match the tensor names of {source} onto {what}'s by shapes and order: {why}; "
         "pass a key_map (exact names or prefixes such as {'level1.': 'levels.0.'}); both key lists "
         "side by side are in the note below (exc.table)", table)
+
+
+def _kind(t: Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.is_floating_point() else "integer"
+
+
+def _check_kinds(state: Dict[str, Tensor], ref: Mapping[str, Tensor], source: str,
+                 what: str) -> Dict[str, Tensor]:
+    """Refuse tensors that ``load_state_dict`` would cast silently (integer data into float
+    weights) or cannot copy at all (sparse, quantized): name the tensor and say what to do."""
+    for k, t in state.items():
+        if t.layout != torch.strided or t.is_quantized:
+            kind = "quantized" if t.is_quantized else f"{str(t.layout).replace('torch.', '')}"
+            raise CheckpointError(f"tensor {k!r} of {source} is {kind}; {what} takes dense tensors: "
+                                  "convert it (t.dequantize() / t.to_dense()) and re-save")
+        if _kind(t) != _kind(ref[k]):
+            raise CheckpointError(
+                f"tensor {k!r} of {source} holds {str(t.dtype).replace('torch.', '')} values but "
+                f"{what} has {str(ref[k].dtype).replace('torch.', '')} there; refusing to cast them: "
+                "re-save the checkpoint with the model's dtypes")
+    return state
 
 
 def _check_exact(state: Mapping[str, Tensor], ref: Mapping[str, Tensor], source: str, what: str,
@@ -366,4 +391,18 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
         found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise ConfigError(f"--model-factory: {p} has no function {name!r} (it defines: "
                           f"{', '.join(found[:10]) or 'nothing callable'})")
-    return fn
+
+    def make() -> nn.Module:
+        try:
+            model = fn()
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            text = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise ConfigError(f"--model-factory {spec}: {name}() raises {type(exc).__name__}"
+                              f"{': ' + text if text else ''}; fix the function") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model-factory {spec} returns a {type(model).__name__}, not a "
+                              "torch.nn.Module")
+        return model
+
+    make.__name__ = name
+    return make

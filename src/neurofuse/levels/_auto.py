@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ._wrapped import DeclaredNet, check_not_shared
+from ._wrapped import DeclaredNet, check_input_shape, check_not_shared
 
 __all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
            "is_eval_identity"]
@@ -628,7 +628,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"automatic levels need an nn.Module, got {type(model).__name__}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)
     try:
         ref_param = next(model.parameters())
         device, dtype = ref_param.device, ref_param.dtype
