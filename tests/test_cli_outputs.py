@@ -56,3 +56,11 @@ def test_train_never_replaces_the_working_folder_or_the_users_files(tmp_path, mo
     assert main(_train(tmp_path, 0, "--force")) == 2
     assert "not written by neurofuse" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "model_0.safetensors").exists()
+
+
+def test_bench_run_checks_its_output_folder_first(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "run", "table1", "--scale", "smoke", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "x"

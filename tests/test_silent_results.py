@@ -8,6 +8,8 @@ is an error.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,3 +47,27 @@ def test_cli_reads_a_width_in_scientific_notation_and_refuses_distill_extra_alon
     assert main(["fuse", *paths, "--distill-extra", "100", "--out", out, "--no-progress"]) == 2
     assert "--distill-extra 100 needs --distill" in capsys.readouterr().err
     assert not (tmp_path / "f.safetensors").exists()
+
+
+@pytest.mark.parametrize("weights", [[[1.0, float("nan")], [1.0, 1.0]], [[-1.0, 1.0], [1.0, 1.0]],
+                                     [[float("inf"), 1.0], [1.0, 1.0]]])
+def test_an_ensemble_refuses_nan_infinite_or_negative_class_weights(tmp_path, weights):
+    from neurofuse.checkpoint import load_model, save_model
+    from neurofuse.errors import CheckpointError
+    from neurofuse.models.ensemble import Ensemble
+
+    members = [MLP((1, 8, 8), 2, [4]) for _ in range(2)]
+    with pytest.raises(ConfigError, match="finite and non-negative"):
+        Ensemble(members, weights)
+    ok = save_model(Ensemble(members, [[1.0, 0.5], [0.0, 0.5]]), tmp_path / "e.safetensors")
+    # the same refusal for a checkpoint whose stored config carries such weights
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ok), "pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    doc = json.loads(meta["neurofuse"])
+    doc["config"]["kwargs"]["class_weights"] = weights
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"neurofuse": json.dumps(doc)})
+    with pytest.raises(CheckpointError, match="finite and non-negative"):
+        load_model(tmp_path / "bad.safetensors")

@@ -754,6 +754,9 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
         + (["--device", a.device] if a.device else [])
         + (["--data-dir", a.data_dir] if a.data_dir else []))
     cache = Path(a.cache) if a.cache else out / "cache"
+    # a run resumes in its folder (so its own files are replaced), never into the data directory
+    _check_outputs([(out, "dir"), (cache, "dir"), (out / "results.json", ".json"), (out / "report.md", ".md"),
+                    (out / "config.json", ".json")], True, data_dir=a.data_dir)
     print(f"[{cfg.name}/{cfg.scale}] output: {out}; base-model cache: {cache}", flush=True)
     doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
                         on_event=_bench_event(cfg.name, cfg.scale), command=command, cache=cache)

@@ -163,6 +163,12 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
         raise DataError("--hf needs fusion data: --dataset NAME (images) or --hf-data FILE.safetensors "
                         "(tensors x_train, y_train and optionally x_test, y_test)")
     sample = tuple(int(s) for s in ds.x_train.shape[1:])
+    from ._io import ENSEMBLE_FILE
+
+    for p in inputs:
+        if (Path(p) / ENSEMBLE_FILE).is_file():
+            raise ConfigError(f"{p} is an ensemble folder ({ENSEMBLE_FILE}); fuse its members instead: "
+                              f"{Path(p) / 'member_0'} {Path(p) / 'member_1'} ...")
     models: List[Any] = [load_pretrained(p, fallback_input_shape=sample) for p in inputs]
     shape = tuple(models[0].input_shape)
     for p, m in zip(inputs[1:], models[1:]):
