@@ -74,10 +74,16 @@ def default_file_mode() -> int:
 
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    _fsync_path(directory)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory; a no-op where it cannot be opened (Windows directories) or
+    the file system refuses."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
     try:
-        fd = os.open(directory, flags)
-    except OSError:  # Windows, or a file system that refuses: the rename is still atomic
+        fd = os.open(path, flags)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -235,20 +241,6 @@ def write_figure(fig: Any, path: PathLike, *, dpi: int = 120, close: bool = True
 #: the manifest :func:`write_folder` leaves in every folder it writes (the files it holds)
 MANIFEST = ".neurofuse-output.json"
 _RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _files_of(folder: Path) -> List[str]:
