@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,22 +64,34 @@ def test_server_settings_are_checked_when_the_config_is_built(field, value, mess
     assert message in str(exc.value)
 
 
-@pytest.mark.parametrize("argv,message", [
+_CLI_CASES = [
     (["--alpha", "-1"], "alpha (--alpha)"),
     (["--lr", "nan"], "lr (--lr)"),
     (["--clients", "100000"], "in [1, 10000], got 100000"),
     (["--clients", "1000"], "use at most 143 clients"),
     (["--server-samples", "100000"], "use at most 1437"),
-])
-def test_cli_refuses_what_cannot_work_before_flower_starts(tmp_path, argv, message):
-    """In a fresh process with a time limit: a check left to the clients would start Flower (and
+]
+
+
+def test_cli_refuses_what_cannot_work_before_flower_starts(tmp_path):
+    """In one fresh process with a time limit: a check left to the clients would start Flower (and
     with 100000 clients not end for many minutes)."""
-    code = ("import sys; from neurofuse.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "federate", "--backend", "local", "--size", "tiny",
-                           "--epochs", "1", "--out", str(tmp_path / "o"), *argv],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
-        proc.stderr[-2000:]
+    code = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from neurofuse.cli import main
+        out = []
+        for argv in {[a for a, _ in _CLI_CASES]!r}:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc = main(["federate", "--backend", "local", "--size", "tiny", "--epochs", "1",
+                           "--out", {str(tmp_path / "o")!r}, *argv])
+            out.append([rc, err.getvalue()])
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for (argv, message), (rc, err) in zip(_CLI_CASES, json.loads(proc.stdout.strip().splitlines()[-1])):
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "o").exists()
 
 
