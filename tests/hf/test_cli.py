@@ -85,7 +85,7 @@ def test_fuse_hf_needs_data_and_a_new_output(folders, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "y")]) == 2
     assert "--hf needs fusion data" in capsys.readouterr().err
     assert main([*args, "--out", str(folders / "bert0"), "--hf-data", str(folders / "tokens.safetensors")]) == 2
-    assert "one of the input folders" in capsys.readouterr().err
+    assert "is one of the inputs" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     save_file({"x": torch.zeros(3, 12)}, str(bad))
     assert main([*args, "--out", str(tmp_path / "z"), "--hf-data", str(bad)]) == 2

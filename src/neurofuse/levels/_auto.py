@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ._transformer import affixed_block, block_stages
-from ._wrapped import DeclaredNet
+from ._wrapped import DeclaredNet, check_input_shape, check_not_shared
 
 __all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
 
@@ -652,7 +652,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"automatic levels need an nn.Module, got {type(model).__name__}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)
     try:
         ref_param = next(model.parameters())
         device, dtype = ref_param.device, ref_param.dtype
@@ -702,6 +702,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
                 ) from None
             kinds = ["chain"] * len(levels)
             how = "hooks"
+        check_not_shared(levels, model)   # a module applied twice would fuse to chance
         axes = _check(model, levels, names, x, atol)
         with torch.no_grad():
             out = levels[-1](_compose(levels[:-1], x))

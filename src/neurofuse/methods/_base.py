@@ -368,7 +368,12 @@ class FusionMethod(ABC):
         elif isinstance(w, float):
             if not math.isfinite(w) or w <= 0:
                 raise ConfigError(f"width multiplier must be positive, got {w}")
-            out = [max(1, int(round(h * w))) for h in hidden]
+            out = [int(round(h * w)) for h in hidden]
+            if min(out, default=1) < 1:   # not silently one neuron per level
+                i = out.index(min(out))
+                raise ConfigError(f"width multiplier {w:g} gives level {i} {hidden[i] * w:.3g} neurons "
+                                  f"(of {hidden[i]}); use a multiplier of at least "
+                                  f"{0.5 / min(hidden):.3g}, or an int width")
         elif isinstance(w, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in w):
             out = [int(x) for x in w]
             if len(out) != len(hidden):
