@@ -25,6 +25,7 @@ from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
                       fold_batchnorm, has_batchnorm, split_affine)
 from ._base import FusionMethod, FusionRun, register_method
+from ..levels._transformer import describe as describe_transformer
 from ._blockfit import TransformerFit, closed_form_reason
 from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
@@ -280,12 +281,8 @@ class LinearFusion(LevelwiseFusion):
         additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
-        if TransformerFit.applies(fused):
-            raise IncompatibleModelsError(
-                f"level {level} belongs to a transformer: its closed form fits one sub-level after the "
-                "other from the fused model's values, which one round of level statistics does not "
-                "carry; fuse transformers where the fusion data is (kf-linear, also distributed) or "
-                "with kf-gradient")
+        if describe_transformer(fused.levels[level]) is not None:
+            raise _statistics_refusal(level)
         pre, affine = split_affine(fused.levels[level])
         shared = self.shares_inputs(level, models, fused)
         stats = LinearStats(cross=not shared, rows=shared)
@@ -307,6 +304,8 @@ class LinearFusion(LevelwiseFusion):
         """Group the level's base neurons and write the fused level's weights, from ``stats``
         (merged over all the data) alone; ``run.data`` is read only for importance scores (with no
         data, ``run`` must know them: :meth:`FusionRun.set_importance_scores`)."""
+        if getattr(run, "blocks", None) is None and TransformerFit.applies(fused):
+            raise _statistics_refusal(level)   # statistics only (federated): no stage-by-stage fit
         _, affine = split_affine(fused.levels[level])
         last = level == fused.num_levels - 1
         prior = self._prior(run, level, models, affine) if self.options.prior else None
@@ -350,6 +349,13 @@ class LinearFusion(LevelwiseFusion):
         self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:
             stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
+
+
+def _statistics_refusal(level: int) -> IncompatibleModelsError:
+    return IncompatibleModelsError(
+        f"level {level} belongs to a transformer: its closed form fits one sub-level after the other "
+        "from the fused model's values, which one round of level statistics does not carry; fuse "
+        "transformers where the fusion data is (kf-linear, also distributed) or with kf-gradient")
 
 
 @register_method("hf-linear")
