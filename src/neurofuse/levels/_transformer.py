@@ -657,8 +657,8 @@ def _reproduces(m: nn.Module, stages: List[Stage]) -> bool:
 
 
 def _head_chain(children: Sequence[Tuple[str, nn.Module]]) -> Optional[List[Stage]]:
-    """``[LayerNorm?, pooling glue..., LayerNorm?, Linear]`` whose glue selects token 0 or
-    averages the tokens (checked on a random input)."""
+    """``[LayerNorm, pooling glue..., Linear]`` or ``[pooling glue..., LayerNorm, Linear]`` whose
+    glue selects token 0 or averages the tokens (checked on a random input)."""
     if not children or not isinstance(children[-1][1], nn.Linear):
         return None
     fc = _linear(children[-1][1], children[-1][0])
@@ -675,7 +675,7 @@ def _head_chain(children: Sequence[Tuple[str, nn.Module]]) -> Optional[List[Stag
             return None
         else:
             glue.append(c)
-    if not glue:
+    if not glue or norm is None:   # without a LayerNorm it is an affine level like any other
         return None
     width = children[-1][1].in_features
     x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(1))
@@ -784,9 +784,7 @@ def describe(level: nn.Module) -> Optional[TransformerSpec]:
     kinds = [type(s) for s in spec.stages]
     if Embed in kinds[1:] or Head in kinds[:-1] or (Embed in kinds and Head in kinds):
         return None
-    if not any(k in (Attention, MLP, Embed, Affix) for k in kinds) and Head not in kinds:
-        return None
-    if not any(k in (Attention, MLP, Affix) for k in kinds) and kinds != [Embed] and Head not in kinds:
+    if not set(kinds) & {Embed, Affix, Attention, MLP, Head}:   # a lone stream norm is no level
         return None
     covered = set(spec.keys())
     for key, t in level.state_dict().items():

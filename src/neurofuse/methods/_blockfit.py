@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ from ..levels._transformer import (
     Proj,
     StreamNorm,
     TransformerSpec,
+    _pool,
     activation,
     affix_forward,
     attention_parts,
@@ -196,6 +197,11 @@ def _identity_norm(level: nn.Module, norm: Optional[Norm]) -> None:
             tensor_of(level, norm.weight).fill_(1.0)
         if norm.bias:
             tensor_of(level, norm.bias).zero_()
+
+
+def _getter(level: nn.Module):  # type: ignore[no-untyped-def]
+    """The level's tensors by key, read when asked (so fitted values are seen)."""
+    return lambda key: tensor_of(level, key)
 
 
 def _rows_of(level: nn.Module, p: Proj) -> int:
@@ -448,7 +454,7 @@ class TransformerFit:
     def _embed(self, fl: nn.Module, st: Embed, bl: List[nn.Module], bst: List[Embed], xf: List[Tensor],
                xb: List[List[Tensor]], group: StreamGrouping) -> None:
         """The input is shared, so the weighted centres of the base rows are the exact fit."""
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        gets = [_getter(lv) for lv in bl]
         if st.kind == "lookup":    # a table [V, C]: the stream is its last axis
             _write(fl, st.proj.weight, group.target([g(s.proj.weight) for g, s in zip(gets, bst)]))
         else:                      # a projection: the stream is its rows
@@ -461,20 +467,16 @@ class TransformerFit:
         for r, key in enumerate(st.rows):
             _write(fl, key, group.target([g(s.rows[r]) for g, s in zip(gets, bst)]))
         if st.norm is not None:
-            getf = self.base_specs_getter(fl)
+            getf = _getter(fl)
             with torch.no_grad():
                 sums = [embed_forward(st, fl, getf, x, pre_norm=True) for x in xf]
                 tgt = [group.target([embed_forward(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))])
                        for j in range(len(xf))]
             self._fit_norm(fl, st.norm, sums, tgt)
 
-    @staticmethod
-    def base_specs_getter(level: nn.Module):  # type: ignore[no-untyped-def]
-        return lambda key: tensor_of(level, key)
-
     def _affix(self, fl: nn.Module, st: Affix, bl: List[nn.Module], bst: List[Affix], xf: List[Tensor],
                xb: List[List[Tensor]], group: StreamGrouping) -> None:
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        gets = [_getter(lv) for lv in bl]
         sums = TokenSums()
         with torch.no_grad():
             for j, x in enumerate(xf):
@@ -503,8 +505,8 @@ class TransformerFit:
                 raise IncompatibleModelsError(
                     f"level {level}: model {i} has {s.heads} attention heads, model 0 has {heads}; heads "
                     "are fused as units, so the models need the same number of heads")
-        getf = lambda key: tensor_of(fl, key)  # noqa: E731
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
         nq = [_rows_of(lv, s.q) for lv, s in zip(bl, bst)]
         nv = [_rows_of(lv, s.v) for lv, s in zip(bl, bst)]
         nq_f, nv_f = _rows_of(fl, st.q), _rows_of(fl, st.v)
@@ -588,7 +590,7 @@ class TransformerFit:
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
         """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
-        get = self.base_specs_getter(fl)
+        get = _getter(fl)
         q, k = st.q.apply(get, h), st.k.apply(get, h)
         b, t = q.shape[0], q.shape[1]
         qh = q.reshape(b, t, heads, dq_f).transpose(1, 2)
@@ -681,8 +683,8 @@ class TransformerFit:
     def _mlp(self, level: int, fl: nn.Module, st: MLP, bl: List[nn.Module], bst: List[MLP], xf: List[Tensor],
              xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
         assert group is not None
-        getf = lambda key: tensor_of(fl, key)  # noqa: E731
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
         widths = [_rows_of(lv, s.fc1) for lv, s in zip(bl, bst)]
         k_h = _rows_of(fl, st.fc1)
         bias1 = st.fc1.bias is not None
@@ -720,7 +722,7 @@ class TransformerFit:
     def _stream_norm(self, fl: nn.Module, st: StreamNorm, bl: List[nn.Module], bst: List[StreamNorm],
                      xf: List[Tensor], xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
         assert group is not None
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        gets = [_getter(lv) for lv in bl]
         with torch.no_grad():
             outs = [group.target([s.norm.apply(g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))])
                     for j in range(len(xf))]
@@ -728,10 +730,8 @@ class TransformerFit:
 
     def _head(self, level: int, fl: nn.Module, st: Head, bl: List[nn.Module], bst: List[Head], xf: List[Tensor],
               xb: List[List[Tensor]]) -> None:
-        from ..levels._transformer import _pool
-
-        getf = lambda key: tensor_of(fl, key)  # noqa: E731
-        gets = [self.base_specs_getter(lv) for lv in bl]
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
         w_out = torch.from_numpy(self.method.output_level_weights(self.run, self.models)).to(self.device)  # [N, C]
         pooled = [_pool(_normalised(st.norm, x), st.pool) for x in xf]
         stream = self.streams.get(self.heads[level - 1]) if level > 0 else None
