@@ -11,10 +11,13 @@ from ._core import (
     weighted_kmeans,
 )
 from ._theory import approximation_error, grouping_error, representation_cost
+from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
 
 __all__ = [
     "OUTPUT_WEIGHTS",
     "Grouping",
+    "MatchedTensor",
+    "WeightMatchingResult",
     "approximation_error",
     "centroids",
     "grouping_error",
@@ -23,5 +26,6 @@ __all__ = [
     "kmeans_grouping",
     "output_weights",
     "representation_cost",
+    "weight_matching",
     "weighted_kmeans",
 ]

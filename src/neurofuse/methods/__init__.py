@@ -9,6 +9,7 @@ from ._kd import KDHead, KDHeadOptions
 from ._distill import EnsembleDistillation, EnsembleDistillationOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 from ._describe import OptionInfo, method_options
+from ._weight_matching import WeightMatching, WeightMatchingOptions
 
 __all__ = [
     "BaseModel",
@@ -32,6 +33,8 @@ __all__ = [
     "LinearFusion",
     "OptionInfo",
     "VanillaAveraging",
+    "WeightMatching",
+    "WeightMatchingOptions",
     "WidthSpec",
     "get_method",
     "list_methods",

@@ -159,23 +159,7 @@ class GitRebasin(FusionMethod):
                 "'otfusion' or 'kf-linear' for models of different widths"
             )
         n_levels = m0.num_levels
-        level_stats, inner_stats = self._statistics(nets, layouts, data)
-        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
-        outs: List[Optional[NeuronMap]] = [None] * n_levels
-        inner: List[Dict[str, NeuronMap]] = []
-        for lvl in range(n_levels):
-            inner.append({sp.name: self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl],
-                                                              scores, sp))
-                          for sp in layouts[lvl].internal})
-            head = heads[lvl]
-            members = stream_members(heads, head)
-            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
-                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
-            elif head < lvl:
-                outs[lvl] = outs[head]
-            else:
-                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
-                                                       scores, None))
+        outs, inner, scores = self.match_levels(nets, layouts, heads, data)
         self.permutations: List[Optional[np.ndarray]] = [
             None if m is None else m.out.numpy().argmax(1) for m in outs]
         fused = m0.clone()
@@ -206,12 +190,37 @@ class GitRebasin(FusionMethod):
                            else outs[lvl].out.numpy()] for lvl in range(n_levels - 1)]
         return fused
 
+    def match_levels(self, nets: Sequence[LeveledNet], layouts: Sequence[Any], heads: Sequence[int],
+                     data: FusionSet) -> Tuple[List[Optional[NeuronMap]], List[Dict[str, NeuronMap]],
+                                               List[List[np.ndarray]]]:
+        """The permutations of model 1 onto model 0 (equal widths): the map of every level's
+        output (``None``: identity) and of every internal space, and the importance scores
+        ``scores[model][level]`` the costs used.  Other methods align with it before they merge
+        ("align, then merge")."""
+        n_levels = nets[0].num_levels
+        widths = [m.level_widths() for m in nets]
+        level_stats, inner_stats = self._statistics(nets, layouts, data)
+        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
+        outs: List[Optional[NeuronMap]] = [None] * n_levels
+        inner: List[Dict[str, NeuronMap]] = []
+        for lvl in range(n_levels):
+            inner.append({sp.name: self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl],
+                                                              scores, sp))
+                          for sp in layouts[lvl].internal})
+            head = heads[lvl]
+            members = stream_members(heads, head)
+            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
+                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
+            elif head < lvl:
+                outs[lvl] = outs[head]
+            else:
+                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
+                                                       scores, None))
+        return outs, inner, scores
+
     @staticmethod
     def _perm_map(perm: np.ndarray) -> NeuronMap:
-        n = len(perm)
-        plan = np.zeros((n, n))
-        plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
-        return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
+        return NeuronMap.from_permutation(perm)  # model-1 neuron perm[j] -> model-0 neuron j
 
     def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
         s = self.importance_scores(net, data)[level]
