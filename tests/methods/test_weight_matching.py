@@ -8,37 +8,11 @@ import torch
 
 import neurofuse
 from neurofuse.errors import IncompatibleModelsError
-from neurofuse.levels import check_same_levels
-from neurofuse.levels._layout import NeuronMap, check_alignable
 from neurofuse.methods import WeightMatching, get_method
-from neurofuse.methods._align import apply_maps, permutation_spec
 from neurofuse.models import MLP, VGG, ResNet
 from neurofuse.testing import permute_hidden
 
-
-def permute_spaces(model, seed=0):
-    """``model`` with every permutable neuron space (residual streams and inner spaces included)
-    randomly permuted: the same function; returns the copy and the permutation of every group."""
-    nets = check_same_levels([model])
-    layouts, heads = check_alignable(nets, "test")
-    spec = permutation_spec(model, layouts, heads, model.level_widths())
-    rng = np.random.default_rng(seed)
-    perms = [rng.permutation(n) for n in spec.sizes]
-    maps = [{s: (None if g is None else NeuronMap.from_permutation(perms[g])) for s, g in sp.items()}
-            for sp in spec.groups]
-    return apply_maps(model, layouts, maps), perms
-
-
-def _randomise_bn(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-    return model.eval()
+from .permuted import permute_spaces, randomise_batchnorm
 
 
 def test_registered_and_needs_no_data():
@@ -57,7 +31,7 @@ def test_a_permuted_copy_gives_back_the_same_function(arch, digits):
     torch.manual_seed(0)
     model = {"mlp": lambda: MLP(digits.input_shape, 10, [24, 16]),
              "vgg": lambda: VGG(digits.input_shape, 10, width_multiplier=0.0625),
-             "resnet": lambda: _randomise_bn(ResNet(digits.input_shape, 10, depth=20, width_multiplier=0.25), 0),
+             "resnet": lambda: randomise_batchnorm(ResNet(digits.input_shape, 10, depth=20, width_multiplier=0.25), 0),
              }[arch]().eval()
     twin, _ = permute_spaces(model, seed=1)
     x = digits.x_test[:64]

@@ -12,10 +12,12 @@ from ._core import (
 )
 from ._theory import approximation_error, grouping_error, representation_cost
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
+from ._zipit import JointMoments, zip_features, zip_matrices
 
 __all__ = [
     "OUTPUT_WEIGHTS",
     "Grouping",
+    "JointMoments",
     "MatchedTensor",
     "WeightMatchingResult",
     "approximation_error",
@@ -28,4 +30,6 @@ __all__ = [
     "representation_cost",
     "weight_matching",
     "weighted_kmeans",
+    "zip_features",
+    "zip_matrices",
 ]

@@ -10,6 +10,7 @@ from ._distill import EnsembleDistillation, EnsembleDistillationOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 from ._describe import OptionInfo, method_options
 from ._weight_matching import WeightMatching, WeightMatchingOptions
+from ._zipit import ZipIt, ZipItOptions
 
 __all__ = [
     "BaseModel",
@@ -36,6 +37,8 @@ __all__ = [
     "WeightMatching",
     "WeightMatchingOptions",
     "WidthSpec",
+    "ZipIt",
+    "ZipItOptions",
     "get_method",
     "list_methods",
     "method_options",
