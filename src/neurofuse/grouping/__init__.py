@@ -11,6 +11,7 @@ from ._core import (
     weighted_kmeans,
 )
 from ._theory import approximation_error, grouping_error, representation_cost
+from ._cca import cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
 from ._zipit import JointMoments, zip_features, zip_matrices
 
@@ -21,6 +22,7 @@ __all__ = [
     "MatchedTensor",
     "WeightMatchingResult",
     "approximation_error",
+    "cca_alignment",
     "centroids",
     "grouping_error",
     "hungarian_grouping",

@@ -11,9 +11,12 @@ from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, 
 from ._describe import OptionInfo, method_options
 from ._weight_matching import WeightMatching, WeightMatchingOptions
 from ._zipit import ZipIt, ZipItOptions
+from ._cca import CCAMerge, CCAMergeOptions
 
 __all__ = [
     "BaseModel",
+    "CCAMerge",
+    "CCAMergeOptions",
     "GitRebasin",
     "GitRebasinOptions",
     "KDHead",

@@ -1,0 +1,145 @@
+r"""CCA Merge: align every model to model 0 by canonical correlation analysis, then average.
+
+Horoi, Camillo, Eckstein & Wolf, "Harmony in Diversity: Merging Neural Networks with Canonical
+Correlation Analysis", ICML 2024.  The map is :func:`neurofuse.grouping.cca_alignment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._fusion_set import FusionSet
+from ..errors import ConfigError
+from ..grouping import JointMoments, cca_alignment
+from ..levels import check_same_levels, fold_batchnorm, has_batchnorm
+from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, stream_members
+from ._align import aligned_state, average_states, check_equal_widths, out_correspondence
+from ._base import FusionMethod, register_method
+from ._features import feature_moments
+
+__all__ = ["CCAMerge", "CCAMergeOptions"]
+
+#: weight of the pre-activation covariance added to the post-activation one (relative to the
+#: traces), which separates features constant on the fusion set
+TIE_BREAK = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class CCAMergeOptions:
+    """Settings of :class:`CCAMerge`.
+
+    Attributes
+    ----------
+    reg : float
+        Regularisation :math:`\\gamma` of each model's feature covariance, relative to its mean
+        variance (see :func:`neurofuse.grouping.cca_alignment`).
+    activations : str
+        Correlate ``"post"``-activation features (what the next layer reads) or
+        ``"pre"``-activation level outputs.
+    """
+
+    reg: float = 1e-4
+    activations: str = "post"
+
+    def __post_init__(self) -> None:
+        if not self.reg > 0:
+            raise ConfigError(f"reg must be positive, got {self.reg}")
+        if self.activations not in ("post", "pre"):
+            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+
+
+@register_method("cca-merge")
+class CCAMerge(FusionMethod):
+    r"""CCA Merge: a linear map per neuron space from canonical correlations, then the mean.
+
+    For every model :math:`k \ge 1` and every hidden neuron space (level outputs, the internal
+    spaces of a level, a residual stream as one space), the covariances of model 0's and model
+    :math:`k`'s features on the fusion set give the CCA map :math:`T_k` from model :math:`k`'s
+    features to model 0's (:func:`neurofuse.grouping.cca_alignment`: the canonical variables of
+    the two models identified).  Every level of model :math:`k` is aligned as
+
+    .. math:: \widetilde W^k = T_k\, W^k\, T_{k,\text{prev}}^{-1}, \qquad \tilde b^k = T_k b^k,
+
+    (through :func:`neurofuse.levels._layout.align_level`) and the fused model is the mean
+    :math:`\frac1N \sum_k \widetilde W^k` (:math:`T_0 = I`).  Unlike a permutation, :math:`T_k`
+    does not commute with the non-linearity, so the alignment is exact only for a permuted copy
+    (where :math:`T_k` is the permutation).  BatchNorm is folded into the preceding layer first
+    (a map that mixes channels does not keep a per-channel normalisation), so the fused model has
+    none.  Equal widths only.
+
+    After fusing, :attr:`groupings` holds, for every hidden level, the ``[n, N n]`` matrix
+    ``[I, |T_1|, ...]`` with rows scaled to sum to one: which base neurons each fused neuron
+    draws on (the magnitudes of a general linear map, an approximation for REPAIR).
+
+    References
+    ----------
+    Horoi, S., Camillo, A. M. O., Eckstein, E., & Wolf, G. (2024). Harmony in Diversity: Merging
+    Neural Networks with Canonical Correlation Analysis. ICML 2024.
+    """
+
+    summary = "CCA Merge (Horoi et al. 2024): align to model 0 by canonical correlation analysis, then mean"
+    Options = CCAMergeOptions
+    min_models = 2
+
+    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+        assert data is not None
+        nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in check_same_levels(models)]
+        layouts, heads = check_alignable(nets, self.name)  # type: ignore[arg-type]
+        widths = check_equal_widths(nets, self.name)  # type: ignore[arg-type]
+        n_models, n_levels = len(nets), nets[0].num_levels
+        with self.stream(data, n_models) as stream:
+            outputs, inner = feature_moments(nets, layouts, stream, n_levels - 1)  # type: ignore[arg-type]
+        maps: List[List[SpaceMaps]] = [[{} for _ in range(n_levels)] for _ in nets]
+        for lvl in range(n_levels):
+            for sp in layouts[lvl].internal:
+                for k, m in enumerate(self._align(inner[lvl][sp.name], n_models), start=1):
+                    maps[k][lvl][sp.name] = m
+            head = heads[lvl]
+            members = stream_members(heads, head)
+            out: List[Optional[NeuronMap]] = [None] * n_models
+            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
+                pass  # identity (equal widths are checked)
+            elif head < lvl:
+                out = [None] + [maps[k][head]["out"] for k in range(1, n_models)]
+            else:
+                pre, act = (JointMoments.from_state(s.state()) for s in outputs[lvl])
+                for m in members[1:]:  # a residual stream: the moments of every level in it
+                    pre.merge(outputs[m][0])
+                    act.merge(outputs[m][1])
+                out = [None] + self._align((pre, act), n_models)
+            for k in range(1, n_models):
+                maps[k][lvl]["out"] = out[k]
+                maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
+        self.groupings = out_correspondence([None] + maps[1:], widths)  # type: ignore[arg-type]
+        states = [aligned_state(net, layouts, None if k == 0 else maps[k])  # type: ignore[arg-type]
+                  for k, net in enumerate(nets)]
+        return average_states(nets[0], states)  # type: ignore[arg-type]
+
+    def _align(self, moments: Tuple[JointMoments, JointMoments], n_models: int) -> List[NeuronMap]:
+        """The CCA map of every model ``k >= 1`` onto model 0 at one space from the (pre, post)
+        joint moments of all ``n_models`` models (of equal widths).
+
+        Post-activation features that are constant on the fusion set (dead ReLUs) are told apart
+        by adding the pre-activation covariance with weight :data:`TIE_BREAK` (relative to the
+        traces); features whose pre-activations are constant too (:meth:`JointMoments.constant`) are paired
+        by their values (see :func:`~neurofuse.grouping.cca_alignment`).  Otherwise CCA could
+        mix them arbitrarily."""
+        cov = moments[0].covariance().cpu().numpy()
+        mean = moments[0].mean().cpu().numpy()
+        constant = moments[0].constant().cpu().numpy()
+        if self.options.activations == "post":
+            act = moments[1].covariance().cpu().numpy()
+            cov = act + TIE_BREAK * np.trace(act) / max(float(np.trace(cov)), 1e-300) * cov
+        n = cov.shape[0] // n_models
+        maps = []
+        for k in range(1, n_models):
+            idx = np.r_[0:n, k * n:(k + 1) * n]
+            t, t_inv = cca_alignment(cov[np.ix_(idx, idx)], n, self.options.reg, constant=constant[idx],
+                                     values=mean[idx])
+            maps.append(NeuronMap(out=torch.from_numpy(t), inc=torch.from_numpy(t_inv), plan=t.T / n))
+        return maps
