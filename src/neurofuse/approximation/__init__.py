@@ -1,5 +1,7 @@
 """Fitting a fused level to its targets (paper section 4.3.2): closed form for affine levels."""
 
 from ._linear import LinearSolution, LinearStats, aligned_prior, assign_affine, design_matrix
+from ._regmean import InputGram, layer_rows, regmean
 
-__all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
+__all__ = ["InputGram", "LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix",
+           "layer_rows", "regmean"]

@@ -12,8 +12,11 @@ from ._describe import OptionInfo, method_options
 from ._weight_matching import WeightMatching, WeightMatchingOptions
 from ._zipit import ZipIt, ZipItOptions
 from ._cca import CCAMerge, CCAMergeOptions
+from ._regmean import AlignedRegMean, AlignedRegMeanOptions, RegMean, RegMeanOptions
 
 __all__ = [
+    "AlignedRegMean",
+    "AlignedRegMeanOptions",
     "BaseModel",
     "CCAMerge",
     "CCAMergeOptions",
@@ -36,6 +39,8 @@ __all__ = [
     "LevelwiseFusion",
     "LinearFusion",
     "OptionInfo",
+    "RegMean",
+    "RegMeanOptions",
     "VanillaAveraging",
     "WeightMatching",
     "WeightMatchingOptions",

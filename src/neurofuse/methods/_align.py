@@ -24,17 +24,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import MatchedTensor, weight_matching
-from ..levels import LeveledNet
+from ..levels import LeveledNet, check_same_levels
+from ..levels._layout import check_alignable
 from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, stream_members
 from ._rebasin import GitRebasin
 
 __all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "apply_maps", "average_states",
-           "check_equal_widths", "correspondence", "out_correspondence", "permutation_spec", "weight_maps"]
+           "check_equal_widths", "check_same_state", "correspondence", "merge_inputs", "out_correspondence",
+           "permutation_spec", "weight_maps"]
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
@@ -240,3 +242,47 @@ def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], hea
         maps[k] = mk
         out.append(apply_maps(nets[k], layouts, mk))
     return out, maps
+
+
+def check_same_state(models: Sequence[nn.Module], method: str) -> None:
+    """Refuse models whose state dicts differ in keys or shapes (merging without alignment)."""
+    ref = models[0].state_dict()
+    for i, m in enumerate(models[1:], start=1):
+        sd = m.state_dict()
+        if sd.keys() != ref.keys():
+            raise IncompatibleModelsError(f"{method!r} needs identical architectures: model {i} has "
+                                          "different parameters than model 0")
+        for k, v in sd.items():
+            if v.shape != ref[k].shape:
+                raise IncompatibleModelsError(
+                    f"{method!r} needs identical architectures: {k!r} has shape {list(v.shape)} in "
+                    f"model {i} but {list(ref[k].shape)} in model 0; align='none' merges models "
+                    "that share an initialisation")
+
+
+def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: str, method: str, *,
+                 seed: int = 0, device: str = "cpu", batch_size: int = 256,
+                 memory_budget: Optional[int] = None) -> Tuple[List[nn.Module], Optional[List[np.ndarray]]]:
+    """The models a merge that assumes a shared initialisation combines, and what each fused
+    neuron stands for.
+
+    ``how="none"``: the models as they are (any modules of identical state-dict shapes: the
+    paper's setting of fine-tuned copies of one model); otherwise every model aligned to model 0
+    (:func:`align_models`; leveled models of equal widths).  The correspondence (``None`` for
+    models that are not :class:`~neurofuse.levels.LeveledNet`) lists, per hidden level, the
+    ``[n, N n]`` matrix with ``1/N`` at each model's neuron merged into fused neuron ``j``.
+    """
+    if how not in ALIGNMENTS:
+        raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")
+    if how == "none":
+        check_same_state(models, method)
+        if not all(isinstance(m, LeveledNet) for m in models):
+            return list(models), None
+    nets = check_same_levels(models)
+    widths = check_equal_widths(nets, method)
+    if how == "none":
+        return list(nets), out_correspondence([None] * len(nets), widths)
+    layouts, heads = check_alignable(nets, method)
+    aligned, maps = align_models(nets, layouts, heads, how, data, seed=seed, device=device,
+                                 batch_size=batch_size, memory_budget=memory_budget)
+    return list(aligned), out_correspondence(maps, widths)
