@@ -13,8 +13,11 @@ from ._weight_matching import WeightMatching, WeightMatchingOptions
 from ._zipit import ZipIt, ZipItOptions
 from ._cca import CCAMerge, CCAMergeOptions
 from ._regmean import AlignedRegMean, AlignedRegMeanOptions, RegMean, RegMeanOptions
+from ._fisher import AlignedFisherMerging, AlignedFisherOptions, FisherMerging, FisherOptions
 
 __all__ = [
+    "AlignedFisherMerging",
+    "AlignedFisherOptions",
     "AlignedRegMean",
     "AlignedRegMeanOptions",
     "BaseModel",
@@ -29,6 +32,8 @@ __all__ = [
     "EnsembleDistillation",
     "EnsembleDistillationOptions",
     "EnsembleFusion",
+    "FisherMerging",
+    "FisherOptions",
     "FusionMethod",
     "GRADIENT_PRESETS",
     "GradientOptions",

@@ -36,8 +36,8 @@ class CCAMergeOptions:
     Attributes
     ----------
     reg : float
-        Regularisation :math:`\\gamma` of each model's feature covariance, relative to its mean
-        variance (see :func:`neurofuse.grouping.cca_alignment`).
+        Regularisation of each model's feature covariance: this fraction of its mean variance is
+        added to its diagonal (see :func:`neurofuse.grouping.cca_alignment`).
     activations : str
         Correlate ``"post"``-activation features (what the next layer reads) or
         ``"pre"``-activation level outputs.
