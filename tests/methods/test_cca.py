@@ -36,6 +36,7 @@ def test_a_permuted_copy_gives_back_the_same_function(arch, digits, digits_fusio
     x = digits.x_test[:128]
     with torch.no_grad():
         assert float((fused(x) - model(x)).abs().max()) < 1e-3
+    assert fused.state_dict().keys() == model.state_dict().keys()  # BatchNorms written back
 
 
 def test_three_models_groupings_and_equal_widths(trained_mlp, digits, digits_fusion):

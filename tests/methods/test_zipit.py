@@ -50,6 +50,7 @@ def test_a_permuted_copy_gives_back_the_same_function(arch, digits, digits_fusio
     twin, _ = permute_spaces(model, seed=1)
     fused = neurofuse.fuse([model, twin], digits_fusion, method="zipit", progress=False)
     assert _close(fused, model, digits.x_test[:128])
+    assert fused.state_dict().keys() == model.state_dict().keys()  # BatchNorms written back
 
 
 def test_partial_zipping_gives_a_multi_head_model(trained_mlp, other_mlp, digits, digits_fusion):

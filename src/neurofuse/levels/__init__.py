@@ -16,6 +16,7 @@ from ._core import (
     unflatten_neurons,
 )
 from ._bn import fold_batchnorm, has_batchnorm
+from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
 from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels, format_levels, level_support
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
@@ -42,4 +43,5 @@ __all__ = [
     "levels_from",
     "split_affine",
     "unflatten_neurons",
+    "unfold_state",
 ]

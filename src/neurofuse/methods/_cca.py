@@ -16,7 +16,7 @@ from torch import nn
 from .._fusion_set import FusionSet
 from ..errors import ConfigError
 from ..grouping import JointMoments, cca_alignment
-from ..levels import check_same_levels, fold_batchnorm, has_batchnorm
+from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, stream_members
 from ._align import aligned_state, average_states, check_equal_widths, out_correspondence
 from ._base import FusionMethod, register_method
@@ -69,8 +69,10 @@ class CCAMerge(FusionMethod):
     :math:`\frac1N \sum_k \widetilde W^k` (:math:`T_0 = I`).  Unlike a permutation, :math:`T_k`
     does not commute with the non-linearity, so the alignment is exact only for a permuted copy
     (where :math:`T_k` is the permutation).  BatchNorm is folded into the preceding layer first
-    (a map that mixes channels does not keep a per-channel normalisation), so the fused model has
-    none.  Equal widths only.
+    (a map that mixes channels does not keep a per-channel normalisation) and written back
+    afterwards as BatchNorms with identity statistics (:func:`neurofuse.levels.unfold_state`):
+    the fused model has model 0's architecture, and ``repair=True`` re-estimates them.  Equal
+    widths only.
 
     After fusing, :attr:`groupings` holds, for every hidden level, the ``[n, N n]`` matrix
     ``[I, |T_1|, ...]`` with rows scaled to sum to one: which base neurons each fused neuron
@@ -88,7 +90,8 @@ class CCAMerge(FusionMethod):
 
     def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
         assert data is not None
-        nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in check_same_levels(models)]
+        originals = check_same_levels(models)
+        nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in originals]
         layouts, heads = check_alignable(nets, self.name)  # type: ignore[arg-type]
         widths = check_equal_widths(nets, self.name)  # type: ignore[arg-type]
         n_models, n_levels = len(nets), nets[0].num_levels
@@ -118,7 +121,12 @@ class CCAMerge(FusionMethod):
         self.groupings = out_correspondence([None] + maps[1:], widths)  # type: ignore[arg-type]
         states = [aligned_state(net, layouts, None if k == 0 else maps[k])  # type: ignore[arg-type]
                   for k, net in enumerate(nets)]
-        return average_states(nets[0], states)  # type: ignore[arg-type]
+        fused = average_states(nets[0], states)  # type: ignore[arg-type]
+        if nets[0] is originals[0]:
+            return fused
+        like = originals[0].clone()  # back to model 0's architecture, BatchNorms with identity statistics
+        like.load_state_dict(unfold_state(fused, like))
+        return like
 
     def _align(self, moments: Tuple[JointMoments, JointMoments], n_models: int) -> List[NeuronMap]:
         """The CCA map of every model ``k >= 1`` onto model 0 at one space from the (pre, post)

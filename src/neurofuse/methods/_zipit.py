@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import zip_features, zip_matrices
-from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm
+from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import NeuronMap, SpaceMaps, align_level, check_alignable, identity_ok, stream_members
 from ..models.multihead import MultiHead
 from ._align import correspondence
@@ -73,8 +73,10 @@ class ZipIt(FusionMethod):
 
     (:math:`\mathcal M_k, \mathcal U_k` model :math:`k`'s block), biases and other per-neuron
     vectors as :math:`\sum_k \mathcal M_k b^k`; the output level is averaged.  BatchNorm is
-    folded into the preceding layer first (mixing channels of a BatchNorm is not a BatchNorm),
-    so the fused model has none.  The fused width is model 0's by default and may be set with
+    folded into the preceding layer first (mixing channels of a BatchNorm is not a BatchNorm) and
+    written back afterwards as BatchNorms with identity statistics
+    (:func:`neurofuse.levels.unfold_state`): the fused model has model 0's architecture, and
+    ``repair=True`` re-estimates them.  The fused width is model 0's by default and may be set with
     ``width`` (anything from 1 to the sum of the models' widths; a residual stream keeps one
     width).  With ``stop_at``, only the levels before it are zipped and each model keeps its
     remaining levels as a head fed by its unmerge matrix (the paper's partial zipping); the
@@ -107,7 +109,8 @@ class ZipIt(FusionMethod):
                               f"{n_levels} levels, so stop_at must be at most {n_levels - 1}")
         widths = [m.level_widths() for m in nets]
         target = self.resolve_widths(widths[0])
-        fused = self._fused_model(originals[0], nets[0], target, widths[0])
+        like = originals[0].clone() if target == widths[0] else originals[0].with_widths(target[:-1])
+        fused = fold_batchnorm(like) if has_batchnorm(like) else like.clone()
         with self.stream(data, n_models) as stream:
             outputs, inner = feature_moments(nets, layouts, stream, min(stop, n_levels - 1))
         post = 1 if self.options.activations == "post" else 0
@@ -145,8 +148,10 @@ class ZipIt(FusionMethod):
                 blocks = [np.eye(target[lvl], widths[k][lvl]) if out[k] is None else out[k].out.numpy()
                           for k in range(n_models)]
                 self.groupings.append(correspondence(blocks))
-        state = self._zipped_state(nets, layouts, maps, fused, min(stop, n_levels))
-        fused.load_state_dict(state)
+        fused.load_state_dict(self._zipped_state(nets, layouts, maps, fused, min(stop, n_levels)))
+        if fused is not like:  # back to model 0's architecture, BatchNorms with identity statistics
+            like.load_state_dict(unfold_state(fused, like))
+            fused = like
         if stop == n_levels:
             return fused
         result = MultiHead(fused, [m.clone() for m in originals], stop)
@@ -155,13 +160,6 @@ class ZipIt(FusionMethod):
                 m = maps[k][stop - 1]["out"]
                 result.mix[k].matrix.copy_(torch.eye(widths[k][stop - 1]) if m is None else m.inc.float())
         return result
-
-    def _fused_model(self, original: LeveledNet, folded: LeveledNet, target: List[int], base: List[int]) -> LeveledNet:
-        """Model 0's (folded) architecture at the fused widths."""
-        if target == base:
-            return folded.clone()
-        fresh = original.with_widths(target[:-1])
-        return fold_batchnorm(fresh) if has_batchnorm(fresh) else fresh  # type: ignore[return-value]
 
     def _zip(self, moments, post: int, widths: List[int], k: int) -> List[NeuronMap]:  # type: ignore[no-untyped-def]
         """Merge/unmerge maps of every model for one space from its (pre, post) moments."""
