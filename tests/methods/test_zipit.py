@@ -9,7 +9,7 @@ import torch
 import neurofuse
 from neurofuse.errors import ConfigError
 from neurofuse.methods import ZipIt, get_method
-from neurofuse.models import MLP, VGG, MultiHead, ResNet, build_model
+from neurofuse.models import MLP, MultiHead, ResNet, build_model
 from neurofuse.training import TrainConfig, train_model
 
 from .permuted import permute_spaces, randomise_batchnorm

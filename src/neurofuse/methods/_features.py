@@ -13,7 +13,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .._fusion_set import FusionSet
 from ..grouping import JointMoments
 from ..levels import LeveledNet, LevelStream, flatten_neurons
 from ..levels._layout import LevelLayout, activation_module, next_activation

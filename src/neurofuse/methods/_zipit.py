@@ -7,21 +7,29 @@ without Training", ICLR 2024.  The grouping is :func:`neurofuse.grouping.zip_fea
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
 from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
-from ..levels._layout import NeuronMap, SpaceMaps, align_level, check_alignable, identity_ok, stream_members
+from ..levels._layout import (
+    LevelLayout,
+    NeuronMap,
+    SpaceMaps,
+    align_level,
+    check_alignable,
+    identity_ok,
+    stream_members,
+)
 from ..models.multihead import MultiHead
 from ._align import correspondence
 from ._base import FusionMethod, register_method
-from ._features import feature_moments
+from ._features import FeatureMoments, feature_moments
 
 __all__ = ["ZipIt", "ZipItOptions"]
 
@@ -110,18 +118,17 @@ class ZipIt(FusionMethod):
         widths = [m.level_widths() for m in nets]
         target = self.resolve_widths(widths[0])
         like = originals[0].clone() if target == widths[0] else originals[0].with_widths(target[:-1])
-        fused = fold_batchnorm(like) if has_batchnorm(like) else like.clone()
+        fused = fold_batchnorm(like) if has_batchnorm(like) else like
         with self.stream(data, n_models) as stream:
             outputs, inner = feature_moments(nets, layouts, stream, min(stop, n_levels - 1))
-        post = 1 if self.options.activations == "post" else 0
         maps: List[List[SpaceMaps]] = [[{} for _ in range(n_levels)] for _ in nets]
         self.groupings: List[np.ndarray] = []
         for lvl in range(min(stop, n_levels)):
             fused_sd = fused.levels[lvl].state_dict()
             for sp in layouts[lvl].internal:  # inner spaces: zipped to the fused model's inner width
                 key = next(k for k, s0, _, _ in layouts[lvl].tensors if s0 == sp.name)
-                blocks = self._zip(inner[lvl][sp.name], post, [int(net.levels[lvl].state_dict()[key].shape[0])
-                                                               for net in nets], int(fused_sd[key].shape[0]))
+                blocks = self._zip(inner[lvl][sp.name], [int(net.levels[lvl].state_dict()[key].shape[0])
+                                                         for net in nets], int(fused_sd[key].shape[0]))
                 for k in range(n_models):
                     maps[k][lvl][sp.name] = blocks[k]
             head = heads[lvl]
@@ -140,7 +147,7 @@ class ZipIt(FusionMethod):
                     if m < len(outputs):
                         pre.merge(outputs[m][0])
                         act.merge(outputs[m][1])
-                out = self._zip((pre, act), post, [w[lvl] for w in widths], target[lvl])
+                out = self._zip((pre, act), [w[lvl] for w in widths], target[lvl])
             for k in range(n_models):
                 maps[k][lvl]["out"] = out[k]
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
@@ -161,10 +168,10 @@ class ZipIt(FusionMethod):
                 result.mix[k].matrix.copy_(torch.eye(widths[k][stop - 1]) if m is None else m.inc.float())
         return result
 
-    def _zip(self, moments, post: int, widths: List[int], k: int) -> List[NeuronMap]:  # type: ignore[no-untyped-def]
+    def _zip(self, moments: FeatureMoments, widths: List[int], k: int) -> List[NeuronMap]:
         """Merge/unmerge maps of every model for one space from its (pre, post) moments."""
         pre_m, post_m = moments
-        stats = post_m if post else pre_m
+        stats = post_m if self.options.activations == "post" else pre_m
         owners = np.repeat(np.arange(len(widths)), widths)
         tie = pre_m.similarity().cpu().numpy()
         cov = stats.covariance().cpu().numpy()
@@ -182,8 +189,8 @@ class ZipIt(FusionMethod):
         return out
 
     @staticmethod
-    def _zipped_state(nets: List[LeveledNet], layouts, maps: List[List[SpaceMaps]], fused: LeveledNet,  # type: ignore[no-untyped-def]
-                      levels: int) -> Dict[str, Tensor]:
+    def _zipped_state(nets: List[LeveledNet], layouts: Sequence[LevelLayout], maps: List[List[SpaceMaps]],
+                      fused: LeveledNet, levels: int) -> Dict[str, Tensor]:
         """:math:`\\sum_k \\mathcal M_k W^k \\mathcal U_k` for tensors of zipped spaces, the mean
         for the others (output level, identity spaces); levels from ``levels`` on keep the
         fused model's (unused) values."""
