@@ -87,12 +87,11 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Tuple[Tensor, Optional[T
                 terms = [(torch.full((x.shape[0],), c, dtype=torch.long, device=x.device), probs[:, c])
                          for c in range(probs.shape[1])]
             for labels, weight in terms:
-                g = per_sample(params, x, labels)
-                for n, gn in g.items():
-                    sq = gn.double() ** 2
-                    if weight is not None:
-                        sq = sq * weight.double().reshape(-1, *([1] * (sq.dim() - 1)))
-                    total[n] += sq.sum(0)
+                for n, gn in per_sample(params, x, labels).items():
+                    flat = gn.reshape(gn.shape[0], -1)
+                    sq = flat * flat  # per-sample squares, summed over the chunk (weighted by p(c|x))
+                    summed = sq.sum(0) if weight is None else weight.to(sq.dtype) @ sq
+                    total[n] += summed.reshape(total[n].shape).double()
             count += x.shape[0]
     if count == 0:
         raise DataError("the Fisher information needs at least one sample")
