@@ -1,7 +1,7 @@
 """The field's baselines beside neurofuse's methods on a quick non-IID MLP protocol.
 
     OMP_NUM_THREADS=1 python benchmarks/baselines_mlp.py [--dataset digits] [--models 2] \\
-        [--seeds 0 1 2] [--select] [--json out.json]
+        [--seeds 0 1 2] [--select [--only METHOD ...]] [--json out.json]
 
 Base models: ``--models`` zoo MLPs (size ``small``: 64-64) trained on a Dirichlet non-IID split
 (concentration ratio 0.2) of the training set, checkpoints chosen on a validation share of each
@@ -32,13 +32,14 @@ from neurofuse.experiment import SplitConfig, fusion_set, method_variants, run_m
 
 #: option grids of the new methods scored with --select (the first entry is the default)
 GRIDS: Dict[str, List[Dict[str, object]]] = {
-    "regmean": [{"alpha": 1.0, "bias": "fit"}, {"alpha": 1.0, "bias": "average"}, {"alpha": 0.9, "bias": "fit"},
+    "regmean": [{"alpha": 1.0, "bias": "average"}, {"alpha": 1.0, "bias": "fit"}, {"alpha": 0.9, "bias": "fit"},
                 {"alpha": 0.5, "bias": "fit"}],
-    "regmean-aligned": [{"alpha": 1.0, "bias": "fit"}, {"alpha": 1.0, "bias": "average"},
+    "regmean-aligned": [{"alpha": 1.0, "bias": "average"}, {"alpha": 1.0, "bias": "fit"},
                         {"alpha": 0.9, "bias": "fit"}, {"alpha": 0.5, "bias": "fit"}, {"align": "weights"}],
     "fisher": [{"fisher": "expected"}, {"fisher": "empirical"}],
     "fisher-aligned": [{"fisher": "expected"}, {"fisher": "empirical"}, {"align": "weights"}],
-    "cca-merge": [{"reg": 1e-4}, {"reg": 1e-6}, {"reg": 1e-2}, {"reg": 1e-1}, {"activations": "pre"}],
+    "cca-merge": [{"reg": 0.1}, {"reg": 1e-6}, {"reg": 1e-4}, {"reg": 1e-2}, {"reg": 0.3}, {"reg": 1.0},
+                  {"activations": "pre"}],
     "zipit": [{}, {"within_model": False}, {"activations": "pre"}, {"stop_at": 2}],
     "weight-matching": [{}],
 }
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--select", action="store_true", help="score option grids on the held-out split")
+    ap.add_argument("--only", nargs="+", help="with --select: only these methods' grids")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -82,7 +84,9 @@ def main() -> None:
             variants = []
             options = {}
             for name, grid in GRIDS.items():
-                for i, opt in enumerate(grid):
+                if args.only and name not in args.only:
+                    continue
+                for opt in grid:
                     key = f"{name} {json.dumps(opt, sort_keys=True)}"
                     variants.append((key, name, "uniform"))
                     options[key] = opt

@@ -48,7 +48,7 @@ def test_each_hidden_layer_is_fitted_on_each_models_own_inputs(digits_fusion):
     """Level 1 of two MLPs: the regression runs on relu(h_k) of model k, not on a shared input."""
     torch.manual_seed(0)
     a, b = (MLP((1, 8, 8), 10, [12]).eval() for _ in range(2))
-    fused = neurofuse.fuse([a, b], digits_fusion, method="regmean", progress=False)
+    fused = neurofuse.fuse([a, b], digits_fusion, method="regmean", bias="fit", progress=False)
     with torch.no_grad():
         hs = [torch.relu(m.forward_until(digits_fusion[0], 0)).double().numpy() for m in (a, b)]
     design = [np.concatenate([h, np.ones((len(h), 1))], 1) for h in hs]

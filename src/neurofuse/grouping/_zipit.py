@@ -159,8 +159,9 @@ def zip_features(cov: np.ndarray, owners: Sequence[int], k: int, *, within_model
         j = int(arg[i])
         if not np.isfinite(best[i]):
             if cap >= m:
-                raise ConfigError(f"cannot zip {m} features into {k} without merging features of one "
-                                  "model; allow within_model or choose a larger width")
+                raise ConfigError(f"the greedy zip of {m} features stopped at {groups} groups, not {k}: "
+                                  "every remaining pair holds features of one model; allow within-model "
+                                  "merges (within_model=True) or choose a larger width")
             cap = m  # every allowed pair would exceed the group size: let groups grow
             score = rescore()
             arg = score.argmax(1)

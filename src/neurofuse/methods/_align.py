@@ -14,7 +14,8 @@ alignments are offered (:data:`ALIGNMENTS`):
 
 Both give, per model, one :class:`~neurofuse.levels._layout.NeuronMap` per neuron space of every
 level (``"in"``, ``"out"``, internal spaces), applied with
-:func:`~neurofuse.levels._layout.align_level`.
+:func:`~neurofuse.levels._layout.align_level`.  What each fused neuron stands for is recorded as
+one non-negative ``[n_fused, sum of base widths]`` matrix per hidden level (:func:`correspondence`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import MatchedTensor, weight_matching
 from ..levels import LeveledNet, check_same_levels
-from ..levels._layout import check_alignable
-from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, stream_members
+from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
 from ._rebasin import GitRebasin
 
 __all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "apply_maps", "average_states",
