@@ -30,6 +30,10 @@ where :math:`X^{(a)}` unfolds a tensor along axis :math:`a` (``[n_g, rest]``) an
 The paper's algorithm is coordinate descent: visit the groups in a random order, solve each
 assignment exactly (``scipy.optimize.linear_sum_assignment``, Crouse 2016), keep a new
 permutation only if it raises the objective, and stop after a sweep that changes nothing.
+Here the first sweep visits the groups in their numbering (from the input, when the caller numbers
+them in forward order) and uses only the terms whose other axis is unpermuted or already matched
+in that sweep: a greedy start, like matching layer by layer, instead of terms that read
+permutations still at the identity.  The later sweeps are the paper's.
 
 Cost
 ----
@@ -143,7 +147,8 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
     r"""Permutations of network B's neurons that best match network A's weights.
 
     Coordinate descent over the permutation groups (see the module notes): each visit solves one
-    linear assignment problem exactly; a sweep visits every group once in a random order.
+    linear assignment problem exactly; the first sweep visits the groups in order with the terms
+    already determined, every later sweep visits every group once in a random order.
 
     Parameters
     ----------
@@ -151,7 +156,7 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
         The tensors of both networks with the group of each axis.  Pass the parameters (weights,
         biases, normalisation scales); running statistics are not part of the paper's objective.
     sizes : sequence of int
-        ``sizes[g]``: the number of neurons of group ``g``.
+        ``sizes[g]``: the number of neurons of group ``g`` (number the groups from the input).
     max_sweeps : int
         Most sweeps (the paper's code uses 100; convergence usually takes a handful).
     seed : int
