@@ -1,6 +1,7 @@
 """Time Git Re-Basin weight matching on two full-width CIFAR ResNet-18s beside activation matching.
 
-    OMP_NUM_THREADS=1 python benchmarks/weight_matching_speed.py [--repeats 5] [--samples 256]
+    OMP_NUM_THREADS=1 python benchmarks/weight_matching_speed.py [--repeats 5] [--samples 256] \
+        [--pair random|permuted] [--json out.json]
 
 Two zoo ResNet-18s (``ResNet((3, 32, 32), 10, depth=18)``, widths 64..512, 11.2M parameters)
 with random weights, and for ``git-rebasin`` (activation matching, the same permutation spaces)
@@ -28,7 +29,7 @@ Measured on the shared 2-core x86 VM (AMD EPYC, no AVX-512) under a load average
                     weight_matching() alone   1.05     0.35
                     git-rebasin fuse         34.90    13.45   (cpu ratio 0.060)
 
-Of the 0.76 s of the whole call, about 0.35 s is outside the matching: the base class's weight
+(``benchmarks/weight_matching_speed/{random,permuted}.json``.)  Of the 0.76 s of the whole call, about 0.35 s is outside the matching: the base class's weight
 checks (every tensor scanned for NaN and magnitude, twice per model), level shapes from forward
 passes, the permuted copy and the average.
 """

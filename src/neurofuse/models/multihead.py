@@ -86,7 +86,9 @@ class MultiHead(nn.Module):
 def _build_multihead(trunk: Dict[str, Any], heads: Sequence[Dict[str, Any]], stop_at: int) -> MultiHead:
     if not isinstance(heads, (list, tuple)) or not heads or len(heads) > 256:
         raise ConfigError("a multihead config lists 1 to 256 head models")
-    return MultiHead(build_model(trunk), [build_model(h) for h in heads], int(stop_at))
+    if isinstance(stop_at, bool) or not isinstance(stop_at, int):
+        raise ConfigError(f"a multihead config's stop_at must be a level index, got {stop_at!r}")
+    return MultiHead(build_model(trunk), [build_model(h) for h in heads], stop_at)
 
 
 _MODELS.register("multihead")(_build_multihead)  # type: ignore[arg-type]
