@@ -42,11 +42,14 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_MODULES",
     "MAX_PARAMETERS",
+    "FACTORY_KEY",
     "METADATA_KEY",
     "WEIGHTS_FORMAT",
     "load_model",
     "load_weights",
     "read_config",
+    "read_factory_metadata",
+    "save_factory_state",
     "save_json",
     "save_model",
     "save_weights",
@@ -289,8 +292,61 @@ def _loads_bounded(text: str, what: str, limit: int) -> Any:
     return value
 
 
+#: the metadata key of the state dicts ``neurofuse fuse --model-factory`` writes (the user's own
+#: architecture: no zoo config, the factory is named for messages only; no code is ever imported
+#: from a checkpoint)
+FACTORY_KEY = "neurofuse-fused"
+
+
+def _factory_document(path: Path, meta: Mapping[str, str]) -> Dict[str, Any]:
+    try:
+        doc = _loads_bounded(meta[FACTORY_KEY], f"the metadata of {path}", MAX_DOCUMENT_BYTES)
+    except Exception as exc:  # noqa: BLE001 - malformed JSON or too large
+        if isinstance(exc, NeurofuseError):
+            raise
+        raise corrupt_error(path, exc) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_factory"), str):
+        raise CheckpointError(f"{path}: its {FACTORY_KEY!r} metadata does not name a model factory; re-create it")
+    return doc
+
+
+def read_factory_metadata(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The metadata of a state dict written by ``neurofuse fuse --model-factory`` (``model_factory``,
+    ``dataset``, ``method``...), read from the header alone; ``None`` for any other file."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors" or not p.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            meta = fh.metadata()
+    except Exception:  # noqa: BLE001 - not readable as safetensors: the loaders say why
+        return None
+    return _factory_document(p, meta) if meta and FACTORY_KEY in meta else None
+
+
+def save_factory_state(state: Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, Any], *,
+                       force: bool = False) -> Path:
+    """Write the state dict of a model of the user's own architecture (``--model-factory``) as
+    ``.safetensors`` with ``metadata`` (which names its ``model_factory``) under :data:`FACTORY_KEY`;
+    :func:`neurofuse.interop.load_state_dict` reads it back into ``FUNCTION()``."""
+    if not isinstance(metadata.get("model_factory"), str):
+        raise ConfigError("the metadata of a --model-factory state dict must name its model_factory")
+    out = _prepare_output(path, force)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    write_safetensors(out, tensors, metadata={FACTORY_KEY: json.dumps(dict(metadata), default=_json_default)})
+    return out
+
+
 def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, Any]:
     """Validate the neurofuse metadata document of a safetensors file."""
+    if meta and METADATA_KEY not in meta and FACTORY_KEY in meta:
+        factory = _factory_document(path, meta)["model_factory"]
+        raise CheckpointError(
+            f"{path} is the state dict of a model built by {factory!r} (written by neurofuse fuse "
+            f"--model-factory); pass --model-factory {factory} to read it (in Python: "
+            "neurofuse.interop.load_state_dict(FUNCTION(), path))")
     if not meta or METADATA_KEY not in meta:
         raise CheckpointError(
             f"{path} has no neurofuse metadata, so it is not a neurofuse checkpoint; save it with "

@@ -245,7 +245,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def cmd_methods(a: argparse.Namespace) -> int:
     from .importance import importance_methods
-    from .methods import get_method, list_methods
+    from .methods import get_method, methods_by_order
 
     if getattr(a, "hf", False):
         from .hf._cli import print_methods
@@ -253,13 +253,15 @@ def cmd_methods(a: argparse.Namespace) -> int:
         return print_methods()
     if getattr(a, "name", None):
         return _show_method(a.name)
-    for name in list_methods():
+    names = methods_by_order()
+    col = max(len(n) for n in names)
+    for name in names:
         cls = get_method(name)
         n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
              else f"up to {cls.max_models} models" if cls.max_models else "N models")
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
-        print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+        print(f"{name:{col}s} {cls.summary}\n{'':{col}s} [{n}; {imp}{width}]")
     print("\nwhich methods fuse Hugging Face models (fuse --hf): neurofuse methods --hf")
     return 0
 
@@ -278,7 +280,8 @@ def _show_method(name: str) -> int:
                         ("settings every method takes (--option KEY=VALUE)", [o for o in rows if o.common])):
         print(f"\n{title}:" if opts else f"\n{title[:7]}: none")
         for o in opts:
-            print(f"  {o.name} ({o.type}, default {o.default})")
+            allowed = f"; {o.allowed}" if o.allowed else ""
+            print(f"  {o.name} ({o.type}, default {o.default}{allowed})")
             if o.description:
                 print(textwrap.fill(o.description, width=96, initial_indent="      ",
                                     subsequent_indent="      "))
@@ -329,19 +332,37 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_all(paths: Sequence[str]) -> List[Any]:
+def _load_all(paths: Sequence[str], factory: Optional[str] = None) -> List[Any]:
+    """The checkpoints as models: zoo checkpoints from their own config, or, with ``factory``
+    (``FILE.py:FUNCTION``), state dicts loaded into ``FUNCTION()`` models."""
     from .checkpoint import load_model
 
-    return [load_model(p) for p in paths]
+    if factory is None:
+        return [load_model(p) for p in paths]
+    from .errors import ConfigError
+    from .interop import load_factory, load_state_dict
+    from torch import nn
+
+    make = load_factory(factory)
+    models = []
+    for p in paths:
+        model = make()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model-factory {factory} returns a {type(model).__name__}, not a torch.nn.Module")
+        models.append(load_state_dict(model, p).eval())
+    return models
 
 
 def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
-    from .checkpoint import read_config
+    from .checkpoint import read_config, read_factory_metadata
     from .errors import DataError, NeurofuseError
 
     if explicit:
         return explicit
     for p in paths:
+        fused = read_factory_metadata(p)
+        if fused is not None and isinstance(fused.get("dataset"), str):
+            return fused["dataset"]
         try:
             name = read_config(p).get("metadata", {}).get("dataset")
         except NeurofuseError:
@@ -446,6 +467,12 @@ def _add_factory_args(p: argparse.ArgumentParser) -> None:
                         "returns a model with declared levels")
 
 
+def _add_read_factory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-factory", default=None, metavar="FILE.py:FUNCTION",
+                   help="the checkpoints are state dicts of your own model (e.g. written by fuse "
+                        "--model-factory): FUNCTION() builds it and the weights are loaded into it")
+
+
 def _factory_models(a: argparse.Namespace, input_shape: Sequence[int]) -> List[Any]:
     """The checkpoints loaded into FUNCTION() models, with their levels (automatic or declared)."""
     from .errors import ConfigError
@@ -474,11 +501,8 @@ def _factory_models(a: argparse.Namespace, input_shape: Sequence[int]) -> List[A
 
 def _fuse_factory(a: argparse.Namespace, out: Path) -> int:
     """``fuse --model-factory FILE.py:FUNCTION ckpt...``: fuse your own model's state dicts."""
-    import json as _json
-
-    from ._io import write_safetensors
     from .api import fuse
-    from .checkpoint import _prepare_output
+    from .checkpoint import save_factory_state
     from .data import load_dataset
     from .errors import ConfigError
     from .experiment import fusion_set
@@ -508,17 +532,16 @@ def _fuse_factory(a: argparse.Namespace, out: Path) -> int:
                           f"({type(fused).__name__}); choose a method that does")
     ref = nets[0]
     state = ref.model_state_dict(fused) if isinstance(ref, AutoNet) else fused.state_dict()
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     meta = {"model_factory": a.model_factory, "method": a.method, "importance": a.importance,
             "seed": a.seed, "dataset": ds.name, "inputs": [str(p) for p in a.checkpoints],
             "levels": "auto" if isinstance(ref, AutoNet) else "declared",
             "fusion_samples": int(fusion[0].shape[0])}
-    write_safetensors(_prepare_output(out, a.force), state, metadata={"neurofuse-fused": _json.dumps(meta)})
+    save_factory_state(state, out, meta, force=a.force)
     s = evaluate(fused, ds.x_test, ds.y_test)
     how = f"{ref.num_levels} automatic levels" if isinstance(ref, AutoNet) else f"{ref.num_levels} levels"
     print(f"{out}: {a.method} of {len(nets)} {a.model_factory} models ({how}), "
-          f"test accuracy {100 * s['accuracy']:.2f}%; load it with "
-          "neurofuse.interop.load_state_dict(FUNCTION(), path)")
+          f"test accuracy {100 * s['accuracy']:.2f}%; read it with --model-factory {a.model_factory} "
+          "(eval, finetune) or neurofuse.interop.load_state_dict(FUNCTION(), path)")
     return 0
 
 
@@ -537,7 +560,8 @@ def cmd_levels(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .errors import ConfigError
     from .interop import load_factory, load_state_dict
-    from .levels import auto_levels, format_levels
+    from .levels import auto_levels
+    from .methods import format_levels
 
     if a.input_shape:
         shape = tuple(a.input_shape)
@@ -692,20 +716,23 @@ def _add_hf_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import save_factory_state, save_model
     from .data import load_dataset
     from .finetune import FinetuneConfig, finetune
     from .training import evaluate
 
     out = Path(a.out)
-    _check_outputs([(out, ".safetensors")], a.force, _checkpoint_inputs([a.checkpoint]),
-                   data_dir=a.data_dir)
-    model = load_model(a.checkpoint)
+    inputs = _checkpoint_inputs([a.checkpoint]) + ([Path(a.model_factory.rsplit(":", 1)[0])] if a.model_factory else [])
+    _check_outputs([(out, ".safetensors")], a.force, inputs, data_dir=a.data_dir)
+    model = _load_all([a.checkpoint], a.model_factory)[0]
     ds = load_dataset(_dataset_of([a.checkpoint], a.dataset), a.data_dir)
     cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device)
     tuned, history = finetune(model, ds.x_train, ds.y_train, cfg, progress=not a.no_progress)
-    save_model(tuned, out, force=a.force, metadata={"dataset": ds.name, "finetuned_from": a.checkpoint,
-                                                    "epochs": a.epochs})
+    meta = {"dataset": ds.name, "finetuned_from": a.checkpoint, "epochs": a.epochs}
+    if a.model_factory:
+        save_factory_state(tuned.state_dict(), out, {"model_factory": a.model_factory, **meta}, force=a.force)
+    else:
+        save_model(tuned, out, force=a.force, metadata=meta)
     before = evaluate(model, ds.x_test, ds.y_test)["accuracy"]
     after = evaluate(tuned, ds.x_test, ds.y_test)["accuracy"]
     print(f"{out}: test accuracy {100 * before:.2f}% -> {100 * after:.2f}% after {a.epochs} epochs "
@@ -756,7 +783,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                        data_dir=a.data_dir)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     rows = {}
-    for p, m in zip(a.checkpoints, _load_all(a.checkpoints)):
+    for p, m in zip(a.checkpoints, _load_all(a.checkpoints, a.model_factory)):
         rows[p] = evaluate(m, ds.x_test, ds.y_test, device=a.device)
     width = max(len(p) for p in rows)
     print(f"{'checkpoint'.ljust(width)}  {'acc %':>6}  {'loss':>7}  {'F1 %':>6}   ({ds.name} test set, n={len(ds.y_test)})")
@@ -878,7 +905,7 @@ def cmd_federate(a: argparse.Namespace) -> int:
     cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
                           no_server_data=a.no_server_data, server_samples=a.server_samples,
                           server_labels=not a.server_unlabelled,
-                          class_weights="class-shares" if a.class_shares else None,
+                          class_shares=a.class_shares,
                           compare=tuple(compare), backend=a.backend, seed=a.seed)
     results = run_federated(cfg)
     results["command"] = "neurofuse " + " ".join(getattr(a, "argv", []))
@@ -1023,6 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     p.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed of the validation hold-out, the data order and dropout (default: 0)")
+    _add_read_factory_arg(p)
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_finetune)
@@ -1048,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, loss and macro-F1 of checkpoints on the test set")
     p.add_argument("checkpoints", nargs="+", help="checkpoints to score")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _add_read_factory_arg(p)
     _add_data_args(p, default_dataset=None)
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
     _add_run_args(p)
@@ -1068,9 +1097,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")
     p.add_argument("--class-shares", action="store_true",
                    help="weigh the output level by the clients' class shares (from their label counts)")
-    p.add_argument("--compare", default="vanilla,ensemble",
-                   help="aggregations scored beside the method on the same client models "
-                        "(default: vanilla,ensemble; e.g. feddf, kf-linear@clients)")
+    p.add_argument("--compare", default=None,
+                   help="more fusion methods scored beside the method on the same client models, "
+                        "comma-separated (e.g. feddf,otfusion); FedAvg and the ensemble are always scored")
     p.add_argument("--backend", default="simulation", choices=["simulation", "local"],
                    help="simulation: Flower's Ray simulation; local: the same apps in this process "
                         "(fast start, small machines; default: %(default)s)")

@@ -57,7 +57,7 @@ def test_fuse_hf_resizes_images_to_the_models_size(folders, tmp_path, capsys, ca
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "otfusion"], "method 'otfusion' does not fuse Hugging Face 'bert' models: aligning"),
+    (["--method", "otfusion"], "method 'otfusion' cannot fuse level 0 (bert.embeddings) of model 0 (HFLeveledNet): aligning"),
     (["--method", "kf-gradient", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "vanilla", "--repair"], "--repair does not apply to --hf"),
 ])

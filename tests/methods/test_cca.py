@@ -39,14 +39,15 @@ def test_a_permuted_copy_gives_back_the_same_function(arch, digits, digits_fusio
     assert fused.state_dict().keys() == model.state_dict().keys()  # BatchNorms written back
 
 
-def test_three_models_groupings_and_equal_widths(trained_mlp, digits, digits_fusion):
+def test_three_models_correspondences_and_equal_widths(trained_mlp, digits, digits_fusion):
     twins = [permute_spaces(trained_mlp, seed=s)[0] for s in (1, 2)]
-    cca = CCAMerge(progress=False)
-    fused = cca.fuse([trained_mlp, *twins], digits_fusion)
+    result = CCAMerge(progress=False).run([trained_mlp, *twins], digits_fusion)
+    fused = result.model
     with torch.no_grad():
         assert float((fused(digits.x_test[:64]) - trained_mlp(digits.x_test[:64])).abs().max()) < 1e-3
-    assert [g.shape for g in cca.groupings] == [(32, 96), (24, 72)]
-    assert all(np.allclose(g.sum(1), 1.0) for g in cca.groupings)
+    mats = [c.normalized() for c in result.correspondences]
+    assert [g.shape for g in mats] == [(32, 96), (24, 72)]
+    assert all(np.allclose(g.sum(1), 1.0) for g in mats)
     with pytest.raises(IncompatibleModelsError, match="equal widths"):
         neurofuse.fuse([trained_mlp, MLP(digits.input_shape, 10, [16, 24])], digits_fusion, method="cca-merge",
                        progress=False)

@@ -40,10 +40,10 @@ def test_the_merge_is_a_convex_combination_element_by_element(trained_mlp, digit
 
 
 def test_which_is_which():
-    assert get_method("fisher") is FisherMerging and FisherMerging.Options().align == "none"
-    assert get_method("fisher-aligned") is AlignedFisherMerging
+    assert get_method("fisher") is FisherMerging and not FisherMerging.fuses_levels
+    assert get_method("fisher-aligned") is AlignedFisherMerging and AlignedFisherMerging.fuses_levels
     assert AlignedFisherMerging.Options().align == "activations"
-    with pytest.raises(ConfigError, match="fisher-aligned aligns first"):
+    with pytest.raises(ConfigError, match="option 'align' must be one of"):
         AlignedFisherMerging(align="none")
-    with pytest.raises(ConfigError, match="fisher must be"):
+    with pytest.raises(ConfigError, match="option 'fisher' must be one of 'expected', 'empirical'"):
         FisherMerging(fisher="sampled")

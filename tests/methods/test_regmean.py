@@ -79,12 +79,15 @@ def test_aligned_regmean_gives_back_the_function_of_a_permuted_copy(align, train
 
 
 def test_which_is_which_and_what_is_refused(trained_mlp, digits_fusion):
-    assert get_method("regmean") is RegMean and RegMean.Options().align == "none"
+    assert get_method("regmean") is RegMean and not RegMean.fuses_levels
+    with pytest.raises(ConfigError, match="unknown option"):
+        RegMean(align="weights")  # merges the models as they are: use regmean-aligned to align
     assert get_method("regmean-aligned") is AlignedRegMean and AlignedRegMean.Options().align == "activations"
-    with pytest.raises(ConfigError, match="regmean-aligned aligns first"):
+    with pytest.raises(ConfigError, match="option 'align' must be one of 'activations', 'weights'"):
         AlignedRegMean(align="none")
-    rm = RegMean(progress=False)
-    rm.fuse([trained_mlp, permute_spaces(trained_mlp, seed=1)[0]], digits_fusion)
-    assert [g.shape for g in rm.groupings] == [(32, 64), (24, 48)]
+    result = RegMean(progress=False).run([trained_mlp, permute_spaces(trained_mlp, seed=1)[0]], digits_fusion)
+    # unaligned: fused neuron j is neuron j of both models
+    assert [c.normalized().shape for c in result.correspondences] == [(32, 64), (24, 48)]
+    assert np.allclose(result.correspondences[0].normalized()[:, 32:], 0.5 * np.eye(32))
     with pytest.raises(IncompatibleModelsError, match="identical architectures"):
         neurofuse.fuse([trained_mlp, MLP((1, 8, 8), 10, [16, 24])], digits_fusion, method="regmean", progress=False)

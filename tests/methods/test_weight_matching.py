@@ -42,19 +42,19 @@ def test_a_permuted_copy_gives_back_the_same_function(arch, digits):
 
 
 def test_finds_the_permutation_of_a_permuted_copy_with_noise(digits):
-    """Model B = A permuted plus noise: the groupings pair every neuron of A with its copy."""
+    """Model B = A permuted plus noise: the correspondences pair every neuron of A with its copy."""
     torch.manual_seed(0)
     model = MLP(digits.input_shape, 10, [32, 24]).eval()
     twin = permute_hidden(model, seed=2)
     with torch.no_grad():
         for p in twin.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    wm = WeightMatching(progress=False)
-    wm.fuse([model, twin], None)
+    result = WeightMatching(progress=False).run([model, twin], None)
     first = model.levels[0][1].weight.detach()
     second = twin.levels[0][1].weight.detach()
     for lvl, n in enumerate([32, 24]):
-        g = wm.groupings[lvl]
+        assert result.correspondences[lvl].is_hard
+        g = result.correspondences[lvl].normalized()
         assert g.shape == (n, 2 * n) and np.allclose(g.sum(1), 1.0)
         assert np.allclose(g[:, :n], 0.5 * np.eye(n))
         found = g[:, n:].argmax(1)
@@ -74,7 +74,7 @@ def test_equal_widths_only_and_fuses_more_than_two_models(digits):
         assert (three(x) - a(x)).abs().max() < 1e-4
 
 
-def test_repair_uses_the_recorded_groupings(digits_fusion):
+def test_repair_uses_the_recorded_correspondences(digits_fusion):
     torch.manual_seed(0)
     a, b = (MLP((1, 8, 8), 10, [24]).eval() for _ in range(2))
     fused = neurofuse.fuse([a, b], digits_fusion, method="weight-matching", repair=True, progress=False)

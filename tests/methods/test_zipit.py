@@ -79,11 +79,29 @@ def test_zipping_to_the_sum_of_the_widths_is_the_mean_of_the_logits(trained_mlp,
         assert torch.allclose(fused(x), mean, atol=1e-4)
 
 
-def test_groupings_are_the_merge_matrices(trained_mlp, other_mlp, digits_fusion):
-    zipit = ZipIt(progress=False, width=[20, 24])
-    zipit.fuse([trained_mlp, other_mlp], digits_fusion)
-    assert [g.shape for g in zipit.groupings] == [(20, 64), (24, 48)]
-    for g in zipit.groupings:
+def test_correspondences_are_the_merge_matrices(trained_mlp, other_mlp, digits_fusion):
+    result = ZipIt(progress=False, width=[20, 24]).run([trained_mlp, other_mlp], digits_fusion)
+    assert all(c.is_hard for c in result.correspondences)  # every base neuron in one fused neuron
+    mats = [c.normalized() for c in result.correspondences]
+    assert [g.shape for g in mats] == [(20, 64), (24, 48)]
+    for g in mats:
         assert np.allclose(g.sum(1), 1.0) and (g >= 0).all()
     fused = neurofuse.fuse([trained_mlp, other_mlp], digits_fusion, method="zipit", repair=True, progress=False)
     assert torch.isfinite(fused(digits_fusion[0])).all()
+
+
+def test_a_partially_zipped_model_holds_its_trunks_correspondences_and_repair_rescales_the_trunk(
+        trained_mlp, other_mlp, digits, digits_fusion):
+    """Not one network and not an ensemble: the correspondences cover the zipped levels, REPAIR
+    rescales them (and re-estimates the heads' BatchNorms) and leaves the heads' weights alone."""
+    models = [trained_mlp, other_mlp]
+    result = neurofuse.fuse(models, digits_fusion, method="zipit", stop_at=1, progress=False, return_result=True)
+    assert isinstance(result.model, MultiHead) and len(result.correspondences) == 1
+    assert result.correspondences[0].n_fused == trained_mlp.level_widths()[0]
+    repaired = neurofuse.fuse(models, digits_fusion, method="zipit", stop_at=1, repair=True, progress=False,
+                              return_result=True)
+    assert [s.name for s in repaired.steps] == ["repair"]
+    before, after = result.model.state_dict(), repaired.model.state_dict()
+    assert not torch.equal(before["trunk.0.1.weight"], after["trunk.0.1.weight"])  # the trunk rescaled
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("heads."))
+    assert torch.isfinite(repaired.model(digits.x_test[:32])).all()

@@ -18,48 +18,53 @@ added to every :math:`F_k` so that parameters no sample moves are averaged plain
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import ConfigError, DataError
+from ..stats import AdditiveStats
 
-__all__ = ["FISHER_KINDS", "diagonal_fisher", "fisher_merge"]
+__all__ = ["FISHER_KINDS", "FisherSums", "diagonal_fisher", "fisher_merge", "fisher_sums"]
 
 #: how the expectation over the labels is taken
 FISHER_KINDS = ("expected", "empirical")
 
 
-def diagonal_fisher(model: nn.Module, batches: Iterable[Tuple[Tensor, Optional[Tensor]]], kind: str = "expected",
-                    budget: int = 1 << 24) -> Dict[str, Tensor]:
-    r"""The diagonal Fisher information of every parameter of ``model`` over ``batches``.
+class FisherSums(AdditiveStats):
+    """Per parameter ``i`` of one model (in ``named_parameters`` order): the sum ``p<i>`` over
+    samples of the squared per-sample gradients (:func:`fisher_sums`), and the sample ``count``.
+    Sums over samples, so the statistics of disjoint shards of the data (batches, federated
+    clients) merge into those of their union; :meth:`fisher` is the diagonal Fisher."""
 
-    Parameters
-    ----------
-    model : nn.Module
-        A classifier returning logits (evaluated as it is: call ``eval()`` first).
-    batches : iterable of (x, y)
-        Inputs and labels (``y`` may be ``None`` with ``kind="expected"``).
-    kind : str
-        ``"expected"``: :math:`\sum_c p(c\mid x)\,(\nabla \log p(c\mid x))^2`, exact over the
-        classes; ``"empirical"``: :math:`(\nabla \log p(y\mid x))^2` at the labels.
-    budget : int
-        Most per-sample gradient entries held at once (samples per vectorised chunk).
+    def __init__(self, num_params: int = 0) -> None:
+        self.fields = ("count",) + tuple(f"p{i}" for i in range(int(num_params)))
+        super().__init__()
 
-    Returns
-    -------
-    dict of str to Tensor
-        Per parameter name, the mean over samples (float64, on the parameter's device).
+    @classmethod
+    def _empty_for(cls, state: Dict[str, Tensor], **kwargs: Any) -> "FisherSums":
+        return cls(num_params=sum(1 for k in state if k.startswith("p")))
 
-    Raises
-    ------
-    ConfigError
-        If ``kind`` is unknown.
-    DataError
-        If ``kind="empirical"`` and a batch has no labels, or there are no samples.
-    """
+    def update(self, sums: Sequence[Tensor], count: int) -> None:
+        """Add the per-parameter sums of ``count`` samples."""
+        self._add(count=torch.tensor(float(count), dtype=torch.float64),
+                  **{f"p{i}": s for i, s in enumerate(sums)})
+
+    def fisher(self, names: Sequence[str]) -> Dict[str, Tensor]:
+        """The diagonal Fisher (mean over the samples) of the parameters ``names``, in order."""
+        if len(names) != len(self.fields) - 1:
+            raise ConfigError(f"the Fisher sums cover {len(self.fields) - 1} parameters, not {len(names)}")
+        if self.count is None or float(self.count) <= 0:
+            raise DataError("the Fisher information needs at least one sample")
+        return {n: self._sums[f"p{i}"] / self.count for i, n in enumerate(names)}  # type: ignore[operator]
+
+
+def fisher_sums(model: nn.Module, batches: Iterable[Tuple[Tensor, Optional[Tensor]]], kind: str = "expected",
+                budget: int = 1 << 24) -> FisherSums:
+    r"""The sums over ``batches`` of every parameter's squared per-sample gradients (see
+    :func:`diagonal_fisher`, which divides them by the sample count)."""
     if kind not in FISHER_KINDS:
         raise ConfigError(f"fisher must be one of {list(FISHER_KINDS)}, got {kind!r}")
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -93,9 +98,40 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Tuple[Tensor, Optional[T
                     summed = sq.sum(0) if weight is None else weight.to(sq.dtype) @ sq
                     total[n] += summed.reshape(total[n].shape).double()
             count += x.shape[0]
-    if count == 0:
-        raise DataError("the Fisher information needs at least one sample")
-    return {n: t / count for n, t in total.items()}
+    out = FisherSums(len(total))
+    out.update(list(total.values()), count)
+    return out
+
+
+def diagonal_fisher(model: nn.Module, batches: Iterable[Tuple[Tensor, Optional[Tensor]]], kind: str = "expected",
+                    budget: int = 1 << 24) -> Dict[str, Tensor]:
+    r"""The diagonal Fisher information of every parameter of ``model`` over ``batches``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier returning logits (evaluated as it is: call ``eval()`` first).
+    batches : iterable of (x, y)
+        Inputs and labels (``y`` may be ``None`` with ``kind="expected"``).
+    kind : str
+        ``"expected"``: :math:`\sum_c p(c\mid x)\,(\nabla \log p(c\mid x))^2`, exact over the
+        classes; ``"empirical"``: :math:`(\nabla \log p(y\mid x))^2` at the labels.
+    budget : int
+        Most per-sample gradient entries held at once (samples per vectorised chunk).
+
+    Returns
+    -------
+    dict of str to Tensor
+        Per parameter name, the mean over samples (float64, on the parameter's device).
+
+    Raises
+    ------
+    ConfigError
+        If ``kind`` is unknown.
+    DataError
+        If ``kind="empirical"`` and a batch has no labels, or there are no samples.
+    """
+    return fisher_sums(model, batches, kind, budget).fisher([n for n, _ in model.named_parameters()])
 
 
 def fisher_merge(states: Sequence[Dict[str, Tensor]], fishers: Sequence[Dict[str, Tensor]],

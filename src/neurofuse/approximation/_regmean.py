@@ -23,7 +23,7 @@ the solution closest to the plain mean :math:`\bar W`:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +32,40 @@ from ..errors import ConfigError
 from ..stats import AdditiveStats
 from ._linear import design_matrix
 
-__all__ = ["InputGram", "layer_rows", "regmean"]
+__all__ = ["LayerGrams", "layer_rows", "regmean"]
 
 
-class InputGram(AdditiveStats):
-    """The Gram matrix :math:`X^\\top X` of a layer's input rows and their count."""
+class LayerGrams(AdditiveStats):
+    """Per merged layer ``i`` of one model: the count ``n<i>`` of its input rows and their Gram
+    matrix ``g<i>`` :math:`= X_i^\top X_i`.  Sums over samples, so the statistics of disjoint
+    shards of the data (batches, ranks, federated clients) merge into those of their union.
 
-    fields = ("count", "gram")
+    >>> s = LayerGrams(1)
+    >>> s.update(0, torch.ones(3, 2))
+    >>> LayerGrams.from_state(s.state()).merge(s).gram(0)[0, 0].item()
+    6.0
+    """
 
-    def update(self, x: Tensor) -> None:
-        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-        self._add_product("gram", x.T, x)
+    def __init__(self, num_layers: int = 0) -> None:
+        self.fields = tuple(f for i in range(int(num_layers)) for f in (f"n{i}", f"g{i}"))
+        super().__init__()
+
+    @classmethod
+    def _empty_for(cls, state: Dict[str, Tensor], **kwargs: Any) -> "LayerGrams":
+        return cls(num_layers=1 + max((int(k[1:]) for k in state if k.startswith("g")), default=-1))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.fields) // 2
+
+    def update(self, layer: int, x: Tensor) -> None:
+        """Add the input rows ``x`` ``[rows, d]`` of layer ``layer``."""
+        self._add(**{f"n{layer}": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)})
+        self._add_product(f"g{layer}", x.T, x)
+
+    def gram(self, layer: int) -> Optional[Tensor]:
+        """The Gram matrix of layer ``layer`` (``None`` if no row reached it)."""
+        return self._sums[f"g{layer}"]
 
 
 def layer_rows(layer: nn.Module, u: Tensor, bias: bool) -> Tensor:

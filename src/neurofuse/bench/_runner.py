@@ -260,11 +260,13 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
     """Fuse (and fine-tune) one cell and score it on the test set."""
     from ..experiment import fusion_set, run_methods
     from ..finetune import FinetuneConfig, finetune
+    from ..methods import get_method
     from ..training import evaluate
 
     fusion = fusion_set(ds, cell.fusion_samples, seed=cell.seed)
     doc: Dict[str, Any] = {}
-    if cell.finetuned and cell.method == "ensemble":
+    cls = get_method(cell.method)
+    if cell.finetuned and cls.output_is_ensemble:
         # the paper's fine-tuned ensemble: every base model fine-tuned alike, then ensembled
         from ..api import fuse
 
@@ -276,7 +278,7 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
         for m in base.models:
             t, _ = finetune(copy.deepcopy(m), x, y, ft_cfg, progress=False)
             tuned.append(t.eval())
-        ens = fuse(tuned, fusion, method="ensemble", progress=False, **_options(cfg, "ensemble", base))
+        ens = fuse(tuned, fusion, method=cell.method, progress=False, **_options(cfg, cell.method, base))
         seconds = time.perf_counter() - start
         s = evaluate(ens, ds.x_test, ds.y_test)
         members = [evaluate(t, ds.x_test, ds.y_test)["accuracy"] for t in tuned]
@@ -285,7 +287,7 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
     opts = _options(cfg, cell.method, base)
     opts["device"] = device
     if cell.width is not None and cfg.pareto is not None:
-        if cell.method != "ensemble":
+        if cls.supports_width:
             opts["width"] = cell.width
         if cfg.pareto.class_shares:
             opts["class_weights"] = np.asarray(base.class_shares)

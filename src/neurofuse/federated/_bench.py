@@ -71,7 +71,7 @@ def run_fl_bench(name: str = "fl", scale: str = "full", out: Optional[Path] = No
             mr = cfg["multi_round"]
             fc = FederatedConfig(clients=_setup(cfg, alpha, mr["local_epochs"], data_dir), method=mr["method"],
                                  rounds=int(mr["rounds"]), server_samples=int(cfg["server_samples"]),
-                                 server_labels=False, compare=("vanilla", "ensemble"), backend=backend,
+                                 server_labels=False, backend=backend,
                                  seed=int(cfg.get("seed", 0)))
             key = f"multi_round-alpha{alpha}"
             t = time.perf_counter()

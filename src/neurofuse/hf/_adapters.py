@@ -14,13 +14,14 @@ head.  A family is added by one adapter class::
         model_classes = ("DeiTForImageClassification",)
         body = "deit"
 
-The adapter also says which fusion methods apply to the family (:attr:`HFAdapter.methods`, each
-with a one-line note) and why the others do not (:attr:`HFAdapter.refused`).
+The adapter also says what its levels' structure does not allow (:attr:`HFAdapter.not_alignable`:
+why one map per neuron space cannot align them); the fusion methods read it from the levels and
+decide for themselves (:meth:`neurofuse.methods.FusionMethod.check_level`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Any, ClassVar, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -29,22 +30,10 @@ from .._registry import Registry
 from ..errors import ConfigError, IncompatibleModelsError
 from ._net import HFLevel
 
-__all__ = ["COMMON_METHODS", "HFAdapter", "adapter_for", "list_adapters", "register_adapter"]
+__all__ = ["HFAdapter", "adapter_for", "list_adapters", "register_adapter"]
 
 _ADAPTERS: Registry[Type["HFAdapter"]] = Registry("Hugging Face model family")
 
-#: the methods every family supports, with what they do there
-COMMON_METHODS: Dict[str, str] = {
-    "kf-gradient": "every level (embeddings, each encoder layer / residual layer, head) is trained "
-                   "to the K-means targets; any number of models",
-    "vanilla": "element-wise mean of the weights (the models must share one config)",
-    "ensemble": "mean softmax of the models (N x the inference cost; saved as one folder per member)",
-    "kd-head": "model 0 with its head level distilled on the models' mean softmax",
-    "base": "one base model itself (the reference row)",
-}
-
-_LINEAR = ("its levels are attention or residual blocks, not [parameter-free ops..., "
-           "Linear|Conv2d], so the closed-form fit does not apply")
 _ALIGN_ATTENTION = ("aligning a transformer needs attention heads permuted as units, one transport "
                     "for the whole residual stream and LayerNorms following their neurons (Imfeld et "
                     "al., ICLR 2024), which neurofuse's level layouts do not describe yet")
@@ -66,10 +55,9 @@ class HFAdapter:
     model_classes: ClassVar[Tuple[str, ...]] = ()
     #: ``"image"`` (``[B, C, H, W]`` floats) or ``"tokens"`` (``[B, T]`` token ids)
     input_kind: ClassVar[str] = "image"
-    methods: ClassVar[Dict[str, str]] = COMMON_METHODS
-    refused: ClassVar[Dict[str, str]] = {"hf-linear": _LINEAR, "kf-linear": _LINEAR,
-                                         "otfusion": _ALIGN_ATTENTION,
-                                         "git-rebasin": _ALIGN_ATTENTION}
+    #: why the family's levels cannot be aligned by one map per neuron space (every level of the
+    #: family says so: :attr:`HFLevel.not_alignable`)
+    not_alignable: ClassVar[str] = _ALIGN_ATTENTION
 
     def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
         """``(level, neuron axis)`` pairs in order from the input, sharing ``model``'s modules."""
@@ -214,7 +202,7 @@ class ResNetAdapter(HFAdapter):
     the classifier."""
 
     model_classes = ("ResNetForImageClassification",)
-    refused = {**HFAdapter.refused, "otfusion": _ALIGN_RESNET, "git-rebasin": _ALIGN_RESNET}
+    not_alignable = _ALIGN_RESNET
 
     def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
         net = model.resnet

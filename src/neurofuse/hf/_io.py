@@ -94,8 +94,10 @@ def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
                           f"input_shape={what}")
     shape_t: Tuple[int, ...] = tuple(int(s) for s in shape)
     pairs = adapter.levels(model)
+    for lv, _ in pairs:
+        lv.not_alignable = lv.not_alignable or adapter.not_alignable
     net = HFLeveledNet(model, [lv for lv, _ in pairs], [ax for _, ax in pairs], shape_t,
-                       int(config.num_labels), adapter.model_type, adapter.methods, adapter.refused)
+                       int(config.num_labels), adapter.model_type)
     _check_levels(net, adapter, atol, seed)
     return net
 

@@ -11,6 +11,7 @@ from ._core import (
     LeveledNet,
     NeuronAxis,
     check_same_levels,
+    check_weights,
     flatten_neurons,
     split_affine,
     unflatten_neurons,
@@ -18,7 +19,9 @@ from ._core import (
 from ._bn import fold_batchnorm, has_batchnorm
 from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
-from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels, format_levels, level_support
+from ._wrapped import Fn
+from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels
+from ._support import affine_reason, alignment_reason, level_kind
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
 
 __all__ = [
@@ -27,16 +30,19 @@ __all__ = [
     "AutoGraph",
     "AutoNet",
     "Glue",
+    "affine_reason",
+    "alignment_reason",
     "auto_levels",
-    "format_levels",
-    "level_support",
+    "level_kind",
     "DEFAULT_MEMORY_BUDGET",
     "LevelStream",
     "StreamBatch",
     "DeclaredNet",
+    "Fn",
     "LeveledNet",
     "NeuronAxis",
     "check_same_levels",
+    "check_weights",
     "flatten_neurons",
     "fold_batchnorm",
     "has_batchnorm",

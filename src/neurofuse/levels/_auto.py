@@ -47,8 +47,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, IncompatibleModelsError
 from ._wrapped import DeclaredNet
 
-__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
-           "is_eval_identity"]
+__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
 
 log = logging.getLogger("neurofuse")
 
@@ -736,93 +735,3 @@ def _check(model: nn.Module, levels: Sequence[nn.Module], names: Sequence[str], 
             )
     axes[-1] = "dense"
     return axes
-
-
-# ---------------------------------------------------------------------------------------------
-# which methods can fuse which level
-# ---------------------------------------------------------------------------------------------
-#: whole-model methods that do not look at levels
-WHOLE_MODEL = ("vanilla", "ensemble", "kd-head", "base")
-
-
-def _linear_reason(level: nn.Module, kind: str) -> Optional[str]:
-    from ._bn import fold_batchnorm
-    from ._core import split_affine
-
-    if kind == "block":
-        return "a residual block (skip connection) is not affine in its parameters"
-    if kind == "graph":
-        return "a sub-graph with several paths or direct parameters is not affine in its parameters"
-    folded = fold_batchnorm(level)
-    try:
-        _, affine = split_affine(folded)
-    except IncompatibleModelsError:
-        kids = list(folded.children()) if isinstance(folded, nn.Sequential) else [folded]
-        holders = [type(m).__name__ for m in kids if _has_state(m) and not isinstance(m, _AFFINE)]
-        what = holders[0] if holders else type(folded).__name__
-        return (f"its {what} holds parameters and is not folded into a Linear/Conv, so the level "
-                "is not affine in its parameters")
-    if isinstance(affine, nn.Conv2d) and affine.groups != 1:
-        return (f"grouped/depthwise convolution (groups={affine.groups}): the closed-form refit "
-                "solves one dense weight over all input channels")
-    if isinstance(affine, nn.Conv2d) and (affine.padding_mode != "zeros" or isinstance(affine.padding, str)):
-        return "convolution with non-zero or string padding: the closed-form refit unfolds zero-padded patches"
-    return None
-
-
-def _align_reason(level: nn.Module, index: int) -> Optional[str]:
-    from ._layout import level_layout
-
-    grouped = [m for m in level.modules() if isinstance(m, nn.Conv2d) and m.groups != 1]
-    if grouped:
-        return (f"grouped/depthwise convolution (groups={grouped[0].groups}): its output channels "
-                "are tied to its input channels, which one map per side cannot align")
-    try:
-        level_layout(level, index)
-    except IncompatibleModelsError as exc:
-        return str(exc).split(";")[0].replace(f"level {index}: ", "").replace(f"level {index} ", "")
-    return None
-
-
-def level_support(net: nn.Module) -> List[Dict[str, Optional[str]]]:
-    """For every level, ``{method: None if it can fuse the level, else a one-line reason}``.
-
-    Covers the level-wise methods: ``hf-linear`` and ``kf-linear`` (affine levels after BatchNorm
-    folding), ``otfusion`` and ``git-rebasin`` (chains and residual blocks of Linear/ungrouped
-    Conv2d layers and per-channel normalisations) and ``kf-gradient`` (any level).  The
-    whole-model methods in :data:`WHOLE_MODEL` fuse any architecture the models share.
-    """
-    kinds = getattr(net, "kinds", None) or ["chain"] * len(net.levels)  # type: ignore[arg-type]
-    rows = []
-    for i, (level, kind) in enumerate(zip(net.levels, kinds)):  # type: ignore[arg-type]
-        lin = _linear_reason(level, kind)
-        ali = _align_reason(level, i)
-        rows.append({"hf-linear": lin, "kf-linear": lin, "otfusion": ali, "git-rebasin": ali,
-                     "kf-gradient": None})
-    return rows
-
-
-def format_levels(net: nn.Module) -> str:
-    """A table of the levels: kind, neuron axis, width, layers, and the methods that fuse each
-    (with the reason for the first method that cannot), then the methods for the whole model."""
-    rows = level_support(net)
-    widths = net.level_widths()  # type: ignore[operator]
-    kinds = getattr(net, "kinds", None) or ["-"] * len(rows)
-    names = getattr(net, "level_names", None) or [type(lv).__name__ for lv in net.levels]  # type: ignore[union-attr]
-    lines = [f"{'level':>5}  {'kind':<5}  {'axis':<5}  {'width':>5}  layers"]
-    for i, (row, w, k, ax, nm) in enumerate(zip(rows, widths, kinds, net.axes, names)):  # type: ignore[arg-type]
-        ok = [m for m, r in row.items() if r is None]
-        lines.append(f"{i:>5}  {k:<5}  {ax:<5}  {w:>5}  {nm}")
-        lines.append(f"{'':>5}  fused by: {', '.join(ok)}")
-        seen: Set[str] = set()
-        for m, r in row.items():
-            if r is not None and r not in seen:
-                seen.add(r)
-                same = [mm for mm, rr in row.items() if rr == r]
-                lines.append(f"{'':>5}  not {'/'.join(same)}: {r}")
-    whole = {m: all(r[m] is None for r in rows) for m in rows[0]} if rows else {}
-    lines.append("whole model: " + ", ".join(
-        [m for m, ok in whole.items() if ok] + list(WHOLE_MODEL)) + " fuse it"
-        + ("; " + ", ".join(m for m, ok in whole.items() if not ok) + " do not (see above)"
-           if not all(whole.values()) else ""))
-    return "\n".join(lines)

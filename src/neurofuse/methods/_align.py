@@ -15,7 +15,7 @@ alignments are offered (:data:`ALIGNMENTS`):
 Both give, per model, one :class:`~neurofuse.levels._layout.NeuronMap` per neuron space of every
 level (``"in"``, ``"out"``, internal spaces), applied with
 :func:`~neurofuse.levels._layout.align_level`.  What each fused neuron stands for is recorded as
-one non-negative ``[n_fused, sum of base widths]`` matrix per hidden level (:func:`correspondence`).
+one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`correspondence`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
-from ..grouping import MatchedTensor, weight_matching
+from ..grouping import Correspondence, MatchedTensor, weight_matching
 from ..levels import LeveledNet, check_same_levels
 from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
+from ._base import FusionRun
 from ._rebasin import GitRebasin
 
 __all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "apply_maps", "average_states",
            "check_equal_widths", "check_same_state", "correspondence", "merge_inputs", "out_correspondence",
-           "permutation_spec", "weight_maps"]
+           "permutation_spec", "record_levels", "weight_maps"]
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
@@ -191,17 +192,23 @@ def average_states(like: LeveledNet, states: Sequence[Dict[str, Tensor]]) -> Lev
     return out
 
 
-def correspondence(blocks: Sequence[np.ndarray]) -> np.ndarray:
-    """``[n_fused, sum of base widths]``: which base neurons each fused neuron stands for.
+def correspondence(blocks: Sequence[np.ndarray]) -> Correspondence:
+    """Which base neurons each fused neuron stands for, from one ``[n_fused, n_k]`` block per
+    model (a permutation, a merge matrix, a linear map), by magnitude.
 
-    ``blocks[k]`` is ``[n_fused, n_k]`` (e.g. a permutation, a merge matrix, a linear map); the
-    result concatenates their absolute values and scales every row to sum to one (a fused
-    neuron that stands for nothing keeps a zero row)."""
-    mat = np.concatenate([np.abs(np.asarray(b, dtype=np.float64)) for b in blocks], axis=1)
-    return mat / np.maximum(mat.sum(1, keepdims=True), 1e-300)
+    Hard (stored as a label per base neuron) when every base neuron enters at most one fused
+    neuron, as for permutations and ZipIt!'s merges; soft (the dense matrix of absolute values)
+    otherwise, as for CCA maps."""
+    mats = [np.abs(np.asarray(b, dtype=np.float64)) for b in blocks]
+    widths = [m.shape[1] for m in mats]
+    if all(((m > 0).sum(0) <= 1).all() for m in mats):
+        joint = np.concatenate(mats, axis=1)
+        labels = np.where(joint.max(0) > 0, joint.argmax(0), -1)
+        return Correspondence.hard(labels, widths, joint.shape[0], joint.max(0))
+    return Correspondence.from_blocks(mats)
 
 
-def out_correspondence(maps: Sequence[Optional[LevelMaps]], widths: Sequence[Sequence[int]]) -> List[np.ndarray]:
+def out_correspondence(maps: Sequence[Optional[LevelMaps]], widths: Sequence[Sequence[int]]) -> List[Correspondence]:
     """Per hidden level, the :func:`correspondence` of the ``"out"`` maps of every model
     (``maps[k] = None`` or a ``None`` map: the identity)."""
     result = []
@@ -214,11 +221,18 @@ def out_correspondence(maps: Sequence[Optional[LevelMaps]], widths: Sequence[Seq
     return result
 
 
+def record_levels(run: FusionRun, correspondences: Optional[Sequence[Correspondence]]) -> None:
+    """Record one correspondence per hidden level in ``run`` (``None``: nothing to record)."""
+    for lvl, c in enumerate(correspondences or ()):
+        run.record(lvl, c)
+
+
 def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], heads: Sequence[int], how: str,
                  data: Optional[FusionSet], *, seed: int = 0, device: str = "cpu", batch_size: int = 256,
                  memory_budget: Optional[int] = None) -> Tuple[List[LeveledNet], List[Optional[LevelMaps]]]:
     """Every model written in model 0's basis (``how`` in :data:`ALIGNMENTS`) and the maps used
-    (``None`` for model 0 and with ``how="none"``)."""
+    (``None`` for model 0 and with ``how="none"``).  Activation matching runs a fresh
+    :class:`~neurofuse.methods.GitRebasin` call per model (uniform importance)."""
     if how not in ALIGNMENTS:
         raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")
     maps: List[Optional[LevelMaps]] = [None] * len(nets)
@@ -236,7 +250,8 @@ def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], hea
                                   "or use align='weights'")
             matcher = GitRebasin(progress=False, seed=seed, device=device, batch_size=batch_size,
                                  memory_budget=memory_budget)
-            outs, inner, _ = matcher.match_levels([nets[0], nets[k]], layouts, heads, data)
+            pair = [nets[0], nets[k]]
+            outs, inner, _ = matcher.match_levels(matcher.Run(matcher, pair, data), pair, layouts, heads)
             mk = [{"in": outs[lvl - 1] if lvl else None, "out": outs[lvl], **inner[lvl]}
                   for lvl in range(len(layouts))]
         maps[k] = mk
@@ -256,21 +271,21 @@ def check_same_state(models: Sequence[nn.Module], method: str) -> None:
             if v.shape != ref[k].shape:
                 raise IncompatibleModelsError(
                     f"{method!r} needs identical architectures: {k!r} has shape {list(v.shape)} in "
-                    f"model {i} but {list(ref[k].shape)} in model 0; align='none' merges models "
-                    "that share an initialisation")
+                    f"model {i} but {list(ref[k].shape)} in model 0; for models of different widths "
+                    "use 'zipit', 'otfusion' or 'kf-linear'")
 
 
 def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: str, method: str, *,
                  seed: int = 0, device: str = "cpu", batch_size: int = 256,
-                 memory_budget: Optional[int] = None) -> Tuple[List[nn.Module], Optional[List[np.ndarray]]]:
+                 memory_budget: Optional[int] = None) -> Tuple[List[nn.Module], Optional[List[Correspondence]]]:
     """The models a merge that assumes a shared initialisation combines, and what each fused
     neuron stands for.
 
     ``how="none"``: the models as they are (any modules of identical state-dict shapes: the
     paper's setting of fine-tuned copies of one model); otherwise every model aligned to model 0
-    (:func:`align_models`; leveled models of equal widths).  The correspondence (``None`` for
-    models that are not :class:`~neurofuse.levels.LeveledNet`) lists, per hidden level, the
-    ``[n, N n]`` matrix with ``1/N`` at each model's neuron merged into fused neuron ``j``.
+    (:func:`align_models`; leveled models of equal widths).  The correspondences (``None`` for
+    models that are not :class:`~neurofuse.levels.LeveledNet`) give, per hidden level, each
+    model's neuron merged into fused neuron ``j``.
     """
     if how not in ALIGNMENTS:
         raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")

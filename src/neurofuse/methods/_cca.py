@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._fusion_set import FusionSet
-from ..errors import ConfigError
 from ..grouping import JointMoments, cca_alignment
-from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
+from ..levels import alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, stream_members
-from ._align import aligned_state, average_states, check_equal_widths, out_correspondence
-from ._base import FusionMethod, register_method
+from ._align import aligned_state, average_states, check_equal_widths, out_correspondence, record_levels
+from ._base import FusionMethod, FusionRun, register_method
 from ._features import feature_moments
+from ._options import Interval, MethodOptions, OneOf, option
 
 __all__ = ["CCAMerge", "CCAMergeOptions"]
 
@@ -30,7 +29,7 @@ TIE_BREAK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class CCAMergeOptions:
+class CCAMergeOptions(MethodOptions):
     """Settings of :class:`CCAMerge`.
 
     Attributes
@@ -45,14 +44,8 @@ class CCAMergeOptions:
         ``"pre"``-activation level outputs.
     """
 
-    reg: float = 0.1
-    activations: str = "post"
-
-    def __post_init__(self) -> None:
-        if not self.reg > 0:
-            raise ConfigError(f"reg must be positive, got {self.reg}")
-        if self.activations not in ("post", "pre"):
-            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+    reg: float = option(0.1, Interval(float, 0, closed="neither"))
+    activations: str = option("post", OneOf("post", "pre"))
 
 
 @register_method("cca-merge")
@@ -76,9 +69,9 @@ class CCAMerge(FusionMethod):
     the fused model has model 0's architecture, and ``repair=True`` re-estimates them.  Equal
     widths only.
 
-    After fusing, :attr:`groupings` holds, for every hidden level, the ``[n, N n]`` matrix
-    ``[I, |T_1|, ...]`` with rows scaled to sum to one: which base neurons each fused neuron
-    draws on (the magnitudes of a general linear map, an approximation for REPAIR).
+    The result's correspondence of every hidden level is the soft ``[n, N n]`` matrix
+    ``[I, |T_1|, ...]``: which base neurons each fused neuron draws on (the magnitudes of a
+    general linear map; REPAIR reads it row-normalised, an approximation).
 
     References
     ----------
@@ -87,12 +80,22 @@ class CCAMerge(FusionMethod):
     """
 
     summary = "CCA Merge (Horoi et al. 2024): align to model 0 by canonical correlation analysis, then mean"
+    label = "CCA Merge"
+    order = 45
     Options = CCAMergeOptions
     min_models = 2
+    same_architecture = True
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Aligning needs one map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        data = run.data
         assert data is not None
-        originals = check_same_levels(models)
+        originals = check_same_levels(run.models)
         nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in originals]
         layouts, heads = check_alignable(nets, self.name)  # type: ignore[arg-type]
         widths = check_equal_widths(nets, self.name)  # type: ignore[arg-type]
@@ -120,7 +123,7 @@ class CCAMerge(FusionMethod):
             for k in range(1, n_models):
                 maps[k][lvl]["out"] = out[k]
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
-        self.groupings = out_correspondence([None] + maps[1:], widths)  # type: ignore[arg-type]
+        record_levels(run, out_correspondence([None] + maps[1:], widths))  # type: ignore[arg-type]
         states = [aligned_state(net, layouts, None if k == 0 else maps[k])  # type: ignore[arg-type]
                   for k, net in enumerate(nets)]
         fused = average_states(nets[0], states)  # type: ignore[arg-type]

@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..stats import CrossMoments
-from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine, unflatten_neurons
+from ..levels import (LeveledNet, LevelStream, alignment_reason, check_same_levels, flatten_neurons, split_affine,
+                      unflatten_neurons)
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -33,7 +35,8 @@ from ..levels._layout import (
     normalized,
     stream_members,
 )
-from ._base import FusionMethod, check_output_weights, register_method
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Interval, MethodOptions, OneOf, option
 
 __all__ = ["OTFusion", "OTFusionOptions"]
 
@@ -43,7 +46,7 @@ log = logging.getLogger("neurofuse")
 # OTFusion
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class OTFusionOptions:
+class OTFusionOptions(MethodOptions):
     """Settings of :class:`OTFusion`.
 
     Attributes
@@ -69,24 +72,12 @@ class OTFusionOptions:
         ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    solver: str = "exact"
-    reg: float = 0.01
-    ground_metric: str = "euclidean"
-    max_iter: int = 1_000_000
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.solver not in ("exact", "sinkhorn"):
-            raise ConfigError(f"solver must be 'exact' or 'sinkhorn', got {self.solver!r}")
-        if not (isinstance(self.reg, (int, float)) and self.reg > 0):
-            raise ConfigError(f"reg must be a positive number, got {self.reg!r}")
-        if self.ground_metric not in ("euclidean", "sqeuclidean"):
-            raise ConfigError(
-                f"ground_metric must be 'euclidean' or 'sqeuclidean', got {self.ground_metric!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+    solver: str = option("exact", OneOf("exact", "sinkhorn"))
+    reg: float = option(0.01, Interval(float, 0, closed="neither"))
+    ground_metric: str = option("euclidean", OneOf("euclidean", "sqeuclidean"))
+    max_iter: int = option(1_000_000, Interval(int, 1))
+    class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 def _ends_affine(level: nn.Module) -> bool:
@@ -157,9 +148,9 @@ class OTFusion(FusionMethod):
     for level outputs only.  Per-channel normalisations (BatchNorm, including running
     statistics) follow the neurons they normalise.
 
-    After fusing, :attr:`transports` holds, for every model ``k >= 1``, the list of transport
-    plans per level (``None`` for identity levels) and :attr:`groupings` the per-level matching
-    matrices ``[identity, Q_1, ..., Q_{N-1}]`` used by :func:`neurofuse.repair.repair`.
+    The result's ``extras["transports"]`` holds, for every model ``k >= 1``, the list of transport
+    plans per level (``None`` for identity levels), and its correspondence of every hidden level
+    is the blocks ``[identity, Q_1, ..., Q_{N-1}]`` (read by :func:`neurofuse.repair.repair`).
 
     References
     ----------
@@ -167,19 +158,28 @@ class OTFusion(FusionMethod):
     """
 
     summary = "OTFusion (Singh & Jaggi 2020): OT alignment to model 0 on activations, then average"
+    label = "OTFusion"
+    order = 40
     Options = OTFusionOptions
     uses_importance = True
     supports_distributed = True
+    fuses_levels = True
     min_models = 1
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Alignment needs one map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        data = run.data
         assert data is not None
-        nets = check_same_levels(models)
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
-        outs, params = self._align_all(nets, layouts, heads, widths, data)
-        self.transports: List[List[Optional[np.ndarray]]] = [
+        outs, params = self._align_all(run, nets, layouts, heads, widths, data)
+        run.extras["transports"] = [
             [None if m is None else m.plan for m in outs[k]] for k in range(1, len(nets))]
         states = [anchor.state_dict()]
         for k in range(1, len(nets)):
@@ -193,7 +193,7 @@ class OTFusion(FusionMethod):
         last = anchor.num_levels - 1
         # the output level's rows (classes) are averaged with per-class weights
         per_class = {f"levels.{last}.{key}" for key in layouts[last].keys_in("out")}
-        w_out = torch.from_numpy(self.output_level_weights(nets, data))   # [N, C]
+        w_out = torch.from_numpy(self.output_level_weights(run, nets))   # [N, C]
         avg = {}
         for key, v in ref.items():
             if v.is_floating_point():
@@ -210,18 +210,17 @@ class OTFusion(FusionMethod):
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)
-        # matching matrices for REPAIR: row j of Q_k averages model k's neurons matched to j
-        self.groupings: List[List[np.ndarray]] = []
+        # matching matrices (for REPAIR): row j of Q_k averages model k's neurons matched to j
         for lvl in range(anchor.num_levels - 1):
             mats = [np.eye(widths[0][lvl])]
             for k in range(1, len(nets)):
                 m = outs[k][lvl]
                 mats.append(np.eye(widths[k][lvl]) if m is None else m.out.numpy())
-            self.groupings.append(mats)
+            run.record(lvl, Correspondence.from_blocks(mats))
         return fused
 
     # -- alignment of every model to the anchor, level by level -----------------------------
-    def _align_all(self, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
+    def _align_all(self, run: FusionRun, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
                    widths: List[List[int]], data: FusionSet
                    ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]]]:
         """Transport maps ``outs[k][lvl]`` and aligned parameters ``params[k][lvl]`` of every
@@ -249,13 +248,13 @@ class OTFusion(FusionMethod):
                                          for k in range(n_models)]
                 for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    for k, m in self._transports(nets, stream, partial, lvl, [lvl], sp).items():
+                    for k, m in self._transports(run, nets, stream, partial, lvl, [lvl], sp).items():
                         maps[k][sp.name] = m
                 mapped_outputs = False
                 if not known:
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     mapped_outputs = _ends_affine(nets[0].levels[lvl])
-                    for k, m in self._transports(nets, stream, partial, lvl, members, None,
+                    for k, m in self._transports(run, nets, stream, partial, lvl, members, None,
                                                  keep=mapped_outputs).items():
                         outs[k][lvl] = m
                 for k in others:
@@ -273,7 +272,8 @@ class OTFusion(FusionMethod):
                     stream.advance(fns, transforms=post)
         return outs, params
 
-    def _transports(self, nets: List[LeveledNet], stream: LevelStream, partial: Dict[int, Dict[str, Tensor]],
+    def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
+                    partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], space: Optional[Space], keep: bool = False
                     ) -> Dict[int, NeuronMap]:
         """Transport of level ``lvl``'s output (over its stream ``members``), or of its internal
@@ -290,14 +290,14 @@ class OTFusion(FusionMethod):
                 for k in partial:
                     runs[k] = (lambda h=b.inputs[k], k=k: functional_call(nets[k].levels[lvl], partial[k], (h,)))
                 if space is not None:
-                    z = {k: capture(points[k], run) for k, run in runs.items()}
+                    z = {k: capture(points[k], call) for k, call in runs.items()}
                     for k in partial:
                         stats[k][0].update(flatten_neurons(z[k], nets[k].axes[lvl]),
                                            flatten_neurons(z[0], anchor.axes[lvl]))
                     continue
                 chains: Dict[int, List[Tensor]] = {}
-                for k, run in runs.items():
-                    z = run()
+                for k, call in runs.items():
+                    z = call()
                     if keep:
                         b.keep(k, z)
                     chain = [z]
@@ -319,16 +319,13 @@ class OTFusion(FusionMethod):
                 mu = np.full(cost.shape[0], 1.0 / cost.shape[0])
                 nu = np.full(cost.shape[1], 1.0 / cost.shape[1])
             else:
-                mu = normalized(sum(normalized(self._scores(nets[k], m, stream.data)) for m in members))
-                nu = normalized(sum(normalized(self._scores(anchor, m, stream.data)) for m in members))
+                mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
+                nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
             plan = self._solve(mu, nu, cost, lvl)
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,
                       f" ({space.name})" if space is not None else "", float((plan * cost).sum()))
             result[k] = NeuronMap.from_plan(plan, nu)
         return result
-
-    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        return self.importance_scores(net, data)[level].numpy()
 
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:
         import ot

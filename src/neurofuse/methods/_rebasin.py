@@ -17,11 +17,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..importance import normalize_scores
 from ..stats import CrossMoments
-from ..levels import LeveledNet, check_same_levels, flatten_neurons
-from ._base import FusionMethod, check_output_weights, register_method
+from ..levels import LeveledNet, alignment_reason, check_same_levels, flatten_neurons
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Boolean, MethodOptions, OneOf, option
 from ..levels._layout import (
     NeuronMap,
     Space,
@@ -45,7 +47,7 @@ TIE_BREAK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class GitRebasinOptions:
+class GitRebasinOptions(MethodOptions):
     """Settings of :class:`GitRebasin`.
 
     Attributes
@@ -69,19 +71,11 @@ class GitRebasinOptions:
         mean with ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    metric: str = "distance"
-    activations: str = "post"
-    normalize_importance: bool = False
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.metric not in ("distance", "sqdistance", "correlation"):
-            raise ConfigError(
-                f"metric must be 'distance', 'sqdistance' or 'correlation', got {self.metric!r}")
-        if self.activations not in ("post", "pre"):
-            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+    metric: str = option("distance", OneOf("distance", "sqdistance", "correlation"))
+    activations: str = option("post", OneOf("post", "pre"))
+    normalize_importance: bool = option(False, Boolean())
+    class_weights: Optional[Any] = option(None, Anything("null or a [2, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
@@ -140,16 +134,23 @@ class GitRebasin(FusionMethod):
     """
 
     summary = "Git Re-Basin (Ainsworth et al. 2023): 2 models, activation matching, weighted average"
+    label = "Git Re-Basin"
+    order = 50
     Options = GitRebasinOptions
     uses_importance = True
     min_models = 2
     max_models = 2
     for_more_models = "'otfusion' or 'kf-linear'"
     supports_distributed = True
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
-        assert data is not None
-        nets = check_same_levels(models)
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         m0, m1 = nets
         widths = [m.level_widths() for m in nets]
@@ -159,14 +160,14 @@ class GitRebasin(FusionMethod):
                 "'otfusion' or 'kf-linear' for models of different widths"
             )
         n_levels = m0.num_levels
-        outs, inner, scores = self.match_levels(nets, layouts, heads, data)
-        self.permutations: List[Optional[np.ndarray]] = [
-            None if m is None else m.out.numpy().argmax(1) for m in outs]
+        outs, inner, scores = self.match_levels(run, nets, layouts, heads)
+        perms: List[Optional[np.ndarray]] = [None if m is None else m.out.numpy().argmax(1) for m in outs]
+        run.extras["permutations"] = perms
         fused = m0.clone()
         sd0 = m0.state_dict()
         state: Dict[str, Tensor] = {}
         # weight of model 1 in every class of the output level
-        head_w1 = torch.from_numpy(self.output_level_weights(nets, data)[1])
+        head_w1 = torch.from_numpy(self.output_level_weights(run, nets)[1])
         for lvl in range(n_levels):
             maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl], **inner[lvl]}
             aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, maps)
@@ -186,21 +187,22 @@ class GitRebasin(FusionMethod):
                     a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
                     state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
         fused.load_state_dict(state)
-        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if outs[lvl] is None
-                           else outs[lvl].out.numpy()] for lvl in range(n_levels - 1)]
+        for lvl in range(n_levels - 1):
+            run.record(lvl, Correspondence.from_permutations([None, perms[lvl]], widths[0][lvl:lvl + 1] * 2))
         return fused
 
-    def match_levels(self, nets: Sequence[LeveledNet], layouts: Sequence[Any], heads: Sequence[int],
-                     data: FusionSet) -> Tuple[List[Optional[NeuronMap]], List[Dict[str, NeuronMap]],
-                                               List[List[np.ndarray]]]:
+    def match_levels(self, run: FusionRun, nets: Sequence[LeveledNet], layouts: Sequence[Any],
+                     heads: Sequence[int]) -> Tuple[List[Optional[NeuronMap]], List[Dict[str, NeuronMap]],
+                                                    List[List[np.ndarray]]]:
         """The permutations of model 1 onto model 0 (equal widths): the map of every level's
         output (``None``: identity) and of every internal space, and the importance scores
         ``scores[model][level]`` the costs used.  Other methods align with it before they merge
         ("align, then merge")."""
         n_levels = nets[0].num_levels
         widths = [m.level_widths() for m in nets]
-        level_stats, inner_stats = self._statistics(nets, layouts, data)
-        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
+        assert run.data is not None
+        level_stats, inner_stats = self._statistics(nets, layouts, run.data)
+        scores = [[self._scores(run, m, lvl) for lvl in range(n_levels)] for m in nets]
         outs: List[Optional[NeuronMap]] = [None] * n_levels
         inner: List[Dict[str, NeuronMap]] = []
         for lvl in range(n_levels):
@@ -222,8 +224,8 @@ class GitRebasin(FusionMethod):
     def _perm_map(perm: np.ndarray) -> NeuronMap:
         return NeuronMap.from_permutation(perm)  # model-1 neuron perm[j] -> model-0 neuron j
 
-    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        s = self.importance_scores(net, data)[level]
+    def _scores(self, run: FusionRun, net: LeveledNet, level: int) -> np.ndarray:
+        s = run.importance_scores(net)[level]
         if self.options.normalize_importance:
             s = normalize_scores(s)
         return s.cpu().numpy()

@@ -7,13 +7,11 @@ ICLR 2023, section 3.2.  The solver is :func:`neurofuse.grouping.weight_matching
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Optional
 
 from torch import nn
 
-from .._fusion_set import FusionSet
-from ..errors import ConfigError
-from ..levels import check_same_levels
+from ..levels import alignment_reason, check_same_levels
 from ..levels._layout import check_alignable
 from ._align import (
     aligned_state,
@@ -21,15 +19,17 @@ from ._align import (
     check_equal_widths,
     out_correspondence,
     permutation_spec,
+    record_levels,
     weight_maps,
 )
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Interval, MethodOptions, option
 
 __all__ = ["WeightMatching", "WeightMatchingOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightMatchingOptions:
+class WeightMatchingOptions(MethodOptions):
     """Settings of :class:`WeightMatching`.
 
     Attributes
@@ -39,11 +39,7 @@ class WeightMatchingOptions:
         it stops earlier, after the first sweep that changes nothing).
     """
 
-    max_sweeps: int = 100
-
-    def __post_init__(self) -> None:
-        if self.max_sweeps < 1:
-            raise ConfigError(f"max_sweeps must be at least 1, got {self.max_sweeps}")
+    max_sweeps: int = option(100, Interval(int, 1))
 
 
 @register_method("weight-matching")
@@ -62,8 +58,8 @@ class WeightMatching(FusionMethod):
     with data, ``repair=True`` re-estimates BatchNorm statistics and rescales the neurons (REPAIR),
     which the paper's ResNet results rely on.
 
-    After fusing, :attr:`groupings` holds, for every hidden level, the ``[n, N n]`` matrix with
-    ``1/N`` at model 0's neuron ``j`` and at the neuron of every model :math:`k` matched to it.
+    The result's correspondence of every hidden level pairs model 0's neuron ``j`` with the
+    neuron of every model :math:`k` matched to it.
 
     References
     ----------
@@ -72,16 +68,25 @@ class WeightMatching(FusionMethod):
     """
 
     summary = "Git Re-Basin weight matching (Ainsworth et al. 2023): permutations from the weights, no data; mean"
+    label = "Weight Matching"
+    order = 52
     Options = WeightMatchingOptions
     needs_data = False
     min_models = 2
+    same_architecture = True
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
-        nets = check_same_levels(models)
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         widths = check_equal_widths(nets, self.name)
         spec = permutation_spec(nets[0], layouts, heads, widths[0])
         maps = [None] + [weight_maps(nets[0], net, layouts, spec, max_sweeps=self.options.max_sweeps,
                                      seed=self.seed) for net in nets[1:]]
-        self.groupings = out_correspondence(maps, widths)
+        record_levels(run, out_correspondence(maps, widths))
         return average_states(nets[0], [aligned_state(net, layouts, m) for net, m in zip(nets, maps)])

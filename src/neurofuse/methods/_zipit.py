@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._fusion_set import FusionSet
 from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
-from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
+from ..levels import LeveledNet, alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -28,14 +27,15 @@ from ..levels._layout import (
 )
 from ..models.multihead import MultiHead
 from ._align import correspondence
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, FusionRun, register_method
 from ._features import FeatureMoments, feature_moments
+from ._options import Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["ZipIt", "ZipItOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ZipItOptions:
+class ZipItOptions(MethodOptions):
     """Settings of :class:`ZipIt`.
 
     Attributes
@@ -53,15 +53,9 @@ class ZipItOptions:
         applies, as the paper's merge points) or ``"pre"``-activation level outputs.
     """
 
-    stop_at: Optional[int] = None
-    within_model: bool = True
-    activations: str = "post"
-
-    def __post_init__(self) -> None:
-        if self.stop_at is not None and (isinstance(self.stop_at, bool) or self.stop_at < 1):
-            raise ConfigError(f"stop_at must be a level index >= 1 or None, got {self.stop_at!r}")
-        if self.activations not in ("post", "pre"):
-            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
+    stop_at: Optional[int] = option(None, Optional_(Interval(int, 1)))
+    within_model: bool = option(True, Boolean())
+    activations: str = option("post", OneOf("post", "pre"))
 
 
 @register_method("zipit")
@@ -90,8 +84,13 @@ class ZipIt(FusionMethod):
     remaining levels as a head fed by its unmerge matrix (the paper's partial zipping); the
     result is a :class:`~neurofuse.models.multihead.MultiHead`.
 
-    After fusing, :attr:`groupings` holds the merge matrix :math:`\mathcal M` (``[n_fused, sum
-    of base widths]``, rows summing to one) of every zipped hidden level.
+    The result's correspondence of every zipped hidden level is its merge matrix
+    :math:`\mathcal M` (each base neuron in one fused neuron).  A partially zipped model is not
+    one network: its levels from ``stop_at`` on are each model's own, so the result holds the
+    correspondences of the ``stop_at`` zipped levels only, and ``repair=True`` rescales those
+    (the trunk) and re-estimates the heads' BatchNorms (:func:`neurofuse.repair.repair`).  It is
+    not an output ensemble either: the trunk is fused, and distillation and fine-tuning train
+    the whole multi-head model.
 
     References
     ----------
@@ -101,13 +100,22 @@ class ZipIt(FusionMethod):
 
     summary = ("ZipIt! (Stoica et al. 2024): zip correlated features within and across models; "
                "stop_at= keeps heads (multi-head model)")
+    label = "ZipIt!"
+    order = 58
     Options = ZipItOptions
     supports_width = True
     min_models = 2
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Zipping needs one merge map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        data = run.data
         assert data is not None
-        originals = check_same_levels(models)
+        originals = check_same_levels(run.models)
         nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in originals]  # type: ignore[misc]
         layouts, heads = check_alignable(nets, self.name)
         n_models, n_levels = len(nets), nets[0].num_levels
@@ -122,7 +130,6 @@ class ZipIt(FusionMethod):
         with self.stream(data, n_models) as stream:
             outputs, inner = feature_moments(nets, layouts, stream, min(stop, n_levels - 1))
         maps: List[List[SpaceMaps]] = [[{} for _ in range(n_levels)] for _ in nets]
-        self.groupings: List[np.ndarray] = []
         for lvl in range(min(stop, n_levels)):
             fused_sd = fused.levels[lvl].state_dict()
             for sp in layouts[lvl].internal:  # inner spaces: zipped to the fused model's inner width
@@ -154,7 +161,7 @@ class ZipIt(FusionMethod):
             if lvl < n_levels - 1:
                 blocks = [np.eye(target[lvl], widths[k][lvl]) if out[k] is None else out[k].out.numpy()
                           for k in range(n_models)]
-                self.groupings.append(correspondence(blocks))
+                run.record(lvl, correspondence(blocks))
         fused.load_state_dict(self._zipped_state(nets, layouts, maps, fused, min(stop, n_levels)))
         if fused is not like:  # back to model 0's architecture, BatchNorms with identity statistics
             like.load_state_dict(unfold_state(fused, like))

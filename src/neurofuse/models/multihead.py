@@ -61,6 +61,8 @@ class MultiHead(nn.Module):
         axis = trunk.axes[stop_at - 1]
         self.stop_at = int(stop_at)
         self.trunk = nn.ModuleList(list(trunk.levels)[:stop_at])
+        #: the neuron axis of every trunk level (what REPAIR reads to rescale the fused trunk)
+        self.trunk_axes = list(trunk.axes[:stop_at])
         self.mix = nn.ModuleList([NeuronMix(h.level_widths()[stop_at - 1], n_fused, axis) for h in heads])
         self.heads = nn.ModuleList([nn.ModuleList(list(h.levels)[stop_at:]) for h in heads])
         self._configs = {"trunk": trunk.config(), "heads": [h.config() for h in heads]}
