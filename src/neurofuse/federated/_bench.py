@@ -1,9 +1,12 @@
 """The ``fl`` benchmark: one-shot and multi-round federated fusion on Dirichlet(alpha) clients.
 
-The config (``configs/fl.json``) names a dataset, the client count, the alphas, the local
-training, the one-shot aggregations (every one applied to the *same* client models of a cell)
-and the multi-round comparison.  Each cell's results go to ``<out>/<cell>.json``; ``results.json``
-and ``report.md`` gather them with each aggregation's share of the FedAvg-to-ensemble gap.
+The config (``configs/fl.json``) names a dataset, the client count, the alphas, the clients'
+initialisations (``inits``: ``"shared"``, one initial model for all, the FL standard;
+``"different"``, each client its own), the local training, the one-shot aggregations (every one
+applied to the *same* client models of a cell) and the multi-round comparison (shared
+initialisation).  Each cell's results go to ``<out>/<cell>.json`` (``one_shot-<init>-alpha<a>``,
+``multi_round-alpha<a>``); ``results.json`` and ``report.md`` gather them with each
+aggregation's share of the FedAvg-to-ensemble gap.
 """
 
 from __future__ import annotations
@@ -49,19 +52,22 @@ def _setup(cfg: Dict[str, Any], alpha: float, epochs: int, data_dir: Optional[st
 
 def run_fl_bench(name: str = "fl", scale: str = "full", out: Optional[Path] = None, *, backend: str = "local",
                  data_dir: Optional[str] = None, alphas: Optional[List[float]] = None,
-                 parts: tuple = ("one_shot", "multi_round"), log=print) -> Dict[str, Any]:
-    """Run the cells of benchmark ``name`` (each one-shot alpha, then each multi-round alpha)."""
+                 parts: tuple = ("one_shot", "multi_round"), inits: Optional[List[str]] = None,
+                 log=print) -> Dict[str, Any]:
+    """Run the cells of benchmark ``name``: for each alpha, the one-shot cell of every
+    initialisation (``inits``, default the config's), then the multi-round cell."""
     cfg = load_fl_config(name, scale)
     out = Path(out or f"runs/bench/{name}-{scale}")
     out.mkdir(parents=True, exist_ok=True)
     cells: Dict[str, Any] = {}
     for alpha in alphas or cfg["alphas"]:
-        if "one_shot" in parts:
+        for init in (inits or cfg.get("inits", ["shared"])) if "one_shot" in parts else ():
             os_cfg = cfg["one_shot"]
             fc = FederatedConfig(clients=_setup(cfg, alpha, cfg["epochs"], data_dir), method=os_cfg["method"],
                                  rounds=1, server_samples=int(cfg["server_samples"]), server_labels=False,
-                                 compare=tuple(os_cfg["compare"]), backend=backend, seed=int(cfg.get("seed", 0)))
-            key = f"one_shot-alpha{alpha}"
+                                 compare=tuple(os_cfg["compare"]), backend=backend, seed=int(cfg.get("seed", 0)),
+                                 init=init)
+            key = f"one_shot-{init}-alpha{alpha}"
             t = time.perf_counter()
             res = run_federated(fc)
             cells[key] = res

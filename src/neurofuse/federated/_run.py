@@ -32,12 +32,16 @@ from ._local import LocalGrid
 from ._aggregation import Aggregation, MethodAggregation, aggregation_from_spec
 from ._strategy import FusionStrategy
 
-__all__ = ["BACKENDS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
+__all__ = ["BACKENDS", "INITS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
            "simulate", "run_local", "plot_rounds", "format_table"]
 
 log = logging.getLogger("neurofuse")
 
 BACKENDS = ("local", "simulation")
+#: how the clients' first models start: ``"shared"``, one initial model the server sends (the
+#: FL standard); ``"different"``, each client its own random initialisation (independently
+#: trained models, neurofuse's case)
+INITS = ("shared", "different")
 
 #: the reference aggregations scored in every run, by role: FedAvg of the round's client models
 #: (neurofuse's vanilla averaging weighted by the clients' sample counts) and their output ensemble
@@ -115,7 +119,8 @@ class FederatedConfig:
     rounds : int
         Federated rounds (1: one-shot).
     no_server_data : bool
-        Fuse from the clients' statistics (level by level), no server data.
+        Fuse from the clients' statistics (level by level, or per model for RegMean and Fisher
+        merging), no server data.
     server_samples : int
         Size of the server's class-balanced fusion set (drawn from the training set).
     server_labels : bool
@@ -134,6 +139,10 @@ class FederatedConfig:
         ``"local"`` or ``"simulation"`` (Ray).
     seed : int
         Seed of the server's choices (initial model, fusion set, fusion).
+    init : str
+        ``"shared"``: round 1 sends every client one initial model (seeded by ``seed``);
+        ``"different"``: round 1 sends none and every client starts from its own random
+        initialisation (seeded by the clients' seed and its partition) (:data:`INITS`).
     """
 
     clients: ClientSetup = ClientSetup()
@@ -149,10 +158,13 @@ class FederatedConfig:
     fedavg_run: bool = True
     backend: str = "local"
     seed: int = 0
+    init: str = "shared"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         self.aggregation()   # a method or mode that cannot work fails here, before Flower starts
@@ -175,8 +187,10 @@ def _strategy(cfg: FederatedConfig, aggregation: Aggregation, compare: Sequence[
         idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), cfg.server_samples,
                               seed=cfg.seed + 12345)
         server_data = (ds.x_train[idx], ds.y_train[idx]) if cfg.server_labels else ds.x_train[idx]
-    torch.manual_seed(cfg.seed)
-    initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    initial = None
+    if cfg.init == "shared":
+        torch.manual_seed(cfg.seed)
+        initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     return FusionStrategy(
         aggregation, server_data=server_data, eval_data=(ds.x_test, ds.y_test), compare=compare,
         initial_model=initial, seed=cfg.seed, min_train_nodes=s.num_clients,

@@ -72,8 +72,13 @@ class FisherMerging(StatisticsMerge):
         return fisher_sums(net, data.batches(self.device), self.options.fisher)
 
     def merge(self, run: FusionRun, nets: Sequence[nn.Module], stats: Sequence[FisherSums]) -> nn.Module:
+        """The Fisher-weighted average; each model's Fisher is scaled by its sample count over the
+        mean count: 1 when every model's Fisher comes from one fusion set, its client's share of
+        the data when each comes from its own client's data (as FedFisher weighs them)."""
         names = [n for n, _ in nets[0].named_parameters()]
-        fishers = [s.fisher(names) for s in stats]
+        counts = [float(s.count) for s in stats]
+        mean = sum(counts) / len(counts)
+        fishers = [{k: v * (n / mean) for k, v in s.fisher(names).items()} for s, n in zip(stats, counts)]
         merged = fisher_merge([net.state_dict() for net in nets], fishers, self.options.fisher_floor)
         fused = copy.deepcopy(nets[0])
         fused.load_state_dict(merged)
