@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -91,6 +92,7 @@ def main() -> None:
     runs: Dict[str, List[Tuple[float, float]]] = {"weight-matching fuse": [], "weight-matching matching": [],
                                                   "git-rebasin fuse": []}
     result = weight_matching(tensors, spec.sizes)
+    load_before = os.getloadavg()
     for _ in range(args.repeats):
         runs["weight-matching fuse"].append(_timed(lambda: neurofuse.fuse([a, b], None, method="weight-matching",
                                                                           progress=False)))
@@ -102,7 +104,8 @@ def main() -> None:
     out = {"threads": torch.get_num_threads(), "pair": args.pair, "samples": args.samples,
            "repeats": args.repeats, "sweeps": result.sweeps, "converged": result.converged,
            "median_wall_seconds": wall, "median_cpu_seconds": cpu, "all_wall_cpu_seconds": runs,
-           "ratio_weight_to_activation_matching": cpu["weight-matching fuse"] / cpu["git-rebasin fuse"]}
+           "ratio_weight_to_activation_matching": cpu["weight-matching fuse"] / cpu["git-rebasin fuse"],
+           "load_average_before_after": [list(load_before), list(os.getloadavg())]}
     if truth is not None:
         out["recovered"] = float(np.mean([np.mean(np.argsort(t) == p) for t, p in zip(truth, result.perms)]))
     print(f"{'median of ' + str(args.repeats):28s}   wall s    cpu s")
@@ -111,6 +114,8 @@ def main() -> None:
     print(f"sweeps {result.sweeps} (converged: {result.converged}); weight / activation matching (cpu) "
           f"{out['ratio_weight_to_activation_matching']:.3f}" + (f"; permutation recovered {out['recovered']:.3f}"
                                                                   if truth is not None else ""))
+    print("load average (1, 5, 15 min) before / after: "
+          + " / ".join(", ".join(f"{v:.1f}" for v in la) for la in out["load_average_before_after"]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
