@@ -458,16 +458,15 @@ class FusionRun:
         ZipIt!'s partial zipping) has the correspondences of the levels recorded, from level 0 on.
         """
         corrs: Tuple[Correspondence, ...] = ()
-        leveled = all(callable(getattr(m, "level_widths", None)) for m in self.models)
-        if self.method.output_is_ensemble or not leveled:
-            pass
-        elif callable(getattr(model, "level_widths", None)):
+        fuses = not self.method.output_is_ensemble and all(
+            callable(getattr(m, "level_widths", None)) for m in self.models)
+        if fuses and callable(getattr(model, "level_widths", None)):
             fused_w = model.level_widths()  # type: ignore[operator]
             base_w = [m.level_widths() for m in self.models]  # type: ignore[operator]
             if all(len(w) == len(fused_w) for w in base_w):
                 corrs = tuple(self.correspondences.get(lvl) or Correspondence.same_index(
                     [w[lvl] for w in base_w], fused_w[lvl]) for lvl in range(len(fused_w) - 1))
-        elif sorted(self.correspondences) == list(range(len(self.correspondences))):
+        elif fuses and sorted(self.correspondences) == list(range(len(self.correspondences))):
             corrs = tuple(self.correspondences[lvl] for lvl in range(len(self.correspondences)))
         return FusionResult(model=model, method=self.method.name, correspondences=corrs,
                             report=tuple(dict(r) for r in self.report), extras=dict(self.extras),
