@@ -166,13 +166,15 @@ def cmd_methods(a: argparse.Namespace) -> int:
         return print_methods()
     if getattr(a, "name", None):
         return _show_method(a.name)
-    for name in methods_by_order():
+    names = methods_by_order()
+    col = max(len(n) for n in names)
+    for name in names:
         cls = get_method(name)
         n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
              else f"up to {cls.max_models} models" if cls.max_models else "N models")
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
-        print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+        print(f"{name:{col}s} {cls.summary}\n{'':{col}s} [{n}; {imp}{width}]")
     print("\nwhich methods fuse Hugging Face models (fuse --hf): neurofuse methods --hf")
     return 0
 
@@ -830,7 +832,7 @@ def cmd_federate(a: argparse.Namespace) -> int:
     cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
                           no_server_data=a.no_server_data, server_samples=a.server_samples,
                           server_labels=not a.server_unlabelled,
-                          class_shares=a.class_shares,
+                          class_shares=a.class_shares, init=a.init,
                           compare=tuple(compare), backend=a.backend, seed=a.seed)
     results = run_federated(cfg)
     results["command"] = "neurofuse " + " ".join(getattr(a, "argv", []))
@@ -1016,7 +1018,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", default="uniform", help="importance score of the method (default: %(default)s)")
     p.add_argument("--rounds", type=_pos_int, default=1, help="federated rounds (default: 1, one-shot)")
     p.add_argument("--no-server-data", action="store_true",
-                   help="fuse from the clients' level statistics: the server holds no sample")
+                   help="fuse from the clients' statistics: the server holds no sample")
+    p.add_argument("--init", default="shared", choices=["shared", "different"],
+                   help="shared: every client starts from one initial model (the FL standard); "
+                        "different: each from its own random initialisation (default: %(default)s)")
     p.add_argument("--server-samples", type=_nonneg_int, default=400,
                    help="size of the server's fusion set (default: 400)")
     p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")

@@ -27,7 +27,9 @@ fusion method records one :class:`~neurofuse.grouping.Correspondence` per hidden
 given for a level, fused neuron :math:`j` is matched with neuron :math:`j` of every base model of
 the fused width there, which is right only for averaging without alignment.  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
 or blocks such as the zoo's ResNet ``BasicBlock``, which sum two paths) are not rescaled; their
-BatchNorms are still re-estimated.
+BatchNorms are still re-estimated.  A multi-head model (:class:`~neurofuse.models.MultiHead`,
+ZipIt!'s partial zipping) has its fused trunk rescaled (the correspondences of its levels); its
+heads are the base models' own levels, whose BatchNorms are re-estimated afterwards.
 
 References
 ----------
@@ -300,6 +302,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         If ``rescale`` is asked for models that are not compatible level-wise.
     """
     from .models.ensemble import Ensemble
+    from .models.multihead import MultiHead
 
     if isinstance(fused, Ensemble):
         raise ConfigError("cannot repair an output ensemble: it has no fused neurons")
@@ -310,19 +313,36 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         log.info("repair: re-estimated the statistics of %d BatchNorm layers", n_bn)
     if not rescale:
         return out
-    if not isinstance(out, LeveledNet):
+    if isinstance(out, MultiHead):  # the fused trunk is rescaled; the heads are the models' own
+        bases = check_same_levels(list(models))
+        levels, axes, hidden = list(out.trunk), out.trunk_axes, out.stop_at
+    elif isinstance(out, LeveledNet):
+        bases = check_same_levels([out, *models])[1:]
+        levels, axes, hidden = list(out.levels), out.axes, out.num_levels - 1
+    else:
         raise IncompatibleModelsError(
             f"repair(rescale=True) needs a LeveledNet, got {type(out).__name__}; use rescale=False "
             "to only reset BatchNorm statistics"
         )
-    nets = check_same_levels([out, *models])
-    bases = nets[1:]
     if not bases:
         raise IncompatibleModelsError("repair needs the base models the fused model came from")
-    n_levels = out.num_levels
-    if correspondences is not None and len(correspondences) not in (n_levels - 1, n_levels):
-        raise ConfigError(f"correspondences must list {n_levels - 1} levels (all but the output), got "
-                          f"{len(correspondences)}")
+    if correspondences is not None and len(correspondences) not in (hidden, hidden + 1):
+        raise ConfigError(f"correspondences must list {hidden} levels (every fused level but the output), "
+                          f"got {len(correspondences)}")
+    changed = _rescale(out, levels, axes, hidden, bases, fs, correspondences, memory_budget)
+    if changed and isinstance(out, MultiHead):  # the heads' inputs changed: re-estimate their BatchNorms
+        head_bns = [bn for head in out.heads for bn in _batchnorms(head)]
+        if head_bns:
+            reset_batchnorm(out, fs, modules=head_bns)
+    return out.eval()
+
+
+def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], hidden: int,
+             bases: Sequence[LeveledNet], fs: FusionSet,
+             correspondences: Optional[Sequence[Optional[Correspondence]]],
+             memory_budget: Optional[int]) -> bool:
+    """Rescale the first ``hidden`` fused ``levels`` of ``out`` (in place) to the statistics of
+    their corresponding base neurons; returns whether any level changed."""
     base_stats = _base_statistics(bases, fs)
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
@@ -330,8 +350,8 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     # the fused model's level inputs, carried forward as its levels are rescaled
     stream = LevelStream(fs, 1, device, memory_budget=memory_budget)
     with stream:
-        for lvl in range(n_levels - 1):
-            level = out.levels[lvl]
+        for lvl in range(hidden):
+            level = levels[lvl]
             bns = _batchnorms(level)
             if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
                 reset_batchnorm(out, fs, modules=bns)
@@ -351,7 +371,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
             acc = MomentStats()
             with torch.no_grad():
                 for b in stream:
-                    acc.update(flatten_neurons(level(b.inputs[0]), out.axes[lvl]))
+                    acc.update(flatten_neurons(level(b.inputs[0]), axes[lvl]))
             mean_f, std_f = _moments(acc)
             bm = _matching(correspondences, lvl, len(mean_f), [w[lvl] for w in base_widths])
             if bm is not None:
@@ -365,4 +385,4 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
                 changed = True
                 log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
             stream.advance({0: level})
-    return out.eval()
+    return changed

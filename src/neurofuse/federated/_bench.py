@@ -1,9 +1,12 @@
 """The ``fl`` benchmark: one-shot and multi-round federated fusion on Dirichlet(alpha) clients.
 
-The config (``configs/fl.json``) names a dataset, the client count, the alphas, the local
-training, the one-shot aggregations (every one applied to the *same* client models of a cell)
-and the multi-round comparison.  Each cell's results go to ``<out>/<cell>.json``; ``results.json``
-and ``report.md`` gather them with each aggregation's share of the FedAvg-to-ensemble gap.
+The config (``configs/fl.json``) names a dataset, the client count, the alphas, the clients'
+initialisations (``inits``: ``"shared"``, one initial model for all, the FL standard;
+``"different"``, each client its own), the local training, the one-shot aggregations (every one
+applied to the *same* client models of a cell) and the multi-round comparison (shared
+initialisation).  Each cell's results go to ``<out>/<cell>.json`` (``one_shot-<init>-alpha<a>``,
+``multi_round-alpha<a>``); ``results.json`` and ``report.md`` gather them with each
+aggregation's share of the FedAvg-to-ensemble gap.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from .._io import write_text
 from ..checkpoint import save_json
 from ..errors import ConfigError
 from ._data import ClientSetup
-from ._run import FederatedConfig, format_table, plot_rounds, run_federated
+from ._run import INITS, FederatedConfig, format_table, plot_rounds, run_federated
 
 __all__ = ["load_fl_config", "run_fl_bench", "FL_CONFIGS"]
 
@@ -28,7 +31,7 @@ FL_CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_CONFIG_BYTES = 1 << 20
 _TOP_KEYS = ("name", "title", "description", "common", "scales")
 _CELL_KEYS = ("dataset", "clients", "arch", "size", "server_samples", "lr", "seed", "alphas", "epochs",
-              "one_shot", "multi_round")
+              "inits", "one_shot", "multi_round")
 _REQUIRED = ("dataset", "clients", "arch", "size", "server_samples", "alphas", "epochs", "one_shot")
 
 
@@ -96,6 +99,11 @@ def load_fl_config(name: str, scale: str) -> Dict[str, Any]:
         raise _fail(where, "alphas", f"expected a non-empty list of numbers, got {alphas!r}")
     for i, a in enumerate(alphas):
         _checked(where, f"alphas[{i}]", check_number, a, "alpha", 0.0, lo_open=True)
+    inits = cfg.get("inits", ["shared"])
+    if not isinstance(inits, list) or not inits:
+        raise _fail(where, "inits", f"expected a non-empty list of {list(INITS)}, got {inits!r}")
+    for i, init in enumerate(inits):
+        _checked(where, f"inits[{i}]", check_choice, init, "init", INITS)
     one = _object(where, "one_shot", cfg["one_shot"], ("method", "compare"))
     if not isinstance(one.get("method"), str):
         raise _fail(where, "one_shot.method", f"expected a method name, got {one.get('method')!r}")
@@ -127,22 +135,22 @@ def _setup(cfg: Dict[str, Any], alpha: float, epochs: int, data_dir: Optional[st
 
 
 def _cells(cfg: Dict[str, Any], backend: str, data_dir: Optional[str], alphas: Optional[List[float]],
-           parts: tuple) -> List[Tuple[str, FederatedConfig]]:
+           parts: tuple, inits: Optional[List[str]] = None) -> List[Tuple[str, FederatedConfig]]:
     """Every cell's run, built (and so validated) before the first one starts."""
     where = f"benchmark {cfg['name']!r}"
     cells = []
     for alpha in alphas or cfg["alphas"]:
-        if "one_shot" in parts:
+        for init in (inits or cfg.get("inits", ["shared"])) if "one_shot" in parts else ():
             os_cfg = cfg["one_shot"]
             try:
                 fc = FederatedConfig(clients=_setup(cfg, alpha, cfg["epochs"], data_dir),
                                      method=os_cfg["method"], rounds=1,
                                      server_samples=int(cfg["server_samples"]), server_labels=False,
                                      compare=tuple(os_cfg.get("compare", ())), backend=backend,
-                                     seed=int(cfg.get("seed", 0)))
+                                     seed=int(cfg.get("seed", 0)), init=init)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: one_shot: {exc}") from None
-            cells.append((f"one_shot-alpha{alpha}", fc))
+            cells.append((f"one_shot-{init}-alpha{alpha}", fc))
         if "multi_round" in parts and cfg.get("multi_round"):
             mr = cfg["multi_round"]
             try:
@@ -159,7 +167,8 @@ def _cells(cfg: Dict[str, Any], backend: str, data_dir: Optional[str], alphas: O
 
 def run_fl_bench(name: str = "fl", scale: str = "full", out: Optional[Path] = None, *, backend: str = "local",
                  data_dir: Optional[str] = None, alphas: Optional[List[float]] = None,
-                 parts: tuple = ("one_shot", "multi_round"), log=print, force: bool = False) -> Dict[str, Any]:
+                 parts: tuple = ("one_shot", "multi_round"), inits: Optional[List[str]] = None, log=print,
+                 force: bool = False) -> Dict[str, Any]:
     """Run the cells of benchmark ``name`` (each one-shot alpha, then each multi-round alpha).
 
     The config and every cell's settings are validated, the dataset's limits checked and the
@@ -171,7 +180,7 @@ def run_fl_bench(name: str = "fl", scale: str = "full", out: Optional[Path] = No
 
     cfg = load_fl_config(name, scale)
     out = Path(out or f"runs/bench/{Path(name).stem}-{scale}")
-    cells = _cells(cfg, backend, data_dir, alphas, parts)
+    cells = _cells(cfg, backend, data_dir, alphas, parts, inits)
     outputs: List[Tuple[Path, str]] = [(out, "dir")]
     for key, fc in cells:
         outputs.append((out / f"{key}.json", ".json"))

@@ -33,7 +33,7 @@ from ._local import LocalGrid
 from ._aggregation import Aggregation, MethodAggregation, aggregation_from_spec
 from ._strategy import FusionStrategy
 
-__all__ = ["BACKENDS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
+__all__ = ["BACKENDS", "INITS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
            "simulate", "run_local", "plot_rounds", "format_table"]
 
 log = logging.getLogger("neurofuse")
@@ -41,6 +41,10 @@ log = logging.getLogger("neurofuse")
 BACKENDS = ("local", "simulation")
 #: most federated rounds of one run
 MAX_ROUNDS = 10_000
+#: how the clients' first models start: ``"shared"``, one initial model the server sends (the
+#: FL standard); ``"different"``, each client its own random initialisation (independently
+#: trained models, neurofuse's case)
+INITS = ("shared", "different")
 
 #: the reference aggregations scored in every run, by role: FedAvg of the round's client models
 #: (neurofuse's vanilla averaging weighted by the clients' sample counts) and their output ensemble
@@ -118,7 +122,8 @@ class FederatedConfig:
     rounds : int
         Federated rounds (1: one-shot).
     no_server_data : bool
-        Fuse from the clients' statistics (level by level), no server data.
+        Fuse from the clients' statistics (level by level, or per model for RegMean and Fisher
+        merging), no server data.
     server_samples : int
         Size of the server's class-balanced fusion set (drawn from the training set).
     server_labels : bool
@@ -137,6 +142,10 @@ class FederatedConfig:
         ``"local"`` or ``"simulation"`` (Ray).
     seed : int
         Seed of the server's choices (initial model, fusion set, fusion).
+    init : str
+        ``"shared"``: round 1 sends every client one initial model (seeded by ``seed``);
+        ``"different"``: round 1 sends none and every client starts from its own random
+        initialisation (seeded by the clients' seed and its partition) (:data:`INITS`).
     """
 
     clients: ClientSetup = ClientSetup()
@@ -152,6 +161,7 @@ class FederatedConfig:
     fedavg_run: bool = True
     backend: str = "local"
     seed: int = 0
+    init: str = "shared"
 
     def __post_init__(self) -> None:
         from ..importance import importance_methods
@@ -159,6 +169,7 @@ class FederatedConfig:
         if not isinstance(self.clients, ClientSetup):
             raise ConfigError(f"clients must be a ClientSetup, got {type(self.clients).__name__}")
         check_choice(self.backend, "backend (--backend)", BACKENDS)
+        check_choice(self.init, "init (--init)", INITS)
         check_int(self.rounds, "rounds (--rounds)", 1, MAX_ROUNDS)
         check_choice(self.importance, "importance (--importance)", importance_methods())
         check_int(self.server_samples, "server_samples (--server-samples)", 0)
@@ -195,8 +206,10 @@ def _strategy(cfg: FederatedConfig, aggregation: Aggregation, compare: Sequence[
         idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), cfg.server_samples,
                               seed=cfg.seed + 12345)
         server_data = (ds.x_train[idx], ds.y_train[idx]) if cfg.server_labels else ds.x_train[idx]
-    torch.manual_seed(cfg.seed)
-    initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    initial = None
+    if cfg.init == "shared":
+        torch.manual_seed(cfg.seed)
+        initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     return FusionStrategy(
         aggregation, server_data=server_data, eval_data=(ds.x_test, ds.y_test), compare=compare,
         initial_model=initial, seed=cfg.seed, min_train_nodes=s.num_clients,

@@ -24,8 +24,9 @@ def print_methods() -> int:
     print("Hugging Face families (neurofuse[hf]): " + "; ".join(families()))
     for family, row in method_table().items():
         print(f"\n{family}:")
+        col = max(len(name) for name in row)
         for name, note in row.items():
-            print(f"  {name:12s} {note}")
+            print(f"  {name:{col}s} {note}")
     print("\nfine-tuning after fusion (--finetune) applies to every fused model but an ensemble")
     return 0
 

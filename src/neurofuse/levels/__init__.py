@@ -17,6 +17,7 @@ from ._core import (
     unflatten_neurons,
 )
 from ._bn import fold_batchnorm, has_batchnorm
+from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
 from ._wrapped import Fn
 from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels
@@ -48,4 +49,5 @@ __all__ = [
     "levels_from",
     "split_affine",
     "unflatten_neurons",
+    "unfold_state",
 ]

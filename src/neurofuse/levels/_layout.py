@@ -436,21 +436,37 @@ class NeuronMap:
     out: Tensor
     inc: Tensor
     plan: np.ndarray
+    #: for a permutation, ``index[j]`` = the model-``k`` neuron at anchor neuron ``j``
+    #: (``Q[j, index[j]] = 1``): the map is then applied by indexing instead of a product
+    index: Optional[Tensor] = None
 
     @classmethod
     def from_plan(cls, plan: np.ndarray, nu: np.ndarray) -> "NeuronMap":
         p = torch.from_numpy(np.asarray(plan, dtype=np.float64) / np.asarray(nu, dtype=np.float64)[None, :])
         return cls(out=p.T.contiguous(), inc=p, plan=np.asarray(plan, dtype=np.float64))
 
+    @classmethod
+    def from_permutation(cls, perm: np.ndarray) -> "NeuronMap":
+        """The map of a permutation of ``n`` neurons: uniform marginals, ``Q[j, perm[j]] = 1``."""
+        index = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+        n = len(index)
+        q = torch.zeros(n, n, dtype=torch.float64)
+        q[torch.arange(n), index] = 1.0
+        return cls(out=q, inc=q.T.contiguous(), plan=q.T.numpy() / n, index=index)
 
-def _map_out(t: Tensor, q: Tensor) -> Tensor:
-    """Rows of ``t`` (axis 0 = neurons) written in the target basis: ``q @ t``."""
-    return torch.tensordot(q.to(t.device), t, dims=([1], [0]))
+
+def _map_out(t: Tensor, m: NeuronMap) -> Tensor:
+    """Rows of ``t`` (axis 0 = neurons) written in the target basis: ``Q @ t``."""
+    if m.index is not None:
+        return t.index_select(0, m.index.to(t.device))
+    return torch.tensordot(m.out.to(t.device), t, dims=([1], [0]))
 
 
-def _map_last(t: Tensor, q: Tensor) -> Tensor:
-    """The last axis of ``t`` (neurons) written in the target basis: ``t @ q^T``."""
-    return t @ q.to(t.device).T
+def _map_last(t: Tensor, m: NeuronMap) -> Tensor:
+    """The last axis of ``t`` (neurons) written in the target basis: ``t @ Q^T``."""
+    if m.index is not None:
+        return t.index_select(-1, m.index.to(t.device))
+    return t @ m.out.to(t.device).T
 
 
 def space_map(maps: "SpaceMaps", space: Optional[str]) -> Optional[NeuronMap]:
@@ -463,9 +479,13 @@ def space_map(maps: "SpaceMaps", space: Optional[str]) -> Optional[NeuronMap]:
     parts = [maps.get(p) for p in space.split("+")]
     if any(p is None for p in parts):
         return None
+    index = None
+    if all(p.index is not None for p in parts):  # type: ignore[union-attr]
+        offsets = np.cumsum([0] + [p.out.shape[0] for p in parts[:-1]])  # type: ignore[union-attr]
+        index = torch.cat([p.index + int(o) for p, o in zip(parts, offsets)])  # type: ignore[union-attr,operator]
     return NeuronMap(out=torch.block_diag(*[p.out for p in parts]),  # type: ignore[union-attr]
                      inc=torch.block_diag(*[p.inc for p in parts]),  # type: ignore[union-attr]
-                     plan=_block_diag_np([p.plan for p in parts]))  # type: ignore[union-attr]
+                     plan=_block_diag_np([p.plan for p in parts]), index=index)  # type: ignore[union-attr]
 
 
 def _block_diag_np(mats: Sequence[np.ndarray]) -> np.ndarray:
@@ -477,22 +497,25 @@ def _block_diag_np(mats: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _map_in(w: Tensor, p: Tensor, kind: str, level: int) -> Tensor:
-    """Input axis (1) of an affine weight fed with target-basis inputs: ``w @ p`` per tap."""
-    p = p.to(w.device)
+def _map_in(w: Tensor, m: NeuronMap, kind: str, level: int) -> Tensor:
+    """Input axis (1) of an affine weight fed with target-basis inputs: ``w @ P`` per tap."""
+    p = m.inc.to(w.device)
     n = p.shape[0]
+    index = None if m.index is None else m.index.to(w.device)
     if kind == "conv":
         if w.shape[1] != n:
             raise IncompatibleModelsError(
                 f"level {level}: the convolution takes {w.shape[1]} channels but its input has "
                 f"{n} neurons"
             )
-        return torch.einsum("oikl,ij->ojkl", w, p)
+        return w.index_select(1, index) if index is not None else torch.einsum("oikl,ij->ojkl", w, p)
     d_in = w.shape[1]
     if d_in == n:
-        return w @ p
+        return w.index_select(1, index) if index is not None else w @ p
     if d_in % n == 0:  # Linear after Flatten of [C, H, W]: channel-major, one map per position
         w3 = w.reshape(w.shape[0], n, d_in // n)
+        if index is not None:
+            return w3.index_select(1, index).reshape(w.shape[0], -1)
         return torch.einsum("ois,ij->ojs", w3, p).reshape(w.shape[0], -1)
     raise IncompatibleModelsError(
         f"level {level}: the linear layer takes {d_in} inputs, not a multiple of the previous "
@@ -517,13 +540,15 @@ def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMa
             result[key] = v.clone()
             continue
         s0, s1, kind = spec[key]
-        t = v.double()
-        m1, m0 = space_map(maps, s1), space_map(maps, s0)
-        if m1 is not None:
-            t = _map_in(t, m1.inc, kind, index)
-        if m0 is not None:
-            t = _map_last(t, m0.out) if kind == "last" else _map_out(t, m0.out)
-        result[key] = t.to(v.dtype)
+        m_in, m_out = space_map(maps, s1), space_map(maps, s0)
+        # permutations move values exactly: no float64 round trip
+        exact = all(m is None or m.index is not None for m in (m_in, m_out))
+        t = v if exact else v.double()
+        if m_in is not None:
+            t = _map_in(t, m_in, kind, index)
+        if m_out is not None:
+            t = _map_last(t, m_out) if kind == "last" else _map_out(t, m_out)
+        result[key] = t.to(v.dtype) if t is not v else v.clone()
     return result
 
 

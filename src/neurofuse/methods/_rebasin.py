@@ -140,8 +140,6 @@ class GitRebasin(FusionMethod):
         return alignment_reason(net, index)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
-        data = run.data
-        assert data is not None
         nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         m0, m1 = nets
@@ -152,33 +150,7 @@ class GitRebasin(FusionMethod):
                 "'otfusion' or 'kf-linear' for models of different widths"
             )
         n_levels = m0.num_levels
-        level_stats, inner_stats = self._statistics(nets, layouts, data)
-        scores = [[self._scores(run, m, lvl) for lvl in range(n_levels)] for m in nets]
-        outs: List[Optional[NeuronMap]] = [None] * n_levels
-        inner: List[Dict[str, NeuronMap]] = []
-        for lvl in range(n_levels):
-            inner.append({})
-            for unit in space_units(layouts[lvl].internal):
-                if unit[0].heads:  # attention: heads matched as units, a permutation per space
-                    for sp, m in zip(unit, self._match_heads([inner_stats[lvl][sp.name] for sp in unit],
-                                                              lvl, unit, scores)):
-                        inner[lvl][sp.name] = m
-                    continue
-                sp = unit[0]
-                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp))
-            head = heads[lvl]
-            members = stream_members(heads, head)
-            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
-                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
-            elif head < lvl:
-                outs[lvl] = outs[head]
-            else:
-                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
-                                                       scores, None))
-        run.extras["inner_correspondences"] = {
-            lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
-                  for name, m in spaces.items()}
-            for lvl, spaces in enumerate(inner)}
+        outs, inner, scores = self.match_levels(run, nets, layouts, heads)
         perms: List[Optional[np.ndarray]] = [None if m is None else m.out.numpy().argmax(1) for m in outs]
         run.extras["permutations"] = perms
         fused = m0.clone()
@@ -211,12 +183,48 @@ class GitRebasin(FusionMethod):
             run.record(lvl, Correspondence.from_permutations([None, perms[lvl]], widths[0][lvl:lvl + 1] * 2))
         return fused
 
+    def match_levels(self, run: FusionRun, nets: Sequence[LeveledNet], layouts: Sequence[Any],
+                     heads: Sequence[int]) -> Tuple[List[Optional[NeuronMap]], List[Dict[str, NeuronMap]],
+                                                    List[List[np.ndarray]]]:
+        """The permutations of model 1 onto model 0 (equal widths): the map of every level's
+        output (``None``: identity) and of every internal space, and the importance scores
+        ``scores[model][level]`` the costs used.  Other methods align with it before they merge
+        ("align, then merge")."""
+        n_levels = nets[0].num_levels
+        widths = [m.level_widths() for m in nets]
+        assert run.data is not None
+        level_stats, inner_stats = self._statistics(nets, layouts, run.data)
+        scores = [[self._scores(run, m, lvl) for lvl in range(n_levels)] for m in nets]
+        outs: List[Optional[NeuronMap]] = [None] * n_levels
+        inner: List[Dict[str, NeuronMap]] = []
+        for lvl in range(n_levels):
+            inner.append({})
+            for unit in space_units(layouts[lvl].internal):
+                if unit[0].heads:  # attention: heads matched as units, a permutation per space
+                    for sp, m in zip(unit, self._match_heads([inner_stats[lvl][sp.name] for sp in unit],
+                                                              lvl, unit, scores)):
+                        inner[lvl][sp.name] = m
+                    continue
+                sp = unit[0]
+                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp))
+            head = heads[lvl]
+            members = stream_members(heads, head)
+            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
+                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
+            elif head < lvl:
+                outs[lvl] = outs[head]
+            else:
+                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
+                                                       scores, None))
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
+                  for name, m in spaces.items()}
+            for lvl, spaces in enumerate(inner)}
+        return outs, inner, scores
+
     @staticmethod
     def _perm_map(perm: np.ndarray) -> NeuronMap:
-        n = len(perm)
-        plan = np.zeros((n, n))
-        plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
-        return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
+        return NeuronMap.from_permutation(perm)  # model-1 neuron perm[j] -> model-0 neuron j
 
     def _scores(self, run: FusionRun, net: LeveledNet, level: int) -> np.ndarray:
         s = run.importance_scores(net)[level]
