@@ -28,7 +28,7 @@ import neurofuse
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.levels import AutoBlock, AutoNet, split_affine
 from neurofuse.methods import format_levels, level_support
-from neurofuse.levels._layout import NeuronMap, align_level, check_alignable
+from neurofuse.levels._layout import NeuronMap, align_level, check_alignable, concat_maps
 
 from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
 
@@ -37,17 +37,15 @@ WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
 
 #: architecture -> level-wise methods that fuse it (the others are refused with a reason)
 SUPPORTED = {
-    "resnet18": {"otfusion", "git-rebasin", "kf-gradient"},
+    "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
-    "mobilenet_v2": {"kf-gradient"},
+    "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vit": {"kf-gradient"},
     "mlp_ln": {"otfusion", "git-rebasin", "kf-gradient"},
+    "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
 REASON = {
-    ("resnet18", "hf-linear"): "residual block",
-    ("mobilenet_v2", "otfusion"): "depthwise",
-    ("mobilenet_v2", "kf-linear"): "residual block",
     ("vit", "otfusion"): "parameters directly",
     ("vit", "kf-linear"): "not affine",
     ("mlp_ln", "kf-linear"): "LayerNorm",
@@ -142,11 +140,12 @@ def test_dropout_at_the_end_of_a_level_keeps_it_affine():
 
 
 def test_format_levels_lists_widths_methods_and_reasons():
-    net = neurofuse.levels_from(_make("mobilenet_v2", 0), input_shape=(3, 16, 16))
+    net = neurofuse.levels_from(_make("mlp_ln", 0), input_shape=(3, 8, 8))
     text = format_levels(net)
-    assert "fused by: kf-gradient" in text
-    assert "not otfusion/git-rebasin: grouped/depthwise convolution" in text
-    assert text.splitlines()[-1].startswith("whole model: kf-gradient, base, vanilla")
+    assert "fused by: otfusion, git-rebasin, kf-gradient" in text
+    assert "not hf-linear/kf-linear: its LayerNorm" in text
+    assert "out-map: fc1.weight rows, fc1.bias, ln1.{weight, bias}, fc2.weight columns" in text
+    assert text.splitlines()[-1].startswith("whole model: otfusion, git-rebasin, kf-gradient, base, vanilla")
 
 
 # -- every method that applies fuses; the others say why not --------------------------------
@@ -182,21 +181,35 @@ def _perm(n: int, g: torch.Generator) -> torch.Tensor:
             return p
 
 
+def _perm_map(n: int, g: torch.Generator) -> NeuronMap:
+    return NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+
+
 def _permute_by_layout(net: AutoNet, seed: int) -> None:
-    """Permute every residual stream and internal space of a chain/block net in place."""
+    """Permute every residual stream, concatenation part and internal space of a net of chains,
+    blocks and concatenations in place."""
     layouts, heads = check_alignable([net], "permute")
     g = torch.Generator().manual_seed(seed)
     widths = net.level_widths()
-    stream = {}
-    for h in sorted(set(heads)):
-        if h >= 0 and h < net.num_levels - 1:
-            p = _perm(widths[h], g)
-            stream[h] = NeuronMap.from_plan(np.eye(widths[h])[p.numpy()].T, np.ones(widths[h]))
+    outs = {}
     for i, (level, lay) in enumerate(zip(net.levels, layouts)):
-        maps = {"in": stream.get(heads[i - 1]) if i else None, "out": stream.get(heads[i])}
+        maps = {"in": outs.get(i - 1)}
+        if i == net.num_levels - 1 or heads[i] == -1:
+            pass
+        elif heads[i] < i:
+            outs[i] = outs[heads[i]]
+        elif lay.parts:
+            in_w = widths[i - 1] if i else net.input_shape[0]
+            parts = lay.part_widths(level.state_dict(), in_w)
+            for p, w in zip(lay.parts, parts):
+                if p != "in":
+                    maps[p] = _perm_map(w, g)
+            outs[i] = concat_maps([maps[p] or NeuronMap.identity(w) for p, w in zip(lay.parts, parts)])
+        else:
+            outs[i] = _perm_map(widths[i], g)
+        maps["out"] = outs.get(i)
         for sp in lay.internal:
-            n = len(dict(level.named_modules())[sp.point].weight)
-            maps[sp.name] = NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+            maps[sp.name] = _perm_map(len(dict(level.named_modules())[sp.point].weight), g)
         level.load_state_dict(align_level(level, lay, i, maps))
 
 

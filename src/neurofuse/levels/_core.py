@@ -71,6 +71,13 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return nn.Sequential(*pre), last  # type: ignore[return-value]
 
 
+def is_monotone_head(m: nn.Module) -> bool:
+    """A softmax or log-softmax over the neurons (``nn.Softmax`` / ``nn.LogSoftmax``, or glue
+    marked ``monotone_head``): at the end of a model it keeps the prediction of the logits."""
+    return (isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim in (1, -1)) or bool(
+        getattr(m, "monotone_head", False))
+
+
 def _is_eval_identity(m: nn.Module) -> bool:
     """``Dropout`` and friends, a plain ``nn.Identity`` or glue marked ``eval_identity``."""
     drop = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

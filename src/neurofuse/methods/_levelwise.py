@@ -24,7 +24,9 @@ from ..approximation import LinearStats, aligned_prior, assign_affine, design_ma
 from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
                       fold_batchnorm, has_batchnorm, split_affine)
+from ..levels._layout import is_depthwise
 from ._base import FusionMethod, FusionRun, register_method
+from ._steps import fit_level_in_steps
 from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelRun", "LevelwiseFusion", "LinearFusion"]
@@ -204,9 +206,21 @@ class LinearFusion(LevelwiseFusion):
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        """The closed form fits levels that are affine in their parameters after BatchNorm
-        folding (:func:`neurofuse.levels.affine_reason`); others need gradient steps."""
+        """The closed form fits levels whose layers are affine in their parameters after
+        BatchNorm folding, one layer at a time (:func:`neurofuse.levels.affine_reason`); others
+        need gradient steps."""
         return affine_reason(net, index)
+
+    @staticmethod
+    def one_pass(level: nn.Module) -> bool:
+        """Whether ``level`` (BatchNorm folded) is ``[parameter-free ops..., Linear|Conv2d]``,
+        fitted from one pass of statistics (:meth:`level_statistics`); the closed form fits other
+        levels one layer at a time (:mod:`neurofuse.methods._steps`)."""
+        try:
+            _, affine = split_affine(level)
+        except IncompatibleModelsError:
+            return False
+        return not is_depthwise(affine)
 
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
         """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""
@@ -270,6 +284,11 @@ class LinearFusion(LevelwiseFusion):
         additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
+        if not self.one_pass(fused.levels[level]):
+            raise IncompatibleModelsError(
+                f"level {level} is fitted one layer at a time (a residual block, a depthwise "
+                "convolution, a concatenation or a softmax head), which one pass of level statistics "
+                "does not carry; fuse this model with the data in one place")
         pre, affine = split_affine(fused.levels[level])
         shared = self.shares_inputs(level, models, fused)
         stats = LinearStats(cross=not shared, rows=shared)
@@ -320,6 +339,9 @@ class LinearFusion(LevelwiseFusion):
 
     def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
+        if not self.one_pass(fused.levels[level]):
+            fit_level_in_steps(self, run, level, models, fused, stream)
+            return
         stats = self.reduce(self.level_statistics(level, models, fused, stream))
         self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:
