@@ -401,3 +401,53 @@ def test_functional_dropout_at_the_end_keeps_the_level_affine():
     assert all(r is None for row in level_support(net) for r in row.values())
     _, affine = split_affine(net.levels[-1])
     assert affine.out_features == 3
+
+
+# -- forward arguments with defaults and a monotone head ---------------------------------------
+class FlagNet(nn.Module):
+    """``forward(x, flag=False, scale=None)`` branches on its defaults; ends in log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x, flag=False, scale=None):
+        h = self.fc1(x.flatten(1))
+        if flag:
+            h = h * 0
+        if scale is not None:
+            h = h * scale
+        return F.log_softmax(self.fc2(F.relu(h)), dim=1)
+
+
+def test_forward_arguments_with_defaults_are_traced_with_their_defaults():
+    net = neurofuse.levels_from(FlagNet().eval(), input_shape=(3, 2, 2))
+    assert net.tracer == "fx" and net.level_widths() == [8, 3]
+    assert net.level_names == ["flatten -> fc1", "relu -> fc2 -> log_softmax"]
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_trailing_log_softmax_is_kept_and_the_logits_are_fitted(method):
+    torch.manual_seed(0)
+    model = FlagNet().eval()
+    net = neurofuse.levels_from(model, input_shape=(3, 2, 2))
+    assert all(r is None for row in level_support(net) for r in row.values())
+    twin = copy.deepcopy(net)
+    p = torch.randperm(8)
+    with torch.no_grad():
+        twin.levels[0][1].weight.copy_(twin.levels[0][1].weight[p])
+        twin.levels[0][1].bias.copy_(twin.levels[0][1].bias[p])
+        twin.levels[1][1].weight.copy_(twin.levels[1][1].weight[:, p])
+    x, y = torch.randn(64, 3, 2, 2), torch.randint(0, 3, (64,))
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert _gap(fused, model, x) < 1e-4
+    assert torch.allclose(fused(x).exp().sum(1), torch.ones(64), atol=1e-5)   # still log-probabilities
+
+
+def test_a_softmax_inside_the_network_is_not_a_monotone_head():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Softmax(dim=1), nn.Linear(8, 3)).eval()
+    net = neurofuse.levels_from(model, levels=[["0", "1", "2"], "3"], input_shape=(3, 2, 2))
+    why = level_support(net)[0]["kf-linear"]
+    assert why is not None and "Softmax follows it" in why
+    assert level_support(net)[1]["kf-linear"] is None

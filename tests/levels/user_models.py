@@ -173,11 +173,13 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes=10, setting=((1, 4, 1, 1), (4, 8, 2, 2), (4, 8, 1, 1)), dropout=0.2, in_ch=3):
+    def __init__(self, num_classes=10, setting=((1, 4, 1, 1), (4, 8, 2, 2), (4, 8, 1, 1)), dropout=0.2, in_ch=3,
+                 width_mult=1):
         super().__init__()
-        input_channel, last_channel = 4, 16
+        input_channel, last_channel = 4 * width_mult, 16 * width_mult
         features = [Conv2dNormActivation(in_ch, input_channel, stride=2)]
         for t, c, n, s in setting:
+            c = c * width_mult
             for i in range(n):
                 features.append(InvertedResidual(input_channel, c, s if i == 0 else 1, expand_ratio=t))
                 input_channel = c

@@ -36,7 +36,7 @@ def level_kind(net: nn.Module, index: int) -> str:
 
 def _reason(exc: Exception, index: int) -> str:
     """The one-line reason of a refusal, without the level number (the caller names the level)."""
-    return str(exc).split(";")[0].replace(f"level {index}: ", "").replace(f"level {index} ", "")
+    return str(exc).split(";")[0].replace(f"level {index}: ", "").replace(f"level {index} ", "it ")
 
 
 def affine_reason(net: nn.Module, index: int) -> Optional[str]:

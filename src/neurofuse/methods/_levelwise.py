@@ -226,6 +226,14 @@ class LinearFusion(LevelwiseFusion):
         """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""
         return [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
 
+    def setup(self, run: LevelRun) -> "tuple[List[LeveledNet], LeveledNet, List[int]]":
+        """As :meth:`LevelwiseFusion.setup`; a fused model of other widths (a new model of the
+        family) has its BatchNorms folded like the base models'."""
+        nets, fused, widths = super().setup(run)
+        if has_batchnorm(fused):
+            fused = fold_batchnorm(fused)  # type: ignore[assignment]
+        return nets, fused, widths
+
     @abstractmethod
     def group(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int,
               level: int) -> Grouping:
