@@ -76,7 +76,13 @@ class DepthwiseStats(AdditiveStats):
         super().__init__()
         self.labels = torch.as_tensor(labels).long()
         self.k = int(k)
-        self._members = [torch.nonzero(self.labels == c).flatten() for c in range(self.k)]
+        # base channels sorted by fused channel, each in a slot of a [k, width] table (padded)
+        self._order = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels, minlength=self.k)
+        self._width = max(int(counts.max()) if counts.numel() else 0, 1)
+        start = torch.cumsum(counts, 0) - counts
+        lab = self.labels[self._order]
+        self._slot = lab * self._width + torch.arange(lab.numel()) - start[lab]
 
     @property
     def rows(self) -> int:
@@ -90,14 +96,18 @@ class DepthwiseStats(AdditiveStats):
             raise IncompatibleModelsError(
                 f"depthwise statistics of {self.k} fused and {self.labels.numel()} base channels got "
                 f"design rows {list(x.shape)} and outputs {list(a.shape)}")
-        x, a = x.double(), a.double()
-        cross = torch.zeros(x.shape[2], a.shape[1], dtype=torch.float64, device=x.device)
-        for c, idx in enumerate(self._members):
-            if idx.numel():
-                idx = idx.to(a.device)
-                cross[:, idx] = x[:, c, :].T @ a[:, idx]
-        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  gram=torch.einsum("rcd,rce->cde", x, x), cross=cross, sq=(a * a).sum(0))
+        rows, d = x.shape[0], x.shape[2]
+        xc = x.transpose(0, 1).double().contiguous()                       # [k, rows, d]
+        a = a.double()
+        order, slot = self._order.to(a.device), self._slot.to(a.device)
+        table = torch.zeros(rows, self.k * self._width, dtype=torch.float64, device=a.device)
+        table[:, slot] = a[:, order]                                         # [rows, k * width]
+        table = table.T.reshape(self.k, self._width, rows)
+        per = torch.bmm(table, xc)                                           # [k, width, d]
+        cross = torch.empty(d, a.shape[1], dtype=torch.float64, device=a.device)
+        cross[:, order] = per.reshape(-1, d)[slot].T
+        self._add(count=torch.tensor(float(rows), dtype=torch.float64, device=x.device),
+                  gram=torch.bmm(xc.transpose(1, 2), xc), cross=cross, sq=(a * a).sum(0))
 
     def solve(self, rtol: Optional[float] = None, ridge: float = 0.0,
               prior: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, int]:
