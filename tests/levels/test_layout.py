@@ -150,3 +150,20 @@ def test_format_levels_shows_the_maps_of_each_level_and_why_a_level_has_none():
     assert "fused by: otfusion, git-rebasin, hf-linear, kf-linear, kf-gradient" in text
     assert "out-map: features.0.0.weight rows, features.0.1.{weight, bias, running_mean, running_var}" in text
     assert "h0-map: features.3.conv.0.0.weight rows" in text
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear", "otfusion", "git-rebasin"])
+def test_a_dense_layer_fused_with_its_permuted_copy_gives_back_the_model(method):
+    from .test_auto import _gap, _permute_by_layout
+
+    torch.manual_seed(0)
+    model = DenseLayer().eval()
+    twin = DenseLayer().eval()
+    twin.load_state_dict(model.state_dict())
+    _permute_by_layout(neurofuse.levels_from(twin, input_shape=(1, 6, 6)), seed=3)
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 2, (64,))
+    assert _gap(twin, model, x) < 1e-5 and not torch.equal(twin.stem.weight, model.stem.weight)
+    nets = [neurofuse.levels_from(m, input_shape=(1, 6, 6)) for m in (model, twin)]
+    fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
+    assert _gap(fused, model, x) < 1e-4
+    assert _gap(fused, model, torch.randn(16, 1, 6, 6)) < 1e-4
