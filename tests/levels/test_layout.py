@@ -152,18 +152,56 @@ def test_format_levels_shows_the_maps_of_each_level_and_why_a_level_has_none():
     assert "h0-map: features.3.conv.0.0.weight rows" in text
 
 
+class BasicConv2d(nn.Sequential):
+    def __init__(self, c_in, c_out, k):
+        super().__init__(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class InceptionLike(nn.Module):
+    """torchvision-style branches that end in their own ReLU, one of them two layers deep."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = BasicConv2d(8, 4, 1)
+        self.b3 = nn.Sequential(BasicConv2d(8, 3, 1), BasicConv2d(3, 5, 3))
+        self.fc = nn.Linear(9, 2)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = torch.cat([self.b1(h), self.b3(h)], 1)
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["dense", "inception"])
 @pytest.mark.parametrize("method", ["kf-linear", "hf-linear", "otfusion", "git-rebasin"])
-def test_a_dense_layer_fused_with_its_permuted_copy_gives_back_the_model(method):
+def test_concatenations_fused_with_their_permuted_copy_give_back_the_model(arch, method):
+    """A DenseNet layer (the level input is one part) and Inception-style branches (ending in
+    their ReLU, one with an inner space)."""
     from .test_auto import _gap, _permute_by_layout
 
+    make = DenseLayer if arch == "dense" else InceptionLike
     torch.manual_seed(0)
-    model = DenseLayer().eval()
-    twin = DenseLayer().eval()
+    model = _randomise_bn(make())
+    twin = make().eval()
     twin.load_state_dict(model.state_dict())
     _permute_by_layout(neurofuse.levels_from(twin, input_shape=(1, 6, 6)), seed=3)
     x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 2, (64,))
     assert _gap(twin, model, x) < 1e-5 and not torch.equal(twin.stem.weight, model.stem.weight)
     nets = [neurofuse.levels_from(m, input_shape=(1, 6, 6)) for m in (model, twin)]
+    assert nets[0].kinds[1] == "concat"
     fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
     assert _gap(fused, model, x) < 1e-4
     assert _gap(fused, model, torch.randn(16, 1, 6, 6)) < 1e-4

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ._core import ELEMENTWISE
 from ._wrapped import DeclaredNet
 
 __all__ = ["AutoBlock", "AutoConcat", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
@@ -121,14 +122,17 @@ class Glue(nn.Module):
     ``eval_identity`` is true when they are all identities in eval mode (dropout), so that
     :func:`~neurofuse.levels.split_affine` ignores them at the end of a level; ``monotone_head``
     when they are a softmax or log-softmax over the neurons (and such identities): at the end of
-    a model they do not change its prediction, so the closed form fits the logits before them.
+    a model they do not change its prediction, so the closed form fits the logits before them;
+    ``elementwise`` when they are element-wise activations (and such identities).
     """
 
-    def __init__(self, ops: fx.GraphModule, eval_identity: bool = False, monotone_head: bool = False) -> None:
+    def __init__(self, ops: fx.GraphModule, eval_identity: bool = False, monotone_head: bool = False,
+                 elementwise: bool = False) -> None:
         super().__init__()
         self.ops = ops
         self.eval_identity = bool(eval_identity)
         self.monotone_head = bool(monotone_head)
+        self.elementwise = bool(elementwise)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops(x)
@@ -395,6 +399,20 @@ def _eval_identity_node(g: _Graph, n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in ("contiguous",)
 
 
+_ACTIVATION_FUNCS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
+                     F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.softplus}
+
+
+def _activation_node(g: _Graph, n: fx.Node) -> bool:
+    """An element-wise activation (module, function or tensor method)."""
+    m = g.module(n)
+    if m is not None:
+        return isinstance(m, ELEMENTWISE)
+    if n.op == "call_function":
+        return n.target in _ACTIVATION_FUNCS
+    return n.op == "call_method" and n.target in ("relu", "sigmoid", "tanh")
+
+
 def _softmax_node(g: _Graph, n: fx.Node) -> bool:
     """A softmax or log-softmax over the neurons (dim 1 or -1) of a ``[B, C]`` value."""
     v = g.values.get(n)
@@ -497,7 +515,9 @@ def _glue(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> nn.Module:
     gm = _subgraph_module(g, nodes, start, nodes[-1])
     ident = [_eval_identity_node(g, n) for n in nodes]
     soft = [_softmax_node(g, n) for n in nodes]
-    return Glue(gm, all(ident), any(soft) and all(a or b for a, b in zip(ident, soft)))
+    act = [_activation_node(g, n) for n in nodes]
+    return Glue(gm, all(ident), any(soft) and all(a or b for a, b in zip(ident, soft)),
+                any(act) and all(a or b for a, b in zip(ident, act)))
 
 
 def _chain(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[nn.Sequential]:

@@ -223,6 +223,12 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                     f"level {index} holds parameters outside its {' and '.join(roots)} ({n}); "
                     f"{method!r} cannot align it"
                 )
+    seen: Dict[int, str] = {}
+    for n, m in level.named_modules(remove_duplicate=False):
+        if _own_tensors(m) and seen.setdefault(id(m), n) != n:
+            raise IncompatibleModelsError(
+                f"level {index} runs {seen[id(m)]} more than once (shared weights, also as {n}); "
+                f"{method!r} aligns each layer with one map per side (use 'kf-gradient')")
     for n, m in level.named_modules():
         if list(m.children()) and _own_tensors(m):
             raise IncompatibleModelsError(

@@ -16,9 +16,11 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
   to the grouped block outputs minus the fused shortcut (a residual target).
 
-A path may end in dropout-like identities and, at the end of the model, in a softmax or
-log-softmax over the classes (a *monotone head*: the prediction is that of the logits, so the
-logits are fitted and the head is kept).  Anything else is refused with a one-line reason.
+A path may end in dropout-like identities, in an element-wise activation (not in a residual
+block, whose sum comes after: a concatenation branch ending in its ReLU, as torchvision's Inception)
+and, at the end of the model, in a softmax or log-softmax over the classes (a *monotone head*: the
+prediction is that of the logits).  The layer's own outputs (pre-activations, logits) are the
+targets; what follows it is kept.  Anything else is refused with a one-line reason.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import List, Optional, Tuple
 from torch import nn
 
 from ..errors import IncompatibleModelsError
-from ._core import _is_eval_identity, is_monotone_head
+from ._core import _is_eval_identity, is_elementwise, is_monotone_head
 from ._layout import LevelLayout, is_depthwise, level_layout, level_paths
 
 __all__ = ["Step", "closed_form_steps"]
@@ -121,7 +123,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
                 f"its layers are nested in a {type(end).__name__}, which the closed form does not open")
         head_ok = last and not block and not name.startswith("branches")
         for t in tail:
-            if not (_is_eval_identity(t) or (head_ok and is_monotone_head(t))):
+            if not (_is_eval_identity(t) or (head_ok and is_monotone_head(t)) or (not block and is_elementwise(t))):
                 raise IncompatibleModelsError(
                     f"its output is not the output of its last Linear/Conv2d ({type(t).__name__} "
                     "follows it), so the level is not affine in its parameters")

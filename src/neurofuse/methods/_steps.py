@@ -69,12 +69,9 @@ def _capture(level: nn.Module, h: Tensor, inputs: Sequence[nn.Module], outputs: 
 
 def _concat(groups: Sequence[Groups]) -> Groups:
     """The grouping of a concatenation: its parts' labels, offset (block diagonal)."""
-    labels, off = [], 0
-    for _, k in groups:
-        labels.append(off)
-        off += k
-    per_model = [np.concatenate([g[0][i] + o for g, o in zip(groups, labels)]) for i in range(len(groups[0][0]))]
-    return per_model, off
+    offsets = np.cumsum([0] + [k for _, k in groups])
+    per_model = [np.concatenate([g[0][i] + o for g, o in zip(groups, offsets)]) for i in range(len(groups[0][0]))]
+    return per_model, int(offsets[-1])
 
 
 def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNet], fused: LeveledNet,
@@ -93,7 +90,6 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
             raise IncompatibleModelsError(
                 f"model {i} level {level} has different layers than model 0's; the closed form needs "
                 "the same architecture up to widths")
-    n = len(models)
     widths = [bw[level] for bw in run.base_widths]
     scores = np.split(method.level_scores(run, models, level), np.cumsum(widths)[:-1])
     groups: Dict[str, Groups] = {}
