@@ -205,3 +205,64 @@ def test_concatenations_fused_with_their_permuted_copy_give_back_the_model(arch,
     fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
     assert _gap(fused, model, x) < 1e-4
     assert _gap(fused, model, torch.randn(16, 1, 6, 6)) < 1e-4
+
+
+def test_the_maps_print_any_layout_generically(monkeypatch):
+    """The display reads LevelLayout.tensors only: a packed weight whose rows run over a
+    concatenation of spaces ("a+b") is listed block by block under each part's map, a tensor whose
+    last axis is the space ("last") and a kind the display does not know are named by axis."""
+    from neurofuse.levels import _maps
+    from neurofuse.levels._layout import LevelLayout, Space
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 4))
+            self.odd = nn.Parameter(torch.zeros(3, 4))
+
+        def forward(self, x):
+            return self.qkv(x)[:, :4] + self.cls[0, 0] + self.odd.sum()
+
+    net = neurofuse.levels_from(nn.Sequential(Packed(), nn.Linear(4, 2)).eval(),
+                                levels=["0", "1"], input_shape=(4,))
+    fake = LevelLayout((("qkv.weight", "qk+qk+vo", "in", "linear"), ("cls", "in", None, "last"),
+                        ("odd", "in", "qk", "future")), (Space("qk", "qkv", None), Space("vo", "qkv", None)),
+                       True)
+    real = _maps.level_layout
+    monkeypatch.setattr(_maps, "level_layout", lambda lv, i, *a: fake if i == 0 else real(lv, i, *a))
+    maps = {(m.level, m.space): m.tensors for m in neuron_maps(net)}
+    assert maps[(0, "qk")] == ("levels.0.qkv.weight rows (block 1 of 3)",
+                               "levels.0.qkv.weight rows (block 2 of 3)", "levels.0.odd axis 1 (future)")
+    assert maps[(0, "vo")] == ("levels.0.qkv.weight rows (block 3 of 3)",)
+    assert (0, "out") not in maps     # tied: its output is its input, the network input (no map)
+    assert "cls" not in " ".join(t for ts in maps.values() for t in ts)  # the network input: no map
+
+
+class TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "otfusion", "git-rebasin"])
+def test_a_declared_level_that_is_one_module_is_aligned(method):
+    """levels=["fc1", ...] makes the level the Linear itself, whose keys are "weight" and "bias"
+    (its layout named them ".weight" and otfusion and git-rebasin left it unaligned)."""
+    torch.manual_seed(0)
+    model, twin = TwoLinear().eval(), TwoLinear().eval()
+    twin.load_state_dict(model.state_dict())
+    p = torch.randperm(8)
+    with torch.no_grad():
+        twin.fc1.weight.copy_(twin.fc1.weight[p])
+        twin.fc1.bias.copy_(twin.fc1.bias[p])
+        twin.fc2.weight.copy_(twin.fc2.weight[:, p])
+    nets = [neurofuse.levels_from(m, levels=["fc1", [F.relu, "fc2"]], input_shape=(12,)) for m in (model, twin)]
+    assert level_layout(nets[0].levels[0], 0).tensors[0] == ("weight", "out", "in", "linear")
+    x, y = torch.randn(50, 12), torch.randint(0, 3, (50,))
+    fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
+    assert (fused(x) - model(x)).abs().max() < 1e-5

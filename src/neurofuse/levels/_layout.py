@@ -172,6 +172,11 @@ def _grouped_reason(m: nn.Conv2d) -> str:
             "per group): a map of its input would have to keep every group's channels together")
 
 
+def _join(*names: str) -> str:
+    """A dotted name of the non-empty ``names`` (a level that is one module has keys ``weight``)."""
+    return ".".join(n for n in names if n)
+
+
 def level_paths(level: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     """The paths of a level as ``(name, module, space)``: the module of each path, its name in
     the level (``""`` for the level itself) and the space its output is (``"out"``, or the part
@@ -240,8 +245,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     internal: List[Space] = []
     finals: List[str] = []
     for prefix, root, end in paths:
-        leaves = [(".".join(p for p in (prefix, n) if p), m) for n, m in root.named_modules()
-                  if not list(m.children())]
+        leaves = [(_join(prefix, n), m) for n, m in root.named_modules() if not list(m.children())]
         if not any(isinstance(m, _AFFINE) for _, m in leaves) and not (
                 concat or isinstance(root, nn.Identity)):
             raise IncompatibleModelsError(
@@ -258,17 +262,17 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                         "depthwise convolutions"
                     )
                 if is_depthwise(m):  # output channel c reads input channel c: it stays in the space
-                    tensors.append((f"{name}.weight", current, None, "depthwise"))
+                    tensors.append((_join(name, "weight"), current, None, "depthwise"))
                     if m.bias is not None:
-                        tensors.append((f"{name}.bias", current, None, "vector"))
+                        tensors.append((_join(name, "bias"), current, None, "vector"))
                     open_space = None
                     continue
                 seen += 1
                 out_space = end if seen == n_open else f"h{len(internal)}"
                 kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
-                tensors.append((f"{name}.weight", out_space, current, kind))
+                tensors.append((_join(name, "weight"), out_space, current, kind))
                 if m.bias is not None:
-                    tensors.append((f"{name}.bias", out_space, None, "vector"))
+                    tensors.append((_join(name, "bias"), out_space, None, "vector"))
                 if out_space != end:
                     internal.append(Space(out_space, name, None))
                     open_space = len(internal) - 1
@@ -292,7 +296,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                             f"level {index}: {type(m).__name__} normalises over several axes; "
                             f"{method!r} aligns only per-channel normalisations"
                         )
-                    tensors.append((f"{name}.{pn}", current, None, "vector"))
+                    tensors.append((_join(name, pn), current, None, "vector"))
                 if open_space is not None:
                     sp = internal[open_space]
                     internal[open_space] = Space(sp.name, name, None)

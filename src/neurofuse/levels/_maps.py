@@ -26,7 +26,8 @@ from ._layout import LevelLayout, level_layout, residual_heads, stream_members
 
 __all__ = ["NeuronMapInfo", "format_maps", "neuron_maps"]
 
-_AXIS0 = {"linear": "rows", "conv": "rows", "depthwise": "rows (depthwise: one kernel per channel)"}
+_AXIS0 = {"linear": "rows", "conv": "rows", "depthwise": "rows (depthwise: one kernel per channel)",
+          "last": "last axis"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +103,16 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
         for key, s0, s1, kind in lay.tensors:
             name = keys.get(f"levels.{i}.{key}", f"levels.{i}.{key}")
             t = state[key]
-            where = home(i, s0)
-            if where is not None:
-                text = name if t.dim() < 2 else f"{name} {_AXIS0.get(kind, f'axis 0 ({kind})')}"
-                entries.setdefault(where, []).append(text)
-            if s1 is not None:
-                where = home(i, s1)
+            axis0 = "" if t.dim() < 2 and kind != "last" else _AXIS0.get(kind, f"axis 0 ({kind})")
+            for space, what in _blocks(s0, axis0):
+                where = home(i, space)
                 if where is not None:
-                    entries.setdefault(where, []).append(f"{name} {_columns(t, kind, s1, i, widths, lay)}")
+                    entries.setdefault(where, []).append(f"{name} {what}".rstrip())
+            if s1 is not None:
+                for space, what in _blocks(s1, _columns(t, kind, s1, i, widths, lay)):
+                    where = home(i, space)
+                    if where is not None:
+                        entries.setdefault(where, []).append(f"{name} {what}")
     out: List[NeuronMapInfo] = []
     order = sorted(entries, key=lambda e: (e[0], 2 if e[1] == "out" else 1 if e[1].startswith("out") else 0))
     for i, space in order:
@@ -129,6 +132,15 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
                 note.append("block diagonal of " + ", ".join(names))
         out.append(NeuronMapInfo(i, space, tuple(_merge(tensors)), "; ".join(note)))
     return out
+
+
+def _blocks(space: str, what: str) -> List[Tuple[str, str]]:
+    """An axis over the concatenation ``"a+b+c"`` of spaces is moved block by block by each part's
+    map: ``[(a, "rows (block 1 of 3)"), ...]``; a plain space is moved as a whole."""
+    parts = space.split("+")
+    if len(parts) == 1:
+        return [(space, what)]
+    return [(p, f"{what} (block {j + 1} of {len(parts)})".lstrip()) for j, p in enumerate(parts)]
 
 
 def _columns(t, kind: str, space: str, level: int, widths: List[int], lay: LevelLayout) -> str:  # type: ignore[no-untyped-def]

@@ -96,7 +96,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     layout = level_layout(level, index, "the closed form")
     modules = dict(level.named_modules())
     for key, _, _, kind in layout.tensors:
-        name = key.rsplit(".", 1)[0]
+        name = key.rpartition(".")[0]
         m = modules[name]
         if not isinstance(m, _AFFINE):
             raise IncompatibleModelsError(
@@ -132,7 +132,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
                 "a residual block whose path ends in a depthwise convolution is not fitted by the "
                 "closed form")
         writers[name] = names[pos[-1]]
-    spec = {key.rsplit(".", 1)[0]: (s0, s1, kind) for key, s0, s1, kind in layout.tensors
+    spec = {key.rpartition(".")[0]: (s0, s1, kind) for key, s0, s1, kind in layout.tensors
             if key.endswith(".weight") and kind in ("linear", "conv", "depthwise")}
     path_of = {}
     for name, _, _ in paths:
