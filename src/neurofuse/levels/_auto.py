@@ -4,23 +4,30 @@ r"""Automatic levels: cut an ordinary PyTorch model into levels without a declar
 the model with ``torch.fx`` symbolic tracing and cuts its graph where **one tensor separates the
 graph** (every later operation depends on the input only through it) and that tensor is a
 *pre-activation*: the output of a ``Linear``/``Conv`` layer, of a normalisation that directly
-follows one (``Conv -> BatchNorm`` is one level, as the zoo's ``[Conv, BN]`` stem), or the sum
-that closes a skip connection.  Everything between two cuts is one level, so a residual block, an
-attention block or any sub-graph with a skip connection stays whole: the tensors inside it are
-never the only live value.  The paper's levels end at pre-activations (section 3); the
-non-linearity that follows starts the next level.
+follows one (``Conv -> BatchNorm`` is one level, as the zoo's ``[Conv, BN]`` stem), the sum
+that closes a skip connection, or the ``torch.cat`` of parallel branches along the neuron axis.
+Everything between two cuts is one level, so a residual block, an attention block or any
+sub-graph with a skip connection stays whole: the tensors inside it are never the only live
+value.  The paper's levels end at pre-activations (section 3); the non-linearity that follows
+starts the next level.  The model is traced as ``model(x)`` runs: forward arguments with
+defaults are specialised to them (``concrete_args``).
 
 Each level is built in the form the fusion methods read:
 
 * a **chain** (every layer with parameters reads the previous layer's output alone) becomes an
   ``nn.Sequential`` of the model's own layers, with the parameter-free operations between them
-  as small ``torch.fx`` modules: ``hf-linear``/``kf-linear`` fit it when it ends in its affine
-  layer (after BatchNorm folding), and ``otfusion``/``git-rebasin`` align it;
+  as small ``torch.fx`` modules (:class:`Glue`, which says when it is an eval-mode identity, an
+  element-wise activation or a softmax head);
 * a **residual block** (a parameter-free prefix, then two chains joined by ``+``) becomes a
   :class:`AutoBlock` with ``branch`` and ``shortcut`` (an ``nn.Identity`` shortcut for an identity
   skip), the residual-stream convention of :mod:`neurofuse.levels._layout`;
+* a **concatenation** (a parameter-free prefix, then chains joined by ``torch.cat``) becomes a
+  :class:`AutoConcat` with ``branches`` (an ``nn.Identity`` for a part that is the level input);
 * anything else (attention, several paths, parameters used directly such as a CLS token) becomes
   a ``torch.fx.GraphModule`` of the sub-graph, which only ``kf-gradient`` fits.
+
+Which method fuses which kind is asked of the methods (:func:`neurofuse.levels.affine_reason`,
+:func:`neurofuse.levels.alignment_reason`).
 
 When ``torch.fx`` cannot trace the model (data-dependent control flow), the order in which its
 leaf modules run is recorded with forward hooks instead (logged as a warning); that sees only

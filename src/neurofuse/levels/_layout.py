@@ -6,7 +6,10 @@ output and its internal neurons (:class:`LevelLayout`, :func:`level_layout`), ho
 tie the neurons of several levels into one *residual stream* (:func:`residual_heads`, the
 convention every architecture with skip connections follows: ``level.adds_input = True``, or a
 block with ``branch`` and an ``nn.Identity`` ``shortcut``), and how a level's parameters are
-written in another basis (:func:`align_level`).
+written in another basis (:func:`align_level`).  A depthwise convolution stays in the space it
+reads (its output channel ``c`` is its input channel ``c``); the output of a concatenation
+(attribute ``branches``) is the concatenation of its parts' spaces, and its map the block
+diagonal of theirs (:func:`concat_maps`).
 
 Notation
 --------

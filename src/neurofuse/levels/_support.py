@@ -46,7 +46,8 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
     The closed form fits a level one layer at a time (:func:`neurofuse.levels._steps.closed_form_steps`):
     chains, residual blocks and concatenations whose every layer with parameters is a ``Linear`` or
     a ``Conv2d`` (ungrouped or depthwise, zero padding) after folding, each path ending in its last
-    layer (the model's last level may end in a softmax or log-softmax).
+    layer (or, outside a residual block, in an element-wise activation; the model's last level may
+    end in a softmax or log-softmax).
     """
     level, kind = net.levels[index], level_kind(net, index)  # type: ignore[index]
     if kind == "graph":
