@@ -141,7 +141,8 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
             raise DataError("repair needs the fusion data: pass data=(x, y)")
         start = time.perf_counter()
         fused = repair_model(fused, list(models), data, correspondences=result.correspondences or None,
-                             batch_size=int(options.get("batch_size", 256)))
+                             batch_size=int(options.get("batch_size", 256)),
+                             inner_correspondences=result.extras.get("inner_correspondences"))
         steps.append(Step("repair", time.perf_counter() - start))
     if distill is not None:
         if data is None:

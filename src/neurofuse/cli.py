@@ -25,7 +25,7 @@ def _width(text: str) -> Any:
     try:
         if "," in text:
             return [int(t) for t in text.split(",") if t.strip()]
-        return float(text) if "." in text else int(text)
+        return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int, a float or a comma-separated list, got {text!r}")
 
@@ -63,63 +63,12 @@ def _split_config(a: argparse.Namespace):
                        ratio=a.ratio, seed=a.seed, epochs=a.epochs, lr=a.lr)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name the same file: equal after resolving symlinks, or one inode."""
-    try:
-        if a.resolve() == b.resolve():
-            return True
-    except (OSError, RuntimeError):  # a symlink loop
-        pass
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _writable_parent(path: Path) -> None:
-    """The nearest existing ancestor of ``path`` must be a writable directory."""
-    from .errors import OutputExistsError
-
-    anc = path.parent
-    while not anc.exists() and anc != anc.parent:
-        if anc.is_symlink():  # a dangling symlink as a parent
-            raise OutputExistsError(f"cannot create {path}: {anc} is a broken symlink")
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputExistsError(f"cannot create {path}: {anc} is a file, not a directory; "
-                                "choose another path")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write {path}: directory {anc} is not writable; choose "
-                                "another path or fix its permissions")
-
-
 def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = (),
                    data_dir: Any = None, check_data: bool = True) -> None:
-    """Check every output of a command before any work, the same way for every command.
+    """:func:`neurofuse._io.check_outputs`, with the data directory of ``--data-dir`` protected when
+    the command reads a dataset (``check_data``)."""
+    from ._io import check_outputs
 
-    Parameters
-    ----------
-    outputs : sequence of (path, kind)
-        ``kind`` is the required suffix of an output file (``".safetensors"``, ``".json"``,
-        ``".png"``) or ``"dir"`` for an output directory.
-    force : bool
-        Whether existing outputs may be replaced (``--force``).
-    inputs : sequence of path
-        Every file the command reads: no output may be one of them, ``--force`` or not
-        (compared after resolving symlinks, and by inode for hard links).
-    data_dir : str, optional
-        The ``--data-dir``; existing files in the data directory are inputs too.
-    check_data : bool
-        Whether the command reads a dataset (then ``data_dir`` is protected).
-
-    Raises
-    ------
-    OutputExistsError, ConfigError
-        Naming the output and what to do.
-    """
-    from .errors import ConfigError, OutputExistsError
-
-    ins = [Path(i) for i in inputs]
     data_root: Optional[Path] = None
     if check_data:
         from .data import resolve_data_dir
@@ -128,46 +77,7 @@ def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = 
             data_root = resolve_data_dir(data_dir).resolve()
         except (OSError, RuntimeError):
             data_root = None
-    seen: List[Path] = []
-    for raw, kind in outputs:
-        out = Path(raw)
-        if str(raw) == "" or out.name in ("", ".", ".."):
-            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
-        for i in ins:
-            if _same_file(out, i):
-                raise OutputExistsError(f"output {out} is one of the inputs ({i}); inputs are never "
-                                        "overwritten: choose another output path")
-        for other in seen:
-            if _same_file(out, other):
-                raise ConfigError(f"two outputs are the same file {out}; give each its own path")
-        seen.append(out)
-        if kind == "dir":
-            if out.exists() and not out.is_dir():
-                raise OutputExistsError(f"output directory {out} is a file; choose a directory")
-            if not out.exists():
-                _writable_parent(out / "x")
-            elif not os.access(out, os.W_OK | os.X_OK):
-                raise OutputExistsError(f"cannot write into {out}: the directory is not writable")
-            continue
-        if out.is_dir():
-            raise OutputExistsError(f"output {out} is a directory; give a file path instead")
-        if out.suffix != kind:
-            raise ConfigError(f"output {out} must end in {kind}; rename it")
-        if out.exists() or out.is_symlink():
-            if data_root is not None and _inside(out, data_root):
-                raise OutputExistsError(f"output {out} is a file of the data directory "
-                                        f"{data_root}; choose another path")
-            if not force:
-                raise OutputExistsError(f"{out} exists; pass --force to overwrite")
-        _writable_parent(out)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
+    check_outputs(outputs, force, inputs, data_root)
 
 
 def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
@@ -175,7 +85,7 @@ def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
     out: List[Path] = []
     for p in map(Path, paths):
         out.append(p)
-        if p.suffix.lower() in (".pt", ".pth"):
+        if p.suffix.lower() != ".safetensors":   # PyTorch files (by content) read a sidecar config
             out += [p.with_name(p.name + ".json"), p.with_suffix(".json")]
     return out
 
@@ -217,6 +127,9 @@ def _check_args(a: argparse.Namespace) -> None:
     device = getattr(a, "device", None)
     if isinstance(device, str):
         _check_device(device)
+    if getattr(a, "distill_extra", 0) and not getattr(a, "distill", None):
+        raise ConfigError(f"--distill-extra {a.distill_extra} needs --distill EPOCHS (it adds images "
+                          "to the distillation); add --distill or drop --distill-extra")
 
 
 def _error_line(exc: BaseException) -> str:
@@ -253,13 +166,15 @@ def cmd_methods(a: argparse.Namespace) -> int:
         return print_methods()
     if getattr(a, "name", None):
         return _show_method(a.name)
-    for name in methods_by_order():
+    names = methods_by_order()
+    col = max(len(n) for n in names)
+    for name in names:
         cls = get_method(name)
         n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
              else f"up to {cls.max_models} models" if cls.max_models else "N models")
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
-        print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+        print(f"{name:{col}s} {cls.summary}\n{'':{col}s} [{n}; {imp}{width}]")
     print("\nwhich methods fuse Hugging Face models (fuse --hf): neurofuse methods --hf")
     return 0
 
@@ -305,28 +220,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from ._io import write_folder
     from .checkpoint import save_json, save_model
     from .data import load_dataset
     from .experiment import train_base_models
 
     out = Path(a.out)
-    paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
-    _check_outputs([(out, "dir")] + [(p, p.suffix) for p in paths], a.force, data_dir=a.data_dir)
+    names = [f"model_{i}.safetensors" for i in range(a.models)] + ["split.json"]
+    # the folder is written whole and swapped in: a run killed half-way never mixes two runs' models
+    _check_outputs([(out, "folder")], a.force, data_dir=a.data_dir)
     ds = load_dataset(a.dataset, a.data_dir)
     cfg = _split_config(a)
     base = train_base_models(ds, cfg, progress=not a.no_progress, device=a.device)
-    for i, (m, part) in enumerate(zip(base.models, base.parts)):
-        val = base.histories[i]["best_val_accuracy"]
-        save_model(m, paths[i], force=a.force,
-                   metadata={"dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed,
-                             "model_index": i, "train_samples": int(len(part)), "val_accuracy": val})
-        print(f"{paths[i]}: {len(part)} training samples, validation accuracy "
-              f"{100 * (val or 0):.1f}%")
-    save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
-               "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
-               "parts": [p.tolist() for p in base.parts],
-               "class_shares": base.class_shares.tolist()}, paths[-1], force=a.force)
-    print(f"wrote {paths[-1]} (partition indices and class shares)")
+
+    def write(tmp: Path) -> None:
+        for i, (m, part) in enumerate(zip(base.models, base.parts)):
+            save_model(m, tmp / names[i], metadata={
+                "dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed, "model_index": i,
+                "train_samples": int(len(part)), "val_accuracy": base.histories[i]["best_val_accuracy"]})
+        save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
+                   "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
+                   "parts": [p.tolist() for p in base.parts],
+                   "class_shares": base.class_shares.tolist()}, tmp / names[-1])
+
+    write_folder(out, write, force=a.force)
+    for i, part in enumerate(base.parts):
+        print(f"{out / names[i]}: {len(part)} training samples, validation accuracy "
+              f"{100 * (base.histories[i]['best_val_accuracy'] or 0):.1f}%")
+    print(f"wrote {out / names[-1]} (partition indices and class shares)")
     return 0
 
 
@@ -369,6 +290,10 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
             name = None  # legacy .pt files have no metadata; their load errors come later
         if name:
             return str(name)
+    from .checkpoint import load_model
+
+    for p in paths:   # a file that cannot be loaded says why, rather than "pass --dataset"
+        load_model(p)
     raise DataError("cannot tell which dataset the checkpoints were trained on; pass --dataset")
 
 
@@ -856,6 +781,9 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
         + (["--device", a.device] if a.device else [])
         + (["--data-dir", a.data_dir] if a.data_dir else []))
     cache = Path(a.cache) if a.cache else out / "cache"
+    # a run resumes in its folder (so its own files are replaced), never into the data directory
+    _check_outputs([(out, "dir"), (cache, "dir"), (out / "results.json", ".json"), (out / "report.md", ".md"),
+                    (out / "config.json", ".json")], True, data_dir=a.data_dir)
     print(f"[{cfg.name}/{cfg.scale}] output: {out}; base-model cache: {cache}", flush=True)
     doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
                         on_event=_bench_event(cfg.name, cfg.scale), command=command, cache=cache)
@@ -888,10 +816,11 @@ def cmd_federate(a: argparse.Namespace) -> int:
         from .federated._bench import run_fl_bench
 
         out = Path(a.out) if a.out else None
-        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir)
+        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir, force=a.force)
         return 0
     out = Path(a.out)
-    _check_outputs([(out / "results.json", ".json")], a.force, data_dir=a.data_dir)
+    _check_outputs([(out, "dir"), (out / "results.json", ".json"), (out / "accuracy.png", ".png")],
+                   a.force, data_dir=a.data_dir)
     compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
     if a.clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {a.clients}")
@@ -903,7 +832,7 @@ def cmd_federate(a: argparse.Namespace) -> int:
     cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
                           no_server_data=a.no_server_data, server_samples=a.server_samples,
                           server_labels=not a.server_unlabelled,
-                          class_shares=a.class_shares,
+                          class_shares=a.class_shares, init=a.init,
                           compare=tuple(compare), backend=a.backend, seed=a.seed)
     results = run_federated(cfg)
     results["command"] = "neurofuse " + " ".join(getattr(a, "argv", []))
@@ -1089,7 +1018,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", default="uniform", help="importance score of the method (default: %(default)s)")
     p.add_argument("--rounds", type=_pos_int, default=1, help="federated rounds (default: 1, one-shot)")
     p.add_argument("--no-server-data", action="store_true",
-                   help="fuse from the clients' level statistics: the server holds no sample")
+                   help="fuse from the clients' statistics: the server holds no sample")
+    p.add_argument("--init", default="shared", choices=["shared", "different"],
+                   help="shared: every client starts from one initial model (the FL standard); "
+                        "different: each from its own random initialisation (default: %(default)s)")
     p.add_argument("--server-samples", type=_nonneg_int, default=400,
                    help="size of the server's fusion set (default: 400)")
     p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")

@@ -27,7 +27,9 @@ fusion method records one :class:`~neurofuse.grouping.Correspondence` per hidden
 given for a level, fused neuron :math:`j` is matched with neuron :math:`j` of every base model of
 the fused width there, which is right only for averaging without alignment.  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
 or blocks such as the zoo's ResNet ``BasicBlock``, which sum two paths) are not rescaled; their
-BatchNorms are still re-estimated.
+BatchNorms are still re-estimated.  A multi-head model (:class:`~neurofuse.models.MultiHead`,
+ZipIt!'s partial zipping) has its fused trunk rescaled (the correspondences of its levels); its
+heads are the base models' own levels, whose BatchNorms are re-estimated afterwards.
 
 References
 ----------
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._fusion_set import FusionSet, as_fusion_set
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
+from .levels._transformer import describe as describe_transformer
 from .grouping import Correspondence
 from .stats import MomentStats
 
@@ -115,6 +118,8 @@ def _fold_target(level: nn.Module) -> Optional[nn.Module]:
     whose output sums several paths (residual levels) or ends in another parametrised module."""
     if not isinstance(level, nn.Sequential) or getattr(level, "adds_input", False):
         return None
+    if describe_transformer(level) is not None:   # a transformer level: the stream is a residual sum
+        return None
     target = None
     for m in level.modules():
         if list(m.children()):
@@ -145,6 +150,21 @@ def _base_statistics(models: Sequence[LeveledNet], fs: FusionSet) -> List[List[T
                     h = level(h)
                     acc[i].update(flatten_neurons(h, m.axes[i]))
         out.append([_moments(a) for a in acc])
+    return out
+
+
+def _base_level_inputs(models: Sequence[LeveledNet], fs: FusionSet, level: int) -> List[List[Any]]:
+    """Per model, the inputs of ``level`` on every fusion batch."""
+    out = []
+    for m in models:
+        xs = []
+        with torch.no_grad():
+            for xb, _ in fs.batches(_device_of(m)):
+                h = xb
+                for i in range(level):
+                    h = m.levels[i](h)
+                xs.append(h)
+        out.append(xs)
     return out
 
 
@@ -182,9 +202,65 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
             log.warning("repair: level %d's last layer has no bias; only its scale was repaired", level)
 
 
+def _probe_values(level: nn.Module, space: Any, h: Any) -> List[Any]:
+    """The values ``[rows, n]`` of every probe of internal ``space`` while ``level`` runs on ``h``."""
+    from .levels._layout import Space, capture_spaces
+
+    one = [Space(f"{space.name}.{i}", space.point, None, probes=(p,)) for i, p in enumerate(space.probes)]
+    return capture_spaces(level, one, lambda: level(h), "token")
+
+
+def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, lvl: int,
+                  inner: Dict[str, Correspondence], fused_inputs: Any, base_inputs: Sequence[Any]) -> bool:
+    """REPAIR inside a transformer level: every internal space with a correspondence (attention
+    queries, keys, values; MLP hidden neurons) gets its matched base neurons' mean and std, folded
+    into the rows of the projection that writes it (in forward order, each measured after the
+    earlier ones were repaired).  Returns whether anything changed."""
+    from .levels._layout import level_layout
+    from .levels._transformer import tensor_of
+
+    changed = False
+    layout = level_layout(out.levels[lvl], lvl)
+    for space in layout.internal:
+        corr = inner.get(space.name)
+        if corr is None or not space.probes:
+            continue
+        bm = corr.normalized()
+        for pi, (_, weight, bias, start, stop) in enumerate(space.probes):
+            base = []
+            for m, xs in zip(bases, base_inputs):
+                acc = MomentStats()
+                with torch.no_grad():
+                    for h in xs:
+                        acc.update(_probe_values(m.levels[lvl], space, h)[pi])
+                base.append(_moments(acc))
+            acc = MomentStats()
+            with torch.no_grad():
+                for h in fused_inputs:
+                    acc.update(_probe_values(out.levels[lvl], space, h)[pi])
+            mean_f, std_f = _moments(acc)
+            mean_t = bm @ np.concatenate([b[0] for b in base])
+            std_t = bm @ np.concatenate([b[1] for b in base])
+            matched = bm.sum(1) > 0
+            flat = std_f <= _EPS * np.maximum(1.0, np.abs(mean_f))
+            a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
+            shift = np.where(matched, mean_t - a * mean_f, 0.0)
+            w = tensor_of(out.levels[lvl], weight)
+            at = torch.as_tensor(a, dtype=torch.float64, device=w.device)
+            with torch.no_grad():
+                rows = w[start:stop]
+                rows.copy_((rows.double() * at[:, None]).to(w.dtype))
+                if bias is not None:
+                    b = tensor_of(out.levels[lvl], bias)[start:stop]
+                    b.copy_((b.double() * at + torch.as_tensor(shift, device=w.device)).to(b.dtype))
+            changed = True
+    return changed
+
+
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
            correspondences: Optional[Sequence[Optional[Correspondence]]] = None, batch_size: int = 256,
-           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:
+           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET,
+           inner_correspondences: Optional[Dict[int, Dict[str, Correspondence]]] = None) -> nn.Module:
     """Repair the statistics of a fused model (REPAIR, Jordan et al. 2023); see the module notes.
 
     Parameters
@@ -204,6 +280,11 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         a level): fused neuron ``j`` stands for neuron ``j`` of every base model of the fused width.
     batch_size : int
         Rows per forward pass.
+    inner_correspondences : dict, optional
+        ``{level: {space: Correspondence}}`` for the internal spaces of transformer levels (the
+        alignment methods record them in ``FusionResult.extras["inner_correspondences"]``): the
+        attention queries, keys and values and the MLP hidden neurons are then repaired inside
+        the level (a transformer level's output is a residual sum and is not rescaled).
     memory_budget : int, optional
         Bytes of the fused model's level inputs kept in memory while they are carried forward
         (see :class:`neurofuse.levels.LevelStream`); beyond it they go to temporary files.
@@ -221,6 +302,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         If ``rescale`` is asked for models that are not compatible level-wise.
     """
     from .models.ensemble import Ensemble
+    from .models.multihead import MultiHead
 
     if isinstance(fused, Ensemble):
         raise ConfigError("cannot repair an output ensemble: it has no fused neurons")
@@ -231,19 +313,36 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         log.info("repair: re-estimated the statistics of %d BatchNorm layers", n_bn)
     if not rescale:
         return out
-    if not isinstance(out, LeveledNet):
+    if isinstance(out, MultiHead):  # the fused trunk is rescaled; the heads are the models' own
+        bases = check_same_levels(list(models))
+        levels, axes, hidden = list(out.trunk), out.trunk_axes, out.stop_at
+    elif isinstance(out, LeveledNet):
+        bases = check_same_levels([out, *models])[1:]
+        levels, axes, hidden = list(out.levels), out.axes, out.num_levels - 1
+    else:
         raise IncompatibleModelsError(
             f"repair(rescale=True) needs a LeveledNet, got {type(out).__name__}; use rescale=False "
             "to only reset BatchNorm statistics"
         )
-    nets = check_same_levels([out, *models])
-    bases = nets[1:]
     if not bases:
         raise IncompatibleModelsError("repair needs the base models the fused model came from")
-    n_levels = out.num_levels
-    if correspondences is not None and len(correspondences) not in (n_levels - 1, n_levels):
-        raise ConfigError(f"correspondences must list {n_levels - 1} levels (all but the output), got "
-                          f"{len(correspondences)}")
+    if correspondences is not None and len(correspondences) not in (hidden, hidden + 1):
+        raise ConfigError(f"correspondences must list {hidden} levels (every fused level but the output), "
+                          f"got {len(correspondences)}")
+    changed = _rescale(out, levels, axes, hidden, bases, fs, correspondences, memory_budget)
+    if changed and isinstance(out, MultiHead):  # the heads' inputs changed: re-estimate their BatchNorms
+        head_bns = [bn for head in out.heads for bn in _batchnorms(head)]
+        if head_bns:
+            reset_batchnorm(out, fs, modules=head_bns)
+    return out.eval()
+
+
+def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], hidden: int,
+             bases: Sequence[LeveledNet], fs: FusionSet,
+             correspondences: Optional[Sequence[Optional[Correspondence]]],
+             memory_budget: Optional[int]) -> bool:
+    """Rescale the first ``hidden`` fused ``levels`` of ``out`` (in place) to the statistics of
+    their corresponding base neurons; returns whether any level changed."""
     base_stats = _base_statistics(bases, fs)
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
@@ -251,11 +350,18 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     # the fused model's level inputs, carried forward as its levels are rescaled
     stream = LevelStream(fs, 1, device, memory_budget=memory_budget)
     with stream:
-        for lvl in range(n_levels - 1):
-            level = out.levels[lvl]
+        for lvl in range(hidden):
+            level = levels[lvl]
             bns = _batchnorms(level)
             if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
                 reset_batchnorm(out, fs, modules=bns)
+            if inner_correspondences and lvl in inner_correspondences and describe_transformer(level):
+                base_in = _base_level_inputs(bases, fs, lvl)
+                if _repair_inner(out, bases, fs, lvl, inner_correspondences[lvl],
+                                 [b.inputs[0] for b in stream], base_in):
+                    changed = True
+                stream.advance({0: level})
+                continue
             target = _fold_target(level)
             if target is None:
                 log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
@@ -265,7 +371,7 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
             acc = MomentStats()
             with torch.no_grad():
                 for b in stream:
-                    acc.update(flatten_neurons(level(b.inputs[0]), out.axes[lvl]))
+                    acc.update(flatten_neurons(level(b.inputs[0]), axes[lvl]))
             mean_f, std_f = _moments(acc)
             bm = _matching(correspondences, lvl, len(mean_f), [w[lvl] for w in base_widths])
             if bm is not None:
@@ -279,4 +385,4 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
                 changed = True
                 log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
             stream.advance({0: level})
-    return out.eval()
+    return changed

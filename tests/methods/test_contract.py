@@ -164,6 +164,8 @@ def test_capabilities_are_class_attributes_asked_of_every_method():
         assert cls.display_label() and isinstance(cls.order, int)
     assert [n for n in list_methods() if get_method(n).output_is_ensemble] == ["ensemble"]
     assert {n for n in list_methods() if get_method(n).supports_statistics} == {"hf-linear", "kf-linear"}
+    assert {n for n in list_methods() if get_method(n).supports_model_statistics} == {
+        "regmean", "regmean-aligned", "fisher", "fisher-aligned"}
 
 
 @pytest.mark.parametrize("bad,needle", [({"n_init": 0}, "option 'n_init' must be an integer >= 1, got 0"),

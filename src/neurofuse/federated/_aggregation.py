@@ -8,8 +8,9 @@ strategy:
 
 * :class:`MethodAggregation` fuses the client models with a neurofuse method on the server's
   fusion set (``"vanilla"`` with the clients' sample counts as weights is FedAvg);
-* :class:`StatisticsAggregation` fuses from the clients' additive level statistics, with no
-  sample on the server (:func:`neurofuse.federated.fuse_by_levels`);
+* :class:`StatisticsAggregation` fuses from the clients' additive statistics, with no sample on
+  the server: level by level (:func:`neurofuse.federated.fuse_by_levels`, kf-linear) or from each
+  model's statistics (:func:`neurofuse.federated.merge_by_statistics`, RegMean, Fisher merging);
 * :class:`ClassShareWeighting` wraps any aggregation whose method takes ``class_weights`` and
   weighs each client's output neurons by its share of every class, from the label counts the
   clients report (what the clients then send besides their model: one count per class).
@@ -153,20 +154,38 @@ class MethodAggregation(Aggregation):
 
 
 class StatisticsAggregation(MethodAggregation):
-    """Fuse from the clients' level statistics, with no sample on the server: one extra query
-    round per level (:func:`neurofuse.federated.fuse_by_levels`).  The method must fuse from
-    statistics (:attr:`~neurofuse.methods.FusionMethod.supports_statistics`); an attribution
-    importance score is computed by the clients on their own labelled data."""
+    """Fuse from the clients' additive statistics, with no sample on the server.
+
+    A method that fuses level by level from statistics
+    (:attr:`~neurofuse.methods.FusionMethod.supports_statistics`: kf-linear, hf-linear) takes one
+    extra query round per level (:func:`neurofuse.federated.fuse_by_levels`; an attribution
+    importance score is computed by the clients on their own labelled data).  A merge from each
+    model's statistics (:attr:`~neurofuse.methods.FusionMethod.supports_model_statistics`:
+    RegMean's Gram matrices, Fisher merging's Fisher) takes one
+    (:func:`neurofuse.federated.merge_by_statistics`), with each model's statistics from its own
+    client's data (``scope="own"``, the default) or from every client's (``scope="all"``)."""
 
     def __init__(self, method: str, options: Optional[Mapping[str, Any]] = None, importance: str = "uniform",
-                 label: Optional[str] = None) -> None:
-        from ._levels import level_methods
+                 label: Optional[str] = None, scope: Optional[str] = None) -> None:
+        from ._levels import statistics_methods
+        from ._merge import SCOPES, _merger
 
-        super().__init__(method, options, importance, label or f"{method} (client statistics)")
-        if not get_method(method).supports_statistics:
+        cls = get_method(method)
+        if not (cls.supports_statistics or cls.supports_model_statistics):
             raise ConfigError(
                 f"method {method!r} needs the samples themselves; with no data on the server use one "
-                f"of {level_methods()}")
+                f"of {statistics_methods()}")
+        merges = cls.supports_model_statistics
+        if not merges and scope not in (None, "all"):
+            raise ConfigError(f"{method!r} fuses level by level from every client's statistics: scope "
+                              f"must be 'all', got {scope!r}")
+        self.scope = scope or ("own" if merges else "all")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+        what = "all clients' statistics" if merges and self.scope == "all" else "client statistics"
+        super().__init__(method, options, importance, label or f"{method} ({what})")
+        if merges:
+            _merger(method, self.options)  # options that need server data fail here
 
     @property
     def needs_server_data(self) -> bool:
@@ -180,9 +199,14 @@ class StatisticsAggregation(MethodAggregation):
             raise ConfigError("fusing from the clients' statistics needs the grid: run the strategy "
                               "with start(grid, ...)")
         opts = self.method_options(replies, ctx, extra)
-        return fuse_by_levels(ctx.grid, [r.node_id for r in replies], [r.model for r in replies],
-                              self.method, self.importance, ctx.seed, opts, ctx.timeout,
-                              f"round-{ctx.server_round}/")
+        nodes, models, tag = [r.node_id for r in replies], [r.model for r in replies], f"round-{ctx.server_round}/"
+        if get_method(self.method).supports_model_statistics:
+            from ._merge import merge_by_statistics
+
+            return merge_by_statistics(ctx.grid, nodes, models, self.method, ctx.seed, opts, ctx.timeout, tag,
+                                       scope=self.scope)
+        return fuse_by_levels(ctx.grid, nodes, models, self.method, self.importance, ctx.seed, opts,
+                              ctx.timeout, tag)
 
 
 class ClassShareWeighting(Aggregation):
@@ -243,8 +267,9 @@ def aggregation_from_spec(spec: AggregationSpec, *, options: Optional[Mapping[st
 
     ``spec`` is an aggregation (returned as is), a method name (fused on the server's data), or a
     mapping ``{"method": NAME, "server_data": true|false, "class_shares": true|false,
-    "importance": ..., "options": {...}, "label": ...}`` (``server_data: false`` fuses from the
-    clients' statistics; ``class_shares: true`` wraps it in :class:`ClassShareWeighting`).
+    "importance": ..., "options": {...}, "label": ..., "scope": "own"|"all"}`` (``server_data:
+    false`` fuses from the clients' statistics, ``scope`` says whose for a merge from per-model
+    statistics; ``class_shares: true`` wraps it in :class:`ClassShareWeighting`).
     ``options`` and ``importance`` apply where the spec gives none.
     """
     if isinstance(spec, Aggregation):
@@ -253,7 +278,7 @@ def aggregation_from_spec(spec: AggregationSpec, *, options: Optional[Mapping[st
         return MethodAggregation(spec, options, importance)
     if not isinstance(spec, Mapping) or not isinstance(spec.get("method"), str):
         raise ConfigError(f"an aggregation is a method name or a mapping with 'method', got {spec!r}")
-    known = {"method", "server_data", "class_shares", "importance", "options", "label"}
+    known = {"method", "server_data", "class_shares", "importance", "options", "label", "scope"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"unknown aggregation key(s) {unknown}; valid: {sorted(known)}")
@@ -264,6 +289,12 @@ def aggregation_from_spec(spec: AggregationSpec, *, options: Optional[Mapping[st
     if opts is not None and not isinstance(opts, Mapping):
         raise ConfigError(f"aggregation 'options' must be a mapping, got {opts!r}")
     imp = spec.get("importance", importance)
-    kind = MethodAggregation if spec.get("server_data", True) else StatisticsAggregation
-    agg: Aggregation = kind(spec["method"], opts, imp, spec.get("label"))
+    agg: Aggregation
+    if spec.get("server_data", True):
+        if "scope" in spec:
+            raise ConfigError("aggregation key 'scope' says whose statistics a merge uses: give it with "
+                              "'server_data': false")
+        agg = MethodAggregation(spec["method"], opts, imp, spec.get("label"))
+    else:
+        agg = StatisticsAggregation(spec["method"], opts, imp, spec.get("label"), spec.get("scope"))
     return ClassShareWeighting(agg) if spec.get("class_shares", False) else agg

@@ -38,7 +38,8 @@ from ..stats import ImportanceSums
 from ._records import (client_name, config_json, model_from_records, model_to_record, record_bytes,
                        state_from_record, state_to_record)
 
-__all__ = ["LEVEL_QUERY", "IMPORTANCE_QUERY", "fuse_by_levels", "level_methods", "answer_query"]
+__all__ = ["LEVEL_QUERY", "IMPORTANCE_QUERY", "answer_level_query", "fuse_by_levels", "level_methods",
+           "statistics_methods"]
 
 log = logging.getLogger("neurofuse")
 
@@ -48,8 +49,16 @@ IMPORTANCE_QUERY = f"{MessageType.QUERY}.importance_sums"
 
 
 def level_methods() -> List[str]:
-    """Methods that can fuse with no data on the server (from additive level statistics)."""
+    """Methods that can fuse with no data on the server from additive level statistics."""
     return [n for n in list_methods() if get_method(n).supports_statistics]
+
+
+def statistics_methods() -> List[str]:
+    """Methods that can fuse with no data on the server: from additive level statistics
+    (:func:`fuse_by_levels`) or from each model's additive statistics
+    (:func:`neurofuse.federated.merge_by_statistics`)."""
+    return [n for n in list_methods()
+            if get_method(n).supports_statistics or get_method(n).supports_model_statistics]
 
 
 def data_free_methods() -> List[str]:
@@ -61,8 +70,8 @@ def _method(name: str) -> type:
     cls = get_method(name)
     if not cls.supports_statistics:
         raise ConfigError(
-            f"method {name!r} cannot fuse without server data (it needs the samples themselves); "
-            f"with no data on the server use one of {level_methods()}, or one of "
+            f"method {name!r} cannot fuse level by level without server data (it needs the samples "
+            f"themselves); with no data on the server use one of {statistics_methods()}, or one of "
             f"{data_free_methods()}, which need no data")
     return cls
 
@@ -86,12 +95,12 @@ def _base_content(models: Sequence[nn.Module], method: str, importance: str,
     return {"records": recs, "config": cfg}
 
 
-def _send(grid: Any, nodes: Sequence[int], content: Callable[[], RecordDict], message_type: str,
+def _send(grid: Any, nodes: Sequence[int], content: Callable[[int], RecordDict], message_type: str,
           timeout: Optional[float], group: str) -> "tuple[List[Message], int, int]":
     msgs = []
     sent = 0
     for node in nodes:
-        rd = content()
+        rd = content(int(node))
         sent += record_bytes(rd)
         msgs.append(Message(content=rd, message_type=message_type, dst_node_id=int(node), group_id=group))
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
@@ -154,8 +163,8 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
     base = _base_content(models, method, importance, {**opts, **({"width": width} if width is not None else {})})
     cost = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0}
 
-    def content(extra: Dict[str, Any], records: Optional[Dict[str, ArrayRecord]] = None) -> Callable[[], RecordDict]:
-        def make() -> RecordDict:
+    def content(extra: Dict[str, Any], records: Optional[Dict[str, ArrayRecord]] = None) -> Callable[[int], RecordDict]:
+        def make(_node: int) -> RecordDict:
             rd = RecordDict({**base["records"], **(records or {})})
             rd["config"] = ConfigRecord({**base["config"], **extra})
             return rd
@@ -209,16 +218,17 @@ def _client_fusion(cfg: ConfigRecord, content: RecordDict) -> "tuple[FusionMetho
     return fusion, nets, fused, widths
 
 
-def answer_query(message: Message, data: FusionSet) -> RecordDict:
-    """A client's reply to a protocol query, computed on its own ``data`` (which never leaves).
+def answer_level_query(message: Message, data: FusionSet) -> RecordDict:
+    """A client's reply to a query of this protocol, computed on its own ``data`` (which never
+    leaves).
 
     ``query.level_stats``: the level's :class:`~neurofuse.approximation.LinearStats` state;
     ``query.importance_sums``: every model's :class:`~neurofuse.stats.ImportanceSums` state.
     """
+    kind = message.metadata.message_type
     content = message.content
     cfg = content["config"]
     fusion, nets, fused, _ = _client_fusion(cfg, content)
-    kind = message.metadata.message_type
     if kind == IMPORTANCE_QUERY:
         imp = str(cfg["importance"])
         if data.y is None:

@@ -23,6 +23,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from .._validate import check_choice, check_int, check_seed
 from ..data import balanced_subset
 from ..errors import ConfigError, NeurofuseError
 from ..models import make_model
@@ -32,12 +33,18 @@ from ._local import LocalGrid
 from ._aggregation import Aggregation, MethodAggregation, aggregation_from_spec
 from ._strategy import FusionStrategy
 
-__all__ = ["BACKENDS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
+__all__ = ["BACKENDS", "INITS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
            "simulate", "run_local", "plot_rounds", "format_table"]
 
 log = logging.getLogger("neurofuse")
 
 BACKENDS = ("local", "simulation")
+#: most federated rounds of one run
+MAX_ROUNDS = 10_000
+#: how the clients' first models start: ``"shared"``, one initial model the server sends (the
+#: FL standard); ``"different"``, each client its own random initialisation (independently
+#: trained models, neurofuse's case)
+INITS = ("shared", "different")
 
 #: the reference aggregations scored in every run, by role: FedAvg of the round's client models
 #: (neurofuse's vanilla averaging weighted by the clients' sample counts) and their output ensemble
@@ -115,7 +122,8 @@ class FederatedConfig:
     rounds : int
         Federated rounds (1: one-shot).
     no_server_data : bool
-        Fuse from the clients' statistics (level by level), no server data.
+        Fuse from the clients' statistics (level by level, or per model for RegMean and Fisher
+        merging), no server data.
     server_samples : int
         Size of the server's class-balanced fusion set (drawn from the training set).
     server_labels : bool
@@ -134,6 +142,10 @@ class FederatedConfig:
         ``"local"`` or ``"simulation"`` (Ray).
     seed : int
         Seed of the server's choices (initial model, fusion set, fusion).
+    init : str
+        ``"shared"``: round 1 sends every client one initial model (seeded by ``seed``);
+        ``"different"``: round 1 sends none and every client starts from its own random
+        initialisation (seeded by the clients' seed and its partition) (:data:`INITS`).
     """
 
     clients: ClientSetup = ClientSetup()
@@ -149,13 +161,24 @@ class FederatedConfig:
     fedavg_run: bool = True
     backend: str = "local"
     seed: int = 0
+    init: str = "shared"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
-        self.aggregation()   # a method or mode that cannot work fails here, before Flower starts
+        from ..importance import importance_methods
+
+        if not isinstance(self.clients, ClientSetup):
+            raise ConfigError(f"clients must be a ClientSetup, got {type(self.clients).__name__}")
+        check_choice(self.backend, "backend (--backend)", BACKENDS)
+        check_choice(self.init, "init (--init)", INITS)
+        check_int(self.rounds, "rounds (--rounds)", 1, MAX_ROUNDS)
+        check_choice(self.importance, "importance (--importance)", importance_methods())
+        check_int(self.server_samples, "server_samples (--server-samples)", 0)
+        check_seed(self.seed)
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
+        if isinstance(self.compare, (str, Mapping)):
+            raise ConfigError(f"compare must be a list of aggregations, got {self.compare!r}")
+        self.aggregation()   # an unknown method, or a mode that cannot work, fails here
         for c in self.compare:
             aggregation_from_spec(c)
 
@@ -166,6 +189,14 @@ class FederatedConfig:
                                       "class_shares": bool(self.class_shares), "importance": self.importance,
                                       "options": dict(self.options)})
 
+    def check_fits(self) -> None:
+        """The limits that need the dataset, checked before Flower starts."""
+        self.clients.check_fits()
+        n = len(_dataset(self.clients.dataset, self.clients.data_dir).y_train)
+        if self.server_samples > n:
+            raise ConfigError(f"server_samples (--server-samples) is {self.server_samples} but "
+                              f"{self.clients.dataset} has {n} training samples; use at most {n}")
+
 
 def _strategy(cfg: FederatedConfig, aggregation: Aggregation, compare: Sequence[Aggregation]) -> FusionStrategy:
     s = cfg.clients
@@ -175,12 +206,37 @@ def _strategy(cfg: FederatedConfig, aggregation: Aggregation, compare: Sequence[
         idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), cfg.server_samples,
                               seed=cfg.seed + 12345)
         server_data = (ds.x_train[idx], ds.y_train[idx]) if cfg.server_labels else ds.x_train[idx]
-    torch.manual_seed(cfg.seed)
-    initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    initial = None
+    if cfg.init == "shared":
+        torch.manual_seed(cfg.seed)
+        initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     return FusionStrategy(
         aggregation, server_data=server_data, eval_data=(ds.x_test, ds.y_test), compare=compare,
         initial_model=initial, seed=cfg.seed, min_train_nodes=s.num_clients,
         min_available_nodes=s.num_clients)
+
+
+#: samples of the dry run of :func:`_preflight`
+PREFLIGHT_SAMPLES = 64
+
+
+def _preflight(cfg: FederatedConfig) -> None:
+    """Fuse two copies of the clients' initial model with the run's method and options on a few
+    training samples, so that a method that cannot fuse the architecture (or an option it
+    refuses) fails before any client trains, not after the first round."""
+    from ..api import fuse
+
+    s = cfg.clients
+    ds = _dataset(s.dataset, s.data_dir)
+    idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)),
+                          min(PREFLIGHT_SAMPLES, len(ds.y_train)), seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin.load_state_dict(model.state_dict())
+    fuse([model, twin], (ds.x_train[idx], ds.y_train[idx]), method=cfg.method,
+         importance=cfg.importance, seed=cfg.seed, progress=False, **dict(cfg.options))
 
 
 def _run_one(cfg: FederatedConfig, strategy: FusionStrategy) -> List[Dict[str, Any]]:
@@ -216,11 +272,14 @@ def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
         the FedAvg-to-ensemble gap each aggregation closes) and ``seconds``.
     """
     start = time.perf_counter()
+    cfg.check_fits()   # every limit before Flower (or Ray) starts
     main = cfg.aggregation()
     refs = [MethodAggregation(method, label=role) for role, method in REFERENCES]
     compare = refs + [aggregation_from_spec(c) for c in cfg.compare]
     compare = [c for i, c in enumerate(compare) if c.label not in [d.label for d in compare[:i]]]
-    runs: Dict[str, List[Dict[str, Any]]] = {main.label: _run_one(cfg, _strategy(cfg, main, compare))}
+    strategy = _strategy(cfg, main, compare)
+    _preflight(cfg)
+    runs: Dict[str, List[Dict[str, Any]]] = {main.label: _run_one(cfg, strategy)}
     if cfg.rounds > 1 and cfg.fedavg_run:
         runs[FEDAVG_RUN] = _run_one(cfg, _strategy(cfg, refs[0], ()))
     rows = []

@@ -144,11 +144,12 @@ class FusionStrategy(FedAvg):
                         "labelled data)")
         needs_server = [a.label for a in everything if a.needs_server_data]
         if needs_server and self.server_data is None:
-            from ._levels import level_methods
+            from ._levels import statistics_methods
 
             raise DataError(
                 f"aggregation(s) {needs_server} fuse on a server fusion set: pass server_data=(x[, y]) "
-                f"(a few hundred samples), or fuse from the clients' statistics with one of {level_methods()}")
+                f"(a few hundred samples), or fuse from the clients' statistics with one of "
+                f"{statistics_methods()}")
         self.eval_data = None
         if eval_data is not None:
             fs = as_fusion_set(eval_data)

@@ -8,12 +8,13 @@ a level of (a copy of) the view changes (the copy of) the Hugging Face model, wh
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
+from ..levels._transformer import TransformerSpec
 
 __all__ = ["HFLevel", "HFLeveledNet"]
 
@@ -38,14 +39,20 @@ class HFLevel(nn.Module):
         Why the level's neurons cannot be aligned by one map per neuron space (its sub-modules
         do not run as one chain: attention, residual sums); read by
         :func:`neurofuse.levels.alignment_reason`.  Empty: nothing is known against it.
+    transformer_spec : TransformerSpec, optional
+        The level's transformer stages (:mod:`neurofuse.levels._transformer`; keys relative to
+        the level, ``parts.<name>...``): what its tensors are for the alignment methods and the
+        closed-form block fit.  :func:`neurofuse.hf.wrap` checks that they recompute the level.
     """
 
-    def __init__(self, parts: Dict[str, nn.Module], call: LevelCall, name: str, not_alignable: str = "") -> None:
+    def __init__(self, parts: Dict[str, nn.Module], call: LevelCall, name: str, not_alignable: str = "",
+                 transformer_spec: Optional[TransformerSpec] = None) -> None:
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self._call = call
         self.level_name = name
         self.not_alignable = not_alignable
+        self.transformer_spec = transformer_spec
 
     def forward(self, x: Tensor) -> Tensor:
         return self._call(self.parts, x)

@@ -17,6 +17,7 @@ from ._core import (
     unflatten_neurons,
 )
 from ._bn import fold_batchnorm, has_batchnorm
+from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
 from ._wrapped import Fn
 from ._auto import AutoBlock, AutoConcat, AutoGraph, AutoNet, Glue, auto_levels
@@ -56,4 +57,5 @@ __all__ = [
     "neuron_maps",
     "split_affine",
     "unflatten_neurons",
+    "unfold_state",
 ]

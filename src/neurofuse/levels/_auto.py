@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ._core import ELEMENTWISE
-from ._wrapped import DeclaredNet
+from ._transformer import affixed_block, block_stages
+from ._wrapped import DeclaredNet, check_input_shape, check_not_shared
 
 __all__ = ["AutoBlock", "AutoConcat", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
 
@@ -294,12 +295,29 @@ def _unfold_chain(net: AutoNet, index: int, mine: nn.Sequential, theirs: nn.Sequ
 # tracing
 # ---------------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Tuple[type, ...]) -> None:
+    def __init__(self, leaves: Tuple[type, ...], blocks: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self._leaves = leaves
+        self._blocks = {id(b) for b in blocks}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self._blocks:
+            return True   # a transformer block: one level of its own (levels/_transformer.py)
+        if isinstance(m, nn.TransformerEncoder):
+            return False  # traced as its layers, see call_module
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and not any(
+                v is not None and v is not False for v in kwargs.values()):
+            # without a mask, an encoder is its layers (and its final norm) one after the other
+            x = args[0]
+            for layer in m.layers:
+                x = self.call_module(layer, layer.forward, (x,), {})
+            if m.norm is not None:
+                x = self.call_module(m.norm, m.norm.forward, (x,), {})
+            return x
+        return super().call_module(m, forward, args, kwargs)
 
 
 class _Recorder(fx.Interpreter):
@@ -370,6 +388,8 @@ def _kind(g: _Graph, n: fx.Node) -> Optional[str]:
     if m is not None:
         if isinstance(m, _AFFINE):
             return "affine"
+        if block_stages(m) is not None:
+            return "stream"   # a transformer block: its output is the residual stream
         if isinstance(m, _NORM):
             return "norm"
         return None
@@ -468,7 +488,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         if n not in seps or _kind(g, n) is None or not _valid_output(g, n):
             continue
         seg = [m for m in g.nodes[since + 1:i + 1]]
-        if not any(_kind(g, m) == "affine" for m in seg):
+        if not any(_kind(g, m) in ("affine", "stream") for m in seg):
             continue
         users = list(n.users)
         if len(users) == 1 and _kind(g, n) in ("affine", "norm") and _kind(g, users[0]) == "norm" \
@@ -477,7 +497,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         cuts.append(n)
         since = i
     tail = g.nodes[since + 1:g.index[result] + 1]
-    if cuts and not any(_kind(g, m) == "affine" for m in tail):
+    if cuts and not any(_kind(g, m) in ("affine", "stream") for m in tail):
         cuts.pop()  # trailing parameter-free ops (a final dropout) join the last level
     cuts.append(result)
     return cuts
@@ -655,6 +675,11 @@ def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
     if cat is not None:
         return cat, "concat"
     gm = _subgraph_module(g, nodes, start, nodes[-1])
+    spec = affixed_block(g, gm, nodes, start)
+    if spec is not None:   # tokens made ready (CLS token, position embedding), then a transformer block
+        level = AutoGraph(gm, "")
+        level.transformer_spec = spec
+        return level, "graph"
     direct = sorted({str(a.target) for n in nodes for a in n.all_input_nodes if a.op == "get_attr"})
     why = (f"it uses parameters directly ({', '.join(direct)})" if direct
            else "it is a sub-graph with several paths (attention or a skip connection that is not "
@@ -763,7 +788,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"automatic levels need an nn.Module, got {type(model).__name__}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)
     try:
         ref_param = next(model.parameters())
         device, dtype = ref_param.device, ref_param.dtype
@@ -776,7 +801,9 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     try:
         kinds: List[str]
         try:
-            tracer = _Tracer(tuple(leaf_modules))
+            # transformer blocks are recognised (and checked by running them) before tracing
+            blocks = [m for name, m in model.named_modules() if name and block_stages(m) is not None]
+            tracer = _Tracer(tuple(leaf_modules), blocks)
             graph = tracer.trace(model, concrete_args=_defaults(model) or None)
             _drop_specialised(graph)
             gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
@@ -812,6 +839,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
                 ) from None
             kinds = ["chain"] * len(levels)
             how = "hooks"
+        check_not_shared(levels, model)   # a module applied twice would fuse to chance
         axes = _check(model, levels, names, x, atol)
         with torch.no_grad():
             out = levels[-1](_compose(levels[:-1], x))

@@ -17,15 +17,29 @@ from ._kd import KDHead, KDHeadOptions
 from ._distill import EnsembleDistillation, EnsembleDistillationOptions
 from ._gradient import GRADIENT_PRESETS, GradientOptions, KMeansGradientFusion, LevelConfig
 from ._describe import OptionInfo, format_levels, level_support, method_options
+from ._weight_matching import WeightMatching, WeightMatchingOptions
+from ._zipit import ZipIt, ZipItOptions
+from ._cca import CCAMerge, CCAMergeOptions
+from ._merge import StatisticsMerge
+from ._regmean import AlignedRegMean, AlignedRegMeanOptions, RegMean, RegMeanOptions
+from ._fisher import AlignedFisherMerging, AlignedFisherOptions, FisherMerging, FisherOptions
 
 __all__ = [
+    "AlignedFisherMerging",
+    "AlignedFisherOptions",
+    "AlignedRegMean",
+    "AlignedRegMeanOptions",
     "Anything",
     "BaseModel",
     "Boolean",
+    "CCAMerge",
+    "CCAMergeOptions",
     "Constraint",
     "EnsembleDistillation",
     "EnsembleDistillationOptions",
     "EnsembleFusion",
+    "FisherMerging",
+    "FisherOptions",
     "FusionMethod",
     "FusionResult",
     "FusionRun",
@@ -50,9 +64,16 @@ __all__ = [
     "OneOf",
     "OptionInfo",
     "Optional_",
+    "RegMean",
+    "RegMeanOptions",
+    "StatisticsMerge",
     "Step",
     "VanillaAveraging",
+    "WeightMatching",
+    "WeightMatchingOptions",
     "WidthSpec",
+    "ZipIt",
+    "ZipItOptions",
     "format_levels",
     "get_method",
     "level_support",

@@ -150,6 +150,12 @@ class FusionMethod(ABC):
     #: sample of its own can fuse from statistics its clients compute (:mod:`neurofuse.federated`);
     #: such a method implements :meth:`setup`, ``level_statistics`` and ``solve_level``
     supports_statistics: ClassVar[bool] = False
+    #: whether the method reads the data only through additive statistics of each model it merges
+    #: (RegMean's Gram matrices, Fisher merging's Fisher sums), so that a server with no sample
+    #: merges the sums its clients compute (:mod:`neurofuse.federated`); such a method is a
+    #: :class:`~neurofuse.methods.StatisticsMerge` (``merge_inputs``, ``model_statistics``,
+    #: ``merge``)
+    supports_model_statistics: ClassVar[bool] = False
     #: whether the result keeps every model and combines their outputs (nothing is fused: nothing
     #: to repair, distil or fine-tune, and no correspondence)
     output_is_ensemble: ClassVar[bool] = False
@@ -368,7 +374,12 @@ class FusionMethod(ABC):
         elif isinstance(w, float):
             if not math.isfinite(w) or w <= 0:
                 raise ConfigError(f"width multiplier must be positive, got {w}")
-            out = [max(1, int(round(h * w))) for h in hidden]
+            out = [int(round(h * w)) for h in hidden]
+            if min(out, default=1) < 1:   # not silently one neuron per level
+                i = out.index(min(out))
+                raise ConfigError(f"width multiplier {w:g} gives level {i} {hidden[i] * w:.3g} neurons "
+                                  f"(of {hidden[i]}); use a multiplier of at least "
+                                  f"{0.5 / min(hidden):.3g}, or an int width")
         elif isinstance(w, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in w):
             out = [int(x) for x in w]
             if len(out) != len(hidden):
@@ -447,16 +458,21 @@ class FusionRun:
 
         A method that builds one network records a correspondence for every hidden level; where
         it recorded none (a method that keeps model 0's neuron order, e.g. plain averaging), fused
-        neuron ``j`` stands for neuron ``j`` of every model of the fused width there.
+        neuron ``j`` stands for neuron ``j`` of every model of the fused width there.  A model
+        that is not one leveled network but fuses the models' first levels (a multi-head model,
+        ZipIt!'s partial zipping) has the correspondences of the levels recorded, from level 0 on.
         """
         corrs: Tuple[Correspondence, ...] = ()
-        if not self.method.output_is_ensemble and callable(getattr(model, "level_widths", None)) \
-                and all(callable(getattr(m, "level_widths", None)) for m in self.models):
+        fuses = not self.method.output_is_ensemble and all(
+            callable(getattr(m, "level_widths", None)) for m in self.models)
+        if fuses and callable(getattr(model, "level_widths", None)):
             fused_w = model.level_widths()  # type: ignore[operator]
             base_w = [m.level_widths() for m in self.models]  # type: ignore[operator]
             if all(len(w) == len(fused_w) for w in base_w):
                 corrs = tuple(self.correspondences.get(lvl) or Correspondence.same_index(
                     [w[lvl] for w in base_w], fused_w[lvl]) for lvl in range(len(fused_w) - 1))
+        elif fuses and sorted(self.correspondences) == list(range(len(self.correspondences))):
+            corrs = tuple(self.correspondences[lvl] for lvl in range(len(self.correspondences)))
         return FusionResult(model=model, method=self.method.name, correspondences=corrs,
                             report=tuple(dict(r) for r in self.report), extras=dict(self.extras),
                             seconds=float(seconds))

@@ -27,6 +27,8 @@ from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels,
 from ..levels._layout import is_depthwise
 from ._base import FusionMethod, FusionRun, register_method
 from ._steps import fit_level_in_steps
+from ..levels._transformer import describe as describe_transformer
+from ._blockfit import TransformerFit, closed_form_reason
 from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelRun", "LevelwiseFusion", "LinearFusion"]
@@ -56,6 +58,11 @@ class LevelRun(FusionRun):
         self.widths: List[int] = []
         self.prev_labels: Optional[List[np.ndarray]] = None
         self.prev_k = 0
+        #: the closed-form fit of transformer levels (:mod:`neurofuse.methods._blockfit`): made at
+        #: the first level, ``False`` when the model has no transformer level
+        self.blocks: Any = None
+        #: the grouping the next level must use (a plain level that starts a transformer stream)
+        self.forced_grouping: Optional[Grouping] = None
 
 
 class LevelwiseFusion(FusionMethod):
@@ -206,10 +213,13 @@ class LinearFusion(LevelwiseFusion):
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        """The closed form fits levels whose layers are affine in their parameters after
-        BatchNorm folding, one layer at a time (:func:`neurofuse.levels.affine_reason`); others
-        need gradient steps."""
-        return affine_reason(net, index)
+        """The closed form fits levels that are affine in their parameters after BatchNorm
+        folding (:func:`neurofuse.levels.affine_reason`) and transformer levels sub-level by
+        sub-level (:mod:`neurofuse.methods._blockfit`); others need gradient steps."""
+        why = affine_reason(net, index)
+        if why is not None and closed_form_reason(net, index) is None:
+            return None
+        return why
 
     @staticmethod
     def one_pass(level: nn.Module) -> bool:
@@ -292,6 +302,8 @@ class LinearFusion(LevelwiseFusion):
         additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
+        if describe_transformer(fused.levels[level]) is not None:
+            raise _statistics_refusal(level)
         if not self.one_pass(fused.levels[level]):
             raise IncompatibleModelsError(
                 f"level {level} is fitted one layer at a time (a residual block, a depthwise "
@@ -318,6 +330,8 @@ class LinearFusion(LevelwiseFusion):
         """Group the level's base neurons and write the fused level's weights, from ``stats``
         (merged over all the data) alone; ``run.data`` is read only for importance scores (with no
         data, ``run`` must know them: :meth:`FusionRun.set_importance_scores`)."""
+        if getattr(run, "blocks", None) is None and TransformerFit.applies(fused):
+            raise _statistics_refusal(level)   # statistics only (federated): no stage-by-stage fit
         _, affine = split_affine(fused.levels[level])
         last = level == fused.num_levels - 1
         prior = self._prior(run, level, models, affine) if self.options.prior else None
@@ -329,6 +343,8 @@ class LinearFusion(LevelwiseFusion):
         feats = sol.features.float()
         if last:
             grouping = identity_grouping(widths, self.output_level_weights(run, models))
+        elif getattr(run, "forced_grouping", None) is not None:   # the grouping of its stream
+            grouping, run.forced_grouping = run.forced_grouping, None
         else:
             grouping = self.group(feats, self.level_scores(run, models, level), widths, k, level)
             run.record(level, grouping.correspondence(widths))
@@ -347,6 +363,14 @@ class LinearFusion(LevelwiseFusion):
 
     def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
+        if run.blocks is None:
+            run.blocks = TransformerFit(self, run, models, fused) if TransformerFit.applies(fused) else False
+        if run.blocks:
+            if run.blocks.handles(level):     # a transformer level: stage by stage
+                run.blocks.fit_level(level, stream, k)
+                return
+            if run.blocks.starts_stream(level):
+                run.forced_grouping = run.blocks.stream_grouping(level, stream, k)
         if not self.one_pass(fused.levels[level]):
             fit_level_in_steps(self, run, level, models, fused, stream)
             return
@@ -354,6 +378,13 @@ class LinearFusion(LevelwiseFusion):
         self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:
             stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
+
+
+def _statistics_refusal(level: int) -> IncompatibleModelsError:
+    return IncompatibleModelsError(
+        f"level {level} belongs to a transformer: its closed form fits one sub-level after the other "
+        "from the fused model's values, which one round of level statistics does not carry; fuse "
+        "transformers where the fusion data is (kf-linear, also distributed) or with kf-gradient")
 
 
 @register_method("hf-linear")

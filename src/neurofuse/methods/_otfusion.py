@@ -29,14 +29,16 @@ from ..levels._layout import (
     Space,
     SpaceMaps,
     align_level,
-    capture,
+    capture_spaces,
     check_alignable,
     concat_maps,
     identity_ok,
     normalized,
     part_spans,
+    space_units,
     stream_members,
 )
+from ..levels._transformer import head_structured_plans
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, option
 
@@ -180,7 +182,7 @@ class OTFusion(FusionMethod):
         layouts, heads = check_alignable(nets, self.name)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
-        outs, params = self._align_all(run, nets, layouts, heads, widths, data)
+        outs, params, inner = self._align_all(run, nets, layouts, heads, widths, data)
         run.extras["transports"] = [
             [None if m is None else m.plan for m in outs[k]] for k in range(1, len(nets))]
         states = [anchor.state_dict()]
@@ -212,6 +214,11 @@ class OTFusion(FusionMethod):
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)
+        # the internal spaces' matchings (REPAIR inside transformer levels)
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_blocks([np.eye(ms[0].out.shape[0])] + [m.out.numpy() for m in ms])
+                  for name, ms in spaces.items() if ms and all(m is not None for m in ms)}
+            for lvl, spaces in enumerate(inner)}
         # matching matrices (for REPAIR): row j of Q_k averages model k's neurons matched to j
         for lvl in range(anchor.num_levels - 1):
             mats = [np.eye(widths[0][lvl])]
@@ -224,7 +231,8 @@ class OTFusion(FusionMethod):
     # -- alignment of every model to the anchor, level by level -----------------------------
     def _align_all(self, run: FusionRun, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
                    widths: List[List[int]], data: FusionSet
-                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]]]:
+                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]],
+                              List[Dict[str, List[NeuronMap]]]]:
         """Transport maps ``outs[k][lvl]`` and aligned parameters ``params[k][lvl]`` of every
         model ``k >= 1``.  A level stream carries the anchor's level inputs (stream 0) and those of
         every partially aligned model (stream ``k``: its levels below already aligned, so its
@@ -232,6 +240,7 @@ class OTFusion(FusionMethod):
         anchor, n_models, n_levels = nets[0], len(nets), nets[0].num_levels
         outs: List[List[Optional[NeuronMap]]] = [[None] * n_levels for _ in nets]
         params: List[List[Dict[str, Tensor]]] = [[] for _ in nets]
+        inner: List[Dict[str, List[NeuronMap]]] = []
         others = range(1, n_models)
         with self.stream(data, n_models) as stream:
             for lvl in tqdm(range(n_levels), desc="otfusion align", disable=not self.progress, leave=False):
@@ -248,10 +257,11 @@ class OTFusion(FusionMethod):
                     known = False
                 maps: List[SpaceMaps] = [{"in": outs[k][lvl - 1] if lvl > 0 else None, "out": outs[k][lvl]}
                                          for k in range(n_models)]
-                for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
+                for unit in space_units(layout.internal):  # inner layers (a residual block's, heads)
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    for k, m in self._transports(run, nets, stream, partial, lvl, [lvl], sp).items():
-                        maps[k][sp.name] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit).items():
+                        for sp, m in zip(unit, ms):
+                            maps[k][sp.name] = m
                 mapped_outputs = False
                 if not known:
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
@@ -261,12 +271,13 @@ class OTFusion(FusionMethod):
                         spans = [part_spans(net, lvl, layout) for net in nets]
                         parts = {k: [(p, sk, s0, maps[k]["in"]) for p, sk, s0 in zip(layout.parts, spans[k], spans[0])]
                                  for k in others}
-                    for k, m in self._transports(run, nets, stream, partial, lvl, members, None,
-                                                 keep=mapped_outputs, parts=parts).items():
-                        outs[k][lvl] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
+                                                  keep=mapped_outputs, parts=parts).items():
+                        outs[k][lvl] = ms[0]
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
+                inner.append({sp.name: [maps[k][sp.name] for k in others] for sp in layout.internal})
                 if lvl < n_levels - 1:
                     fns: Dict[int, Callable[[Tensor], Tensor]] = {0: anchor.levels[lvl]}
                     post: Dict[int, Callable[[Tensor], Tensor]] = {}
@@ -277,34 +288,35 @@ class OTFusion(FusionMethod):
                             # output written in the anchor's basis (no second evaluation)
                             post[k] = _map_outputs(outs[k][lvl], nets[k].axes[lvl])  # type: ignore[arg-type]
                     stream.advance(fns, transforms=post)
-        return outs, params
+        return outs, params, inner
 
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
-                    lvl: int, members: List[int], space: Optional[Space], keep: bool = False,
+                    lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
                     parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None
-                    ) -> Dict[int, NeuronMap]:
-        """Transport of level ``lvl``'s output (over its stream ``members``), or of its internal
-        ``space``, from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to the anchor,
-        from one pass over the fusion set.  With ``keep``, the level outputs are handed to the
-        stream as every model's next input (the anchor's as they are, the others' to be mapped).
-        ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the anchor's
-        neurons, the level input's map): each part is transported on its own (a part that is the
-        level input keeps its map) and the map is their block diagonal."""
+                    ) -> Dict[int, List[NeuronMap]]:
+        """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
+        or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
+        heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
+        the anchor, from one pass over the fusion set.  With ``keep``, the level outputs are handed
+        to the stream as every model's next input (the anchor's as they are, the others' to be
+        mapped).  ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the
+        anchor's neurons, the level input's map): each part is transported on its own (a part that
+        is the level input keeps its map) and the map is their block diagonal."""
         anchor = nets[0]
-        stats = {k: [CrossMoments() for _ in members] for k in partial}
-        if space is not None:
-            points = [dict(net.levels[lvl].named_modules())[space.point] for net in nets]
+        n_stats = len(members) if spaces is None else len(spaces)
+        stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
         with torch.no_grad():
             for b in stream:
                 runs = {0: lambda h=b.inputs[0]: anchor.levels[lvl](h)}
                 for k in partial:
                     runs[k] = (lambda h=b.inputs[k], k=k: functional_call(nets[k].levels[lvl], partial[k], (h,)))
-                if space is not None:
-                    z = {k: capture(points[k], call) for k, call in runs.items()}
+                if spaces is not None:
+                    z = {k: capture_spaces(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl])
+                         for k, call in runs.items()}
                     for k in partial:
-                        stats[k][0].update(flatten_neurons(z[k], nets[k].axes[lvl]),
-                                           flatten_neurons(z[0], anchor.axes[lvl]))
+                        for s, zk, za in zip(stats[k], z[k], z[0]):
+                            s.update(zk, za)
                     continue
                 chains: Dict[int, List[Tensor]] = {}
                 for k, call in runs.items():
@@ -318,23 +330,33 @@ class OTFusion(FusionMethod):
                 for k in partial:
                     for s, m, zk, za in zip(stats[k], members, chains[k], chains[0]):
                         s.update(flatten_neurons(zk, nets[k].axes[m]), flatten_neurons(za, anchor.axes[m]))
-        result = {}
+        result: Dict[int, List[NeuronMap]] = {}
         for k in partial:
-            cost = None
+            costs = []
             for s in stats[k]:
                 d = self.reduce(s).sq_dist().cpu().numpy()
-                d = d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d)
-                cost = d if cost is None else cost + d
-            assert cost is not None
-            if space is not None:  # importance is defined for level outputs only
+                costs.append(d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d))
+            if spaces is not None and spaces[0].heads:
+                # attention: heads matched as units, one within-head transport per space
+                def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+                    mu, nu = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
+                    plan = self._solve(mu, nu, c, lvl)
+                    return plan, float((plan * c).sum())
+
+                plans, _ = head_structured_plans(costs, spaces[0].heads, inner)
+                result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
+                continue
+            if spaces is not None:  # importance is defined for level outputs only
+                cost = costs[0]
                 mu = np.full(cost.shape[0], 1.0 / cost.shape[0])
                 nu = np.full(cost.shape[1], 1.0 / cost.shape[1])
             else:
+                cost = sum(costs)  # type: ignore[assignment]
                 mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
                 nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
             if parts is None:
                 plan = self._solve(mu, nu, cost, lvl)
-                result[k] = NeuronMap.from_plan(plan, nu)
+                result[k] = [NeuronMap.from_plan(plan, nu)]
             else:
                 blocks = []
                 for p, sk, s0, given in parts[k]:
@@ -343,10 +365,10 @@ class OTFusion(FusionMethod):
                     else:
                         nu_p = normalized(nu[s0])
                         blocks.append(NeuronMap.from_plan(self._solve(normalized(mu[sk]), nu_p, cost[sk, s0], lvl), nu_p))
-                result[k] = concat_maps(blocks)
-                plan = result[k].plan
+                result[k] = [concat_maps(blocks)]
+                plan = result[k][0].plan
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,
-                      f" ({space.name})" if space is not None else "", float((plan * cost).sum()))
+                      f" ({spaces[0].name})" if spaces is not None else "", float((plan * cost).sum()))
         return result
 
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:

@@ -52,7 +52,8 @@ class FusionResult:
         The fusion method's registered name.
     correspondences : tuple of Correspondence
         Per hidden level (every level but the output), which base neurons each fused neuron
-        stands for; empty for an output ensemble (nothing is fused) or models without levels.
+        stands for; empty for an output ensemble (nothing is fused) or models without levels; for
+        a multi-head model (:class:`~neurofuse.models.MultiHead`), of its shared levels only.
     report : tuple of dict
         One entry per fitted level: what the method measured there (e.g. the rank of the
         closed-form fit, the grouping error, a training history summary).
