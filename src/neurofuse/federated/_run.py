@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from .._validate import check_choice, check_int, check_seed
 from ..data import balanced_subset
 from ..errors import ConfigError, NeurofuseError
+from ..methods import get_method
 from ..models import make_model
 from ._client import make_client_app
 from ._data import ClientSetup, _dataset
@@ -235,6 +236,10 @@ def _preflight(cfg: FederatedConfig) -> None:
         model = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     twin = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     twin.load_state_dict(model.state_dict())
+    if cfg.no_server_data and get_method(cfg.method).supports_statistics:   # the level protocol's own check
+        from ._levels import check_statistics_fusion
+
+        check_statistics_fusion([model, twin], cfg.method, cfg.importance, cfg.options)
     fuse([model, twin], (ds.x_train[idx], ds.y_train[idx]), method=cfg.method,
          importance=cfg.importance, seed=cfg.seed, progress=False, **dict(cfg.options))
 
