@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
+from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
@@ -117,6 +118,8 @@ class LinearSolution:
     cross: Optional[Tensor] = field(repr=False)  # [d, M] X^T A (None: shared inputs, see solve)
     prior: Optional[Tensor] = field(repr=False)  # [d, M] or None
     apply: Callable[[Tensor, Optional[Tensor]], Tensor] = field(repr=False)
+    #: condition, penalty and degrees of freedom of the fit (``None``: exact, shared inputs)
+    diagnostics: Optional[FitDiagnostics] = None
 
     @property
     def weights(self) -> Tensor:
@@ -398,43 +401,71 @@ class LinearStats(AdditiveStats):
         full[idx] = v
         return w, full
 
-    def solve(self, rtol: float | None = None, ridge: float = 0.0,
+    def solve(self, rtol: float | None = None, ridge: "float | str" = 0.0,
               prior: Tensor | None = None) -> LinearSolution:
-        """Least-squares weights, image coordinates and residuals of every base neuron.
+        r"""Least-squares weights, image coordinates and residuals of every base neuron.
 
         Parameters
         ----------
         rtol : float, optional
             Singular values of :math:`X` below ``rtol`` times the largest are treated as zero, as
             in ``torch.linalg.pinv``; default :meth:`default_rtol`.
-        ridge : float
-            If > 0, Tikhonov regularisation instead of truncation.
+        ridge : float or "auto"
+            The penalty :math:`\lambda` of Tikhonov regularisation relative to
+            :math:`\overline{\mathrm{diag}}\,X^\top X` (the mean eigenvalue):
+            :math:`w_j = (X^\top X + \lambda I)^{-1} (X^\top a_j + \lambda p_j)`.  ``0`` is the
+            pseudo-inverse (truncated at ``rtol``); ``"auto"`` chooses :math:`\lambda` from
+            :data:`~neurofuse.approximation._ridge.PENALTY_GRID` (0 included) by generalised
+            cross-validation, one penalty for all the level's columns
+            (:mod:`neurofuse.approximation._ridge`).
         prior : Tensor, optional
-            ``[d, M]`` prior weights.  With truncation, the components of the solution in the null
-            space of :math:`X` (input directions the fusion set never excites) are taken from the
-            prior instead of being zero; the fitted values :math:`X w_j` do not change.  With a
-            ridge, the solution is shrunk towards the prior instead of towards zero.  Statistics
-            accumulated without :math:`X^\top A` (``LinearStats(cross=False)``, for a level whose
-            inputs the base models share) hold the exact solution :math:`w_j = p_j`: ``prior`` is
-            required and ``ridge`` must be 0 (:meth:`_solve_shared`).
+            ``[d, M]`` prior weights :math:`p_j`.  With truncation, the components of the
+            solution in the null space of :math:`X` (input directions the fusion set never
+            excites) are taken from the prior instead of being zero; the fitted values
+            :math:`X w_j` do not change.  With a ridge, the solution is shrunk towards the prior
+            instead of towards zero.  Statistics accumulated without :math:`X^\top A`
+            (``LinearStats(cross=False)``, for a level whose inputs the base models share) hold
+            the exact solution :math:`w_j = p_j`, whatever the ridge: ``prior`` is required
+            (:meth:`_solve_shared`).
         """
         if self.empty:
             raise ValueError("no statistics accumulated")
+        auto = isinstance(ridge, str)
+        if auto and ridge != "auto":
+            raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
         if not self.has_cross:
-            if ridge != 0:
-                raise ConfigError("statistics without X^T A (shared inputs) solve without a ridge")
             return self._solve_shared(prior)
         rtol = self.default_rtol() if rtol is None else rtol
-        if rtol <= 0 or ridge < 0:
-            raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")
+        if rtol <= 0 or (not auto and not ridge >= 0):
+            raise ConfigError(f"need rtol > 0 and ridge >= 0 or 'auto', got rtol={rtol}, ridge={ridge}")
         # eigenvalues of X^T X are squared singular values of X; below ~d * eps(float64) they are
         # rounding noise of the accumulated Gram matrix, whatever rtol asks for
         d = self.gram.shape[0]
         cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
-        if ridge == 0:
-            evals, evecs = self._eigh()
-            keep = evals > cut * evals.max().clamp_min(1e-300)
-            lam, u = evals[keep], evecs[:, keep]
+        evals, evecs = self._eigh()
+        keep = evals > cut * evals.max().clamp_min(1e-300)
+        scale = float(evals.clamp_min(0.0).sum()) / d                    # mean(diag X^T X)
+        kept = evals[keep]
+        condition = float(torch.sqrt(kept.max() / kept.min())) if kept.numel() else float("inf")
+        penalty = 0.0 if auto else float(ridge)
+        t = None
+        if auto or penalty > 0:
+            t = evecs.T @ self.cross                                     # [d', M] U^T X^T a_j
+            if prior is not None:
+                pu = evecs.T @ prior
+                t = t - evals[:, None] * pu                              # U^T X^T (a_j - X p_j)
+        if auto:
+            assert t is not None
+            r_sq = self.sq if prior is None else (
+                self.sq - 2.0 * (prior * self.cross).sum(0) + (evals[:, None] * pu * pu).sum(0))
+            rss0 = r_sq - (t[keep] ** 2 / kept[:, None]).sum(0)
+            grid = torch.tensor(PENALTY_GRID, dtype=evals.dtype, device=evals.device)
+            scores = gcv_curve(evals, keep, t, rss0, self.rows, grid * scale)
+            best = int(torch.argmin(scores))
+            # a flat criterion (the least-squares fit is fine) keeps the smallest penalty
+            penalty = float(grid[best]) if torch.isfinite(scores[best]) else float(grid[-1])
+        if penalty == 0:
+            lam, u = kept, evecs[:, keep]
             proj = u.T @ self.cross                       # [r, M]
             # U Λ^{-1/2} U^T C: coordinates of P a_j (an isometry of the image), written back in
             # the input basis so that they do not depend on the eigenvectors' signs or on the
@@ -443,6 +474,7 @@ class LinearStats(AdditiveStats):
             feats = u @ proj.div_(torch.sqrt(lam)[:, None])
             residual = self.sq - (feats * feats).sum(0)
             rank = int(keep.sum())
+            dof = float(rank)
 
             def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
                 w = u @ ((u.T @ c) / lam[:, None])            # (X^T X)^+ X^T A
@@ -450,18 +482,28 @@ class LinearStats(AdditiveStats):
                     w = w + p - u @ (u.T @ p)                 # null-space part from the prior
                 return w
         else:
-            eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
-            reg = self.gram + ridge * torch.diagonal(self.gram).mean() * eye
-            lam_bar = ridge * torch.diagonal(self.gram).mean()
+            assert t is not None
+            e = evals.clamp_min(0.0)
+            inv = 1.0 / (e + penalty * scale)                 # (E + lambda I)^-1
+            u = evecs
 
             def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
-                return torch.linalg.solve(reg, c if p is None else c + lam_bar * p)
+                # p + U (E + lambda)^-1 U^T X^T (a - X p): shrunk toward the prior (toward zero
+                # without one); inputs that are zero on every row keep the prior
+                uc = u.T @ c
+                if p is None:
+                    return u @ (uc * inv[:, None])
+                return p + u @ ((uc - e[:, None] * (u.T @ p)) * inv[:, None])
 
-            weights = apply(self.cross, prior)
-            # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
-            evals, evecs = self._eigh()
-            feats = evecs @ (torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights))
-            fitted = (weights * (self.gram @ weights)).sum(0)
-            residual = self.sq - 2.0 * (weights * self.cross).sum(0) + fitted
-            rank = int((evals > cut * evals.max().clamp_min(1e-300)).sum())
-        return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior, apply)
+            # X w_j is no longer an orthogonal projection: coordinates of the fitted values
+            # X w_j in an orthonormal basis of the image, E^{1/2} U^T w_j, written back in the
+            # input basis as in the pseudo-inverse path
+            y = t * inv[:, None] if prior is None else pu + t * inv[:, None]   # U^T w_j
+            cu = t if prior is None else t + e[:, None] * pu                  # U^T X^T a_j
+            feats = u @ (torch.sqrt(e)[:, None] * y)
+            residual = self.sq - 2.0 * (y * cu).sum(0) + (e[:, None] * y * y).sum(0)
+            rank = int(keep.sum())
+            dof = float((e / (e + penalty * scale)).sum())
+        diagnostics = FitDiagnostics(self.rows, int(evals.numel()), condition, penalty, dof)
+        return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior,
+                              apply, diagnostics)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from abc import abstractmethod
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
-from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
+from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix, fit_warning
 from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
 from ..levels._bn import fold_batchnorm, has_batchnorm
@@ -112,9 +113,14 @@ class LinearOptions:
     rtol : float, optional
         Singular values of the design matrix below ``rtol`` times the largest are treated as zero
         (pseudo-inverse).  Default: ``max(rows, d) * eps(float32)``, as ``torch.linalg.pinv``.
-    ridge : float
-        If > 0, solve :math:`(X^\\top X + \\text{ridge}\\cdot\\overline{\\mathrm{diag}}\\,I) w = X^\\top a`
-        instead of using the pseudo-inverse.
+    ridge : float or "auto"
+        Penalty :math:`\\lambda` of each level's fit, relative to
+        :math:`\\overline{\\mathrm{diag}}\\,X^\\top X`: solve
+        :math:`(X^\\top X + \\lambda\\,\\overline{\\mathrm{diag}}\\,I) w = X^\\top a + \\lambda\\,\\overline{\\mathrm{diag}}\\,p`
+        (shrunk toward the prior :math:`p`).  ``"auto"`` (default) chooses it per level by
+        generalised cross-validation (Golub, Heath & Wahba 1979) from the level's statistics,
+        0 included (:mod:`neurofuse.approximation._ridge`): no cliff where the fusion set has as
+        many samples as a level has inputs.  ``0`` is the pseudo-inverse (the paper's fit).
     normalize_importance : bool
         Scale each model's scores at a level to sum to one.
     prior : bool
@@ -135,7 +141,7 @@ class LinearOptions:
     """
 
     rtol: Optional[float] = None
-    ridge: float = 0.0
+    ridge: Union[float, str] = "auto"
     normalize_importance: bool = False
     prior: bool = True
     class_weights: Optional[Any] = None
@@ -145,8 +151,10 @@ class LinearOptions:
         check_output_weights(self.output_weights)
         if self.rtol is not None and not self.rtol > 0:
             raise ConfigError(f"rtol must be positive, got {self.rtol}")
-        if self.ridge < 0:
-            raise ConfigError(f"ridge must be non-negative, got {self.ridge}")
+        if isinstance(self.ridge, str) and self.ridge != "auto" or isinstance(self.ridge, bool) \
+                or not isinstance(self.ridge, (str, int, float)) \
+                or not isinstance(self.ridge, str) and not 0 <= self.ridge < math.inf:
+            raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +236,11 @@ class LinearFusion(LevelwiseFusion):
         """Whether the fused and every base model see the same design matrix at ``level`` (the
         first level, with the same input ops and layer geometry) and the options ask for the
         prior's least-squares solution, which is then the base weights themselves: no
-        :math:`X^\top A` and no eigendecomposition (:meth:`LinearStats._solve_shared`); with no
+        :math:`X^\top A` and no eigendecomposition (:meth:`LinearStats._solve_shared`), whatever
+        the ridge (shrinking toward the prior leaves it there); with no
         more samples than design columns the base outputs themselves are the grouping
         coordinates (``LinearStats(rows=True)``) and no Gram matrix is formed."""
-        if level != 0 or not self.options.prior or self.options.ridge != 0:
+        if level != 0 or not self.options.prior:
             return False
         pre, affine = split_affine(fused.levels[level])
 
@@ -303,9 +312,14 @@ class LinearFusion(LevelwiseFusion):
         g_err = float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum())
         r_err = float((gw * sol.residual.to(gw.device)).sum())
         self._k_prev = grouping.k
+        fit = sol.diagnostics
         self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
-                            "grouping_error": g_err, "unreachable_error": r_err})
+                            "grouping_error": g_err, "unreachable_error": r_err,
+                            **(dataclasses.asdict(fit) if fit is not None else {})})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
+        warning = fit_warning(fit, self.options.ridge) if fit is not None else None
+        if warning:
+            log.warning("level %d: %s", level, warning)
 
     def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
