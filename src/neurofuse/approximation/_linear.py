@@ -15,7 +15,9 @@ coordinates :math:`f_j = \Lambda^{-1/2} U^\top C_j` in an orthonormal basis of t
 :math:`\lVert P a_i - P a_j\rVert = \lVert f_i - f_j\rVert`; grouping runs on these :math:`f_j`.
 The weights of a fused neuron are the importance-weighted mean of its members' :math:`w_j`, which
 makes :math:`X w_c` the projection of the weighted cluster centre.  A ``ridge`` > 0 adds
-``ridge * mean(diag G)`` to the diagonal instead of truncating (Tikhonov regularisation).
+``ridge * mean(diag G)`` to the diagonal instead of truncating (Tikhonov regularisation, toward
+the prior), applied in the same eigenbasis; ``ridge="auto"`` chooses it by generalised
+cross-validation from these statistics alone (:mod:`neurofuse.approximation._ridge`).
 """
 
 from __future__ import annotations
@@ -448,25 +450,28 @@ class LinearStats(AdditiveStats):
         kept = evals[keep]
         condition = float(torch.sqrt(kept.max() / kept.min())) if kept.numel() else float("inf")
         penalty = 0.0 if auto else float(ridge)
-        t = None
+        u, e = evecs[:, keep], kept
         if auto or penalty > 0:
-            t = evecs.T @ self.cross                                     # [d', M] U^T X^T a_j
-            if prior is not None:
-                pu = evecs.T @ prior
-                t = t - evals[:, None] * pu                              # U^T X^T (a_j - X p_j)
+            # ridge regression of the residual targets a_j - X p_j (toward the prior), in the
+            # eigenbasis of the numerical rank (eigenvalues below the cut count as zero, as in
+            # the pseudo-inverse): t_j = U^T X^T (a_j - X p_j) = U^T c_j - E U^T p_j
+            if prior is None:
+                uc = t = u.T @ self.cross                                  # [r, M]
+            else:
+                uc, pu = (u.T @ torch.cat([self.cross, prior], 1)).split(self.cross.shape[1], 1)
+                t = uc - e[:, None] * pu
         if auto:
-            assert t is not None
             r_sq = self.sq if prior is None else (
-                self.sq - 2.0 * (prior * self.cross).sum(0) + (evals[:, None] * pu * pu).sum(0))
-            rss0 = r_sq - (t[keep] ** 2 / kept[:, None]).sum(0)
+                self.sq - 2.0 * (prior * self.cross).sum(0) + (e[:, None] * pu * pu).sum(0))
+            rss0 = r_sq - (t ** 2 / e[:, None]).sum(0)
             grid = torch.tensor(PENALTY_GRID, dtype=evals.dtype, device=evals.device)
-            scores = gcv_curve(evals, keep, t, rss0, self.rows, grid * scale)
+            scores = gcv_curve(e, t, rss0, self.rows, grid * scale)
             best = int(torch.argmin(scores))
             # a flat criterion (the least-squares fit is fine) keeps the smallest penalty
             penalty = float(grid[best]) if torch.isfinite(scores[best]) else float(grid[-1])
         if penalty == 0:
-            lam, u = kept, evecs[:, keep]
-            proj = u.T @ self.cross                       # [r, M]
+            lam = kept
+            proj = uc.clone() if auto else u.T @ self.cross   # [r, M]
             # U Λ^{-1/2} U^T C: coordinates of P a_j (an isometry of the image), written back in
             # the input basis so that they do not depend on the eigenvectors' signs or on the
             # basis LAPACK picks inside a (near-)degenerate eigenspace; the grouping then sees the
@@ -482,26 +487,22 @@ class LinearStats(AdditiveStats):
                     w = w + p - u @ (u.T @ p)                 # null-space part from the prior
                 return w
         else:
-            assert t is not None
-            e = evals.clamp_min(0.0)
             inv = 1.0 / (e + penalty * scale)                 # (E + lambda I)^-1
-            u = evecs
 
             def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
                 # p + U (E + lambda)^-1 U^T X^T (a - X p): shrunk toward the prior (toward zero
-                # without one); inputs that are zero on every row keep the prior
-                uc = u.T @ c
+                # without one); directions the fusion set does not excite keep the prior
                 if p is None:
-                    return u @ (uc * inv[:, None])
-                return p + u @ ((uc - e[:, None] * (u.T @ p)) * inv[:, None])
+                    return u @ ((u.T @ c) * inv[:, None])
+                uc_, up_ = (u.T @ torch.cat([c, p], 1)).split(c.shape[1], 1)
+                return p + u @ ((uc_ - e[:, None] * up_) * inv[:, None])
 
             # X w_j is no longer an orthogonal projection: coordinates of the fitted values
             # X w_j in an orthonormal basis of the image, E^{1/2} U^T w_j, written back in the
             # input basis as in the pseudo-inverse path
             y = t * inv[:, None] if prior is None else pu + t * inv[:, None]   # U^T w_j
-            cu = t if prior is None else t + e[:, None] * pu                  # U^T X^T a_j
             feats = u @ (torch.sqrt(e)[:, None] * y)
-            residual = self.sq - 2.0 * (y * cu).sum(0) + (e[:, None] * y * y).sum(0)
+            residual = self.sq - 2.0 * (y * uc).sum(0) + (e[:, None] * y * y).sum(0)
             rank = int(keep.sum())
             dof = float((e / (e + penalty * scale)).sum())
         diagnostics = FitDiagnostics(self.rows, int(evals.numel()), condition, penalty, dof)

@@ -50,18 +50,16 @@ __all__ = ["PENALTY_GRID", "FitDiagnostics", "fit_warning", "gcv_curve"]
 PENALTY_GRID: tuple = (0.0,) + tuple(float(10.0 ** (k / 4.0)) for k in range(-32, 9))
 
 
-def gcv_curve(evals: Tensor, keep: Tensor, t: Tensor, rss0: Tensor, rows: int,
-              penalties: Tensor) -> Tensor:
+def gcv_curve(evals: Tensor, t: Tensor, rss0: Tensor, rows: int, penalties: Tensor) -> Tensor:
     r"""``[G]`` GCV score of every penalty (pooled over the target columns), see the module.
 
     Parameters
     ----------
     evals : Tensor
-        ``[d']`` eigenvalues :math:`e_i` of :math:`X^\top X` (float64).
-    keep : Tensor
-        ``[d']`` bool, the eigenvalues above the numerical-rank cut; the others count as zero.
+        ``[r]`` the eigenvalues :math:`e_i` of :math:`X^\top X` above the numerical-rank cut
+        (float64); the others count as zero.
     t : Tensor
-        ``[d', M]`` :math:`U^\top X^\top r_j`.
+        ``[r, M]`` :math:`U^\top X^\top r_j` on their eigenvectors.
     rss0 : Tensor
         ``[M]`` least-squares residuals :math:`\mathrm{RSS}_j(0)`.
     rows : int
@@ -69,15 +67,14 @@ def gcv_curve(evals: Tensor, keep: Tensor, t: Tensor, rss0: Tensor, rows: int,
     penalties : Tensor
         ``[G]`` absolute penalties :math:`\lambda \ge 0`.
     """
-    e = evals[keep]
-    s = (t[keep] ** 2).sum(1) / e                                   # [r] sum_j t_ij^2 / e_i
+    s = (t ** 2).sum(1) / evals                                     # [r] sum_j t_ij^2 / e_i
     lam = penalties[:, None]
-    shrink = lam / (e[None, :] + lam)                               # [G, r] lambda / (e + lambda)
+    shrink = lam / (evals[None, :] + lam)                           # [G, r] lambda / (e + lambda)
     rss = float(rss0.clamp_min(0.0).sum()) + (shrink ** 2) @ s      # [G]
-    # n - df, written without cancellation: (n - r) + sum over kept of lambda / (e + lambda)
-    free = max(rows - int(keep.sum()), 0) + shrink.sum(1)
+    # n - df, written without cancellation: (n - r) + sum_i lambda / (e_i + lambda)
+    free = max(rows - int(evals.numel()), 0) + shrink.sum(1)
     score = rows * rss / free.clamp_min(1e-300) ** 2
-    return torch.where(free > 0.5 / max(rows, 1), score, torch.full_like(score, float("inf")))
+    return torch.where(free > 1e-9 * rows, score, torch.full_like(score, float("inf")))
 
 
 @dataclass(frozen=True)

@@ -114,13 +114,15 @@ class LinearOptions:
         Singular values of the design matrix below ``rtol`` times the largest are treated as zero
         (pseudo-inverse).  Default: ``max(rows, d) * eps(float32)``, as ``torch.linalg.pinv``.
     ridge : float or "auto"
-        Penalty :math:`\\lambda` of each level's fit, relative to
-        :math:`\\overline{\\mathrm{diag}}\\,X^\\top X`: solve
+        Penalty of each level's least-squares fit: ``"auto"`` (default) chooses it per level by
+        generalised cross-validation, ``0`` is the pseudo-inverse (the paper's fit), a number
+        fixes it (relative to the mean diagonal of :math:`X^\\top X`).  The fit solves
         :math:`(X^\\top X + \\lambda\\,\\overline{\\mathrm{diag}}\\,I) w = X^\\top a + \\lambda\\,\\overline{\\mathrm{diag}}\\,p`
-        (shrunk toward the prior :math:`p`).  ``"auto"`` (default) chooses it per level by
-        generalised cross-validation (Golub, Heath & Wahba 1979) from the level's statistics,
-        0 included (:mod:`neurofuse.approximation._ridge`): no cliff where the fusion set has as
-        many samples as a level has inputs.  ``0`` is the pseudo-inverse (the paper's fit).
+        (shrunk toward the prior :math:`p`); GCV (Golub, Heath & Wahba 1979) picks
+        :math:`\\lambda` from 0 and 41 values in :math:`[10^{-8}, 10^2]` using the level's
+        statistics alone (:mod:`neurofuse.approximation._ridge`).  Without it the fit
+        interpolates where the fusion set has about as many samples as the level has inputs, and
+        the fused model can lose tens of points there.
     normalize_importance : bool
         Scale each model's scores at a level to sum to one.
     prior : bool
