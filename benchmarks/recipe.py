@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> None:
                 shares = np.asarray(class_shares(y, parts, ds.num_classes))
                 log.info("%s: trained %d models in %.0f s", setting, n, time.perf_counter() - t0)
 
-                def record(row: str, draw: int, acc: float, seconds: float) -> None:
+                def record(row: str, draw: int, acc: float, seconds: float, **extra: Any) -> None:
                     results.append({"setting": setting, "draw": draw, "row": row, "val": acc,
-                                    "seconds": seconds})
+                                    "seconds": seconds, **extra})
                     path.write_text(json.dumps(results, indent=1))
                     log.info("%s draw %d %-24s val %.2f (%.1f s)", setting, draw, row, acc, seconds)
 
@@ -138,8 +138,10 @@ def run(args: argparse.Namespace) -> None:
                             continue
                         t = time.perf_counter()
                         fused = fn(base.models, fusion)
+                        hist = getattr(fused, "distill_history", None)
+                        extra = {"best_epoch": hist["best_epoch"]} if hist else {}
                         record(name, d, 100.0 * float(evaluate(fused, xv, yv)["accuracy"]),
-                               time.perf_counter() - t)
+                               time.perf_counter() - t, **extra)
     report(args)
 
 

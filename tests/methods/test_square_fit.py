@@ -58,3 +58,17 @@ def test_fusion_with_as_many_samples_as_inputs_is_as_good_as_with_twice_as_many(
     assert unregularised < reference - 5.0, (unregularised, reference)
     default = accuracy(neurofuse.fuse(models, square, method=method, progress=False))
     assert default > reference - 1.0, (default, reference)
+
+
+def test_the_ridge_option_is_auto_by_default_and_names_a_bad_value():
+    from neurofuse.errors import ConfigError
+    from neurofuse.methods import get_method
+
+    for name in ("kf-linear", "hf-linear"):
+        cls = get_method(name)
+        assert cls(progress=False).options.ridge == "auto"
+        for ok in ("auto", 0, 0.0, 1e-3):
+            assert cls(progress=False, ridge=ok).options.ridge == ok
+        for bad in ("gcv", -1.0, True, float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match="ridge"):
+                cls(progress=False, ridge=bad)

@@ -466,9 +466,8 @@ class LinearStats(AdditiveStats):
             rss0 = r_sq - (t ** 2 / e[:, None]).sum(0)
             grid = torch.tensor(PENALTY_GRID, dtype=evals.dtype, device=evals.device)
             scores = gcv_curve(e, t, rss0, self.rows, grid * scale)
-            best = int(torch.argmin(scores))
-            # a flat criterion (the least-squares fit is fine) keeps the smallest penalty
-            penalty = float(grid[best]) if torch.isfinite(scores[best]) else float(grid[-1])
+            # the first minimum: among equal scores (a flat criterion), the smallest penalty
+            penalty = float(grid[int(torch.argmin(scores))])
         if penalty == 0:
             lam = kept
             proj = uc.clone() if auto else u.T @ self.cross   # [r, M]

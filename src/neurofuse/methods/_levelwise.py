@@ -153,9 +153,8 @@ class LinearOptions:
         check_output_weights(self.output_weights)
         if self.rtol is not None and not self.rtol > 0:
             raise ConfigError(f"rtol must be positive, got {self.rtol}")
-        if isinstance(self.ridge, str) and self.ridge != "auto" or isinstance(self.ridge, bool) \
-                or not isinstance(self.ridge, (str, int, float)) \
-                or not isinstance(self.ridge, str) and not 0 <= self.ridge < math.inf:
+        r = self.ridge
+        if r != "auto" and (isinstance(r, (bool, str)) or not isinstance(r, (int, float)) or not 0 <= r < math.inf):
             raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
 
 
@@ -317,7 +316,10 @@ class LinearFusion(LevelwiseFusion):
         fit = sol.diagnostics
         self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
                             "grouping_error": g_err, "unreachable_error": r_err,
-                            **(dataclasses.asdict(fit) if fit is not None else {})})
+                            # condition number, effective degrees of freedom, penalty (None: the
+                            # first level's exact solution, which no penalty changes)
+                            **(dataclasses.asdict(fit) if fit is not None else
+                               {"columns": None, "condition": None, "penalty": 0.0, "dof": None})})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
         warning = fit_warning(fit, self.options.ridge) if fit is not None else None
         if warning:
