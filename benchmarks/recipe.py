@@ -20,9 +20,10 @@ fusion set is drawn from; the test set is never read):
 Rows (kf-linear, ``ridge="auto"``; ``+cs``: ``class_weights`` = the models' class shares; ``imp`` /
 ``mean``: ``output_weights``): ``default`` (uniform importance), ``+cs``, ``cond imp``, ``cond imp
 +cs`` (the README's recipe before issue 23), ``cond mean``, ``cond mean +cs``, ``+refine`` and
-``cond imp +cs +refine`` (K-means Hartigan refinement), ``cond imp +cs +distill`` (100 epochs on
-the fusion set alone, ``DistillConfig()``), and the references ``ensemble``, ``ensemble +cs``, the
-best and mean base model (each by validation accuracy).
+``cond imp +cs +refine`` (K-means Hartigan refinement), ``cond imp +cs +distill`` and ``+cs
++distill`` (100 epochs on the fusion set alone, ``DistillConfig()``; the kept epoch is recorded),
+and the references ``ensemble``, ``ensemble +cs``, the best and mean base model (each by
+validation accuracy).  ``--rows``, ``--sizes``, ``--datasets``, ``--splits`` run a part.
 
 About 35 minutes on one core of the 2-core development machine (``--threads 1``).  Results go to
 ``<out>/results.json`` (appended row by row; a rerun resumes) and ``<out>/report.md``: per setting
@@ -80,7 +81,13 @@ def rows(shares: np.ndarray) -> List[Tuple[str, Callable[[List[torch.nn.Module],
         add(f"cond {tag} +cs", method="kf-linear", importance="conductance", output_weights=out_w, **cs)
     add("cond imp +cs +refine", method="kf-linear", importance="conductance", refine=True, **cs)
     add("cond imp +cs +distill", method="kf-linear", importance="conductance", distill=DistillConfig(), **cs)
+    add("+cs +distill", method="kf-linear", distill=DistillConfig(), **cs)
     return out
+
+
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    """Whether ``--rows`` (exact names; default all) asks for the row ``name``."""
+    return not args.rows or name in args.rows
 
 
 def split(y: np.ndarray, n: int, conc: str, seed: int) -> List[np.ndarray]:
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
     results: List[Dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
     done = {(r["setting"], r["draw"], r["row"]) for r in results}
     for dataset, size, epochs, n_val in MODELS:
-        if args.datasets and dataset not in args.datasets:
+        if args.datasets and dataset not in args.datasets or args.sizes and size not in args.sizes:
             continue
         ds = load_dataset(dataset, args.data_dir)
         y = ds.y_train.numpy()
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
             for n in args.splits:
                 setting = f"{dataset}/{size}/{conc}/{n}-way"
                 todo = [(d, name) for d in range(args.draws) for name, _ in rows(np.ones((n, 10)))
-                        if (setting, d, name) not in done]
+                        if (setting, d, name) not in done and wanted(args, name)]
                 if not todo:
                     continue
                 t0 = time.perf_counter()
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
                     idx = balanced_subset(y, pool, args.fusion_samples, seed=d)
                     fusion = (ds.x_train[idx], ds.y_train[idx])
                     for name, fn in rows(shares):
-                        if (setting, d, name) in done:
+                        if (setting, d, name) in done or not wanted(args, name):
                             continue
                         t = time.perf_counter()
                         fused = fn(base.models, fusion)
@@ -190,6 +197,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     p.add_argument("--fusion-samples", type=int, default=400)
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows (exact names)")
+    p.add_argument("--sizes", nargs="+", default=None, help="only these zoo sizes (tiny, small, paper)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
