@@ -34,9 +34,10 @@ interpolates: :math:`n - \mathrm{df}(0) \to 0` and GCV is large, so a penalty wi
 :math:`n \gg d` the criterion is flat near zero and the smallest penalty wins.  :math:`\lambda = 0`
 (the pseudo-inverse, :math:`\mathrm{df} = r`) is one of the candidates, so a level that needs no
 penalty is fitted exactly as without one.  One penalty serves all the level's columns: chosen per
-column (each base neuron its own), it was no better (kf-linear 0.02, hf-linear 0.05 point lower
-on average over 24 MNIST fusions, docs/results.md) and it would break the linearity that lets a
-fused neuron's weights be one solve of its group's mean cross column.
+column (each base neuron its own), it was no better (kf-linear 0.04, hf-linear 0.07 point lower
+on average over 24 MNIST fusions each, ``benchmarks/gcv_columns.py``, docs/results.md) and it
+would break the linearity that lets a fused neuron's weights be one solve of its group's mean
+cross column.
 
 Rows are what GCV leaves out.  For a dense level a row is a sample.  For a conv level it is one
 output position of one sample (an unfolded patch), so the criterion treats positions as
