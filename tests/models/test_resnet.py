@@ -9,7 +9,7 @@ from torch import nn
 
 import neurofuse
 from neurofuse.data import partition
-from neurofuse.errors import ConfigError, IncompatibleModelsError
+from neurofuse.errors import ConfigError
 from neurofuse.models import ResNet, build_model, make_model
 from neurofuse.models.resnet import BasicBlock
 from neurofuse.training import TrainConfig, evaluate, train_model

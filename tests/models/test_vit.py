@@ -10,7 +10,7 @@ from torch import nn
 
 import neurofuse
 from neurofuse.data import partition
-from neurofuse.errors import ConfigError, IncompatibleModelsError
+from neurofuse.errors import ConfigError
 from neurofuse.levels import flatten_neurons
 from neurofuse.models import ViT, build_model, make_model
 from neurofuse.models.vit import ClassifierHead, EncoderBlock, PatchEmbedding, SelfAttention
