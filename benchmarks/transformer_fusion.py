@@ -166,7 +166,8 @@ def main() -> None:
     cols = a.methods or [m[0] for m in table]
     unknown = sorted(set(cols) - {m[0] for m in table})
     if unknown:
-        p.error(f"unknown method label(s) {unknown}; choose from {[m[0] for m in table]} (extra rows need --extra-rows)")
+        p.error(f"unknown method label(s) {unknown}; choose from {[m[0] for m in table]} "
+                "(extra rows need --extra-rows)")
     rows = []
     print("| family | N | seed | mean base | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|")
