@@ -16,7 +16,7 @@ and bias, the head's columns) follows one map.  Inside a block:
 A level's transformer structure is a :class:`TransformerSpec`: a sequence of *stages*
 (:class:`Embed`, :class:`Affix`, :class:`Attention`, :class:`MLP`, :class:`StreamNorm`,
 :class:`Head`) whose tensors are named by their state-dict keys relative to the level.  The spec
-gives the level's :class:`~neurofuse.levels._layout.LevelLayout` (:meth:`TransformerSpec.layout`:
+gives the level's :class:`~neurofuse.levels._spaces.LevelLayout` (:meth:`TransformerSpec.layout`:
 which tensor follows which space, along which axis) and recomputes the level from its parts
 (:meth:`TransformerSpec.forward`, :func:`attention_parts`, :func:`mlp_parts`), which the
 closed-form block fit reads sub-level by sub-level.
@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from ._spaces import LevelLayout, Space
 
 __all__ = [
     "MLP",
@@ -391,9 +393,8 @@ class TransformerSpec:
 
     # -- layout -------------------------------------------------------------------------------
     def layout(self):  # type: ignore[no-untyped-def]
-        """The :class:`~neurofuse.levels._layout.LevelLayout`: every tensor with the space of
+        """The :class:`~neurofuse.levels._spaces.LevelLayout`: every tensor with the space of
         its rows (axis 0; the last axis for ``"last"`` tensors) and of its columns."""
-        from ._layout import LevelLayout, Space
 
         s = self.stream_space
         tensors: List[Tuple[str, str, Optional[str], str]] = []
