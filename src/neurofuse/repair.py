@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._fusion_set import FusionSet, as_fusion_set
+from ._phases import phase
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
 from .stats import MomentStats
@@ -206,6 +207,7 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
             log.warning("repair: level %d's last layer has no bias; only its scale was repaired", level)
 
 
+@phase("repair")
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
            groups: Optional[Sequence[Any]] = None, batch_size: int = 256,
            memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:

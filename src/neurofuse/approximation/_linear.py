@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
 
+@phase("statistics")
 def design_matrix(affine: nn.Module, u: Tensor) -> Tensor:
     """Rows of inputs that ``affine`` (Linear or Conv2d) maps to its output rows, with a ones
     column appended when it has a bias.  Conv rows are ordered (sample, h, w), as
@@ -123,6 +125,7 @@ class LinearSolution:
         """``[d, M]`` least-squares weights :math:`w_j` of each base neuron (float64)."""
         return self.apply(self.cross, self.prior)
 
+    @phase("solve")
     def combine(self, weights: Tensor, labels: Tensor, k: int) -> Tensor:
         r"""``[d, k]`` weighted means :math:`\sum_{j \in c} s_j w_j / \sum_{j \in c} s_j` of
         the groups' least-squares weights (zeros for an empty group).
@@ -151,6 +154,7 @@ class LinearSolution:
                           None if self.prior is None else mean(self.prior))
 
 
+@phase("eigh")
 def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
     try:
         if g.device.type != "cpu":
@@ -221,6 +225,7 @@ class LinearStats(AdditiveStats):
         """Rows of the design matrix seen so far."""
         return 0 if self.count is None else int(self.count)
 
+    @phase("statistics")
     def update(self, x: Tensor, a: Tensor) -> None:
         if x.shape[0] != a.shape[0]:
             raise IncompatibleModelsError(
@@ -242,6 +247,7 @@ class LinearStats(AdditiveStats):
         if self.has_cross:
             self._add_product("cross", x.T, a)
 
+    @phase("statistics")
     def _flush(self) -> None:
         """Add the kept design rows not yet in ``gram`` to it."""
         if self._rows and self._in_gram < len(self._rows):
@@ -398,6 +404,7 @@ class LinearStats(AdditiveStats):
         full[idx] = v
         return w, full
 
+    @phase("solve")
     def solve(self, rtol: float | None = None, ridge: float = 0.0,
               prior: Tensor | None = None) -> LinearSolution:
         """Least-squares weights, image coordinates and residuals of every base neuron.

@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 
 ArrayLike = Union[np.ndarray, Tensor]
@@ -151,6 +152,7 @@ def output_weights(n_models: int, n_classes: int, class_weights: Optional[ArrayL
     return w / w.sum(0)
 
 
+@phase("grouping")
 def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence[int]) -> Grouping:
     r"""Optimal one-to-one matching of two equal-width models (Hungarian Fusion, appendix B.1).
 
@@ -692,6 +694,7 @@ def _exact_costs(space: _Space, labels: Tensor, k: int) -> Tensor:
     return torch.stack(out)
 
 
+@phase("grouping")
 def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Optional[ArrayLike] = None,
                     n_init: int = 10, max_iter: int = 300, tol: float = 0.0, seed: int = 0,
                     refine: bool = True) -> Tuple[ArrayLike, ArrayLike, float]:

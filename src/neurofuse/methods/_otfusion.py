@@ -18,6 +18,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .._fusion_set import FusionSet
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import CrossMoments
 from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine, unflatten_neurons
@@ -330,6 +331,7 @@ class OTFusion(FusionMethod):
     def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
         return self.importance_scores(net, data)[level].numpy()
 
+    @phase("grouping")
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:
         import ot
 

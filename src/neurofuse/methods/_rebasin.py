@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..importance import normalize_scores
 from ..stats import CrossMoments
@@ -288,6 +289,7 @@ class GitRebasin(FusionMethod):
             cost += d
         return cost
 
+    @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
                scores: List[List[np.ndarray]], space: Optional[Space]) -> np.ndarray:
         """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
