@@ -309,9 +309,12 @@ def _dist_rows(space: _Space, st: _State, rows: Tensor, out: Tensor) -> Tensor:
     r"""Squared distances :math:`\lVert x_j\rVert^2 - 2\langle x_j, S_c\rangle/W_c +
     \lVert S_c\rVert^2/W_c^2` of every point to the centres of the clusters ``rows``, written to
     the first rows of ``out`` (returned)."""
-    o = torch.index_select(st.inner, 0, rows, out=out[:rows.shape[0]])
+    n = rows.shape[0]
+    o = out[:n]
     wt = st.weight[rows].clamp_min(torch.finfo(o.dtype).tiny)
-    o.mul_((-2.0 / wt)[:, None]).add_(space.p2[None, :])
+    # three passes over the [n, M] block: p2 - 2 <x, S_c> / W_c (one addcmul), + |S_c|^2 / W_c^2, clamp
+    inner = st.inner if n == st.inner.shape[0] else torch.index_select(st.inner, 0, rows, out=o)
+    torch.addcmul(space.p2[None, :], inner, (-2.0 / wt)[:, None], out=o)
     return o.add_((st.sqnorm[rows] / (wt * wt))[:, None]).clamp_min_(0.0)
 
 
@@ -447,7 +450,8 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
     r, m = st.labels.shape
     dist = _dist_rows(space, st, torch.arange(r * k, device=st.labels.device), wk.mat)
     dv = dist.view(r, k, m)
-    bound = dv.amin(1)                                                    # [R, M]
+    # after every full recomputation the bound is the exact minimum and its place is known
+    bound, closest = dv.min(1)                                            # [R, M]
     active = torch.ones(r, dtype=torch.bool, device=bound.device)
     prev = _costs(space, st, k) if tol > 0 else None
     for _ in range(1, max_iter):
@@ -455,8 +459,11 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
         rr, jj = torch.nonzero((bound < own - space.res) & active[:, None], as_tuple=True)
         if rr.numel() == 0:
             break
-        best, new = _column_min(dv, rr, jj)
-        bound[rr, jj] = best
+        if closest is not None:
+            best, new = bound[rr, jj], closest[rr, jj]
+        else:
+            best, new = _column_min(dv, rr, jj)
+            bound[rr, jj] = best
         mv = best < own[rr, jj] - space.res
         rr, jj, new = rr[mv], jj[mv], new[mv]
         if rr.numel() == 0:
@@ -470,11 +477,11 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
         changed = _move(space, st, rr, jj, new, k, wk.tmp)
         if 2 * changed.shape[0] > r * k:   # most rows changed: recompute them all in place
             _dist_rows(space, st, torch.arange(r * k, device=changed.device), wk.mat)
-            bound = torch.minimum(bound, dv.amin(1))
+            bound, closest = dv.min(1)
         else:
             rows = _dist_rows(space, st, changed, wk.rows)
             dist.index_copy_(0, changed, rows)
-            bound = _lower(bound, rows, changed // k)
+            bound, closest = _lower(bound, rows, changed // k), None
         if prev is not None:
             cost = _costs(space, st, k)
             active &= ~(prev - cost <= tol * prev)
