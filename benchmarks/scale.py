@@ -26,9 +26,10 @@ What a child records
   (``statistics``, ``eigh``, ``solve``, ``grouping``, ``importance``, ``repair``, ``spill``, and
   ``forward``: every call of a level of any ``LeveledNet``, timed by forward hooks this script
   adds; ``other`` is the rest).  A tree without the timer reports no phases.
-* ``floor_s``: **the limit's forward part**, measured after the fusion in the same child: one
-  forward pass of every base model over the fusion set (``torch.no_grad``, the method's batch
-  size).  ``wall_s / floor_s`` says how far a method is from "one pass per model"; the phases say
+* ``floor_s`` / ``floor_cpu_s``: **the limit's forward part**, measured after the fusion in the
+  same child: one forward pass of every base model over the fusion set (``torch.no_grad``, batches
+  of 256), wall and CPU seconds.  ``cpu_s / floor_cpu_s`` says how far a method is from "one pass
+  per model"; the phases say
   where the rest goes (the per-level algebra: ``statistics + eigh + solve + grouping``).
 
 Models (``--train-steps``): the MLPs (the paper's 784-256-10, or deeper with ``depth``) are trained
@@ -319,7 +320,7 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     if result["status"] == "ok":
         del fused
         bs = 256
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for m in models:
                 m.to(spec["device"])
@@ -328,6 +329,7 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
         if spec["device"] != "cpu":
             torch.cuda.synchronize()
         result["floor_s"] = time.perf_counter() - t0
+        result["floor_cpu_s"] = time.process_time() - c0
     return result
 
 
@@ -449,8 +451,9 @@ def report(results: Dict[str, Any]) -> str:
              f"device: {results['device']}; {len(runs)} runs.\n",
              "Seconds are wall seconds of the `fuse` call (min over repeats), CPU its process CPU "
              "seconds; peak / Δ are the peak resident MiB during the call and the peak minus the "
-             "resident memory at the call; floor is one forward pass of every base model over the "
-             "fusion set (the limit's forward part).\n"]
+             "resident memory at the call; floor is the CPU seconds of one forward pass of every base "
+             "model over the fusion set (the limit's forward part). On a shared machine compare CPU "
+             "seconds: wall seconds include waiting for the cores.\n"]
     # one table per axis
     axes = [("models", "n", "models"), ("width", "width", "width"), ("samples", "samples", "samples"),
             ("depth", "depth", "depth"), ("gradient", "n", "kf-gradient"), ("big", "n", "big models"),
@@ -460,7 +463,7 @@ def report(results: Dict[str, Any]) -> str:
         if not sel:
             continue
         lines.append(f"\n## Axis: {title}\n")
-        lines.append("| cell | src | status | s | CPU s | peak MiB | Δ MiB | floor s | s / floor | phases (CPU s) |")
+        lines.append("| cell | src | status | s | CPU s | peak MiB | Δ MiB | floor CPU s | CPU / floor | phases (CPU s) |")
         lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         for c in sel:
             for s in srcs:
@@ -469,12 +472,12 @@ def report(results: Dict[str, Any]) -> str:
                     continue
                 ph = r.get("phases_cpu") or {}
                 phs = ", ".join(f"{k} {ph[k]:.2f}" for k in PHASES if ph.get(k, 0) >= 0.005)
-                ratio = (f"{r['wall_s'] / r['floor_s']:.1f}" if r.get("status") == "ok" and r.get("floor_s")
+                ratio = (f"{r['cpu_s'] / r['floor_cpu_s']:.1f}" if r.get("status") == "ok" and r.get("floor_cpu_s")
                          else "")
                 err = "" if r.get("status") == "ok" else " " + str(r.get("error", ""))[:90].replace("|", "/")
                 lines.append(f"| {c['id']} | {s} | {r.get('status')}{err} | {_fmt(r, 'wall_s')} | "
                              f"{_fmt(r, 'cpu_s')} | {_fmt(r, 'peak_mib', 0)} | {_fmt(r, 'delta_mib', 0)} | "
-                             f"{_fmt(r, 'floor_s')} | {ratio} | {phs} |")
+                             f"{_fmt(r, 'floor_cpu_s')} | {ratio} | {phs} |")
         # fitted exponents along the axis
         groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
         for c in sel:

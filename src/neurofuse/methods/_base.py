@@ -26,6 +26,7 @@ from ..errors import ConfigError, DataError, IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, output_weights
 from ..importance import importance_methods, importance_sums
 from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream
+from ._memory import check_budget, plan_memory
 from ..levels._core import check_weights
 from ..stats import AdditiveStats, ImportanceSums
 
@@ -125,10 +126,15 @@ class FusionMethod(ABC):
         Where the computation runs (``"cpu"``, ``"cuda"``).
     batch_size : int
         Rows per batch when streaming the fusion set.
-    memory_budget : int, optional
-        Bytes of level activations the level stream keeps in memory (all models together)
-        before it spills them to temporary files; ``None`` never spills.  Default
-        :data:`neurofuse.levels.DEFAULT_MEMORY_BUDGET`.
+    memory_budget : int, "auto" or None
+        Bytes the fusion's working set may take beyond the models and the fusion set (level
+        activations, per-batch temporaries, per-level algebra): the batch size is lowered and
+        level activations are spilled to temporary files until the estimate fits, and a fusion
+        that cannot fit is refused before any work on the fusion set, with the estimate
+        (:class:`~neurofuse.errors.MemoryBudgetError`; see :mod:`neurofuse.methods._memory`).
+        ``"auto"`` (default): :data:`neurofuse.levels.DEFAULT_MEMORY_BUDGET` of level
+        activations in memory, refused only beyond the machine's available memory; ``None``:
+        no bound and nothing spilled.
     distributed : bool
         Fuse with ``torch.distributed``: every process (rank) streams its own shard of the
         fusion set, the statistics of every level are summed over the ranks
@@ -158,7 +164,7 @@ class FusionMethod(ABC):
 
     def __init__(self, *, importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
                  progress: bool = True, device: str = "cpu", batch_size: int = 256,
-                 memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET, distributed: bool = False,
+                 memory_budget: Union[int, str, None] = "auto", distributed: bool = False,
                  **options: Any) -> None:
         if importance not in importance_methods():
             raise ConfigError(f"unknown importance {importance!r}; choose one of {importance_methods()}")
@@ -169,9 +175,7 @@ class FusionMethod(ABC):
                               "(use 'kf-linear' or 'kf-gradient' to choose fused widths)")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                          or memory_budget < 0):
-            raise ConfigError(f"memory_budget must be a number of bytes >= 0 or None, got {memory_budget!r}")
+        check_budget(memory_budget)
         if distributed and not self.supports_distributed:
             raise ConfigError(
                 f"method {self.name!r} cannot run distributed (it needs every fusion sample in one "
@@ -254,6 +258,11 @@ class FusionMethod(ABC):
                 from ..distributed import shard_fusion_set
 
                 fset = shard_fusion_set(fset)
+        plan = plan_memory(self, models, fset, self.memory_budget)   # refuses before any work
+        if fset is not None and plan.batch_size != fset.batch_size:
+            log.info("memory_budget: batches of %d samples (estimate %d bytes)", plan.batch_size, plan.estimate)
+            fset = dataclasses.replace(fset, batch_size=plan.batch_size)
+        self._stream_bytes = plan.stream_bytes
         # the caller's models are moved and put in eval mode only for the duration of the call
         state = [(m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in models]
         try:
@@ -278,7 +287,9 @@ class FusionMethod(ABC):
 
     def stream(self, data: FusionSet, n: int) -> LevelStream:
         """A :class:`~neurofuse.levels.LevelStream` of ``n`` networks over ``data``."""
-        return LevelStream(data, n, self.device, memory_budget=self.memory_budget)
+        budget = self.__dict__.get("_stream_bytes", DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto"
+                                   else self.memory_budget)
+        return LevelStream(data, n, self.device, memory_budget=budget)
 
     def importance_scores(self, net: nn.Module, data: FusionSet) -> List[Tensor]:
         """Importance scores of every level of ``net`` (float64, on the CPU), computed once per

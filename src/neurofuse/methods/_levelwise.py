@@ -26,6 +26,7 @@ from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
 from ..levels._bn import fold_batchnorm, has_batchnorm
 from ._base import FusionMethod, check_output_weights, register_method
+from ._memory import estimated_by, linear_working_set
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelwiseFusion", "LinearFusion"]
 
@@ -182,6 +183,7 @@ class KMeansOptions(LinearOptions):
             raise ConfigError(f"n_init and max_iter must be >= 1, got {self.n_init}, {self.max_iter}")
 
 
+@estimated_by(linear_working_set)
 class LinearFusion(LevelwiseFusion):
     """Closed-form (Linear) neuron interpolation; subclasses choose the grouping (:meth:`group`)."""
 

@@ -1,0 +1,293 @@
+r"""The memory of a fusion, known before it starts: an estimate, a budget, and a plan that fits it.
+
+:func:`plan_memory` estimates the **working set** of a fusion — the bytes it needs beyond the base
+models and the fusion set themselves — from the level shapes (one forward pass of a single zero
+sample per model, no fusion data) and the method's algebra, and fits it into ``memory_budget``:
+
+* level activations (every model's level outputs over the fusion set) are kept in memory up to
+  what the budget leaves and spilled to temporary files beyond it (:class:`~neurofuse.levels.LevelStream`);
+* the per-batch temporaries (design matrices, flattened outputs, float64 copies) shrink with the
+  batch size, which is lowered until they fit;
+* what cannot shrink — the per-level algebra (Gram matrix, eigendecomposition, cross statistics,
+  K-means' distance tables) and the copies of the models a method makes — is what the estimate
+  compares with the budget: a fusion that cannot fit is refused **before any forward pass over
+  the fusion set**, with the estimate and its largest parts in the message.
+
+The estimate is an upper bound by design (every term at its largest level, float64 where the
+engine uses it), within about 2x of the measured peak on the benchmark's models
+(``benchmarks/scale.py``).  Estimators are registered per method class
+(:func:`estimated_by`, a class decorator) and found along the class's MRO; methods without one get
+the generic estimate (model copies + level activations + per-level outer products).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+
+from torch import nn
+
+from ..errors import ConfigError, IncompatibleModelsError, MemoryBudgetError
+from ..grouping._core import _BATCH_BYTES, _CPU_BATCH, _GRAM_BYTES
+from ..levels import DEFAULT_MEMORY_BUDGET, LeveledNet, split_affine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._fusion_set import FusionSet
+    from ._base import FusionMethod
+
+__all__ = ["MemoryPlan", "available_memory", "check_budget", "estimate_memory", "estimated_by",
+           "linear_working_set", "plan_memory"]
+
+F32, F64 = 4, 8
+
+Budget = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class LevelShape:
+    """What the estimators need of one level: per-sample output size, rows per sample, the
+    neurons of every model, and the design columns of its affine layer (0: none)."""
+
+    size: int                 # elements of one sample's output
+    positions: int            # rows per sample (H*W for conv, T for tokens, 1 for dense)
+    widths: Tuple[int, ...]   # neurons of every model
+    design: int               # columns of the fused level's design matrix (0: not affine)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The working set of a fusion and how it is made to fit.
+
+    Attributes
+    ----------
+    estimate : int
+        Bytes of the working set at ``batch_size`` with ``stream_bytes`` of level activations in
+        memory (beyond the models and the fusion set).
+    parts : dict
+        The estimate's terms, in bytes (``algebra``, ``batch``, ``stream``, ``models``).
+    batch_size : int
+        Rows of the fusion set per batch.
+    stream_bytes : int or None
+        Level activations the level stream keeps in memory (``None``: all of them).
+    budget : int or None
+        The budget the plan fits (``None``: unbounded).
+    """
+
+    estimate: int
+    parts: Dict[str, int] = field(default_factory=dict)
+    batch_size: int = 256
+    stream_bytes: Optional[int] = DEFAULT_MEMORY_BUDGET
+    budget: Optional[int] = None
+
+
+Estimator = Callable[["FusionMethod", List[LevelShape], int, int, int], Dict[str, int]]
+_ESTIMATORS: Dict[type, Estimator] = {}
+C = TypeVar("C", bound=type)
+
+
+def estimated_by(fn: Estimator) -> Callable[[C], C]:
+    """Class decorator: ``fn(method, levels, n_samples, batch_size, model_bytes) -> {part: bytes}``
+    estimates the working set of the class and its subclasses (without a closer one of their
+    own).  ``levels`` are :class:`LevelShape`; the parts ``algebra``, ``batch``, ``models`` add
+    up, and ``stream_total`` is every model's largest level over the fusion set."""
+
+    def deco(cls: C) -> C:
+        _ESTIMATORS[cls] = fn
+        return cls
+
+    return deco
+
+
+def _estimator(method: "FusionMethod") -> Estimator:
+    for cls in type(method).__mro__:
+        if cls in _ESTIMATORS:
+            return _ESTIMATORS[cls]
+    return _generic
+
+
+def mib(n: float) -> str:
+    """``n`` bytes as MiB or GiB text."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory() -> Optional[int]:
+    """Bytes the machine can still give (``MemAvailable``; ``None`` where it is not known)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _design_columns(level: nn.Module) -> int:
+    try:
+        _, affine = split_affine(level)
+    except IncompatibleModelsError:
+        return 0
+    bias = int(getattr(affine, "bias", None) is not None)
+    if isinstance(affine, nn.Conv2d):
+        return affine.in_channels // affine.groups * math.prod(affine.kernel_size) + bias
+    if isinstance(affine, nn.Linear):
+        return affine.in_features + bias
+    return 0
+
+
+def level_shapes(models: Sequence[nn.Module]) -> List[LevelShape]:
+    """The :class:`LevelShape` of every level of ``models`` (one zero sample through each)."""
+    nets = [m for m in models if isinstance(m, LeveledNet)]
+    if len(nets) != len(models) or not nets:
+        return []
+    shapes = [m.level_shapes() for m in nets]
+    out = []
+    for lvl, (shape, axis) in enumerate(zip(shapes[0], nets[0].axes)):
+        size = math.prod(shape[1:])
+        if axis == "conv":
+            widths = tuple(s[lvl][1] for s in shapes)
+            positions = size // max(1, shape[1])
+        else:
+            widths = tuple(s[lvl][-1] for s in shapes)
+            positions = size // max(1, shape[-1])
+        out.append(LevelShape(size, positions, widths, _design_columns(nets[0].levels[lvl])))
+    return out
+
+
+def _model_bytes(models: Sequence[nn.Module]) -> int:
+    return max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in models), default=0)
+
+
+def _stream_total(levels: Sequence[LevelShape], n: int, streams: int) -> int:
+    """Bytes of one level's activations over the whole fusion set, all streams, at its largest."""
+    return max((lv.size * n * F32 * streams for lv in levels), default=0)
+
+
+def _batch_acts(levels: Sequence[LevelShape], b: int, streams: int) -> int:
+    """A batch's level input and output for every stream, at the largest level."""
+    return max((lv.size * b * F32 * streams for lv in levels), default=0) * 2
+
+
+def _generic(method: "FusionMethod", levels: List[LevelShape], n: int, b: int, model_bytes: int) -> Dict[str, int]:
+    """Model copies (the fused model and one aligned copy per base model), two batches of level
+    activations per model, and per-level ``[w_i, w_j]`` float64 statistics between every model
+    and one other (alignment methods, K-means on level outputs)."""
+    k = max((len(lv.widths) for lv in levels), default=1)
+    pairs = max((max(lv.widths) ** 2 * F64 * 2 * k for lv in levels), default=0)
+    rows = max((lv.positions * b * sum(lv.widths) * F64 * 2 for lv in levels), default=0)
+    return {"models": model_bytes * (k + 1), "algebra": pairs, "batch": _batch_acts(levels, b, k + 1) + rows,
+            "stream_total": _stream_total(levels, n, k + 1)}
+
+
+def _kmeans_bytes(m: int, dims: int, k: int) -> int:
+    """weighted_kmeans: the points and their weighted copy, the Gram and distance tables when they
+    fit ``_GRAM_BYTES``, one batch of restarts' scratch rows."""
+    gram = 2 * m * m * F32 if 2 * m * m * F32 <= _GRAM_BYTES else 0
+    per_run = (4 * F32 + 1) * k * m
+    runs = min(_CPU_BATCH, max(1, _BATCH_BYTES // per_run))
+    return 3 * m * dims * F32 + gram + runs * per_run + runs * k * dims * F32 * 2
+
+
+def linear_working_set(method: "FusionMethod", levels: List[LevelShape], n: int, b: int, model_bytes: int) -> Dict[str, int]:
+    """The closed form (:class:`~neurofuse.methods.LinearFusion`): per level the Gram matrix and
+    its eigendecomposition (``d x d`` float64: the matrix, a symmetrised copy, the eigenvectors and
+    LAPACK's workspace) or, with fewer rows than design columns, the rows themselves; the cross
+    statistics and the features (``d x M`` float64 and their float32 copy); K-means on ``M``
+    points; per batch the design matrix and the flattened outputs in float32 and float64."""
+    algebra = batch = 0
+    for lvl, lv in enumerate(levels):
+        d, m, rows = lv.design, sum(lv.widths), n * lv.positions
+        if d == 0:
+            continue
+        dual = rows < d
+        gram = rows * d * F64 if dual else d * d * F64
+        eig = (rows * rows * F64 * 4 + rows * d * F64) if dual else 4 * d * d * F64
+        r = min(rows, d)
+        cross = d * m * F64 * (1 if lvl else 0)
+        feats = (r * m + 2 * d * m) * F64 + d * m * F32
+        k = max(lv.widths)
+        algebra = max(algebra, gram + cross + max(eig, feats + _kmeans_bytes(m, min(r, d), k)))
+        br = b * lv.positions
+        batch = max(batch, br * d * (F32 * 2 + F64) + br * m * (F32 * 2 + F64 * 2))
+    streams = 1 + max((len(lv.widths) for lv in levels), default=1)
+    return {"models": model_bytes * 2, "algebra": algebra, "batch": batch + _batch_acts(levels, b, streams),
+            "stream_total": _stream_total(levels, n, streams)}
+
+
+def estimate_memory(method: "FusionMethod", models: Sequence[nn.Module], n_samples: int, batch_size: int,
+                    stream_bytes: Optional[int]) -> Tuple[int, Dict[str, int]]:
+    """``(bytes, parts)``: the working set of ``method`` fusing ``models`` on ``n_samples`` in
+    batches of ``batch_size`` with at most ``stream_bytes`` of level activations in memory."""
+    levels = level_shapes(models)
+    parts = _estimator(method)(method, levels, n_samples, batch_size, _model_bytes(models))
+    total_stream = parts.pop("stream_total", 0)
+    parts["stream"] = total_stream if stream_bytes is None else min(stream_bytes, total_stream)
+    return sum(parts.values()), parts
+
+
+def _describe(parts: Dict[str, int]) -> str:
+    return ", ".join(f"{k} {mib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+
+
+def plan_memory(method: "FusionMethod", models: Sequence[nn.Module], data: Optional["FusionSet"],
+                budget: Budget) -> MemoryPlan:
+    """Fit the fusion into ``budget`` or refuse it, before any work on the fusion set.
+
+    Parameters
+    ----------
+    method : FusionMethod
+        The method (its estimator, batch size and fused widths).
+    models : sequence of nn.Module
+        The base models.
+    data : FusionSet or None
+        The fusion set (``None`` for methods that need none).
+    budget : int, "auto" or None
+        Bytes the working set may take (the batch size is lowered and level activations are
+        spilled until it fits); ``"auto"``: keep :data:`~neurofuse.levels.DEFAULT_MEMORY_BUDGET`
+        of level activations in memory and refuse only a fusion that the machine's available
+        memory cannot hold; ``None``: no bound, nothing spilled, no check.
+
+    Raises
+    ------
+    MemoryBudgetError
+        If the estimate at batch size 1 with every activation spilled exceeds the budget.
+    """
+    n = 0 if data is None else len(data)
+    b = method.batch_size if data is None else data.batch_size
+    if budget is None:
+        est, parts = estimate_memory(method, models, n, b, None)
+        return MemoryPlan(est, parts, b, None, None)
+    if budget == "auto":
+        est, parts = estimate_memory(method, models, n, b, DEFAULT_MEMORY_BUDGET)
+        avail = available_memory()
+        if avail is not None and est > avail:
+            raise MemoryBudgetError(
+                f"fusing {len(models)} models with {method.name!r} needs an estimated {mib(est)} "
+                f"({_describe(parts)}) but the machine has {mib(avail)} available; fuse fewer or "
+                "smaller models, fewer fusion samples, or pass memory_budget=None to try anyway"
+            )
+        return MemoryPlan(est, parts, b, DEFAULT_MEMORY_BUDGET, None)
+    fixed, fixed_parts = estimate_memory(method, models, n, 1, 0)
+    if fixed > budget:
+        raise MemoryBudgetError(
+            f"fusing {len(models)} models with {method.name!r} needs at least an estimated "
+            f"{mib(fixed)} ({_describe(fixed_parts)}) even at batch size 1 with every level "
+            f"activation spilled to disk, more than memory_budget={budget} ({mib(budget)}); raise "
+            "memory_budget, fuse fewer or smaller models, or use a method with less per-level algebra"
+        )
+    while b > 1 and estimate_memory(method, models, n, b, 0)[0] > budget:
+        b = max(1, b // 2)
+    est, parts = estimate_memory(method, models, n, b, 0)
+    stream = max(0, budget - est)
+    est, parts = estimate_memory(method, models, n, b, stream)
+    return MemoryPlan(est, parts, b, stream, budget)
+
+
+def check_budget(value: object) -> None:
+    """Refuse a ``memory_budget`` that is not bytes >= 0, ``"auto"`` or ``None``."""
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"memory_budget must be a number of bytes >= 0, 'auto' or None, got {value!r}")
+
