@@ -153,13 +153,15 @@ def output_weights(n_models: int, n_classes: int, class_weights: Optional[ArrayL
 
 
 @phase("grouping")
-def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence[int]) -> Grouping:
+def hungarian_grouping(points: ArrayLike, weights: np.ndarray, widths: Sequence[int]) -> Grouping:
     r"""Optimal one-to-one matching of two equal-width models (Hungarian Fusion, appendix B.1).
 
     The cost of pairing neuron :math:`i` of model 0 with neuron :math:`j` of model 1 is their
     grouping error around the weighted centre,
     :math:`\frac{s_i s_j}{s_i + s_j}\lVert f_i - f_j\rVert^2`, and
-    ``scipy.optimize.linear_sum_assignment`` minimises its sum exactly (Kuhn 1955).
+    ``scipy.optimize.linear_sum_assignment`` minimises its sum exactly (Kuhn 1955).  ``points``
+    may be a Tensor: the distances are computed on its device (float64) and only the
+    ``[k, k]`` cost matrix goes to the host for the solver.
     """
     if len(widths) != 2:
         raise IncompatibleModelsError(
@@ -174,8 +176,11 @@ def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence
         )
     a, b = points[:n0], points[n0:]
     sa, sb = weights[:n0], weights[n0:]
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    sq = np.maximum(sq, 0.0)
+    if isinstance(points, Tensor):
+        a, b = a.double(), b.double()
+        sq = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min_(0.0).cpu().numpy()
+    else:
+        sq = np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
     cost = (sa[:, None] * sb[None, :]) / (sa[:, None] + sb[None, :]) * sq
     rows, cols = linear_sum_assignment(cost)
     labels = np.empty(n0 + n1, dtype=np.int64)

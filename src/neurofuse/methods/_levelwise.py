@@ -336,7 +336,7 @@ class HungarianLinearFusion(LinearFusion):
                 f"'hf-linear' matches neurons one to one, so the fused width must equal the models' "
                 f"width {widths[0]} at level {level}, got {k}; use 'kf-linear' to change widths"
             )
-        return hungarian_grouping(features.double().cpu().numpy(), scores, widths)  # scipy: numpy
+        return hungarian_grouping(features, scores, widths)  # only the [k, k] costs go to scipy
 
 
 @register_method("kf-linear")
