@@ -48,6 +48,8 @@ def _fuse(method, data, device, **kw):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", sorted(ALLOWED))
 def test_no_matrix_leaves_the_fusion_device_except_a_cpu_solvers_cost_matrix(method, device, digits_fusion):
+    if method == "otfusion":
+        pytest.importorskip("ot")
     x, y = digits_fusion
     fused, log = _fuse(method, (x[:200], y[:200]), device, **OPTIONS.get(method, {}))
     assert log.matrices(ALLOWED[method]) == []

@@ -45,8 +45,8 @@ def test_a_fusion_over_the_budget_is_refused_before_any_pass_over_the_fusion_set
 
 def test_auto_refuses_what_the_machine_cannot_hold_and_none_checks_nothing(digits_fusion, monkeypatch):
     models = _models("mlp")
-    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
-    with pytest.raises(MemoryBudgetError, match="machine has 0 MiB available.*memory_budget=None"):
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryBudgetError, match="cpu has 0 MiB available.*memory_budget=None"):
         neurofuse.fuse(models, digits_fusion, method="kf-linear", progress=False)
     neurofuse.fuse(models, digits_fusion, method="kf-linear", memory_budget=None, progress=False)
 

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, IncompatibleModelsError, MemoryBudgetError
@@ -111,8 +112,12 @@ def mib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def available_memory() -> Optional[int]:
-    """Bytes the machine can still give (``MemAvailable``; ``None`` where it is not known)."""
+def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
+    """Bytes the device can still give: a CUDA device's free memory, else the host's
+    ``MemAvailable`` (``None`` where it is not known)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -260,11 +265,11 @@ def plan_memory(method: "FusionMethod", models: Sequence[nn.Module], data: Optio
         return MemoryPlan(est, parts, b, None, None)
     if budget == "auto":
         est, parts = estimate_memory(method, models, n, b, DEFAULT_MEMORY_BUDGET)
-        avail = available_memory()
+        avail = available_memory(method.device)
         if avail is not None and est > avail:
             raise MemoryBudgetError(
                 f"fusing {len(models)} models with {method.name!r} needs an estimated {mib(est)} "
-                f"({_describe(parts)}) but the machine has {mib(avail)} available; fuse fewer or "
+                f"({_describe(parts)}) but {method.device} has {mib(avail)} available; fuse fewer or "
                 "smaller models, fewer fusion samples, or pass memory_budget=None to try anyway"
             )
         return MemoryPlan(est, parts, b, DEFAULT_MEMORY_BUDGET, None)
