@@ -156,23 +156,26 @@ class LinearSolution:
 
 @phase("eigh")
 def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
-    try:
-        if g.device.type != "cpu":
-            return torch.linalg.eigh(g)
-        # torch's multi-threaded CPU eigh slows down 10-20x as soon as another process competes
-        # for the cores (measured: d=2305 took 40 s on 2 threads, 2.3 s on 1); one thread is at
-        # worst ~2x slower on an idle machine.  See benchmarks/eigh_threads.py.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    if g.device.type != "cpu":
         try:
             return torch.linalg.eigh(g)
-        finally:
-            torch.set_num_threads(threads)
-    except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
-        import scipy.linalg
+        except RuntimeError:  # syevd did not converge: the robust driver below, on the host
+            pass
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
-        w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
-        return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
+    # On the CPU: scipy's LAPACK dsyevd on one BLAS thread.  One thread, because a multi-threaded
+    # eigh slows down 10-20x as soon as another process competes for the cores (d=2305: 40 s on
+    # 2 threads, 2.3 s on 1; at worst ~2x slower on an idle machine); scipy's, because on one
+    # thread it took 2.1 s against torch's 3.7 s at d = 2,305 and 19 s against 28 s at d = 4,609
+    # (benchmarks/eigh_threads.py --backends).
+    a = g.detach().cpu().numpy()
+    with threadpool_limits(limits=1, user_api="blas"):
+        try:
+            w, v = scipy.linalg.eigh(a, driver="evd", check_finite=False)
+        except (scipy.linalg.LinAlgError, ValueError):  # not converged: the slower, robust driver
+            w, v = scipy.linalg.eigh(a, driver="evr", check_finite=False)
+    return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
 
 
 class LinearStats(AdditiveStats):
