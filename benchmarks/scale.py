@@ -76,10 +76,10 @@ VGG_LAYOUT = {11: "vgg11", 13: "vgg13", 16: "vgg16"}
 # the plan
 # =============================================================================================
 def _cell(family: str, n: int, method: str, *, width: float = 1.0, samples: int = 400, depth: int = 0,
-          options: Optional[Dict[str, Any]] = None, axes: Sequence[str] = ()) -> Dict[str, Any]:
-    tag = {"mlp": f"mlp-d{depth or 1}", "vgg": f"vgg{depth or 11}-w{width:g}", "resnet": f"resnet{depth or 18}",
+          options: Optional[Dict[str, Any]] = None, tag: str = "short", axes: Sequence[str] = ()) -> Dict[str, Any]:
+    name = {"mlp": f"mlp-d{depth or 1}", "vgg": f"vgg{depth or 11}-w{width:g}", "resnet": f"resnet{depth or 18}",
            "vit": "vit-s", "bert": "bert-base"}[family]
-    cid = f"{tag}/n{n}/s{samples}/{method}" + ("/short" if options else "")
+    cid = f"{name}/n{n}/s{samples}/{method}" + (f"/{tag}" if options else "")
     return {"id": cid, "family": family, "n": n, "method": method, "width": width, "samples": samples,
             "depth": depth, "options": options or {}, "axes": list(axes)}
 
@@ -96,7 +96,7 @@ def plan(name: str) -> List[Dict[str, Any]]:
         add(_cell("vgg", 2, "otfusion", width=0.125, axes=["width"]))
         return cells
     # number of models: the paper's MLP, full-width VGG11 and ResNet-18 at 3x32x32, 400 samples
-    for n in (2, 4, 8, 16, 32, 64) if name == "core" else (32,):
+    for n in (2, 4, 8, 16, 32, 64) if name == "core" else (32, 64):
         for m in ("kf-linear", "otfusion") + (("vanilla",) if name == "core" else ()):
             add(_cell("mlp", n, m, axes=["models"]))
     for n in (2, 4, 8):
@@ -107,8 +107,10 @@ def plan(name: str) -> List[Dict[str, Any]]:
         add(_cell("mlp", 2, m, axes=["models"]))
         add(_cell("vgg", 2, m, axes=["models", "goal"]))
         add(_cell("resnet", 2, m, axes=["models", "goal"]))
+    # the K-means restarts: 3 instead of 10 (93.63 against 93.70 % on held-out data at 8 MLPs)
+    add(_cell("mlp", 32, "kf-linear", options={"n_init": 3}, tag="ninit3", axes=["models", "goal"]))
     if name == "goal":
-        return cells
+        return [c for c in cells if c["family"] != "resnet"]   # no closed form on ResNets yet
     add(_cell("resnet", 16, "otfusion", axes=["models", "memory"]))
     add(_cell("resnet", 16, "vanilla", axes=["models", "memory"]))
     add(_cell("mlp", 2, "kf-gradient", axes=["gradient"]))
