@@ -111,6 +111,9 @@ def plan(name: str) -> List[Dict[str, Any]]:
     add(_cell("mlp", 32, "kf-linear", options={"n_init": 3}, tag="ninit3", axes=["models", "goal"]))
     if name == "goal":
         return [c for c in cells if c["family"] != "resnet"]   # no closed form on ResNets yet
+    # memory_budget: the working set held to 1 GiB (2 VGG11s) and 3 GiB (8 VGG11s)
+    add(_cell("vgg", 2, "kf-linear", options={"memory_budget": 2**30}, tag="budget1g", axes=["memory"]))
+    add(_cell("vgg", 8, "kf-linear", options={"memory_budget": 3 * 2**30}, tag="budget3g", axes=["memory"]))
     add(_cell("resnet", 16, "otfusion", axes=["models", "memory"]))
     add(_cell("resnet", 16, "vanilla", axes=["models", "memory"]))
     add(_cell("mlp", 2, "kf-gradient", axes=["gradient"]))
