@@ -26,9 +26,9 @@ from ..errors import ConfigError, DataError, IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, output_weights
 from ..importance import importance_methods, importance_sums
 from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream
-from ._memory import check_budget, plan_memory
 from ..levels._core import check_weights
 from ..stats import AdditiveStats, ImportanceSums
+from ._memory import check_budget, plan_memory
 
 __all__ = ["MAX_SEED", "FusionMethod", "NoOptions", "WidthSpec", "check_output_weights", "get_method", "list_methods",
            "register_method"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,16 @@ from ..levels import DEFAULT_MEMORY_BUDGET, LeveledNet, split_affine
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._fusion_set import FusionSet
-    from ._base import FusionMethod
+
+
+class MethodLike(Protocol):
+    """What the estimators read of a method (:class:`~neurofuse.methods.FusionMethod`, which
+    imports this module)."""
+
+    name: str
+    needs_data: bool
+    batch_size: int
+    device: torch.device
 
 __all__ = ["MemoryPlan", "Sizes", "available_memory", "check_budget", "estimate_memory", "estimated_by",
            "linear_working_set", "plan_memory"]
@@ -97,7 +106,7 @@ class Sizes:
     tensor_bytes: int
 
 
-Estimator = Callable[["FusionMethod", Sizes], Dict[str, int]]
+Estimator = Callable[[MethodLike, Sizes], Dict[str, int]]
 #: the interpreter's and allocator's own growth during a fusion (measured: 3-40 MiB on small ones)
 RUNTIME = 32 * 2**20
 _ESTIMATORS: Dict[type, Estimator] = {}
@@ -117,7 +126,7 @@ def estimated_by(fn: Estimator) -> Callable[[C], C]:
     return deco
 
 
-def _estimator(method: "FusionMethod") -> Estimator:
+def _estimator(method: MethodLike) -> Estimator:
     for cls in type(method).__mro__:
         if cls in _ESTIMATORS:
             return _ESTIMATORS[cls]
@@ -193,7 +202,7 @@ def _batch_acts(levels: Sequence[LevelShape], b: int, streams: int) -> int:
     return max((lv.size * b * F32 * streams for lv in levels), default=0) * 2
 
 
-def _generic(method: "FusionMethod", z: Sizes) -> Dict[str, int]:
+def _generic(method: MethodLike, z: Sizes) -> Dict[str, int]:
     """Without fusion data (weight averaging): the fused copy, the averaged state, per tensor every
     model's float64 copy stacked, and a model's worth per base model that the allocator keeps
     from those copies.  With data: one copy per base model and the fused one, per level and model
@@ -218,7 +227,7 @@ def _kmeans_bytes(m: int, dims: int, k: int) -> int:
     return 3 * m * dims * F32 + gram + runs * per_run + runs * k * dims * F32 * 2
 
 
-def linear_working_set(method: "FusionMethod", z: Sizes) -> Dict[str, int]:
+def linear_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
     """The closed form (:class:`~neurofuse.methods.LinearFusion`): per level the Gram matrix and
     its eigendecomposition (``d x d`` float64: the matrix, a symmetrised copy, the eigenvectors and
     LAPACK's workspace) or, with fewer rows than design columns, the rows themselves; the cross
@@ -245,7 +254,7 @@ def linear_working_set(method: "FusionMethod", z: Sizes) -> Dict[str, int]:
             "stream_total": _stream_total(levels, n, streams)}
 
 
-def estimate_memory(method: "FusionMethod", models: Sequence[nn.Module], n_samples: int, batch_size: int,
+def estimate_memory(method: MethodLike, models: Sequence[nn.Module], n_samples: int, batch_size: int,
                     stream_bytes: Optional[int]) -> Tuple[int, Dict[str, int]]:
     """``(bytes, parts)``: the working set of ``method`` fusing ``models`` on ``n_samples`` in
     batches of ``batch_size`` with at most ``stream_bytes`` of level activations in memory."""
@@ -260,7 +269,7 @@ def _describe(parts: Dict[str, int]) -> str:
     return ", ".join(f"{k} {mib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
 
 
-def plan_memory(method: "FusionMethod", models: Sequence[nn.Module], data: Optional["FusionSet"],
+def plan_memory(method: MethodLike, models: Sequence[nn.Module], data: Optional["FusionSet"],
                 budget: Budget) -> MemoryPlan:
     """Fit the fusion into ``budget`` or refuse it, before any work on the fusion set.
 
