@@ -493,7 +493,7 @@ def report(results: Dict[str, Any]) -> str:
             if len({c[key] for c in cs}) < 3 or axis in ("gradient", "big", "memory"):
                 continue
             for s in srcs:
-                for metric in ("wall_s", "delta_mib"):
+                for metric in ("cpu_s", "delta_mib"):
                     pts = []
                     for c in cs:
                         r = _best(runs, c["id"], s)
