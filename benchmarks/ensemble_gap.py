@@ -4,6 +4,7 @@
     python benchmarks/ensemble_gap.py --out runs/gap --splits 2 --draws 1  # a quick look
     python benchmarks/ensemble_gap.py --out runs/gap --report-only         # table from results.json
     python benchmarks/ensemble_gap.py --out runs/pareto --pareto --splits 2 4   # width sweep + plot
+    python benchmarks/ensemble_gap.py --out runs/gap-baselines --baselines      # the field's baselines
 
 Protocol: MNIST (``--data-dir``, idx files), 784-256-10 MLPs (zoo ``mlp``/``paper``) trained
 ``--epochs`` (3) epochs each on a Dirichlet (ratio 0.2) split of the training images, minus a fixed
@@ -22,6 +23,10 @@ the fusion set's labels.  ``--only A B`` keeps the rows whose name contains A or
 
     python benchmarks/ensemble_gap.py --out runs/gap-20k --splits 8 4 2 --extra 20000 --extra-epochs 20 \
         --extra-lr 1e-3 --extra-mixup 0 --only ensemble+cs "kf-linear/cond out=imp+cs +distill +20000"
+With ``--baselines``: the field's baselines with their defaults (weight-matching, zipit,
+cca-merge, regmean, regmean-aligned, fisher, fisher-aligned; the alignment ones also with
+REPAIR) beside reference rows measured in the same run on the same base models (the ensembles,
+vanilla, kf-linear, otfusion, git-rebasin and hf-linear at 2-way).
 With ``--pareto``: kf-linear (conductance, output importance, class shares) at fused widths
 1, 1.25, 1.5, 2, ..., N times the base width, test accuracy vs parameter count, beside the ensemble
 and the best base model (``pareto.png``).
@@ -129,6 +134,8 @@ def run(args: argparse.Namespace) -> None:
                     record(f"base {i}", m, 0.0)
             if args.pareto:
                 rows = pareto_rows(n, shares)
+            elif args.baselines:
+                rows = baseline_rows(n, shares)
             else:
                 rest = np.setdiff1d(pool, idx)
                 pick = np.random.default_rng(1000 + d).choice(rest, args.extra, replace=False)
@@ -143,6 +150,34 @@ def run(args: argparse.Namespace) -> None:
                 fused = fn(models, fusion)
                 record(name, fused, time.perf_counter() - t)
     report(args)
+
+
+#: the field's baselines (issue 28), run with their defaults; the alignment ones also with REPAIR
+BASELINES = ["weight-matching", "zipit", "cca-merge", "regmean", "regmean-aligned", "fisher", "fisher-aligned"]
+REPAIRED = ["weight-matching", "zipit", "cca-merge", "regmean-aligned"]
+
+
+def baseline_rows(n: int, shares: np.ndarray) -> List[Tuple[str, Callable[..., torch.nn.Module]]]:
+    """The baselines and the reference rows they are compared with, on one split's models."""
+    rows: List[Tuple[str, Callable[..., torch.nn.Module]]] = []
+
+    def add(name: str, **kw: Any) -> None:
+        rows.append((name, lambda models, fusion, kw=kw: neurofuse.fuse(models, fusion, progress=False, **kw)))
+
+    add("ensemble", method="ensemble")
+    add("ensemble+cs", method="ensemble", class_weights=shares)
+    add("vanilla", method="vanilla")
+    add("kf-linear/uniform", method="kf-linear")
+    add("kf-linear/cond out=imp+cs", method="kf-linear", importance="conductance", class_weights=shares)
+    add("otfusion/uniform", method="otfusion")
+    if n == 2:
+        add("git-rebasin/uniform", method="git-rebasin")
+        add("hf-linear/uniform", method="hf-linear")
+    for m in BASELINES:
+        add(m, method=m)
+    for m in REPAIRED:
+        add(f"{m} +repair", method=m, repair=True)
+    return rows
 
 
 def pareto_rows(n: int, shares: np.ndarray) -> List[Tuple[str, Callable[..., torch.nn.Module]]]:
@@ -247,6 +282,9 @@ def main() -> None:
     p.add_argument("--extra-lr", type=float, default=1e-4, help="learning rate of the '+N unlabelled' rows")
     p.add_argument("--extra-mixup", type=float, default=0.5, help="mixup share of the '+N unlabelled' rows")
     p.add_argument("--pareto", action="store_true", help="kf-linear width sweep instead of the method rows")
+    p.add_argument("--baselines", action="store_true",
+                   help="the field's baselines (weight matching, ZipIt!, CCA Merge, RegMean, Fisher merging) "
+                        "beside reference rows, instead of the method rows")
     p.add_argument("--only", nargs="+", default=None, help="only rows whose name contains one of these")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")

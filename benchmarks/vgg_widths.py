@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/vgg_widths.py --out runs/vgg-widths --widths 0.125 0.25 0.5
     PYTHONPATH=src python benchmarks/vgg_widths.py --report runs/vgg-widths*/results.json
+    PYTHONPATH=src python benchmarks/vgg_widths.py --out runs/vgg-baselines --baselines --widths 0.125 1.0
 
 MNIST, a class-balanced subset of ``--train`` training images split Dirichlet (ratio 0.2) between
 2 VGG11s (zoo ``VGG``, BatchNorm, ``width_multiplier``) trained ``--epochs`` epochs; 400-image
@@ -11,11 +12,16 @@ class-balanced fusion set; test accuracy on the 10,000 test images.  For every w
   every level must give the model back (largest logit difference on the fusion set);
 * otfusion, git-rebasin (post- and pre-activation matching) and kf-linear, uniform importance,
   class shares at the output, each with and without REPAIR; the base models and the ensemble.
+
+With ``--baselines``: instead, the field's baselines with their defaults (weight-matching, zipit,
+cca-merge, regmean, regmean-aligned, fisher, fisher-aligned), each with and without REPAIR, beside
+otfusion +REPAIR and kf-linear (class shares) re-measured on the same base models.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -27,6 +33,7 @@ from torch import nn
 
 import neurofuse
 from neurofuse.data import balanced_subset, class_shares, load_dataset, partition
+from neurofuse.methods import get_method
 from neurofuse.models import VGG
 from neurofuse.training import TrainConfig, evaluate, predict_logits, train_model
 
@@ -62,11 +69,20 @@ COLUMNS = ["ensemble+cs", "otfusion", "otfusion +REPAIR", "git-rebasin", "git-re
            "vanilla +REPAIR"]
 
 
+#: the field's baselines (issue 28) of ``--baselines``, each also with REPAIR
+BASELINES = ["weight-matching", "zipit", "cca-merge", "regmean", "regmean-aligned", "fisher", "fisher-aligned"]
+BASELINE_COLUMNS = ["ensemble+cs", "otfusion +REPAIR", "kf-linear"] + [
+    name for m in BASELINES for name in (m, m + " +REPAIR")]
+
+
 def report(paths: list) -> str:
-    """A markdown table of the mean over the runs (``results.json`` files, one per seed) per width."""
+    """A markdown table of the mean over the runs (``results.json`` files, one per seed) per width
+    (the ``--baselines`` columns when the runs have them)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     widths = sorted({w for r in runs for w in r}, key=float)
-    head = ["width", "seeds", "best base"] + COLUMNS
+    first = next(iter(runs[0].values()))
+    columns = BASELINE_COLUMNS if BASELINES[0] in first else COLUMNS
+    head = ["width", "seeds", "best base"] + columns
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in widths:
         cells = [r[w] for r in runs if w in r]
@@ -74,7 +90,7 @@ def report(paths: list) -> str:
         best = np.mean([max(c["base"]) for c in cells])
         frac = {0.125: "1/8", 0.25: "1/4", 0.5: "1/2", 1.0: "1"}.get(float(w), w)
         lines.append("| " + " | ".join([frac, str(len(cells)), f"{best:.1f}"]
-                                      + [f"{mean(k):.1f}" for k in COLUMNS]) + " |")
+                                      + [f"{mean(k):.1f}" for k in columns]) + " |")
     return "\n".join(lines)
 
 
@@ -88,6 +104,8 @@ def main() -> None:
     p.add_argument("--train", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="split, fusion set and initialisation")
+    p.add_argument("--baselines", action="store_true",
+                   help="the field's baselines (with and without REPAIR) beside otfusion and kf-linear")
     args = p.parse_args()
     if args.report:
         print(report(args.report))
@@ -121,7 +139,7 @@ def main() -> None:
         acc = lambda m: 100 * evaluate(m, ds.x_test, ds.y_test)["accuracy"]  # noqa: E731
         r["base"] = [acc(m) for m in models]
         r["ensemble+cs"] = acc(neurofuse.fuse(models, None, method="ensemble", class_weights=shares))
-        for method in ("otfusion", "git-rebasin"):
+        for method in ("otfusion", "git-rebasin") if not args.baselines else ():
             twin = permuted_copy(models[0], seed=3)
             f = neurofuse.fuse([models[0], twin], fusion, method=method, progress=False)
             r[f"permuted copy {method}: max logit diff"] = float(
@@ -129,15 +147,21 @@ def main() -> None:
         variants = [("otfusion", {}), ("git-rebasin", {"activations": "post"}),
                     ("git-rebasin", {"activations": "pre"}), ("kf-linear", {"n_init": 3}),
                     ("vanilla", {})]
-        for method, kw in variants:
-            for repair in (False, True):
+        repairs = [(False, True)] * len(variants)
+        if args.baselines:
+            variants = [("otfusion", {}), ("kf-linear", {"n_init": 3})] + [(m, {}) for m in BASELINES]
+            repairs = [(True,), (False,)] + [(False, True)] * len(BASELINES)
+        for (method, kw), modes in zip(variants, repairs):
+            for repair in modes:
                 name = method + ("/pre" if kw.get("activations") == "pre" else "") + (" +REPAIR" if repair else "")
                 opts = dict(kw)
-                if method != "vanilla":
+                if "class_weights" in {f.name for f in dataclasses.fields(get_method(method).Options)}:
                     opts["class_weights"] = shares
                 try:
+                    t = time.perf_counter()
                     f = neurofuse.fuse(models, fusion, method=method, progress=False, repair=repair, **opts)
                     r[name] = acc(f)
+                    r[name + " seconds"] = time.perf_counter() - t
                 except neurofuse.errors.NeurofuseError as exc:
                     r[name] = str(exc)
                 log.info("width %g %s: %s", w, name, r[name])

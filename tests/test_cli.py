@@ -115,9 +115,16 @@ def test_models_of_different_depth_are_refused_by_fuse(tmp_path, capsys):
     _assert_one_line_error(code, err, "levels")
 
 
-def test_methods_lists_the_registry(capsys):
+def test_methods_lists_the_registry_in_aligned_columns(capsys):
+    from neurofuse.methods import get_method, list_methods
+
     code, out, _ = _run(capsys, "methods")
     assert code == 0 and "kf-linear" in out and "hf-linear" in out and "vanilla" in out
+    lines = [line for line in out.splitlines() if line.split(" ", 1)[0] in list_methods()]
+    assert len(lines) == len(list_methods())
+    # the summaries start in one column, after the longest name
+    starts = {line.index(get_method(line.split(" ", 1)[0]).summary) for line in lines}
+    assert starts == {max(len(n) for n in list_methods()) + 1}
 
 
 def test_fuse_with_repair_and_finetune_then_finetune_command(trained, tmp_path, capsys):
@@ -190,7 +197,7 @@ def test_bad_arguments_are_one_line_errors(argv, pattern, capsys, tmp_path, monk
 
 def test_option_values_of_the_wrong_type_are_refused(trained, tmp_path, capsys):
     ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
-    for opt, pattern in (("n_init=abc", "must be int"), ("n_init", "KEY=VALUE")):
+    for opt, pattern in (("n_init=abc", "must be an integer >= 1, got 'abc'"), ("n_init", "KEY=VALUE")):
         code, _, err = _run(capsys, "fuse", *ckpts, "--option", opt, "--out", str(tmp_path / "u.safetensors"))
         _assert_one_line_error(code, err, pattern)
 

@@ -85,6 +85,27 @@ def test_fuse_model_factory_writes_a_state_dict_of_the_users_model(factory, caps
     assert code == 2 and "exists" in err                   # never overwritten without --force
 
 
+def test_eval_and_finetune_read_what_fuse_model_factory_writes(factory, capsys):
+    """The fused state dict names its factory: eval and finetune read it given the same
+    --model-factory, and say which one to pass without it (no code is imported from a file)."""
+    d, spec, paths = factory
+    fused = d / "fused-read.safetensors"
+    assert _run(capsys, "fuse", "--model-factory", spec, *paths, "--out", str(fused), "--dataset", "digits",
+                "--method", "kf-linear", "--no-progress", "--fusion-samples", "200")[0] == 0
+    code, text, err = _run(capsys, "eval", str(fused), "--model-factory", spec)
+    assert code == 0, err
+    assert "digits test set" in text   # the dataset comes from the fused file's metadata
+    code, _, err = _run(capsys, "eval", str(fused))
+    assert code == 2 and f"pass --model-factory {spec}" in err and "Traceback" not in err
+    tuned = d / "tuned.safetensors"
+    code, text, err = _run(capsys, "finetune", str(fused), "--model-factory", spec, "--out", str(tuned),
+                           "--epochs", "1", "--no-progress")
+    assert code == 0, err
+    assert "test accuracy" in text
+    code, text, err = _run(capsys, "eval", str(tuned), "--model-factory", spec)
+    assert code == 0, err
+
+
 def test_levels_prints_levels_widths_and_methods(factory, capsys):
     _, spec, _ = factory
     code, text, err = _run(capsys, "levels", spec, "--input-shape", "1,8,8")
@@ -92,7 +113,7 @@ def test_levels_prints_levels_widths_and_methods(factory, capsys):
     assert "3 levels (found with torch.fx)" in text
     assert re.search(r"0\s+chain\s+conv\s+8\s+conv1 -> bn1", text)
     assert re.search(r"2\s+chain\s+dense\s+10\s+.*fc", text)
-    assert "fused by: hf-linear, kf-linear, otfusion, git-rebasin, kf-gradient" in text
+    assert "fused by: otfusion, git-rebasin, hf-linear, kf-linear, kf-gradient" in text
 
 
 def test_factory_errors_are_one_line(factory, capsys, tmp_path):

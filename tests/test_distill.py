@@ -58,11 +58,13 @@ def test_teacher_is_the_class_weighted_ensemble(pair, digits_fusion):
 
 def test_needs_no_labels_and_runs_after_any_method(pair, digits_fusion):
     x = digits_fusion[0]
-    out = neurofuse.fuse(pair, x, method="kf-linear", n_init=1, progress=False, distill=FAST)
-    assert "val_kl" in out.distill_history
+    out = neurofuse.fuse(pair, x, method="kf-linear", n_init=1, progress=False, distill=FAST,
+                         return_result=True)
+    assert "val_kl" in out.step("distill").info["history"]
     extra = x[:50] + 0.01
-    out = neurofuse.fuse(pair, x, method="otfusion", progress=False, distill=FAST, distill_data=extra)
-    assert out.distill_history["best_epoch"] >= 0
+    out = neurofuse.fuse(pair, x, method="otfusion", progress=False, distill=FAST, distill_data=extra,
+                         return_result=True)
+    assert out.step("distill").info["history"]["best_epoch"] >= 0
 
 
 def test_augmentation_keeps_shapes_and_is_off_when_disabled():

@@ -92,3 +92,26 @@ def test_methods_that_need_all_samples_refuse_distributed(dirichlet_mlps, digits
     with pytest.raises(ConfigError, match="cannot run distributed.*kf-linear"):
         neurofuse.fuse(dirichlet_mlps[0][:2], digits_fusion, method="kf-gradient", progress=False,
                        distributed=True)
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "otfusion"])
+def test_two_gloo_ranks_fuse_transformers_like_one_process(method, tmp_path):
+    """Every statistic of the transformer closed form (stream Gram matrix, least squares, the
+    per-neuron LayerNorm and position fits) and of the head-structured alignment is summed over
+    the ranks, so 2 ranks give the one-process fused ViT."""
+    from neurofuse.models import make_model
+
+    torch.manual_seed(0)
+    models = [make_model("vit", "tiny", (1, 8, 8), 10).eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+    ref = neurofuse.fuse(models, (x, y), method=method, progress=False, batch_size=64)
+    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, method, "uniform", str(tmp_path)),
+             nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    with torch.no_grad():
+        want = ref(x)
+        for st in states:
+            got = models[0].clone()
+            got.load_state_dict(st)
+            assert float((got(x) - want).abs().max()) < 1e-5

@@ -129,13 +129,15 @@ def test_refuses_ensembles_and_bad_data(models, train_part):
 
 def test_api_finetunes_after_fusion(models, train_part, digits):
     x, y = train_part
-    fused = neurofuse.fuse(models, (x[:100], y[:100]), method="otfusion", finetune=2,
-                           finetune_data=(x, y), progress=False)
-    hist = fused.finetune_history
+    result = neurofuse.fuse(models, (x[:100], y[:100]), method="otfusion", finetune=2,
+                            finetune_data=(x, y), progress=False, return_result=True)
+    hist = result.step("finetune").info["history"]
     assert len(hist["train_loss"]) == 2
     assert len(hist["train_indices"]) + len(hist["val_indices"]) == len(x)  # finetune_data, not the fusion set
     cfg = FinetuneConfig(epochs=1, seed=5)
-    fused2 = neurofuse.fuse(models, (x, y), method="otfusion", finetune=cfg, progress=False)
-    assert len(fused2.finetune_history["val_accuracy"]) == 2
+    result2 = neurofuse.fuse(models, (x, y), method="otfusion", finetune=cfg, progress=False,
+                             return_result=True)
+    assert len(result2.step("finetune").info["history"]["val_accuracy"]) == 2
+    assert [s.name for s in result2.steps] == ["finetune"]
     with pytest.raises(DataError):
         neurofuse.fuse(models, x, method="otfusion", finetune=1, progress=False)  # no labels

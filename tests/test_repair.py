@@ -10,7 +10,7 @@ from torch import nn
 import neurofuse
 from neurofuse.data import balanced_subset
 from neurofuse.errors import ConfigError, IncompatibleModelsError
-from neurofuse.grouping import Grouping
+from neurofuse.grouping import Correspondence
 from neurofuse.levels import LeveledNet, flatten_neurons
 from neurofuse.methods import GitRebasin
 from neurofuse.models import MLP
@@ -88,24 +88,26 @@ def test_without_the_grouping_the_permuted_copy_is_misread(models, fs):
     assert _diff(repair(fused, [m, twin], fs), m, fs[0]) > 0.01
 
 
-def test_grouping_formats_agree(models, fs):
+def test_hard_and_dense_correspondences_repair_alike(models, fs):
     m = models[0]
     twin, _ = permuted(m, 4)
-    method = GitRebasin(progress=False)
-    fused = method.fuse([m, twin], fs)
-    mats = method.groupings
-    labels = [np.concatenate([np.arange(g[0].shape[0]), g[1].argmax(0)]) for g in mats]
-    groupings = [Grouping(lab, g[0].shape[0], np.ones(len(lab))) for lab, g in zip(labels, mats)]
-    joint = [np.concatenate(g, axis=1) for g in mats]
-    outs = [predict_logits(repair(fused, [m, twin], fs, groups=g), fs[0])
-            for g in (mats, labels, groupings, joint)]
+    result = GitRebasin(progress=False).run([m, twin], fs)
+    hard = list(result.correspondences)
+    assert all(c.is_hard for c in hard)
+    dense = [Correspondence.from_matrix(c.matrix(), c.widths) for c in hard]
+    blocks = [Correspondence.from_blocks([c.block(0), c.block(1)]) for c in hard]
+    outs = [predict_logits(repair(result.model, [m, twin], fs, correspondences=g), fs[0])
+            for g in (hard, dense, blocks)]
     for o in outs[1:]:
         assert torch.allclose(o, outs[0], atol=1e-5)
     assert float((outs[0] - predict_logits(m, fs[0])).abs().max()) < TOL
-    with pytest.raises(ConfigError):
-        repair(fused, [m, twin], fs, groups=mats[:1])
-    with pytest.raises(ConfigError):
-        repair(fused, [m, twin], fs, groups=[np.zeros(5, dtype=int), None])
+    with pytest.raises(ConfigError, match="must list"):
+        repair(result.model, [m, twin], fs, correspondences=hard[:1])
+    with pytest.raises(ConfigError, match="not a neurofuse.grouping.Correspondence"):
+        repair(result.model, [m, twin], fs, correspondences=[np.zeros(5, dtype=int), None])
+    wrong = Correspondence.same_index([3, 3], 3)
+    with pytest.raises(ConfigError, match="base widths"):
+        repair(result.model, [m, twin], fs, correspondences=[wrong, hard[1]])
 
 
 # -- what repair does --------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from . import models  # noqa: F401  (registers the zoo)
 from ._fusion_set import FusionSet
 from . import methods  # noqa: F811  (a package that is also callable: neurofuse.methods())
 from .api import fuse
+from .grouping import Correspondence
+from .methods import FusionResult
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -24,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Correspondence",
     "DataError",
+    "FusionResult",
     "FusionSet",
     "IncompatibleModelsError",
     "LeveledNet",

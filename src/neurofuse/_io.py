@@ -14,24 +14,46 @@ a crash or power loss once the call returns:
 5. :func:`os.fsync` the directory, so the rename itself is durable (POSIX; skipped where a
    directory cannot be opened, e.g. Windows).
 
-On any error the temporary file is removed and the target is left as it was.  These helpers do
-not decide *whether* a path may be written (existing files, inputs): callers check that first.
+On any error the temporary file is removed and the target is left as it was.
+
+A *folder* output (a Hugging Face ``save_pretrained`` folder, the models of ``neurofuse train``) is
+written the same way by :func:`write_folder`: into a uniquely named sibling temporary folder,
+every file and the folder fsynced, then swapped with the target in one step (``renameat2`` with
+``RENAME_EXCHANGE`` where the kernel has it, else the old folder is first renamed aside), and
+the old folder removed only after the new one is in place.  A crash at any point leaves the old
+output (under its name, or under the hidden name it was moved to) or the new one, never neither.
+The folder gets a manifest, :data:`MANIFEST` (the files it holds), so that a later ``--force``
+replaces it only while it holds nothing else: a folder neurofuse did not write, or one a user
+put files into since, is never removed.
+
+:func:`check_outputs` is the one check every command runs on its outputs before any work: an
+output file is never an input, and an output folder never is, contains or lies inside an input
+(nor the data directory, nor the working directory).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import ConfigError, OutputExistsError
 
 __all__ = [
+    "MANIFEST",
     "atomic_write",
+    "check_folder_replaceable",
+    "check_outputs",
     "default_file_mode",
+    "inside",
+    "same_file",
     "write_bytes",
     "write_figure",
+    "write_folder",
     "write_json",
     "write_safetensors",
     "write_text",
@@ -52,10 +74,16 @@ def default_file_mode() -> int:
 
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    _fsync_path(directory)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory; a no-op where it cannot be opened (Windows directories) or
+    the file system refuses."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
     try:
-        fd = os.open(directory, flags)
-    except OSError:  # Windows, or a file system that refuses: the rename is still atomic
+        fd = os.open(path, flags)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -205,3 +233,272 @@ def write_figure(fig: Any, path: PathLike, *, dpi: int = 120, close: bool = True
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+# ---------------------------------------------------------------------------------------------
+#: the manifest :func:`write_folder` leaves in every folder it writes (the files it holds)
+MANIFEST = ".neurofuse-output.json"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _files_of(folder: Path) -> List[str]:
+    """The files under ``folder`` (relative, POSIX form, sorted), the manifest left out."""
+    out = []
+    for p in folder.rglob("*"):
+        if p.is_file() or p.is_symlink():
+            rel = p.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directory entries ``a`` and ``b`` in one step (Linux ``renameat2``); False where
+    the platform or the file system cannot."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0
+
+
+def _empty_dir(path: Path) -> bool:
+    """Whether ``path`` is a real (not symlinked) directory with nothing in it."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def check_folder_replaceable(path: PathLike) -> None:
+    """Raise :class:`~neurofuse.errors.OutputExistsError` unless the existing folder ``path`` may be
+    replaced whole: it is empty, or a folder :func:`write_folder` wrote that holds nothing but the
+    files its manifest lists."""
+    out = Path(path)
+    if out.is_symlink():
+        raise OutputExistsError(f"output folder {out} is a symbolic link; give the folder itself or "
+                                "a new path")
+    if not out.is_dir():
+        raise OutputExistsError(f"output folder {out} is a file; choose another path")
+    files = _files_of(out)
+    if not files and not (out / MANIFEST).exists():
+        if any(out.iterdir()):   # empty sub-folders only
+            raise OutputExistsError(f"output folder {out} holds folders neurofuse did not write; "
+                                    "remove them or choose another path")
+        return
+    try:
+        listed = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
+        if not isinstance(listed, list):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise OutputExistsError(
+            f"output folder {out} exists and was not written by neurofuse (it has no readable "
+            f"{MANIFEST}); --force replaces only neurofuse's own output folders: remove it yourself "
+            "or choose another path") from None
+    extra = [f for f in files if f not in set(map(str, listed))]
+    if extra:
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise OutputExistsError(
+            f"output folder {out} holds files neurofuse did not write there ({shown}); --force "
+            "replaces the whole folder: move them away or choose another path")
+
+
+def write_folder(path: PathLike, write: Callable[[Path], None], *, force: bool = False) -> Path:
+    """Write the folder ``path`` atomically with ``write(tmp)``, which fills the empty folder ``tmp``.
+
+    ``tmp`` is a sibling of ``path``; when ``write`` returns, a manifest of its files is added,
+    everything is fsynced and ``tmp`` takes the place of ``path`` (see the module docstring).  An
+    existing ``path`` is replaced only if it is empty, or with ``force`` and only if
+    :func:`check_folder_replaceable` allows it.  On any error ``tmp`` is removed and ``path`` is
+    left as it was.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    out = Path(path)
+    exists = out.exists() or out.is_symlink()
+    if exists:
+        if not force and not _empty_dir(out):
+            raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+        check_folder_replaceable(out)
+    _make_parents(out.parent)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name.lstrip('.')}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~mask)   # mkdtemp makes it private; the output is an ordinary folder
+        write(tmp)
+        files = _files_of(tmp)
+        write_json(tmp / MANIFEST, {"written_by": "neurofuse", "files": files})
+        for rel in files:
+            _fsync_path(tmp / rel)
+        for d in sorted({(tmp / rel).parent for rel in files}, key=lambda p: -len(p.parts)):
+            _fsync_path(d)
+        if exists:
+            check_folder_replaceable(out)   # nothing was put into it meanwhile
+            if _exchange(tmp, out):
+                old = tmp
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name.lstrip('.')}.", suffix=".old",
+                                            dir=out.parent))
+                os.rmdir(old)
+                os.rename(out, old)
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old, out)   # put the old output back
+                    raise
+            _fsync_dir(out.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+            _fsync_dir(out.parent)
+    except BaseException:
+        if tmp.exists() and tmp.resolve() != out.resolve():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the output check
+# ---------------------------------------------------------------------------------------------
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file: equal after resolving symlinks, or one inode."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop
+        pass
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies under it (after resolving symlinks)."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def _writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        if anc.is_symlink():  # a dangling symlink as a parent
+            raise OutputExistsError(f"cannot create {path}: {anc} is a broken symlink")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputExistsError(f"cannot create {path}: {anc} is a file, not a directory; "
+                                "choose another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write {path}: directory {anc} is not writable; choose "
+                                "another path or fix its permissions")
+
+
+def _check_folder(out: Path, force: bool, ins: Sequence[Path], data_root: Optional[Path]) -> None:
+    """The rules of an output folder that is replaced whole (kind ``"folder"``)."""
+    for i in ins:
+        if same_file(out, i):
+            raise OutputExistsError(f"output folder {out} is one of the inputs ({i}); inputs are "
+                                    "never overwritten: choose another output path")
+        if inside(i, out) and (i.exists() or i.is_symlink()):
+            raise OutputExistsError(f"output folder {out} contains the input {i}; inputs are never "
+                                    "overwritten: choose an output folder outside the inputs")
+        if inside(out, i):
+            raise OutputExistsError(f"output folder {out} lies inside the input {i}; choose an "
+                                    "output folder outside the inputs")
+    if data_root is not None and (inside(out, data_root) or inside(data_root, out)):
+        raise OutputExistsError(f"output folder {out} is, holds or lies inside the data directory "
+                                f"{data_root}; choose another path")
+    if inside(Path.cwd(), out):
+        raise OutputExistsError(f"output folder {out} is or holds the working directory, which "
+                                "would be replaced whole; give a new folder such as runs/fused")
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            check_folder_replaceable(out)   # says why a link or a file cannot be replaced
+        if not force and not _empty_dir(out):
+            raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+        check_folder_replaceable(out)
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise OutputExistsError(f"cannot replace {out}: its directory {out.parent} is not writable")
+    else:
+        _writable_parent(out)
+
+
+def check_outputs(outputs: Sequence[Tuple[Any, str]], force: bool, inputs: Sequence[Any] = (),
+                  data_root: Optional[Path] = None) -> None:
+    """Check every output of a command before any work, the same way for every command.
+
+    Parameters
+    ----------
+    outputs : sequence of (path, kind)
+        ``kind`` is the required suffix of an output file (``".safetensors"``, ``".json"``,
+        ``".png"``, ``".md"``), ``"dir"`` for a directory that files are written into, or
+        ``"folder"`` for a folder that is written (and replaced) whole by :func:`write_folder`.
+    force : bool
+        Whether existing outputs may be replaced (``--force``).
+    inputs : sequence of path
+        Every file and folder the command reads: no output may be one of them, ``--force`` or
+        not (compared after resolving symlinks, and by inode for hard links); an output folder
+        may neither contain one nor lie inside one.
+    data_root : pathlib.Path, optional
+        The resolved data directory, when the command reads a dataset: its files are inputs too.
+
+    Raises
+    ------
+    OutputExistsError, ConfigError
+        Naming the output and what to do.
+    """
+    ins = [Path(i) for i in inputs]
+    seen: List[Path] = []
+    for raw, kind in outputs:
+        out = Path(raw)
+        if str(raw) == "" or (out.name in ("", ".", "..") and kind != "folder"):
+            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
+        for other in seen:
+            if same_file(out, other):
+                raise ConfigError(f"two outputs are the same file {out}; give each its own path")
+        seen.append(out)
+        if kind == "folder":
+            _check_folder(out, force, ins, data_root)
+            continue
+        for i in ins:
+            if same_file(out, i):
+                raise OutputExistsError(f"output {out} is one of the inputs ({i}); inputs are never "
+                                        "overwritten: choose another output path")
+        if kind == "dir":
+            if out.exists() and not out.is_dir():
+                raise OutputExistsError(f"output directory {out} is a file; choose a directory")
+            if not out.exists():
+                _writable_parent(out / "x")
+            elif not os.access(out, os.W_OK | os.X_OK):
+                raise OutputExistsError(f"cannot write into {out}: the directory is not writable")
+            continue
+        if out.is_dir():
+            raise OutputExistsError(f"output {out} is a directory; give a file path instead")
+        if out.suffix != kind:
+            raise ConfigError(f"output {out} must end in {kind}; rename it")
+        if out.exists() or out.is_symlink():
+            if data_root is not None and inside(out, data_root):
+                raise OutputExistsError(f"output {out} is a file of the data directory "
+                                        f"{data_root}; choose another path")
+            if not force:
+                raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+        _writable_parent(out)

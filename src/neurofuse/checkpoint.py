@@ -20,16 +20,18 @@ usual umask-derived mode) and refuses to overwrite an existing file unless ``for
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._io import write_safetensors, write_text
-from ._tensorfile import (DIGEST_KEY, METADATA_KEY, SafetensorsHeader, check_exists, corrupt_error,
-                          digest, first_line, read_torch)
+from ._tensorfile import (DATA_FACTOR, DATA_SLACK, DIGEST_KEY, METADATA_KEY, SafetensorsHeader,
+                          check_exists, corrupt_error, data_bytes, digest, file_format, first_line,
+                          format_error, read_torch)
 from .errors import CheckpointError, ConfigError, NeurofuseError, OutputExistsError
 from .levels import LeveledNet
 
@@ -42,17 +44,22 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_MODULES",
     "MAX_PARAMETERS",
+    "FACTORY_KEY",
     "METADATA_KEY",
     "WEIGHTS_FORMAT",
     "load_model",
     "load_weights",
     "read_config",
+    "read_factory_metadata",
+    "save_factory_state",
     "save_json",
     "save_model",
     "save_weights",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+log = logging.getLogger("neurofuse")
 
 #: value of the ``"format"`` field of the metadata document
 CHECKPOINT_FORMAT = "neurofuse-checkpoint"
@@ -70,7 +77,6 @@ MAX_PARAMETERS = 1 << 31
 MAX_MODULES = 100_000
 
 _SAFETENSORS_SUFFIX = ".safetensors"
-_TORCH_SUFFIXES = (".pt", ".pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +295,61 @@ def _loads_bounded(text: str, what: str, limit: int) -> Any:
     return value
 
 
+#: the metadata key of the state dicts ``neurofuse fuse --model-factory`` writes (the user's own
+#: architecture: no zoo config, the factory is named for messages only; no code is ever imported
+#: from a checkpoint)
+FACTORY_KEY = "neurofuse-fused"
+
+
+def _factory_document(path: Path, meta: Mapping[str, str]) -> Dict[str, Any]:
+    try:
+        doc = _loads_bounded(meta[FACTORY_KEY], f"the metadata of {path}", MAX_DOCUMENT_BYTES)
+    except Exception as exc:  # noqa: BLE001 - malformed JSON or too large
+        if isinstance(exc, NeurofuseError):
+            raise
+        raise corrupt_error(path, exc) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_factory"), str):
+        raise CheckpointError(f"{path}: its {FACTORY_KEY!r} metadata does not name a model factory; re-create it")
+    return doc
+
+
+def read_factory_metadata(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The metadata of a state dict written by ``neurofuse fuse --model-factory`` (``model_factory``,
+    ``dataset``, ``method``...), read from the header alone; ``None`` for any other file."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors" or not p.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            meta = fh.metadata()
+    except Exception:  # noqa: BLE001 - not readable as safetensors: the loaders say why
+        return None
+    return _factory_document(p, meta) if meta and FACTORY_KEY in meta else None
+
+
+def save_factory_state(state: Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, Any], *,
+                       force: bool = False) -> Path:
+    """Write the state dict of a model of the user's own architecture (``--model-factory``) as
+    ``.safetensors`` with ``metadata`` (which names its ``model_factory``) under :data:`FACTORY_KEY`;
+    :func:`neurofuse.interop.load_state_dict` reads it back into ``FUNCTION()``."""
+    if not isinstance(metadata.get("model_factory"), str):
+        raise ConfigError("the metadata of a --model-factory state dict must name its model_factory")
+    out = _prepare_output(path, force)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    write_safetensors(out, tensors, metadata={FACTORY_KEY: json.dumps(dict(metadata), default=_json_default)})
+    return out
+
+
 def _parse_document(path: Path, meta: Optional[Mapping[str, str]]) -> Dict[str, Any]:
     """Validate the neurofuse metadata document of a safetensors file."""
+    if meta and METADATA_KEY not in meta and FACTORY_KEY in meta:
+        factory = _factory_document(path, meta)["model_factory"]
+        raise CheckpointError(
+            f"{path} is the state dict of a model built by {factory!r} (written by neurofuse fuse "
+            f"--model-factory); pass --model-factory {factory} to read it (in Python: "
+            "neurofuse.interop.load_state_dict(FUNCTION(), path))")
     if not meta or METADATA_KEY not in meta:
         raise CheckpointError(
             f"{path} has no neurofuse metadata, so it is not a neurofuse checkpoint; save it with "
@@ -342,11 +401,14 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     """
     p = Path(path)
     check_exists(p)
-    if p.suffix.lower() in _TORCH_SUFFIXES:
+    kind = file_format(p)
+    if kind == "torch":
         raise CheckpointError(
             f"{p} is a bare PyTorch state dict with no neurofuse metadata; only .safetensors "
             "checkpoints written by save_model carry their config"
         )
+    if kind != "safetensors":
+        raise format_error(p, kind)
     from safetensors import safe_open
 
     try:
@@ -378,8 +440,38 @@ def _sidecar_config(path: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-class _TooLarge(Exception):
-    """Raised inside a registration hook when a config asks for too big a model."""
+class ModelTooLarge(Exception):
+    """Raised by :func:`build_on_meta` when a build asks for more parameters or modules than allowed."""
+
+
+def build_on_meta(build: Callable[[], nn.Module], max_parameters: int = MAX_PARAMETERS,
+                  max_modules: int = MAX_MODULES) -> nn.Module:
+    """``build()`` on the meta device (no memory), stopped as soon as it registers more than
+    ``max_parameters`` parameter elements or ``max_modules`` modules (a config of a million layers
+    is refused in the millisecond it passes the cap, not after minutes)."""
+    counts = {"params": 0, "modules": 0}
+
+    def on_param(module: nn.Module, name: str, param: Any) -> None:
+        counts["params"] += int(param.numel()) if param is not None else 0
+        if counts["params"] > max_parameters:
+            raise ModelTooLarge(f"more than {max_parameters} parameters")
+
+    def on_module(module: nn.Module, name: str, sub: Any) -> None:
+        counts["modules"] += 1
+        if counts["modules"] > max_modules:
+            raise ModelTooLarge(f"more than {max_modules} modules")
+
+    from torch.nn.modules import module as _module
+
+    hooks = [_module.register_module_parameter_registration_hook(on_param),
+             _module.register_module_buffer_registration_hook(on_param),
+             _module.register_module_module_registration_hook(on_module)]
+    try:
+        with torch.device("meta"):
+            return build()
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> LeveledNet:
@@ -394,30 +486,11 @@ def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> Leve
     if len(text) > MAX_CONFIG_BYTES:
         raise CheckpointError(f"the architecture config of {path} is {len(text)} bytes, more than "
                               f"{MAX_CONFIG_BYTES}; it is corrupt or hostile")
-    counts = {"params": 0, "modules": 0}
-
-    def on_param(module: nn.Module, name: str, param: Any) -> None:
-        counts["params"] += int(param.numel()) if param is not None else 0
-        if counts["params"] > MAX_PARAMETERS:
-            raise _TooLarge(f"more than {MAX_PARAMETERS} parameters")
-
-    def on_module(module: nn.Module, name: str, sub: Any) -> None:
-        counts["modules"] += 1
-        if counts["modules"] > MAX_MODULES:
-            raise _TooLarge(f"more than {MAX_MODULES} modules")
-
-    from torch.nn.modules import module as _module
-
-    hooks = []
     try:
         if meta:
-            hooks = [_module.register_module_parameter_registration_hook(on_param),
-                     _module.register_module_buffer_registration_hook(on_param),
-                     _module.register_module_module_registration_hook(on_module)]
-            with torch.device("meta"):
-                return build_model(config)
+            return build_on_meta(lambda: build_model(config))  # type: ignore[return-value]
         return build_model(config)
-    except _TooLarge as exc:
+    except ModelTooLarge as exc:
         raise CheckpointError(f"the architecture config of {path} asks for a model with {exc}; "
                               "it is corrupt or hostile") from None
     except NeurofuseError as exc:
@@ -429,9 +502,6 @@ def _build(config: Mapping[str, Any], path: Path, *, meta: bool = False) -> Leve
             f"cannot rebuild the architecture of {path} from config {shown}: "
             f"{first_line(exc)}"
         ) from None
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -561,39 +631,52 @@ def load_model(path: PathLike, *,
         else:
             arch_config = _read_json_config(Path(config))
 
-    if p.suffix.lower() in _TORCH_SUFFIXES:
-        if arch_config is None:
-            arch_config = _sidecar_config(p)
-        if arch_config is None:
-            raise _no_architecture(p)
-        state = read_torch(p)
+    kind = file_format(p)   # by content: a .bin or .ckpt that torch.save wrote is PyTorch
+    if kind not in ("torch", "safetensors"):
+        raise format_error(p, kind)
+    header = SafetensorsHeader(p) if kind == "safetensors" else None
+    if arch_config is None:
+        arch_config = _sidecar_config(p) if header is None else _parse_document(p, header.meta)["config"]
+    if arch_config is None:
+        raise _no_architecture(p)
+    # the config is checked against what the file holds before anything of its size is built or read
+    skeleton = _build(arch_config, p, meta=True)
+    limit = DATA_FACTOR * data_bytes(skeleton.state_dict()) + DATA_SLACK
+    if header is None:
+        state = read_torch(p, limit)
         found = {k: (_shape(t), _kind(t.dtype)) for k, t in state.items()}
     else:
-        header = SafetensorsHeader(p)
-        if arch_config is None:
-            arch_config = _parse_document(p, header.meta)["config"]
         found = {k: (shape, _kind_of_safetensors_dtype(dt)) for k, (shape, dt) in header.tensors.items()}
-    # the config is checked against what the file holds before anything of its size is built
-    skeleton = _build(arch_config, p, meta=True)
     if key_map is None:
         try:
             _check_layout(_layout_of_model(skeleton), found, p,
                           getattr(skeleton, "arch", type(skeleton).__name__))
         except CheckpointError:
             if set(skeleton.state_dict()) - set(found):   # other names: maybe only renamed
-                _names_differ_only(skeleton, header.read() if p.suffix.lower() not in _TORCH_SUFFIXES
-                                   else state, p)
+                _names_differ_only(skeleton, header.read(limit) if header is not None else state, p)
             raise
     del skeleton
-    if p.suffix.lower() not in _TORCH_SUFFIXES:
-        state = header.read()
+    if header is not None:
+        state = header.read(limit)
     model = _build(arch_config, p)
     if key_map is not None:
         from .interop import match_state_dict
 
         state = match_state_dict(state, model, None if key_map == "auto" else key_map, source=str(p))
     _load_state(model, state, p)
+    _warn_non_finite(model, p)
     return model.eval()
+
+
+def _warn_non_finite(model: nn.Module, path: Path) -> None:
+    """Log a warning naming the first tensor of ``model`` with NaN or infinite values: such a model
+    scores as chance without any other sign."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            log.warning("%s: tensor %r has %d NaN or infinite value(s); the model's outputs are not "
+                        "meaningful (a diverged training run or a damaged file)", path, name, bad)
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,8 +762,14 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     """
     p = Path(path)
     check_exists(p)
+    kind = file_format(p)
+    if kind != "safetensors":
+        raise format_error(p, kind) if kind != "torch" else CheckpointError(
+            f"{p} is a PyTorch file; load_weights reads .safetensors files written by save_weights "
+            "(for a PyTorch state dict use neurofuse.interop.load_state_dict)")
     header = SafetensorsHeader(p)
-    state, meta = header.read(), header.meta
+    state = header.read(DATA_FACTOR * data_bytes(model.state_dict()) + DATA_SLACK)
+    meta = header.meta
     try:
         document = json.loads((meta or {}).get(METADATA_KEY, "{}"))
     except ValueError as exc:

@@ -25,7 +25,7 @@ def _width(text: str) -> Any:
     try:
         if "," in text:
             return [int(t) for t in text.split(",") if t.strip()]
-        return float(text) if "." in text else int(text)
+        return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int, a float or a comma-separated list, got {text!r}")
 
@@ -63,63 +63,12 @@ def _split_config(a: argparse.Namespace):
                        ratio=a.ratio, seed=a.seed, epochs=a.epochs, lr=a.lr)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name the same file: equal after resolving symlinks, or one inode."""
-    try:
-        if a.resolve() == b.resolve():
-            return True
-    except (OSError, RuntimeError):  # a symlink loop
-        pass
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _writable_parent(path: Path) -> None:
-    """The nearest existing ancestor of ``path`` must be a writable directory."""
-    from .errors import OutputExistsError
-
-    anc = path.parent
-    while not anc.exists() and anc != anc.parent:
-        if anc.is_symlink():  # a dangling symlink as a parent
-            raise OutputExistsError(f"cannot create {path}: {anc} is a broken symlink")
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputExistsError(f"cannot create {path}: {anc} is a file, not a directory; "
-                                "choose another path")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write {path}: directory {anc} is not writable; choose "
-                                "another path or fix its permissions")
-
-
 def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = (),
                    data_dir: Any = None, check_data: bool = True) -> None:
-    """Check every output of a command before any work, the same way for every command.
+    """:func:`neurofuse._io.check_outputs`, with the data directory of ``--data-dir`` protected when
+    the command reads a dataset (``check_data``)."""
+    from ._io import check_outputs
 
-    Parameters
-    ----------
-    outputs : sequence of (path, kind)
-        ``kind`` is the required suffix of an output file (``".safetensors"``, ``".json"``,
-        ``".png"``) or ``"dir"`` for an output directory.
-    force : bool
-        Whether existing outputs may be replaced (``--force``).
-    inputs : sequence of path
-        Every file the command reads: no output may be one of them, ``--force`` or not
-        (compared after resolving symlinks, and by inode for hard links).
-    data_dir : str, optional
-        The ``--data-dir``; existing files in the data directory are inputs too.
-    check_data : bool
-        Whether the command reads a dataset (then ``data_dir`` is protected).
-
-    Raises
-    ------
-    OutputExistsError, ConfigError
-        Naming the output and what to do.
-    """
-    from .errors import ConfigError, OutputExistsError
-
-    ins = [Path(i) for i in inputs]
     data_root: Optional[Path] = None
     if check_data:
         from .data import resolve_data_dir
@@ -128,46 +77,7 @@ def _check_outputs(outputs: Sequence[Any], force: bool, inputs: Sequence[Any] = 
             data_root = resolve_data_dir(data_dir).resolve()
         except (OSError, RuntimeError):
             data_root = None
-    seen: List[Path] = []
-    for raw, kind in outputs:
-        out = Path(raw)
-        if str(raw) == "" or out.name in ("", ".", ".."):
-            raise ConfigError(f"output path {str(raw)!r} names no file; give a file name")
-        for i in ins:
-            if _same_file(out, i):
-                raise OutputExistsError(f"output {out} is one of the inputs ({i}); inputs are never "
-                                        "overwritten: choose another output path")
-        for other in seen:
-            if _same_file(out, other):
-                raise ConfigError(f"two outputs are the same file {out}; give each its own path")
-        seen.append(out)
-        if kind == "dir":
-            if out.exists() and not out.is_dir():
-                raise OutputExistsError(f"output directory {out} is a file; choose a directory")
-            if not out.exists():
-                _writable_parent(out / "x")
-            elif not os.access(out, os.W_OK | os.X_OK):
-                raise OutputExistsError(f"cannot write into {out}: the directory is not writable")
-            continue
-        if out.is_dir():
-            raise OutputExistsError(f"output {out} is a directory; give a file path instead")
-        if out.suffix != kind:
-            raise ConfigError(f"output {out} must end in {kind}; rename it")
-        if out.exists() or out.is_symlink():
-            if data_root is not None and _inside(out, data_root):
-                raise OutputExistsError(f"output {out} is a file of the data directory "
-                                        f"{data_root}; choose another path")
-            if not force:
-                raise OutputExistsError(f"{out} exists; pass --force to overwrite")
-        _writable_parent(out)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
+    check_outputs(outputs, force, inputs, data_root)
 
 
 def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
@@ -175,7 +85,7 @@ def _checkpoint_inputs(paths: Sequence[str]) -> List[Path]:
     out: List[Path] = []
     for p in map(Path, paths):
         out.append(p)
-        if p.suffix.lower() in (".pt", ".pth"):
+        if p.suffix.lower() != ".safetensors":   # PyTorch files (by content) read a sidecar config
             out += [p.with_name(p.name + ".json"), p.with_suffix(".json")]
     return out
 
@@ -217,6 +127,9 @@ def _check_args(a: argparse.Namespace) -> None:
     device = getattr(a, "device", None)
     if isinstance(device, str):
         _check_device(device)
+    if getattr(a, "distill_extra", 0) and not getattr(a, "distill", None):
+        raise ConfigError(f"--distill-extra {a.distill_extra} needs --distill EPOCHS (it adds images "
+                          "to the distillation); add --distill or drop --distill-extra")
 
 
 def _error_line(exc: BaseException) -> str:
@@ -245,7 +158,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def cmd_methods(a: argparse.Namespace) -> int:
     from .importance import importance_methods
-    from .methods import get_method, list_methods
+    from .methods import get_method, methods_by_order
 
     if getattr(a, "hf", False):
         from .hf._cli import print_methods
@@ -253,13 +166,15 @@ def cmd_methods(a: argparse.Namespace) -> int:
         return print_methods()
     if getattr(a, "name", None):
         return _show_method(a.name)
-    for name in list_methods():
+    names = methods_by_order()
+    col = max(len(n) for n in names)
+    for name in names:
         cls = get_method(name)
         n = (f"{cls.max_models} models" if cls.max_models and cls.max_models == max(2, cls.min_models)
              else f"up to {cls.max_models} models" if cls.max_models else "N models")
         imp = "importance: " + ", ".join(importance_methods()) if cls.uses_importance else "no importance"
         width = "; fused width per level (--width)" if cls.supports_width else ""
-        print(f"{name:12s} {cls.summary}\n{'':12s} [{n}; {imp}{width}]")
+        print(f"{name:{col}s} {cls.summary}\n{'':{col}s} [{n}; {imp}{width}]")
     print("\nwhich methods fuse Hugging Face models (fuse --hf): neurofuse methods --hf")
     return 0
 
@@ -278,7 +193,8 @@ def _show_method(name: str) -> int:
                         ("settings every method takes (--option KEY=VALUE)", [o for o in rows if o.common])):
         print(f"\n{title}:" if opts else f"\n{title[:7]}: none")
         for o in opts:
-            print(f"  {o.name} ({o.type}, default {o.default})")
+            allowed = f"; {o.allowed}" if o.allowed else ""
+            print(f"  {o.name} ({o.type}, default {o.default}{allowed})")
             if o.description:
                 print(textwrap.fill(o.description, width=96, initial_indent="      ",
                                     subsequent_indent="      "))
@@ -304,44 +220,68 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from ._io import write_folder
     from .checkpoint import save_json, save_model
     from .data import load_dataset
     from .experiment import train_base_models
 
     out = Path(a.out)
-    paths = [out / f"model_{i}.safetensors" for i in range(a.models)] + [out / "split.json"]
-    _check_outputs([(out, "dir")] + [(p, p.suffix) for p in paths], a.force, data_dir=a.data_dir)
+    names = [f"model_{i}.safetensors" for i in range(a.models)] + ["split.json"]
+    # the folder is written whole and swapped in: a run killed half-way never mixes two runs' models
+    _check_outputs([(out, "folder")], a.force, data_dir=a.data_dir)
     ds = load_dataset(a.dataset, a.data_dir)
     cfg = _split_config(a)
     base = train_base_models(ds, cfg, progress=not a.no_progress, device=a.device)
-    for i, (m, part) in enumerate(zip(base.models, base.parts)):
-        val = base.histories[i]["best_val_accuracy"]
-        save_model(m, paths[i], force=a.force,
-                   metadata={"dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed,
-                             "model_index": i, "train_samples": int(len(part)), "val_accuracy": val})
-        print(f"{paths[i]}: {len(part)} training samples, validation accuracy "
-              f"{100 * (val or 0):.1f}%")
-    save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
-               "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
-               "parts": [p.tolist() for p in base.parts],
-               "class_shares": base.class_shares.tolist()}, paths[-1], force=a.force)
-    print(f"wrote {paths[-1]} (partition indices and class shares)")
+
+    def write(tmp: Path) -> None:
+        for i, (m, part) in enumerate(zip(base.models, base.parts)):
+            save_model(m, tmp / names[i], metadata={
+                "dataset": ds.name, "partition": cfg.partition, "seed": cfg.seed, "model_index": i,
+                "train_samples": int(len(part)), "val_accuracy": base.histories[i]["best_val_accuracy"]})
+        save_json({"dataset": ds.name, "partition": cfg.partition, "n_models": cfg.n_models,
+                   "seed": cfg.seed, "arch": cfg.arch, "size": cfg.size,
+                   "parts": [p.tolist() for p in base.parts],
+                   "class_shares": base.class_shares.tolist()}, tmp / names[-1])
+
+    write_folder(out, write, force=a.force)
+    for i, part in enumerate(base.parts):
+        print(f"{out / names[i]}: {len(part)} training samples, validation accuracy "
+              f"{100 * (base.histories[i]['best_val_accuracy'] or 0):.1f}%")
+    print(f"wrote {out / names[-1]} (partition indices and class shares)")
     return 0
 
 
-def _load_all(paths: Sequence[str]) -> List[Any]:
+def _load_all(paths: Sequence[str], factory: Optional[str] = None) -> List[Any]:
+    """The checkpoints as models: zoo checkpoints from their own config, or, with ``factory``
+    (``FILE.py:FUNCTION``), state dicts loaded into ``FUNCTION()`` models."""
     from .checkpoint import load_model
 
-    return [load_model(p) for p in paths]
+    if factory is None:
+        return [load_model(p) for p in paths]
+    from .errors import ConfigError
+    from .interop import load_factory, load_state_dict
+    from torch import nn
+
+    make = load_factory(factory)
+    models = []
+    for p in paths:
+        model = make()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model-factory {factory} returns a {type(model).__name__}, not a torch.nn.Module")
+        models.append(load_state_dict(model, p).eval())
+    return models
 
 
 def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
-    from .checkpoint import read_config
+    from .checkpoint import read_config, read_factory_metadata
     from .errors import DataError, NeurofuseError
 
     if explicit:
         return explicit
     for p in paths:
+        fused = read_factory_metadata(p)
+        if fused is not None and isinstance(fused.get("dataset"), str):
+            return fused["dataset"]
         try:
             name = read_config(p).get("metadata", {}).get("dataset")
         except NeurofuseError:
@@ -350,6 +290,10 @@ def _dataset_of(paths: Sequence[str], explicit: Optional[str]) -> str:
             name = None  # legacy .pt files have no metadata; their load errors come later
         if name:
             return str(name)
+    from .checkpoint import load_model
+
+    for p in paths:   # a file that cannot be loaded says why, rather than "pass --dataset"
+        load_model(p)
     raise DataError("cannot tell which dataset the checkpoints were trained on; pass --dataset")
 
 
@@ -446,6 +390,12 @@ def _add_factory_args(p: argparse.ArgumentParser) -> None:
                         "returns a model with declared levels")
 
 
+def _add_read_factory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-factory", default=None, metavar="FILE.py:FUNCTION",
+                   help="the checkpoints are state dicts of your own model (e.g. written by fuse "
+                        "--model-factory): FUNCTION() builds it and the weights are loaded into it")
+
+
 def _factory_models(a: argparse.Namespace, input_shape: Sequence[int]) -> List[Any]:
     """The checkpoints loaded into FUNCTION() models, with their levels (automatic or declared)."""
     from .errors import ConfigError
@@ -474,11 +424,8 @@ def _factory_models(a: argparse.Namespace, input_shape: Sequence[int]) -> List[A
 
 def _fuse_factory(a: argparse.Namespace, out: Path) -> int:
     """``fuse --model-factory FILE.py:FUNCTION ckpt...``: fuse your own model's state dicts."""
-    import json as _json
-
-    from ._io import write_safetensors
     from .api import fuse
-    from .checkpoint import _prepare_output
+    from .checkpoint import save_factory_state
     from .data import load_dataset
     from .errors import ConfigError
     from .experiment import fusion_set
@@ -508,17 +455,16 @@ def _fuse_factory(a: argparse.Namespace, out: Path) -> int:
                           f"({type(fused).__name__}); choose a method that does")
     ref = nets[0]
     state = ref.model_state_dict(fused) if isinstance(ref, AutoNet) else fused.state_dict()
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     meta = {"model_factory": a.model_factory, "method": a.method, "importance": a.importance,
             "seed": a.seed, "dataset": ds.name, "inputs": [str(p) for p in a.checkpoints],
             "levels": "auto" if isinstance(ref, AutoNet) else "declared",
             "fusion_samples": int(fusion[0].shape[0])}
-    write_safetensors(_prepare_output(out, a.force), state, metadata={"neurofuse-fused": _json.dumps(meta)})
+    save_factory_state(state, out, meta, force=a.force)
     s = evaluate(fused, ds.x_test, ds.y_test)
     how = f"{ref.num_levels} automatic levels" if isinstance(ref, AutoNet) else f"{ref.num_levels} levels"
     print(f"{out}: {a.method} of {len(nets)} {a.model_factory} models ({how}), "
-          f"test accuracy {100 * s['accuracy']:.2f}%; load it with "
-          "neurofuse.interop.load_state_dict(FUNCTION(), path)")
+          f"test accuracy {100 * s['accuracy']:.2f}%; read it with --model-factory {a.model_factory} "
+          "(eval, finetune) or neurofuse.interop.load_state_dict(FUNCTION(), path)")
     return 0
 
 
@@ -537,7 +483,8 @@ def cmd_levels(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .errors import ConfigError
     from .interop import load_factory, load_state_dict
-    from .levels import auto_levels, format_levels
+    from .levels import auto_levels
+    from .methods import format_levels
 
     if a.input_shape:
         shape = tuple(a.input_shape)
@@ -692,20 +639,23 @@ def _add_hf_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import save_factory_state, save_model
     from .data import load_dataset
     from .finetune import FinetuneConfig, finetune
     from .training import evaluate
 
     out = Path(a.out)
-    _check_outputs([(out, ".safetensors")], a.force, _checkpoint_inputs([a.checkpoint]),
-                   data_dir=a.data_dir)
-    model = load_model(a.checkpoint)
+    inputs = _checkpoint_inputs([a.checkpoint]) + ([Path(a.model_factory.rsplit(":", 1)[0])] if a.model_factory else [])
+    _check_outputs([(out, ".safetensors")], a.force, inputs, data_dir=a.data_dir)
+    model = _load_all([a.checkpoint], a.model_factory)[0]
     ds = load_dataset(_dataset_of([a.checkpoint], a.dataset), a.data_dir)
     cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device)
     tuned, history = finetune(model, ds.x_train, ds.y_train, cfg, progress=not a.no_progress)
-    save_model(tuned, out, force=a.force, metadata={"dataset": ds.name, "finetuned_from": a.checkpoint,
-                                                    "epochs": a.epochs})
+    meta = {"dataset": ds.name, "finetuned_from": a.checkpoint, "epochs": a.epochs}
+    if a.model_factory:
+        save_factory_state(tuned.state_dict(), out, {"model_factory": a.model_factory, **meta}, force=a.force)
+    else:
+        save_model(tuned, out, force=a.force, metadata=meta)
     before = evaluate(model, ds.x_test, ds.y_test)["accuracy"]
     after = evaluate(tuned, ds.x_test, ds.y_test)["accuracy"]
     print(f"{out}: test accuracy {100 * before:.2f}% -> {100 * after:.2f}% after {a.epochs} epochs "
@@ -756,7 +706,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                        data_dir=a.data_dir)
     ds = load_dataset(_dataset_of(a.checkpoints, a.dataset), a.data_dir)
     rows = {}
-    for p, m in zip(a.checkpoints, _load_all(a.checkpoints)):
+    for p, m in zip(a.checkpoints, _load_all(a.checkpoints, a.model_factory)):
         rows[p] = evaluate(m, ds.x_test, ds.y_test, device=a.device)
     width = max(len(p) for p in rows)
     print(f"{'checkpoint'.ljust(width)}  {'acc %':>6}  {'loss':>7}  {'F1 %':>6}   ({ds.name} test set, n={len(ds.y_test)})")
@@ -831,6 +781,9 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
         + (["--device", a.device] if a.device else [])
         + (["--data-dir", a.data_dir] if a.data_dir else []))
     cache = Path(a.cache) if a.cache else out / "cache"
+    # a run resumes in its folder (so its own files are replaced), never into the data directory
+    _check_outputs([(out, "dir"), (cache, "dir"), (out / "results.json", ".json"), (out / "report.md", ".md"),
+                    (out / "config.json", ".json")], True, data_dir=a.data_dir)
     print(f"[{cfg.name}/{cfg.scale}] output: {out}; base-model cache: {cache}", flush=True)
     doc = run_benchmark(cfg, out, device=a.device, data_dir=a.data_dir, progress=not a.no_progress,
                         on_event=_bench_event(cfg.name, cfg.scale), command=command, cache=cache)
@@ -863,10 +816,11 @@ def cmd_federate(a: argparse.Namespace) -> int:
         from .federated._bench import run_fl_bench
 
         out = Path(a.out) if a.out else None
-        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir)
+        run_fl_bench(a.bench, a.scale, out, backend=a.backend, data_dir=a.data_dir, force=a.force)
         return 0
     out = Path(a.out)
-    _check_outputs([(out / "results.json", ".json")], a.force, data_dir=a.data_dir)
+    _check_outputs([(out, "dir"), (out / "results.json", ".json"), (out / "accuracy.png", ".png")],
+                   a.force, data_dir=a.data_dir)
     compare = [c for c in (a.compare.split(",") if a.compare else []) if c]
     if a.clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {a.clients}")
@@ -878,7 +832,7 @@ def cmd_federate(a: argparse.Namespace) -> int:
     cfg = FederatedConfig(clients=setup, method=a.method, importance=a.importance, rounds=a.rounds,
                           no_server_data=a.no_server_data, server_samples=a.server_samples,
                           server_labels=not a.server_unlabelled,
-                          class_weights="class-shares" if a.class_shares else None,
+                          class_shares=a.class_shares, init=a.init,
                           compare=tuple(compare), backend=a.backend, seed=a.seed)
     results = run_federated(cfg)
     results["command"] = "neurofuse " + " ".join(getattr(a, "argv", []))
@@ -1023,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     p.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed of the validation hold-out, the data order and dropout (default: 0)")
+    _add_read_factory_arg(p)
     _add_data_args(p, default_dataset=None)
     common(p)
     p.set_defaults(func=cmd_finetune)
@@ -1048,6 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, loss and macro-F1 of checkpoints on the test set")
     p.add_argument("checkpoints", nargs="+", help="checkpoints to score")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _add_read_factory_arg(p)
     _add_data_args(p, default_dataset=None)
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
     _add_run_args(p)
@@ -1062,15 +1018,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", default="uniform", help="importance score of the method (default: %(default)s)")
     p.add_argument("--rounds", type=_pos_int, default=1, help="federated rounds (default: 1, one-shot)")
     p.add_argument("--no-server-data", action="store_true",
-                   help="fuse from the clients' level statistics: the server holds no sample")
+                   help="fuse from the clients' statistics: the server holds no sample")
+    p.add_argument("--init", default="shared", choices=["shared", "different"],
+                   help="shared: every client starts from one initial model (the FL standard); "
+                        "different: each from its own random initialisation (default: %(default)s)")
     p.add_argument("--server-samples", type=_nonneg_int, default=400,
                    help="size of the server's fusion set (default: 400)")
     p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")
     p.add_argument("--class-shares", action="store_true",
                    help="weigh the output level by the clients' class shares (from their label counts)")
-    p.add_argument("--compare", default="vanilla,ensemble",
-                   help="aggregations scored beside the method on the same client models "
-                        "(default: vanilla,ensemble; e.g. feddf, kf-linear@clients)")
+    p.add_argument("--compare", default=None,
+                   help="more fusion methods scored beside the method on the same client models, "
+                        "comma-separated (e.g. feddf,otfusion); FedAvg and the ensemble are always scored")
     p.add_argument("--backend", default="simulation", choices=["simulation", "local"],
                    help="simulation: Flower's Ray simulation; local: the same apps in this process "
                         "(fast start, small machines; default: %(default)s)")

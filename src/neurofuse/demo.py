@@ -14,6 +14,7 @@ from .checkpoint import save_json
 from .data import load_dataset
 from .errors import OutputExistsError
 from .experiment import SplitConfig, fusion_set, method_variants, run_methods, train_base_models
+from .methods import get_method
 from .plots import accuracy_bars
 from .training import evaluate
 
@@ -45,6 +46,8 @@ class DemoConfig:
 #: and the output level weighted by output-neuron importance (the default ``output_weights``)
 PIPELINE = (("kf-linear/conductance+cs", "kf-linear", "conductance", False),
             ("kf-linear/conductance+cs+distill", "kf-linear", "conductance", True))
+#: the rows :func:`pipeline_rows` adds: the class-share ensemble, then :data:`PIPELINE`
+PIPELINE_PLAN = (("ensemble+cs", "ensemble", "uniform", False),) + PIPELINE
 
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
@@ -65,7 +68,10 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                                           progress=cfg.progress)
     results.update(pipeline_rows(base.models, fusion, ds, base.class_shares, cfg.split.seed, cfg.distill,
                                  cfg.device))
+    method_of = {**{key: method for key, method, _ in variants}, **{row[0]: row[1] for row in PIPELINE_PLAN}}
+    ensembles = {key for key, method in method_of.items() if get_method(method).output_is_ensemble}
     if cfg.finetune:
+        fused = {k: m for k, m in fused.items() if k not in ensembles}  # nothing to fine-tune
         results.update(finetune_rows(fused, ds, cfg.finetune, cfg.split.seed, cfg.device, cfg.progress))
     doc: Dict[str, Any] = {
         "dataset": ds.name,
@@ -87,7 +93,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     }
     save_json(doc, out / "results.json", force=True)
     accuracy_bars([s["accuracy"] for s in base_scores],
-                  {k: v["accuracy"] for k, v in results.items()}, out / "accuracy.png",
+                  {k: v["accuracy"] for k, v in results.items()}, out / "accuracy.png", ensembles=ensembles,
                   title=f"{ds.name}, {cfg.split.arch}, {cfg.split.n_models} models, {cfg.split.partition}")
     return doc
 
@@ -100,8 +106,7 @@ def pipeline_rows(models: List[Any], fusion: Any, ds: Any, shares: np.ndarray, s
     from .api import fuse
 
     rows: Dict[str, Dict[str, float]] = {}
-    plan = [("ensemble+cs", "ensemble", "uniform", False)] + list(PIPELINE)
-    for key, method, imp, distill in plan:
+    for key, method, imp, distill in PIPELINE_PLAN:
         start = time.perf_counter()
         kw: Dict[str, Any] = {"distill": distill_epochs} if distill else {}
         fused = fuse(models, fusion, method=method, importance=imp, seed=seed, progress=False,
@@ -114,7 +119,7 @@ def pipeline_rows(models: List[Any], fusion: Any, ds: Any, shares: np.ndarray, s
 
 def finetune_rows(fused: Dict[str, Any], ds: Any, epochs: int, seed: int, device: str = "cpu",
                   progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """Fine-tune every fused model (not ensembles) on the training split: rows ``<key>+ft``.
+    """Fine-tune every fused model on the training split: rows ``<key>+ft``.
 
     ``seconds`` is the fine-tuning time; the checkpoint is chosen on a validation split held out
     from the training data (:func:`neurofuse.finetune.finetune`).
@@ -124,8 +129,6 @@ def finetune_rows(fused: Dict[str, Any], ds: Any, epochs: int, seed: int, device
     rows: Dict[str, Dict[str, float]] = {}
     cfg = FinetuneConfig(epochs=epochs, seed=seed, device=device)
     for key, model in fused.items():
-        if key.startswith("ensemble"):
-            continue
         start = time.perf_counter()
         tuned, _ = finetune(model, ds.x_train, ds.y_train, cfg, progress=False)
         s = evaluate(tuned, ds.x_test, ds.y_test)

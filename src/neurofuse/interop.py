@@ -14,7 +14,9 @@ The one documented path from a third-party checkpoint to a model neurofuse can f
   side by side;
 * :func:`load_pickled_module` loads a *whole pickled* ``nn.Module`` safely: ``weights_only=True``
   with the classes you trust allow-listed through ``torch.serialization.safe_globals`` (and
-  renamed classes remapped), so no other code can run;
+  renamed classes remapped), so no other code can run, and on the meta device, so that a file
+  that calls an allowed class with huge sizes (instead of storing a module) allocates nothing
+  and is refused;
 * :func:`load_factory` imports ``FILE.py:function`` (the CLI's ``--model-factory``).
 """
 
@@ -31,7 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._tensorfile import SafetensorsHeader, check_exists, read_torch
+from ._tensorfile import (DATA_FACTOR, DATA_SLACK, SafetensorsHeader, check_exists, check_torch_zip,
+                          data_bytes, file_format, format_error, is_state_dict, load_torch)
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -148,10 +151,10 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
         renamed = _apply_map(list(state), key_map)
         mapped = {renamed[k]: v for k, v in state.items()}
         _check_exact(mapped, ref, source, what, "after the key map")
-        return mapped
+        return _check_kinds(mapped, ref, source, what)
     if set(state) == set(ref):
         _check_exact(state, ref, source, what, "")
-        return {k: state[k] for k in ref}
+        return _check_kinds({k: state[k] for k in ref}, ref, source, what)
     counters = [k for k in ref if k.endswith("num_batches_tracked")]
     if not any(k.endswith("num_batches_tracked") for k in state):
         ref_keys = [k for k in ref if k not in counters]
@@ -162,7 +165,7 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
             _shape(state[s]) == _shape(ref[d]) for s, d in zip(src_keys, ref_keys)):
         out = {d: state[s] for s, d in zip(src_keys, ref_keys)}
         out.update({k: ref[k].clone() for k in counters})
-        return {k: out[k] for k in ref}
+        return _check_kinds({k: out[k] for k in ref}, ref, source, what)
     table = side_by_side(state, {k: ref[k] for k in ref_keys}, (source, what))
     bad = next((i for i, (s, d) in enumerate(zip(src_keys, ref_keys))
                 if _shape(state[s]) != _shape(ref[d])), None)
@@ -173,6 +176,31 @@ def match_state_dict(state: Mapping[str, Tensor], model: Union[nn.Module, Mappin
         f"cannot match the tensor names of {source} onto {what}'s by shapes and order: {why}; "
         "pass a key_map (exact names or prefixes such as {'level1.': 'levels.0.'}); both key lists "
         "side by side are in the note below (exc.table)", table)
+
+
+def _kind(t: Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.is_floating_point() else "integer"
+
+
+def _check_kinds(state: Dict[str, Tensor], ref: Mapping[str, Tensor], source: str,
+                 what: str) -> Dict[str, Tensor]:
+    """Refuse tensors that ``load_state_dict`` would cast silently (integer data into float
+    weights) or cannot copy at all (sparse, quantized): name the tensor and say what to do."""
+    for k, t in state.items():
+        if t.layout != torch.strided or t.is_quantized:
+            kind = "quantized" if t.is_quantized else f"{str(t.layout).replace('torch.', '')}"
+            raise CheckpointError(f"tensor {k!r} of {source} is {kind}; {what} takes dense tensors: "
+                                  "convert it (t.dequantize() / t.to_dense()) and re-save")
+        if _kind(t) != _kind(ref[k]):
+            raise CheckpointError(
+                f"tensor {k!r} of {source} holds {str(t.dtype).replace('torch.', '')} values but "
+                f"{what} has {str(ref[k].dtype).replace('torch.', '')} there; refusing to cast them: "
+                "re-save the checkpoint with the model's dtypes")
+    return state
 
 
 def _check_exact(state: Mapping[str, Tensor], ref: Mapping[str, Tensor], source: str, what: str,
@@ -191,23 +219,35 @@ def _check_exact(state: Mapping[str, Tensor], ref: Mapping[str, Tensor], source:
             "side by side are in the note below (exc.table)", table)
 
 
-def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
-    """The tensors of a ``.pt``/``.pth`` state dict (``weights_only=True``; a training checkpoint
+def read_state_dict(path: PathLike, max_bytes: Optional[int] = None) -> Dict[str, Tensor]:
+    """The tensors of a PyTorch state dict (``weights_only=True``; a training checkpoint
     ``{"state_dict" | "model_state_dict" | "model" | "net" | "module": {...}, "epoch": ...}`` is
-    unwrapped) or of a ``.safetensors`` file.
+    unwrapped) or of a ``.safetensors`` file, the format recognised by content (a ``.bin`` or
+    ``.ckpt`` written by ``torch.save`` is read as PyTorch).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    max_bytes : int, optional
+        Most bytes of data the file may hold (checked on its zip directory or safetensors header
+        before any data is read); :func:`load_state_dict` passes a small multiple of the model's.
 
     Raises
     ------
     CheckpointError
-        If the file is missing or corrupt, or holds pickled objects other than tensors (a whole
-        pickled module: use :func:`load_pickled_module`).
+        If the file is missing or corrupt, holds more data than ``max_bytes``, or holds pickled
+        objects other than tensors (a whole pickled module: use :func:`load_pickled_module`).
     """
     p = Path(path)
     check_exists(p)
-    if p.suffix.lower() == ".safetensors":
-        return SafetensorsHeader(p).read()
+    kind = file_format(p)
+    if kind == "safetensors":
+        return SafetensorsHeader(p).read(max_bytes)
+    if kind != "torch":
+        raise format_error(p, kind)
     try:
-        return read_torch(p)
+        obj = load_torch(p, max_bytes)
     except CheckpointError as exc:
         if "pickled Python objects" in str(exc):
             raise CheckpointError(
@@ -215,21 +255,25 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
                 "with neurofuse.interop.load_pickled_module(path, classes=[YourNet]) or re-save "
                 "it with torch.save(model.state_dict(), path)"
             ) from None
-        if "does not hold a state dict" not in str(exc):
-            raise
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # read before: it loads
-        for key in _WRAPPERS:
-            inner = obj.get(key) if isinstance(obj, Mapping) else None
-            if isinstance(inner, Mapping) and inner and all(
-                    isinstance(k, str) and isinstance(v, Tensor) for k, v in inner.items()):
-                return dict(inner)
         raise
+    if is_state_dict(obj) and obj:
+        return dict(obj)
+    for key in ("state_dict",) + _WRAPPERS:
+        inner = obj.get(key) if isinstance(obj, Mapping) else None
+        if isinstance(inner, Mapping) and inner and is_state_dict(inner):
+            return dict(inner)
+    raise CheckpointError(
+        f"{p} does not hold a state dict (a mapping of names to tensors); re-save it with "
+        "torch.save(model.state_dict(), path)"
+    )
 
 
 def load_state_dict(model: nn.Module, path: PathLike, key_map: Optional[KeyMap] = None) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` under its own names (see
-    :func:`match_state_dict`) and return ``model`` in eval mode."""
-    state = read_state_dict(path)
+    :func:`match_state_dict`) and return ``model`` in eval mode.  A file holding more than a small
+    multiple of the model's data is refused before its data is read."""
+    limit = DATA_FACTOR * data_bytes(model.state_dict()) + DATA_SLACK
+    state = read_state_dict(path, limit)
     model.load_state_dict(match_state_dict(state, model, key_map, source=str(path)), strict=True)
     return model.eval()
 
@@ -275,10 +319,16 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
     """
     p = Path(path)
     check_exists(p)
+    kind = file_format(p)
+    if kind != "torch":
+        raise format_error(p, kind)
+    check_torch_zip(p)   # every entry inside the file: no storage larger than the file
     allowed: List[Any] = _torch_nn_classes() + list(classes)
     allowed += [(cls, name) for name, cls in (remap or {}).items()]
     try:
-        with torch.serialization.safe_globals(allowed):
+        # a pickle may *call* an allowed class (nn.Linear(100000, 100000)): on the meta device
+        # that allocates nothing, and such a module is refused below
+        with torch.serialization.safe_globals(allowed), torch.device("meta"):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip/runtime errors for bad files
         msg = str(exc)
@@ -301,6 +351,12 @@ def load_pickled_module(path: PathLike, classes: Sequence[type] = (),
             f"{p} holds a {type(obj).__name__}, not a pickled nn.Module; for a state dict use "
             "neurofuse.interop.load_state_dict(model, path)"
         )
+    built = [n for n, t in obj.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
+    if built:
+        raise CheckpointError(
+            f"{p} builds modules by calling their classes (tensor {built[0]!r} has no stored data) "
+            "instead of storing them as torch.save does; it is not a saved model (or hostile): "
+            "re-save the model with torch.save")
     return obj.eval()
 
 
@@ -335,4 +391,18 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
         found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise ConfigError(f"--model-factory: {p} has no function {name!r} (it defines: "
                           f"{', '.join(found[:10]) or 'nothing callable'})")
-    return fn
+
+    def make() -> nn.Module:
+        try:
+            model = fn()
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            text = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise ConfigError(f"--model-factory {spec}: {name}() raises {type(exc).__name__}"
+                              f"{': ' + text if text else ''}; fix the function") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model-factory {spec} returns a {type(model).__name__}, not a "
+                              "torch.nn.Module")
+        return model
+
+    make.__name__ = name
+    return make

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 __all__ = ["accuracy_bars", "save_figure"]
 
@@ -28,14 +28,15 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def accuracy_bars(base: Sequence[float], methods: Mapping[str, float], path: str | Path,
-                  title: str = "") -> Path:
-    """Horizontal bars: each base model, then each method, with the best and the mean base model
-    as lines (a fused model is worth having only right of the best one)."""
+                  title: str = "", ensembles: AbstractSet[str] = frozenset()) -> Path:
+    """Horizontal bars: each base model, then each method (the keys in ``ensembles`` in their own
+    colour: they keep every model), with the best and the mean base model as lines (a fused model
+    is worth having only right of the best one)."""
     plt = _pyplot()
     labels = [f"base model {i}" for i in range(len(base))] + list(methods)
     values = list(base) + list(methods.values())
     colors = ["#9e9e9e"] * len(base) + [
-        "#ff7f0e" if k.startswith("ensemble") else "#1f77b4" for k in methods]
+        "#ff7f0e" if k in ensembles else "#1f77b4" for k in methods]
     fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(labels) + 2.0))
     y = range(len(labels))
     ax.barh(list(y), [100 * v for v in values], color=colors)

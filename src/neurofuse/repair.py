@@ -21,15 +21,15 @@ things, for the output of any fusion method:
    levels are re-estimated once earlier levels have been corrected.  A neuron that is
    constant on the fusion set (:math:`\sigma_j \approx 0`) is only shifted.
 
-Which base neurons are "matched" to fused neuron :math:`j` comes from ``groups`` (the methods
-``otfusion`` and ``git-rebasin`` record theirs in their ``groupings`` attribute, which
-:func:`neurofuse.fuse` passes on).  When no grouping is known for a level, fused neuron :math:`j`
-is matched with neuron :math:`j` of every base model of the fused width there, which is right for
-``vanilla``, ``kd-head`` and any method that keeps model 0's neuron order with aligned models,
-but **not** for clustering methods whose fused neurons are cluster indices (pass their
-groupings).  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
+Which base neurons are "matched" to fused neuron :math:`j` comes from ``correspondences``: every
+fusion method records one :class:`~neurofuse.grouping.Correspondence` per hidden level in its
+:class:`~neurofuse.methods.FusionResult`, which :func:`neurofuse.fuse` passes on.  When none is
+given for a level, fused neuron :math:`j` is matched with neuron :math:`j` of every base model of
+the fused width there, which is right only for averaging without alignment.  Levels whose output is not the output of one affine layer (residual levels: ``adds_input``,
 or blocks such as the zoo's ResNet ``BasicBlock``, which sum two paths) are not rescaled; their
-BatchNorms are still re-estimated.
+BatchNorms are still re-estimated.  A multi-head model (:class:`~neurofuse.models.MultiHead`,
+ZipIt!'s partial zipping) has its fused trunk rescaled (the correspondences of its levels); its
+heads are the base models' own levels, whose BatchNorms are re-estimated afterwards.
 
 References
 ----------
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ from ._fusion_set import FusionSet, as_fusion_set
 from ._phases import phase
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
+from .levels._transformer import describe as describe_transformer
+from .grouping import Correspondence
 from .stats import MomentStats
 
 __all__ = ["repair", "reset_batchnorm"]
@@ -117,6 +119,8 @@ def _fold_target(level: nn.Module) -> Optional[nn.Module]:
     whose output sums several paths (residual levels) or ends in another parametrised module."""
     if not isinstance(level, nn.Sequential) or getattr(level, "adds_input", False):
         return None
+    if describe_transformer(level) is not None:   # a transformer level: the stream is a residual sum
+        return None
     target = None
     for m in level.modules():
         if list(m.children()):
@@ -150,47 +154,39 @@ def _base_statistics(models: Sequence[LeveledNet], fs: FusionSet) -> List[List[T
     return out
 
 
-def _matching(groups: Any, level: int, n_fused: int, widths: Sequence[int]) -> Optional[np.ndarray]:
+def _base_level_inputs(models: Sequence[LeveledNet], fs: FusionSet, level: int) -> List[List[Any]]:
+    """Per model, the inputs of ``level`` on every fusion batch."""
+    out = []
+    for m in models:
+        xs = []
+        with torch.no_grad():
+            for xb, _ in fs.batches(_device_of(m)):
+                h = xb
+                for i in range(level):
+                    h = m.levels[i](h)
+                xs.append(h)
+        out.append(xs)
+    return out
+
+
+def _matching(correspondences: Optional[Sequence[Optional[Correspondence]]], level: int, n_fused: int,
+              widths: Sequence[int]) -> Optional[np.ndarray]:
     """Row-stochastic ``[n_fused, sum(widths)]`` matrix of fused neurons to base neurons."""
-    total = int(sum(widths))
-    g = None if groups is None else groups[level]
-    if g is None:  # same index in every base model of the fused width
-        b = np.zeros((n_fused, total))
-        off = 0
-        for w in widths:
-            if w == n_fused:
-                b[:, off:off + w] = np.eye(w)
-            off += w
-        if not b.any():
-            log.warning("repair: no grouping for level %d and no base model of width %d; level "
-                        "left unchanged (pass groups=)", level, n_fused)
+    c = None if correspondences is None else correspondences[level]
+    if c is None:  # same index in every base model of the fused width
+        c = Correspondence.same_index(widths, n_fused)
+        if not c.covered().any():
+            log.warning("repair: no correspondence for level %d and no base model of width %d; level "
+                        "left unchanged (pass correspondences=)", level, n_fused)
             return None
-    elif hasattr(g, "labels") or (isinstance(g, np.ndarray) and g.ndim == 1) or (
-            isinstance(g, (list, tuple)) and len(g) > 0 and np.isscalar(g[0])):
-        labels = np.asarray(getattr(g, "labels", g), dtype=np.int64)
-        if labels.shape != (total,) or labels.min() < 0 or labels.max() >= n_fused:
-            raise ConfigError(
-                f"grouping of level {level} must label the {total} base neurons with fused neurons "
-                f"0..{n_fused - 1}"
-            )
-        b = np.zeros((n_fused, total))
-        b[labels, np.arange(total)] = 1.0
-    elif isinstance(g, (list, tuple)):
-        mats = [np.asarray(m, dtype=np.float64) for m in g]
-        if len(mats) != len(widths) or any(m.shape != (n_fused, w) for m, w in zip(mats, widths)):
-            raise ConfigError(
-                f"grouping of level {level} must hold one [{n_fused}, width] matrix per base model, "
-                f"widths {list(widths)}"
-            )
-        mats = [m / np.maximum(m.sum(1, keepdims=True), 1e-300) for m in mats]
-        b = np.concatenate(mats, axis=1)
-    else:
-        b = np.asarray(g, dtype=np.float64)
-        if b.shape != (n_fused, total):
-            raise ConfigError(f"grouping of level {level} must have shape [{n_fused}, {total}]")
-    if (b < 0).any():
-        raise ConfigError(f"grouping of level {level} has negative weights")
-    return b / np.maximum(b.sum(1, keepdims=True), 1e-300)
+    if not isinstance(c, Correspondence):
+        raise ConfigError(f"correspondences[{level}] is a {type(c).__name__}, not a "
+                          "neurofuse.grouping.Correspondence (FusionResult.correspondences holds them)")
+    if c.n_fused != n_fused or list(c.widths) != [int(w) for w in widths]:
+        raise ConfigError(
+            f"the correspondence of level {level} relates {c.n_fused} fused neurons to base widths "
+            f"{list(c.widths)}, but the models have {n_fused} and {list(widths)} there")
+    return c.normalized()
 
 
 def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
@@ -207,10 +203,66 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
             log.warning("repair: level %d's last layer has no bias; only its scale was repaired", level)
 
 
+def _probe_values(level: nn.Module, space: Any, h: Any) -> List[Any]:
+    """The values ``[rows, n]`` of every probe of internal ``space`` while ``level`` runs on ``h``."""
+    from .levels._layout import Space, capture_spaces
+
+    one = [Space(f"{space.name}.{i}", space.point, None, probes=(p,)) for i, p in enumerate(space.probes)]
+    return capture_spaces(level, one, lambda: level(h), "token")
+
+
+def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, lvl: int,
+                  inner: Dict[str, Correspondence], fused_inputs: Any, base_inputs: Sequence[Any]) -> bool:
+    """REPAIR inside a transformer level: every internal space with a correspondence (attention
+    queries, keys, values; MLP hidden neurons) gets its matched base neurons' mean and std, folded
+    into the rows of the projection that writes it (in forward order, each measured after the
+    earlier ones were repaired).  Returns whether anything changed."""
+    from .levels._layout import level_layout
+    from .levels._transformer import tensor_of
+
+    changed = False
+    layout = level_layout(out.levels[lvl], lvl)
+    for space in layout.internal:
+        corr = inner.get(space.name)
+        if corr is None or not space.probes:
+            continue
+        bm = corr.normalized()
+        for pi, (_, weight, bias, start, stop) in enumerate(space.probes):
+            base = []
+            for m, xs in zip(bases, base_inputs):
+                acc = MomentStats()
+                with torch.no_grad():
+                    for h in xs:
+                        acc.update(_probe_values(m.levels[lvl], space, h)[pi])
+                base.append(_moments(acc))
+            acc = MomentStats()
+            with torch.no_grad():
+                for h in fused_inputs:
+                    acc.update(_probe_values(out.levels[lvl], space, h)[pi])
+            mean_f, std_f = _moments(acc)
+            mean_t = bm @ np.concatenate([b[0] for b in base])
+            std_t = bm @ np.concatenate([b[1] for b in base])
+            matched = bm.sum(1) > 0
+            flat = std_f <= _EPS * np.maximum(1.0, np.abs(mean_f))
+            a = np.where(matched & ~flat, std_t / np.where(flat, 1.0, std_f), 1.0)
+            shift = np.where(matched, mean_t - a * mean_f, 0.0)
+            w = tensor_of(out.levels[lvl], weight)
+            at = torch.as_tensor(a, dtype=torch.float64, device=w.device)
+            with torch.no_grad():
+                rows = w[start:stop]
+                rows.copy_((rows.double() * at[:, None]).to(w.dtype))
+                if bias is not None:
+                    b = tensor_of(out.levels[lvl], bias)[start:stop]
+                    b.copy_((b.double() * at + torch.as_tensor(shift, device=w.device)).to(b.dtype))
+            changed = True
+    return changed
+
+
 @phase("repair")
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
-           groups: Optional[Sequence[Any]] = None, batch_size: int = 256,
-           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET) -> nn.Module:
+           correspondences: Optional[Sequence[Optional[Correspondence]]] = None, batch_size: int = 256,
+           memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET,
+           inner_correspondences: Optional[Dict[int, Dict[str, Correspondence]]] = None) -> nn.Module:
     """Repair the statistics of a fused model (REPAIR, Jordan et al. 2023); see the module notes.
 
     Parameters
@@ -223,15 +275,18 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         The fusion set (training samples only).
     rescale : bool
         Also rescale every fused neuron to its matched base neurons' mean and std.
-    groups : sequence, optional
-        Per level (every level but the output), which base neurons each fused neuron stands for:
-        ``None`` (same index in every base model of the fused width), a
-        :class:`~neurofuse.grouping.Grouping` or label array over the concatenated base neurons
-        (cluster members are averaged), a list of one ``[n_fused, n_k]`` non-negative matrix per
-        base model (soft matches, e.g. OT barycentric maps; rows are normalised), or one
-        ``[n_fused, sum n_k]`` matrix.
+    correspondences : sequence of Correspondence, optional
+        Per level (every level but the output), which base neurons each fused neuron stands for
+        (:attr:`neurofuse.methods.FusionResult.correspondences`; the targets are the
+        correspondence-weighted means of the base neurons' statistics).  ``None`` (or ``None`` for
+        a level): fused neuron ``j`` stands for neuron ``j`` of every base model of the fused width.
     batch_size : int
         Rows per forward pass.
+    inner_correspondences : dict, optional
+        ``{level: {space: Correspondence}}`` for the internal spaces of transformer levels (the
+        alignment methods record them in ``FusionResult.extras["inner_correspondences"]``): the
+        attention queries, keys and values and the MLP hidden neurons are then repaired inside
+        the level (a transformer level's output is a residual sum and is not rescaled).
     memory_budget : int, optional
         Bytes of the fused model's level inputs kept in memory while they are carried forward
         (see :class:`neurofuse.levels.LevelStream`); beyond it they go to temporary files.
@@ -244,11 +299,12 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     Raises
     ------
     ConfigError
-        If ``fused`` is an output ensemble (nothing is fused) or ``groups`` is malformed.
+        If ``fused`` is an output ensemble (nothing is fused) or a correspondence does not fit.
     IncompatibleModelsError
         If ``rescale`` is asked for models that are not compatible level-wise.
     """
     from .models.ensemble import Ensemble
+    from .models.multihead import MultiHead
 
     if isinstance(fused, Ensemble):
         raise ConfigError("cannot repair an output ensemble: it has no fused neurons")
@@ -259,18 +315,36 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
         log.info("repair: re-estimated the statistics of %d BatchNorm layers", n_bn)
     if not rescale:
         return out
-    if not isinstance(out, LeveledNet):
+    if isinstance(out, MultiHead):  # the fused trunk is rescaled; the heads are the models' own
+        bases = check_same_levels(list(models))
+        levels, axes, hidden = list(out.trunk), out.trunk_axes, out.stop_at
+    elif isinstance(out, LeveledNet):
+        bases = check_same_levels([out, *models])[1:]
+        levels, axes, hidden = list(out.levels), out.axes, out.num_levels - 1
+    else:
         raise IncompatibleModelsError(
             f"repair(rescale=True) needs a LeveledNet, got {type(out).__name__}; use rescale=False "
             "to only reset BatchNorm statistics"
         )
-    nets = check_same_levels([out, *models])
-    bases = nets[1:]
     if not bases:
         raise IncompatibleModelsError("repair needs the base models the fused model came from")
-    n_levels = out.num_levels
-    if groups is not None and len(groups) not in (n_levels - 1, n_levels):
-        raise ConfigError(f"groups must list {n_levels - 1} levels (all but the output), got {len(groups)}")
+    if correspondences is not None and len(correspondences) not in (hidden, hidden + 1):
+        raise ConfigError(f"correspondences must list {hidden} levels (every fused level but the output), "
+                          f"got {len(correspondences)}")
+    changed = _rescale(out, levels, axes, hidden, bases, fs, correspondences, memory_budget)
+    if changed and isinstance(out, MultiHead):  # the heads' inputs changed: re-estimate their BatchNorms
+        head_bns = [bn for head in out.heads for bn in _batchnorms(head)]
+        if head_bns:
+            reset_batchnorm(out, fs, modules=head_bns)
+    return out.eval()
+
+
+def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], hidden: int,
+             bases: Sequence[LeveledNet], fs: FusionSet,
+             correspondences: Optional[Sequence[Optional[Correspondence]]],
+             memory_budget: Optional[int]) -> bool:
+    """Rescale the first ``hidden`` fused ``levels`` of ``out`` (in place) to the statistics of
+    their corresponding base neurons; returns whether any level changed."""
     base_stats = _base_statistics(bases, fs)
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
@@ -278,11 +352,18 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     # the fused model's level inputs, carried forward as its levels are rescaled
     stream = LevelStream(fs, 1, device, memory_budget=memory_budget)
     with stream:
-        for lvl in range(n_levels - 1):
-            level = out.levels[lvl]
+        for lvl in range(hidden):
+            level = levels[lvl]
             bns = _batchnorms(level)
             if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
                 reset_batchnorm(out, fs, modules=bns)
+            if inner_correspondences and lvl in inner_correspondences and describe_transformer(level):
+                base_in = _base_level_inputs(bases, fs, lvl)
+                if _repair_inner(out, bases, fs, lvl, inner_correspondences[lvl],
+                                 [b.inputs[0] for b in stream], base_in):
+                    changed = True
+                stream.advance({0: level})
+                continue
             target = _fold_target(level)
             if target is None:
                 log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
@@ -292,9 +373,9 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
             acc = MomentStats()
             with torch.no_grad():
                 for b in stream:
-                    acc.update(flatten_neurons(level(b.inputs[0]), out.axes[lvl]))
+                    acc.update(flatten_neurons(level(b.inputs[0]), axes[lvl]))
             mean_f, std_f = _moments(acc)
-            bm = _matching(groups, lvl, len(mean_f), [w[lvl] for w in base_widths])
+            bm = _matching(correspondences, lvl, len(mean_f), [w[lvl] for w in base_widths])
             if bm is not None:
                 mean_t = bm @ np.concatenate([s[lvl][0] for s in base_stats])
                 std_t = bm @ np.concatenate([s[lvl][1] for s in base_stats])
@@ -306,4 +387,4 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
                 changed = True
                 log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
             stream.advance({0: level})
-    return out.eval()
+    return changed

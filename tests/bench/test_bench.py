@@ -349,3 +349,45 @@ def test_bench_modules_import_no_cycle():
 
     cycles = [m for m in graph if m != "__init__" and reaches(m, m)]
     assert not cycles, f"import cycle through {cycles}: {graph}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant", ["other-entry", "train-output", "swapped-after-use"])
+def test_a_planted_cache_entry_is_not_reused(smoke_run, tmp_path, caplog, plant):
+    """Files put into a shared --cache that are not the entry's base models are refused even with a
+    consistent meta.json (right hash, right sha256s): the entry is keyed by its content."""
+    from neurofuse.bench._runner import content_hash, file_sha256
+
+    src, _ = smoke_run
+    out = tmp_path / "planted"
+    shutil.copytree(src, out)
+    metas = sorted((out / "cache").glob("*/meta.json"))
+    docs = [json.loads(m.read_text()) for m in metas]
+    victim_i = next(i for i, d in enumerate(docs) if d["key"]["n_models"] == 2)
+    victim, doc = metas[victim_i].parent, docs[victim_i]
+    donor = next(m.parent for m, d in zip(metas, docs) if d["key"]["n_models"] == 2 and m.parent != victim) \
+        if plant == "other-entry" else None
+    split, seed = doc["key"]["n_models"], doc["key"]["seed"]
+    if plant == "train-output":
+        assert main(["train", "--out", str(tmp_path / "t"), "--models", "2", "--size", "tiny", "--epochs", "1",
+                     "--seed", "7", "--no-progress"]) == 0
+        donor = tmp_path / "t"
+    if plant == "swapped-after-use":   # the entry was used by this output, then replaced by an
+        donor = victim                 # entry whose own metadata is right but whose content differs
+        base = out / "cells" / f"base__n{split}__s{seed}.json"
+        bdoc = json.loads(base.read_text())
+        bdoc["content"] = "0" * 64
+        base.write_text(json.dumps(bdoc))
+    for i in range(split):
+        if donor != victim:
+            shutil.copyfile(donor / f"model_{i}.safetensors", victim / f"model_{i}.safetensors")
+    digests = {f"model_{i}.safetensors": file_sha256(victim / f"model_{i}.safetensors") for i in range(split)}
+    doc.update(sha256=digests, content=content_hash(digests))   # a consistent, forged meta.json
+    metas[victim_i].write_text(json.dumps(doc))
+    (out / "cells" / f"vanilla__uniform__n{split}__s{seed}.json").unlink()  # needs the base models
+    before = dict(STATS)
+    with caplog.at_level(logging.WARNING, logger="neurofuse"):
+        assert _bench("run", "table1", "--scale", "smoke", "--out", str(out), "--no-progress") == 0
+    stats = {k: STATS[k] - before[k] for k in STATS}
+    assert stats["trained_base_models"] == split, caplog.text
+    assert "unusable" in caplog.text and str(victim) in caplog.text

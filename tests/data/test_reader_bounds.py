@@ -71,3 +71,25 @@ def test_a_valid_cifar_batch_still_reads(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({b"data": data, b"labels": [0, 1, 2, 3]}, protocol=2))
     x, y = read_cifar_batch(path)
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 1, 2, 3]
+
+
+def test_a_small_gzip_idx_that_claims_and_holds_hundreds_of_mb_is_refused_unread(tmp_path: Path) -> None:
+    # a consistent file: the header declares 128 MiB and the gzip (130 KB) holds them, all zeros
+    n = 128 << 20
+    blob = gzip.compress(struct.pack(">IIII", 2051, n // (64 * 64), 64, 64) + bytes(n), compresslevel=9)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(blob)
+    assert len(blob) < 200_000
+    peak = _peak_mb(_raises(lambda: read_idx(path), "more than 64 times the compressed file's size"))
+    assert peak < 8, f"read_idx held {peak:.0f} MB for a {len(blob)}-byte file"
+
+
+def test_a_valid_idx_file_is_read_into_one_buffer(tmp_path: Path) -> None:
+    # the reader holds the array once (no bytes copy, no final copy): peak about the data's size
+    arr = (np.random.default_rng(0).integers(0, 256, (40, 512, 512))).astype(np.uint8)   # 10 MiB
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 2051, 40, 512, 512) + arr.tobytes(), 1))
+    out = {}
+    peak = _peak_mb(lambda: out.setdefault("x", read_idx(path)))
+    np.testing.assert_array_equal(out["x"], arr)
+    assert peak < 1.5 * arr.nbytes / 2**20, f"read_idx held {peak:.0f} MB for {arr.nbytes >> 20} MiB of data"

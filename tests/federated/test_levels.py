@@ -13,7 +13,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 import neurofuse  # noqa: E402
 from neurofuse import FusionSet  # noqa: E402
 from neurofuse.errors import ConfigError  # noqa: E402
-from neurofuse.federated import FusionStrategy, LocalGrid, answer_query, fuse_by_levels  # noqa: E402
+from neurofuse.federated import (FusionStrategy, LocalGrid, StatisticsAggregation, answer_query,  # noqa: E402
+                                 fuse_by_levels)
 from neurofuse.federated._local import FIRST_CLIENT_NODE_ID  # noqa: E402
 
 from .conftest import mock_reply  # noqa: E402
@@ -76,7 +77,7 @@ def test_strategy_without_server_data_runs_the_protocol_in_aggregate_train(clien
     models, parts, _ = client_mlps
     shards = _shards(digits, parts)
     grid = LocalGrid(_stats_app(shards), 3)
-    s = FusionStrategy("kf-linear", no_server_data=True, eval_data=(digits.x_test, digits.y_test),
+    s = FusionStrategy(StatisticsAggregation("kf-linear"), eval_data=(digits.x_test, digits.y_test),
                        compare=("ensemble",), min_train_nodes=3)
     s.grid = grid
     replies = [mock_reply(m, 150, node=FIRST_CLIENT_NODE_ID + i) for i, m in enumerate(models)]

@@ -65,9 +65,10 @@ def test_round_loop_against_a_mocked_grid_sends_the_fused_architecture(client_ml
 def test_local_grid_runs_one_shot_and_multi_round(tmp_path):
     setup = ClientSetup(dataset="digits", num_clients=3, alpha=0.5, epochs=4, arch="mlp", size="tiny")
     res = run_federated(FederatedConfig(clients=setup, method="kf-linear", rounds=2, server_samples=200,
-                                        compare=("vanilla", "ensemble"), fedavg_run=True))
+                                        fedavg_run=True))
     assert [r["round"] for r in res["rounds"]] == [1, 2]
-    assert set(res["runs"]) == {"kf-linear", "fedavg"}
+    assert set(res["runs"]) == {"kf-linear", "fedavg-run"}
+    assert {"fedavg", "ensemble", "fedavg-run"} <= set(res["rounds"][0])
     for h in res["runs"]["kf-linear"]:
         assert h["clients-used"] == 3 and h["bytes-received"] > 0 and h["bytes-sent"] > 0
         assert 0.0 <= h["server-accuracy"] <= 1.0 and "accuracy-ensemble" in h
@@ -82,10 +83,11 @@ def test_cli_federate_writes_results_and_a_plot(tmp_path, capsys):
                "--no-server-data", "--backend", "local", "--epochs", "3", "--size", "tiny", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["config"]["no_server_data"] is True and "kf-linear@clients" in doc["runs"]
-    assert doc["runs"]["kf-linear@clients"][0]["protocol-rounds"] == 3
+    key = "kf-linear (client statistics)"
+    assert doc["config"]["no_server_data"] is True and key in doc["runs"]
+    assert doc["runs"][key][0]["protocol-rounds"] == 3
     assert (out / "accuracy.png").stat().st_size > 0
-    assert "kf-linear@clients" in capsys.readouterr().out
+    assert key in capsys.readouterr().out
     assert main(["federate", "--out", str(out), "--backend", "local"]) == 2  # exists: no overwrite
     assert main(["federate", "--method", "otfusion", "--no-server-data", "--backend", "local",
                  "--out", str(tmp_path / "x")]) == 2
@@ -98,9 +100,9 @@ def test_real_flower_simulation_with_four_clients_on_digits(tmp_path):
         "from neurofuse.federated import *\n"
         "s = ClientSetup(dataset='digits', num_clients=4, alpha=0.5, epochs=3, size='tiny')\n"
         "r = run_federated(FederatedConfig(clients=s, method='kf-linear', rounds=1, server_samples=200,\n"
-        "                  compare=('vanilla', 'ensemble', 'kf-linear@clients'), backend='simulation'))\n"
+        "                  compare=({'method': 'kf-linear', 'server_data': False},), backend='simulation'))\n"
         "h = r['runs']['kf-linear'][0]\n"
-        "assert h['clients-used'] == 4 and 'accuracy-kf-linear@clients' in h, h\n"
+        "assert h['clients-used'] == 4 and 'accuracy-kf-linear (client statistics)' in h, h\n"
         "import os, ray, time; assert not ray.is_initialized()\n"
         "def kids():\n"
         "    out = []\n"

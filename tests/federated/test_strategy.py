@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord  # noqa: E402
 
 import neurofuse  # noqa: E402
 from neurofuse.errors import ConfigError, DataError  # noqa: E402
-from neurofuse.federated import FusionStrategy, TooFewClientsError, labels_needed  # noqa: E402
+from neurofuse.federated import (ClassShareWeighting, FusionStrategy, MethodAggregation,  # noqa: E402
+                                 StatisticsAggregation, TooFewClientsError, labels_needed)
 from neurofuse.models import MLP  # noqa: E402
 
 from .conftest import mock_reply  # noqa: E402
@@ -120,14 +121,17 @@ def test_label_requirements_are_checked_when_the_strategy_is_made(digits_fusion)
     x, y = digits_fusion
     assert labels_needed("kf-linear", "uniform") is None
     assert "true label" in labels_needed("kf-linear", "conductance")
-    with pytest.raises(DataError, match="no labels.*importance='uniform'.*no_server_data"):
+    with pytest.raises(DataError, match="no labels.*importance='uniform'.*StatisticsAggregation"):
         FusionStrategy("kf-linear", importance="conductance", server_data=x)
     FusionStrategy("kf-linear", importance="conductance", server_data=(x, y))
     FusionStrategy("feddf", server_data=x)  # distillation needs inputs only
     with pytest.raises(DataError, match="server fusion set"):
         FusionStrategy("kf-linear")
     with pytest.raises(ConfigError, match="needs the samples themselves"):
-        FusionStrategy("otfusion", no_server_data=True)
+        FusionStrategy(StatisticsAggregation("otfusion"))
+    with pytest.raises(ConfigError, match="class_weights"):
+        ClassShareWeighting(MethodAggregation("vanilla"))
+    FusionStrategy(ClassShareWeighting(StatisticsAggregation("kf-linear")))  # no server data needed
     with pytest.raises(ConfigError, match="unknown fusion method"):
         FusionStrategy("no-such-method")
     FusionStrategy("vanilla")  # FedAvg needs no data
@@ -136,12 +140,13 @@ def test_label_requirements_are_checked_when_the_strategy_is_made(digits_fusion)
 def test_class_share_weights_come_from_the_reported_label_counts(client_mlps, digits, digits_fusion):
     models, _, counts = client_mlps
     replies = [mock_reply(m, 100, node=i + 1, label_counts=c) for i, (m, c) in enumerate(zip(models, counts))]
-    s = FusionStrategy("ensemble", class_weights="class-shares", eval_data=(digits.x_test, digits.y_test),
+    s = FusionStrategy(ClassShareWeighting(MethodAggregation("ensemble")), eval_data=(digits.x_test, digits.y_test),
                        min_train_nodes=3)
     s.aggregate_train(1, replies)
     c = np.asarray(counts, dtype=np.float64)
     assert np.allclose(s.fused_model.class_weights.numpy(), c / c.sum(0), atol=1e-6)
-    s = FusionStrategy("kf-linear", server_data=digits_fusion[0], class_weights="class-shares", min_train_nodes=3)
+    s = FusionStrategy(ClassShareWeighting(MethodAggregation("kf-linear")), server_data=digits_fusion[0],
+                       min_train_nodes=3)
     s.aggregate_train(1, replies)
     no_counts = [mock_reply(m, 100, node=i + 1) for i, m in enumerate(models)]
     with pytest.raises(DataError, match="label counts"):

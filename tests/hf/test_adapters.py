@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 import neurofuse  # noqa: E402
 import neurofuse.hf as nh  # noqa: E402
 from neurofuse.errors import ConfigError, IncompatibleModelsError  # noqa: E402
+from neurofuse.methods import get_method  # noqa: E402
 
 FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25)}
 
@@ -99,25 +100,37 @@ def test_resnet_without_an_input_shape_says_to_pass_one():
 
 
 @pytest.mark.parametrize("method,reason", [
-    ("otfusion", "heads permuted as units"),
-    ("git-rebasin", "heads permuted as units"),
-    ("kf-linear", "closed-form fit does not apply"),
-    ("hf-linear", "closed-form fit does not apply"),
+    ("otfusion", "branch/shortcut"),
+    ("git-rebasin", "branch/shortcut"),
+    ("kf-linear", "not affine in its parameters"),
+    ("hf-linear", "not affine in its parameters"),
 ])
 def test_methods_that_do_not_apply_say_why(method, reason):
-    nets = [tiny("vit", 0), tiny("vit", 1)]
-    x, y = inputs("vit", 20), torch.arange(20) % 10
+    nets = [tiny("resnet", 0), tiny("resnet", 1)]
+    x, y = inputs("resnet", 20), torch.arange(20) % 10
     with pytest.raises(IncompatibleModelsError, match=f"{method}.*{reason}.*kf-gradient"):
         neurofuse.fuse(nets, (x, y), method=method, progress=False)
+
+
+def test_transformer_levels_carry_their_stages_and_no_refusal():
+    """ViT and BERT levels are described (levels/_transformer.py): every level-wise method fuses
+    them; ResNet layers are not (yet) in the alignment protocol."""
+    for family in ("vit", "bert"):
+        net = tiny(family)
+        assert all(lv.transformer_spec is not None and not lv.not_alignable for lv in net.levels)
+    assert all(lv.transformer_spec is None and lv.not_alignable for lv in tiny("resnet").levels)
 
 
 def test_method_table_covers_every_method_and_family():
     table = nh.method_table()
     assert sorted(table) == ["bert", "resnet", "vit"]
-    for row in table.values():
-        assert list(row) == neurofuse.methods()
+    whole = {m for m in neurofuse.methods() if not get_method(m).fuses_levels}
+    levelwise = {m for m in neurofuse.methods() if get_method(m).fuses_levels}
+    for family, row in table.items():
+        assert sorted(row) == sorted(neurofuse.methods())
         assert all(v.startswith(("yes: ", "no: ")) and len(v) > 12 for v in row.values())
-        assert {m for m, v in row.items() if v.startswith("yes")} == set(nh.COMMON_METHODS)
+        yes = {m for m, v in row.items() if v.startswith("yes")}
+        assert yes == whole | ({"kf-gradient"} if family == "resnet" else levelwise)
     assert "branch/shortcut" in table["resnet"]["otfusion"]
 
 

@@ -57,7 +57,7 @@ def test_fuse_hf_resizes_images_to_the_models_size(folders, tmp_path, capsys, ca
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "otfusion"], "method 'otfusion' does not fuse Hugging Face 'bert' models: aligning"),
+    (["--method", "kf-linear", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "kf-gradient", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "vanilla", "--repair"], "--repair does not apply to --hf"),
 ])
@@ -70,12 +70,22 @@ def test_fuse_hf_errors_are_one_line(folders, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("method", ["otfusion", "kf-linear"])
+def test_fuse_hf_aligns_and_fits_bert_in_closed_form(folders, tmp_path, capsys, method):
+    out = tmp_path / method
+    rc = main(["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--hf-data",
+               str(folders / "tokens.safetensors"), "--fusion-samples", "60", "--method", method,
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert nh.load_pretrained(out).family == "bert"
+
+
 def test_fuse_hf_needs_data_and_a_new_output(folders, tmp_path, capsys):
     args = ["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "y")]) == 2
     assert "--hf needs fusion data" in capsys.readouterr().err
     assert main([*args, "--out", str(folders / "bert0"), "--hf-data", str(folders / "tokens.safetensors")]) == 2
-    assert "one of the input folders" in capsys.readouterr().err
+    assert "is one of the inputs" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     save_file({"x": torch.zeros(3, 12)}, str(bad))
     assert main([*args, "--out", str(tmp_path / "z"), "--hf-data", str(bad)]) == 2

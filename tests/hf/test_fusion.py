@@ -52,12 +52,13 @@ def test_ensemble_kd_head_and_finetuning_fuse_every_family(trained, tmp_path):
     for i in range(models[0].num_levels - 1):
         for p, q in zip(kd.levels[i].parameters(), models[0].levels[i].parameters()):
             assert p.data.equal(q.data)
-    tuned = neurofuse.fuse(models, fusion, method="vanilla", progress=False, finetune=3,
-                           finetune_data=(ds.x_train, ds.y_train))
+    result = neurofuse.fuse(models, fusion, method="vanilla", progress=False, finetune=3,
+                            finetune_data=(ds.x_train, ds.y_train), return_result=True)
+    tuned = result.model
     assert isinstance(tuned, nh.HFLeveledNet)
     assert acc(ens, ds) > 0.2 and acc(kd, ds) > 0.2
     # fine-tuning keeps its best validation epoch, the fused model (epoch 0) included
-    hist = tuned.finetune_history
+    hist = result.step("finetune").info["history"]
     assert hist["best_val_accuracy"] >= hist["val_accuracy"][0]
     nh.save_pretrained(tuned, tmp_path / "tuned")
     assert (tmp_path / "tuned" / "config.json").is_file()

@@ -26,8 +26,10 @@ from torch import nn
 
 import neurofuse
 from neurofuse.errors import ConfigError, IncompatibleModelsError
-from neurofuse.levels import AutoBlock, AutoNet, format_levels, level_support, split_affine
+from neurofuse.levels import AutoBlock, AutoNet, split_affine
+from neurofuse.methods import format_levels, level_support
 from neurofuse.levels._layout import NeuronMap, align_level, check_alignable
+from neurofuse.levels._transformer import describe
 
 from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
 
@@ -39,7 +41,7 @@ SUPPORTED = {
     "resnet18": {"otfusion", "git-rebasin", "kf-gradient"},
     "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mobilenet_v2": {"kf-gradient"},
-    "vit": {"kf-gradient"},
+    "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mlp_ln": {"otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
@@ -47,8 +49,6 @@ REASON = {
     ("resnet18", "hf-linear"): "residual block",
     ("mobilenet_v2", "otfusion"): "depthwise",
     ("mobilenet_v2", "kf-linear"): "residual block",
-    ("vit", "otfusion"): "parameters directly",
-    ("vit", "kf-linear"): "not affine",
     ("mlp_ln", "kf-linear"): "LayerNorm",
 }
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
@@ -102,11 +102,13 @@ def test_resnet18_levels_are_stem_blocks_and_head():
     assert not any(getattr(m, "inplace", False) for lv in net.levels for m in lv.modules())
 
 
-def test_vit_attention_blocks_stay_whole_and_mlp_blocks_are_residual():
+def test_vit_blocks_are_levels_of_their_own_described_as_transformer_stages():
     net = neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16))
-    assert net.kinds == ["chain", "graph", "block", "graph", "block", "chain"]
-    assert net.axes == ["conv", "token", "token", "token", "token", "dense"]
-    assert "parameters directly" in level_support(net)[1]["otfusion"]
+    assert net.kinds == ["chain", "graph", "chain", "chain"]
+    assert net.axes == ["conv", "token", "token", "dense"]
+    assert [type(s).__name__ for s in describe(net.levels[1]).stages] == ["Affix", "Attention", "MLP"]
+    assert [type(s).__name__ for s in describe(net.levels[2]).stages] == ["Attention", "MLP"]
+    assert all(r is None for row in level_support(net) for r in row.values())
 
 
 def test_levels_share_the_models_parameters_and_map_back_to_its_keys():
@@ -144,8 +146,9 @@ def test_format_levels_lists_widths_methods_and_reasons():
     net = neurofuse.levels_from(_make("mobilenet_v2", 0), input_shape=(3, 16, 16))
     text = format_levels(net)
     assert "fused by: kf-gradient" in text
-    assert "not otfusion/git-rebasin: grouped/depthwise convolution" in text
-    assert text.splitlines()[-1].startswith("whole model: kf-gradient, vanilla")
+    refused = [line.strip() for line in text.splitlines() if "grouped/depthwise convolution" in line]
+    assert any(line.startswith("not otfusion/") and "/git-rebasin/" in line for line in refused)
+    assert text.splitlines()[-1].startswith("whole model: kf-gradient, base, vanilla")
 
 
 # -- every method that applies fuses; the others say why not --------------------------------
@@ -362,9 +365,22 @@ def test_automatic_levels_keep_their_widths():
         neurofuse.fuse([net, copy.deepcopy(net)], (x, y), method="kf-gradient", width=8, progress=False)
 
 
+class LayerScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 def test_level_kinds_survive_the_copies_methods_make():
     """Fusion methods deep-copy models: the reasons and eval-identity marks must survive."""
     vit = copy.deepcopy(neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16)))
+    assert level_support(vit)[1]["otfusion"] is None              # its transformer stages
+    scaled = _make("vit", 0)
+    scaled.blocks[0].ls1 = LayerScale(16)                          # a block the conventions do not read
+    vit = copy.deepcopy(neurofuse.levels_from(scaled, input_shape=(3, 16, 16)))
     assert "parameters directly" in level_support(vit)[1]["otfusion"]
     mlp = copy.deepcopy(neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8)))
     assert level_support(mlp)[1]["otfusion"] is None

@@ -27,7 +27,9 @@ ALLOWED = {
     "kf-linear": CPU_EIGH,
     "hf-linear": ("hungarian_grouping",) + CPU_EIGH,        # scipy's linear_sum_assignment
     "otfusion": ("_otfusion:_transports", "_otfusion:_fuse"),   # POT's exact solver (numpy)
-    "git-rebasin": ("_rebasin:",),                          # scipy's linear_sum_assignment
+    # scipy's linear_sum_assignment, and the permutation matrix NeuronMap.from_permutation builds
+    # on the host from its result (never on the device)
+    "git-rebasin": ("_rebasin:", "_layout:from_permutation"),
     "kf-gradient": ("_hidden_targets", "random_like"),      # LAP of the K-means labels; CPU RNG
 }
 #: kf-gradient with two epochs per level (every torch call passes through the log: keep it short)

@@ -269,10 +269,11 @@ def test_preset_is_accepted_by_fuse(trained_mlp, digits_fusion):
 def test_head_kd_fits_a_true_kl_divergence(trained_mlp, digits, digits_fusion):
     method = get_method("kf-gradient")(progress=False, head_kd=True, temperature=2.0)
     twin = permute_hidden(trained_mlp, seed=7)
-    fused = method.fuse([trained_mlp, twin], digits_fusion)
+    result = method.run([trained_mlp, twin], digits_fusion)
+    fused = result.model
     # the teacher is the model itself: the KL is 0 at the warm start, so nothing moves
     assert _logit_gap(fused, trained_mlp, digits.x_test) < 1e-4
-    assert method.report[-1]["head"] == "kd"
+    assert result.report[-1]["head"] == "kd"
     loss = method._loss(True, torch.ones(10), "dense")
     z = torch.randn(6, 10)
     target = F.log_softmax(torch.randn(6, 10) / 2.0, dim=-1)

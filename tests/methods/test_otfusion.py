@@ -144,10 +144,10 @@ def test_single_model_is_returned_unchanged(mlps, fs, digits):
 # -- transport maps and the target-marginal correction ------------------------------------------
 def test_rectangular_plans_and_target_marginal_correction(mlps, fs):
     a, b = mlps
-    fusion = OTFusion(progress=False)
-    fused = fusion.fuse([a, b], fs)
+    result = OTFusion(progress=False).run([a, b], fs)
+    fused = result.model
     assert fused.level_widths() == a.level_widths()  # the anchor's architecture and widths
-    plans = fusion.transports[0]
+    plans = result.extras["transports"][0]
     assert plans[0].shape == (24, 16) and plans[1].shape == (20, 12) and plans[2] is None
     for t, (n, m) in zip(plans[:2], [(24, 16), (20, 12)]):
         assert np.allclose(t.sum(1), 1 / n) and np.allclose(t.sum(0), 1 / m)  # uniform marginals
@@ -159,18 +159,18 @@ def test_rectangular_plans_and_target_marginal_correction(mlps, fs):
     assert np.allclose(fused.levels[0][1].weight.detach().numpy(), expected, atol=1e-6)
     wrong = (a.levels[0][1].weight.detach().double().numpy() + (t0 / t0.sum(1)[:, None]).T @ wb) / 2
     assert not np.allclose(expected, wrong, atol=1e-3)  # 1/mu (the reference code) would differ
-    # repair groupings: identity for the anchor, the barycentric map for model 1
-    assert len(fusion.groupings) == 2
-    assert np.allclose(fusion.groupings[0][1], q) and np.allclose(fusion.groupings[0][1].sum(1), 1)
+    # correspondences: identity for the anchor, the barycentric map for model 1
+    assert len(result.correspondences) == 2
+    c0 = result.correspondences[0]
+    assert np.allclose(c0.block(0), np.eye(16)) and np.allclose(c0.block(1), q)
+    assert np.allclose(c0.block(1).sum(1), 1)
 
 
 def test_activations_of_the_aligned_model_are_recomputed(mlps, fs):
     """Level 1's plan is the exact OT between the anchor's pre-activations and those of model 1
     with level 0 already aligned and level 1's input written in the anchor's basis."""
     a, b = mlps
-    fusion = OTFusion(progress=False)
-    fusion.fuse([a, b], fs)
-    t0, t1 = fusion.transports[0][:2]
+    t0, t1 = OTFusion(progress=False).run([a, b], fs).extras["transports"][0][:2]
     q0 = (t0 / t0.sum(0)[None, :]).T  # [16, 24]
     p0 = t0 / t0.sum(0)[None, :]  # [24, 16]
     x = fs[0].reshape(len(fs[0]), -1).double().numpy()
@@ -194,12 +194,13 @@ def test_importance_gives_the_marginals(mlps, fs):
     fusion = OTFusion(importance="conductance", progress=False)
     from neurofuse._fusion_set import as_fusion_set
 
-    fused = fusion.fuse([a, b], fs)
+    result = fusion.run([a, b], fs)
+    fused = result.model
     data = as_fusion_set(fs)
     for lvl in range(2):
         mu = neuron_importance(b, lvl, data, "conductance").numpy()
         nu = neuron_importance(a, lvl, data, "conductance").numpy()
-        t = fusion.transports[0][lvl]
+        t = result.extras["transports"][0][lvl]
         assert np.allclose(t.sum(1), mu / mu.sum(), atol=1e-8)
         assert np.allclose(t.sum(0), nu / nu.sum(), atol=1e-8)
     assert predict_logits(fused, fs[0]).shape == (len(fs[0]), 10)
@@ -208,9 +209,9 @@ def test_importance_gives_the_marginals(mlps, fs):
 def test_sinkhorn_is_a_soft_plan(mlps, fs):
     a, b = mlps
     exact, soft = OTFusion(progress=False), OTFusion(solver="sinkhorn", reg=0.05, progress=False)
-    exact.fuse([a, b], fs)
-    fused = soft.fuse([a, b], fs)
-    te, ts = exact.transports[0][0], soft.transports[0][0]
+    te = exact.run([a, b], fs).extras["transports"][0][0]
+    soft_result = soft.run([a, b], fs)
+    fused, ts = soft_result.model, soft_result.extras["transports"][0][0]
     assert (ts > 1e-6).sum() > (te > 1e-12).sum()  # entropic plans spread their mass
     assert np.allclose(ts.sum(0), 1 / 16, atol=1e-6)
     assert torch.isfinite(predict_logits(fused, fs[0])).all()
@@ -219,9 +220,7 @@ def test_sinkhorn_is_a_soft_plan(mlps, fs):
 # -- residual streams ------------------------------------------------------------------------
 def test_residual_stream_shares_one_transport(resmlps, fs, digits):
     a, b = resmlps
-    fusion = OTFusion(progress=False)
-    fusion.fuse([a, b], fs)
-    plans = fusion.transports[0]
+    plans = OTFusion(progress=False).run([a, b], fs).extras["transports"][0]
     assert plans[1] is plans[0] and plans[2] is plans[0] and plans[3] is None
     # the shared plan is the exact OT for the summed ground metric of the stream's levels
     cost = sum(cdist(acts(b, fs[0], lvl).T, acts(a, fs[0], lvl).T) for lvl in range(3))
@@ -301,13 +300,13 @@ def test_resnet_recovered_from_its_permuted_copy(fs, digits):
     model = _bn_ready_resnet(0, fs[0])
     twin = permute_resnet(model, seed=1)
     assert float((predict_logits(twin, digits.x_test) - predict_logits(model, digits.x_test)).abs().max()) < 1e-4
-    fusion = OTFusion(progress=False)
-    fused = fusion.fuse([model, twin], fs)
+    result = OTFusion(progress=False).run([model, twin], fs)
+    fused = result.model
     heads_tied = [lvl for lvl in range(1, model.num_levels - 1)
                   if isinstance(model.levels[lvl].shortcut, nn.Identity)]
     assert heads_tied  # identity-shortcut blocks share their input's transport
     for lvl in heads_tied:
-        assert fusion.transports[0][lvl] is fusion.transports[0][lvl - 1]
+        assert result.extras["transports"][0][lvl] is result.extras["transports"][0][lvl - 1]
     for method, f in (("otfusion", fused),
                       ("git-rebasin", neurofuse.fuse([model, twin], fs, method="git-rebasin", progress=False))):
         for x in (fs[0], digits.x_test[:100]):

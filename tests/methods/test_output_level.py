@@ -41,8 +41,9 @@ def test_importance_weights_with_uniform_scores_are_the_mean(method, pair, digit
 def test_importance_weights_follow_the_output_scores(method, pair, digits_fusion):
     fusion = get_method(method)(importance="conductance", progress=False, **_fast(method))
     fs = neurofuse._fusion_set.as_fusion_set(digits_fusion)
-    got = fusion.output_level_weights(pair, fs)
-    scores = torch.stack([fusion.importance_scores(m, fs)[-1] for m in pair]).numpy()
+    run = fusion.Run(fusion, pair, fs)
+    got = fusion.output_level_weights(run, pair)
+    scores = torch.stack([run.importance_scores(m)[-1] for m in pair]).numpy()
     np.testing.assert_allclose(got, scores / scores.sum(0))
     a = neurofuse.fuse(pair, digits_fusion, method=method, importance="conductance", progress=False,
                        output_weights="importance", **_fast(method))
@@ -89,4 +90,5 @@ def test_unknown_output_weights_is_refused(method):
 def test_output_weights_function_is_used_for_class_weights(pair, digits_fusion):
     cw = np.random.default_rng(0).uniform(0, 1, (2, 10))
     fusion = get_method("otfusion")(class_weights=cw, progress=False)
-    np.testing.assert_allclose(fusion.output_level_weights(pair, None), output_weights(2, 10, cw))
+    run = fusion.Run(fusion, pair, None)
+    np.testing.assert_allclose(fusion.output_level_weights(run, pair), output_weights(2, 10, cw))

@@ -71,14 +71,14 @@ def test_two_models_of_equal_widths_only(pair, fs, digits):
 def test_matching_is_the_hungarian_solution(pair, fs, post):
     a, b = pair
     gr = GitRebasin(activations="post" if post else "pre", progress=False)
-    gr.fuse([a, b], fs)
+    perms = gr.run([a, b], fs).extras["permutations"]
     for lvl in range(2):
         cost = cdist(_acts(a, fs[0], lvl, post).T, _acts(b, fs[0], lvl, post).T)
         rows, cols = linear_sum_assignment(cost)
-        got = cost[np.arange(cost.shape[0]), gr.permutations[lvl]].sum()
+        got = cost[np.arange(cost.shape[0]), perms[lvl]].sum()
         assert got == pytest.approx(cost[rows, cols].sum(), rel=1e-9, abs=1e-9)  # optimal
-        assert sorted(gr.permutations[lvl]) == list(range(cost.shape[0]))
-    assert gr.permutations[2] is None  # output level: identity
+        assert sorted(perms[lvl]) == list(range(cost.shape[0]))
+    assert perms[2] is None  # output level: identity
 
 
 def test_neurons_dead_on_the_fusion_set_are_matched_by_their_pre_activations(pair, fs, digits):
@@ -107,13 +107,13 @@ def test_neurons_dead_on_the_fusion_set_are_matched_by_their_pre_activations(pai
 def test_correlation_matching(pair, fs):
     a, b = pair
     gr = GitRebasin(metric="correlation", progress=False)
-    gr.fuse([a, b], fs)
+    perms = gr.run([a, b], fs).extras["permutations"]
     za, zb = _acts(a, fs[0], 0, True), _acts(b, fs[0], 0, True)
     with np.errstate(invalid="ignore", divide="ignore"):  # dead neurons have no correlation
         corr = np.nan_to_num(np.corrcoef(za.T, zb.T)[: za.shape[1], za.shape[1]:])
     rows, cols = linear_sum_assignment(-corr)
     best = corr[rows, cols].sum()
-    got = corr[np.arange(za.shape[1]), gr.permutations[0]].sum()
+    got = corr[np.arange(za.shape[1]), perms[0]].sum()
     assert got == pytest.approx(best, abs=1e-9)  # optimal (ties between dead neurons may differ)
 
 
@@ -121,9 +121,10 @@ def test_importance_weighted_average(pair, fs):
     """W = diag(s0/(s0+s1')) W0 + diag(s1'/(s0+s1')) W1_aligned, s1' the permuted scores."""
     a, b = pair
     gr = GitRebasin(importance="conductance", progress=False)
-    fused = gr.fuse([a, b], fs)
+    res = gr.run([a, b], fs)
+    fused, perms = res.model, res.extras["permutations"]
     data = as_fusion_set(fs)
-    p0, p1 = gr.permutations[0], gr.permutations[1]
+    p0, p1 = perms[0], perms[1]
     s0 = neuron_importance(a, 0, data, "conductance").numpy()
     s1 = neuron_importance(b, 0, data, "conductance").numpy()[p0]
     assert not np.allclose(s0 / (s0 + s1), 0.5, atol=0.02)  # the weights are not trivial

@@ -60,6 +60,13 @@ class Cell:
             return False
 
 
+def ensemble_method() -> str:
+    """The registered method whose output is an ensemble (the end point of a pareto curve)."""
+    from ..methods import get_method, list_methods
+
+    return next(n for n in list_methods() if get_method(n).output_is_ensemble)
+
+
 def cell_path(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.cell_id}.json"
 
@@ -92,7 +99,8 @@ def expected_cells(cfg: BenchConfig) -> List[Cell]:
                         cells.append(Cell(m, cfg.sweep.importance, split, seed, n, sweep=True))
             if cfg.pareto is not None:
                 # the ensemble (the curve's end point) and every width the models' neurons allow
-                cells.append(Cell("ensemble", "uniform", split, seed, cfg.fusion_samples, width=float(split)))
+                cells.append(Cell(ensemble_method(), "uniform", split, seed, cfg.fusion_samples,
+                                  width=float(split)))
                 for w in cfg.pareto.widths:
                     if w <= split:
                         cells.append(Cell(cfg.pareto.method, cfg.pareto.importance, split, seed,

@@ -23,15 +23,11 @@ from ..errors import ConfigError
 from ._cells import expected_cells, read_cells
 from ._config import BenchConfig, FinetuneSpec, ParetoSpec, SweepSpec
 
-__all__ = ["METHOD_LABELS", "ROW_ORDER", "config_from_dict", "fmt_mean_std", "format_cell",
+__all__ = ["config_from_dict", "fmt_mean_std", "format_cell", "method_label", "row_order",
            "render_report", "summarise", "write_outputs", "write_report"]
 
-#: the paper's row order and names
-ROW_ORDER = ["vanilla", "kd-head", "ensemble", "otfusion", "git-rebasin", "hf-linear", "kf-linear",
-             "kf-gradient"]
-METHOD_LABELS = {"base": "Base models", "vanilla": "Vanilla Averaging", "kd-head": "Last-layer KD",
-                 "ensemble": "Ensemble", "otfusion": "OTFusion", "git-rebasin": "Git Re-Basin",
-                 "hf-linear": "HF Linear", "kf-linear": "KF Linear", "kf-gradient": "KF Gradient"}
+#: the label of the base models' row
+BASE_LABEL = "Base models"
 NA = "N/A"
 MISSING = "–"
 
@@ -102,17 +98,41 @@ def _row_key(doc: Mapping[str, Any], uses_importance: bool) -> Tuple[str, str, b
     return doc["method"], doc["importance"] if uses_importance else "", bool(doc.get("finetuned"))
 
 
-def _uses_importance(method: str) -> bool:
-    from ..methods import get_method
+def _method_class(method: str) -> Any:
+    """The registered class of ``method``, or ``None`` (an unknown method in an old run)."""
+    from ..methods import get_method, list_methods
 
-    try:
-        return bool(get_method(method).uses_importance)
-    except Exception:  # noqa: BLE001 - an unknown method in an old run: show it without importance
-        return False
+    return get_method(method) if method in list_methods() else None
+
+
+def _uses_importance(method: str) -> bool:
+    cls = _method_class(method)
+    return bool(cls is not None and cls.uses_importance)
+
+
+def is_ensemble(method: str) -> bool:
+    """Whether ``method``'s output is an ensemble (the reference of the pareto curves)."""
+    cls = _method_class(method)
+    return bool(cls is not None and cls.output_is_ensemble)
+
+
+def method_label(method: str) -> str:
+    """The method's label in tables (:meth:`FusionMethod.display_label`; unknown: the name)."""
+    cls = _method_class(method)
+    return cls.display_label() if cls is not None else method
+
+
+def row_order(methods: Sequence[str]) -> List[str]:
+    """``methods`` in table order (:attr:`FusionMethod.order`; unknown methods last)."""
+    def key(m: str) -> Tuple[int, int]:
+        cls = _method_class(m)
+        return (cls.order if cls is not None else 10_000, list(methods).index(m))
+
+    return sorted(dict.fromkeys(methods), key=key)
 
 
 def row_label(method: str, importance: str, finetuned: bool) -> str:
-    label = METHOD_LABELS.get(method, method)
+    label = method_label(method)
     if importance:
         label += f" ({importance})"
     if finetuned:
@@ -122,9 +142,8 @@ def row_label(method: str, importance: str, finetuned: bool) -> str:
 
 def _rows(cfg: BenchConfig, finetuned: bool) -> List[Tuple[str, str, bool]]:
     methods = list(cfg.finetune.methods) if finetuned and cfg.finetune else list(cfg.methods)
-    ordered = [m for m in ROW_ORDER if m in methods] + [m for m in methods if m not in ROW_ORDER]
     rows = []
-    for m in ordered:
+    for m in row_order(methods):
         if _uses_importance(m):
             rows.extend((m, imp, finetuned) for imp in cfg.importances)
         else:
@@ -142,7 +161,7 @@ def summarise(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]],
         b = [d for d in bases if d["split"] == split]
         base_row[f"{split}-way"] = {"text": format_base(b), "n": len(b),
                                     "mean": float(np.mean([np.mean(d["accuracies"]) for d in b])) if b else None}
-    out[METHOD_LABELS["base"]] = base_row
+    out[BASE_LABEL] = base_row
     # the bar a fused model must clear to be worth having (mean over seeds of each seed's best)
     best_row = {}
     for split in cfg.splits:
@@ -188,11 +207,11 @@ def _accuracy_section(cfg: BenchConfig, summary: Mapping[str, Mapping[str, Any]]
 
 def _importance_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> str:
     parts = ["## Importance scores (test accuracy %)\n"]
-    methods = [m for m in ROW_ORDER if m in cfg.methods and _uses_importance(m)]
+    methods = [m for m in row_order(cfg.methods) if _uses_importance(m)]
     for split in cfg.splits:
         rows = []
         for m in methods:
-            r = [METHOD_LABELS.get(m, m)]
+            r = [method_label(m)]
             for imp in cfg.importances:
                 docs = [c for c in cells if c["method"] == m and c["importance"] == imp
                         and c["split"] == split and not c.get("sweep") and not c.get("finetuned")
@@ -207,8 +226,8 @@ def _runtime_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> st
     parts = ["## Runtime (seconds of fusion, importance scores included)\n"]
     for split in cfg.splits:
         rows = []
-        for m in [m for m in ROW_ORDER if m in cfg.methods] + [m for m in cfg.methods if m not in ROW_ORDER]:
-            r = [METHOD_LABELS.get(m, m)]
+        for m in row_order(cfg.methods):
+            r = [method_label(m)]
             imps = cfg.importances if _uses_importance(m) else ("uniform",)
             for imp in cfg.importances:
                 if imp not in imps:
@@ -236,7 +255,7 @@ def _sweep_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> str:
                         and c["fusion_samples"] == n]
                 r.append(f"{format_cell(docs, 'seconds', 1.0, 2)} s ({format_cell(docs)} %)")
             rows.append(r)
-        header = ["Fusion samples"] + [f"{METHOD_LABELS.get(m, m)}: seconds (accuracy)" for m in cfg.sweep.methods]
+        header = ["Fusion samples"] + [f"{method_label(m)}: seconds (accuracy)" for m in cfg.sweep.methods]
         parts.append(f"### {split} models\n\n" + _md_table(header, rows) + "\n")
     return "\n".join(parts)
 
@@ -267,7 +286,7 @@ def pareto_points(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]], bases: S
             continue
         docs = [c for c in mine if c["method"] == cfg.pareto.method and c["width"] == float(w)]
         curve.append((float(w),) + stats(docs))
-    ens = stats([c for c in mine if c["method"] == "ensemble"])
+    ens = stats([c for c in mine if is_ensemble(c["method"])])
     b = [d for d in bases if d["split"] == split]
     return {"curve": curve, "ensemble": ens if ens[1] is not None else None,
             "best_base": float(np.mean([d["accuracies"][0] for d in b])) if b else None,
@@ -277,7 +296,7 @@ def pareto_points(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]], bases: S
 def _pareto_section(cfg: BenchConfig, cells: Sequence[Mapping[str, Any]], bases: Sequence[Mapping[str, Any]]) -> str:
     assert cfg.pareto is not None
     pa = cfg.pareto
-    parts = [f"## Accuracy against parameters: {METHOD_LABELS.get(pa.method, pa.method)} "
+    parts = [f"## Accuracy against parameters: {method_label(pa.method)} "
              f"({pa.importance} importance{', class shares' if pa.class_shares else ''}) at fused widths "
              f"{', '.join(f'x{w:g}' for w in pa.widths)}\n"]
 
@@ -346,7 +365,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 splits.append(c["split"])
     if reasons:
         lines.append("## Not applicable\n")
-        lines += [f"- {METHOD_LABELS.get(mm, mm)} ({', '.join(f'{s}-way' for s in sorted(sp))}): {r}"
+        lines += [f"- {method_label(mm)} ({', '.join(f'{s}-way' for s in sorted(sp))}): {r}"
                   for mm, (sp, r) in reasons.items()]
         lines.append("")
     figs = doc.get("figures") or []
@@ -400,7 +419,7 @@ def write_outputs(out: Path, cfg_doc: Optional[Mapping[str, Any]] = None, machin
         "config": cfg.to_dict(),
         "n_expected": len(wanted), "n_done": len(done), "missing": missing,
         "base_models": bases,
-        "ensemble": [c for c in cells if c["method"] == "ensemble"],
+        "ensemble": [c for c in cells if is_ensemble(c["method"])],
         "cells": cells,
         "summary": summary,
         "last_run": dict(last_run or old.get("last_run", {})),

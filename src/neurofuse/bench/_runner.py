@@ -18,9 +18,13 @@ base models, method, importance, options, fusion set) matches, so changing a set
 exactly the cells it affects.  Base models are looked up only in the cache directory given
 (``cache=``, ``--cache``; by default ``<out>/cache``): to share base models between tables at the
 same scale, pass the same ``--cache`` to both runs (e.g. ``--cache runs/bench/cache-cpu``).  A cache
-entry is reused only when its ``meta.json`` names the same key and every model file has the
-sha256 recorded there; the reuse is logged with the entry's path.  An entry that fails the check
-or cannot be loaded (a corrupt or truncated file) is retrained and rewritten, with a warning.
+entry is keyed by its content: it is reused only when its ``meta.json`` names the same key and the
+content hash of its files, every model file has the sha256 recorded there and names the same key
+and its index in its own (digest-checked) metadata, and, when this output directory used the
+entry before, the content is the one its results were computed with (``cells/base__*.json``
+records it); the reuse is logged with the entry's path.  An entry that fails the check or cannot
+be loaded (a corrupt or truncated file, one planted in a shared ``--cache``) is retrained and
+rewritten, with a warning.
 
 The thread count is part of the key because it changes the bits of training (and of
 ``kf-gradient``): reduction orders in torch's CPU kernels depend on it.
@@ -134,30 +138,67 @@ def _model_file(i: int) -> str:
     return f"model_{i}.safetensors"
 
 
-def _cache_problem(d: Path, h: str, split: int) -> Optional[str]:
-    """Why the cache entry ``d`` cannot be reused for hash ``h`` (``None``: it can)."""
+def _canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists...), for comparing keys."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def content_hash(digests: Dict[str, str]) -> str:
+    """The content hash of a cache entry: sha256 over its files' names and sha256s."""
+    text = "".join(f"{name}\0{digests[name]}\n" for name in sorted(digests))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cache_problem(d: Path, key: Dict[str, Any], split: int,
+                   expect_content: Optional[str] = None) -> Optional[str]:
+    """Why the cache entry ``d`` cannot be reused for ``key`` (``None``: it can).
+
+    The entry is keyed by its content: ``meta.json`` must name the full ``key`` and the content
+    hash of its files, every file must have the sha256 recorded there and carry, inside its own
+    checked metadata, the same key and its model index (so files of another entry, or of a
+    ``neurofuse train`` run, put there do not pass), and when this output directory used the
+    entry before (``expect_content``), the content must be the one it used.
+    """
+    from .._tensorfile import DIGEST_KEY, SafetensorsHeader
+    from ..checkpoint import read_config
+
     meta = read_json(d / "meta.json")
     if not meta:
         return "its meta.json is missing or unreadable"
-    if meta.get("hash") != h or int(meta.get("n_models", -1)) != split:
+    if meta.get("key") != _canonical(key) or meta.get("n_models") != split:
         return f"its meta.json describes another entry ({meta.get('hash')!r}, {meta.get('n_models')!r} models)"
     digests = meta.get("sha256")
-    if not isinstance(digests, dict):
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         return "its meta.json records no content hashes"
+    if sorted(digests) != sorted(_model_file(i) for i in range(split)):
+        return f"its meta.json lists other files ({sorted(digests)[:3]})"
+    if meta.get("content") != content_hash(digests):
+        return "its meta.json's content hash does not match its files' sha256s"
+    if expect_content is not None and meta.get("content") != expect_content:
+        return (f"its content ({str(meta.get('content'))[:12]}) is not what this output directory's "
+                f"results were computed with ({expect_content[:12]}); it was replaced")
     for i in range(split):
         p = d / _model_file(i)
-        if not p.is_file():
-            return f"{p.name} is missing"
+        if not p.is_file() or p.is_symlink():
+            return f"{p.name} is missing or a link"
         if digests.get(p.name) != file_sha256(p):
             return f"{p.name} does not match its recorded sha256 (corrupt or modified)"
+        try:
+            own = read_config(p).get("metadata", {})
+            signed = DIGEST_KEY in (SafetensorsHeader(p).meta or {})
+        except NeurofuseError as exc:
+            return " ".join(str(exc).split())
+        if not signed or _canonical(own.get("cache_key")) != _canonical(key) or own.get("model_index") != i:
+            return f"{p.name} is not base model {i} of this entry (its own metadata names another key)"
     return None
 
 
-def _load_cached(d: Path, h: str, split: int) -> Tuple[Optional[List[nn.Module]], Optional[str]]:
+def _load_cached(d: Path, key: Dict[str, Any], split: int, expect_content: Optional[str] = None
+                 ) -> Tuple[Optional[List[nn.Module]], Optional[str]]:
     """The verified models of a cache entry, or ``(None, reason)``."""
     from ..checkpoint import load_model
 
-    problem = _cache_problem(d, h, split)
+    problem = _cache_problem(d, key, split, expect_content)
     if problem is not None:
         return None, problem
     try:
@@ -167,7 +208,7 @@ def _load_cached(d: Path, h: str, split: int) -> Tuple[Optional[List[nn.Module]]
 
 
 def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, cache: Path, device: str,
-                    progress: bool, emit: Event) -> Base:
+                    progress: bool, emit: Event, expect_content: Optional[str] = None) -> Base:
     """The base models of one split and seed: from ``cache/<hash>`` if verified, else trained.
 
     A cache entry that exists but fails verification (content hash, loading) is retrained and
@@ -183,7 +224,7 @@ def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, cache: Path, de
     parts = split_parts(ds, scfg)
     d = Path(cache) / h
     if d.exists():
-        models, problem = _load_cached(d, h, split)
+        models, problem = _load_cached(d, key, split, expect_content)
         if models is not None:
             meta = read_json(d / "meta.json") or {}
             STATS["cache_hits"] += 1
@@ -217,7 +258,7 @@ def get_base_models(cfg: BenchConfig, ds, split: int, seed: int, cache: Path, de
             "train_samples": [int(len(p)) for p in parts],
             "val_accuracies": [hst.get("best_val_accuracy") for hst in base.histories],
             "best_epochs": [hst.get("best_epoch") for hst in base.histories],
-            "device": device, "sha256": digests}
+            "device": device, "sha256": digests, "content": content_hash(digests)}
     write_json(d / "meta.json", meta)
     return Base([m.eval() for m in base.models], parts, base.class_shares, meta, True)
 
@@ -260,11 +301,13 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
     """Fuse (and fine-tune) one cell and score it on the test set."""
     from ..experiment import fusion_set, run_methods
     from ..finetune import FinetuneConfig, finetune
+    from ..methods import get_method
     from ..training import evaluate
 
     fusion = fusion_set(ds, cell.fusion_samples, seed=cell.seed)
     doc: Dict[str, Any] = {}
-    if cell.finetuned and cell.method == "ensemble":
+    cls = get_method(cell.method)
+    if cell.finetuned and cls.output_is_ensemble:
         # the paper's fine-tuned ensemble: every base model fine-tuned alike, then ensembled
         from ..api import fuse
 
@@ -276,7 +319,7 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
         for m in base.models:
             t, _ = finetune(copy.deepcopy(m), x, y, ft_cfg, progress=False)
             tuned.append(t.eval())
-        ens = fuse(tuned, fusion, method="ensemble", progress=False, **_options(cfg, "ensemble", base))
+        ens = fuse(tuned, fusion, method=cell.method, progress=False, **_options(cfg, cell.method, base))
         seconds = time.perf_counter() - start
         s = evaluate(ens, ds.x_test, ds.y_test)
         members = [evaluate(t, ds.x_test, ds.y_test)["accuracy"] for t in tuned]
@@ -285,7 +328,7 @@ def compute_cell(cfg: BenchConfig, cell: Cell, ds, base: Base, device: str) -> D
     opts = _options(cfg, cell.method, base)
     opts["device"] = device
     if cell.width is not None and cfg.pareto is not None:
-        if cell.method != "ensemble":
+        if cls.supports_width:
             opts["width"] = cell.width
         if cfg.pareto.class_shares:
             opts["class_weights"] = np.asarray(base.class_shares)
@@ -311,7 +354,7 @@ def base_cell(ds, base: Base, split: int, seed: int, h: str) -> Dict[str, Any]:
 
     scores = [evaluate(m, ds.x_test, ds.y_test) for m in base.models]
     order = sorted(range(len(scores)), key=lambda i: -scores[i]["accuracy"])
-    return {"split": split, "seed": seed, "cache": h,
+    return {"split": split, "seed": seed, "cache": h, "content": base.meta.get("content"),
             "accuracies": [scores[i]["accuracy"] for i in order],
             "losses": [scores[i]["loss"] for i in order],
             "model_index": order,
@@ -416,10 +459,11 @@ def run_benchmark(cfg: BenchConfig, out: Optional[Path] = None, *, device: Optio
             bdoc = read_json(bpath)
             if not todo and bdoc and bdoc.get("cache") == h:
                 continue
-            base = get_base_models(cfg, ds, split, seed, cache, device, progress, emit)
+            known = bdoc.get("content") if bdoc and bdoc.get("cache") == h else None
+            base = get_base_models(cfg, ds, split, seed, cache, device, progress, emit, known)
             if base.trained:
                 run_stats["trained_base_models"] += split
-            if not (bdoc and bdoc.get("cache") == h):
+            if not (bdoc and bdoc.get("cache") == h and bdoc.get("content") == base.meta.get("content")):
                 bdoc = base_cell(ds, base, split, seed, h)
                 save_json(bdoc, bpath, force=True)
                 emit("base", bdoc)

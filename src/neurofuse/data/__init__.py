@@ -13,6 +13,7 @@
 from ._partition import (
     balanced_subset,
     class_shares,
+    dirichlet_alpha_split,
     dirichlet_split,
     iid_split,
     partition,
@@ -34,6 +35,7 @@ __all__ = [
     "verify_mnist",
     "iid_split",
     "dirichlet_split",
+    "dirichlet_alpha_split",
     "sharded_split",
     "partition",
     "train_val_split",

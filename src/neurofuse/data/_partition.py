@@ -438,3 +438,38 @@ def class_shares(
     counts = partition_summary(labels, parts, num_classes).astype(np.float64)
     totals = counts.sum(axis=0)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def dirichlet_alpha_split(labels: np.ndarray, n: int, alpha: float, seed: int,
+                          min_size: int = 10, max_tries: int = 1000) -> List[np.ndarray]:
+    """Split sample indices among ``n`` clients with class shares drawn from ``Dirichlet(alpha)``.
+
+    For every class, ``p ~ Dirichlet(alpha * 1_n)`` and the class's shuffled indices are cut at
+    ``cumsum(p)``; the draw is repeated (up to ``max_tries``) until every client has at least
+    ``min_size`` samples, as in the FL benchmarks' reference code.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``n`` sorted ``int64`` index arrays covering every index once.
+    """
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+        raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
+    y = _as_labels(labels)
+    n = _check_n(n, len(y))
+    min_size = min(min_size, len(y) // n)
+    rng = np.random.default_rng(seed)
+    groups = _by_class(y)
+    for _ in range(max_tries):
+        buckets: List[List[np.ndarray]] = [[] for _ in range(n)]
+        for idx in groups.values():
+            idx = rng.permutation(idx)
+            p = rng.dirichlet(np.full(n, float(alpha)))
+            cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]
+            for i, piece in enumerate(np.split(idx, cuts)):
+                buckets[i].append(piece)
+        parts = [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ConfigError(f"no Dirichlet({alpha}) split gives all {n} clients {min_size} samples; "
+                      "use a larger alpha or fewer clients")

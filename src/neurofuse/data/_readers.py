@@ -195,7 +195,11 @@ def md5_of_content(path: str | os.PathLike[str]) -> str:
 # idx
 # --------------------------------------------------------------------------------------------
 #: most data bytes an idx file may declare (EMNIST, the largest idx data set, is about 0.6 GB)
-MAX_IDX_BYTES = 1 << 31
+MAX_IDX_BYTES = 1 << 30
+#: most a gzip idx file may expand (MNIST's files expand about 5 times; deflate can reach 1032)
+MAX_GZIP_RATIO = 64
+#: data a gzip idx file may always hold, whatever its ratio (small synthetic files compress well)
+GZIP_FREE_BYTES = 64 << 20
 #: largest CIFAR batch file read (the CIFAR-100 training file, the largest, is about 155 MB)
 MAX_CIFAR_BYTES = 1 << 30
 _CHUNK = 1 << 20
@@ -215,10 +219,11 @@ def _read_upto(stream: Any, n: int) -> bytes:
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an idx file (the MNIST / Fashion-MNIST format), gzip-compressed or not.
 
-    The header is read first; then at most the number of data bytes it declares (plus one, to
-    detect extra data) is read or decompressed, so a small (gzip) file cannot make the reader
-    allocate more than its header states, and a header may state at most
-    :data:`MAX_IDX_BYTES`.
+    The header is read first; then the data bytes it declares are read or decompressed, in
+    chunks, straight into the one array returned (plus one byte, to detect extra data), so the
+    reader never holds more than the header states; a header may state at most
+    :data:`MAX_IDX_BYTES`, and a gzip file at most :data:`MAX_GZIP_RATIO` times its own size
+    (or :data:`GZIP_FREE_BYTES`): a small file cannot make the reader allocate gigabytes.
 
     Parameters
     ----------
@@ -249,7 +254,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             size = os.fstat(fh.fileno()).st_size
             stream: Any = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
             try:
-                return _parse_idx(p, stream, None if gz else size)
+                return _parse_idx(p, stream, None if gz else size,
+                                  max(GZIP_FREE_BYTES, MAX_GZIP_RATIO * size) if gz else None)
             except (OSError, EOFError, zlib.error) as exc:
                 if not gz:
                     raise
@@ -266,8 +272,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         ) from None
 
 
-def _parse_idx(p: Path, stream: Any, size: Any) -> np.ndarray:
-    """The idx array from ``stream``; ``size`` is the file's size when it is not compressed."""
+def _parse_idx(p: Path, stream: Any, size: Any, inflated_cap: Any = None) -> np.ndarray:
+    """The idx array from ``stream``; ``size`` is the file's size when it is not compressed,
+    ``inflated_cap`` the most data a compressed file may expand to."""
     head = _read_upto(stream, 4)
     if len(head) < 4:
         raise DataError(
@@ -294,6 +301,12 @@ def _parse_idx(p: Path, stream: Any, size: Any) -> np.ndarray:
             f"{p}: its header {tuple(dims)} declares {expected} data bytes, more than the "
             f"{MAX_IDX_BYTES} an idx file may hold here; the file is corrupt, download it again"
         )
+    if inflated_cap is not None and expected > inflated_cap:
+        raise DataError(
+            f"{p}: its header {tuple(dims)} declares {expected} data bytes, more than "
+            f"{MAX_GZIP_RATIO} times the compressed file's size (MNIST files expand about 5 times); "
+            "the file is corrupt or hostile: download it again"
+        )
     if size is not None and size - header != expected:
         payload = size - header
         kind = "truncated" if payload < expected else "corrupt"
@@ -301,8 +314,16 @@ def _parse_idx(p: Path, stream: Any, size: Any) -> np.ndarray:
             f"{p} is {kind}: its header {tuple(dims)} needs {expected} data bytes but it has "
             f"{payload}; download it again"
         )
-    content = _read_upto(stream, expected + 1)
-    payload = len(content)
+    arr = np.empty(expected, dtype=np.uint8)   # the only buffer: filled in place, chunk by chunk
+    view = memoryview(arr)
+    payload = 0
+    while payload < expected:
+        n = stream.readinto(view[payload:payload + _CHUNK])
+        if not n:
+            break
+        payload += n
+    if payload == expected and stream.read(1):
+        payload += 1
     if payload != expected:
         kind = "truncated" if payload < expected else "corrupt"
         shown = str(payload) if payload <= expected else "more"
@@ -310,8 +331,7 @@ def _parse_idx(p: Path, stream: Any, size: Any) -> np.ndarray:
             f"{p} is {kind}: its header {tuple(dims)} needs {expected} data bytes but it has "
             f"{shown}; download it again"
         )
-    arr = np.frombuffer(content, dtype=np.uint8, count=expected)
-    return arr.reshape(dims).copy()
+    return arr.reshape(dims)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
-from ..levels._wrapped import Fn
+from ..levels import Fn
 
 __all__ = [
     "SequentialNet",

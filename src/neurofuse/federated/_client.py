@@ -15,7 +15,7 @@ from .._fusion_set import FusionSet
 from ..models import make_model
 from ..training import TrainConfig, train_model
 from ._data import ClientSetup, client_data
-from ._levels import answer_query
+from ._queries import answer_query
 from ._records import config_json, model_from_records, model_to_record
 
 __all__ = ["make_client_app", "partition_id"]
@@ -52,8 +52,9 @@ def make_client_app(setup: ClientSetup, threads: Optional[int] = 1) -> ClientApp
     empty record: the client's own initialisation), train ``config["local-epochs"]`` (default
     ``setup.epochs``) epochs on the partition, keep the best validation epoch, reply with the
     weights, ``num-examples``, and the zoo config, partition id and label counts.
-    ``query.level_stats`` / ``query.importance_sums``: the statistics of the no-server-data
-    protocol over the client's training part (:func:`neurofuse.federated.answer_query`).
+    ``query.level_stats`` / ``query.importance_sums`` / ``query.model_stats``: the statistics of
+    the no-server-data protocols over the client's training part
+    (:func:`neurofuse.federated.answer_query`).
     """
     app = ClientApp()
 
@@ -86,6 +87,10 @@ def make_client_app(setup: ClientSetup, threads: Optional[int] = 1) -> ClientApp
 
     @app.query("importance_sums")
     def importance(msg: Message, context: Context) -> Message:
+        return _answer(msg, context)
+
+    @app.query("model_stats")
+    def model_stats(msg: Message, context: Context) -> Message:
         return _answer(msg, context)
 
     def _answer(msg: Message, context: Context) -> Message:

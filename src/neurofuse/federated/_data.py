@@ -17,48 +17,26 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..data import Dataset, load_dataset, partition, train_val_split
-from ..data._partition import _as_labels, _by_class, _check_n
+from ..data import Dataset, dirichlet_alpha_split, load_dataset, partition, train_val_split
+from .._validate import check_choice, check_int, check_number, check_seed
 from ..errors import ConfigError
 
-__all__ = ["ClientSetup", "client_data", "dirichlet_alpha_split", "client_parts"]
+__all__ = ["MAX_CLIENTS", "MIN_CLIENT_SAMPLES", "ClientSetup", "client_data", "dirichlet_alpha_split",
+           "client_parts"]
+
+#: the client splits
+PARTITIONS = ("dirichlet", "sharded", "iid")
+#: fewest training samples a client may get (the Dirichlet split's ``min_size``)
+MIN_CLIENT_SAMPLES = 10
+#: most clients of one run (each is a Flower node; more do not fit one machine's simulation)
+MAX_CLIENTS = 10_000
+#: limits of the local training settings (larger values are typing mistakes, not experiments)
+MAX_EPOCHS = 10_000
+MAX_LR = 10.0
+#: largest Dirichlet concentration (beyond it the split is IID to machine precision)
+MAX_ALPHA = 1e6
 
 log = logging.getLogger("neurofuse")
-
-
-def dirichlet_alpha_split(labels: np.ndarray, n: int, alpha: float, seed: int,
-                          min_size: int = 10, max_tries: int = 1000) -> List[np.ndarray]:
-    """Split sample indices among ``n`` clients with class shares drawn from ``Dirichlet(alpha)``.
-
-    For every class, ``p ~ Dirichlet(alpha * 1_n)`` and the class's shuffled indices are cut at
-    ``cumsum(p)``; the draw is repeated (up to ``max_tries``) until every client has at least
-    ``min_size`` samples, as in the FL benchmarks' reference code.
-
-    Returns
-    -------
-    list of numpy.ndarray
-        ``n`` sorted ``int64`` index arrays covering every index once.
-    """
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
-        raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
-    y = _as_labels(labels)
-    n = _check_n(n, len(y))
-    min_size = min(min_size, len(y) // n)
-    rng = np.random.default_rng(seed)
-    groups = _by_class(y)
-    for _ in range(max_tries):
-        buckets: List[List[np.ndarray]] = [[] for _ in range(n)]
-        for idx in groups.values():
-            idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(n, float(alpha)))
-            cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]
-            for i, piece in enumerate(np.split(idx, cuts)):
-                buckets[i].append(piece)
-        parts = [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
-        if min(len(p) for p in parts) >= min_size:
-            return parts
-    raise ConfigError(f"no Dirichlet({alpha}) split gives all {n} clients {min_size} samples; "
-                      "use a larger alpha or fewer clients")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +85,32 @@ class ClientSetup:
     share_label_counts: bool = True
 
     def __post_init__(self) -> None:
-        if self.partition not in ("dirichlet", "sharded", "iid"):
-            raise ConfigError(f"partition must be 'dirichlet', 'sharded' or 'iid', got {self.partition!r}")
-        if self.num_clients < 1:
-            raise ConfigError(f"num_clients must be >= 1, got {self.num_clients}")
+        from ..data import list_datasets
+        from ..models import zoo_architectures
+
+        check_choice(self.dataset, "dataset", list_datasets())
+        check_int(self.num_clients, "num_clients (--clients)", 1, MAX_CLIENTS)
+        check_choice(self.partition, "partition (--partition)", PARTITIONS)
+        check_number(self.alpha, "alpha (--alpha)", 0.0, MAX_ALPHA, lo_open=True)
+        check_choice(self.arch, "arch (--arch)", zoo_architectures())
+        check_choice(self.size, "size (--size)", ("tiny", "small", "paper"))
+        check_int(self.epochs, "epochs (--epochs)", 1, MAX_EPOCHS)
+        check_number(self.lr, "lr (--lr)", 0.0, MAX_LR, lo_open=True)
+        check_int(self.batch_size, "batch_size", 1)
+        check_number(self.val_fraction, "val_fraction", 0.0, 1.0, hi_open=True)
+        check_seed(self.seed)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ConfigError(f"data_dir must be a path string, got {self.data_dir!r}")
+
+    def check_fits(self) -> None:
+        """Refuse, before any client starts, a split the dataset cannot give: every client needs
+        :data:`MIN_CLIENT_SAMPLES` training samples."""
+        n = len(_dataset(self.dataset, self.data_dir).y_train)
+        most = max(1, n // MIN_CLIENT_SAMPLES)
+        if self.num_clients > most:
+            raise ConfigError(f"{self.num_clients} clients on the {n} training samples of {self.dataset} "
+                              f"leave fewer than {MIN_CLIENT_SAMPLES} samples per client; use at most "
+                              f"{most} clients (--clients)")
 
 
 @functools.lru_cache(maxsize=4)

@@ -33,12 +33,13 @@ from .._fusion_set import FusionSet
 from ..approximation import LinearStats
 from ..errors import ConfigError, NeurofuseError
 from ..importance import importance_sums
-from ..methods import LinearFusion, get_method, list_methods
+from ..methods import FusionMethod, get_method, list_methods
 from ..stats import ImportanceSums
 from ._records import (client_name, config_json, model_from_records, model_to_record, record_bytes,
                        state_from_record, state_to_record)
 
-__all__ = ["LEVEL_QUERY", "IMPORTANCE_QUERY", "fuse_by_levels", "level_methods", "answer_query"]
+__all__ = ["LEVEL_QUERY", "IMPORTANCE_QUERY", "answer_level_query", "fuse_by_levels", "level_methods",
+           "statistics_methods"]
 
 log = logging.getLogger("neurofuse")
 
@@ -48,17 +49,30 @@ IMPORTANCE_QUERY = f"{MessageType.QUERY}.importance_sums"
 
 
 def level_methods() -> List[str]:
-    """Methods that can fuse with no data on the server (closed-form level-wise methods)."""
-    return [n for n in list_methods() if issubclass(get_method(n), LinearFusion)]
+    """Methods that can fuse with no data on the server from additive level statistics."""
+    return [n for n in list_methods() if get_method(n).supports_statistics]
+
+
+def statistics_methods() -> List[str]:
+    """Methods that can fuse with no data on the server: from additive level statistics
+    (:func:`fuse_by_levels`) or from each model's additive statistics
+    (:func:`neurofuse.federated.merge_by_statistics`)."""
+    return [n for n in list_methods()
+            if get_method(n).supports_statistics or get_method(n).supports_model_statistics]
+
+
+def data_free_methods() -> List[str]:
+    """Methods that need no fusion data at all."""
+    return [n for n in list_methods() if not get_method(n).needs_data]
 
 
 def _method(name: str) -> type:
     cls = get_method(name)
-    if not issubclass(cls, LinearFusion):
+    if not cls.supports_statistics:
         raise ConfigError(
-            f"method {name!r} cannot fuse without server data (it needs the samples themselves); "
-            f"with no data on the server use one of {level_methods()}, or 'vanilla' / 'ensemble', "
-            "which need no data")
+            f"method {name!r} cannot fuse level by level without server data (it needs the samples "
+            f"themselves); with no data on the server use one of {statistics_methods()}, or one of "
+            f"{data_free_methods()}, which need no data")
     return cls
 
 
@@ -81,12 +95,12 @@ def _base_content(models: Sequence[nn.Module], method: str, importance: str,
     return {"records": recs, "config": cfg}
 
 
-def _send(grid: Any, nodes: Sequence[int], content: Callable[[], RecordDict], message_type: str,
+def _send(grid: Any, nodes: Sequence[int], content: Callable[[int], RecordDict], message_type: str,
           timeout: Optional[float], group: str) -> "tuple[List[Message], int, int]":
     msgs = []
     sent = 0
     for node in nodes:
-        rd = content()
+        rd = content(int(node))
         sent += record_bytes(rd)
         msgs.append(Message(content=rd, message_type=message_type, dst_node_id=int(node), group_id=group))
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
@@ -136,14 +150,15 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
     cls = _method(method)
     opts = dict(options or {})
     width = opts.pop("width", None)
-    fusion: LinearFusion = cls(importance=importance, width=width, seed=seed, progress=False, **opts)
+    fusion: Any = cls(importance=importance, width=width, seed=seed, progress=False, **opts)
     models = [m.cpu().eval() for m in models]
-    nets, fused, widths = fusion.setup(models)
+    run = fusion.Run(fusion, models, None)
+    nets, fused, widths = fusion.setup(run)
     base = _base_content(models, method, importance, {**opts, **({"width": width} if width is not None else {})})
     cost = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0}
 
-    def content(extra: Dict[str, Any], records: Optional[Dict[str, ArrayRecord]] = None) -> Callable[[], RecordDict]:
-        def make() -> RecordDict:
+    def content(extra: Dict[str, Any], records: Optional[Dict[str, ArrayRecord]] = None) -> Callable[[int], RecordDict]:
+        def make(_node: int) -> RecordDict:
             rd = RecordDict({**base["records"], **(records or {})})
             rd["config"] = ConfigRecord({**base["config"], **extra})
             return rd
@@ -158,7 +173,7 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
         for net in nets:
             s = ImportanceSums(net.num_levels)
             s.update([torch.ones(w, dtype=torch.float64) for w in net.level_widths()], 1)
-            fusion.set_importance_scores(net, s.scores())
+            run.set_importance_scores(net, s.scores())
     else:
         replies, sent, received = _send(grid, nodes, content({}), IMPORTANCE_QUERY, timeout,
                                         f"{round_tag}importance")
@@ -169,7 +184,7 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
                 s = ImportanceSums.from_state(state_from_record(r.content["stats"], f"m{i}/"))
                 total = s if total is None else total.merge(s)
             assert total is not None
-            fusion.set_importance_scores(net, total.scores())
+            run.set_importance_scores(net, total.scores())
     for lvl in range(fused.num_levels):
         fused_rec = model_to_record(fused)
         replies, sent, received = _send(grid, nodes, content({"level": lvl}, {"fused": fused_rec}),
@@ -180,33 +195,34 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
             s = LinearStats.from_state(state_from_record(r.content["stats"]))
             stats = s if stats is None else stats.merge(s)
         assert stats is not None
-        fusion.solve_level(lvl, nets, fused, stats, widths[lvl], None)
+        fusion.solve_level(run, lvl, nets, fused, stats, widths[lvl])
         log.info("level %d solved from %d clients' statistics (%d rows)", lvl, len(replies), stats.rows)
     return fused.eval(), cost
 
 
-def _client_fusion(cfg: ConfigRecord, content: RecordDict) -> "tuple[LinearFusion, list, nn.Module, list]":
+def _client_fusion(cfg: ConfigRecord, content: RecordDict) -> "tuple[FusionMethod, list, nn.Module, list]":
     method = str(cfg["method"])
     opts = json.loads(str(cfg["options"]))
     width = opts.pop("width", None)
     cls = _method(method)
-    fusion: LinearFusion = cls(importance="uniform", width=width, progress=False, **opts)
+    fusion: Any = cls(importance="uniform", width=width, progress=False, **opts)
     models = [model_from_records(content[f"model-{i}"], ConfigRecord({"model": c}), who=f"model {i}")
               for i, c in enumerate(cfg["models"])]  # type: ignore[arg-type]
-    nets, fused, widths = fusion.setup(models)
+    nets, fused, widths = fusion.setup(fusion.Run(fusion, models, None))
     return fusion, nets, fused, widths
 
 
-def answer_query(message: Message, data: FusionSet) -> RecordDict:
-    """A client's reply to a protocol query, computed on its own ``data`` (which never leaves).
+def answer_level_query(message: Message, data: FusionSet) -> RecordDict:
+    """A client's reply to a query of this protocol, computed on its own ``data`` (which never
+    leaves).
 
     ``query.level_stats``: the level's :class:`~neurofuse.approximation.LinearStats` state;
     ``query.importance_sums``: every model's :class:`~neurofuse.stats.ImportanceSums` state.
     """
+    kind = message.metadata.message_type
     content = message.content
     cfg = content["config"]
     fusion, nets, fused, _ = _client_fusion(cfg, content)
-    kind = message.metadata.message_type
     if kind == IMPORTANCE_QUERY:
         imp = str(cfg["importance"])
         if data.y is None:

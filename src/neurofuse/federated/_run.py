@@ -23,20 +23,36 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from .._validate import check_choice, check_int, check_seed
 from ..data import balanced_subset
 from ..errors import ConfigError, NeurofuseError
 from ..models import make_model
 from ._client import make_client_app
 from ._data import ClientSetup, _dataset
 from ._local import LocalGrid
+from ._aggregation import Aggregation, MethodAggregation, aggregation_from_spec
 from ._strategy import FusionStrategy
 
-__all__ = ["BACKENDS", "FederatedConfig", "gap_closed", "make_server_app", "run_federated", "simulate",
-           "run_local", "plot_rounds", "format_table"]
+__all__ = ["BACKENDS", "INITS", "REFERENCES", "FederatedConfig", "gap_closed", "make_server_app", "run_federated",
+           "simulate", "run_local", "plot_rounds", "format_table"]
 
 log = logging.getLogger("neurofuse")
 
 BACKENDS = ("local", "simulation")
+#: most federated rounds of one run
+MAX_ROUNDS = 10_000
+#: how the clients' first models start: ``"shared"``, one initial model the server sends (the
+#: FL standard); ``"different"``, each client its own random initialisation (independently
+#: trained models, neurofuse's case)
+INITS = ("shared", "different")
+
+#: the reference aggregations scored in every run, by role: FedAvg of the round's client models
+#: (neurofuse's vanilla averaging weighted by the clients' sample counts) and their output ensemble
+REFERENCES = (("fedavg", "vanilla"), ("ensemble", "ensemble"))
+#: the row of FedAvg's own multi-round trajectory (``fedavg_run``)
+FEDAVG_RUN = "fedavg-run"
+#: rows that are references, not aggregations to compare with them
+REFERENCE_ROWS = tuple(role for role, _ in REFERENCES) + (FEDAVG_RUN,)
 
 
 def make_server_app(strategy: FusionStrategy, num_rounds: int, timeout: float = 3600) -> ServerApp:
@@ -98,7 +114,7 @@ class FederatedConfig:
     clients : ClientSetup
         Data, partition and local training of the clients.
     method : str
-        The aggregation (a neurofuse method; ``"vanilla"`` is FedAvg).
+        The aggregation's fusion method (``"vanilla"`` is FedAvg).
     importance : str
         Importance score of the method.
     options : mapping
@@ -106,23 +122,30 @@ class FederatedConfig:
     rounds : int
         Federated rounds (1: one-shot).
     no_server_data : bool
-        Fuse from the clients' statistics (level by level), no server data.
+        Fuse from the clients' statistics (level by level, or per model for RegMean and Fisher
+        merging), no server data.
     server_samples : int
         Size of the server's class-balanced fusion set (drawn from the training set).
     server_labels : bool
         Whether the server's fusion set has labels.
-    class_weights : None or "class-shares"
-        Class-share weights from the clients' label counts.
-    compare : sequence of str
-        Aggregations of the same replies scored for reference every round (``"vanilla"``,
-        ``"ensemble"``, ``"feddf"``, ``"kf-linear@clients"``...).
+    class_shares : bool
+        Weigh the clients' output neurons by their class shares (from their label counts).
+    compare : sequence
+        Aggregations of the same replies scored every round beside the method and the
+        :data:`REFERENCES` (FedAvg, the ensemble): method names or mappings
+        (:func:`~neurofuse.federated.aggregation_from_spec`, e.g. ``{"method": "kf-linear",
+        "server_data": false, "class_shares": true}``).
     fedavg_run : bool
-        With ``rounds > 1`` and a method other than FedAvg, also run FedAvg for as many rounds
-        (its own trajectory) for the comparison.
+        With ``rounds > 1``, also run FedAvg for as many rounds (its own trajectory) for the
+        comparison.
     backend : str
         ``"local"`` or ``"simulation"`` (Ray).
     seed : int
         Seed of the server's choices (initial model, fusion set, fusion).
+    init : str
+        ``"shared"``: round 1 sends every client one initial model (seeded by ``seed``);
+        ``"different"``: round 1 sends none and every client starts from its own random
+        initialisation (seeded by the clients' seed and its partition) (:data:`INITS`).
     """
 
     clients: ClientSetup = ClientSetup()
@@ -133,36 +156,87 @@ class FederatedConfig:
     no_server_data: bool = False
     server_samples: int = 400
     server_labels: bool = True
-    class_weights: Optional[str] = None
-    compare: Sequence[str] = ("vanilla", "ensemble")
+    class_shares: bool = False
+    compare: Sequence[Any] = ()
     fedavg_run: bool = True
     backend: str = "local"
     seed: int = 0
+    init: str = "shared"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        from ..importance import importance_methods
+
+        if not isinstance(self.clients, ClientSetup):
+            raise ConfigError(f"clients must be a ClientSetup, got {type(self.clients).__name__}")
+        check_choice(self.backend, "backend (--backend)", BACKENDS)
+        check_choice(self.init, "init (--init)", INITS)
+        check_int(self.rounds, "rounds (--rounds)", 1, MAX_ROUNDS)
+        check_choice(self.importance, "importance (--importance)", importance_methods())
+        check_int(self.server_samples, "server_samples (--server-samples)", 0)
+        check_seed(self.seed)
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
+        if isinstance(self.compare, (str, Mapping)):
+            raise ConfigError(f"compare must be a list of aggregations, got {self.compare!r}")
+        self.aggregation()   # an unknown method, or a mode that cannot work, fails here
+        for c in self.compare:
+            aggregation_from_spec(c)
+
+    def aggregation(self) -> Aggregation:
+        """The run's aggregation: the method, from the clients' statistics with
+        ``no_server_data``, weighted by class shares with ``class_shares``."""
+        return aggregation_from_spec({"method": self.method, "server_data": not self.no_server_data,
+                                      "class_shares": bool(self.class_shares), "importance": self.importance,
+                                      "options": dict(self.options)})
+
+    def check_fits(self) -> None:
+        """The limits that need the dataset, checked before Flower starts."""
+        self.clients.check_fits()
+        n = len(_dataset(self.clients.dataset, self.clients.data_dir).y_train)
+        if self.server_samples > n:
+            raise ConfigError(f"server_samples (--server-samples) is {self.server_samples} but "
+                              f"{self.clients.dataset} has {n} training samples; use at most {n}")
 
 
-def _strategy(cfg: FederatedConfig, method: str, compare: Sequence[str]) -> FusionStrategy:
+def _strategy(cfg: FederatedConfig, aggregation: Aggregation, compare: Sequence[Aggregation]) -> FusionStrategy:
     s = cfg.clients
     ds = _dataset(s.dataset, s.data_dir)
     server_data = None
-    if not cfg.no_server_data and cfg.server_samples > 0:
+    if any(a.needs_server_data for a in [aggregation, *compare]) and cfg.server_samples > 0:
         idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)), cfg.server_samples,
                               seed=cfg.seed + 12345)
         server_data = (ds.x_train[idx], ds.y_train[idx]) if cfg.server_labels else ds.x_train[idx]
-    torch.manual_seed(cfg.seed)
-    initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    initial = None
+    if cfg.init == "shared":
+        torch.manual_seed(cfg.seed)
+        initial = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
     return FusionStrategy(
-        method, options=dict(cfg.options) if method == cfg.method else {}, importance=cfg.importance
-        if method == cfg.method else "uniform", server_data=server_data,
-        eval_data=(ds.x_test, ds.y_test), class_weights=cfg.class_weights,
-        no_server_data=cfg.no_server_data and method == cfg.method, compare=compare,
+        aggregation, server_data=server_data, eval_data=(ds.x_test, ds.y_test), compare=compare,
         initial_model=initial, seed=cfg.seed, min_train_nodes=s.num_clients,
         min_available_nodes=s.num_clients)
+
+
+#: samples of the dry run of :func:`_preflight`
+PREFLIGHT_SAMPLES = 64
+
+
+def _preflight(cfg: FederatedConfig) -> None:
+    """Fuse two copies of the clients' initial model with the run's method and options on a few
+    training samples, so that a method that cannot fuse the architecture (or an option it
+    refuses) fails before any client trains, not after the first round."""
+    from ..api import fuse
+
+    s = cfg.clients
+    ds = _dataset(s.dataset, s.data_dir)
+    idx = balanced_subset(ds.y_train.numpy(), np.arange(len(ds.y_train)),
+                          min(PREFLIGHT_SAMPLES, len(ds.y_train)), seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin = make_model(s.arch, s.size, ds.input_shape, ds.num_classes)
+    twin.load_state_dict(model.state_dict())
+    fuse([model, twin], (ds.x_train[idx], ds.y_train[idx]), method=cfg.method,
+         importance=cfg.importance, seed=cfg.seed, progress=False, **dict(cfg.options))
 
 
 def _run_one(cfg: FederatedConfig, strategy: FusionStrategy) -> List[Dict[str, Any]]:
@@ -193,28 +267,34 @@ def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
     dict
         ``config``, ``runs`` (each strategy's per-round metrics: ``server-accuracy``,
         ``accuracy-<compare>``, ``fusion-seconds``, ``bytes-received``, ``bytes-sent``...),
-        ``rounds`` (per round: the method's, FedAvg's and the ensemble's accuracy and the share of
-        the FedAvg-to-ensemble gap closed) and ``seconds``.
+        ``rounds`` (per round: the accuracy of the aggregation, of every comparison, of FedAvg
+        (``fedavg``; ``fedavg-run``: its own trajectory) and of the ensemble, and the share of
+        the FedAvg-to-ensemble gap each aggregation closes) and ``seconds``.
     """
     start = time.perf_counter()
-    key = cfg.method + ("@clients" if cfg.no_server_data else "")
-    runs: Dict[str, List[Dict[str, Any]]] = {}
-    compare = [c for c in cfg.compare if c != cfg.method]
-    runs[key] = _run_one(cfg, _strategy(cfg, cfg.method, compare))
-    if cfg.rounds > 1 and cfg.fedavg_run and cfg.method != "vanilla":
-        runs["fedavg"] = _run_one(cfg, _strategy(cfg, "vanilla", ()))
+    cfg.check_fits()   # every limit before Flower (or Ray) starts
+    main = cfg.aggregation()
+    refs = [MethodAggregation(method, label=role) for role, method in REFERENCES]
+    compare = refs + [aggregation_from_spec(c) for c in cfg.compare]
+    compare = [c for i, c in enumerate(compare) if c.label not in [d.label for d in compare[:i]]]
+    strategy = _strategy(cfg, main, compare)
+    _preflight(cfg)
+    runs: Dict[str, List[Dict[str, Any]]] = {main.label: _run_one(cfg, strategy)}
+    if cfg.rounds > 1 and cfg.fedavg_run:
+        runs[FEDAVG_RUN] = _run_one(cfg, _strategy(cfg, refs[0], ()))
     rows = []
-    for r, h in enumerate(runs[key], start=1):
-        row: Dict[str, Any] = {"round": r, key: h.get("server-accuracy")}
+    for r, h in enumerate(runs[main.label], start=1):
+        row: Dict[str, Any] = {"round": r, main.label: h.get("server-accuracy")}
         for c in compare:
-            row[c] = h.get(f"accuracy-{c}")
-        fedavg = runs["fedavg"][r - 1]["server-accuracy"] if "fedavg" in runs else h.get(
-            "server-accuracy" if cfg.method == "vanilla" else "accuracy-vanilla")
-        row["fedavg"] = fedavg
-        ens = h.get("accuracy-ensemble")
+            if c.label != main.label:
+                row[c.label] = h.get(f"accuracy-{c.label}")
+        if FEDAVG_RUN in runs:
+            row[FEDAVG_RUN] = runs[FEDAVG_RUN][r - 1]["server-accuracy"]
+        fedavg = row.get(FEDAVG_RUN, row.get("fedavg"))
+        ens = row.get("ensemble")
         if fedavg is not None and ens is not None:
             row["gap_closed"] = {k: gap_closed(v, fedavg, ens) for k, v in row.items()
-                                 if k not in ("round", "fedavg") and isinstance(v, float)}
+                                 if k not in ("round",) + REFERENCE_ROWS and isinstance(v, float)}
         rows.append(row)
     return {"config": _config_dict(cfg), "runs": runs, "rounds": rows,
             "seconds": time.perf_counter() - start}
@@ -223,7 +303,7 @@ def run_federated(cfg: FederatedConfig) -> Dict[str, Any]:
 def _config_dict(cfg: FederatedConfig) -> Dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["options"] = dict(cfg.options)
-    d["compare"] = list(cfg.compare)
+    d["compare"] = [c if isinstance(c, (str, Mapping)) else c.label for c in cfg.compare]
     return d
 
 
@@ -240,7 +320,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         for row in rows:
             v = row.get(name)
             g = (row.get("gap_closed") or {}).get(name)
-            txt = "-" if v is None else f"{100 * v:.2f}" + ("" if g is None or name in ("ensemble", "fedavg")
+            txt = "-" if v is None else f"{100 * v:.2f}" + ("" if g is None or name in REFERENCE_ROWS
                                                             else f" ({100 * g:.0f}%)")
             cells.append(f"{txt:>16}")
         lines.append(f"{name:<{width}}" + "".join(cells))
@@ -258,9 +338,9 @@ def plot_rounds(results: Mapping[str, Any], path: Path, title: str = "") -> Path
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for k in [k for k in rows[0] if k not in ("round", "gap_closed")]:
         ys = [100 * r[k] if r.get(k) is not None else np.nan for r in rows]
-        style = {"ensemble": dict(color="#ff7f0e", ls="--"), "fedavg": dict(color="#7f7f7f", ls=":"),
-                 "vanilla": dict(color="#2ca02c", ls="-.")}.get(k, {})
-        label = {"vanilla": "FedAvg of this run's client models", "fedavg": "FedAvg (its own run)",
+        style = {"ensemble": dict(color="#ff7f0e", ls="--"), FEDAVG_RUN: dict(color="#7f7f7f", ls=":"),
+                 "fedavg": dict(color="#2ca02c", ls="-.")}.get(k, {})
+        label = {"fedavg": "FedAvg of this run's client models", FEDAVG_RUN: "FedAvg (its own run)",
                  "ensemble": "ensemble of this run's client models"}.get(k, k)
         ax.plot(rounds, ys, marker="o", label=label, **style)
     ax.set_xlabel("round")

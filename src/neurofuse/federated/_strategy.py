@@ -3,48 +3,38 @@
 A subclass of Flower's message-API ``FedAvg`` (``flwr.serverapp.strategy.FedAvg``, flwr 1.42) that
 overrides ``aggregate_train``: the replies' models are rebuilt from the zoo config each client
 sends (or a ``model_factory``), checked (failed replies, NaN/inf weights and incompatible models
-are left out with a warning naming the client) and fused with any registered neurofuse method
-(``vanilla`` is FedAvg's own sample-weighted average).  The fusion set is the server's own data
-(labelled or not), or, with ``no_server_data=True``, the clients' data through the level-wise
-statistics protocol (:mod:`neurofuse.federated._levels`).
+are left out with a warning naming the client) and handed to an
+:class:`~neurofuse.federated.Aggregation` (:mod:`neurofuse.federated._aggregation`): a neurofuse
+method on the server's fusion set (``vanilla`` weighted by the clients' sample counts is FedAvg),
+the same from the clients' statistics with no server data, or either weighted by class shares.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from .._fusion_set import FusionSet, as_fusion_set
-from ..api import fuse
 from ..errors import ConfigError, DataError, IncompatibleModelsError, NeurofuseError
 from ..levels import check_same_levels
 from ..methods import get_method
 from ..models import build_model
 from ..training import evaluate
-from ._levels import fuse_by_levels, level_methods
+from ._aggregation import Aggregation, AggregationSpec, ClientModel, RoundContext, aggregation_from_spec
 from ._records import ModelFactory, client_name, config_json, model_from_records, model_to_record, record_bytes
 
 __all__ = ["FusionStrategy", "TooFewClientsError", "labels_needed"]
 
 log = logging.getLogger("neurofuse")
-
-
-def _check_level_method(name: str) -> None:
-    if name not in level_methods():
-        raise ConfigError(
-            f"method {name!r} needs the samples themselves; with no data on the server use one of "
-            f"{level_methods()} (or 'vanilla' / 'ensemble', which need no data)")
 
 
 class TooFewClientsError(NeurofuseError):
@@ -64,15 +54,6 @@ def labels_needed(method: str, importance: str) -> Optional[str]:
     return None
 
 
-@dataclasses.dataclass
-class _Usable:
-    msg: Message
-    who: str
-    model: nn.Module
-    num_examples: float
-    label_counts: Optional[List[int]]
-
-
 def _signature(model: nn.Module) -> Tuple[Any, ...]:
     """What models must share to be fused level-wise (level count, axes, input, classes)."""
     return (getattr(model, "num_levels", None), tuple(getattr(model, "axes", ()) or ()),
@@ -84,42 +65,36 @@ def _shapes(model: nn.Module) -> Tuple[Any, ...]:
 
 
 class FusionStrategy(FedAvg):
-    """Flower strategy whose aggregation is a neurofuse fusion method.
+    """Flower strategy whose aggregation is a neurofuse fusion.
 
     Parameters
     ----------
-    method : str
-        A registered fusion method (``neurofuse.methods()``): ``"kf-linear"``, ``"hf-linear"``,
-        ``"otfusion"``, ``"kf-gradient"``, ``"ensemble"``... ``"vanilla"`` is FedAvg (the
-        sample-weighted mean, Flower's own ``aggregate_arrayrecords``).
+    aggregation : str or Aggregation
+        A registered fusion method (``neurofuse.methods()``), fused on ``server_data`` with
+        ``options`` and ``importance`` (``"vanilla"``, weighted by the clients' sample counts, is
+        FedAvg), or an :class:`~neurofuse.federated.Aggregation` (a mode:
+        :class:`~neurofuse.federated.StatisticsAggregation` fuses from the clients' statistics
+        with no server data, :class:`~neurofuse.federated.ClassShareWeighting` wraps one).
     options : mapping, optional
-        The method's options (``n_init``, ``width``...), as for :func:`neurofuse.fuse`.
+        The method's options (``n_init``...), with a method name.
     importance : str
-        Importance score of the methods that use one.
+        Importance score, with a method name.
     server_data : tensor, (x, y) pair or FusionSet, optional
         The server's fusion set; inputs alone (unlabelled) suffice unless
-        :func:`labels_needed` says otherwise.  Not used with ``no_server_data``.
+        :func:`labels_needed` says otherwise.  Only for aggregations that fuse on server data.
     eval_data : (x, y) pair, optional
         Labelled data the server scores the fused model on after every round.
     model_factory : callable, optional
         Builds a client's (untrained) model from the ``ConfigRecord`` of its reply; default:
         :func:`neurofuse.models.build_model` of the zoo config JSON in ``config["model"]``.
-    class_weights : None or "class-shares"
-        ``"class-shares"``: weigh each client's output neurons by its share of every class, from
-        the label counts the clients report (``config["label-counts"]``); for ``method`` if it
-        has a ``class_weights`` option (kf-linear, hf-linear, kf-gradient, ensemble).
-    no_server_data : bool
-        Fuse from the clients' statistics, level by level (:func:`fuse_by_levels`): one extra
-        query round per level; the server needs no sample.  Needs the grid (given to
-        :meth:`start`).
     architecture : mapping, optional
         A zoo config whose level widths the fused model takes (methods with ``width``); default:
         the first client's architecture (clients are ordered by node id).
-    compare : sequence of str
-        Methods that also aggregate every round's replies, for the metrics only
-        (``accuracy-<entry>``, e.g. ``("vanilla", "ensemble")``); the broadcast model is
-        ``method``'s.  ``"kf-linear@clients"`` fuses from the clients' statistics (no server
-        data), ``"kf-linear+shares"`` with class-share weights; comparisons use default options.
+    compare : sequence
+        Aggregations that also aggregate every round's replies, for the metrics only
+        (``accuracy-<label>``); method names, :class:`~neurofuse.federated.Aggregation` objects
+        or config mappings (:func:`~neurofuse.federated.aggregation_from_spec`).  The broadcast
+        model is ``aggregation``'s.  Comparisons use default options.
     initial_model : nn.Module, optional
         The model sent in round 1 (its weights are the ``initial_arrays`` of :meth:`start`; its
         architecture travels in the train config, so clients rebuild it).
@@ -140,58 +115,41 @@ class FusionStrategy(FedAvg):
         The last round's fused model.
     """
 
-    def __init__(self, method: str = "kf-linear", *, options: Optional[Mapping[str, Any]] = None,
-                 importance: str = "uniform", server_data: Any = None, eval_data: Any = None,
-                 model_factory: Optional[ModelFactory] = None, class_weights: Optional[str] = None,
-                 no_server_data: bool = False, architecture: Optional[Mapping[str, Any]] = None,
-                 compare: Sequence[str] = (), initial_model: Optional[nn.Module] = None, seed: int = 0,
-                 fusion_batch_size: int = 256, **fedavg: Any) -> None:
+    def __init__(self, aggregation: Union[str, Aggregation] = "kf-linear", *,
+                 options: Optional[Mapping[str, Any]] = None, importance: str = "uniform",
+                 server_data: Any = None, eval_data: Any = None, model_factory: Optional[ModelFactory] = None,
+                 architecture: Optional[Mapping[str, Any]] = None, compare: Sequence[AggregationSpec] = (),
+                 initial_model: Optional[nn.Module] = None, seed: int = 0, fusion_batch_size: int = 256,
+                 **fedavg: Any) -> None:
         fedavg.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg)
-        cls = get_method(method)
-        self.compare = [c for c in compare if c != method]
-        for c in self.compare:
-            name, _, where = c.partition("@")
-            name, _, flag = name.partition("+")
-            get_method(name)
-            if flag not in ("", "shares"):
-                raise ConfigError(f"compare entry {c!r}: the only flag is '+shares' (class-share weights)")
-            if where not in ("", "clients"):
-                raise ConfigError(f"compare entry {c!r}: write 'method' or 'method@clients' (fused "
-                                  "from the clients' statistics, no server data)")
-            if where:
-                _check_level_method(name)
-        if class_weights not in (None, "class-shares"):
-            raise ConfigError(f"class_weights must be None or 'class-shares', got {class_weights!r}")
-        self.method = method
-        self.options = dict(options or {})
-        self.importance = importance
+        if isinstance(aggregation, Aggregation) and (options or importance != "uniform"):
+            raise ConfigError("give options and importance to the Aggregation itself, not to the strategy")
+        self.aggregation = aggregation_from_spec(aggregation, options=options, importance=importance)
+        comps = [aggregation_from_spec(c) for c in compare]
+        self.compare = [c for c in comps if c.label != self.aggregation.label]
         self.model_factory = model_factory
-        self.class_weights = class_weights
-        self.no_server_data = bool(no_server_data)
         self.seed = int(seed)
         self.server_data: Optional[FusionSet] = None
-        if self.no_server_data:
-            if server_data is not None:
-                raise ConfigError("no_server_data=True fuses from the clients' statistics: do not "
-                                  "also pass server_data")
-            if cls.needs_data:
-                _check_level_method(method)
-        elif server_data is not None:
+        everything = [self.aggregation, *self.compare]
+        if server_data is not None:
             self.server_data = as_fusion_set(server_data, fusion_batch_size)
-            why = labels_needed(method, importance)
-            if why and self.server_data.y is None:
-                raise DataError(
-                    f"{why}, but the server's fusion set has no labels: give it labels (x, y), use "
-                    "importance='uniform', or fuse with no_server_data=True (the clients compute the "
-                    "importance on their own labelled data)")
-        needs_server = [m for m in [method, *self.compare] if "@" not in m
-                        and get_method(m.split("+")[0]).needs_data
-                        and not (self.no_server_data and m in level_methods())]
+            for agg in everything:
+                why = labels_needed(agg.method, agg.importance) if agg.needs_server_data else None
+                if why and self.server_data.y is None:
+                    raise DataError(
+                        f"{why}, but the server's fusion set has no labels: give it labels (x, y), use "
+                        "importance='uniform', or fuse from the clients' statistics "
+                        "(StatisticsAggregation: the clients compute the importance on their own "
+                        "labelled data)")
+        needs_server = [a.label for a in everything if a.needs_server_data]
         if needs_server and self.server_data is None:
+            from ._levels import statistics_methods
+
             raise DataError(
-                f"method(s) {needs_server} fuse on a server fusion set: pass server_data=(x[, y]) "
-                f"(a few hundred samples), or no_server_data=True with one of {level_methods()}")
+                f"aggregation(s) {needs_server} fuse on a server fusion set: pass server_data=(x[, y]) "
+                f"(a few hundred samples), or fuse from the clients' statistics with one of "
+                f"{statistics_methods()}")
         self.eval_data = None
         if eval_data is not None:
             fs = as_fusion_set(eval_data)
@@ -200,17 +158,22 @@ class FusionStrategy(FedAvg):
             self.eval_data = (fs.x, fs.y)
         self.width = None
         if architecture is not None:
-            if not cls.supports_width:
-                raise ConfigError(f"method {method!r} keeps the first client's architecture; "
-                                  "architecture= needs a method that chooses widths (kf-linear)")
+            if not get_method(self.aggregation.method).supports_width:
+                raise ConfigError(f"method {self.aggregation.method!r} keeps the first client's architecture; "
+                                  "architecture= needs a method that chooses widths (e.g. kf-linear)")
             self.width = build_model(architecture).level_widths()[:-1]
         self.initial_model = initial_model
         self.global_config: Optional[str] = None if initial_model is None else config_json(initial_model)
         self.grid: Optional[Grid] = None
+        self.timeout: Optional[float] = None
         self.history: List[Dict[str, Any]] = []
         self.fused_model: Optional[nn.Module] = None
         self._sent: Dict[int, int] = {}
-        self._extra_sent = 0
+
+    @property
+    def method(self) -> str:
+        """The fusion method of the main aggregation."""
+        return self.aggregation.method
 
     # -- the round loop ---------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: Optional[ArrayRecord] = None, num_rounds: int = 1,
@@ -231,9 +194,8 @@ class FusionStrategy(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log.info("FusionStrategy: method %s (importance %s, options %s), %s", self.method, self.importance,
-                 self.options, "no server data" if self.no_server_data else
-                 f"server fusion set of {len(self.server_data) if self.server_data else 0} samples")
+        log.info("FusionStrategy: %s, %s", self.aggregation.label,
+                 f"server fusion set of {len(self.server_data)} samples" if self.server_data else "no server data")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -247,8 +209,8 @@ class FusionStrategy(FedAvg):
         return msgs
 
     # -- aggregation --------------------------------------------------------------------------
-    def _usable(self, replies: List[Message]) -> Tuple[List[_Usable], List[str]]:
-        usable: List[_Usable] = []
+    def _usable(self, replies: List[Message]) -> Tuple[List[ClientModel], List[str]]:
+        usable: List[ClientModel] = []
         dropped: List[str] = []
         for msg in replies:
             who = client_name(msg)
@@ -272,12 +234,12 @@ class FusionStrategy(FedAvg):
                 log.warning("%s left out: %s", who, exc)
                 dropped.append(f"{who}: {exc}")
                 continue
-            usable.append(_Usable(msg, who, model, n,
-                                  [int(c) for c in counts] if isinstance(counts, list) else None))
-        usable.sort(key=lambda u: u.msg.metadata.src_node_id)
+            usable.append(ClientModel(who, int(msg.metadata.src_node_id), model, n,
+                                      [int(c) for c in counts] if isinstance(counts, list) else None))
+        usable.sort(key=lambda u: u.node_id)
         if len(usable) > 1:
             # the architecture most clients share is the reference (ties: the first client's)
-            same_shapes = self.method == "vanilla"
+            same_shapes = get_method(self.method).same_architecture
             key = _shapes if same_shapes else _signature
             common = Counter(key(u.model) for u in usable).most_common(1)[0][0]
             ref = next(u for u in usable if key(u.model) == common)
@@ -298,53 +260,8 @@ class FusionStrategy(FedAvg):
             usable = kept
         return usable, dropped
 
-    def _options_for(self, method: str, usable: Sequence[_Usable], shares: bool) -> Dict[str, Any]:
-        opts = dict(self.options) if method == self.method else {}
-        if self.width is not None and method == self.method:
-            opts["width"] = self.width
-        fields = {f.name for f in dataclasses.fields(get_method(method).Options)}
-        if "weights" in fields:
-            opts.setdefault("weights", [u.num_examples for u in usable])
-        if shares and "class_weights" in fields:
-            if any(u.label_counts is None for u in usable):
-                missing = [u.who for u in usable if u.label_counts is None]
-                raise DataError(f"class_weights='class-shares' needs every client's label counts; "
-                                f"{missing} sent none (config['label-counts'])")
-            counts = np.asarray([u.label_counts for u in usable], dtype=np.float64)
-            totals = counts.sum(0)
-            opts["class_weights"] = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-        return opts
-
-    def _aggregate(self, method: str, usable: Sequence[_Usable], server_round: int) -> Tuple[nn.Module, Dict[str, Any]]:
-        main = method == self.method
-        method, _, where = method.partition("@")
-        method, _, flag = method.partition("+")
-        by_levels = bool(where) or (main and self.no_server_data and method in level_methods())
-        models = [u.model for u in usable]
-        opts = self._options_for(method, usable, flag == "shares" or (main and self.class_weights == "class-shares"))
-        cost: Dict[str, Any] = {}
-        if method == "vanilla":
-            odd = [u.who for u in usable if _shapes(u.model) != _shapes(usable[0].model)]
-            if odd:
-                raise IncompatibleModelsError(
-                    f"FedAvg averages identical architectures; {odd} differ from {usable[0].who}")
-            arrays = aggregate_arrayrecords([u.msg.content for u in usable], self.weighted_by_key)
-            cfg = usable[0].msg.content.config_records.get(self.configrecord_key)
-            return model_from_records(arrays, cfg, self.model_factory, usable[0].who), cost
-        if by_levels:
-            if self.grid is None:
-                raise ConfigError("no_server_data needs the grid: run the strategy with start(grid, ...)")
-            width = opts.pop("width", None)
-            if width is not None:
-                opts["width"] = width
-            fused, cost = fuse_by_levels(self.grid, [u.msg.metadata.src_node_id for u in usable], models,
-                                         method, self.importance, self.seed, opts,
-                                         getattr(self, "timeout", None), f"round-{server_round}/")
-            return fused, cost
-        importance = self.importance if get_method(method).uses_importance else "uniform"
-        width = opts.pop("width", None)
-        return fuse(models, self.server_data, method=method, importance=importance, width=width,
-                    seed=self.seed, progress=False, **opts), cost
+    def _context(self, server_round: int) -> RoundContext:
+        return RoundContext(server_round, self.server_data, self.grid, self.seed, self.timeout, self.width)
 
     def _accuracy(self, model: nn.Module) -> Optional[float]:
         if self.eval_data is None:
@@ -370,8 +287,9 @@ class FusionStrategy(FedAvg):
                 f"round {server_round}: {len(usable)} usable client replies of {len(replies)}, fewer "
                 f"than the minimum {need} (min_train_nodes); left out: {dropped or 'none'}")
         received = sum(record_bytes(m.content) for m in replies if not m.has_error())
+        ctx = self._context(server_round)
         start = time.perf_counter()
-        fused, cost = self._aggregate(self.method, usable, server_round)
+        fused, cost = self.aggregation.aggregate(usable, ctx)
         seconds = time.perf_counter() - start
         self.fused_model = fused
         self.global_config = config_json(fused) if hasattr(fused, "config") else None
@@ -390,17 +308,17 @@ class FusionStrategy(FedAvg):
             metrics["server-accuracy"] = acc
         for other in self.compare:
             try:
-                m, other_cost = self._aggregate(other, usable, server_round)
+                m, other_cost = other.aggregate(usable, ctx)
                 a = self._accuracy(m)
                 if a is not None:
-                    metrics[f"accuracy-{other}"] = a
+                    metrics[f"accuracy-{other.label}"] = a
                 if other_cost:  # the no-server-data protocol of a comparison: its traffic apart
-                    metrics[f"bytes-sent-{other}"] = int(other_cost["bytes_sent"])
-                    metrics[f"bytes-received-{other}"] = int(other_cost["bytes_received"])
+                    metrics[f"bytes-sent-{other.label}"] = int(other_cost["bytes_sent"])
+                    metrics[f"bytes-received-{other.label}"] = int(other_cost["bytes_received"])
             except NeurofuseError as exc:
-                log.warning("round %d: comparison %r skipped: %s", server_round, other, exc)
+                log.warning("round %d: comparison %r skipped: %s", server_round, other.label, exc)
         self.history.append({"round": server_round, **metrics, "dropped": dropped,
                              "clients": [u.who for u in usable]})
         log.info("round %d: fused %d client models with %s in %.2f s%s", server_round, len(usable),
-                 self.method, seconds, "" if acc is None else f", server accuracy {acc:.4f}")
+                 self.aggregation.label, seconds, "" if acc is None else f", server accuracy {acc:.4f}")
         return model_to_record(fused), MetricRecord(metrics)

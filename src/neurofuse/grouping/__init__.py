@@ -10,12 +10,21 @@ from ._core import (
     output_weights,
     weighted_kmeans,
 )
+from ._correspondence import Correspondence
 from ._theory import approximation_error, grouping_error, representation_cost
+from ._cca import cca_alignment
+from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
+from ._zipit import JointMoments, zip_features, zip_matrices
 
 __all__ = [
+    "Correspondence",
     "OUTPUT_WEIGHTS",
     "Grouping",
+    "JointMoments",
+    "MatchedTensor",
+    "WeightMatchingResult",
     "approximation_error",
+    "cca_alignment",
     "centroids",
     "grouping_error",
     "hungarian_grouping",
@@ -23,5 +32,8 @@ __all__ = [
     "kmeans_grouping",
     "output_weights",
     "representation_cost",
+    "weight_matching",
     "weighted_kmeans",
+    "zip_features",
+    "zip_matrices",
 ]

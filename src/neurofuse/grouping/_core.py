@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .._phases import phase
+from ._correspondence import Correspondence
 from ..errors import ConfigError, IncompatibleModelsError
 
 ArrayLike = Union[np.ndarray, Tensor]
@@ -62,6 +63,11 @@ class Grouping:
 
     def members(self, c: int) -> np.ndarray:
         return np.flatnonzero(self.labels == c)
+
+    def correspondence(self, widths: Sequence[int]) -> Correspondence:
+        """This grouping as a :class:`Correspondence` of the base models of ``widths`` (every
+        neuron in its cluster with its weight)."""
+        return Correspondence.hard(self.labels, widths, self.k, self.weights)
 
 
 def centroids(points: ArrayLike, weights: ArrayLike, labels: ArrayLike, k: int) -> ArrayLike:

@@ -20,14 +20,13 @@ function needs it.
 
 from typing import Dict, List
 
-from ._adapters import COMMON_METHODS, HFAdapter, adapter_for, list_adapters, register_adapter
+from ._adapters import HFAdapter, adapter_for, list_adapters, register_adapter
 from ._data import token_task
 from ._io import load_pretrained, require_transformers, save_pretrained, unwrap, wrap
 from ._net import HFLevel, HFLeveledNet
 from ._tiny import tiny_model
 
 __all__ = [
-    "COMMON_METHODS",
     "HFAdapter",
     "HFLevel",
     "HFLeveledNet",
@@ -46,23 +45,33 @@ __all__ = [
 ]
 
 
-def method_table() -> Dict[str, Dict[str, str]]:
-    """For every family, every registered method: ``"yes: <note>"`` or ``"no: <reason>"``.
+#: a small input of every family for :func:`method_table` (shape, extra ``tiny_model`` settings)
+_EXAMPLE_INPUTS = {"vit": ((3, 8, 8), {}), "resnet": ((3, 16, 16), {}), "bert": ((8,), {"vocab_size": 16})}
 
-    Fine-tuning after fusion (``finetune=``) applies to every fused model but an ensemble.
+
+def method_table() -> Dict[str, Dict[str, str]]:
+    """For every family, every registered method: ``"yes: <summary>"`` or ``"no: <reason>"``.
+
+    Each method is asked (:meth:`~neurofuse.methods.FusionMethod.check_models`) about a small
+    model of the family (:func:`tiny_model`), so a method registered by anyone appears with its
+    own answer.  Fine-tuning after fusion (``finetune=``) applies to every fused model but an
+    output ensemble.
     """
-    from ..methods import list_methods
-    from ._adapters import _ADAPTERS
+    from ..errors import IncompatibleModelsError
+    from ..methods import get_method, methods_by_order
 
     table: Dict[str, Dict[str, str]] = {}
     for family in list_adapters():
-        ad = _ADAPTERS.get(family)
+        shape, extra = _EXAMPLE_INPUTS.get(family, ((3, 16, 16), {}))
+        net = tiny_model(family, shape, 2, hidden=8, layers=1, **extra)
         row: Dict[str, str] = {}
-        for name in list_methods():
-            if name in ad.methods:
-                row[name] = "yes: " + ad.methods[name]
-            else:
-                row[name] = "no: " + ad.refused.get(name, "not validated on Hugging Face models")
+        for name in methods_by_order():
+            cls = get_method(name)
+            try:
+                cls.check_models([net])
+                row[name] = "yes: " + cls.summary
+            except IncompatibleModelsError as exc:
+                row[name] = "no: " + str(exc).split(" cannot fuse ", 1)[-1].split("; level-wise methods")[0]
         table[family] = row
     return table
 

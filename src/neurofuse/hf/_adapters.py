@@ -14,40 +14,31 @@ head.  A family is added by one adapter class::
         model_classes = ("DeiTForImageClassification",)
         body = "deit"
 
-The adapter also says which fusion methods apply to the family (:attr:`HFAdapter.methods`, each
-with a one-line note) and why the others do not (:attr:`HFAdapter.refused`).
+The adapter also says what its levels' structure does not allow (:attr:`HFAdapter.not_alignable`:
+why one map per neuron space cannot align them); the fusion methods read it from the levels and
+decide for themselves (:meth:`neurofuse.methods.FusionMethod.check_level`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Any, ClassVar, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleModelsError
+from ..levels._transformer import (MLP, Attention, Embed, Head, Norm, Proj, TransformerSpec, numbered,
+                                   prefixed)
 from ._net import HFLevel
 
-__all__ = ["COMMON_METHODS", "HFAdapter", "adapter_for", "list_adapters", "register_adapter"]
+__all__ = ["HFAdapter", "adapter_for", "list_adapters", "register_adapter"]
 
 _ADAPTERS: Registry[Type["HFAdapter"]] = Registry("Hugging Face model family")
 
-#: the methods every family supports, with what they do there
-COMMON_METHODS: Dict[str, str] = {
-    "kf-gradient": "every level (embeddings, each encoder layer / residual layer, head) is trained "
-                   "to the K-means targets; any number of models",
-    "vanilla": "element-wise mean of the weights (the models must share one config)",
-    "ensemble": "mean softmax of the models (N x the inference cost; saved as one folder per member)",
-    "kd-head": "model 0 with its head level distilled on the models' mean softmax",
-    "base": "one base model itself (the reference row)",
-}
-
-_LINEAR = ("its levels are attention or residual blocks, not [parameter-free ops..., "
-           "Linear|Conv2d], so the closed-form fit does not apply")
-_ALIGN_ATTENTION = ("aligning a transformer needs attention heads permuted as units, one transport "
-                    "for the whole residual stream and LayerNorms following their neurons (Imfeld et "
-                    "al., ICLR 2024), which neurofuse's level layouts do not describe yet")
+_ALIGN_ATTENTION = ("the adapter does not describe this level's transformer stages "
+                    "(neurofuse.levels._transformer), so its attention heads and residual stream "
+                    "cannot be aligned")
 _ALIGN_RESNET = ("the alignment machinery reads residual blocks in the zoo's branch/shortcut "
                  "protocol; Hugging Face ResNet layers (ReLU after the sum, BatchNorm inside) are "
                  "not described by it yet")
@@ -66,10 +57,9 @@ class HFAdapter:
     model_classes: ClassVar[Tuple[str, ...]] = ()
     #: ``"image"`` (``[B, C, H, W]`` floats) or ``"tokens"`` (``[B, T]`` token ids)
     input_kind: ClassVar[str] = "image"
-    methods: ClassVar[Dict[str, str]] = COMMON_METHODS
-    refused: ClassVar[Dict[str, str]] = {"hf-linear": _LINEAR, "kf-linear": _LINEAR,
-                                         "otfusion": _ALIGN_ATTENTION,
-                                         "git-rebasin": _ALIGN_ATTENTION}
+    #: why the family's levels cannot be aligned by one map per neuron space (every level of the
+    #: family says so: :attr:`HFLevel.not_alignable`)
+    not_alignable: ClassVar[str] = _ALIGN_ATTENTION
 
     def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
         """``(level, neuron axis)`` pairs in order from the input, sharing ``model``'s modules."""
@@ -176,6 +166,56 @@ def _encoder_layers(model: nn.Module, body: nn.Module) -> nn.ModuleList:
 
 
 # ---------------------------------------------------------------------------------------------
+# transformer stages of the families (keys relative to the level: parts.<name>.<path>)
+# ---------------------------------------------------------------------------------------------
+def _lin(path: str, m: nn.Module) -> Proj:
+    return Proj(f"{path}.weight", f"{path}.bias" if getattr(m, "bias", None) is not None else None, path)
+
+
+def _ln(path: str, m: nn.Module) -> Norm:
+    return Norm(f"{path}.weight" if m.weight is not None else None,
+                f"{path}.bias" if getattr(m, "bias", None) is not None else None, float(m.eps))
+
+
+def _spec(stages: List[Any], prefix: str) -> TransformerSpec:
+    return numbered(prefixed(stages, prefix))
+
+
+def _vit_embeddings_spec(emb: nn.Module) -> Optional[TransformerSpec]:
+    if getattr(emb, "mask_token", None) is not None:
+        return None
+    conv = emb.patch_embeddings.projection
+    return _spec([Embed("conv", _lin("patch_embeddings.projection", conv), cls="cls_token",
+                        pos="position_embeddings")], "parts.embeddings.")
+
+
+def _vit_layer_spec(layer: nn.Module, heads: int) -> TransformerSpec:
+    att, mlp = layer.attention, layer.mlp
+    return _spec([Attention(_lin("attention.q_proj", att.q_proj), _lin("attention.k_proj", att.k_proj),
+                            _lin("attention.v_proj", att.v_proj), _lin("attention.o_proj", att.o_proj), heads,
+                            pre=_ln("layernorm_before", layer.layernorm_before)),
+                  MLP(_lin("mlp.fc1", mlp.fc1), _lin("mlp.fc2", mlp.fc2), "mlp.activation_fn",
+                      pre=_ln("layernorm_after", layer.layernorm_after))], "parts.layer.")
+
+
+def _bert_embeddings_spec(emb: nn.Module) -> TransformerSpec:
+    return _spec([Embed("lookup", Proj("word_embeddings.weight", None, "word_embeddings"),
+                        pos="position_embeddings.weight", pos_table=True,
+                        rows=("token_type_embeddings.weight",), norm=_ln("LayerNorm", emb.LayerNorm))],
+                 "parts.embeddings.")
+
+
+def _bert_layer_spec(layer: nn.Module, heads: int) -> TransformerSpec:
+    sa, so = layer.attention.self, layer.attention.output
+    return _spec([Attention(_lin("attention.self.query", sa.query), _lin("attention.self.key", sa.key),
+                            _lin("attention.self.value", sa.value), _lin("attention.output.dense", so.dense),
+                            heads, post=_ln("attention.output.LayerNorm", so.LayerNorm)),
+                  MLP(_lin("intermediate.dense", layer.intermediate.dense), _lin("output.dense", layer.output.dense),
+                      "intermediate.intermediate_act_fn", post=_ln("output.LayerNorm", layer.output.LayerNorm))],
+                 "parts.layer.")
+
+
+# ---------------------------------------------------------------------------------------------
 # the families
 # ---------------------------------------------------------------------------------------------
 @register_adapter("vit")
@@ -194,11 +234,15 @@ class ViTAdapter(HFAdapter):
             raise IncompatibleModelsError("this ViT has a pooler the classifier does not use; "
                                           "build it as ViTForImageClassification(config)")
         b = self.body
-        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings"), "token")]
+        heads = int(model.config.num_attention_heads)
+        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings",
+                        transformer_spec=_vit_embeddings_spec(vit.embeddings)), "token")]
         for i, layer in enumerate(_encoder_layers(model, vit)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"{b} layer {i}"), "token"))
+            out.append((HFLevel({"layer": layer}, _run_layer, f"{b} layer {i}",
+                                transformer_spec=_vit_layer_spec(layer, heads)), "token"))
+        head = _spec([Head(_lin("classifier", model.classifier), norm=_ln("layernorm", vit.layernorm))], "parts.")
         out.append((HFLevel({"layernorm": vit.layernorm, "classifier": model.classifier}, _cls_head,
-                            f"{b}.layernorm + classifier (CLS token)"), "dense"))
+                            f"{b}.layernorm + classifier (CLS token)", transformer_spec=head), "dense"))
         return out
 
     def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:
@@ -214,7 +258,7 @@ class ResNetAdapter(HFAdapter):
     the classifier."""
 
     model_classes = ("ResNetForImageClassification",)
-    refused = {**HFAdapter.refused, "otfusion": _ALIGN_RESNET, "git-rebasin": _ALIGN_RESNET}
+    not_alignable = _ALIGN_RESNET
 
     def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
         net = model.resnet
@@ -247,12 +291,17 @@ class BertAdapter(HFAdapter):
         bert = model.bert
         if bert.pooler is None:
             raise IncompatibleModelsError("BertForSequenceClassification needs its pooler")
-        out = [(HFLevel({"embeddings": bert.embeddings}, _token_embeddings, "bert.embeddings"), "token")]
+        heads = int(model.config.num_attention_heads)
+        out = [(HFLevel({"embeddings": bert.embeddings}, _token_embeddings, "bert.embeddings",
+                        transformer_spec=_bert_embeddings_spec(bert.embeddings)), "token")]
         for i, layer in enumerate(_encoder_layers(model, bert)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"bert layer {i}"), "token"))
+            out.append((HFLevel({"layer": layer}, _run_layer, f"bert layer {i}",
+                                transformer_spec=_bert_layer_spec(layer, heads)), "token"))
+        head = _spec([Head(_lin("classifier", model.classifier), dense=_lin("pooler.dense", bert.pooler.dense),
+                           act="pooler.activation")], "parts.")
         out.append((HFLevel({"pooler": bert.pooler, "dropout": model.dropout,
                              "classifier": model.classifier}, _pooler_head,
-                            "bert.pooler + dropout + classifier"), "dense"))
+                            "bert.pooler + dropout + classifier", transformer_spec=head), "dense"))
         return out
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:

@@ -24,34 +24,86 @@ def print_methods() -> int:
     print("Hugging Face families (neurofuse[hf]): " + "; ".join(families()))
     for family, row in method_table().items():
         print(f"\n{family}:")
+        col = max(len(name) for name in row)
         for name, note in row.items():
-            print(f"  {name:12s} {note}")
+            print(f"  {name:{col}s} {note}")
     print("\nfine-tuning after fusion (--finetune) applies to every fused model but an ensemble")
     return 0
 
 
+#: most classes a --hf-data file's labels may name
+MAX_CLASSES = 100_000
+
+
 def _read_data_file(path: Path) -> Any:
     """A :class:`~neurofuse.data.Dataset` from a safetensors file with ``x_train``, ``y_train``
-    (and optionally ``x_test``, ``y_test``)."""
+    (and optionally ``x_test``, ``y_test``), checked: labels are non-negative integers, one per
+    sample, and there is at least one training sample."""
     from safetensors.torch import load_file
 
     from ..data import Dataset
 
     if not path.is_file():
-        raise DataError(f"--hf-data {path} does not exist")
+        raise DataError(f"--hf-data {path} does not exist" if not path.exists() else
+                        f"--hf-data {path} is not a file; give a .safetensors file")
     try:
         t = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"cannot read {path} as safetensors: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot read --hf-data {path} as safetensors ({str(exc).splitlines()[0][:120]}); "
+                        "write it with safetensors.torch.save_file") from None
     missing = [k for k in ("x_train", "y_train") if k not in t]
     if missing:
         raise DataError(f"{path} has no tensor(s) {missing}; it needs x_train and y_train "
                         f"(and optionally x_test, y_test); it has {sorted(t)}")
-    x_te = t.get("x_test", t["x_train"][:0])
-    y_te = t.get("y_test", t["y_train"][:0])
-    y = t["y_train"].long()
+    x_tr, y_tr = t["x_train"], t["y_train"]
+    x_te = t.get("x_test", x_tr[:0])
+    y_te = t.get("y_test", y_tr[:0])
+    for xs, ys, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+        if ys.dim() != 1 or ys.dtype.is_floating_point or ys.dtype == torch.bool or ys.is_complex():
+            raise DataError(f"{path}: y_{split} must be a 1-D tensor of integer labels, got "
+                            f"{str(ys.dtype).replace('torch.', '')} {list(ys.shape)}")
+        if xs.dim() < 2 or xs.shape[0] != ys.shape[0]:
+            raise DataError(f"{path}: x_{split} {list(xs.shape)} must hold one sample per label of "
+                            f"y_{split} ({ys.shape[0]} labels)")
+        if ys.numel() and (int(ys.min()) < 0 or int(ys.max()) >= MAX_CLASSES):
+            raise DataError(f"{path}: y_{split} has label {int(ys.min()) if int(ys.min()) < 0 else int(ys.max())}; "
+                            f"labels must be in [0, {MAX_CLASSES})")
+        if xs.is_complex() or xs.dtype == torch.bool:
+            raise DataError(f"{path}: x_{split} holds {str(xs.dtype).replace('torch.', '')} values; "
+                            "give real numbers or token ids")
+    if y_tr.numel() == 0:
+        raise DataError(f"{path} has no training sample (x_train and y_train are empty)")
+    if x_te.shape[1:] != x_tr.shape[1:] and x_te.numel():
+        raise DataError(f"{path}: x_test samples have shape {list(x_te.shape[1:])} but x_train "
+                        f"samples {list(x_tr.shape[1:])}")
+    y = y_tr.long()
     n_cls = int(max(int(y.max()), int(y_te.max()) if y_te.numel() else 0)) + 1
-    return Dataset(path.stem, t["x_train"], y, x_te, y_te.long(), n_cls, tuple(t["x_train"].shape[1:]))
+    return Dataset(path.stem, x_tr, y, x_te, y_te.long(), n_cls, tuple(x_tr.shape[1:]))
+
+
+def _check_inputs(ds: Any, models: List[Any], source: str) -> None:
+    """The data must be what the models take: integer token ids below every model's vocabulary
+    (an id out of range is an index error deep in the embedding), or real-valued images."""
+    from ..models.ensemble import Ensemble
+    from ._adapters import adapter_for
+
+    nets = [n for m in models for n in (m.members if isinstance(m, Ensemble) else [m])]
+    first = nets[0].hf_model
+    kind = adapter_for(first).input_kind
+    for name, x in (("x_train", ds.x_train), ("x_test", ds.x_test)):
+        if kind == "tokens":
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise DataError(f"{source}: {name} holds {str(x.dtype).replace('torch.', '')} values but "
+                                f"{type(first).__name__} takes integer token ids; give --hf-data with "
+                                "integer x_train")
+            vocab = min(int(getattr(n.hf_model.config, "vocab_size", 0) or 0) for n in nets)
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+                bad = int(x.min()) if int(x.min()) < 0 else int(x.max())
+                raise DataError(f"{source}: {name} has token id {bad}, outside the models' vocabulary "
+                                f"[0, {vocab}); tokenize the data with the models' tokenizer")
+        elif not x.is_floating_point():
+            raise DataError(f"{source}: {name} holds {str(x.dtype).replace('torch.', '')} values but "
+                            f"{type(first).__name__} takes real-valued images; convert them to float")
 
 
 def _fit_images(ds: Any, shape: Tuple[int, ...]) -> Any:
@@ -92,15 +144,18 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
         if on:
             raise ConfigError(f"{flag} does not apply to --hf: Hugging Face models are fused with "
                               "their config's widths and depth, without REPAIR or split.json")
+    from .._io import check_outputs
+
     out = Path(a.out)
     inputs = [Path(p) for p in a.checkpoints]
-    for p in inputs:
-        if out.resolve() == p.resolve():
-            raise ConfigError(f"--out {out} is one of the input folders; choose another --out")
-    if out.exists() and not a.force:
-        from ..errors import OutputExistsError
+    data_root = None
+    if a.dataset and not a.hf_data:
+        from ..data import resolve_data_dir
 
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+        data_root = resolve_data_dir(a.data_dir).resolve()
+    # the folder is replaced whole: it never is, holds or lies inside an input (checked before any work)
+    check_outputs([(out, "folder")], a.force, inputs + ([Path(a.hf_data)] if a.hf_data else []),
+                  data_root)
     if a.hf_data:
         ds = _read_data_file(Path(a.hf_data))
     elif a.dataset:
@@ -109,12 +164,19 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
         raise DataError("--hf needs fusion data: --dataset NAME (images) or --hf-data FILE.safetensors "
                         "(tensors x_train, y_train and optionally x_test, y_test)")
     sample = tuple(int(s) for s in ds.x_train.shape[1:])
+    from ._io import ENSEMBLE_FILE
+
+    for p in inputs:
+        if (Path(p) / ENSEMBLE_FILE).is_file():
+            raise ConfigError(f"{p} is an ensemble folder ({ENSEMBLE_FILE}); fuse its members instead: "
+                              f"{Path(p) / 'member_0'} {Path(p) / 'member_1'} ...")
     models: List[Any] = [load_pretrained(p, fallback_input_shape=sample) for p in inputs]
     shape = tuple(models[0].input_shape)
     for p, m in zip(inputs[1:], models[1:]):
         if tuple(m.input_shape) != shape:
             raise ConfigError(f"{p} takes inputs of shape {list(m.input_shape)} but {inputs[0]} "
                               f"takes {list(shape)}")
+    _check_inputs(ds, models, a.hf_data or f"--dataset {ds.name}")
     ds = _fit_images(ds, shape)
     fusion = fusion_set(ds, a.fusion_samples, seed=a.seed)
     finetune, finetune_data = None, None

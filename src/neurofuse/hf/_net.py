@@ -8,12 +8,13 @@ a level of (a copy of) the view changes (the copy of) the Hugging Face model, wh
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet
+from ..levels._transformer import TransformerSpec
 
 __all__ = ["HFLevel", "HFLeveledNet"]
 
@@ -34,13 +35,24 @@ class HFLevel(nn.Module):
         ``forward`` does (e.g. ``parts["classifier"](parts["layernorm"](x)[:, 0])``).
     name : str
         Where the level sits in the model (shown in ``repr`` and error messages).
+    not_alignable : str
+        Why the level's neurons cannot be aligned by one map per neuron space (its sub-modules
+        do not run as one chain: attention, residual sums); read by
+        :func:`neurofuse.levels.alignment_reason`.  Empty: nothing is known against it.
+    transformer_spec : TransformerSpec, optional
+        The level's transformer stages (:mod:`neurofuse.levels._transformer`; keys relative to
+        the level, ``parts.<name>...``): what its tensors are for the alignment methods and the
+        closed-form block fit.  :func:`neurofuse.hf.wrap` checks that they recompute the level.
     """
 
-    def __init__(self, parts: Dict[str, nn.Module], call: LevelCall, name: str) -> None:
+    def __init__(self, parts: Dict[str, nn.Module], call: LevelCall, name: str, not_alignable: str = "",
+                 transformer_spec: Optional[TransformerSpec] = None) -> None:
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self._call = call
         self.level_name = name
+        self.not_alignable = not_alignable
+        self.transformer_spec = transformer_spec
 
     def forward(self, x: Tensor) -> Tensor:
         return self._call(self.parts, x)
@@ -71,14 +83,11 @@ class HFLeveledNet(LeveledNet):
     arch = "hf"
 
     def __init__(self, hf_model: nn.Module, levels: Sequence[HFLevel], axes: Sequence[str],
-                 input_shape: Sequence[int], num_classes: int, family: str,
-                 methods: Dict[str, str], refused: Dict[str, str]) -> None:
+                 input_shape: Sequence[int], num_classes: int, family: str) -> None:
         super().__init__(levels, axes, input_shape, num_classes)
         object.__setattr__(self, "hf_model", hf_model)   # not registered: no duplicate tensors
         self.family = family
         self.level_names: List[str] = [lv.level_name for lv in levels]
-        self._methods = dict(methods)
-        self._refused = dict(refused)
         owned = {id(p) for lv in levels for p in lv.parameters()}
         stray = [n for n, p in hf_model.named_parameters() if id(p) not in owned]
         if stray:
@@ -86,22 +95,6 @@ class HFLeveledNet(LeveledNet):
                 f"the {family!r} adapter leaves parameters {stray[:4]} of "
                 f"{type(hf_model).__name__} out of every level; fix the adapter's levels"
             )
-
-    # -- methods ----------------------------------------------------------------------------
-    def check_method(self, method: str) -> None:
-        """Raise :class:`~neurofuse.errors.IncompatibleModelsError` unless ``method`` fuses this
-        family (called by :meth:`neurofuse.methods.FusionMethod.fuse`)."""
-        if method in self._methods:
-            return
-        why = self._refused.get(method, "it has not been validated on Hugging Face models")
-        raise IncompatibleModelsError(
-            f"method {method!r} does not fuse Hugging Face {self.family!r} models: {why}; use one of "
-            f"{sorted(self._methods)}"
-        )
-
-    def fusion_methods(self) -> Dict[str, str]:
-        """The methods that fuse this family, each with a one-line note."""
-        return dict(self._methods)
 
     # -- mode and architecture --------------------------------------------------------------
     def train(self, mode: bool = True) -> "HFLeveledNet":

@@ -11,13 +11,17 @@ from ._core import (
     LeveledNet,
     NeuronAxis,
     check_same_levels,
+    check_weights,
     flatten_neurons,
     split_affine,
     unflatten_neurons,
 )
 from ._bn import fold_batchnorm, has_batchnorm
+from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
-from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels, format_levels, level_support
+from ._wrapped import Fn
+from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels
+from ._support import affine_reason, alignment_reason, level_kind
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
 
 __all__ = [
@@ -26,20 +30,24 @@ __all__ = [
     "AutoGraph",
     "AutoNet",
     "Glue",
+    "affine_reason",
+    "alignment_reason",
     "auto_levels",
-    "format_levels",
-    "level_support",
+    "level_kind",
     "DEFAULT_MEMORY_BUDGET",
     "LevelStream",
     "StreamBatch",
     "DeclaredNet",
+    "Fn",
     "LeveledNet",
     "NeuronAxis",
     "check_same_levels",
+    "check_weights",
     "flatten_neurons",
     "fold_batchnorm",
     "has_batchnorm",
     "levels_from",
     "split_affine",
     "unflatten_neurons",
+    "unfold_state",
 ]

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ._wrapped import DeclaredNet
+from ._transformer import affixed_block, block_stages
+from ._wrapped import DeclaredNet, check_input_shape, check_not_shared
 
-__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "level_support", "format_levels",
-           "is_eval_identity"]
+__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
 
 log = logging.getLogger("neurofuse")
 
@@ -244,12 +244,29 @@ def _unfold_level(net: AutoNet, index: int, mine: nn.Module, theirs: nn.Module,
 # tracing
 # ---------------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Tuple[type, ...]) -> None:
+    def __init__(self, leaves: Tuple[type, ...], blocks: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self._leaves = leaves
+        self._blocks = {id(b) for b in blocks}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self._blocks:
+            return True   # a transformer block: one level of its own (levels/_transformer.py)
+        if isinstance(m, nn.TransformerEncoder):
+            return False  # traced as its layers, see call_module
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and not any(
+                v is not None and v is not False for v in kwargs.values()):
+            # without a mask, an encoder is its layers (and its final norm) one after the other
+            x = args[0]
+            for layer in m.layers:
+                x = self.call_module(layer, layer.forward, (x,), {})
+            if m.norm is not None:
+                x = self.call_module(m.norm, m.norm.forward, (x,), {})
+            return x
+        return super().call_module(m, forward, args, kwargs)
 
 
 class _Recorder(fx.Interpreter):
@@ -320,6 +337,8 @@ def _kind(g: _Graph, n: fx.Node) -> Optional[str]:
     if m is not None:
         if isinstance(m, _AFFINE):
             return "affine"
+        if block_stages(m) is not None:
+            return "stream"   # a transformer block: its output is the residual stream
         if isinstance(m, _NORM):
             return "norm"
         return None
@@ -369,7 +388,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         if n not in seps or _kind(g, n) is None or not _valid_output(g, n):
             continue
         seg = [m for m in g.nodes[since + 1:i + 1]]
-        if not any(_kind(g, m) == "affine" for m in seg):
+        if not any(_kind(g, m) in ("affine", "stream") for m in seg):
             continue
         users = list(n.users)
         if len(users) == 1 and _kind(g, n) in ("affine", "norm") and _kind(g, users[0]) == "norm" \
@@ -378,7 +397,7 @@ def _cuts(g: _Graph) -> List[fx.Node]:
         cuts.append(n)
         since = i
     tail = g.nodes[since + 1:g.index[result] + 1]
-    if cuts and not any(_kind(g, m) == "affine" for m in tail):
+    if cuts and not any(_kind(g, m) in ("affine", "stream") for m in tail):
         cuts.pop()  # trailing parameter-free ops (a final dropout) join the last level
     cuts.append(result)
     return cuts
@@ -520,6 +539,11 @@ def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
     if blk is not None:
         return blk, "block"
     gm = _subgraph_module(g, nodes, start, nodes[-1])
+    spec = affixed_block(g, gm, nodes, start)
+    if spec is not None:   # tokens made ready (CLS token, position embedding), then a transformer block
+        level = AutoGraph(gm, "")
+        level.transformer_spec = spec
+        return level, "graph"
     direct = sorted({str(a.target) for n in nodes for a in n.all_input_nodes if a.op == "get_attr"})
     why = (f"it uses parameters directly ({', '.join(direct)})" if direct
            else "it is a sub-graph with several paths (attention or a skip connection that is not "
@@ -628,7 +652,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"automatic levels need an nn.Module, got {type(model).__name__}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)
     try:
         ref_param = next(model.parameters())
         device, dtype = ref_param.device, ref_param.dtype
@@ -641,7 +665,9 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     try:
         kinds: List[str]
         try:
-            tracer = _Tracer(tuple(leaf_modules))
+            # transformer blocks are recognised (and checked by running them) before tracing
+            blocks = [m for name, m in model.named_modules() if name and block_stages(m) is not None]
+            tracer = _Tracer(tuple(leaf_modules), blocks)
             graph = tracer.trace(model)
             gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
             rec = _Recorder(gm)
@@ -676,6 +702,7 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
                 ) from None
             kinds = ["chain"] * len(levels)
             how = "hooks"
+        check_not_shared(levels, model)   # a module applied twice would fuse to chance
         axes = _check(model, levels, names, x, atol)
         with torch.no_grad():
             out = levels[-1](_compose(levels[:-1], x))
@@ -736,93 +763,3 @@ def _check(model: nn.Module, levels: Sequence[nn.Module], names: Sequence[str], 
             )
     axes[-1] = "dense"
     return axes
-
-
-# ---------------------------------------------------------------------------------------------
-# which methods can fuse which level
-# ---------------------------------------------------------------------------------------------
-#: whole-model methods that do not look at levels
-WHOLE_MODEL = ("vanilla", "ensemble", "kd-head", "base")
-
-
-def _linear_reason(level: nn.Module, kind: str) -> Optional[str]:
-    from ._bn import fold_batchnorm
-    from ._core import split_affine
-
-    if kind == "block":
-        return "a residual block (skip connection) is not affine in its parameters"
-    if kind == "graph":
-        return "a sub-graph with several paths or direct parameters is not affine in its parameters"
-    folded = fold_batchnorm(level)
-    try:
-        _, affine = split_affine(folded)
-    except IncompatibleModelsError:
-        kids = list(folded.children()) if isinstance(folded, nn.Sequential) else [folded]
-        holders = [type(m).__name__ for m in kids if _has_state(m) and not isinstance(m, _AFFINE)]
-        what = holders[0] if holders else type(folded).__name__
-        return (f"its {what} holds parameters and is not folded into a Linear/Conv, so the level "
-                "is not affine in its parameters")
-    if isinstance(affine, nn.Conv2d) and affine.groups != 1:
-        return (f"grouped/depthwise convolution (groups={affine.groups}): the closed-form refit "
-                "solves one dense weight over all input channels")
-    if isinstance(affine, nn.Conv2d) and (affine.padding_mode != "zeros" or isinstance(affine.padding, str)):
-        return "convolution with non-zero or string padding: the closed-form refit unfolds zero-padded patches"
-    return None
-
-
-def _align_reason(level: nn.Module, index: int) -> Optional[str]:
-    from ._layout import level_layout
-
-    grouped = [m for m in level.modules() if isinstance(m, nn.Conv2d) and m.groups != 1]
-    if grouped:
-        return (f"grouped/depthwise convolution (groups={grouped[0].groups}): its output channels "
-                "are tied to its input channels, which one map per side cannot align")
-    try:
-        level_layout(level, index)
-    except IncompatibleModelsError as exc:
-        return str(exc).split(";")[0].replace(f"level {index}: ", "").replace(f"level {index} ", "")
-    return None
-
-
-def level_support(net: nn.Module) -> List[Dict[str, Optional[str]]]:
-    """For every level, ``{method: None if it can fuse the level, else a one-line reason}``.
-
-    Covers the level-wise methods: ``hf-linear`` and ``kf-linear`` (affine levels after BatchNorm
-    folding), ``otfusion`` and ``git-rebasin`` (chains and residual blocks of Linear/ungrouped
-    Conv2d layers and per-channel normalisations) and ``kf-gradient`` (any level).  The
-    whole-model methods in :data:`WHOLE_MODEL` fuse any architecture the models share.
-    """
-    kinds = getattr(net, "kinds", None) or ["chain"] * len(net.levels)  # type: ignore[arg-type]
-    rows = []
-    for i, (level, kind) in enumerate(zip(net.levels, kinds)):  # type: ignore[arg-type]
-        lin = _linear_reason(level, kind)
-        ali = _align_reason(level, i)
-        rows.append({"hf-linear": lin, "kf-linear": lin, "otfusion": ali, "git-rebasin": ali,
-                     "kf-gradient": None})
-    return rows
-
-
-def format_levels(net: nn.Module) -> str:
-    """A table of the levels: kind, neuron axis, width, layers, and the methods that fuse each
-    (with the reason for the first method that cannot), then the methods for the whole model."""
-    rows = level_support(net)
-    widths = net.level_widths()  # type: ignore[operator]
-    kinds = getattr(net, "kinds", None) or ["-"] * len(rows)
-    names = getattr(net, "level_names", None) or [type(lv).__name__ for lv in net.levels]  # type: ignore[union-attr]
-    lines = [f"{'level':>5}  {'kind':<5}  {'axis':<5}  {'width':>5}  layers"]
-    for i, (row, w, k, ax, nm) in enumerate(zip(rows, widths, kinds, net.axes, names)):  # type: ignore[arg-type]
-        ok = [m for m, r in row.items() if r is None]
-        lines.append(f"{i:>5}  {k:<5}  {ax:<5}  {w:>5}  {nm}")
-        lines.append(f"{'':>5}  fused by: {', '.join(ok)}")
-        seen: Set[str] = set()
-        for m, r in row.items():
-            if r is not None and r not in seen:
-                seen.add(r)
-                same = [mm for mm, rr in row.items() if rr == r]
-                lines.append(f"{'':>5}  not {'/'.join(same)}: {r}")
-    whole = {m: all(r[m] is None for r in rows) for m in rows[0]} if rows else {}
-    lines.append("whole model: " + ", ".join(
-        [m for m, ok in whole.items() if ok] + list(WHOLE_MODEL)) + " fuse it"
-        + ("; " + ", ".join(m for m, ok in whole.items() if not ok) + " do not (see above)"
-           if not all(whole.values()) else ""))
-    return "\n".join(lines)

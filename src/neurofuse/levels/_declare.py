@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._auto import auto_levels
 from ._core import AXES
-from ._wrapped import DeclaredNet, Fn
+from ._wrapped import DeclaredNet, Fn, check_input_shape, check_not_shared
 
 __all__ = ["DeclaredNet", "Fn", "levels_from"]
 
@@ -157,7 +157,7 @@ def levels_from(model: nn.Module, levels: Optional[Sequence[LevelSpec]] = None,
         for i, a in enumerate(axes):
             if a not in AXES:
                 raise ConfigError(f"level {i}: unknown axis {a!r}; choose one of {list(AXES)}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)
 
     built = [_build_level(model, spec, i) for i, spec in enumerate(levels)]
     mods = [b[0] for b in built]
@@ -261,6 +261,7 @@ def levels_from(model: nn.Module, levels: Optional[Sequence[LevelSpec]] = None,
         raise ConfigError(f"num_classes is {num_classes} but the model outputs {h.shape[1]} classes")
     n_cls = int(h.shape[1])
 
+    check_not_shared(mods, model)
     declared = {id(p) for m in mods for p in m.parameters()}
     missing = [n for n, p in model.named_parameters() if id(p) not in declared]
     if missing:

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import IncompatibleModelsError
-from ._core import LeveledNet
+from ._core import LeveledNet, flatten_neurons
+from ._transformer import describe as describe_transformer
 
 __all__ = [
     "LevelLayout",
@@ -52,6 +53,7 @@ __all__ = [
     "activation_module",
     "align_level",
     "capture",
+    "capture_spaces",
     "check_alignable",
     "identity_ok",
     "level_adds_input",
@@ -59,6 +61,10 @@ __all__ = [
     "next_activation",
     "normalized",
     "residual_heads",
+    "space_activation",
+    "space_map",
+    "space_sizes",
+    "space_units",
     "stream_members",
 ]
 
@@ -77,11 +83,23 @@ class Space:
 
     ``point`` names the module (relative to the level) whose output is the space's
     pre-activation; ``act`` the parameter-free module applied next (``None`` if none).
+
+    Transformer layouts (:mod:`neurofuse.levels._transformer`) add: ``heads`` > 0 when the
+    space's neurons come in that many equal heads that move as units (attention); spaces with the
+    same ``unit`` share one assignment of heads (a head's ``qk`` and ``vo`` spaces); ``probes``
+    say how the space's values are read when no module outputs them alone: each
+    ``(module, weight, bias, start, stop)`` is rows ``[start, stop)`` of the affine map
+    ``(weight, bias)`` applied to the *input* of ``module`` (e.g. the queries and the keys, rows
+    of a packed ``qkv``), and the space's values are those of all its probes (one neuron's
+    queries and keys are one vector).
     """
 
     name: str
     point: str
     act: Optional[str]
+    heads: int = 0
+    unit: str = ""
+    probes: Tuple[Tuple[str, str, Optional[str], int, Optional[int]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +107,17 @@ class LevelLayout:
     """Which tensors of a level (state-dict keys relative to the level) follow which neurons.
 
     Neuron spaces are ``"in"`` (the level input = the previous level's output), ``"out"`` (the
-    level output) and the level's internal spaces (``"h0"``, ``"h1"``, ...).
+    level output) and the level's internal spaces (``"h0"``, ``"h1"``, ...).  A space name
+    ``"a+b+c"`` is the concatenation of spaces along the axis (a packed ``qkv`` weight's rows are
+    ``"qk0+qk0+vo0"``); its map is the block diagonal of its parts' maps.
 
     Attributes
     ----------
     tensors : tuple of (key, space0, space1, kind)
         ``space0`` is the space of axis 0, ``space1`` that of axis 1 for affine weights
-        (``None`` otherwise), ``kind`` is ``"linear"``, ``"conv"`` or ``"vector"``.
+        (``None`` otherwise), ``kind`` is ``"linear"``, ``"conv"``, ``"vector"`` or ``"last"``
+        (a tensor whose *last* axis runs over ``space0``: a CLS token ``[1, 1, C]``, a position
+        embedding ``[1, T, C]``, an embedding table ``[V, C]``).
     internal : tuple of Space
         Internal spaces, in forward order.
     tied : bool
@@ -109,6 +131,37 @@ class LevelLayout:
     def keys_in(self, space: str) -> List[str]:
         """Keys whose axis 0 runs over ``space``."""
         return [k for k, s0, _, _ in self.tensors if s0 == space]
+
+
+def space_sizes(level: nn.Module, layout: LevelLayout) -> Dict[str, int]:
+    """The number of neurons of every space of ``layout`` (read from the level's tensors; the
+    parts of a concatenation ``"a+b"`` from the other tensors, or split evenly)."""
+    sd = level.state_dict()
+    sizes: Dict[str, int] = {}
+    composite: List[Tuple[str, int]] = []
+    for key, s0, s1, kind in layout.tensors:
+        t = sd[key]
+        n0 = int(t.shape[-1] if kind == "last" else t.shape[0])
+        if "+" in s0:
+            composite.append((s0, n0))
+        else:
+            sizes.setdefault(s0, n0)
+        if s1 is not None and kind != "last" and t.dim() > 1:
+            n1 = int(t.shape[1])
+            if "+" in s1:
+                composite.append((s1, n1))
+            elif s1 != "in":  # the input's width is the previous level's (a flatten multiplies it)
+                sizes.setdefault(s1, n1)
+    for name, n in composite:
+        parts = name.split("+")
+        unknown = sorted({p for p in parts if p not in sizes})
+        if not unknown:
+            continue
+        rest = n - sum(sizes[p] for p in parts if p in sizes)
+        count = sum(1 for p in parts if p in unknown)
+        for p in unknown:
+            sizes[p] = rest // count
+    return sizes
 
 
 def level_adds_input(level: nn.Module) -> bool:
@@ -150,6 +203,9 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     IncompatibleModelsError
         If the level has no affine layer, a grouped convolution or another module with parameters.
     """
+    spec = describe_transformer(level)
+    if spec is not None:  # a transformer level: residual stream, attention heads, MLPs
+        return spec.layout()
     reason = getattr(level, "not_alignable", None)
     if reason:  # set by the automatic levels on sub-graphs that are not chains or blocks
         raise IncompatibleModelsError(f"{reason}; {method!r} cannot align it (use 'kf-gradient')")
@@ -259,8 +315,12 @@ def activation_module(module: Optional[nn.Module]) -> nn.Module:
 
 
 def next_activation(net: LeveledNet, level: int) -> nn.Module:
-    """The non-linearity applied to ``level``'s output: the first leaf module of the next level
-    when it is an element-wise activation, ReLU otherwise."""
+    """The non-linearity applied to ``level``'s output: none for a transformer's residual stream
+    (the next level normalises it), else the first leaf module of the next level when it is an
+    element-wise activation, ReLU otherwise."""
+    spec = describe_transformer(net.levels[level])
+    if spec is not None and spec.writes_stream:
+        return nn.Identity()
     if level + 1 < net.num_levels:
         for m in net.levels[level + 1].modules():
             if len(list(m.children())) == 0:
@@ -280,6 +340,71 @@ def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[Level
                     f"{method!r} needs the same architecture up to widths"
                 )
     return layouts, residual_heads(layouts)
+
+
+def space_units(spaces: Sequence[Space]) -> List[List[Space]]:
+    """The internal spaces grouped into the units whose maps are solved together: the spaces of
+    one attention (same ``unit``: one assignment of heads), every other space alone; in order."""
+    units: List[List[Space]] = []
+    for sp in spaces:
+        if sp.unit and units and units[-1][0].unit == sp.unit:
+            units[-1].append(sp)
+        else:
+            units.append([sp])
+    return units
+
+
+def space_activation(level: nn.Module, space: Space) -> nn.Module:
+    """The non-linearity that follows an internal space: none for attention spaces (queries,
+    keys, values), else its ``act`` module when that is an element-wise activation, ReLU
+    otherwise."""
+    if space.heads:
+        return nn.Identity()
+    mods = dict(level.named_modules())
+    return activation_module(mods.get(space.act) if space.act else None)
+
+
+def capture_spaces(level: nn.Module, spaces: Sequence[Space], run, axis: str) -> List[Tensor]:  # type: ignore[no-untyped-def]
+    """The values of the internal ``spaces`` of ``level`` while ``run()`` executes (once), each
+    as ``[rows, neurons]``: its point's output, or its probes' values stacked along the rows."""
+    from ._transformer import tensor_of
+
+    mods = dict(level.named_modules())
+    store: Dict[Tuple[int, int], Tensor] = {}
+    handles = []
+
+    def point_hook(i):  # type: ignore[no-untyped-def]
+        return lambda _m, _a, out: store.__setitem__((i, 0), out)
+
+    def probe_hook(i, j, weight, bias, start, stop):  # type: ignore[no-untyped-def]
+        def hook(_m, args):  # type: ignore[no-untyped-def]
+            w = tensor_of(level, weight)[start:stop]
+            b = None if bias is None else tensor_of(level, bias)[start:stop]
+            store[i, j] = torch.nn.functional.linear(args[0], w, b)
+        return hook
+
+    try:
+        for i, sp in enumerate(spaces):
+            if not sp.probes:
+                handles.append(mods[sp.point].register_forward_hook(point_hook(i)))
+            for j, (mod, weight, bias, start, stop) in enumerate(sp.probes):
+                handles.append(mods[mod].register_forward_pre_hook(probe_hook(i, j, weight, bias, start, stop)))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for i, sp in enumerate(spaces):
+        if not sp.probes:
+            if (i, 0) not in store:  # pragma: no cover - the layout names modules on the forward path
+                raise IncompatibleModelsError(f"{sp.point} was not run by its level's forward")
+            out.append(flatten_neurons(store[i, 0], axis))
+            continue
+        vals = [store.get((i, j)) for j in range(len(sp.probes))]
+        if any(v is None for v in vals):  # pragma: no cover
+            raise IncompatibleModelsError(f"the probes of space {sp.name} were not run by the level")
+        out.append(torch.cat([v.reshape(-1, v.shape[-1]) for v in vals], 0))  # type: ignore[union-attr]
+    return out
 
 
 def capture(module: nn.Module, run) -> Tensor:  # type: ignore[no-untyped-def]
@@ -311,34 +436,86 @@ class NeuronMap:
     out: Tensor
     inc: Tensor
     plan: np.ndarray
+    #: for a permutation, ``index[j]`` = the model-``k`` neuron at anchor neuron ``j``
+    #: (``Q[j, index[j]] = 1``): the map is then applied by indexing instead of a product
+    index: Optional[Tensor] = None
 
     @classmethod
     def from_plan(cls, plan: np.ndarray, nu: np.ndarray) -> "NeuronMap":
         p = torch.from_numpy(np.asarray(plan, dtype=np.float64) / np.asarray(nu, dtype=np.float64)[None, :])
         return cls(out=p.T.contiguous(), inc=p, plan=np.asarray(plan, dtype=np.float64))
 
+    @classmethod
+    def from_permutation(cls, perm: np.ndarray) -> "NeuronMap":
+        """The map of a permutation of ``n`` neurons: uniform marginals, ``Q[j, perm[j]] = 1``."""
+        index = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+        n = len(index)
+        q = torch.zeros(n, n, dtype=torch.float64)
+        q[torch.arange(n), index] = 1.0
+        return cls(out=q, inc=q.T.contiguous(), plan=q.T.numpy() / n, index=index)
 
-def _map_out(t: Tensor, q: Tensor) -> Tensor:
-    """Rows of ``t`` (axis 0 = neurons) written in the target basis: ``q @ t``."""
-    return torch.tensordot(q.to(t.device), t, dims=([1], [0]))
+
+def _map_out(t: Tensor, m: NeuronMap) -> Tensor:
+    """Rows of ``t`` (axis 0 = neurons) written in the target basis: ``Q @ t``."""
+    if m.index is not None:
+        return t.index_select(0, m.index.to(t.device))
+    return torch.tensordot(m.out.to(t.device), t, dims=([1], [0]))
 
 
-def _map_in(w: Tensor, p: Tensor, kind: str, level: int) -> Tensor:
-    """Input axis (1) of an affine weight fed with target-basis inputs: ``w @ p`` per tap."""
-    p = p.to(w.device)
+def _map_last(t: Tensor, m: NeuronMap) -> Tensor:
+    """The last axis of ``t`` (neurons) written in the target basis: ``t @ Q^T``."""
+    if m.index is not None:
+        return t.index_select(-1, m.index.to(t.device))
+    return t @ m.out.to(t.device).T
+
+
+def space_map(maps: "SpaceMaps", space: Optional[str]) -> Optional[NeuronMap]:
+    """The map of ``space`` in ``maps``; a concatenation ``"a+b"`` gets the block diagonal of its
+    parts' maps (``None`` if any part has none)."""
+    if space is None:
+        return None
+    if "+" not in space:
+        return maps.get(space)
+    parts = [maps.get(p) for p in space.split("+")]
+    if any(p is None for p in parts):
+        return None
+    index = None
+    if all(p.index is not None for p in parts):  # type: ignore[union-attr]
+        offsets = np.cumsum([0] + [p.out.shape[0] for p in parts[:-1]])  # type: ignore[union-attr]
+        index = torch.cat([p.index + int(o) for p, o in zip(parts, offsets)])  # type: ignore[union-attr,operator]
+    return NeuronMap(out=torch.block_diag(*[p.out for p in parts]),  # type: ignore[union-attr]
+                     inc=torch.block_diag(*[p.inc for p in parts]),  # type: ignore[union-attr]
+                     plan=_block_diag_np([p.plan for p in parts]), index=index)  # type: ignore[union-attr]
+
+
+def _block_diag_np(mats: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(m.shape[0] for m in mats), sum(m.shape[1] for m in mats)))
+    r = c = 0
+    for m in mats:
+        out[r:r + m.shape[0], c:c + m.shape[1]] = m
+        r, c = r + m.shape[0], c + m.shape[1]
+    return out
+
+
+def _map_in(w: Tensor, m: NeuronMap, kind: str, level: int) -> Tensor:
+    """Input axis (1) of an affine weight fed with target-basis inputs: ``w @ P`` per tap."""
+    p = m.inc.to(w.device)
     n = p.shape[0]
+    index = None if m.index is None else m.index.to(w.device)
     if kind == "conv":
         if w.shape[1] != n:
             raise IncompatibleModelsError(
                 f"level {level}: the convolution takes {w.shape[1]} channels but its input has "
                 f"{n} neurons"
             )
-        return torch.einsum("oikl,ij->ojkl", w, p)
+        return w.index_select(1, index) if index is not None else torch.einsum("oikl,ij->ojkl", w, p)
     d_in = w.shape[1]
     if d_in == n:
-        return w @ p
+        return w.index_select(1, index) if index is not None else w @ p
     if d_in % n == 0:  # Linear after Flatten of [C, H, W]: channel-major, one map per position
         w3 = w.reshape(w.shape[0], n, d_in // n)
+        if index is not None:
+            return w3.index_select(1, index).reshape(w.shape[0], -1)
         return torch.einsum("ois,ij->ojs", w3, p).reshape(w.shape[0], -1)
     raise IncompatibleModelsError(
         f"level {level}: the linear layer takes {d_in} inputs, not a multiple of the previous "
@@ -363,12 +540,15 @@ def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMa
             result[key] = v.clone()
             continue
         s0, s1, kind = spec[key]
-        t = v.double()
-        if s1 is not None and maps.get(s1) is not None:
-            t = _map_in(t, maps[s1].inc, kind, index)  # type: ignore[union-attr]
-        if maps.get(s0) is not None:
-            t = _map_out(t, maps[s0].out)  # type: ignore[union-attr]
-        result[key] = t.to(v.dtype)
+        m_in, m_out = space_map(maps, s1), space_map(maps, s0)
+        # permutations move values exactly: no float64 round trip
+        exact = all(m is None or m.index is not None for m in (m_in, m_out))
+        t = v if exact else v.double()
+        if m_in is not None:
+            t = _map_in(t, m_in, kind, index)
+        if m_out is not None:
+            t = _map_last(t, m_out) if kind == "last" else _map_out(t, m_out)
+        result[key] = t.to(v.dtype) if t is not v else v.clone()
     return result
 
 

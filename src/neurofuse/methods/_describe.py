@@ -15,9 +15,12 @@ import typing
 from collections import abc
 from typing import Any, Dict, List, Optional, Type
 
-from ._base import FusionMethod, get_method
+from torch import nn
 
-__all__ = ["OptionInfo", "method_options"]
+from ._base import FusionMethod, get_method, methods_by_order
+from ._options import COMMON_OPTIONS, constraint_of
+
+__all__ = ["OptionInfo", "format_levels", "level_support", "method_options"]
 
 _MISSING = object()
 
@@ -40,6 +43,8 @@ class OptionInfo:
     common : bool
         Whether it is a setting every method takes (``batch_size``, ``memory_budget``) rather
         than a field of the method's ``Options``.
+    allowed : str
+        What values it takes, from its declared constraint (``"an integer >= 1"``; may be empty).
     """
 
     name: str
@@ -47,6 +52,7 @@ class OptionInfo:
     default: str
     description: str = ""
     common: bool = False
+    allowed: str = ""
 
 
 def _type_name(hint: Any) -> str:
@@ -180,11 +186,51 @@ def method_options(name: str) -> List[OptionInfo]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = _MISSING
+        c = constraint_of(f)
         out.append(OptionInfo(f.name, _type_name(hints.get(f.name, Any)), _default_text(default),
-                              docs.get(f.name, "")))
+                              docs.get(f.name, ""), allowed=c.describe() if c is not None else ""))
     base_docs = _doc_entries(FusionMethod)
     for key in ("batch_size", "memory_budget"):
         hint: Optional[Any] = typing.get_type_hints(FusionMethod.__init__).get(key)
         out.append(OptionInfo(key, _type_name(hint), _default_text(_init_default(cls, key)),
-                              base_docs.get(key, ""), common=True))
+                              base_docs.get(key, ""), common=True, allowed=COMMON_OPTIONS[key].describe()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# which methods fuse which level (asked of every registered method)
+# ---------------------------------------------------------------------------------------------
+def level_support(net: nn.Module) -> List[Dict[str, Optional[str]]]:
+    """For every level of ``net``, ``{method: None if it can fuse the level, else a one-line
+    reason}`` over the registered level-wise methods (:attr:`FusionMethod.fuses_levels`), each
+    asked with :meth:`FusionMethod.check_level`."""
+    names = [n for n in methods_by_order() if get_method(n).fuses_levels]
+    return [{n: get_method(n).check_level(net, i) for n in names}
+            for i in range(len(net.levels))]  # type: ignore[arg-type]
+
+
+def format_levels(net: nn.Module) -> str:
+    """A table of the levels: kind, neuron axis, width, layers, and the methods that fuse each
+    (with the reason of every method that cannot), then the methods for the whole model (the
+    whole-model methods fuse any architecture the models share)."""
+    rows = level_support(net)
+    widths = net.level_widths()  # type: ignore[operator]
+    kinds = getattr(net, "kinds", None) or ["-"] * len(rows)
+    names = getattr(net, "level_names", None) or [type(lv).__name__ for lv in net.levels]  # type: ignore[union-attr]
+    lines = [f"{'level':>5}  {'kind':<5}  {'axis':<5}  {'width':>5}  layers"]
+    for i, (row, w, k, ax, nm) in enumerate(zip(rows, widths, kinds, net.axes, names)):  # type: ignore[arg-type]
+        ok = [m for m, r in row.items() if r is None]
+        lines.append(f"{i:>5}  {k:<5}  {ax:<5}  {w:>5}  {nm}")
+        lines.append(f"{'':>5}  fused by: {', '.join(ok) or 'no level-wise method'}")
+        seen: List[str] = []
+        for m, r in row.items():
+            if r is not None and r not in seen:
+                seen.append(r)
+                same = [mm for mm, rr in row.items() if rr == r]
+                lines.append(f"{'':>5}  not {'/'.join(same)}: {r}")
+    whole = {m: all(r[m] is None for r in rows) for m in rows[0]} if rows else {}
+    others = [n for n in methods_by_order() if not get_method(n).fuses_levels]
+    lines.append("whole model: " + ", ".join([m for m, ok in whole.items() if ok] + others) + " fuse it"
+                 + ("; " + ", ".join(m for m, ok in whole.items() if not ok) + " do not (see above)"
+                    if not all(whole.values()) else ""))
+    return "\n".join(lines)

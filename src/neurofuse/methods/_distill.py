@@ -20,24 +20,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from .._fusion_set import FusionSet
 from .._loop import run_epochs, seeded_rng
-from .._validate import is_int, is_number
-from ..errors import ConfigError, IncompatibleModelsError
-from ._base import FusionMethod, register_method
+from ..errors import IncompatibleModelsError
+from ._base import FusionMethod, FusionRun, register_method
 from ._kd import kd_loss
-from ._simple import VanillaAveraging
+from ._options import Interval, option
+from ._simple import VanillaOptions, average_states
 
 __all__ = ["EnsembleDistillation", "EnsembleDistillationOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
-class EnsembleDistillationOptions:
+class EnsembleDistillationOptions(VanillaOptions):
     """Settings of :class:`EnsembleDistillation`.
 
     Attributes
@@ -54,21 +53,10 @@ class EnsembleDistillationOptions:
         Weights of the models in the initial average (e.g. their sample counts); default equal.
     """
 
-    epochs: int = 50
-    lr: float = 1e-3
-    temperature: float = 1.0
-    holdout: float = 0.2
-    weights: Optional[Sequence[float]] = None
-
-    def __post_init__(self) -> None:
-        if not is_int(self.epochs) or self.epochs < 1:
-            raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        for name in ("lr", "temperature"):
-            v = getattr(self, name)
-            if not is_number(v) or v <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if not is_number(self.holdout) or not 0 <= self.holdout < 1:
-            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
+    epochs: int = option(50, Interval(int, 1))
+    lr: float = option(1e-3, Interval(float, 0, closed="neither"))
+    temperature: float = option(1.0, Interval(float, 0, closed="neither"))
+    holdout: float = option(0.2, Interval(float, 0, 1, closed="left"))
 
 
 @register_method("feddf")
@@ -76,25 +64,21 @@ class EnsembleDistillation(FusionMethod):
     """FedDF: distil the client ensemble into the averaged model on unlabelled server data."""
 
     summary = "FedDF (Lin et al. 2020): average, then distil the ensemble on unlabelled data"
+    label = "FedDF"
+    order = 25
     Options = EnsembleDistillationOptions
     listed_in_comparisons = False
+    same_architecture = True
 
     def __init__(self, *, batch_size: int = 64, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        models, data = run.models, run.data
         assert data is not None
         opt = self.options
-        student = VanillaAveraging(progress=False, device=str(self.device))._fuse(models, None)
-        if opt.weights is not None:
-            w = torch.as_tensor(list(opt.weights), dtype=torch.float64)
-            if w.numel() != len(models) or not bool((w > 0).all()):
-                raise ConfigError(f"weights must be {len(models)} positive numbers, got {list(opt.weights)}")
-            w = w / w.sum()
-            states = [m.state_dict() for m in models]
-            avg = {k: (sum(wi * sd[k].double() for wi, sd in zip(w, states)).to(v.dtype)
-                       if v.is_floating_point() else v) for k, v in states[0].items()}
-            student.load_state_dict(avg)
+        student = copy.deepcopy(models[0])
+        student.load_state_dict(average_states(models, opt.weights))
         x = data.x.to(self.device)
         with torch.no_grad():
             logits = [m(x) for m in models]
@@ -109,7 +93,8 @@ class EnsembleDistillation(FusionMethod):
         bs = min(self.batch_size, len(train))
         optim = torch.optim.Adam(student.parameters(), lr=opt.lr)
         best, best_state = math.inf, None
-        self.history: List[float] = []
+        history: List[float] = []
+        run.extras["history"] = history
 
         def end_epoch(epoch: int, loss: float, lr: Optional[float]) -> None:
             nonlocal best, best_state
@@ -117,7 +102,7 @@ class EnsembleDistillation(FusionMethod):
                 student.eval()
                 with torch.no_grad():
                     val = float(kd_loss(student(x[hold]), teacher[hold], opt.temperature))
-                self.history.append(val)
+                history.append(val)
                 if val < best:
                     best, best_state = val, copy.deepcopy(student.state_dict())
 

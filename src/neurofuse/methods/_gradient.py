@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .._fusion_set import FusionSet
-from ..approximation._gradient import LevelConfig, fit_level, perturb_level
-from ..grouping import output_weights, weighted_kmeans
+from ..approximation import LevelConfig, fit_level, perturb_level
+from ..grouping import OUTPUT_WEIGHTS, Correspondence, output_weights, weighted_kmeans
 from ..errors import ConfigError, IncompatibleModelsError
 from ..levels import LeveledNet, LevelStream, flatten_neurons, unflatten_neurons
-from ._base import check_output_weights, register_method
-from ._levelwise import LevelwiseFusion
+from ._base import FusionRun, register_method
+from ._levelwise import LevelRun, LevelwiseFusion
+from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, option
 
 __all__ = ["GRADIENT_PRESETS", "GradientOptions", "KMeansGradientFusion", "LevelConfig"]
 
@@ -78,7 +78,7 @@ def _merge(base: LevelConfig, spec: LevelSpec, what: str) -> LevelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientOptions:
+class GradientOptions(MethodOptions):
     """Settings of ``kf-gradient``.
 
     Attributes
@@ -130,26 +130,25 @@ class GradientOptions:
         ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    preset: str = "default"
-    levels: LevelSpec = None
-    head: LevelSpec = None
-    overrides: Optional[Mapping[int, Mapping[str, Any]]] = None
-    init_model: int = 0
-    kmeans_init: str = "model"
-    kmeans_n_init: int = 3
-    kmeans_max_iter: int = 100
-    normalize_acts: bool = False
-    normalize_importance: bool = False
-    weighted_loss: bool = False
-    class_weights: Optional[Any] = None
-    head_kd: bool = False
-    temperature: float = 1.0
-    output_weights: str = "importance"
+    preset: str = option("default", OneOf(*GRADIENT_PRESETS))
+    levels: LevelSpec = option(None, Anything("null, a LevelConfig or a dict of its fields"))
+    head: LevelSpec = option(None, Anything("null, a LevelConfig or a dict of its fields"))
+    overrides: Optional[Mapping[int, Mapping[str, Any]]] = option(
+        None, Anything("null or a dict of level index to a dict of LevelConfig fields"))
+    init_model: int = option(0, Interval(int, 0))
+    kmeans_init: str = option("model", OneOf("model", "kmeans++"))
+    kmeans_n_init: int = option(3, Interval(int, 1))
+    kmeans_max_iter: int = option(100, Interval(int, 1))
+    normalize_acts: bool = option(False, Boolean())
+    normalize_importance: bool = option(False, Boolean())
+    weighted_loss: bool = option(False, Boolean())
+    class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
+    head_kd: bool = option(False, Boolean())
+    temperature: float = option(1.0, Interval(float, 0, closed="neither"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
     def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.preset not in GRADIENT_PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(GRADIENT_PRESETS)}")
+        super().__post_init__()
         lv, hd = GRADIENT_PRESETS[self.preset]
         object.__setattr__(self, "levels", _merge(lv, self.levels, "levels"))
         object.__setattr__(self, "head", _merge(hd, self.head, "head"))
@@ -164,18 +163,6 @@ class GradientOptions:
             self.levels.replace(**dict(change))   # validates names and values
             ov[int(key)] = dict(change)
         object.__setattr__(self, "overrides", ov)
-        if isinstance(self.init_model, bool) or not isinstance(self.init_model, (int, np.integer)) \
-                or self.init_model < 0:
-            raise ConfigError(f"init_model must be a model index >= 0, got {self.init_model!r}")
-        if self.kmeans_init not in ("model", "kmeans++"):
-            raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose 'model' or 'kmeans++'")
-        for name in ("kmeans_n_init", "kmeans_max_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
 
     def level_config(self, level: int, num_levels: int) -> LevelConfig:
         """The settings of ``level`` in a model of ``num_levels`` levels."""
@@ -205,18 +192,19 @@ class KMeansGradientFusion(LevelwiseFusion):
     """
 
     summary = "K-means Gradient Fusion (Luenam et al. 2025): N models, any architecture, per-level SGD/Adam"
+    label = "KF Gradient"
+    order = 80
     Options = GradientOptions
     min_models = 1
 
     # -- the level template -----------------------------------------------------------------
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+    def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
         opts: GradientOptions = self.options
         n_levels = fused.num_levels
         b = opts.init_model
         if b >= len(models):
             raise ConfigError(f"init_model is {b} but only {len(models)} models are fused")
-        data = stream.data
         cfg = opts.level_config(level, n_levels)
         axis = fused.axes[level]
         # every base model's level output, once per batch (the stream moves on with it), and the
@@ -235,9 +223,9 @@ class KMeansGradientFusion(LevelwiseFusion):
         x_in = torch.cat(fused_in)
         del chunks, fused_in
         if level == n_levels - 1:
-            targets, neuron_w, info = self._head_targets(outs, models, data)
+            targets, neuron_w, info = self._head_targets(run, outs, models)
         else:
-            targets, neuron_w, info = self._hidden_targets(level, models, outs, data, k, axis)
+            targets, neuron_w, info = self._hidden_targets(run, level, models, outs, k, axis)
         seed = self.seed * 1_000_003 + level
         target_level = fused.levels[level]
         info["init"] = perturb_level(target_level, models[b].levels[level], cfg.perturbation, seed)
@@ -248,14 +236,14 @@ class KMeansGradientFusion(LevelwiseFusion):
             target_level.eval()
             stream.advance({0: target_level, **{i + 1: m.levels[level] for i, m in enumerate(models)}})
         hist.pop("val_index", None)
-        self.report.append({"level": level, "k": k, **info, **{key: hist[key] for key in
-                            ("epochs", "best_epoch", "best_val_loss", "stopped_early")},
-                            "initial_val_loss": hist["val_loss"][0]})
-        log.debug("kf-gradient level %d: %s", level, self.report[-1])
+        run.report.append({"level": level, "k": k, **info, **{key: hist[key] for key in
+                           ("epochs", "best_epoch", "best_val_loss", "stopped_early")},
+                           "initial_val_loss": hist["val_loss"][0]})
+        log.debug("kf-gradient level %d: %s", level, run.report[-1])
 
     # -- targets ------------------------------------------------------------------------------
-    def _hidden_targets(self, level: int, models: List[LeveledNet], outs: List[Tensor],
-                        data: FusionSet, k: int, axis: str) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    def _hidden_targets(self, run: FusionRun, level: int, models: List[LeveledNet], outs: List[Tensor],
+                        k: int, axis: str) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
         opts: GradientOptions = self.options
         b = opts.init_model
         mats = [flatten_neurons(o, axis) for o in outs]                  # [rows, n_i] each
@@ -266,7 +254,7 @@ class KMeansGradientFusion(LevelwiseFusion):
         else:
             feats = raw
         points = feats.T.contiguous()                                       # neurons as points
-        scores = torch.from_numpy(self.level_scores(models, level, data)).to(points)
+        scores = torch.from_numpy(self.level_scores(run, models, level)).to(points)
         offset = sum(widths[:b])
         use_model = opts.kmeans_init == "model" and widths[b] == k
         init = points[offset:offset + k] if use_model else None
@@ -287,6 +275,7 @@ class KMeansGradientFusion(LevelwiseFusion):
             new_index[torch.as_tensor(cols)] = torch.as_tensor(rows)
             labels = new_index.to(labels.device)[labels]
             targets = self._centres(raw, scores, labels, k)
+        run.record(level, Correspondence.hard(labels.cpu().numpy(), widths, k, scores.cpu().numpy()))
         cluster_w = torch.zeros(k, dtype=scores.dtype, device=scores.device).index_add_(0, labels, scores)
         g_err = float((scores * ((raw - targets[:, labels]) ** 2).sum(0)).sum())
         shaped = unflatten_neurons(targets, axis, outs[0].shape)
@@ -300,7 +289,7 @@ class KMeansGradientFusion(LevelwiseFusion):
         assign[torch.arange(raw.shape[1], device=raw.device), labels] = scores
         return (raw @ assign) / assign.sum(0).clamp_min(1e-30)
 
-    def _head_targets(self, outs: List[Tensor], models: Sequence[LeveledNet], data: FusionSet
+    def _head_targets(self, run: FusionRun, outs: List[Tensor], models: Sequence[LeveledNet]
                       ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
         opts: GradientOptions = self.options
         if any(o.shape != outs[0].shape for o in outs):
@@ -318,7 +307,7 @@ class KMeansGradientFusion(LevelwiseFusion):
         if opts.output_weights == "importance" and self.importance != "uniform":
             # importance share of every model per class (columns sum to one) times N keeps the
             # scale of ``w`` (the weighted loss reads its column sums)
-            scores = torch.stack([self.importance_scores(m, data)[-1] for m in models]).numpy()
+            scores = torch.stack([run.importance_scores(m)[-1] for m in models]).numpy()
             share = output_weights(n, c, None, scores)
             w = w * torch.as_tensor(share * n, dtype=z.dtype, device=z.device)
         if opts.head_kd:

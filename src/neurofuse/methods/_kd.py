@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fusion_set import FusionSet
 from .._loop import run_epochs, seeded_rng
-from .._validate import is_int, is_number
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import IncompatibleModelsError
 from ..grouping import output_weights
 from ..levels import LeveledNet
-from ._base import FusionMethod, register_method
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Interval, MethodOptions, option
+from ._simple import record_single_model
 
 __all__ = ["KDHead", "KDHeadOptions"]
 
@@ -29,7 +29,7 @@ log = logging.getLogger("neurofuse")
 
 
 @dataclasses.dataclass(frozen=True)
-class KDHeadOptions:
+class KDHeadOptions(MethodOptions):
     r"""Settings of :class:`KDHead`.
 
     The mini-batch size and the seed are the common ``batch_size`` (default 32 for this method)
@@ -51,21 +51,11 @@ class KDHeadOptions:
         class-share ensemble.  Default: all teachers alike.
     """
 
-    temperature: float = 1.0
-    lr: float = 1e-3
-    epochs: int = 150
-    weight_decay: float = 0.0
-    class_weights: Optional[Any] = None
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "lr"):
-            v = getattr(self, name)
-            if not is_number(v) or v <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if not is_int(self.epochs) or self.epochs < 1:
-            raise ConfigError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not is_number(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+    temperature: float = option(1.0, Interval(float, 0, closed="neither"))
+    lr: float = option(1e-3, Interval(float, 0, closed="neither"))
+    epochs: int = option(150, Interval(int, 1))
+    weight_decay: float = option(0.0, Interval(float, 0))
+    class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
 
 
 @register_method("kd-head")
@@ -92,13 +82,16 @@ class KDHead(FusionMethod):
     """
 
     summary = "last-layer KD (Luenam et al. 2025): retrain model 0's head on the mean softmax"
+    label = "Last-layer KD"
+    order = 20
     Options = KDHeadOptions
     min_models = 1
 
     def __init__(self, *, batch_size: int = 32, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        models, data = run.models, run.data
         assert data is not None
         student = models[0]
         if not isinstance(student, LeveledNet):
@@ -146,7 +139,8 @@ class KDHead(FusionMethod):
                 batch_loss=lambda idx: kd_loss(head(x[idx]), p[idx], t), index_device=x.device,
                 diverged=lambda epoch, loss: f"kd-head diverged at epoch {epoch}; lower lr (now {opt.lr})",
                 desc="kd-head", progress=self.progress, leave=False)
-        self.history: List[float] = result.train_loss
+        run.extras["history"] = list(result.train_loss)
+        record_single_model(run, fused, 0)
         head.eval()
         return fused
 

@@ -18,19 +18,50 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._fusion_set import FusionSet
-from ..errors import ConfigError, IncompatibleModelsError
-from ..grouping import Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
+from ..errors import IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix
 from ..importance import normalize_scores
-from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine
-from ..levels._bn import fold_batchnorm, has_batchnorm
-from ._base import FusionMethod, check_output_weights, register_method
+from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
+                      fold_batchnorm, has_batchnorm, split_affine)
+from ._base import FusionMethod, FusionRun, register_method
+from ..levels._transformer import describe as describe_transformer
+from ._blockfit import TransformerFit, closed_form_reason
+from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
 from ._memory import estimated_by, linear_working_set
 
-__all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelwiseFusion", "LinearFusion"]
+__all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelRun", "LevelwiseFusion", "LinearFusion"]
 
 log = logging.getLogger("neurofuse")
+
+
+class LevelRun(FusionRun):
+    """The per-call state of level-wise fusion: :class:`~neurofuse.methods.FusionRun` plus the
+    widths and the previous level's assignment of base neurons to fused neurons.
+
+    Attributes
+    ----------
+    base_widths : list of list of int
+        Every base model's level widths.
+    widths : list of int
+        The fused width of every level.
+    prev_labels : list of np.ndarray, optional
+        Per base model, the fused neuron of each of its neurons at the level just fitted.
+    prev_k : int
+        The fused width of the level just fitted.
+    """
+
+    def __init__(self, method: FusionMethod, models: Sequence[nn.Module], data: Optional[Any]) -> None:
+        super().__init__(method, models, data)
+        self.base_widths: List[List[int]] = []
+        self.widths: List[int] = []
+        self.prev_labels: Optional[List[np.ndarray]] = None
+        self.prev_k = 0
+        #: the closed-form fit of transformer levels (:mod:`neurofuse.methods._blockfit`): made at
+        #: the first level, ``False`` when the model has no transformer level
+        self.blocks: Any = None
+        #: the grouping the next level must use (a plain level that starts a transformer stream)
+        self.forced_grouping: Optional[Grouping] = None
 
 
 class LevelwiseFusion(FusionMethod):
@@ -44,29 +75,32 @@ class LevelwiseFusion(FusionMethod):
 
     uses_importance = True
     supports_width = True
+    fuses_levels = True
+    Run = LevelRun
 
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
-        """Checks or conversions of the base models before any work (default: none)."""
+        """Conversions of the base models before any work (default: none)."""
         return nets
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
-        assert data is not None
-        nets, fused, widths = self.setup(models)
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        assert isinstance(run, LevelRun) and run.data is not None
+        nets, fused, widths = self.setup(run)
         levels = range(fused.num_levels)
-        with self.stream(data, 1 + len(nets)) as stream:
+        with self.stream(run.data, 1 + len(nets)) as stream:
             for lvl in tqdm(levels, desc=f"fuse {self.name}", disable=not self.progress, leave=False):
-                self.fuse_level(lvl, nets, fused, stream, widths[lvl])
+                self.fuse_level(run, lvl, nets, fused, stream, widths[lvl])
         return fused
 
-    def setup(self, models: Sequence[nn.Module]) -> "tuple[List[LeveledNet], LeveledNet, List[int]]":
+    def setup(self, run: LevelRun) -> "tuple[List[LeveledNet], LeveledNet, List[int]]":
         """Check and prepare the base models and make the fused model, before any level.
 
         Returns ``(nets, fused, widths)``: the prepared base models, the fused model (model 0's
         architecture at the fused widths, on the fusion device, its levels still to be fitted)
-        and the fused width of every level.  Federated fusion (:mod:`neurofuse.federated`) calls
-        it on the server and then fits the levels from statistics the clients send.
+        and the fused width of every level (also kept in ``run``).  Federated fusion
+        (:mod:`neurofuse.federated`) calls it on the server and then fits the levels from
+        statistics the clients send.
         """
-        nets = self.prepare(check_same_levels(list(models)))
+        nets = self.prepare(check_same_levels(list(run.models)))
         base_widths = [m.level_widths() for m in nets]
         widths = self.resolve_widths(base_widths[0])
         for lvl, k in enumerate(widths[:-1]):
@@ -76,28 +110,25 @@ class LevelwiseFusion(FusionMethod):
                     f"fused width {k} at level {lvl} is larger than the {available} neurons the "
                     "base models have there; choose a smaller width"
                 )
-        self.base_widths = base_widths
+        run.base_widths, run.widths = base_widths, widths
         fused = nets[0].clone() if widths == base_widths[0] else nets[0].with_widths(widths[:-1])
-        fused = fused.to(self.device).eval()
-        self.report: List[dict] = []
-        #: the grouping of every hidden level (REPAIR uses them to find each fused neuron's parents)
-        self.groupings: List[Grouping] = []
-        return nets, fused, widths
+        return nets, fused.to(self.device).eval(), widths
 
     @abstractmethod
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+    def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
-        """Fit ``fused.levels[level]`` (``k`` neurons) to the grouped base outputs, in place.
+        """Fit ``fused.levels[level]`` (``k`` neurons) to the grouped base outputs, in place, and
+        record the level's correspondence (hidden levels) and report in ``run``.
 
         ``stream`` holds the inputs of level ``level`` of the fused model (stream 0) and of every
         base model (stream ``i + 1``); the method advances every stream past the level.
         """
 
-    def level_scores(self, models: Sequence[LeveledNet], level: int, data: FusionSet) -> np.ndarray:
+    def level_scores(self, run: FusionRun, models: Sequence[LeveledNet], level: int) -> np.ndarray:
         """Concatenated importance scores of every base model's neurons at ``level``."""
         scores = []
         for m in models:
-            s = self.importance_scores(m, data)[level]
+            s = run.importance_scores(m)[level]
             if getattr(self.options, "normalize_importance", False):
                 s = normalize_scores(s)
             scores.append(s.cpu().numpy())
@@ -105,7 +136,7 @@ class LevelwiseFusion(FusionMethod):
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearOptions:
+class LinearOptions(MethodOptions):
     """Settings of the closed-form methods.
 
     Attributes
@@ -135,19 +166,12 @@ class LinearOptions:
         (:func:`neurofuse.grouping.output_weights`).
     """
 
-    rtol: Optional[float] = None
-    ridge: float = 0.0
-    normalize_importance: bool = False
-    prior: bool = True
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.rtol is not None and not self.rtol > 0:
-            raise ConfigError(f"rtol must be positive, got {self.rtol}")
-        if self.ridge < 0:
-            raise ConfigError(f"ridge must be non-negative, got {self.ridge}")
+    rtol: Optional[float] = option(None, Optional_(Interval(float, 0, closed="neither")))
+    ridge: float = option(0.0, Interval(float, 0))
+    normalize_importance: bool = option(False, Boolean())
+    prior: bool = option(True, Boolean())
+    class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +197,9 @@ class KMeansOptions(LinearOptions):
         Batched Hartigan single-point moves after Lloyd's iterations.
     """
 
-    n_init: int = 10
-    max_iter: int = 300
-    refine: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.n_init < 1 or self.max_iter < 1:
-            raise ConfigError(f"n_init and max_iter must be >= 1, got {self.n_init}, {self.max_iter}")
+    n_init: int = option(10, Interval(int, 1))
+    max_iter: int = option(300, Interval(int, 1))
+    refine: bool = option(False, Boolean())
 
 
 @estimated_by(linear_working_set)
@@ -189,18 +208,22 @@ class LinearFusion(LevelwiseFusion):
 
     Options = LinearOptions
     supports_distributed = True
+    supports_statistics = True
+    checks_models = "first"
+
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """The closed form fits levels that are affine in their parameters after BatchNorm
+        folding (:func:`neurofuse.levels.affine_reason`) and transformer levels sub-level by
+        sub-level (:mod:`neurofuse.methods._blockfit`); others need gradient steps."""
+        why = affine_reason(net, index)
+        if why is not None and closed_form_reason(net, index) is None:
+            return None
+        return why
 
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
-        """Fold BatchNorm into the preceding Conv2d/Linear (on copies) and check that every level
-        is affine, so a residual or attention level fails at once with the one-line error that
-        suggests kf-gradient (see :func:`neurofuse.levels.split_affine`)."""
-        nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
-        for lvl, level in enumerate(nets[0].levels):
-            try:
-                split_affine(level)
-            except IncompatibleModelsError as exc:
-                raise IncompatibleModelsError(f"level {lvl} of {type(nets[0]).__name__}: {exc}") from None
-        return nets
+        """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""
+        return [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
 
     @abstractmethod
     def group(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int,
@@ -208,7 +231,7 @@ class LinearFusion(LevelwiseFusion):
         """Group the ``M`` base neurons (rows of ``features``, float32 on the fusion device) into
         ``k`` fused neurons."""
 
-    def _prior(self, level: int, models: List[LeveledNet], affine: nn.Module) -> Optional[torch.Tensor]:
+    def _prior(self, run: LevelRun, level: int, models: List[LeveledNet], affine: nn.Module) -> Optional[torch.Tensor]:
         """Every base neuron's weights in the fused input coordinates (see :func:`aligned_prior`)."""
         d = affine.weight[0].numel() + (affine.bias is not None)
         priors = []
@@ -217,10 +240,10 @@ class LinearFusion(LevelwiseFusion):
                 _, base_affine = split_affine(m.levels[level])
             except IncompatibleModelsError:
                 return None
-            if level == 0:
+            if level == 0 or run.prev_labels is None:
                 p = aligned_prior(base_affine, None, 0)
             else:
-                p = aligned_prior(base_affine, torch.from_numpy(self._assign[i]), self._k_prev)
+                p = aligned_prior(base_affine, torch.from_numpy(run.prev_labels[i]), run.prev_k)
             if p is None or p.shape[0] != d:
                 return None
             priors.append(p)
@@ -260,6 +283,8 @@ class LinearFusion(LevelwiseFusion):
         additive: statistics of disjoint shards (ranks, Flower clients) merge into those of the
         union (:meth:`neurofuse.stats.AdditiveStats.merge`).
         """
+        if describe_transformer(fused.levels[level]) is not None:
+            raise _statistics_refusal(level)
         pre, affine = split_affine(fused.levels[level])
         shared = self.shares_inputs(level, models, fused)
         stats = LinearStats(cross=not shared, rows=shared)
@@ -276,27 +301,30 @@ class LinearFusion(LevelwiseFusion):
                 stats.update(x, torch.cat(outs, dim=1))
         return stats
 
-    def solve_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
-                    stats: LinearStats, k: int, data: Optional[FusionSet]) -> None:
+    def solve_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
+                    stats: LinearStats, k: int) -> None:
         """Group the level's base neurons and write the fused level's weights, from ``stats``
-        (merged over all the data) alone; ``data`` is used only for importance scores (``None``:
-        uniform importance is required)."""
+        (merged over all the data) alone; ``run.data`` is read only for importance scores (with no
+        data, ``run`` must know them: :meth:`FusionRun.set_importance_scores`)."""
+        if getattr(run, "blocks", None) is None and TransformerFit.applies(fused):
+            raise _statistics_refusal(level)   # statistics only (federated): no stage-by-stage fit
         _, affine = split_affine(fused.levels[level])
         last = level == fused.num_levels - 1
-        prior = self._prior(level, models, affine) if self.options.prior else None
+        prior = self._prior(run, level, models, affine) if self.options.prior else None
         sol = stats.solve(self.options.rtol, self.options.ridge, prior)
-        widths = [bw[level] for bw in self.base_widths]
+        widths = [bw[level] for bw in run.base_widths]
         # grouping sees the features in float32, on the fusion device: float64 statistics summed in
         # another order (other batches, shards, ranks) differ in the last bits, which float32
         # rounds away, and K-means is a discrete search that such bits can send elsewhere
         feats = sol.features.float()
         if last:
-            grouping = identity_grouping(widths, self.output_level_weights(models, data))
+            grouping = identity_grouping(widths, self.output_level_weights(run, models))
+        elif getattr(run, "forced_grouping", None) is not None:   # the grouping of its stream
+            grouping, run.forced_grouping = run.forced_grouping, None
         else:
-            grouping = self.group(feats, self.level_scores(models, level, data), widths, k, level)
-        self._assign = np.split(grouping.labels, np.cumsum(widths)[:-1])
-        if not last:
-            self.groupings.append(grouping)
+            grouping = self.group(feats, self.level_scores(run, models, level), widths, k, level)
+            run.record(level, grouping.correspondence(widths))
+        run.prev_labels = np.split(grouping.labels, np.cumsum(widths)[:-1])
         gw = torch.from_numpy(grouping.weights).to(self.device)
         labels = torch.from_numpy(grouping.labels).to(self.device)
         assign_affine(affine, sol.combine(gw, labels, grouping.k))    # [d, k], float64
@@ -304,17 +332,32 @@ class LinearFusion(LevelwiseFusion):
         t = centroids(f64, gw, labels, grouping.k)
         g_err = float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum())
         r_err = float((gw * sol.residual.to(gw.device)).sum())
-        self._k_prev = grouping.k
-        self.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
+        run.prev_k = grouping.k
+        run.report.append({"level": level, "rank": sol.rank, "rows": stats.rows,
                             "grouping_error": g_err, "unreachable_error": r_err})
         log.debug("level %d: rank %d, grouping error %.4g, unreachable %.4g", level, sol.rank, g_err, r_err)
 
-    def fuse_level(self, level: int, models: List[LeveledNet], fused: LeveledNet,
+    def fuse_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,
                    stream: LevelStream, k: int) -> None:
+        if run.blocks is None:
+            run.blocks = TransformerFit(self, run, models, fused) if TransformerFit.applies(fused) else False
+        if run.blocks:
+            if run.blocks.handles(level):     # a transformer level: stage by stage
+                run.blocks.fit_level(level, stream, k)
+                return
+            if run.blocks.starts_stream(level):
+                run.forced_grouping = run.blocks.stream_grouping(level, stream, k)
         stats = self.reduce(self.level_statistics(level, models, fused, stream))
-        self.solve_level(level, models, fused, stats, k, stream.data)
+        self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:
             stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
+
+
+def _statistics_refusal(level: int) -> IncompatibleModelsError:
+    return IncompatibleModelsError(
+        f"level {level} belongs to a transformer: its closed form fits one sub-level after the other "
+        "from the fused model's values, which one round of level statistics does not carry; fuse "
+        "transformers where the fusion data is (kf-linear, also distributed) or with kf-gradient")
 
 
 @register_method("hf-linear")
@@ -325,6 +368,8 @@ class HungarianLinearFusion(LinearFusion):
     """
 
     summary = "Hungarian Linear Fusion (Luenam et al. 2025): 2 models, equal widths, closed form"
+    label = "HF Linear"
+    order = 60
     min_models = 2
     max_models = 2
     supports_width = False  # one-to-one matching keeps the models' width
@@ -347,6 +392,8 @@ class KMeansLinearFusion(LinearFusion):
     """
 
     summary = "K-means Linear Fusion (Luenam et al. 2025): N models, any widths, closed form"
+    label = "KF Linear"
+    order = 70
     Options = KMeansOptions
     min_models = 1
 

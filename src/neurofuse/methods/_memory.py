@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequ
 import torch
 from torch import nn
 
-from ..errors import ConfigError, IncompatibleModelsError, MemoryBudgetError
+from ..errors import IncompatibleModelsError, MemoryBudgetError
 from ..grouping._core import _BATCH_BYTES, _CPU_BATCH, _GRAM_BYTES
 from ..levels import DEFAULT_MEMORY_BUDGET, LeveledNet, split_affine
 
@@ -48,7 +48,7 @@ class MethodLike(Protocol):
     batch_size: int
     device: torch.device
 
-__all__ = ["MemoryPlan", "Sizes", "available_memory", "check_budget", "estimate_memory", "estimated_by",
+__all__ = ["MemoryPlan", "Sizes", "available_memory", "estimate_memory", "estimated_by",
            "linear_working_set", "plan_memory"]
 
 F32, F64 = 4, 8
@@ -321,12 +321,3 @@ def plan_memory(method: MethodLike, models: Sequence[nn.Module], data: Optional[
     stream = max(0, budget - est)
     est, parts = estimate_memory(method, models, n, b, stream)
     return MemoryPlan(est, parts, b, stream, budget)
-
-
-def check_budget(value: object) -> None:
-    """Refuse a ``memory_budget`` that is not bytes >= 0, ``"auto"`` or ``None``."""
-    if value is None or value == "auto":
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"memory_budget must be a number of bytes >= 0, 'auto' or None, got {value!r}")
-

@@ -20,21 +20,26 @@ from tqdm.auto import tqdm
 from .._fusion_set import FusionSet
 from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..stats import CrossMoments
-from ..levels import LeveledNet, LevelStream, check_same_levels, flatten_neurons, split_affine, unflatten_neurons
+from ..levels import (LeveledNet, LevelStream, alignment_reason, check_same_levels, flatten_neurons, split_affine,
+                      unflatten_neurons)
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
     Space,
     SpaceMaps,
     align_level,
-    capture,
+    capture_spaces,
     check_alignable,
     identity_ok,
     normalized,
+    space_units,
     stream_members,
 )
-from ._base import FusionMethod, check_output_weights, register_method
+from ..levels._transformer import head_structured_plans
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Interval, MethodOptions, OneOf, option
 
 __all__ = ["OTFusion", "OTFusionOptions"]
 
@@ -44,7 +49,7 @@ log = logging.getLogger("neurofuse")
 # OTFusion
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class OTFusionOptions:
+class OTFusionOptions(MethodOptions):
     """Settings of :class:`OTFusion`.
 
     Attributes
@@ -70,24 +75,12 @@ class OTFusionOptions:
         ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    solver: str = "exact"
-    reg: float = 0.01
-    ground_metric: str = "euclidean"
-    max_iter: int = 1_000_000
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.solver not in ("exact", "sinkhorn"):
-            raise ConfigError(f"solver must be 'exact' or 'sinkhorn', got {self.solver!r}")
-        if not (isinstance(self.reg, (int, float)) and self.reg > 0):
-            raise ConfigError(f"reg must be a positive number, got {self.reg!r}")
-        if self.ground_metric not in ("euclidean", "sqeuclidean"):
-            raise ConfigError(
-                f"ground_metric must be 'euclidean' or 'sqeuclidean', got {self.ground_metric!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+    solver: str = option("exact", OneOf("exact", "sinkhorn"))
+    reg: float = option(0.01, Interval(float, 0, closed="neither"))
+    ground_metric: str = option("euclidean", OneOf("euclidean", "sqeuclidean"))
+    max_iter: int = option(1_000_000, Interval(int, 1))
+    class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 def _ends_affine(level: nn.Module) -> bool:
@@ -158,9 +151,9 @@ class OTFusion(FusionMethod):
     for level outputs only.  Per-channel normalisations (BatchNorm, including running
     statistics) follow the neurons they normalise.
 
-    After fusing, :attr:`transports` holds, for every model ``k >= 1``, the list of transport
-    plans per level (``None`` for identity levels) and :attr:`groupings` the per-level matching
-    matrices ``[identity, Q_1, ..., Q_{N-1}]`` used by :func:`neurofuse.repair.repair`.
+    The result's ``extras["transports"]`` holds, for every model ``k >= 1``, the list of transport
+    plans per level (``None`` for identity levels), and its correspondence of every hidden level
+    is the blocks ``[identity, Q_1, ..., Q_{N-1}]`` (read by :func:`neurofuse.repair.repair`).
 
     References
     ----------
@@ -168,19 +161,28 @@ class OTFusion(FusionMethod):
     """
 
     summary = "OTFusion (Singh & Jaggi 2020): OT alignment to model 0 on activations, then average"
+    label = "OTFusion"
+    order = 40
     Options = OTFusionOptions
     uses_importance = True
     supports_distributed = True
+    fuses_levels = True
     min_models = 1
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Alignment needs one map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        data = run.data
         assert data is not None
-        nets = check_same_levels(models)
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
-        outs, params = self._align_all(nets, layouts, heads, widths, data)
-        self.transports: List[List[Optional[np.ndarray]]] = [
+        outs, params, inner = self._align_all(run, nets, layouts, heads, widths, data)
+        run.extras["transports"] = [
             [None if m is None else m.plan for m in outs[k]] for k in range(1, len(nets))]
         states = [anchor.state_dict()]
         for k in range(1, len(nets)):
@@ -194,7 +196,7 @@ class OTFusion(FusionMethod):
         last = anchor.num_levels - 1
         # the output level's rows (classes) are averaged with per-class weights
         per_class = {f"levels.{last}.{key}" for key in layouts[last].keys_in("out")}
-        w_out = torch.from_numpy(self.output_level_weights(nets, data))   # [N, C]
+        w_out = torch.from_numpy(self.output_level_weights(run, nets))   # [N, C]
         avg = {}
         for key, v in ref.items():
             if v.is_floating_point():
@@ -211,20 +213,25 @@ class OTFusion(FusionMethod):
             else:
                 avg[key] = v.clone()
         fused.load_state_dict(avg)
-        # matching matrices for REPAIR: row j of Q_k averages model k's neurons matched to j
-        self.groupings: List[List[np.ndarray]] = []
+        # the internal spaces' matchings (REPAIR inside transformer levels)
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_blocks([np.eye(ms[0].out.shape[0])] + [m.out.numpy() for m in ms])
+                  for name, ms in spaces.items() if ms and all(m is not None for m in ms)}
+            for lvl, spaces in enumerate(inner)}
+        # matching matrices (for REPAIR): row j of Q_k averages model k's neurons matched to j
         for lvl in range(anchor.num_levels - 1):
             mats = [np.eye(widths[0][lvl])]
             for k in range(1, len(nets)):
                 m = outs[k][lvl]
                 mats.append(np.eye(widths[k][lvl]) if m is None else m.out.numpy())
-            self.groupings.append(mats)
+            run.record(lvl, Correspondence.from_blocks(mats))
         return fused
 
     # -- alignment of every model to the anchor, level by level -----------------------------
-    def _align_all(self, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
+    def _align_all(self, run: FusionRun, nets: List[LeveledNet], layouts: List[LevelLayout], heads: List[int],
                    widths: List[List[int]], data: FusionSet
-                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]]]:
+                   ) -> Tuple[List[List[Optional[NeuronMap]]], List[List[Dict[str, Tensor]]],
+                              List[Dict[str, List[NeuronMap]]]]:
         """Transport maps ``outs[k][lvl]`` and aligned parameters ``params[k][lvl]`` of every
         model ``k >= 1``.  A level stream carries the anchor's level inputs (stream 0) and those of
         every partially aligned model (stream ``k``: its levels below already aligned, so its
@@ -232,6 +239,7 @@ class OTFusion(FusionMethod):
         anchor, n_models, n_levels = nets[0], len(nets), nets[0].num_levels
         outs: List[List[Optional[NeuronMap]]] = [[None] * n_levels for _ in nets]
         params: List[List[Dict[str, Tensor]]] = [[] for _ in nets]
+        inner: List[Dict[str, List[NeuronMap]]] = []
         others = range(1, n_models)
         with self.stream(data, n_models) as stream:
             for lvl in tqdm(range(n_levels), desc="otfusion align", disable=not self.progress, leave=False):
@@ -248,20 +256,22 @@ class OTFusion(FusionMethod):
                     known = False
                 maps: List[SpaceMaps] = [{"in": outs[k][lvl - 1] if lvl > 0 else None, "out": outs[k][lvl]}
                                          for k in range(n_models)]
-                for sp in layout.internal:  # inner layers of the level (e.g. a residual block's)
+                for unit in space_units(layout.internal):  # inner layers (a residual block's, heads)
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    for k, m in self._transports(nets, stream, partial, lvl, [lvl], sp).items():
-                        maps[k][sp.name] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit).items():
+                        for sp, m in zip(unit, ms):
+                            maps[k][sp.name] = m
                 mapped_outputs = False
                 if not known:
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     mapped_outputs = _ends_affine(nets[0].levels[lvl])
-                    for k, m in self._transports(nets, stream, partial, lvl, members, None,
-                                                 keep=mapped_outputs).items():
-                        outs[k][lvl] = m
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
+                                                  keep=mapped_outputs).items():
+                        outs[k][lvl] = ms[0]
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
+                inner.append({sp.name: [maps[k][sp.name] for k in others] for sp in layout.internal})
                 if lvl < n_levels - 1:
                     fns: Dict[int, Callable[[Tensor], Tensor]] = {0: anchor.levels[lvl]}
                     post: Dict[int, Callable[[Tensor], Tensor]] = {}
@@ -272,33 +282,36 @@ class OTFusion(FusionMethod):
                             # output written in the anchor's basis (no second evaluation)
                             post[k] = _map_outputs(outs[k][lvl], nets[k].axes[lvl])  # type: ignore[arg-type]
                     stream.advance(fns, transforms=post)
-        return outs, params
+        return outs, params, inner
 
-    def _transports(self, nets: List[LeveledNet], stream: LevelStream, partial: Dict[int, Dict[str, Tensor]],
-                    lvl: int, members: List[int], space: Optional[Space], keep: bool = False
-                    ) -> Dict[int, NeuronMap]:
-        """Transport of level ``lvl``'s output (over its stream ``members``), or of its internal
-        ``space``, from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to the anchor,
-        from one pass over the fusion set.  With ``keep``, the level outputs are handed to the
-        stream as every model's next input (the anchor's as they are, the others' to be mapped)."""
+    def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
+                    partial: Dict[int, Dict[str, Tensor]],
+                    lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False
+                    ) -> Dict[int, List[NeuronMap]]:
+        """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
+        or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
+        heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
+        the anchor, from one pass over the fusion set.  With ``keep``, the level outputs are handed
+        to the stream as every model's next input (the anchor's as they are, the others' to be
+        mapped)."""
         anchor = nets[0]
-        stats = {k: [CrossMoments() for _ in members] for k in partial}
-        if space is not None:
-            points = [dict(net.levels[lvl].named_modules())[space.point] for net in nets]
+        n_stats = len(members) if spaces is None else len(spaces)
+        stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
         with torch.no_grad():
             for b in stream:
                 runs = {0: lambda h=b.inputs[0]: anchor.levels[lvl](h)}
                 for k in partial:
                     runs[k] = (lambda h=b.inputs[k], k=k: functional_call(nets[k].levels[lvl], partial[k], (h,)))
-                if space is not None:
-                    z = {k: capture(points[k], run) for k, run in runs.items()}
+                if spaces is not None:
+                    z = {k: capture_spaces(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl])
+                         for k, call in runs.items()}
                     for k in partial:
-                        stats[k][0].update(flatten_neurons(z[k], nets[k].axes[lvl]),
-                                           flatten_neurons(z[0], anchor.axes[lvl]))
+                        for s, zk, za in zip(stats[k], z[k], z[0]):
+                            s.update(zk, za)
                     continue
                 chains: Dict[int, List[Tensor]] = {}
-                for k, run in runs.items():
-                    z = run()
+                for k, call in runs.items():
+                    z = call()
                     if keep:
                         b.keep(k, z)
                     chain = [z]
@@ -308,28 +321,35 @@ class OTFusion(FusionMethod):
                 for k in partial:
                     for s, m, zk, za in zip(stats[k], members, chains[k], chains[0]):
                         s.update(flatten_neurons(zk, nets[k].axes[m]), flatten_neurons(za, anchor.axes[m]))
-        result = {}
+        result: Dict[int, List[NeuronMap]] = {}
         for k in partial:
-            cost = None
+            costs = []
             for s in stats[k]:
                 d = self.reduce(s).sq_dist().cpu().numpy()
-                d = d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d)
-                cost = d if cost is None else cost + d
-            assert cost is not None
-            if space is not None:  # importance is defined for level outputs only
+                costs.append(d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d))
+            if spaces is not None and spaces[0].heads:
+                # attention: heads matched as units, one within-head transport per space
+                def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+                    mu, nu = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
+                    plan = self._solve(mu, nu, c, lvl)
+                    return plan, float((plan * c).sum())
+
+                plans, _ = head_structured_plans(costs, spaces[0].heads, inner)
+                result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
+                continue
+            if spaces is not None:  # importance is defined for level outputs only
+                cost = costs[0]
                 mu = np.full(cost.shape[0], 1.0 / cost.shape[0])
                 nu = np.full(cost.shape[1], 1.0 / cost.shape[1])
             else:
-                mu = normalized(sum(normalized(self._scores(nets[k], m, stream.data)) for m in members))
-                nu = normalized(sum(normalized(self._scores(anchor, m, stream.data)) for m in members))
+                cost = sum(costs)  # type: ignore[assignment]
+                mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
+                nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
             plan = self._solve(mu, nu, cost, lvl)
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,
-                      f" ({space.name})" if space is not None else "", float((plan * cost).sum()))
-            result[k] = NeuronMap.from_plan(plan, nu)
+                      f" ({spaces[0].name})" if spaces is not None else "", float((plan * cost).sum()))
+            result[k] = [NeuronMap.from_plan(plan, nu)]
         return result
-
-    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        return self.importance_scores(net, data)[level].numpy()
 
     @phase("grouping")
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:

@@ -18,22 +18,27 @@ from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
 from .._phases import phase
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import IncompatibleModelsError
+from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..importance import normalize_scores
 from ..stats import CrossMoments
-from ..levels import LeveledNet, check_same_levels, flatten_neurons
-from ._base import FusionMethod, check_output_weights, register_method
+from ..levels import LeveledNet, alignment_reason, check_same_levels, flatten_neurons
+from ._base import FusionMethod, FusionRun, register_method
+from ._options import Anything, Boolean, MethodOptions, OneOf, option
 from ..levels._layout import (
     NeuronMap,
     Space,
     SpaceMaps,
-    activation_module,
     align_level,
+    capture_spaces,
     check_alignable,
     identity_ok,
     next_activation,
+    space_activation,
+    space_units,
     stream_members,
 )
+from ..levels._transformer import head_structured_plans
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -46,7 +51,7 @@ TIE_BREAK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class GitRebasinOptions:
+class GitRebasinOptions(MethodOptions):
     """Settings of :class:`GitRebasin`.
 
     Attributes
@@ -70,32 +75,11 @@ class GitRebasinOptions:
         mean with ``importance="uniform"``.  See :func:`neurofuse.grouping.output_weights`.
     """
 
-    metric: str = "distance"
-    activations: str = "post"
-    normalize_importance: bool = False
-    class_weights: Optional[Any] = None
-    output_weights: str = "importance"
-
-    def __post_init__(self) -> None:
-        check_output_weights(self.output_weights)
-        if self.metric not in ("distance", "sqdistance", "correlation"):
-            raise ConfigError(
-                f"metric must be 'distance', 'sqdistance' or 'correlation', got {self.metric!r}")
-        if self.activations not in ("post", "pre"):
-            raise ConfigError(f"activations must be 'post' or 'pre', got {self.activations!r}")
-
-
-def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
-    """``level(h)`` and the outputs of its sub-modules ``points`` during that call."""
-    store: Dict[int, Tensor] = {}
-    handles = [p.register_forward_hook(lambda _m, _i, o, i=i: store.__setitem__(i, o))
-               for i, p in enumerate(points)]
-    try:
-        out = level(h)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return out, [store[i] for i in range(len(points))]
+    metric: str = option("distance", OneOf("distance", "sqdistance", "correlation"))
+    activations: str = option("post", OneOf("post", "pre"))
+    normalize_importance: bool = option(False, Boolean())
+    class_weights: Optional[Any] = option(None, Anything("null or a [2, C] array of non-negative weights"))
+    output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
 
 @register_method("git-rebasin")
@@ -141,16 +125,23 @@ class GitRebasin(FusionMethod):
     """
 
     summary = "Git Re-Basin (Ainsworth et al. 2023): 2 models, activation matching, weighted average"
+    label = "Git Re-Basin"
+    order = 50
     Options = GitRebasinOptions
     uses_importance = True
     min_models = 2
     max_models = 2
     for_more_models = "'otfusion' or 'kf-linear'"
     supports_distributed = True
+    fuses_levels = True
 
-    def _fuse(self, models: List[nn.Module], data: Optional[FusionSet]) -> nn.Module:
-        assert data is not None
-        nets = check_same_levels(models)
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
+        return alignment_reason(net, index)
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        nets = check_same_levels(run.models)
         layouts, heads = check_alignable(nets, self.name)
         m0, m1 = nets
         widths = [m.level_widths() for m in nets]
@@ -160,36 +151,21 @@ class GitRebasin(FusionMethod):
                 "'otfusion' or 'kf-linear' for models of different widths"
             )
         n_levels = m0.num_levels
-        level_stats, inner_stats = self._statistics(nets, layouts, data)
-        scores = [[self._scores(m, lvl, data) for lvl in range(n_levels)] for m in nets]
-        outs: List[Optional[NeuronMap]] = [None] * n_levels
-        inner: List[Dict[str, NeuronMap]] = []
-        for lvl in range(n_levels):
-            inner.append({sp.name: self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl],
-                                                              scores, sp))
-                          for sp in layouts[lvl].internal})
-            head = heads[lvl]
-            members = stream_members(heads, head)
-            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
-                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
-            elif head < lvl:
-                outs[lvl] = outs[head]
-            else:
-                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
-                                                       scores, None))
-        self.permutations: List[Optional[np.ndarray]] = [
-            None if m is None else m.out.numpy().argmax(1) for m in outs]
+        outs, inner, scores = self.match_levels(run, nets, layouts, heads)
+        perms: List[Optional[np.ndarray]] = [None if m is None else m.out.numpy().argmax(1) for m in outs]
+        run.extras["permutations"] = perms
         fused = m0.clone()
         sd0 = m0.state_dict()
         state: Dict[str, Tensor] = {}
         # weight of model 1 in every class of the output level
-        head_w1 = torch.from_numpy(self.output_level_weights(nets, data)[1])
+        head_w1 = torch.from_numpy(self.output_level_weights(run, nets)[1])
         for lvl in range(n_levels):
             maps: SpaceMaps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[lvl], **inner[lvl]}
             aligned = align_level(m1.levels[lvl], layouts[lvl], lvl, maps)
             weights = {"out": head_w1 if lvl == n_levels - 1 else self._weights(scores, outs, lvl, n_levels),
                        "in": self._weights(scores, outs, lvl - 1, n_levels) if lvl > 0 else None}
             space_of = {key: s0 for key, s0, _, _ in layouts[lvl].tensors}
+            last_axis = {key for key, _, _, kind in layouts[lvl].tensors if kind == "last"}
             for key, t1 in aligned.items():
                 full = f"levels.{lvl}.{key}"
                 t0 = sd0[full]
@@ -200,22 +176,59 @@ class GitRebasin(FusionMethod):
                 if w is None:  # internal neurons, output level, identity spaces: plain mean
                     state[full] = ((t0.double() + t1.double()) / 2).to(t0.dtype)
                 else:
-                    a = w.to(t0.device).reshape(-1, *([1] * (t0.dim() - 1)))
+                    a = w.to(t0.device)
+                    a = a if key in last_axis else a.reshape(-1, *([1] * (t0.dim() - 1)))
                     state[full] = ((1 - a) * t0.double() + a * t1.double()).to(t0.dtype)
         fused.load_state_dict(state)
-        self.groupings = [[np.eye(widths[0][lvl]), np.eye(widths[0][lvl]) if outs[lvl] is None
-                           else outs[lvl].out.numpy()] for lvl in range(n_levels - 1)]
+        for lvl in range(n_levels - 1):
+            run.record(lvl, Correspondence.from_permutations([None, perms[lvl]], widths[0][lvl:lvl + 1] * 2))
         return fused
+
+    def match_levels(self, run: FusionRun, nets: Sequence[LeveledNet], layouts: Sequence[Any],
+                     heads: Sequence[int]) -> Tuple[List[Optional[NeuronMap]], List[Dict[str, NeuronMap]],
+                                                    List[List[np.ndarray]]]:
+        """The permutations of model 1 onto model 0 (equal widths): the map of every level's
+        output (``None``: identity) and of every internal space, and the importance scores
+        ``scores[model][level]`` the costs used.  Other methods align with it before they merge
+        ("align, then merge")."""
+        n_levels = nets[0].num_levels
+        widths = [m.level_widths() for m in nets]
+        assert run.data is not None
+        level_stats, inner_stats = self._statistics(nets, layouts, run.data)
+        scores = [[self._scores(run, m, lvl) for lvl in range(n_levels)] for m in nets]
+        outs: List[Optional[NeuronMap]] = [None] * n_levels
+        inner: List[Dict[str, NeuronMap]] = []
+        for lvl in range(n_levels):
+            inner.append({})
+            for unit in space_units(layouts[lvl].internal):
+                if unit[0].heads:  # attention: heads matched as units, a permutation per space
+                    for sp, m in zip(unit, self._match_heads([inner_stats[lvl][sp.name] for sp in unit],
+                                                              lvl, unit, scores)):
+                        inner[lvl][sp.name] = m
+                    continue
+                sp = unit[0]
+                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp))
+            head = heads[lvl]
+            members = stream_members(heads, head)
+            if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
+                identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
+            elif head < lvl:
+                outs[lvl] = outs[head]
+            else:
+                outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
+                                                       scores, None))
+        run.extras["inner_correspondences"] = {
+            lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
+                  for name, m in spaces.items()}
+            for lvl, spaces in enumerate(inner)}
+        return outs, inner, scores
 
     @staticmethod
     def _perm_map(perm: np.ndarray) -> NeuronMap:
-        n = len(perm)
-        plan = np.zeros((n, n))
-        plan[perm, np.arange(n)] = 1.0 / n  # model-1 neuron perm[j] -> model-0 neuron j
-        return NeuronMap.from_plan(plan, np.full(n, 1.0 / n))
+        return NeuronMap.from_permutation(perm)  # model-1 neuron perm[j] -> model-0 neuron j
 
-    def _scores(self, net: LeveledNet, level: int, data: FusionSet) -> np.ndarray:
-        s = self.importance_scores(net, data)[level]
+    def _scores(self, run: FusionRun, net: LeveledNet, level: int) -> np.ndarray:
+        s = run.importance_scores(net)[level]
         if self.options.normalize_importance:
             s = normalize_scores(s)
         return s.cpu().numpy()
@@ -247,25 +260,29 @@ class GitRebasin(FusionMethod):
         with self.stream(data, 2) as stream, torch.no_grad():
             for lvl in range(n_levels):
                 spaces = layouts[lvl].internal
-                mods = [dict(net.levels[lvl].named_modules()) for net in nets]
                 last = lvl == n_levels - 1
+                out_act = next_activation(nets[0], lvl)
+                acts = [space_activation(nets[0].levels[lvl], sp) for sp in spaces]
                 for b in stream:
                     res = []
                     for i, (net, h) in enumerate(zip(nets, b.inputs)):
-                        z, inner = _run_capturing(net.levels[lvl], h, [mods[i][sp.point] for sp in spaces])
+                        store: Dict[str, Tensor] = {}
+                        inner = capture_spaces(net.levels[lvl], spaces,
+                                               lambda: store.__setitem__("z", net.levels[lvl](h)), net.axes[lvl])
+                        z = store["z"]
                         if not last:
                             b.keep(i, z)
                         res.append((z, inner))
                     (z0, in0), (z1, in1) = res
                     axis = nets[0].axes[lvl]
-                    pairs = [(level_stats[lvl], z0, z1, next_activation(nets[0], lvl))]
-                    for sp, a0, a1 in zip(spaces, in0, in1):
-                        act = activation_module(mods[0].get(sp.act) if sp.act else None)
+                    # level outputs flattened to [rows, neurons]; inner spaces come flattened
+                    pairs = [(level_stats[lvl], flatten_neurons(z0, axis), flatten_neurons(z1, axis), out_act)]
+                    for sp, a0, a1, act in zip(spaces, in0, in1, acts):
                         pairs.append((inner_stats[lvl][sp.name], a0, a1, act))
                     for (s_pre, s_post), a0, a1, act in pairs:
-                        s_pre.update(flatten_neurons(a0, axis), flatten_neurons(a1, axis))
+                        s_pre.update(a0, a1)
                         if post:
-                            s_post.update(flatten_neurons(act(a0), axis), flatten_neurons(act(a1), axis))
+                            s_post.update(act(a0), act(a1))
                 if not last:
                     stream.advance({0: nets[0].levels[lvl], 1: nets[1].levels[lvl]})
         for pair in level_stats + [p for d in inner_stats for p in d.values()]:
@@ -288,6 +305,26 @@ class GitRebasin(FusionMethod):
                 d = 2.0 * s0 * s1 / (s0 + s1) * d
             cost += d
         return cost
+
+    def _match_heads(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, unit: List[Space],
+                     scores: List[List[np.ndarray]]) -> List[NeuronMap]:
+        """Permutations of the spaces of one attention (``unit``), heads matched as units: the
+        cost of pairing two heads is the sum over the spaces of their within-head matching costs
+        (:func:`neurofuse.levels._transformer.head_structured_plans`)."""
+        costs = []
+        for (pre, _), sp in zip(stats, unit):
+            costs.append(self._cost([pre], [lvl], scores, sp))
+
+        def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+            rows, cols = linear_sum_assignment(c)
+            plan = np.zeros_like(c)
+            plan[rows, cols] = 1.0 / len(rows)
+            return plan, float(c[rows, cols].sum())
+
+        # the costs are [model-0 neurons, model-1 neurons]: each plan's row j holds the model-1
+        # neuron matched to model-0 neuron j
+        plans, _ = head_structured_plans(costs, unit[0].heads, inner)
+        return [self._perm_map(p.argmax(1)) for p in plans]
 
     @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],

@@ -10,5 +10,6 @@ __all__ = ["MLP", "ResNet", "VGG", "ViT", "build_model", "get_model", "list_mode
            "zoo_architectures"]
 
 from .ensemble import Ensemble  # noqa: E402  (registers the "ensemble" architecture)
+from .multihead import MultiHead  # noqa: E402  (registers the "multihead" architecture)
 
-__all__ += ["Ensemble"]
+__all__ += ["Ensemble", "MultiHead"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,9 +34,18 @@ class Ensemble(nn.Module):
             raise ConfigError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         if class_weights is not None:
-            cw = torch.as_tensor(class_weights, dtype=torch.float32)
-            if cw.dim() != 2 or cw.shape[0] != len(members):
-                raise ConfigError(f"class_weights must be [n_models, n_classes], got {list(cw.shape)}")
+            src = class_weights.detach().cpu() if isinstance(class_weights, Tensor) else class_weights
+            try:   # checked in numpy: a model built on the meta device has no values to check
+                arr = np.asarray(src, dtype=np.float64)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise ConfigError("class_weights must be a [n_models, n_classes] array of numbers, got "
+                                  f"{str(class_weights)[:60]}") from None
+            if arr.ndim != 2 or arr.shape[0] != len(members):
+                raise ConfigError(f"class_weights must be [n_models, n_classes], got {list(arr.shape)}")
+            if not np.isfinite(arr).all() or (arr < 0).any():
+                raise ConfigError("class_weights must be finite and non-negative (shares of each "
+                                  "class's samples), got NaN, infinite or negative values")
+            cw = torch.as_tensor(arr, dtype=torch.float32)
             self.register_buffer("class_weights", cw)
         else:
             self.class_weights = None

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..levels import LeveledNet
+from ..levels._transformer import MLP, Attention, Embed, Head, Norm, Proj
 from ._registry import register_model
 
 
@@ -31,6 +32,11 @@ class PatchEmbedding(nn.Module):
         self.proj.reset_parameters()
         nn.init.trunc_normal_(self.cls, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def transformer_stages(self) -> list:
+        """Its stages for the transformer layouts (:mod:`neurofuse.levels._transformer`)."""
+        return [Embed("unfold", Proj("proj.weight", "proj.bias", "proj"), cls="cls", pos="pos",
+                      patch=self.patch)]
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch
@@ -67,6 +73,16 @@ class EncoderBlock(nn.Module):
         self.ln2 = nn.LayerNorm(hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, hidden))
 
+    def transformer_stages(self) -> list:
+        """Its stages: a pre-norm attention (packed ``qkv``) and a pre-norm MLP."""
+        c = self.attn.out.in_features
+        q, k, v = (Proj("attn.qkv.weight", "attn.qkv.bias", "attn.qkv", i * c, (i + 1) * c) for i in range(3))
+        n1 = Norm("ln1.weight", "ln1.bias", self.ln1.eps)
+        n2 = Norm("ln2.weight", "ln2.bias", self.ln2.eps)
+        return [Attention(q, k, v, Proj("attn.out.weight", "attn.out.bias", "attn.out"), self.attn.heads, pre=n1),
+                MLP(Proj("mlp.0.weight", "mlp.0.bias", "mlp.0"), Proj("mlp.2.weight", "mlp.2.bias", "mlp.2"),
+                    "mlp.1", pre=n2)]
+
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
@@ -79,6 +95,10 @@ class ClassifierHead(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(hidden)
         self.fc = nn.Linear(hidden, num_classes)
+
+    def transformer_stages(self) -> list:
+        """Its stage: LayerNorm and Linear on the CLS token."""
+        return [Head(Proj("fc.weight", "fc.bias", "fc"), norm=Norm("ln.weight", "ln.bias", self.ln.eps))]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.ln(x[:, 0]))

@@ -1,0 +1,161 @@
+"""Fusing transformers with every level-wise method: alignment (otfusion, git-rebasin, with and
+without REPAIR), the closed form (hf-linear, kf-linear) and kf-gradient, next to vanilla
+averaging and the ensemble.
+
+    python benchmarks/transformer_fusion.py                                # digits/token task, 2 and 4 models
+    python benchmarks/transformer_fusion.py --family vit --dataset mnist --train 5000 --models 2
+    python benchmarks/transformer_fusion.py --seeds 0 1 2 --out runs/transformers.json
+
+Families (small models built from configs, each from its own initialisation):
+
+* ``vit``: the zoo's ViT (``tiny``: hidden 32, 2 blocks, 4 heads, MLP 64; ``small`` on MNIST:
+  hidden 64, 4 blocks, 4 heads, MLP 128);
+* ``encoder``: a ViT written on ``nn.TransformerEncoder`` (pre-norm, GELU, hidden 32, 2 layers,
+  4 heads), fused through its automatic levels;
+* ``hf-vit``: Hugging Face ``ViTForImageClassification`` (:func:`neurofuse.hf.tiny_model`);
+* ``hf-bert``: Hugging Face ``BertForSequenceClassification`` on :func:`neurofuse.hf.token_task`.
+
+The image families train on scikit-learn's 8x8 digits (or MNIST with ``--dataset mnist``: the
+first ``--train`` training images). ``N`` models are trained on the parts of the paper's
+Dirichlet split (ratio 0.2) of the training data and fused on a 400-sample class-balanced fusion
+set drawn from the training data; nothing is selected on the test set, which gives every
+accuracy.  Seconds are the wall clock of each fusion call (one torch thread; run with
+``OMP_NUM_THREADS=1``), the methods of one cell run one after the other on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+import neurofuse
+from neurofuse.data import Dataset, balanced_subset, load_dataset, partition
+from neurofuse.models import make_model
+from neurofuse.training import TrainConfig, evaluate, train_model
+
+#: (label, method, options); "+repair" runs REPAIR after the method
+METHODS = [("vanilla", "vanilla", {}), ("ensemble", "ensemble", {}),
+           ("otfusion", "otfusion", {}), ("otfusion+repair", "otfusion", {"repair": True}),
+           ("git-rebasin", "git-rebasin", {}), ("git-rebasin+repair", "git-rebasin", {"repair": True}),
+           ("hf-linear", "hf-linear", {}), ("kf-linear", "kf-linear", {}), ("kf-gradient", "kf-gradient", {})]
+TWO_ONLY = {"git-rebasin", "hf-linear"}
+
+
+class EncoderViT(nn.Module):
+    """A ViT on ``nn.TransformerEncoder``, written without neurofuse in mind."""
+
+    def __init__(self, shape, classes, d=32, heads=4, depth=2, patch=2):
+        super().__init__()
+        c, h, w = shape
+        n = (h // patch) * (w // patch)
+        self.patch = nn.Conv2d(c, d, patch, patch)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True,
+                                           activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.encoder(x)[:, 0]))
+
+
+def family_data(family: str, dataset: str, train: int, seed: int) -> Dataset:
+    if family == "hf-bert":
+        import neurofuse.hf as nh
+
+        return nh.token_task(n_train=2000, n_test=1000, seed=seed)
+    ds = load_dataset(dataset)
+    if dataset != "digits" and train:
+        ds = Dataset(ds.name, ds.x_train[:train], ds.y_train[:train], ds.x_test, ds.y_test, ds.num_classes,
+                     ds.input_shape)
+    return ds
+
+
+def make(family: str, ds: Dataset, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if family == "vit":
+        return make_model("vit", "tiny" if ds.input_shape[1] <= 8 else "small", ds.input_shape, ds.num_classes)
+    if family == "encoder":
+        patch = 2 if ds.input_shape[1] <= 8 else 4
+        return EncoderViT(ds.input_shape, ds.num_classes, patch=patch)
+    import neurofuse.hf as nh
+
+    if family == "hf-vit":
+        return nh.tiny_model("vit", ds.input_shape, ds.num_classes, seed=seed)
+    return nh.tiny_model("bert", ds.input_shape, ds.num_classes, seed=seed, vocab_size=int(ds.x_train.max()) + 1)
+
+
+def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, lr: float,
+        fusion_samples: int, methods: List[str]) -> Dict[str, Any]:
+    ds = family_data(family, dataset, train, seed)
+    y = ds.y_train.numpy()
+    models = []
+    t0 = time.time()
+    for i, part in enumerate(partition(y, n, "dirichlet", seed=seed)):
+        m = make(family, ds, 1000 * seed + i)
+        train_model(m, ds.x_train[part], ds.y_train[part],
+                    config=TrainConfig(epochs=epochs, lr=lr, seed=1000 * seed + i))
+        m.eval()
+        if family == "encoder":
+            m = neurofuse.levels_from(m, input_shape=ds.input_shape)
+        models.append(m)
+    acc = lambda m: evaluate(m, ds.x_test, ds.y_test)["accuracy"]  # noqa: E731
+    idx = balanced_subset(y, np.arange(len(y)), fusion_samples, seed=seed)
+    fusion = (ds.x_train[idx], ds.y_train[idx])
+    row: Dict[str, Any] = {"family": family, "dataset": "tokens" if family == "hf-bert" else dataset,
+                           "models": n, "seed": seed, "epochs": epochs, "train_s": time.time() - t0,
+                           "base": [acc(m) for m in models]}
+    row["mean_base"] = float(np.mean(row["base"]))
+    for label, method, opts in METHODS:
+        if label not in methods or (n > 2 and method in TWO_ONLY):
+            continue
+        opts = dict(opts)
+        t0 = time.time()
+        fused = neurofuse.fuse(models, fusion, method=method, seed=seed, progress=False, **opts)
+        row[label + "_s"] = time.time() - t0
+        row[label] = acc(fused)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", nargs="+", default=["vit", "hf-vit", "hf-bert"])
+    p.add_argument("--dataset", default="digits", help="digits or mnist (image families)")
+    p.add_argument("--train", type=int, default=5000, help="training images of MNIST used")
+    p.add_argument("--models", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=30, help="training epochs per base model")
+    p.add_argument("--lr", type=float, default=3e-3, help="training learning rate")
+    p.add_argument("--fusion-samples", type=int, default=400)
+    p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
+    p.add_argument("--out", default=None, help="also write the rows as JSON (appended to as cells finish)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    cols = [m for m in a.methods]
+    print("| family | N | seed | mean base | " + " | ".join(cols) + " |")
+    print("|---" * (4 + len(cols)) + "|")
+    for family in a.family:
+        for n in a.models:
+            for seed in a.seeds:
+                r = run(family, a.dataset, a.train, n, seed, a.epochs, a.lr, a.fusion_samples, a.methods)
+                rows.append(r)
+                cells = [f"{r[c]:.3f} ({r[c + '_s']:.1f} s)" if c in r else "-" for c in cols]
+                print(f"| {family} | {n} | {seed} | {r['mean_base']:.3f} | " + " | ".join(cells) + " |", flush=True)
+                if a.out:
+                    with open(a.out, "w") as f:
+                        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

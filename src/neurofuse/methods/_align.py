@@ -1,0 +1,303 @@
+r"""Aligning models to an anchor before they are merged, and the bookkeeping the aligning methods share.
+
+"Align, then merge": every model :math:`k \ge 1` is rewritten in model 0's neuron basis (a
+function-preserving permutation of its hidden neurons), after which any merge that assumes a
+shared initialisation (a plain, RegMean or Fisher-weighted average) can be applied.  Two
+alignments are offered (:data:`ALIGNMENTS`):
+
+``"activations"``
+    Git Re-Basin activation matching, the project's :class:`~neurofuse.methods.GitRebasin`
+    (:meth:`~neurofuse.methods.GitRebasin.match_levels`, uniform importance), model by model
+    against model 0; needs the fusion data.
+``"weights"``
+    Git Re-Basin weight matching (:func:`neurofuse.grouping.weight_matching`), no data.
+
+Both give, per model, one :class:`~neurofuse.levels._layout.NeuronMap` per neuron space of every
+level (``"in"``, ``"out"``, internal spaces), applied with
+:func:`~neurofuse.levels._layout.align_level`.  What each fused neuron stands for is recorded as
+one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`correspondence`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._fusion_set import FusionSet
+from ..errors import ConfigError, IncompatibleModelsError
+from ..grouping import Correspondence, MatchedTensor, weight_matching
+from ..levels import LeveledNet, check_same_levels
+from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
+from ._base import FusionRun
+from ._rebasin import GitRebasin
+
+__all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "apply_maps", "average_states",
+           "check_equal_widths", "check_same_state", "correspondence", "merge_inputs", "out_correspondence",
+           "permutation_spec", "record_levels", "weight_maps"]
+
+#: the ways of aligning models before a merge ("none": merge as they are)
+ALIGNMENTS = ("none", "activations", "weights")
+
+LevelMaps = List[SpaceMaps]
+
+
+def check_equal_widths(nets: Sequence[LeveledNet], method: str) -> List[List[int]]:
+    """Every model's level widths, refused unless all equal model 0's."""
+    widths = [m.level_widths() for m in nets]
+    for k, w in enumerate(widths[1:], start=1):
+        if w != widths[0]:
+            raise IncompatibleModelsError(
+                f"{method!r} needs models of equal widths, got {widths[0][:-1]} (model 0) and "
+                f"{w[:-1]} (model {k}); use 'zipit', 'otfusion' or 'kf-linear' for different widths"
+            )
+    return widths
+
+
+# ---------------------------------------------------------------------------------------------
+# permutation groups of a leveled network (weight matching)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PermutationSpec:
+    """Which permutation group every neuron space of every level belongs to.
+
+    Attributes
+    ----------
+    groups : list of dict
+        Per level, ``{space: group or None}`` for ``"in"``, ``"out"`` and the internal spaces;
+        ``None`` is a space that is not permuted (the input, the output, a residual stream tied
+        to either).  The levels of one residual stream share one group.
+    sizes : list of int
+        Neurons per group; groups are numbered in forward order (the order the first sweep of
+        :func:`~neurofuse.grouping.weight_matching` visits them).
+    """
+
+    groups: List[Dict[str, Optional[int]]]
+    sizes: List[int]
+
+
+def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Sequence[int],
+                     widths: Sequence[int]) -> PermutationSpec:
+    """The :class:`PermutationSpec` of ``net`` (level ``widths``) from its level layouts and
+    residual heads."""
+    n_levels = net.num_levels
+    sizes: List[int] = []
+    out_group: List[Optional[int]] = []
+    groups: List[Dict[str, Optional[int]]] = []
+    for lvl in range(n_levels):  # groups are numbered in forward order: internal spaces first
+        spaces: Dict[str, Optional[int]] = {"in": out_group[lvl - 1] if lvl else None}
+        sd = net.levels[lvl].state_dict()
+        for sp in layouts[lvl].internal:
+            key = next(k for k, s0, _, _ in layouts[lvl].tensors if s0 == sp.name)
+            spaces[sp.name] = len(sizes)
+            sizes.append(int(sd[key].shape[0]))
+        head = heads[lvl]
+        if lvl == n_levels - 1 or head == -1 or n_levels - 1 in stream_members(heads, head):
+            g: Optional[int] = None
+        elif head < lvl:
+            g = out_group[head]
+        else:
+            g = len(sizes)
+            sizes.append(widths[lvl])
+        out_group.append(g)
+        spaces["out"] = g
+        groups.append(spaces)
+    return PermutationSpec(groups, sizes)
+
+
+def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
+    """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight)."""
+    if kind == "vector":
+        return t.reshape(-1, 1, 1)
+    if kind == "conv":
+        return t.reshape(t.shape[0], t.shape[1], -1)
+    if n_in is None or t.shape[1] == n_in:
+        return t.reshape(t.shape[0], t.shape[1], 1)
+    if t.shape[1] % n_in == 0:  # Linear after Flatten of [C, H, W]: channel-major
+        return t.reshape(t.shape[0], n_in, -1)
+    raise IncompatibleModelsError(f"level {level}: the linear layer takes {t.shape[1]} inputs, not a "
+                                  f"multiple of the previous level's {n_in} neurons")
+
+
+def _matched_tensors(spec: PermutationSpec, layouts: Sequence[LevelLayout], a: LeveledNet,
+                     b: LeveledNet) -> List[MatchedTensor]:
+    out: List[MatchedTensor] = []
+    for lvl, layout in enumerate(layouts):
+        pa, pb = dict(a.levels[lvl].named_parameters()), dict(b.levels[lvl].named_parameters())
+        spaces = spec.groups[lvl]
+        for key, s0, s1, kind in layout.tensors:
+            if key not in pa:  # running statistics are not part of the objective
+                continue
+            g0, g1 = spaces.get(s0), (spaces.get(s1) if s1 is not None else None)
+            if g0 is None and g1 is None:
+                continue
+            n_in = spec.sizes[g1] if g1 is not None else None
+            out.append(MatchedTensor(_as_3d(pa[key].detach(), kind, n_in, lvl),
+                                     _as_3d(pb[key].detach(), kind, n_in, lvl), g0, g1))
+    return out
+
+
+def _level_maps(spec: PermutationSpec, perms: Sequence[np.ndarray]) -> LevelMaps:
+    maps = [NeuronMap.from_permutation(p) for p in perms]
+    return [{space: (None if g is None else maps[g]) for space, g in spaces.items()} for spaces in spec.groups]
+
+
+def weight_maps(anchor: LeveledNet, other: LeveledNet, layouts: Sequence[LevelLayout], spec: PermutationSpec,
+                *, max_sweeps: int = 100, seed: int = 0) -> LevelMaps:
+    """Per level, the maps that write ``other`` in ``anchor``'s basis, by weight matching."""
+    with torch.no_grad():
+        result = weight_matching(_matched_tensors(spec, layouts, anchor, other), spec.sizes,
+                                 max_sweeps=max_sweeps, seed=seed)
+    return _level_maps(spec, result.perms)
+
+
+# ---------------------------------------------------------------------------------------------
+# applying maps, averaging, correspondences
+# ---------------------------------------------------------------------------------------------
+def aligned_state(net: LeveledNet, layouts: Sequence[LevelLayout], maps: Optional[LevelMaps]) -> Dict[str, Tensor]:
+    """``net``'s state dict with every level written in the anchor's basis (``maps[level]``;
+    ``None``: as it is)."""
+    state = net.state_dict()
+    if maps is not None:
+        for lvl, layout in enumerate(layouts):
+            for key, value in align_level(net.levels[lvl], layout, lvl, maps[lvl]).items():
+                state[f"levels.{lvl}.{key}"] = value
+    return state
+
+
+def apply_maps(net: LeveledNet, layouts: Sequence[LevelLayout], maps: LevelMaps) -> LeveledNet:
+    """A copy of ``net`` with every level written in the anchor's basis (``maps[level]``)."""
+    out = net.clone()
+    out.load_state_dict(aligned_state(net, layouts, maps))
+    return out
+
+
+def average_states(like: LeveledNet, states: Sequence[Dict[str, Tensor]]) -> LeveledNet:
+    """A copy of ``like`` holding the mean of every floating-point tensor of ``states`` (in
+    float64, cast back; counters such as ``num_batches_tracked`` are the first state's)."""
+    avg = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            acc = v.double()
+            for s in states[1:]:
+                acc = acc + s[k]
+            avg[k] = (acc / len(states)).to(v.dtype)
+        else:
+            avg[k] = v.clone()
+    out = like.clone()
+    out.load_state_dict(avg)
+    return out
+
+
+def correspondence(blocks: Sequence[np.ndarray]) -> Correspondence:
+    """Which base neurons each fused neuron stands for, from one ``[n_fused, n_k]`` block per
+    model (a permutation, a merge matrix, a linear map), by magnitude.
+
+    Hard (stored as a label per base neuron) when every base neuron enters at most one fused
+    neuron, as for permutations and ZipIt!'s merges; soft (the dense matrix of absolute values)
+    otherwise, as for CCA maps."""
+    mats = [np.abs(np.asarray(b, dtype=np.float64)) for b in blocks]
+    widths = [m.shape[1] for m in mats]
+    if all(((m > 0).sum(0) <= 1).all() for m in mats):
+        joint = np.concatenate(mats, axis=1)
+        labels = np.where(joint.max(0) > 0, joint.argmax(0), -1)
+        return Correspondence.hard(labels, widths, joint.shape[0], joint.max(0))
+    return Correspondence.from_blocks(mats)
+
+
+def out_correspondence(maps: Sequence[Optional[LevelMaps]], widths: Sequence[Sequence[int]]) -> List[Correspondence]:
+    """Per hidden level, the :func:`correspondence` of the ``"out"`` maps of every model
+    (``maps[k] = None`` or a ``None`` map: the identity)."""
+    result = []
+    for lvl in range(len(widths[0]) - 1):
+        blocks = []
+        for k, mk in enumerate(maps):
+            m = None if mk is None else mk[lvl].get("out")
+            blocks.append(np.eye(widths[0][lvl], widths[k][lvl]) if m is None else m.out.numpy())
+        result.append(correspondence(blocks))
+    return result
+
+
+def record_levels(run: FusionRun, correspondences: Optional[Sequence[Correspondence]]) -> None:
+    """Record one correspondence per hidden level in ``run`` (``None``: nothing to record)."""
+    for lvl, c in enumerate(correspondences or ()):
+        run.record(lvl, c)
+
+
+def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], heads: Sequence[int], how: str,
+                 data: Optional[FusionSet], *, seed: int = 0, device: str = "cpu", batch_size: int = 256,
+                 memory_budget: Optional[int] = None) -> Tuple[List[LeveledNet], List[Optional[LevelMaps]]]:
+    """Every model written in model 0's basis (``how`` in :data:`ALIGNMENTS`) and the maps used
+    (``None`` for model 0 and with ``how="none"``).  Activation matching runs a fresh
+    :class:`~neurofuse.methods.GitRebasin` call per model (uniform importance)."""
+    if how not in ALIGNMENTS:
+        raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")
+    maps: List[Optional[LevelMaps]] = [None] * len(nets)
+    if how == "none":
+        return list(nets), maps
+    out = [nets[0]]
+    if how == "weights":
+        spec = permutation_spec(nets[0], layouts, heads, check_equal_widths(nets, "align='weights'")[0])
+    for k in range(1, len(nets)):
+        if how == "weights":
+            mk = weight_maps(nets[0], nets[k], layouts, spec, seed=seed)
+        else:
+            if data is None:
+                raise ConfigError("align='activations' matches activations on the fusion set: pass data, "
+                                  "or use align='weights'")
+            matcher = GitRebasin(progress=False, seed=seed, device=device, batch_size=batch_size,
+                                 memory_budget=memory_budget)
+            pair = [nets[0], nets[k]]
+            outs, inner, _ = matcher.match_levels(matcher.Run(matcher, pair, data), pair, layouts, heads)
+            mk = [{"in": outs[lvl - 1] if lvl else None, "out": outs[lvl], **inner[lvl]}
+                  for lvl in range(len(layouts))]
+        maps[k] = mk
+        out.append(apply_maps(nets[k], layouts, mk))
+    return out, maps
+
+
+def check_same_state(models: Sequence[nn.Module], method: str) -> None:
+    """Refuse models whose state dicts differ in keys or shapes (merging without alignment)."""
+    ref = models[0].state_dict()
+    for i, m in enumerate(models[1:], start=1):
+        sd = m.state_dict()
+        if sd.keys() != ref.keys():
+            raise IncompatibleModelsError(f"{method!r} needs identical architectures: model {i} has "
+                                          "different parameters than model 0")
+        for k, v in sd.items():
+            if v.shape != ref[k].shape:
+                raise IncompatibleModelsError(
+                    f"{method!r} needs identical architectures: {k!r} has shape {list(v.shape)} in "
+                    f"model {i} but {list(ref[k].shape)} in model 0; for models of different widths "
+                    "use 'zipit', 'otfusion' or 'kf-linear'")
+
+
+def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: str, method: str, *,
+                 seed: int = 0, device: str = "cpu", batch_size: int = 256,
+                 memory_budget: Optional[int] = None) -> Tuple[List[nn.Module], Optional[List[Correspondence]]]:
+    """The models a merge that assumes a shared initialisation combines, and what each fused
+    neuron stands for.
+
+    ``how="none"``: the models as they are (any modules of identical state-dict shapes: the
+    paper's setting of fine-tuned copies of one model); otherwise every model aligned to model 0
+    (:func:`align_models`; leveled models of equal widths).  The correspondences (``None`` for
+    models that are not :class:`~neurofuse.levels.LeveledNet`) give, per hidden level, each
+    model's neuron merged into fused neuron ``j``.
+    """
+    if how not in ALIGNMENTS:
+        raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")
+    if how == "none":
+        check_same_state(models, method)
+        if not all(isinstance(m, LeveledNet) for m in models):
+            return list(models), None
+    nets = check_same_levels(models)
+    widths = check_equal_widths(nets, method)
+    if how == "none":
+        return list(nets), out_correspondence([None] * len(nets), widths)
+    layouts, heads = check_alignable(nets, method)
+    aligned, maps = align_models(nets, layouts, heads, how, data, seed=seed, device=device,
+                                 batch_size=batch_size, memory_budget=memory_budget)
+    return list(aligned), out_correspondence(maps, widths)

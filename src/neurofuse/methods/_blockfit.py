@@ -1,0 +1,791 @@
+r"""Closed-form fusion of transformers, sub-level by sub-level (the ``hf-linear`` / ``kf-linear``
+path for levels described by :mod:`neurofuse.levels._transformer`).
+
+A transformer's residual stream is one neuron space through the network, so its neurons are
+grouped **once**: the base models' stream neurons are clustered (K-means, or Hungarian matching
+for ``hf-linear``) on their values at every point of the stream (after the embeddings and after
+every attention and MLP sub-block), and every stream target is the weighted centre of a group,
+:math:`t_c = \sum_{j \in c} s_j a_j / \sum_{j\in c} s_j`.  Then every level is fitted from the
+*fused* model's own inputs, stage by stage (:class:`TransformerFit`):
+
+========================  ====================================================================
+sub-level                 treatment
+========================  ====================================================================
+embeddings (shared input) the weighted centres of the base models' rows (exact: the input is
+                          shared, so this *is* the least-squares fit); a post-LayerNorm (BERT)
+                          per neuron from the normalised sum
+CLS token, position       per position, the mean over samples of target minus tokens
+queries, keys, values     heads matched as units across models (cost: within-head matching
+                          cost of the queries and keys plus that of the values); inside each
+                          fused head the member neurons are grouped (queries and keys share one
+                          grouping); queries and keys are then least squares fits to their
+                          grouped outputs from the fused normalised input (the pre-LayerNorm's
+                          affine folded in).  The attention *pattern* is not affine in them: it
+                          is whatever the fitted queries and keys give
+value projection          given the fused attention pattern :math:`P_b` of head :math:`b`, the
+                          head's context :math:`P_b h W_v^\top + b_v` is affine in
+                          :math:`(W_v, b_v)`: least squares on the design :math:`[P_b h, 1]` to
+                          the grouped base contexts
+attention output          least squares to the residual target: the grouped next stream minus
+                          the fused stream (pre-norm), or the grouped pre-norm sum minus the
+                          fused stream (post-norm)
+MLP first layer           least squares on the fused normalised stream (LayerNorm's affine
+                          folded in) to the grouped base hidden pre-activations
+MLP second layer          least squares on the fused hidden activations to the residual target
+post-LayerNorm            weight and bias per neuron, from the fused normalised sum to the
+                          grouped base stream
+head                      LayerNorm's affine folded into the (pooler and) classifier, least
+                          squares to the grouped pooler pre-activations and the output target
+========================  ====================================================================
+
+A plain level that heads a stream (timm's patch convolution) is fitted by the usual closed form
+with the stream's grouping.  The groupings of the inner spaces (heads, MLP hidden neurons, the
+pooler) are not level outputs, so they use uniform importance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from ..approximation import GramStats, LinearStats, NeuronRegression, TokenSums
+from ..errors import IncompatibleModelsError
+from ..grouping import Grouping
+from ..importance import normalize_scores
+from ..levels import LeveledNet, LevelStream, flatten_neurons
+from ..levels._transformer import (
+    MLP,
+    Affix,
+    Attention,
+    Embed,
+    Head,
+    Norm,
+    Proj,
+    StreamNorm,
+    TransformerSpec,
+    _pool,
+    activation,
+    affix_forward,
+    attention_parts,
+    describe,
+    embed_forward,
+    mlp_parts,
+    stage_forward,
+    tensor_of,
+)
+
+__all__ = ["JOINT_VALUE_COLUMNS", "TransformerFit", "closed_form_reason"]
+
+log = logging.getLogger("neurofuse")
+
+#: the largest design (``heads x stream width + 1`` columns) for which the values are fitted
+#: jointly with the output projection to the residual target (:meth:`TransformerFit._values_jointly`;
+#: its Gram matrix is that size squared: 4097 columns are 134 MB in float64, a ViT-S/16 has
+#: 6 x 384 + 1 = 2305); wider attention fits its values head by head to the grouped contexts
+JOINT_VALUE_COLUMNS = 4097
+
+
+def closed_form_reason(net: nn.Module, index: int) -> Optional[str]:
+    """``None`` if level ``index`` is a transformer level the block fit handles (an embedding
+    first, a head last, blocks that read and write the stream in between), else why not."""
+    spec = describe(net.levels[index])  # type: ignore[index]
+    if spec is None:
+        return "it is not a transformer level"
+    n = len(net.levels)  # type: ignore[arg-type]
+    if not spec.writes_stream and index != n - 1:
+        return "a transformer head must be the last level"
+    if not spec.reads_stream and index != 0:
+        return "transformer embeddings must be the first level"
+    if spec.reads_stream and spec.writes_stream and index == 0:
+        return "the residual stream has no level that starts it"
+    return None
+
+
+@dataclasses.dataclass
+class StreamGrouping:
+    """The grouping of one residual stream and, per base model, its ``[n_i, k]`` combiner:
+    ``values_i @ C_i`` summed over the models is the weighted centre of every group."""
+
+    grouping: Grouping
+    widths: List[int]
+    combiners: List[Tensor]
+    labels: List[Tensor]
+
+    @classmethod
+    def of(cls, grouping: Grouping, widths: Sequence[int], device: torch.device) -> "StreamGrouping":
+        labels = torch.from_numpy(grouping.labels).long()
+        w = torch.from_numpy(np.asarray(grouping.weights, dtype=np.float64))
+        den = torch.zeros(grouping.k, dtype=torch.float64).index_add_(0, labels, w)
+        coef = w / den[labels].clamp_min(torch.finfo(torch.float64).tiny)
+        combiners, start = [], 0
+        for n in widths:
+            c = torch.zeros(n, grouping.k, dtype=torch.float64)
+            c[torch.arange(n), labels[start:start + n]] = coef[start:start + n]
+            combiners.append(c.to(device))
+            start += n
+        return cls(grouping, list(widths), combiners, list(torch.split(labels, list(widths))))
+
+    def target(self, values: Sequence[Tensor]) -> Tensor:
+        """The grouped values (float64): ``sum_i values_i @ C_i`` along the last axis."""
+        return sum(v.double() @ c for v, c in zip(values, self.combiners))  # type: ignore[return-value]
+
+    def rows(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-neuron rows (axis 0) of every model's tensor combined: ``sum_i C_i^T t_i``."""
+        return sum(torch.tensordot(c.T, t.double(), dims=([1], [0])) for t, c in zip(tensors, self.combiners))  # type: ignore[return-value]
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _design(h: Tensor, bias: bool, weights: Optional[Tensor] = None) -> Tensor:
+    """The rows of ``h`` (and a ones column with ``bias``), each token row scaled by the square
+    root of its weight (weighted least squares)."""
+    x = h.double()
+    if bias:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    return _flat(_weighted(x, weights))
+
+
+def _weighted(t: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """Token tensor ``[B, T, C]`` rows scaled by ``sqrt(weights[T])`` (others unchanged)."""
+    if weights is None or t.dim() != 3 or t.shape[1] != len(weights):
+        return t
+    return t * weights.sqrt().to(t.device, t.dtype)[None, :, None]
+
+
+def _row_weights(t: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+    if weights is None or t.dim() != 3 or t.shape[1] != len(weights):
+        return None
+    return weights.to(t.device).double()[None, :].expand(t.shape[0], -1).reshape(-1)
+
+
+def _normalised(norm: Optional[Norm], x: Tensor) -> Tensor:
+    return x if norm is None else F.layer_norm(x, (x.shape[-1],), None, None, norm.eps)
+
+
+def _write(level: nn.Module, key: Optional[str], value: Tensor, start: int = 0, stop: Optional[int] = None) -> None:
+    if key is None:
+        return
+    t = tensor_of(level, key)
+    with torch.no_grad():
+        t[start:stop].copy_(value.to(t.dtype).reshape(t[start:stop].shape))
+
+
+def _write_proj(level: nn.Module, p: Proj, w: Tensor, bias: bool, row0: int = 0) -> None:
+    """Rows ``row0..`` of projection ``p`` from solved weights ``w`` ``[d, rows]`` (bias last)."""
+    rows = w.shape[1]
+    start = p.start + row0
+    _write(level, p.weight, (w[:-1] if bias else w).T, start, start + rows)
+    if bias:
+        _write(level, p.bias, w[-1], start, start + rows)
+
+
+def _identity_norm(level: nn.Module, norm: Optional[Norm]) -> None:
+    """A LayerNorm whose affine was folded into the layers it feeds: weight 1, bias 0."""
+    if norm is None:
+        return
+    with torch.no_grad():
+        if norm.weight:
+            tensor_of(level, norm.weight).fill_(1.0)
+        if norm.bias:
+            tensor_of(level, norm.bias).zero_()
+
+
+def _getter(level: nn.Module):  # type: ignore[no-untyped-def]
+    """The level's tensors by key, read when asked (so fitted values are seen)."""
+    return lambda key: tensor_of(level, key)
+
+
+def _rows_of(level: nn.Module, p: Proj) -> int:
+    return int(p.rows(tensor_of(level, p.weight)).shape[0])
+
+
+def _prior(level: nn.Module, p: Proj, labels: Optional[Tensor], k_in: int, norm: Optional[Norm],
+           bias: bool) -> Tensor:
+    r"""A base projection's weights ``[d, rows]`` in the fused design's coordinates: the
+    LayerNorm ``norm`` it reads folded in (:math:`W\operatorname{diag}\gamma`,
+    :math:`b + W\beta`), and its input neuron :math:`j` added to fused input ``labels[j]`` (the
+    convention of :func:`neurofuse.approximation.aligned_prior`); the bias last when ``bias``."""
+    w = p.rows(tensor_of(level, p.weight)).detach().double()
+    b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if p.bias is None else \
+        p.rows(tensor_of(level, p.bias)).detach().double()
+    if norm is not None:
+        if norm.bias:
+            b = b + w @ tensor_of(level, norm.bias).detach().double()
+        if norm.weight:
+            w = w * tensor_of(level, norm.weight).detach().double()[None, :]
+    if labels is not None:
+        w = torch.zeros(w.shape[0], k_in, dtype=w.dtype, device=w.device).index_add_(1, labels.to(w.device), w)
+    if bias:
+        w = torch.cat([w, b[:, None]], 1)
+    return w.T
+
+
+def _within_cost(a: Tensor, b: Tensor) -> float:
+    """The cost of the best one-to-one matching of the rows of ``a`` and ``b`` (squared distances)."""
+    d = torch.cdist(a.double(), b.double()).pow(2).cpu().numpy()
+    r, c = linear_sum_assignment(d)
+    return float(d[r, c].sum())
+
+
+class TransformerFit:
+    """The closed-form fit of the transformer levels of one fusion call.
+
+    Made by :class:`~neurofuse.methods.LinearFusion` when the fused model has transformer levels;
+    :meth:`fit_level` fits a transformer level in place and :meth:`stream_grouping` gives the
+    grouping of a plain level that starts a stream.
+    """
+
+    def __init__(self, method: Any, run: Any, models: List[LeveledNet], fused: LeveledNet) -> None:
+        self.method, self.run, self.models, self.fused = method, run, models, fused
+        self.device = method.device
+        self.specs: List[Optional[TransformerSpec]] = [describe(lv) for lv in fused.levels]
+        self.base_specs = [[describe(lv) for lv in m.levels] for m in models]
+        heads: List[int] = []
+        for i, spec in enumerate(self.specs):
+            tied = spec is not None and spec.reads_stream and spec.writes_stream and i > 0
+            heads.append(heads[i - 1] if tied else i)
+        self.heads = heads
+        self.streams: Dict[int, StreamGrouping] = {}
+        self.tw = self._token_weights()
+
+    def _token_weights(self) -> Optional[Tensor]:
+        r"""Weights of the token rows in every fit: when the head reads token 0 alone (a CLS
+        token), that token weighs as much as all the others together (:math:`T - 1`), since
+        the output depends on the stream through it; ``None`` (all alike) otherwise."""
+        last = self.specs[-1]
+        if last is None or not isinstance(last.stages[-1], Head) or last.stages[-1].pool != "cls":
+            return None
+        tokens = [s[1] for s, a in zip(self.fused.level_shapes(), self.fused.axes) if a == "token"]
+        if not tokens or len(set(tokens)) != 1 or tokens[0] < 2:
+            return None
+        w = torch.ones(tokens[0], dtype=torch.float64)
+        w[0] = tokens[0] - 1
+        return w
+
+    @staticmethod
+    def applies(fused: LeveledNet) -> bool:
+        return any(describe(lv) is not None for lv in fused.levels)
+
+    def handles(self, level: int) -> bool:
+        return self.specs[level] is not None
+
+    def members(self, head: int) -> List[int]:
+        return [i for i, h in enumerate(self.heads) if h == head]
+
+    def starts_stream(self, level: int) -> bool:
+        """Whether ``level`` heads a residual stream that transformer levels continue."""
+        spec = self.specs[level]
+        if spec is not None and not spec.writes_stream:
+            return False
+        return self.heads[level] == level and (len(self.members(level)) > 1 or spec is not None)
+
+    # -- the stream's grouping -------------------------------------------------------------
+    def stream_grouping(self, level: int, stream: LevelStream, k: int) -> Grouping:
+        """Group the stream that starts at ``level`` (once), from every base model's values at
+        every point of the stream; record it as the correspondence of every hidden level of it."""
+        if level in self.streams:
+            return self.streams[level].grouping
+        run, models = self.run, self.models
+        members = self.members(level)
+        gram = GramStats()
+        with torch.no_grad():
+            for b in stream:
+                points: List[List[Tensor]] = []
+                for i, m in enumerate(models):
+                    vals = self._stream_points(i, members, b.inputs[i + 1])
+                    for p, v in enumerate(vals):
+                        if len(points) <= p:
+                            points.append([])
+                        points[p].append(v)
+                for vs in points:
+                    gram.update(torch.cat(vs, 1))
+        feats = self.method.reduce(gram).coordinates().float().to(self.device)
+        widths = [bw[level] for bw in run.base_widths]
+        scores = np.zeros(sum(widths))
+        for lvl in members:
+            raw = np.split(self.method.level_scores(run, models, lvl), np.cumsum(widths)[:-1])
+            scores += np.concatenate([normalize_scores(torch.from_numpy(s)).numpy() for s in raw])
+        grouping = self.method.group(feats, scores, widths, k, level)
+        self.streams[level] = StreamGrouping.of(grouping, widths, self.device)
+        last = self.fused.num_levels - 1
+        for lvl in members:
+            if lvl < last:
+                run.record(lvl, grouping.correspondence(widths))
+        return grouping
+
+    def _stream_points(self, i: int, members: List[int], x: Tensor) -> List[Tensor]:
+        """Model ``i``'s stream values ``[rows, n_i]`` at every point of the levels ``members``."""
+        m = self.models[i]
+        out: List[Tensor] = []
+        for lvl in members:
+            spec = self.base_specs[i][lvl]
+            if spec is None:
+                x = m.levels[lvl](x)
+                out.append(flatten_neurons(x, m.axes[lvl]))
+                continue
+            level = m.levels[lvl]
+            get = spec.getter(level)
+            h = x.transpose(0, 1) if spec.seq_first else x
+            for st in _batch_first(spec):
+                if isinstance(st, Attention):
+                    parts = attention_parts(st, get, h)
+                elif isinstance(st, MLP):
+                    parts = mlp_parts(st, level, get, h)
+                else:
+                    parts = {"out": stage_forward(st, level, get, h)}
+                if "sum" in parts and getattr(st, "post", None) is not None:
+                    out.append(_flat(_weighted(parts["sum"], self.tw)))
+                h = parts["out"]
+                out.append(_flat(_weighted(h, self.tw)))
+            x = h.transpose(0, 1) if spec.seq_first else h
+        return out
+
+    # -- one level ---------------------------------------------------------------------------
+    def fit_level(self, level: int, stream: LevelStream, k: int) -> None:
+        """Fit transformer level ``level`` of the fused model, stage by stage, and move the
+        stream past it."""
+        spec = self.specs[level]
+        assert spec is not None
+        if spec.writes_stream and self.heads[level] == level:
+            self.stream_grouping(level, stream, k)
+        group = self.streams.get(self.heads[level]) if spec.writes_stream else None
+        fl = self.fused.levels[level]
+        bl = [m.levels[level] for m in self.models]
+        bspecs = [s[level] for s in self.base_specs]
+        for i, s in enumerate(bspecs):
+            if s is None or [type(x) for x in s.stages] != [type(x) for x in spec.stages]:
+                raise IncompatibleModelsError(
+                    f"level {level} of model {i} does not have model 0's transformer stages; the "
+                    "closed form fuses transformers of one architecture (widths may differ)")
+        xf: List[Tensor] = []
+        xb: List[List[Tensor]] = [[] for _ in self.models]
+        for b in stream:
+            xf.append(b.inputs[0].transpose(0, 1) if spec.seq_first else b.inputs[0])
+            for i in range(len(self.models)):
+                x = b.inputs[i + 1]
+                xb[i].append(x.transpose(0, 1) if spec.seq_first else x)
+        stages, bstages = _batch_first(spec), [_batch_first(s) for s in bspecs]  # type: ignore[arg-type]
+        info: Dict[str, Any] = {"level": level, "stages": [type(s).__name__ for s in stages]}
+        for si, st in enumerate(stages):
+            bst = [s[si] for s in bstages]
+            if isinstance(st, Embed):
+                self._embed(fl, st, bl, bst, xf, xb, group)  # type: ignore[arg-type]
+            elif isinstance(st, Affix):
+                self._affix(fl, st, bl, bst, xf, xb, group)  # type: ignore[arg-type]
+            elif isinstance(st, Attention):
+                info[f"heads{st.index}"] = self._attention(level, fl, st, bl, bst, xf, xb, group).tolist()  # type: ignore[arg-type]
+            elif isinstance(st, MLP):
+                self._mlp(level, fl, st, bl, bst, xf, xb, group)  # type: ignore[arg-type]
+            elif isinstance(st, StreamNorm):
+                self._stream_norm(fl, st, bl, bst, xf, xb, group)  # type: ignore[arg-type]
+            else:
+                self._head(level, fl, st, bl, bst, xf, xb)  # type: ignore[arg-type]
+            with torch.no_grad():
+                getf = spec.getter(fl)
+                xf = [stage_forward(st, fl, getf, x) for x in xf]
+                for i, s in enumerate(bspecs):
+                    get = s.getter(bl[i])  # type: ignore[union-attr]
+                    xb[i] = [stage_forward(bst[i], bl[i], get, x) for x in xb[i]]
+                if group is not None:  # how far the fused stream is from its targets after the stage
+                    info.setdefault("stream_error", []).append(_relative_error(
+                        xf, [group.target([v[j] for v in xb]) for j in range(len(xf))]))
+        self.run.report.append(info)
+        if group is not None:
+            self.run.prev_labels = np.split(group.grouping.labels, np.cumsum(group.widths)[:-1])
+            self.run.prev_k = group.grouping.k
+        if level < self.fused.num_levels - 1:
+            back = (lambda t: t.transpose(0, 1)) if spec.seq_first else (lambda t: t)
+            for b in stream:
+                b.keep(0, back(xf[b.index]))
+                for i in range(len(self.models)):
+                    b.keep(i + 1, back(xb[i][b.index]))
+            stream.advance({0: fl, **{i + 1: lv for i, lv in enumerate(bl)}})
+
+    # -- least squares helpers --------------------------------------------------------------
+    def _solve(self, stats: LinearStats, prior: Optional[Tensor] = None) -> Any:
+        """The least-squares solution; input directions the fusion set does not excite keep the
+        base models' weights (``prior``, when the method's ``prior`` option is on)."""
+        opts = self.method.options
+        return self.method.reduce(stats).solve(opts.rtol, opts.ridge, prior.to(self.device) if (
+            prior is not None and opts.prior) else None)
+
+    def _group_inner(self, feats: Tensor, widths: Sequence[int], k: int, level: int) -> Grouping:
+        """Group inner neurons (not a level output: uniform importance)."""
+        return self.method.group(feats.float(), np.ones(int(sum(widths))), list(widths), k, level)
+
+    def _fit_residual(self, level: nn.Module, p: Proj, designs: List[Tensor], targets: List[Tensor],
+                      prior: Optional[Tensor] = None) -> None:
+        """Least squares of projection ``p`` on ``designs`` to ``targets`` (no grouping)."""
+        stats = LinearStats()
+        for x, t in zip(designs, targets):
+            stats.update(x, _flat(_weighted(t, self.tw)))
+        _write_proj(level, p, self._solve(stats, prior).weights, p.bias is not None)
+
+    def _residual_prior(self, bl: List[nn.Module], projs: List[Proj], labels: List[Tensor], k_in: int,
+                        bias: bool, combine: List[Tensor]) -> Tensor:
+        """The weighted centre of the base projections' rows (``combine[i]``: ``[rows_i, k]``),
+        their inputs mapped to the fused inputs ``labels``: the prior of a residual fit."""
+        return sum(_prior(lv, p, lab, k_in, None, bias) @ c.to(torch.float64)  # type: ignore[return-value]
+                   for lv, p, lab, c in zip(bl, projs, labels, combine))
+
+    def _fit_norm(self, level: nn.Module, norm: Norm, inputs: List[Tensor], targets: List[Tensor]) -> None:
+        """A LayerNorm's weight and bias per neuron, from the normalised ``inputs`` to ``targets``."""
+        reg = NeuronRegression()
+        for x, t in zip(inputs, targets):
+            reg.update(_flat(_normalised(norm, x)), _flat(t), _row_weights(x, self.tw))
+        gamma, beta = self.method.reduce(reg).solve()
+        if norm.weight:
+            _write(level, norm.weight, gamma)
+        else:
+            beta = reg.sy / reg.count - reg.sx / reg.count
+        if norm.bias:
+            _write(level, norm.bias, beta)
+
+    # -- the stages --------------------------------------------------------------------------
+    def _embed(self, fl: nn.Module, st: Embed, bl: List[nn.Module], bst: List[Embed], xf: List[Tensor],
+               xb: List[List[Tensor]], group: StreamGrouping) -> None:
+        """The input is shared, so the weighted centres of the base rows are the exact fit."""
+        gets = [_getter(lv) for lv in bl]
+        if st.kind == "lookup":    # a table [V, C]: the stream is its last axis
+            _write(fl, st.proj.weight, group.target([g(s.proj.weight) for g, s in zip(gets, bst)]))
+        else:                      # a projection: the stream is its rows
+            _write(fl, st.proj.weight, group.rows([g(s.proj.weight) for g, s in zip(gets, bst)]))
+            if st.proj.bias:
+                _write(fl, st.proj.bias, group.rows([g(s.proj.bias) for g, s in zip(gets, bst)]))  # type: ignore[arg-type]
+        for name in ("cls", "pos"):
+            if getattr(st, name):
+                _write(fl, getattr(st, name), group.target([g(getattr(s, name)) for g, s in zip(gets, bst)]))
+        for r, key in enumerate(st.rows):
+            _write(fl, key, group.target([g(s.rows[r]) for g, s in zip(gets, bst)]))
+        if st.norm is not None:
+            getf = _getter(fl)
+            with torch.no_grad():
+                sums = [embed_forward(st, fl, getf, x, pre_norm=True) for x in xf]
+                tgt = [group.target([embed_forward(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))])
+                       for j in range(len(xf))]
+            self._fit_norm(fl, st.norm, sums, tgt)
+
+    def _affix(self, fl: nn.Module, st: Affix, bl: List[nn.Module], bst: List[Affix], xf: List[Tensor],
+               xb: List[List[Tensor]], group: StreamGrouping) -> None:
+        gets = [_getter(lv) for lv in bl]
+        sums = TokenSums()
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                tok = affix_forward(Affix(st.flatten), lambda k: None, x).double()  # type: ignore[arg-type,return-value]
+                if st.cls:
+                    tok = torch.cat([torch.zeros_like(tok[:, :1]), tok], 1)
+                tgt = group.target([affix_forward(s, g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))])
+                sums.update(tgt - tok)
+        mean = self.method.reduce(sums).mean()                    # [T, k]
+        if st.pos:
+            pos = mean.clone()
+            if st.cls:
+                pos[0] = group.target([g(st.pos)[0, 0] for g in gets])
+                _write(fl, st.cls, mean[0] - pos[0])
+            _write(fl, st.pos, pos)
+        elif st.cls:
+            _write(fl, st.cls, mean[0])
+
+    def _attention(self, level: int, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
+                   xf: List[Tensor], xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> np.ndarray:
+        """Fit an attention sub-block; returns ``sigma`` ``[N, H]``: model ``i``'s head in fused head ``b``."""
+        assert group is not None
+        heads = st.heads
+        for i, s in enumerate(bst):
+            if s.heads != heads:
+                raise IncompatibleModelsError(
+                    f"level {level}: model {i} has {s.heads} attention heads, model 0 has {heads}; heads "
+                    "are fused as units, so the models need the same number of heads")
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
+        nq = [_rows_of(lv, s.q) for lv, s in zip(bl, bst)]
+        nv = [_rows_of(lv, s.v) for lv, s in zip(bl, bst)]
+        nq_f, nv_f = _rows_of(fl, st.q), _rows_of(fl, st.v)
+        dq, dv = [n // heads for n in nq], [n // heads for n in nv]
+        dq_f, dv_f = nq_f // heads, nv_f // heads
+        bias_qk, bias_v = st.q.bias is not None, st.v.bias is not None
+        # 1. queries, keys, values of every model on the fused normalised input
+        stats = LinearStats()
+        base_parts: List[List[Dict[str, Tensor]]] = []
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                parts = [attention_parts(s, g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))]
+                base_parts.append(parts)
+                stats.update(_design(h, bias_qk, self.tw),
+                             torch.cat([_flat(_weighted(p[n], self.tw)) for p in parts for n in ("q", "k", "v")], 1))
+        k_in = int(xf[0].shape[-1])
+        priors = [torch.cat([_prior(lv, getattr(s, n), group.labels[i], k_in, s.pre, bias_qk if n != "v" else bias_v)
+                             for n in ("q", "k", "v")], 1)
+                  for i, (lv, s) in enumerate(zip(bl, bst))]
+        sol = self._solve(stats, torch.cat(priors, 1) if bias_qk == bias_v else None)
+        feats = sol.features.double()
+        offs, start = [], 0
+        for i in range(len(bst)):
+            offs.append((start, start + nq[i], start + 2 * nq[i]))
+            start += 2 * nq[i] + nv[i]
+        qk = [torch.cat([feats[o[0]:o[0] + n], feats[o[1]:o[1] + n]], 1) for o, n in zip(offs, nq)]
+        vv = [feats[o[2]:o[2] + n] for o, n in zip(offs, nv)]
+        # 2. heads as units: every model's heads matched to model 0's (queries/keys + values)
+        sigma = np.zeros((len(bst), heads), dtype=np.int64)
+        sigma[0] = np.arange(heads)
+        for i in range(1, len(bst)):
+            cost = np.zeros((heads, heads))
+            for a in range(heads):
+                for b in range(heads):
+                    cost[a, b] = (_within_cost(qk[i][a * dq[i]:(a + 1) * dq[i]], qk[0][b * dq[0]:(b + 1) * dq[0]])
+                                  + _within_cost(vv[i][a * dv[i]:(a + 1) * dv[i]], vv[0][b * dv[0]:(b + 1) * dv[0]]))
+            rows, cols = linear_sum_assignment(cost)
+            sigma[i, cols] = rows
+        # 3. inside each fused head, queries and keys grouped together
+        m_all = start
+        wq, wk = torch.zeros(m_all, dtype=torch.float64), torch.zeros(m_all, dtype=torch.float64)
+        lab = torch.zeros(m_all, dtype=torch.long)
+        for b in range(heads):
+            pts = torch.cat([qk[i][sigma[i, b] * dq[i]:(sigma[i, b] + 1) * dq[i]] for i in range(len(bst))], 0)
+            g = self._group_inner(pts, dq, dq_f, level)
+            pos = 0
+            for i in range(len(bst)):
+                a = int(sigma[i, b])
+                for j in range(dq[i]):
+                    cq, ck = offs[i][0] + a * dq[i] + j, offs[i][1] + a * dq[i] + j
+                    lab[cq] = lab[ck] = b * dq_f + int(g.labels[pos])
+                    wq[cq] = wk[ck] = float(g.weights[pos])
+                    pos += 1
+        _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
+        _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
+        _identity_norm(fl, st.pre)
+        # 4. values and the output projection, given the fused attention pattern
+        k_in = int(xf[0].shape[-1])
+        o_prior = None
+        if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
+            self._values_jointly(fl, st, bl, bst, xf, base_parts, group, sigma, dq_f, dv_f)
+        else:
+            vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
+            o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
+                                           group.combiners)
+        designs, targets = [], []
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                p = attention_parts(st, getf, x)
+                designs.append(_design(p["ctx"], st.o.bias is not None, self.tw))
+                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+        self._fit_residual(fl, st.o, designs, targets, o_prior)
+        # 6. a post-norm, per neuron
+        if st.post is not None:
+            with torch.no_grad():
+                sums = [attention_parts(st, getf, x)["sum"] for x in xf]
+                outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
+            self._fit_norm(fl, st.post, sums, outs)
+        return sigma
+
+    def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
+        """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
+        get = _getter(fl)
+        q, k = st.q.apply(get, h), st.k.apply(get, h)
+        b, t = q.shape[0], q.shape[1]
+        qh = q.reshape(b, t, heads, dq_f).transpose(1, 2)
+        kh = k.reshape(b, t, heads, dq_f).transpose(1, 2)
+        return torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
+
+    def _values_jointly(self, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
+                        xf: List[Tensor], base_parts: List[List[Dict[str, Tensor]]], group: StreamGrouping,
+                        sigma: np.ndarray, dq_f: int, dv_f: int) -> None:
+        r"""Values from the residual target itself.  Given the fused patterns :math:`P_b`, the
+        attention output :math:`\sum_b P_b h W_{v,b}^\top W_{o,b}^\top` is linear in the products
+        :math:`M_b = W_{v,b}^\top W_{o,b}^\top`: least squares for every :math:`M_b` on the design
+        :math:`[P_1 h, \dots, P_H h, 1]` to the residual target, then each :math:`M_b` cut to its
+        rank-``dv`` part (SVD, :math:`U_b S_b^{1/2}` becomes head :math:`b`'s values); the output
+        projection is refitted on the fused contexts afterwards.  (A value bias only adds a constant
+        through the rows of :math:`P_b`, which sum to one: it is left to the output bias.)  The prior
+        of :math:`M_b` is the weighted centre of the products of the base heads matched to fused
+        head :math:`b`, in the fused stream's coordinates."""
+        heads = st.heads
+        k = int(xf[0].shape[-1])
+        prior = torch.zeros(heads * k + 1, k, dtype=torch.float64, device=self.device)
+        for i, (lv, s) in enumerate(zip(bl, bst)):
+            v = _prior(lv, s.v, group.labels[i], k, s.pre, s.v.bias is not None)      # [k(+1), n_v]
+            wo = s.o.rows(tensor_of(lv, s.o.weight)).detach().double()                  # [n_i, n_v]
+            comb = group.combiners[i].to(wo.device)                                    # [n_i, k]
+            dv = wo.shape[1] // heads
+            for b in range(heads):
+                cols = slice(int(sigma[i, b]) * dv, (int(sigma[i, b]) + 1) * dv)
+                mb = v[:, cols] @ wo[:, cols].T @ comb                                   # [k(+1), k]
+                prior[b * k:(b + 1) * k] += mb[:k]
+                if s.v.bias is not None:
+                    prior[-1] += mb[k]
+            if s.o.bias is not None:
+                prior[-1] += s.o.rows(tensor_of(lv, s.o.bias)).detach().double() @ comb
+        stats = LinearStats()
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                pattern = self._patterns(st, fl, h, heads, dq_f)
+                z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
+                tgt = group.target([bp["sum"] for bp in base_parts[j]]) - x.double()
+                stats.update(_design(z, True, self.tw), _flat(_weighted(tgt, self.tw)))
+        m = self._solve(stats, prior).weights
+        values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
+        for b in range(heads):
+            u, sv, _ = torch.linalg.svd(m[b * k:(b + 1) * k])
+            u = u[:, :dv_f]
+            # a sign per singular vector (its largest entry positive), so that the same statistics
+            # summed in another order give the same values
+            u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+            values[b * dv_f:(b + 1) * dv_f] = (u * sv[:dv_f].sqrt()).T
+        _write(fl, st.v.weight, values, st.v.start, st.v.start + heads * dv_f)
+        if st.v.bias:
+            _write(fl, st.v.bias, torch.zeros(heads * dv_f), st.v.start, st.v.start + heads * dv_f)
+
+    def _values_per_head(self, level: int, fl: nn.Module, st: Attention, xf: List[Tensor],
+                         base_parts: List[List[Dict[str, Tensor]]], sigma: np.ndarray, priors: List[Tensor],
+                         nq: List[int], dv: List[int], dq_f: int, dv_f: int) -> List[Tensor]:
+        """Values head by head (models too wide for :meth:`_values_jointly`): given fused head
+        ``b``'s pattern, least squares on ``[P_b h, 1]`` to the grouped contexts of the base heads
+        matched to it (their value neurons grouped).  Returns every model's value neurons' fused
+        labels (the output projection's prior)."""
+        heads = len(sigma[0])
+        bias_v = st.v.bias is not None
+        vstats = [LinearStats() for _ in range(heads)]
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                h = _normalised(st.pre, x)
+                pattern = self._patterns(st, fl, h, heads, dq_f)
+                for b in range(heads):
+                    ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
+                           for i, p in enumerate(base_parts[j])]
+                    vstats[b].update(_design(pattern[:, b] @ h, bias_v, self.tw),
+                                     torch.cat([_flat(_weighted(c, self.tw)) for c in ctx], 1))
+        labels = [torch.zeros(d * heads, dtype=torch.long) for d in dv]
+        for b in range(heads):
+            pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
+                            for i in range(len(dv))], 1)
+            sol = self._solve(vstats[b], pv)
+            g = self._group_inner(sol.features, dv, dv_f, level)
+            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+            _write_proj(fl, st.v, sol.combine(w, torch.from_numpy(g.labels).long(), dv_f), bias_v, b * dv_f)
+            pos = 0
+            for i in range(len(dv)):
+                a = int(sigma[i, b])
+                labels[i][a * dv[i]:(a + 1) * dv[i]] = b * dv_f + torch.from_numpy(g.labels[pos:pos + dv[i]]).long()
+                pos += dv[i]
+        return labels
+
+    def _mlp(self, level: int, fl: nn.Module, st: MLP, bl: List[nn.Module], bst: List[MLP], xf: List[Tensor],
+             xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
+        assert group is not None
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
+        widths = [_rows_of(lv, s.fc1) for lv, s in zip(bl, bst)]
+        k_h = _rows_of(fl, st.fc1)
+        bias1 = st.fc1.bias is not None
+        stats = LinearStats()
+        base_parts: List[List[Dict[str, Tensor]]] = []
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                parts = [mlp_parts(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))]
+                base_parts.append(parts)
+                stats.update(_design(_normalised(st.pre, x), bias1, self.tw),
+                             torch.cat([_flat(_weighted(p["z"], self.tw)) for p in parts], 1))
+        k_in = int(xf[0].shape[-1])
+        prior = torch.cat([_prior(lv, s.fc1, group.labels[i], k_in, s.pre, bias1) for i, (lv, s) in enumerate(zip(bl, bst))], 1)
+        sol = self._solve(stats, prior)
+        g = self._group_inner(sol.features, widths, k_h, level)
+        w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+        _write_proj(fl, st.fc1, sol.combine(w, torch.from_numpy(g.labels).long(), k_h), bias1)
+        hidden = list(torch.split(torch.from_numpy(g.labels).long(), widths))
+        _identity_norm(fl, st.pre)
+        act = activation(fl, st.act)
+        designs, targets = [], []
+        with torch.no_grad():
+            for j, x in enumerate(xf):
+                z = st.fc1.apply(getf, _normalised(st.pre, x))
+                designs.append(_design(act(z), st.fc2.bias is not None, self.tw))
+                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+        self._fit_residual(fl, st.fc2, designs, targets, self._residual_prior(
+            bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners))
+        if st.post is not None:
+            with torch.no_grad():
+                sums = [mlp_parts(st, fl, getf, x)["sum"] for x in xf]
+                outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
+            self._fit_norm(fl, st.post, sums, outs)
+
+    def _stream_norm(self, fl: nn.Module, st: StreamNorm, bl: List[nn.Module], bst: List[StreamNorm],
+                     xf: List[Tensor], xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
+        assert group is not None
+        gets = [_getter(lv) for lv in bl]
+        with torch.no_grad():
+            outs = [group.target([s.norm.apply(g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))])
+                    for j in range(len(xf))]
+        self._fit_norm(fl, st.norm, xf, outs)
+
+    def _head(self, level: int, fl: nn.Module, st: Head, bl: List[nn.Module], bst: List[Head], xf: List[Tensor],
+              xb: List[List[Tensor]]) -> None:
+        getf = _getter(fl)
+        gets = [_getter(lv) for lv in bl]
+        w_out = torch.from_numpy(self.method.output_level_weights(self.run, self.models)).to(self.device)  # [N, C]
+        pooled = [_pool(_normalised(st.norm, x), st.pool) for x in xf]
+        stream = self.streams.get(self.heads[level - 1]) if level > 0 else None
+        k_in = int(xf[0].shape[-1])
+        in_labels: List[Optional[Tensor]] = list(stream.labels) if stream is not None else [None] * len(bl)
+        norms = [s.norm for s in bst]
+        _identity_norm(fl, st.norm)
+        if st.dense is not None:
+            widths = [_rows_of(lv, s.dense) for lv, s in zip(bl, bst)]  # type: ignore[arg-type]
+            k_p = _rows_of(fl, st.dense)
+            bias = st.dense.bias is not None
+            stats = LinearStats()
+            with torch.no_grad():
+                for j, h in enumerate(pooled):
+                    a = []
+                    for i, (s, lv, g) in enumerate(zip(bst, bl, gets)):
+                        hb = _pool(xb[i][j] if s.norm is None else s.norm.apply(g, xb[i][j]), s.pool)
+                        a.append(s.dense.apply(g, hb))  # type: ignore[union-attr]
+                    stats.update(_design(h, bias), torch.cat(a, 1))
+            prior = torch.cat([_prior(lv, s.dense, in_labels[i], k_in, s.norm, bias)  # type: ignore[arg-type]
+                               for i, (lv, s) in enumerate(zip(bl, bst))], 1)
+            sol = self._solve(stats, prior)
+            g = self._group_inner(sol.features, widths, k_p, level)
+            w = torch.from_numpy(np.asarray(g.weights, dtype=np.float64))
+            _write_proj(fl, st.dense, sol.combine(w, torch.from_numpy(g.labels).long(), k_p), bias)
+            in_labels = list(torch.split(torch.from_numpy(g.labels).long(), widths))
+            k_in, norms = k_p, [None] * len(bl)
+            act = activation(fl, st.act)
+            with torch.no_grad():
+                pooled = [act(st.dense.apply(getf, h)) for h in pooled]
+        designs, targets = [], []
+        with torch.no_grad():
+            for j, h in enumerate(pooled):
+                logits = [m.levels[level](xb[i][j]).double() for i, m in enumerate(self.models)]
+                designs.append(_design(h, st.fc.bias is not None))
+                targets.append(sum(w_out[i][None, :] * z for i, z in enumerate(logits)))
+        fc_bias = st.fc.bias is not None
+        prior = sum(_prior(lv, s.fc, in_labels[i], k_in, norms[i], fc_bias) * w_out[i][None, :].double().cpu()
+                    for i, (lv, s) in enumerate(zip(bl, bst)))
+        self._fit_residual(fl, st.fc, designs, targets, prior)  # type: ignore[arg-type]
+
+
+def _relative_error(values: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
+    r""":math:`\lVert v - t\rVert^2 / \lVert t - \bar t\rVert^2` over all rows (``\bar t``: the
+    targets' mean per neuron): 0 is a perfect fit, 1 no better than the mean."""
+    err = sum(float(((v.double() - t) ** 2).sum()) for v, t in zip(values, targets))
+    flat = torch.cat([_flat(t) for t in targets], 0)
+    spread = float(((flat - flat.mean(0)) ** 2).sum())
+    return err / max(spread, 1e-300)
+
+
+def _batch_first(spec: TransformerSpec) -> List[Any]:
+    """The stages of ``spec`` computing on ``[B, T, C]`` tensors (the fit transposes a
+    ``seq_first`` level's inputs and outputs)."""
+    if not spec.seq_first:
+        return list(spec.stages)
+    return [dataclasses.replace(s, seq_first=False) if isinstance(s, Attention) else s for s in spec.stages]

@@ -1,0 +1,78 @@
+"""Joint feature statistics of N models at every neuron space, from one pass of each model.
+
+What the correlation-based alignments (ZipIt!, CCA Merge) read: at every level output and every
+internal space of a level (see :mod:`neurofuse.levels._layout`), the first and second moments of
+all models' features concatenated (:class:`~neurofuse.grouping.JointMoments`), of the
+pre-activations and of the post-activations.  The *original* models are run (each level's
+statistics do not depend on the others' alignment), so all spaces come from one level stream.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..grouping import JointMoments
+from ..levels import LeveledNet, LevelStream, flatten_neurons
+from ..levels._layout import LevelLayout, activation_module, next_activation
+
+__all__ = ["FeatureMoments", "feature_moments"]
+
+
+def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
+    """``level(h)`` and the outputs of its sub-modules ``points`` during that call."""
+    store: Dict[int, Tensor] = {}
+    handles = [p.register_forward_hook(lambda _m, _i, o, i=i: store.__setitem__(i, o))
+               for i, p in enumerate(points)]
+    try:
+        out = level(h)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out, [store[i] for i in range(len(points))]
+
+#: (pre-activation, post-activation) moments of one space
+FeatureMoments = Tuple[JointMoments, JointMoments]
+
+
+def feature_moments(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], stream: LevelStream,
+                    levels: int) -> Tuple[List[FeatureMoments], List[Dict[str, FeatureMoments]]]:
+    """Moments of the concatenated features of every model at the output and the internal spaces
+    of the first ``levels`` levels, streamed through ``stream`` (one stream per model).
+
+    Returns ``(outputs, inner)``: ``outputs[lvl]`` and ``inner[lvl][space]`` are (pre, post)
+    :class:`~neurofuse.grouping.JointMoments` over ``[rows, sum of the models' widths]``.
+    """
+    outputs: List[FeatureMoments] = []
+    inner: List[Dict[str, FeatureMoments]] = []
+    n = len(nets)
+    with torch.no_grad():
+        for lvl in range(levels):
+            spaces = layouts[lvl].internal
+            mods = [dict(net.levels[lvl].named_modules()) for net in nets]
+            out_stats = (JointMoments(), JointMoments())
+            in_stats = {sp.name: (JointMoments(), JointMoments()) for sp in spaces}
+            acts = [activation_module(mods[0].get(sp.act) if sp.act else None) for sp in spaces]
+            nxt = next_activation(nets[0], lvl)
+            axis = nets[0].axes[lvl]
+            for b in stream:
+                runs = []
+                for i, (net, h) in enumerate(zip(nets, b.inputs)):
+                    z, points = _run_capturing(net.levels[lvl], h, [mods[i][sp.point] for sp in spaces])
+                    if lvl + 1 < levels:
+                        b.keep(i, z)
+                    runs.append((z, points))
+                pre = torch.cat([flatten_neurons(z, axis) for z, _ in runs], 1)
+                out_stats[0].update(pre)
+                out_stats[1].update(nxt(pre))
+                for s, (sp, act) in enumerate(zip(spaces, acts)):
+                    pre = torch.cat([flatten_neurons(p[s], axis) for _, p in runs], 1)
+                    in_stats[sp.name][0].update(pre)
+                    in_stats[sp.name][1].update(act(pre))
+            outputs.append(out_stats)
+            inner.append(in_stats)
+            if lvl + 1 < levels:
+                stream.advance({i: nets[i].levels[lvl] for i in range(n)})
+    return outputs, inner

@@ -1,0 +1,213 @@
+"""Transformer levels (levels/_transformer.py): described, laid out, aligned and fused.
+
+Properties checked:
+
+* every transformer level neurofuse describes (the zoo's ViT, Hugging Face ViT and BERT, timm-style
+  blocks and ``nn.TransformerEncoderLayer`` through the automatic levels) is recomputed exactly by
+  its stages, and its layout puts each tensor in the right space: one residual stream, packed
+  ``qkv`` rows as ``qk+qk+vo``, head-structured attention spaces, CLS and position embeddings
+  along their last axis;
+* the permuted-copy property: a model fused with a copy of itself whose residual channels, MLP
+  hidden neurons, attention heads and the dimensions inside every head are permuted gives back the
+  same function (to 1e-4) with every level-wise method that applies (otfusion, git-rebasin,
+  hf-linear and kf-linear; kf-gradient is checked in ``tests/levels/test_auto.py``);
+* a block the conventions misread is refused (a layer scale that is not the identity), with the
+  reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neurofuse
+from neurofuse.levels import alignment_reason
+from neurofuse.levels._layout import check_alignable, space_sizes
+from neurofuse.levels._transformer import MLP, Attention, Embed, Head, describe
+from neurofuse.models import make_model
+from neurofuse.testing import permute_spaces
+
+from .user_models import VisionTransformer
+
+ALIGNED = ["otfusion", "git-rebasin", "hf-linear", "kf-linear"]
+
+
+class EncoderViT(nn.Module):
+    """A ViT written on ``nn.TransformerEncoder`` (as public packages write it)."""
+
+    def __init__(self, d=16, heads=2, depth=2, classes=10, norm_first=True, batch_first=True):
+        super().__init__()
+        self.patch = nn.Conv2d(1, d, 2, 2)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, d))
+        self.batch_first = batch_first
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.1, batch_first=batch_first,
+                                           norm_first=norm_first, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = self.encoder(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def _models(name: str, seed: int = 0):
+    """(leveled model, inputs) of each transformer family, randomly initialised."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if name == "zoo":
+        return make_model("vit", "tiny", (1, 8, 8), 10).eval(), torch.randn(48, 1, 8, 8, generator=g)
+    if name == "timm":
+        net = neurofuse.levels_from(VisionTransformer().eval(), input_shape=(3, 16, 16))
+        return net, torch.randn(48, 3, 16, 16, generator=g)
+    if name in ("encoder-pre", "encoder-post"):
+        net = neurofuse.levels_from(EncoderViT(norm_first=name == "encoder-pre").eval(), input_shape=(1, 8, 8))
+        return net, torch.randn(48, 1, 8, 8, generator=g)
+    pytest.importorskip("transformers")
+    from neurofuse.hf import tiny_model
+
+    if name == "hf-vit":
+        return tiny_model("vit", (1, 8, 8), 10, seed=seed), torch.randn(48, 1, 8, 8, generator=g)
+    return tiny_model("bert", (12,), 6, vocab_size=30, seed=seed), torch.randint(0, 30, (48, 12), generator=g).float()
+
+
+FAMILIES = ["zoo", "timm", "encoder-pre", "encoder-post", "hf-vit", "hf-bert"]
+
+
+def _gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x) - b(x)).abs().max())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stages_recompute_every_level(name):
+    net, x = _models(name)
+    h = x
+    specs = []
+    with torch.no_grad():
+        for lv in net.levels:
+            spec = describe(lv)
+            specs.append(spec)
+            if spec is not None:
+                torch.testing.assert_close(spec.forward(lv, h), lv(h), atol=1e-5, rtol=1e-5)
+            h = lv(h)
+    assert isinstance(specs[-1].stages[-1], Head)                    # the head reads the stream
+    kinds = [type(s) for sp in specs if sp is not None for s in sp.stages]
+    assert kinds.count(Attention) == kinds.count(MLP) == 2           # two blocks everywhere
+    assert all(alignment_reason(net, i) is None for i in range(net.num_levels))
+
+
+def test_layout_of_the_zoo_vit():
+    net, _ = _models("zoo")
+    layouts, heads = check_alignable([net], "test")
+    assert heads == [0, 0, 2]                                        # one stream, then the head
+    lay = dict((k, (s0, s1, kind)) for k, s0, s1, kind in layouts[0].tensors)
+    assert lay["1.attn.qkv.weight"] == ("qk0+qk0+vo0", "out", "linear")  # packed: rows by part
+    assert lay["1.attn.out.weight"] == ("out", "vo0", "linear")
+    assert lay["0.cls"] == ("out", None, "last") and lay["0.pos"] == ("out", None, "last")
+    assert lay["1.ln1.weight"] == ("out", None, "vector")           # LayerNorms follow the stream
+    assert lay["1.mlp.0.weight"] == ("h0", "out", "linear")
+    spaces = {sp.name: sp for sp in layouts[0].internal}
+    assert spaces["qk0"].heads == spaces["vo0"].heads == 4 and spaces["qk0"].unit == spaces["vo0"].unit
+    assert space_sizes(net.levels[0], layouts[0]) == {"out": 32, "qk0": 32, "vo0": 32, "h0": 64}
+    assert layouts[1].tied and not layouts[0].tied                  # a block reads and writes the stream
+    assert dict((k, s1) for k, _, s1, _ in layouts[2].tensors)["fc.weight"] == "in"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_permuted_copy_computes_the_same_function(name):
+    net, x = _models(name)
+    twin = permute_spaces(net, seed=3)
+    assert _gap(twin, net, x) < 1e-5
+    changed = [k for k, v in twin.state_dict().items() if v.is_floating_point()
+               and v.dim() > 1 and not torch.equal(v, net.state_dict()[k])]
+    assert len(changed) >= 6
+
+
+@pytest.mark.parametrize("name,method", [(n, m) for n in FAMILIES for m in ALIGNED])
+def test_fused_with_its_permuted_copy_gives_back_the_model(name, method):
+    net, x = _models(name)
+    twin = permute_spaces(net, seed=3)
+    y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    _, x_test = _models(name, seed=7)
+    assert _gap(fused, net, x) < 1e-4
+    assert _gap(fused, net, x_test) < 1e-4
+
+
+def test_vanilla_does_not_recover_the_permuted_copy():
+    """Control: averaging without alignment does not give the model back."""
+    net, x = _models("zoo")
+    fused = neurofuse.fuse([net, permute_spaces(net, seed=3)], method="vanilla", progress=False)
+    assert _gap(fused, net, x) > 1e-2
+
+
+def test_kf_linear_fuses_three_models_of_different_widths_into_any_width():
+    """The closed form groups every model's stream and MLP neurons (K-means) and matches heads
+    as units: N models, different widths (same head count), another fused width."""
+    torch.manual_seed(0)
+    from neurofuse.models import ViT
+
+    nets = [ViT((1, 8, 8), 10, hidden=h, depth=2, heads=4, mlp_hidden=m).eval()
+            for h, m in ((16, 32), (24, 16), (32, 64))]
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    result = neurofuse.fuse(nets, (x, y), method="kf-linear", width=20, progress=False, return_result=True)
+    assert result.model.level_widths() == [20, 20, 10]
+    assert [c.n_fused for c in result.correspondences] == [20, 20]
+    heads = result.report[0]["heads0"]
+    assert len(heads) == 3 and all(sorted(h) == [0, 1, 2, 3] for h in heads)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(x)).all()
+
+
+def test_a_block_with_a_layer_scale_is_refused_with_the_reason():
+    model = VisionTransformer().eval()
+
+    class Scale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    model.blocks[0].ls1 = Scale(16)
+    net = neurofuse.levels_from(model, input_shape=(3, 16, 16))
+    reasons = [alignment_reason(net, i) for i in range(net.num_levels)]
+    assert any(r is not None for r in reasons)
+    blocks = [describe(lv) for lv in net.levels]
+    assert sum(b is not None for b in blocks) < net.num_levels
+
+
+def test_embeddings_are_an_embed_stage():
+    net, _ = _models("zoo")
+    assert isinstance(describe(net.levels[0]).stages[0], Embed)
+
+
+@pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
+def test_values_fitted_head_by_head_when_the_attention_is_wide(monkeypatch, method):
+    """Above JOINT_VALUE_COLUMNS the values are fitted per head to the grouped contexts: the
+    permuted copy still gives the model back."""
+    import neurofuse.methods._blockfit as bf
+
+    monkeypatch.setattr(bf, "JOINT_VALUE_COLUMNS", 8)
+    net, x = _models("hf-bert")
+    y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    fused = neurofuse.fuse([net, permute_spaces(net, seed=3)], (x, y), method=method, progress=False)
+    assert _gap(fused, net, x) < 1e-4
+
+
+def test_statistics_only_fusion_refuses_transformers_with_the_reason():
+    """Federated fusion from one round of level statistics cannot run the stage-by-stage fit."""
+    from neurofuse.errors import IncompatibleModelsError
+    from neurofuse.methods import get_method
+
+    net, _ = _models("zoo")
+    method = get_method("kf-linear")(progress=False)
+    with pytest.raises(IncompatibleModelsError, match="transformer.*kf-gradient"):
+        method.level_statistics(0, [net], net.clone(), None)
