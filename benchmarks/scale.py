@@ -117,6 +117,8 @@ def plan(name: str) -> List[Dict[str, Any]]:
     # memory_budget: the working set held to 1 GiB (2 VGG11s) and 3 GiB (8 VGG11s)
     add(_cell("vgg", 2, "kf-linear", options={"memory_budget": 2**30}, tag="budget1g", axes=["memory"]))
     add(_cell("vgg", 8, "kf-linear", options={"memory_budget": 3 * 2**30}, tag="budget3g", axes=["memory"]))
+    # a budget below the fixed part of the estimate: refused before any work, with the estimate
+    add(_cell("vgg", 8, "kf-linear", options={"memory_budget": 256 * 2**20}, tag="budget256m", axes=["memory"]))
     add(_cell("resnet", 16, "otfusion", axes=["models", "memory"]))
     add(_cell("resnet", 16, "vanilla", axes=["models", "memory"]))
     add(_cell("mlp", 2, "kf-gradient", axes=["gradient"]))
