@@ -88,3 +88,52 @@ def test_the_closed_form_estimate_grows_with_the_models_and_covers_the_gram_matr
     assert e4 > e2 and p4["algebra"] > p2["algebra"]
     d = max(lv.design for lv in _memory.level_shapes(small))
     assert p2["algebra"] >= d * d * 8        # at least the largest level's float64 Gram matrix
+
+
+def _vits(n: int = 2):
+    from neurofuse.models import ViT
+
+    out = []
+    for s in range(n):
+        torch.manual_seed(s)
+        out.append(ViT((1, 8, 8), 10, patch=4, hidden=32, depth=2, heads=2, mlp_hidden=64).eval())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vgg", "vit"])
+def test_every_registered_method_gets_an_estimate_that_a_tiny_budget_refuses(kind):
+    """No method is unknown to the estimate (the generic one covers those without their own),
+    on dense, conv and transformer levels; a budget below it refuses, before any work."""
+    from neurofuse._fusion_set import FusionSet
+    from neurofuse.methods import list_methods
+
+    models = _vits() if kind == "vit" else _models(kind)
+    fs = FusionSet(torch.zeros(100, 1, 8, 8), None)
+    for name in list_methods():
+        method = get_method(name)(progress=False)
+        data = fs if method.needs_data else None
+        plan = plan_memory(method, models, data, None)
+        assert plan.estimate >= _memory.RUNTIME and all(v >= 0 for v in plan.parts.values()), name
+        with pytest.raises(MemoryBudgetError, match=name):
+            plan_memory(method, models, data, 4096)
+
+
+def test_transformer_levels_count_their_inner_layers_in_the_closed_form_estimate():
+    shapes = _memory.level_shapes(_vits())
+    block = [lv for lv in shapes if lv.inner_out][0]
+    # the widest input: the MLP's output projection (64 + bias); the most outputs: the packed
+    # query/key/value projection (3 x 32)
+    assert block.design == 64 + 1 and block.inner_out == 3 * 32
+    _, parts = estimate_memory(get_method("kf-linear")(), _vits(), 400, 256, None)
+    assert parts["algebra"] >= block.design ** 2 * 8
+
+
+def test_merges_from_per_model_statistics_count_every_models_statistics():
+    models = _models("vgg")
+    grams = sum(d * d for d, _ in _memory._layers(models[0])) * 8
+    _, rm = estimate_memory(get_method("regmean")(), models, 400, 256, None)
+    _, al = estimate_memory(get_method("regmean-aligned")(), models, 400, 256, None)
+    assert rm["algebra"] >= 2 * grams and al["models"] > rm["models"]
+    _, fi = estimate_memory(get_method("fisher")(), models, 400, 256, None)
+    size = sum(p.numel() * 4 for p in models[0].parameters())
+    assert fi["algebra"] >= 2 * size

@@ -49,7 +49,8 @@ class MethodLike(Protocol):
     device: torch.device
 
 __all__ = ["MemoryPlan", "Sizes", "available_memory", "estimate_memory", "estimated_by",
-           "linear_working_set", "plan_memory"]
+           "fisher_working_set", "linear_working_set", "plan_memory",
+           "regmean_working_set"]
 
 F32, F64 = 4, 8
 
@@ -64,7 +65,10 @@ class LevelShape:
     size: int                 # elements of one sample's output
     positions: int            # rows per sample (H*W for conv, T for tokens, 1 for dense)
     widths: Tuple[int, ...]   # neurons of every model
-    design: int               # columns of the fused level's design matrix (0: not affine)
+    design: int               # columns of the fused level's design matrix (0: no Linear/Conv)
+    #: a level that is not one affine layer (a transformer block, fitted sub-level by sub-level):
+    #: the most outputs of one of its Linear/Conv layers (``design`` is then its widest input)
+    inner_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ class Sizes:
     models: int
     model_bytes: int
     tensor_bytes: int
+    #: ``(design columns, outputs)`` of every Linear/Conv2d of model 0 (what per-layer merges read)
+    layers: Tuple[Tuple[int, int], ...] = ()
 
 
 Estimator = Callable[[MethodLike, Sizes], Dict[str, int]]
@@ -154,17 +160,29 @@ def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
     return None
 
 
-def _design_columns(level: nn.Module) -> int:
+def _layer_shape(affine: nn.Module) -> Tuple[int, int]:
+    """``(design columns, outputs)`` of a Linear or Conv2d (``(0, 0)`` for anything else)."""
+    bias = int(getattr(affine, "bias", None) is not None)
+    if isinstance(affine, nn.Conv2d):
+        return affine.in_channels // affine.groups * math.prod(affine.kernel_size) + bias, affine.out_channels
+    if isinstance(affine, nn.Linear):
+        return affine.in_features + bias, affine.out_features
+    return 0, 0
+
+
+def _layers(model: nn.Module) -> Tuple[Tuple[int, int], ...]:
+    return tuple(s for s in (_layer_shape(m) for m in model.modules()) if s[0])
+
+
+def _design_columns(level: nn.Module) -> Tuple[int, int]:
+    """``(design, inner_out)`` of a level (:class:`LevelShape`): its affine layer's design columns,
+    or for a level that is no single affine layer the widest input and most outputs of its layers."""
     try:
         _, affine = split_affine(level)
     except IncompatibleModelsError:
-        return 0
-    bias = int(getattr(affine, "bias", None) is not None)
-    if isinstance(affine, nn.Conv2d):
-        return affine.in_channels // affine.groups * math.prod(affine.kernel_size) + bias
-    if isinstance(affine, nn.Linear):
-        return affine.in_features + bias
-    return 0
+        inner = _layers(level)
+        return max((d for d, _ in inner), default=0), max((o for _, o in inner), default=0)
+    return _layer_shape(affine)[0], 0
 
 
 def level_shapes(models: Sequence[nn.Module]) -> List[LevelShape]:
@@ -182,14 +200,14 @@ def level_shapes(models: Sequence[nn.Module]) -> List[LevelShape]:
         else:
             widths = tuple(s[lvl][-1] for s in shapes)
             positions = size // max(1, shape[-1])
-        out.append(LevelShape(size, positions, widths, _design_columns(nets[0].levels[lvl])))
+        out.append(LevelShape(size, positions, widths, *_design_columns(nets[0].levels[lvl])))
     return out
 
 
 def _sizes(models: Sequence[nn.Module], n: int, b: int) -> Sizes:
     params = [[p.numel() * p.element_size() for p in m.parameters()] for m in models]
     return Sizes(level_shapes(models), n, b, len(models), max((sum(p) for p in params), default=0),
-                 max((max(p, default=0) for p in params), default=0))
+                 max((max(p, default=0) for p in params), default=0), _layers(models[0]) if models else ())
 
 
 def _stream_total(levels: Sequence[LevelShape], n: int, streams: int) -> int:
@@ -212,7 +230,7 @@ def _generic(method: MethodLike, z: Sizes) -> Dict[str, int]:
     if not method.needs_data:
         return {"models": (2 + z.models) * z.model_bytes + 4 * z.models * z.tensor_bytes}
     levels, b, k = z.levels, z.batch, z.models
-    pairs = max((max(lv.widths) ** 2 * F64 * 6 * k for lv in levels), default=0)
+    pairs = max((max(max(lv.widths), lv.inner_out) ** 2 * F64 * 6 * k for lv in levels), default=0)
     rows = max((lv.positions * b * sum(lv.widths) * F64 * 3 for lv in levels), default=0)
     return {"models": z.model_bytes * (k + 1), "algebra": pairs, "batch": _batch_acts(levels, b, k + 1) + rows,
             "stream_total": _stream_total(levels, z.samples, k + 1)}
@@ -236,7 +254,7 @@ def linear_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
     levels, n, b = z.levels, z.samples, z.batch
     algebra = batch = 0
     for lvl, lv in enumerate(levels):
-        d, m, rows = lv.design, sum(lv.widths), n * lv.positions
+        d, m, rows = lv.design, max(sum(lv.widths), lv.inner_out * len(lv.widths)), n * lv.positions
         if d == 0:
             continue
         dual = rows < d
@@ -252,6 +270,39 @@ def linear_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
     streams = 1 + max((len(lv.widths) for lv in levels), default=1)
     return {"models": z.model_bytes * 2, "algebra": algebra, "batch": batch + _batch_acts(levels, b, streams),
             "stream_total": _stream_total(levels, n, streams)}
+
+
+def _merged(method: MethodLike, z: Sizes, stats: Dict[str, int]) -> Dict[str, int]:
+    """A merge from per-model statistics (``stats``: their terms) with the alignment first where
+    the method aligns (:func:`_generic`'s terms of an alignment, one aligned copy per model)."""
+    k = z.models
+    parts = {"models": z.model_bytes * (k + 1), **stats}
+    alignment = getattr(method, "alignment", "none")
+    if alignment != "none":
+        align = _generic(method, z) if alignment == "activations" else {}
+        parts["models"] += z.model_bytes * k
+        for key in ("algebra", "batch"):
+            parts[key] = max(parts.get(key, 0), align.get(key, 0))
+        parts["stream_total"] = align.get("stream_total", 0)
+    return parts
+
+
+def regmean_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
+    """RegMean (:class:`~neurofuse.methods.RegMean` and its aligned form): every model's ``[d, d]``
+    float64 Gram matrix of every merged layer's inputs, all held until the merge, a few ``[d, d]``
+    for the solve of the largest, per batch a level's input rows in float64."""
+    grams = sum(d * d for d, _ in z.layers) * F64 * z.models
+    solve = 3 * max((d * d for d, _ in z.layers), default=0) * F64
+    rows = max((lv.positions * z.batch * lv.design * F64 for lv in z.levels), default=0)
+    return _merged(method, z, {"algebra": grams + solve, "batch": rows + _batch_acts(z.levels, z.batch, 1)})
+
+
+def fisher_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
+    """Fisher merging (:class:`~neurofuse.methods.FisherMerging` and its aligned form): every
+    model's float32 Fisher sums (a model's worth each) and the vectorised per-sample gradients
+    (:func:`neurofuse.approximation.fisher_sums`: 2^24 entries, their squares and autograd's)."""
+    return _merged(method, z, {"algebra": z.models * z.model_bytes,
+                               "batch": 3 * min(1 << 24, z.batch * z.model_bytes // F32) * F32 + _batch_acts(z.levels, z.batch, 1)})
 
 
 def estimate_memory(method: MethodLike, models: Sequence[nn.Module], n_samples: int, batch_size: int,
