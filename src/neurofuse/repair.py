@@ -331,7 +331,8 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
     if correspondences is not None and len(correspondences) not in (hidden, hidden + 1):
         raise ConfigError(f"correspondences must list {hidden} levels (every fused level but the output), "
                           f"got {len(correspondences)}")
-    changed = _rescale(out, levels, axes, hidden, bases, fs, correspondences, memory_budget)
+    changed = _rescale(out, levels, axes, hidden, bases, fs, correspondences, memory_budget,
+                       inner_correspondences)
     if changed and isinstance(out, MultiHead):  # the heads' inputs changed: re-estimate their BatchNorms
         head_bns = [bn for head in out.heads for bn in _batchnorms(head)]
         if head_bns:
@@ -342,7 +343,8 @@ def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale:
 def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], hidden: int,
              bases: Sequence[LeveledNet], fs: FusionSet,
              correspondences: Optional[Sequence[Optional[Correspondence]]],
-             memory_budget: Optional[int]) -> bool:
+             memory_budget: Optional[int],
+             inner_correspondences: Optional[Dict[int, Dict[str, Correspondence]]] = None) -> bool:
     """Rescale the first ``hidden`` fused ``levels`` of ``out`` (in place) to the statistics of
     their corresponding base neurons; returns whether any level changed."""
     base_stats = _base_statistics(bases, fs)

@@ -12,26 +12,12 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
 
 from ..grouping import JointMoments
 from ..levels import LeveledNet, LevelStream, flatten_neurons
-from ..levels._layout import LevelLayout, activation_module, next_activation
+from ..levels._layout import LevelLayout, capture_spaces, next_activation, space_activation
 
 __all__ = ["FeatureMoments", "feature_moments"]
-
-
-def _run_capturing(level: nn.Module, h: Tensor, points: Sequence[nn.Module]) -> Tuple[Tensor, List[Tensor]]:
-    """``level(h)`` and the outputs of its sub-modules ``points`` during that call."""
-    store: Dict[int, Tensor] = {}
-    handles = [p.register_forward_hook(lambda _m, _i, o, i=i: store.__setitem__(i, o))
-               for i, p in enumerate(points)]
-    try:
-        out = level(h)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return out, [store[i] for i in range(len(points))]
 
 #: (pre-activation, post-activation) moments of one space
 FeatureMoments = Tuple[JointMoments, JointMoments]
@@ -51,16 +37,18 @@ def feature_moments(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], 
     with torch.no_grad():
         for lvl in range(levels):
             spaces = layouts[lvl].internal
-            mods = [dict(net.levels[lvl].named_modules()) for net in nets]
             out_stats = (JointMoments(), JointMoments())
             in_stats = {sp.name: (JointMoments(), JointMoments()) for sp in spaces}
-            acts = [activation_module(mods[0].get(sp.act) if sp.act else None) for sp in spaces]
+            acts = [space_activation(nets[0].levels[lvl], sp) for sp in spaces]
             nxt = next_activation(nets[0], lvl)
             axis = nets[0].axes[lvl]
             for b in stream:
                 runs = []
                 for i, (net, h) in enumerate(zip(nets, b.inputs)):
-                    z, points = _run_capturing(net.levels[lvl], h, [mods[i][sp.point] for sp in spaces])
+                    store: Dict[str, torch.Tensor] = {}
+                    points = capture_spaces(net.levels[lvl], spaces,
+                                            lambda: store.__setitem__("z", net.levels[lvl](h)), net.axes[lvl])
+                    z = store["z"]
                     if lvl + 1 < levels:
                         b.keep(i, z)
                     runs.append((z, points))
@@ -68,7 +56,7 @@ def feature_moments(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], 
                 out_stats[0].update(pre)
                 out_stats[1].update(nxt(pre))
                 for s, (sp, act) in enumerate(zip(spaces, acts)):
-                    pre = torch.cat([flatten_neurons(p[s], axis) for _, p in runs], 1)
+                    pre = torch.cat([p[s] for _, p in runs], 1)   # inner spaces come flattened
                     in_stats[sp.name][0].update(pre)
                     in_stats[sp.name][1].update(act(pre))
             outputs.append(out_stats)
