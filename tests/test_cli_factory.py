@@ -114,6 +114,10 @@ def test_levels_prints_levels_widths_and_methods(factory, capsys):
     assert re.search(r"0\s+chain\s+conv\s+8\s+conv1 -> bn1", text)
     assert re.search(r"2\s+chain\s+dense\s+10\s+.*fc", text)
     assert "fused by: otfusion, git-rebasin, hf-linear, kf-linear, kf-gradient" in text
+    # which tensors each neuron map moves, along which axis, under the model's own names
+    assert ("out-map: conv1.weight rows, bn1.{weight, bias, running_mean, running_var}, "
+            "conv2.weight columns (per 3x3 tap)") in text
+    assert "out-map: conv2.weight rows, conv2.bias, fc.weight columns (per position, 16 positions)" in text
 
 
 def test_factory_errors_are_one_line(factory, capsys, tmp_path):

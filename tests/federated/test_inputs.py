@@ -165,7 +165,7 @@ def test_federate_keeps_an_existing_plot_without_force(tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes() == b"my plot" and not (out / "results.json").exists()
 
 
-@pytest.mark.parametrize("name", ["results.json", "report.md", "one_shot-alpha0.5.json"])
+@pytest.mark.parametrize("name", ["results.json", "report.md", "one_shot-shared-alpha0.5.json"])
 def test_federate_bench_keeps_existing_outputs_without_force(tmp_path, capsys, name):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(_bench_doc()))
@@ -180,7 +180,7 @@ def test_federate_bench_keeps_existing_outputs_without_force(tmp_path, capsys, n
         assert main([*argv, "--force"]) == 0
         assert (out / "report.md").read_text().startswith("# t (smoke)")
         assert json.loads((out / "results.json").read_text())["cells"]
-        assert Path(out / "one_shot-alpha0.5.json").is_file()
+        assert Path(out / "one_shot-shared-alpha0.5.json").is_file()
 
 
 def test_a_method_that_cannot_fuse_the_architecture_fails_before_any_client_trains(tmp_path, monkeypatch, capsys):

@@ -93,3 +93,16 @@ def test_strategy_without_server_data_runs_the_protocol_in_aggregate_train(clien
 def test_methods_that_need_samples_are_refused_without_server_data(client_mlps):
     with pytest.raises(ConfigError, match="needs the samples themselves"):
         fuse_by_levels(None, [1], client_mlps[0], "otfusion")
+
+
+def test_models_with_levels_fitted_in_steps_are_refused_before_any_round(digits):
+    """A residual block is fitted one layer at a time, in several passes over the data, which
+    one round of statistics per level cannot carry: refused before anything is sent."""
+    from neurofuse.models import make_model
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(make_model("resnet", "tiny", digits.input_shape, 10).eval())
+    with pytest.raises(ConfigError, match="level 1 of these models is fitted one layer at a time"):
+        fuse_by_levels(None, [], models, method="kf-linear")

@@ -129,5 +129,5 @@ def test_clients_start_from_one_model_or_each_from_its_own():
     shared = _strategy(FederatedConfig(clients=setup, method="vanilla"), fedavg, ())
     different = _strategy(FederatedConfig(clients=setup, method="vanilla", init="different"), fedavg, ())
     assert shared.initial_model is not None and different.initial_model is None
-    with pytest.raises(ConfigError, match="init must be one of"):
+    with pytest.raises(ConfigError, match=r"init \(--init\) 'own'; choose one of"):
         FederatedConfig(clients=setup, method="vanilla", init="own")

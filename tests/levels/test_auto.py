@@ -28,7 +28,7 @@ import neurofuse
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.levels import AutoBlock, AutoNet, split_affine
 from neurofuse.methods import format_levels, level_support
-from neurofuse.levels._layout import NeuronMap, align_level, check_alignable
+from neurofuse.levels._layout import NeuronMap, align_level, check_alignable, concat_maps
 from neurofuse.levels._transformer import describe
 
 from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
@@ -38,17 +38,15 @@ WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
 
 #: architecture -> level-wise methods that fuse it (the others are refused with a reason)
 SUPPORTED = {
-    "resnet18": {"otfusion", "git-rebasin", "kf-gradient"},
+    "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
-    "mobilenet_v2": {"kf-gradient"},
+    "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mlp_ln": {"otfusion", "git-rebasin", "kf-gradient"},
+    "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
 REASON = {
-    ("resnet18", "hf-linear"): "residual block",
-    ("mobilenet_v2", "otfusion"): "depthwise",
-    ("mobilenet_v2", "kf-linear"): "residual block",
     ("mlp_ln", "kf-linear"): "LayerNorm",
 }
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
@@ -143,12 +141,14 @@ def test_dropout_at_the_end_of_a_level_keeps_it_affine():
 
 
 def test_format_levels_lists_widths_methods_and_reasons():
-    net = neurofuse.levels_from(_make("mobilenet_v2", 0), input_shape=(3, 16, 16))
+    net = neurofuse.levels_from(_make("mlp_ln", 0), input_shape=(3, 8, 8))
     text = format_levels(net)
-    assert "fused by: kf-gradient" in text
-    refused = [line.strip() for line in text.splitlines() if "grouped/depthwise convolution" in line]
-    assert any(line.startswith("not otfusion/") and "/git-rebasin/" in line for line in refused)
-    assert text.splitlines()[-1].startswith("whole model: kf-gradient, base, vanilla")
+    fused_by = [line.split("fused by: ")[1].split(", ") for line in text.splitlines() if "fused by: " in line]
+    assert all({"otfusion", "git-rebasin", "kf-gradient"} <= set(m) and "kf-linear" not in m for m in fused_by[:2])
+    assert "not hf-linear/kf-linear: its LayerNorm" in text
+    assert "out-map: fc1.weight rows, fc1.bias, ln1.{weight, bias}, fc2.weight columns" in text
+    last = text.splitlines()[-1]
+    assert last.startswith("whole model: otfusion") and last.endswith("hf-linear, kf-linear do not (see above)")
 
 
 # -- every method that applies fuses; the others say why not --------------------------------
@@ -184,21 +184,35 @@ def _perm(n: int, g: torch.Generator) -> torch.Tensor:
             return p
 
 
+def _perm_map(n: int, g: torch.Generator) -> NeuronMap:
+    return NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+
+
 def _permute_by_layout(net: AutoNet, seed: int) -> None:
-    """Permute every residual stream and internal space of a chain/block net in place."""
+    """Permute every residual stream, concatenation part and internal space of a net of chains,
+    blocks and concatenations in place."""
     layouts, heads = check_alignable([net], "permute")
     g = torch.Generator().manual_seed(seed)
     widths = net.level_widths()
-    stream = {}
-    for h in sorted(set(heads)):
-        if h >= 0 and h < net.num_levels - 1:
-            p = _perm(widths[h], g)
-            stream[h] = NeuronMap.from_plan(np.eye(widths[h])[p.numpy()].T, np.ones(widths[h]))
+    outs = {}
     for i, (level, lay) in enumerate(zip(net.levels, layouts)):
-        maps = {"in": stream.get(heads[i - 1]) if i else None, "out": stream.get(heads[i])}
+        maps = {"in": outs.get(i - 1)}
+        if i == net.num_levels - 1 or heads[i] == -1:
+            pass
+        elif heads[i] < i:
+            outs[i] = outs[heads[i]]
+        elif lay.parts:
+            in_w = widths[i - 1] if i else net.input_shape[0]
+            parts = lay.part_widths(level.state_dict(), in_w)
+            for p, w in zip(lay.parts, parts):
+                if p != "in":
+                    maps[p] = _perm_map(w, g)
+            outs[i] = concat_maps([maps[p] or NeuronMap.identity(w) for p, w in zip(lay.parts, parts)])
+        else:
+            outs[i] = _perm_map(widths[i], g)
+        maps["out"] = outs.get(i)
         for sp in lay.internal:
-            n = len(dict(level.named_modules())[sp.point].weight)
-            maps[sp.name] = NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+            maps[sp.name] = _perm_map(len(dict(level.named_modules())[sp.point].weight), g)
         level.load_state_dict(align_level(level, lay, i, maps))
 
 
@@ -403,3 +417,53 @@ def test_functional_dropout_at_the_end_keeps_the_level_affine():
     assert all(r is None for row in level_support(net) for r in row.values())
     _, affine = split_affine(net.levels[-1])
     assert affine.out_features == 3
+
+
+# -- forward arguments with defaults and a monotone head ---------------------------------------
+class FlagNet(nn.Module):
+    """``forward(x, flag=False, scale=None)`` branches on its defaults; ends in log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x, flag=False, scale=None):
+        h = self.fc1(x.flatten(1))
+        if flag:
+            h = h * 0
+        if scale is not None:
+            h = h * scale
+        return F.log_softmax(self.fc2(F.relu(h)), dim=1)
+
+
+def test_forward_arguments_with_defaults_are_traced_with_their_defaults():
+    net = neurofuse.levels_from(FlagNet().eval(), input_shape=(3, 2, 2))
+    assert net.tracer == "fx" and net.level_widths() == [8, 3]
+    assert net.level_names == ["flatten -> fc1", "relu -> fc2 -> log_softmax"]
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_trailing_log_softmax_is_kept_and_the_logits_are_fitted(method):
+    torch.manual_seed(0)
+    model = FlagNet().eval()
+    net = neurofuse.levels_from(model, input_shape=(3, 2, 2))
+    assert all(r is None for row in level_support(net) for r in row.values())
+    twin = copy.deepcopy(net)
+    p = torch.randperm(8)
+    with torch.no_grad():
+        twin.levels[0][1].weight.copy_(twin.levels[0][1].weight[p])
+        twin.levels[0][1].bias.copy_(twin.levels[0][1].bias[p])
+        twin.levels[1][1].weight.copy_(twin.levels[1][1].weight[:, p])
+    x, y = torch.randn(64, 3, 2, 2), torch.randint(0, 3, (64,))
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert _gap(fused, model, x) < 1e-4
+    assert torch.allclose(fused(x).exp().sum(1), torch.ones(64), atol=1e-5)   # still log-probabilities
+
+
+def test_a_softmax_inside_the_network_is_not_a_monotone_head():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Softmax(dim=1), nn.Linear(8, 3)).eval()
+    net = neurofuse.levels_from(model, levels=[["0", "1", "2"], "3"], input_shape=(3, 2, 2))
+    why = level_support(net)[0]["kf-linear"]
+    assert why is not None and "Softmax follows it" in why
+    assert level_support(net)[1]["kf-linear"] is None

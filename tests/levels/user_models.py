@@ -173,11 +173,13 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes=10, setting=((1, 4, 1, 1), (4, 8, 2, 2), (4, 8, 1, 1)), dropout=0.2):
+    def __init__(self, num_classes=10, setting=((1, 4, 1, 1), (4, 8, 2, 2), (4, 8, 1, 1)), dropout=0.2, in_ch=3,
+                 width_mult=1):
         super().__init__()
-        input_channel, last_channel = 4, 16
-        features = [Conv2dNormActivation(3, input_channel, stride=2)]
+        input_channel, last_channel = 4 * width_mult, 16 * width_mult
+        features = [Conv2dNormActivation(in_ch, input_channel, stride=2)]
         for t, c, n, s in setting:
+            c = c * width_mult
             for i in range(n):
                 features.append(InvertedResidual(input_channel, c, s if i == 0 else 1, expand_ratio=t))
                 input_channel = c
@@ -191,6 +193,28 @@ class MobileNetV2(nn.Module):
         x = torch.flatten(x, 1)
         x = self.classifier(x)
         return x
+
+
+# -- two conv branches joined by torch.cat (an Inception-style module) ---------------------------
+class BranchNet(nn.Module):
+    """A stem, then a 3x3 and a 5x5 conv branch concatenated, then a conv and a classifier."""
+
+    def __init__(self, num_classes=10, in_ch=3, widths=(8, 6, 10, 16), hidden=32):
+        super().__init__()
+        stem, a, b, mid = widths
+        self.stem = nn.Conv2d(in_ch, stem, 3, padding=1)
+        self.branch3 = nn.Conv2d(stem, a, 3, padding=1)
+        self.branch5 = nn.Conv2d(stem, b, 5, padding=2)
+        self.mid = nn.Conv2d(a + b, mid, 3, padding=1)
+        self.fc = nn.Linear(mid * 4, hidden)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        x = torch.cat([self.branch3(x), self.branch5(x)], dim=1)
+        x = F.max_pool2d(F.relu(self.mid(F.relu(x))), 2)
+        x = F.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+        return self.out(F.relu(self.fc(x)))
 
 
 # -- timm VisionTransformer ----------------------------------------------------------------------
@@ -336,4 +360,5 @@ ARCHITECTURES = {
     "mobilenet_v2": (MobileNetV2, (3, 16, 16)),
     "vit": (VisionTransformer, (3, 16, 16)),
     "mlp_ln": (MLP, (3, 8, 8)),
+    "branches": (BranchNet, (3, 16, 16)),
 }

@@ -143,12 +143,18 @@ def test_check_level_agrees_with_what_fuse_refuses(method, digits, fs, monkeypat
         assert torch.isfinite(fused(fs[0][:8])).all()
 
 
-def test_the_closed_form_refuses_a_residual_level_and_alignment_accepts_it(digits):
-    net = _tiny_resnet(0, digits)
-    linear = [get_method("kf-linear").check_level(net, i) for i in range(net.num_levels)]
-    aligned = [get_method("otfusion").check_level(net, i) for i in range(net.num_levels)]
-    assert any(linear) and not any(aligned)
-    assert all(get_method(n).check_level(net, 0) is None for n in list_methods() if not get_method(n).fuses_levels)
+def test_the_closed_form_refuses_a_layernorm_level_and_alignment_accepts_it(digits):
+    ln_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.LayerNorm(16),
+                                 torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+    # residual blocks are fitted one layer at a time; a LayerNorm after a Linear cannot be folded
+    for net, closed_form in ((_tiny_resnet(0, digits), True),
+                             (neurofuse.levels_from(ln_mlp, input_shape=(1, 8, 8)), False)):
+        linear = [get_method("kf-linear").check_level(net, i) for i in range(net.num_levels)]
+        aligned = [get_method("otfusion").check_level(net, i) for i in range(net.num_levels)]
+        assert not any(aligned)
+        assert (not any(linear)) == closed_form
+        assert all(get_method(n).check_level(net, 0) is None for n in list_methods() if not get_method(n).fuses_levels)
+    assert "LayerNorm" in linear[0]
 
 
 def test_capabilities_are_class_attributes_asked_of_every_method():

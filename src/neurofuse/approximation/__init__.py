@@ -3,9 +3,10 @@
 from ._blocks import GramStats, NeuronRegression, TokenSums
 from ._fisher import FISHER_KINDS, FisherSums, diagonal_fisher, fisher_merge, fisher_sums
 from ._gradient import LevelConfig, fit_level, perturb_level
+from ._grouped import DepthwiseStats, depthwise_design, group_means
 from ._linear import LinearSolution, LinearStats, aligned_prior, assign_affine, design_matrix
 from ._regmean import LayerGrams, layer_rows, regmean
 
-__all__ = ["FISHER_KINDS", "FisherSums", "GramStats", "LayerGrams", "LevelConfig", "LinearSolution", "LinearStats",
-           "NeuronRegression", "TokenSums", "aligned_prior", "assign_affine", "design_matrix", "diagonal_fisher",
-           "fisher_merge", "fisher_sums", "fit_level", "layer_rows", "perturb_level", "regmean"]
+__all__ = ["DepthwiseStats", "FISHER_KINDS", "FisherSums", "GramStats", "LayerGrams", "LevelConfig", "LinearSolution", "LinearStats",
+           "NeuronRegression", "TokenSums", "aligned_prior", "assign_affine", "depthwise_design", "design_matrix", "diagonal_fisher",
+           "fisher_merge", "fisher_sums", "fit_level", "group_means", "layer_rows", "perturb_level", "regmean"]

@@ -154,6 +154,12 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
     models = [m.cpu().eval() for m in models]
     run = fusion.Run(fusion, models, None)
     nets, fused, widths = fusion.setup(run)
+    stepped = [lvl for lvl in range(fused.num_levels) if not fusion.one_pass(fused.levels[lvl])]
+    if stepped:
+        raise ConfigError(
+            f"level {stepped[0]} of these models is fitted one layer at a time (a residual block, a "
+            "depthwise convolution or a concatenation), which one round of level statistics per "
+            "level does not carry; fuse them where the fusion data is, or aggregate with 'fedavg'")
     base = _base_content(models, method, importance, {**opts, **({"width": width} if width is not None else {})})
     cost = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0}
 

@@ -20,14 +20,18 @@ from ._bn import fold_batchnorm, has_batchnorm
 from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
 from ._wrapped import Fn
-from ._auto import AutoBlock, AutoGraph, AutoNet, Glue, auto_levels
+from ._auto import AutoBlock, AutoConcat, AutoGraph, AutoNet, Glue, auto_levels
 from ._support import affine_reason, alignment_reason, level_kind
+from ._maps import NeuronMapInfo, format_maps, neuron_maps
+from ._steps import Step, closed_form_steps
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
 
 __all__ = [
     "AXES",
     "AutoBlock",
+    "AutoConcat",
     "AutoGraph",
+    "NeuronMapInfo",
     "AutoNet",
     "Glue",
     "affine_reason",
@@ -36,6 +40,7 @@ __all__ = [
     "level_kind",
     "DEFAULT_MEMORY_BUDGET",
     "LevelStream",
+    "Step",
     "StreamBatch",
     "DeclaredNet",
     "Fn",
@@ -43,10 +48,13 @@ __all__ = [
     "NeuronAxis",
     "check_same_levels",
     "check_weights",
+    "closed_form_steps",
     "flatten_neurons",
+    "format_maps",
     "fold_batchnorm",
     "has_batchnorm",
     "levels_from",
+    "neuron_maps",
     "split_affine",
     "unflatten_neurons",
     "unfold_state",

@@ -4,23 +4,30 @@ r"""Automatic levels: cut an ordinary PyTorch model into levels without a declar
 the model with ``torch.fx`` symbolic tracing and cuts its graph where **one tensor separates the
 graph** (every later operation depends on the input only through it) and that tensor is a
 *pre-activation*: the output of a ``Linear``/``Conv`` layer, of a normalisation that directly
-follows one (``Conv -> BatchNorm`` is one level, as the zoo's ``[Conv, BN]`` stem), or the sum
-that closes a skip connection.  Everything between two cuts is one level, so a residual block, an
-attention block or any sub-graph with a skip connection stays whole: the tensors inside it are
-never the only live value.  The paper's levels end at pre-activations (section 3); the
-non-linearity that follows starts the next level.
+follows one (``Conv -> BatchNorm`` is one level, as the zoo's ``[Conv, BN]`` stem), the sum
+that closes a skip connection, or the ``torch.cat`` of parallel branches along the neuron axis.
+Everything between two cuts is one level, so a residual block, an attention block or any
+sub-graph with a skip connection stays whole: the tensors inside it are never the only live
+value.  The paper's levels end at pre-activations (section 3); the non-linearity that follows
+starts the next level.  The model is traced as ``model(x)`` runs: forward arguments with
+defaults are specialised to them (``concrete_args``).
 
 Each level is built in the form the fusion methods read:
 
 * a **chain** (every layer with parameters reads the previous layer's output alone) becomes an
   ``nn.Sequential`` of the model's own layers, with the parameter-free operations between them
-  as small ``torch.fx`` modules: ``hf-linear``/``kf-linear`` fit it when it ends in its affine
-  layer (after BatchNorm folding), and ``otfusion``/``git-rebasin`` align it;
+  as small ``torch.fx`` modules (:class:`Glue`, which says when it is an eval-mode identity, an
+  element-wise activation or a softmax head);
 * a **residual block** (a parameter-free prefix, then two chains joined by ``+``) becomes a
   :class:`AutoBlock` with ``branch`` and ``shortcut`` (an ``nn.Identity`` shortcut for an identity
   skip), the residual-stream convention of :mod:`neurofuse.levels._layout`;
+* a **concatenation** (a parameter-free prefix, then chains joined by ``torch.cat``) becomes a
+  :class:`AutoConcat` with ``branches`` (an ``nn.Identity`` for a part that is the level input);
 * anything else (attention, several paths, parameters used directly such as a CLS token) becomes
   a ``torch.fx.GraphModule`` of the sub-graph, which only ``kf-gradient`` fits.
+
+Which method fuses which kind is asked of the methods (:func:`neurofuse.levels.affine_reason`,
+:func:`neurofuse.levels.alignment_reason`).
 
 When ``torch.fx`` cannot trace the model (data-dependent control flow), the order in which its
 leaf modules run is recorded with forward hooks instead (logged as a warning); that sees only
@@ -35,6 +42,7 @@ neurofuse's own.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import operator
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -45,10 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ._core import ELEMENTWISE
 from ._transformer import affixed_block, block_stages
 from ._wrapped import DeclaredNet, check_input_shape, check_not_shared
 
-__all__ = ["AutoBlock", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
+__all__ = ["AutoBlock", "AutoConcat", "AutoGraph", "AutoNet", "Glue", "auto_levels", "is_eval_identity"]
 
 log = logging.getLogger("neurofuse")
 
@@ -58,6 +67,7 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupN
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 _EVAL_IDENTITY_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                         F.feature_alpha_dropout, torch.dropout}
 _AXIS_OF_DIM = {2: "dense", 4: "conv", 3: "token"}
@@ -91,17 +101,46 @@ class AutoBlock(nn.Module):
         return self.branch(h) + self.shortcut(h)
 
 
+class AutoConcat(nn.Module):
+    """A concatenation level found by :func:`auto_levels`: ``cat([b(pre(x)) for b in branches], dim)``
+    along the neuron axis (Inception-style parallel branches, a DenseNet layer's
+    ``cat([x, f(x)])``).
+
+    ``pre`` holds no parameters; every branch is a chain of the model's own layers, or an
+    ``nn.Identity`` for a branch that passes the level input on.  The level's output neurons are
+    the concatenation of its branches' (its *parts*): the alignment methods give each part its
+    own map and the map of the output is their block diagonal; the closed form groups and fits
+    each part on its own (:func:`neurofuse.levels._layout.level_layout`).
+    """
+
+    def __init__(self, pre: nn.Module, branches: Sequence[nn.Module], dim: int) -> None:
+        super().__init__()
+        self.pre = pre
+        self.branches = nn.ModuleList(branches)
+        self.dim = int(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pre(x)
+        return torch.cat([b(h) for b in self.branches], dim=self.dim)
+
+
 class Glue(nn.Module):
     """Parameter-free operations between two layers of a chain (a traced ``torch.fx`` sub-graph).
 
     ``eval_identity`` is true when they are all identities in eval mode (dropout), so that
-    :func:`~neurofuse.levels.split_affine` ignores them at the end of a level.
+    :func:`~neurofuse.levels.split_affine` ignores them at the end of a level; ``monotone_head``
+    when they are a softmax or log-softmax over the neurons (and such identities): at the end of
+    a model they do not change its prediction, so the closed form fits the logits before them;
+    ``elementwise`` when they are element-wise activations (and such identities).
     """
 
-    def __init__(self, ops: fx.GraphModule, eval_identity: bool = False) -> None:
+    def __init__(self, ops: fx.GraphModule, eval_identity: bool = False, monotone_head: bool = False,
+                 elementwise: bool = False) -> None:
         super().__init__()
         self.ops = ops
         self.eval_identity = bool(eval_identity)
+        self.monotone_head = bool(monotone_head)
+        self.elementwise = bool(elementwise)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops(x)
@@ -193,9 +232,21 @@ class AutoNet(DeclaredNet):
 
 def _unfold_level(net: AutoNet, index: int, mine: nn.Module, theirs: nn.Module,
                   out: Dict[str, Tensor]) -> None:
-    """Write a BatchNorm-folded fused level back onto the original [affine, BN] layers."""
-    if not (isinstance(mine, nn.Sequential) and isinstance(theirs, nn.Sequential)):
-        return
+    """Write a BatchNorm-folded fused level back onto the original [affine, BN] layers of every
+    chain in it (the level itself, a block's branch and shortcut, a concatenation's branches)."""
+    for name, seq in mine.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        try:
+            other = theirs.get_submodule(name) if name else theirs
+        except AttributeError:
+            continue
+        if isinstance(other, nn.Sequential):
+            _unfold_chain(net, index, seq, other, out)
+
+
+def _unfold_chain(net: AutoNet, index: int, mine: nn.Sequential, theirs: nn.Sequential,
+                  out: Dict[str, Tensor]) -> None:
     a, b = list(mine.children()), list(theirs.children())
     if len(a) == len(b):
         return
@@ -346,7 +397,24 @@ def _kind(g: _Graph, n: fx.Node) -> Optional[str]:
         return "add"
     if n.op == "call_method" and n.target in ("add", "add_"):
         return "add"
+    if _cat_dim(g, n) is not None:
+        return "cat"
     return None
+
+
+def _cat_dim(g: _Graph, n: fx.Node) -> Optional[int]:
+    """The dimension of ``n`` if it is a ``torch.cat`` of several tensors along its output's
+    neuron axis (1 for ``[B, C]`` and ``[B, C, H, W]``, the last for ``[B, T, C]``), else None."""
+    if not (n.op == "call_function" and n.target in _CAT_FUNCS and n.args):
+        return None
+    parts = n.args[0]
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    v = g.values.get(n)
+    if not (isinstance(parts, (list, tuple)) and len(parts) > 1 and isinstance(dim, int)
+            and all(isinstance(p, fx.Node) for p in parts) and isinstance(v, Tensor)):
+        return None
+    axis = v.dim() - 1 if v.dim() == 3 else 1
+    return dim if dim % max(v.dim(), 1) == axis else None
 
 
 def _eval_identity_node(g: _Graph, n: fx.Node) -> bool:
@@ -356,6 +424,38 @@ def _eval_identity_node(g: _Graph, n: fx.Node) -> bool:
     if n.op == "call_function" and n.target in _EVAL_IDENTITY_FUNCS:
         return True
     return n.op == "call_method" and n.target in ("contiguous",)
+
+
+_ACTIVATION_FUNCS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
+                     F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.softplus}
+
+
+def _activation_node(g: _Graph, n: fx.Node) -> bool:
+    """An element-wise activation (module, function or tensor method)."""
+    m = g.module(n)
+    if m is not None:
+        return isinstance(m, ELEMENTWISE)
+    if n.op == "call_function":
+        return n.target in _ACTIVATION_FUNCS
+    return n.op == "call_method" and n.target in ("relu", "sigmoid", "tanh")
+
+
+def _softmax_node(g: _Graph, n: fx.Node) -> bool:
+    """A softmax or log-softmax over the neurons (dim 1 or -1) of a ``[B, C]`` value."""
+    v = g.values.get(n)
+    if not (isinstance(v, Tensor) and v.dim() == 2):
+        return False
+    m = g.module(n)
+    if m is not None:
+        return isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim in (1, -1)
+    names = ("softmax", "log_softmax")
+    if n.op == "call_function" and getattr(n.target, "__name__", "") in names:
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    elif n.op == "call_method" and n.target in names:
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    else:
+        return False
+    return dim in (1, -1)
 
 
 def _valid_output(g: _Graph, n: fx.Node) -> bool:
@@ -440,7 +540,11 @@ def _glue(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> nn.Module:
         if m is not None and len(n.all_input_nodes) == 1 and not n.kwargs and len(n.args) == 1:
             return _no_inplace(m)
     gm = _subgraph_module(g, nodes, start, nodes[-1])
-    return Glue(gm, all(_eval_identity_node(g, n) for n in nodes))
+    ident = [_eval_identity_node(g, n) for n in nodes]
+    soft = [_softmax_node(g, n) for n in nodes]
+    act = [_activation_node(g, n) for n in nodes]
+    return Glue(gm, all(ident), any(soft) and all(a or b for a, b in zip(ident, soft)),
+                any(act) and all(a or b for a, b in zip(ident, act)))
 
 
 def _chain(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[nn.Sequential]:
@@ -491,36 +595,12 @@ def _block(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[Auto
     end = nodes[-1]
     if _kind(g, end) != "add" or len(end.all_input_nodes) != 2 or end.kwargs:
         return None
-    seps = g.separators(nodes, start)
-    # the fork: the last separator before the first layer with parameters
-    fork, k = start, 0
-    for idx, n in enumerate(nodes[:-1]):
-        m = g.module(n)
-        if m is not None and _has_state(m):
-            break
-        if n in seps:
-            fork, k = n, idx + 1
+    fork, k = _fork(g, nodes, start)
     pre_nodes = list(nodes[:k])
-    rest = list(nodes[k:-1])
-    inside = set(rest)
-    a, b = end.all_input_nodes
-    pa = _ancestors(a, fork, inside)
-    pb = _ancestors(b, fork, inside)
-    if pa & pb or (pa | pb) != inside:
+    found = _paths(g, list(nodes[k:-1]), fork, list(end.all_input_nodes))
+    if found is None:
         return None
-    paths = []
-    for p in (pa, pb):
-        seq = [n for n in rest if n in p]
-        if not seq:
-            paths.append(None)
-            continue
-        if any(x not in p and x is not fork for n in seq for x in n.all_input_nodes
-               if x.op != "get_attr"):
-            return None
-        c = _chain(g, seq, fork)
-        if c is None:
-            return None
-        paths.append(c)
+    paths = found
     if paths[0] is None and paths[1] is None:
         return None
     n_aff = [0 if p is None else sum(isinstance(m, _AFFINE) for m in p.modules()) for p in paths]
@@ -528,6 +608,59 @@ def _block(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[Auto
     branch, shortcut = paths[bi], paths[1 - bi]
     pre: nn.Module = _glue(g, pre_nodes, start) if pre_nodes else nn.Identity()
     return AutoBlock(pre, branch, shortcut if shortcut is not None else nn.Identity())
+
+
+def _fork(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Tuple[fx.Node, int]:
+    """The last separator before the first layer with parameters (where the paths of a block or
+    a concatenation part), and how many nodes come before the paths."""
+    seps = g.separators(nodes, start)
+    fork, k = start, 0
+    for idx, n in enumerate(nodes[:-1]):
+        m = g.module(n)
+        if m is not None and _has_state(m):
+            break
+        if n in seps:
+            fork, k = n, idx + 1
+    return fork, k
+
+
+def _paths(g: _Graph, rest: Sequence[fx.Node], fork: fx.Node, ends: Sequence[fx.Node]
+           ) -> Optional[List[Optional[nn.Sequential]]]:
+    """One chain per node of ``ends`` (``None`` where the end is the fork itself), made of the
+    disjoint sets of nodes of ``rest`` that lead to it from ``fork`` alone; ``None`` if ``rest``
+    is not such a set of chains."""
+    inside = set(rest)
+    ancestors = [_ancestors(e, fork, inside) for e in ends]
+    if set().union(*ancestors) != inside or sum(len(a) for a in ancestors) != len(inside):
+        return None
+    paths: List[Optional[nn.Sequential]] = []
+    for p, e in zip(ancestors, ends):
+        if e is fork:
+            paths.append(None)
+            continue
+        seq = [n for n in rest if n in p]
+        if not seq or any(x not in p and x is not fork for n in seq for x in n.all_input_nodes
+                          if x.op != "get_attr"):
+            return None
+        c = _chain(g, seq, fork)
+        if c is None:
+            return None
+        paths.append(c)
+    return paths
+
+
+def _concat(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node) -> Optional[AutoConcat]:
+    """``nodes`` as ``cat([b(pre(x)) for b in branches])``, or ``None``."""
+    end = nodes[-1]
+    dim = _cat_dim(g, end)
+    if dim is None:
+        return None
+    fork, k = _fork(g, nodes, start)
+    paths = _paths(g, list(nodes[k:-1]), fork, list(end.args[0]))  # type: ignore[arg-type]
+    if paths is None or all(p is None for p in paths):
+        return None
+    pre: nn.Module = _glue(g, list(nodes[:k]), start) if k else nn.Identity()
+    return AutoConcat(pre, [nn.Identity() if p is None else p for p in paths], dim)
 
 
 def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
@@ -538,6 +671,9 @@ def _build_level(g: _Graph, nodes: Sequence[fx.Node], start: fx.Node, index: int
     blk = _block(g, nodes, start)
     if blk is not None:
         return blk, "block"
+    cat = _concat(g, nodes, start)
+    if cat is not None:
+        return cat, "concat"
     gm = _subgraph_module(g, nodes, start, nodes[-1])
     spec = affixed_block(g, gm, nodes, start)
     if spec is not None:   # tokens made ready (CLS token, position embedding), then a transformer block
@@ -668,7 +804,8 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
             # transformer blocks are recognised (and checked by running them) before tracing
             blocks = [m for name, m in model.named_modules() if name and block_stages(m) is not None]
             tracer = _Tracer(tuple(leaf_modules), blocks)
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model) or None)
+            _drop_specialised(graph)
             gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
             rec = _Recorder(gm)
             with torch.no_grad():
@@ -722,6 +859,37 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     log.info("automatic levels of %s (%s): %s", type(model).__name__, how,
              ", ".join(f"{k}:{w}" for k, w in zip(kinds, net.level_widths())))
     return net
+
+
+def _defaults(model: nn.Module) -> Dict[str, Any]:
+    """The forward arguments after the input that have defaults: ``model(x)`` runs with them, so
+    tracing specialises them (``torch.fx`` ``concrete_args``; e.g. ``forward(x, flag=False)``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in named[1:] if p.default is not p.empty}
+
+
+_GUARDS = {operator.eq, torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None)}
+
+
+def _drop_specialised(graph: fx.Graph) -> None:
+    """Remove the placeholders of specialised arguments and the guards ``torch.fx`` adds for
+    them, so that the traced graph takes the input alone (their values are inlined)."""
+
+    def guards(n: fx.Node) -> bool:
+        return n.op == "call_function" and n.target in _GUARDS and all(guards(u) for u in n.users)
+
+    def erase(n: fx.Node) -> None:
+        for u in list(n.users):
+            erase(u)
+        graph.erase_node(n)
+
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if all(guards(u) for u in ph.users):
+            erase(ph)
 
 
 def _compose(levels: Sequence[nn.Module], x: Tensor) -> Tensor:

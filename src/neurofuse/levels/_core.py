@@ -71,6 +71,24 @@ def split_affine(level: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return nn.Sequential(*pre), last  # type: ignore[return-value]
 
 
+def is_monotone_head(m: nn.Module) -> bool:
+    """A softmax or log-softmax over the neurons (``nn.Softmax`` / ``nn.LogSoftmax``, or glue
+    marked ``monotone_head``): at the end of a model it keeps the prediction of the logits."""
+    return (isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim in (1, -1)) or bool(
+        getattr(m, "monotone_head", False))
+
+
+#: element-wise activations (a layer followed by one still has its neurons' pre-activations inside)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
+               nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus)
+
+
+def is_elementwise(m: nn.Module) -> bool:
+    """An element-wise activation module, or glue marked ``elementwise`` (such activations and
+    eval-mode identities only)."""
+    return isinstance(m, ELEMENTWISE) or bool(getattr(m, "elementwise", False))
+
+
 def _is_eval_identity(m: nn.Module) -> bool:
     """``Dropout`` and friends, a plain ``nn.Identity`` or glue marked ``eval_identity``."""
     drop = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

@@ -6,7 +6,10 @@ output and its internal neurons (:class:`LevelLayout`, :func:`level_layout`), ho
 tie the neurons of several levels into one *residual stream* (:func:`residual_heads`, the
 convention every architecture with skip connections follows: ``level.adds_input = True``, or a
 block with ``branch`` and an ``nn.Identity`` ``shortcut``), and how a level's parameters are
-written in another basis (:func:`align_level`).
+written in another basis (:func:`align_level`).  A depthwise convolution stays in the space it
+reads (its output channel ``c`` is its input channel ``c``); the output of a concatenation
+(attribute ``branches``) is the concatenation of its parts' spaces, and its map the block
+diagonal of theirs (:func:`concat_maps`).
 
 Notation
 --------
@@ -55,11 +58,15 @@ __all__ = [
     "capture",
     "capture_spaces",
     "check_alignable",
+    "concat_maps",
     "identity_ok",
+    "is_depthwise",
     "level_adds_input",
     "level_layout",
+    "level_paths",
     "next_activation",
     "normalized",
+    "part_spans",
     "residual_heads",
     "space_activation",
     "space_map",
@@ -121,16 +128,33 @@ class LevelLayout:
     internal : tuple of Space
         Internal spaces, in forward order.
     tied : bool
-        The level adds its input to its output (identity skip): ``"out"`` *is* ``"in"``.
+        The level's output neurons are its input neurons (an identity skip, or depthwise layers
+        only): ``"out"`` *is* ``"in"``.
+    parts : tuple of str
+        For a concatenation, the spaces whose concatenation (in this order) is ``"out"``: a
+        branch's own space ``"out<b>"``, or ``"in"`` for a branch that keeps its input's neurons.
+        The map of the level output is then the block diagonal of its parts' maps
+        (:func:`concat_maps`).  Empty for other levels.
     """
 
     tensors: Tuple[Tuple[str, str, Optional[str], str], ...]
     internal: Tuple[Space, ...]
     tied: bool
+    parts: Tuple[str, ...] = ()
 
     def keys_in(self, space: str) -> List[str]:
         """Keys whose axis 0 runs over ``space``."""
         return [k for k, s0, _, _ in self.tensors if s0 == space]
+
+    def part_widths(self, state: Dict[str, Tensor], in_width: int) -> List[int]:
+        """Width of every part (:attr:`parts`) of a concatenation, from the level's ``state``
+        dict and the width ``in_width`` of its input."""
+        out = []
+        for p in self.parts:
+            rows = [state[k].shape[0] for k, s0, _, kind in self.tensors
+                    if s0 == p and kind in ("linear", "conv")]
+            out.append(int(in_width if p == "in" else rows[-1]))
+        return out
 
 
 def space_sizes(level: nn.Module, layout: LevelLayout) -> Dict[str, int]:
@@ -186,22 +210,66 @@ def _own_tensors(m: nn.Module) -> List[Tuple[str, Tensor]]:
         (n, b) for n, b in m.named_buffers(recurse=False) if b is not None]
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """Whether ``m`` is a depthwise convolution: a ``Conv2d`` whose every output channel reads its
+    own input channel alone (``groups == in_channels == out_channels``)."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels
+
+
+def _is_concat(level: nn.Module) -> bool:
+    return isinstance(getattr(level, "branches", None), nn.ModuleList)
+
+
+def _grouped_reason(m: nn.Conv2d) -> str:
+    if m.groups == m.in_channels:
+        return (f"a depthwise convolution with a channel multiplier ({m.in_channels} -> "
+                f"{m.out_channels} channels, groups={m.groups})")
+    return (f"a grouped convolution (groups={m.groups}, {m.in_channels // m.groups} input channels "
+            "per group): a map of its input would have to keep every group's channels together")
+
+
+def _join(*names: str) -> str:
+    """A dotted name of the non-empty ``names`` (a level that is one module has keys ``weight``)."""
+    return ".".join(n for n in names if n)
+
+
+def level_paths(level: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """The paths of a level as ``(name, module, space)``: the module of each path, its name in
+    the level (``""`` for the level itself) and the space its output is (``"out"``, or the part
+    ``"out<b>"`` of a concatenation).  A residual block's identity shortcut is left out."""
+    if _is_block(level):
+        paths = [("branch", level.branch, "out")]
+        if not isinstance(level.shortcut, nn.Identity):
+            paths.append(("shortcut", level.shortcut, "out"))
+        return paths
+    if _is_concat(level):
+        return [(f"branches.{b}", m, f"out{b}") for b, m in enumerate(level.branches)]
+    return [("", level, "out")]
+
+
 def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> LevelLayout:
     """Describe a level for alignment.
 
-    A level is read as one or two *paths* of leaf modules in registration order: the level
-    itself, or, for a residual block (attributes ``branch`` and ``shortcut``, computing
+    A level is read as one or more *paths* of leaf modules in registration order: the level
+    itself (a chain); for a residual block (attributes ``branch`` and ``shortcut``, computing
     ``branch(f(x)) + shortcut(f(x))`` with ``f`` parameter-free, as
     :class:`neurofuse.models.resnet.BasicBlock`), its ``branch`` and its ``shortcut`` (unless the
-    shortcut is the identity, which ties the output neurons to the input neurons).  A path holds
-    ``Linear`` / ungrouped ``Conv2d`` layers, per-channel normalisations (``BatchNorm1d/2d``,
-    ``LayerNorm`` over the neurons) and parameter-free modules.  Its first affine layer reads the
-    level input, its last writes the level output and each inner one opens an internal space.
+    shortcut is the identity, which ties the output neurons to the input neurons); for a
+    concatenation (attribute ``branches``, an ``nn.ModuleList``, computing
+    ``cat([b(f(x)) for b in branches])`` as :class:`neurofuse.levels.AutoConcat`), each branch,
+    whose output is one *part* of the level output (``"out0"``, ``"out1"``, ...; ``"in"`` for a
+    branch without a layer of its own that opens a space).  A path holds ``Linear`` / ungrouped
+    ``Conv2d`` layers, depthwise convolutions, per-channel normalisations (``BatchNorm1d/2d``,
+    ``LayerNorm`` over the neurons) and parameter-free modules.  Its first layer that opens a space
+    reads the level input, its last writes the level output (or its part) and each inner one opens
+    an internal space; a depthwise convolution (:func:`is_depthwise`) and a normalisation stay in
+    the space they read, so a chain of depthwise layers only is *tied*: its output is its input.
 
     Raises
     ------
     IncompatibleModelsError
-        If the level has no affine layer, a grouped convolution or another module with parameters.
+        If the level has no affine layer, a grouped convolution that is not depthwise or another
+        module with parameters.
     """
     spec = describe_transformer(level)
     if spec is not None:  # a transformer level: residual stream, attention heads, MLPs
@@ -209,18 +277,22 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     reason = getattr(level, "not_alignable", None)
     if reason:  # set by the automatic levels on sub-graphs that are not chains or blocks
         raise IncompatibleModelsError(f"{reason}; {method!r} cannot align it (use 'kf-gradient')")
-    if _is_block(level):
-        paths = [("branch.", level.branch)]
-        if not isinstance(level.shortcut, nn.Identity):
-            paths.append(("shortcut.", level.shortcut))
+    block, concat = _is_block(level), _is_concat(level)
+    paths = level_paths(level)
+    if block or concat:
+        roots = ("branches",) if concat else ("branch", "shortcut")
         for n, m in level.named_modules():
-            if n and not (n.startswith("branch") or n.startswith("shortcut")) and _own_tensors(m):
+            if n and n.split(".")[0] not in roots and _own_tensors(m):
                 raise IncompatibleModelsError(
-                    f"level {index} holds parameters outside its branch and shortcut ({n}); "
+                    f"level {index} holds parameters outside its {' and '.join(roots)} ({n}); "
                     f"{method!r} cannot align it"
                 )
-    else:
-        paths = [("", level)]
+    seen: Dict[int, str] = {}
+    for n, m in level.named_modules(remove_duplicate=False):
+        if _own_tensors(m) and seen.setdefault(id(m), n) != n:
+            raise IncompatibleModelsError(
+                f"level {index} runs {seen[id(m)]} more than once (shared weights, also as {n}); "
+                f"{method!r} aligns each layer with one map per side (use 'kf-gradient')")
     for n, m in level.named_modules():
         if list(m.children()) and _own_tensors(m):
             raise IncompatibleModelsError(
@@ -230,29 +302,37 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
             )
     tensors: List[Tuple[str, str, Optional[str], str]] = []
     internal: List[Space] = []
-    for prefix, root in paths:
-        leaves = [(prefix + n, m) for n, m in root.named_modules() if not list(m.children())]
-        n_aff = sum(isinstance(m, _AFFINE) for _, m in leaves)
-        if n_aff == 0:
+    finals: List[str] = []
+    for prefix, root, end in paths:
+        leaves = [(_join(prefix, n), m) for n, m in root.named_modules() if not list(m.children())]
+        if not any(isinstance(m, _AFFINE) for _, m in leaves) and not (
+                concat or isinstance(root, nn.Identity)):
             raise IncompatibleModelsError(
-                f"level {index} has no Linear/Conv2d layer{' in ' + prefix[:-1] if prefix else ''}; "
+                f"level {index} has no Linear/Conv2d layer{' in ' + prefix if prefix else ''}; "
                 f"{method!r} aligns levels that end at an affine layer"
             )
+        n_open = sum(isinstance(m, _AFFINE) and not is_depthwise(m) for _, m in leaves)
         current, seen, open_space = "in", 0, None  # open_space: internal space still taking its point
         for name, m in leaves:
             if isinstance(m, _AFFINE):
-                if isinstance(m, nn.Conv2d) and m.groups != 1:
+                if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
                     raise IncompatibleModelsError(
-                        f"level {index} has a grouped convolution (groups={m.groups}); {method!r} "
-                        "aligns only ungrouped convolutions"
+                        f"level {index} has {_grouped_reason(m)}; {method!r} aligns ungrouped and "
+                        "depthwise convolutions"
                     )
+                if is_depthwise(m):  # output channel c reads input channel c: it stays in the space
+                    tensors.append((_join(name, "weight"), current, None, "depthwise"))
+                    if m.bias is not None:
+                        tensors.append((_join(name, "bias"), current, None, "vector"))
+                    open_space = None
+                    continue
                 seen += 1
-                out_space = "out" if seen == n_aff else f"h{len(internal)}"
+                out_space = end if seen == n_open else f"h{len(internal)}"
                 kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
-                tensors.append((f"{name}.weight", out_space, current, kind))
+                tensors.append((_join(name, "weight"), out_space, current, kind))
                 if m.bias is not None:
-                    tensors.append((f"{name}.bias", out_space, None, "vector"))
-                if out_space != "out":
+                    tensors.append((_join(name, "bias"), out_space, None, "vector"))
+                if out_space != end:
                     internal.append(Space(out_space, name, None))
                     open_space = len(internal) - 1
                 else:
@@ -275,7 +355,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                             f"level {index}: {type(m).__name__} normalises over several axes; "
                             f"{method!r} aligns only per-channel normalisations"
                         )
-                    tensors.append((f"{name}.{pn}", current, None, "vector"))
+                    tensors.append((_join(name, pn), current, None, "vector"))
                 if open_space is not None:
                     sp = internal[open_space]
                     internal[open_space] = Space(sp.name, name, None)
@@ -283,9 +363,15 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 sp = internal[open_space]
                 internal[open_space] = Space(sp.name, sp.point, name)
                 open_space = None
-        if current != "out":  # pragma: no cover - guarded by n_aff > 0
-            raise IncompatibleModelsError(f"level {index}: a path does not reach the level output")
-    return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level))
+        finals.append(current)
+    if concat:
+        return LevelLayout(tuple(tensors), tuple(internal), False, tuple(finals))
+    if len(set(finals)) > 1:
+        raise IncompatibleModelsError(
+            f"level {index} adds a path that keeps its input's neurons (depthwise layers only) to "
+            f"one that does not; {method!r} cannot align it"
+        )
+    return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level) or finals[0] == "in")
 
 
 def residual_heads(layouts: Sequence[LevelLayout]) -> List[int]:
@@ -436,6 +522,8 @@ class NeuronMap:
     out: Tensor
     inc: Tensor
     plan: np.ndarray
+    #: for the map of a concatenation, its parts' maps (the diagonal blocks), in order
+    parts: Tuple["NeuronMap", ...] = ()
     #: for a permutation, ``index[j]`` = the model-``k`` neuron at anchor neuron ``j``
     #: (``Q[j, index[j]] = 1``): the map is then applied by indexing instead of a product
     index: Optional[Tensor] = None
@@ -446,6 +534,11 @@ class NeuronMap:
         return cls(out=p.T.contiguous(), inc=p, plan=np.asarray(plan, dtype=np.float64))
 
     @classmethod
+    def identity(cls, n: int) -> "NeuronMap":
+        """The identity map of ``n`` neurons (e.g. the network input, which every model shares)."""
+        return cls.from_permutation(np.arange(n))
+
+    @classmethod
     def from_permutation(cls, perm: np.ndarray) -> "NeuronMap":
         """The map of a permutation of ``n`` neurons: uniform marginals, ``Q[j, perm[j]] = 1``."""
         index = torch.as_tensor(np.asarray(perm), dtype=torch.long)
@@ -453,6 +546,35 @@ class NeuronMap:
         q = torch.zeros(n, n, dtype=torch.float64)
         q[torch.arange(n), index] = 1.0
         return cls(out=q, inc=q.T.contiguous(), plan=q.T.numpy() / n, index=index)
+
+
+def concat_maps(maps: Sequence[NeuronMap]) -> NeuronMap:
+    """The map of a concatenation: the block diagonal of its parts' maps (in order); indexed when
+    every part is a permutation."""
+    from scipy.linalg import block_diag
+
+    index = None
+    if all(m.index is not None for m in maps):
+        offsets = np.cumsum([0] + [m.out.shape[0] for m in maps[:-1]])
+        index = torch.cat([m.index + int(o) for m, o in zip(maps, offsets)])  # type: ignore[operator]
+    return NeuronMap(out=torch.block_diag(*[m.out for m in maps]),
+                     inc=torch.block_diag(*[m.inc for m in maps]),
+                     plan=block_diag(*[m.plan for m in maps]), parts=tuple(maps), index=index)
+
+
+def part_spans(net: LeveledNet, index: int, layout: LevelLayout) -> List[slice]:
+    """Where every part of a concatenation level (:attr:`LevelLayout.parts`) lies in the level
+    output of ``net``: one ``slice`` of its neurons per part."""
+    if index:
+        in_width = net.level_widths()[index - 1]
+    else:
+        shape = net.input_shape
+        in_width = shape[0] if len(shape) == 3 else shape[-1]
+    spans, start = [], 0
+    for w in layout.part_widths(net.levels[index].state_dict(), in_width):
+        spans.append(slice(start, start + w))
+        start += w
+    return spans
 
 
 def _map_out(t: Tensor, m: NeuronMap) -> Tensor:
@@ -479,22 +601,7 @@ def space_map(maps: "SpaceMaps", space: Optional[str]) -> Optional[NeuronMap]:
     parts = [maps.get(p) for p in space.split("+")]
     if any(p is None for p in parts):
         return None
-    index = None
-    if all(p.index is not None for p in parts):  # type: ignore[union-attr]
-        offsets = np.cumsum([0] + [p.out.shape[0] for p in parts[:-1]])  # type: ignore[union-attr]
-        index = torch.cat([p.index + int(o) for p, o in zip(parts, offsets)])  # type: ignore[union-attr,operator]
-    return NeuronMap(out=torch.block_diag(*[p.out for p in parts]),  # type: ignore[union-attr]
-                     inc=torch.block_diag(*[p.inc for p in parts]),  # type: ignore[union-attr]
-                     plan=_block_diag_np([p.plan for p in parts]), index=index)  # type: ignore[union-attr]
-
-
-def _block_diag_np(mats: Sequence[np.ndarray]) -> np.ndarray:
-    out = np.zeros((sum(m.shape[0] for m in mats), sum(m.shape[1] for m in mats)))
-    r = c = 0
-    for m in mats:
-        out[r:r + m.shape[0], c:c + m.shape[1]] = m
-        r, c = r + m.shape[0], c + m.shape[1]
-    return out
+    return concat_maps(parts)  # type: ignore[arg-type]
 
 
 def _map_in(w: Tensor, m: NeuronMap, kind: str, level: int) -> Tensor:
@@ -530,10 +637,14 @@ def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMa
     """State dict of ``level`` with every neuron space in ``maps`` written in the anchor's basis.
 
     ``maps`` gives a :class:`NeuronMap` per space (``"in"``, ``"out"``, internal names); a
-    missing or ``None`` space is left as it is (identity, or not aligned yet).  The arithmetic
+    missing or ``None`` space is left as it is (identity, or not aligned yet).  The parts of a
+    concatenation take the blocks of its ``"out"`` map (:func:`concat_maps`) unless given.  The arithmetic
     is done in float64 and cast back to each tensor's dtype.
     """
     spec = {key: (s0, s1, kind) for key, s0, s1, kind in layout.tensors}
+    whole = maps.get("out")
+    if layout.parts and whole is not None and whole.parts:  # a concatenation: its parts' maps
+        maps = {**{p: m for p, m in zip(layout.parts, whole.parts) if p != "in"}, **maps}
     result: Dict[str, Tensor] = {}
     for key, v in level.state_dict().items():
         if not v.is_floating_point() or key not in spec:

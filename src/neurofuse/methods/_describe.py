@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Type
 
 from torch import nn
 
+from ..levels import NeuronMapInfo, neuron_maps
 from ._base import FusionMethod, get_method, methods_by_order
 from ._options import COMMON_OPTIONS, constraint_of
 
@@ -210,10 +211,14 @@ def level_support(net: nn.Module) -> List[Dict[str, Optional[str]]]:
 
 
 def format_levels(net: nn.Module) -> str:
-    """A table of the levels: kind, neuron axis, width, layers, and the methods that fuse each
-    (with the reason of every method that cannot), then the methods for the whole model (the
-    whole-model methods fuse any architecture the models share)."""
+    """A table of the levels: kind, neuron axis, width, layers, the methods that fuse each (with
+    the reason of every method that cannot) and the neuron maps made at the level with the tensors
+    each moves and along which axis (:func:`neurofuse.levels.neuron_maps`), then the methods for
+    the whole model (the whole-model methods fuse any architecture the models share)."""
     rows = level_support(net)
+    maps: Dict[int, List[NeuronMapInfo]] = {}
+    for m in neuron_maps(net):
+        maps.setdefault(m.level, []).append(m)
     widths = net.level_widths()  # type: ignore[operator]
     kinds = getattr(net, "kinds", None) or ["-"] * len(rows)
     names = getattr(net, "level_names", None) or [type(lv).__name__ for lv in net.levels]  # type: ignore[union-attr]
@@ -228,6 +233,9 @@ def format_levels(net: nn.Module) -> str:
                 seen.append(r)
                 same = [mm for mm, rr in row.items() if rr == r]
                 lines.append(f"{'':>5}  not {'/'.join(same)}: {r}")
+        for m in maps.get(i, []):
+            lines.append(f"{'':>5}  {m.space}-map: {', '.join(m.tensors) or '(no tensors)'}"
+                         + (f"  [{m.note}]" if m.note else ""))
     whole = {m: all(r[m] is None for r in rows) for m in rows[0]} if rows else {}
     others = [n for n in methods_by_order() if not get_method(n).fuses_levels]
     lines.append("whole model: " + ", ".join([m for m, ok in whole.items() if ok] + others) + " fuse it"

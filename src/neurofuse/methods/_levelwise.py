@@ -24,7 +24,9 @@ from ..approximation import LinearStats, aligned_prior, assign_affine, design_ma
 from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
                       fold_batchnorm, has_batchnorm, split_affine)
+from ..levels._layout import is_depthwise
 from ._base import FusionMethod, FusionRun, register_method
+from ._steps import fit_level_in_steps
 from ..levels._transformer import describe as describe_transformer
 from ._blockfit import TransformerFit, closed_form_reason
 from ._options import Anything, Boolean, Interval, MethodOptions, OneOf, Optional_, option
@@ -221,9 +223,28 @@ class LinearFusion(LevelwiseFusion):
             return None
         return why
 
+    @staticmethod
+    def one_pass(level: nn.Module) -> bool:
+        """Whether ``level`` (BatchNorm folded) is ``[parameter-free ops..., Linear|Conv2d]``,
+        fitted from one pass of statistics (:meth:`level_statistics`); the closed form fits other
+        levels one layer at a time (:mod:`neurofuse.methods._steps`)."""
+        try:
+            _, affine = split_affine(level)
+        except IncompatibleModelsError:
+            return False
+        return not is_depthwise(affine)
+
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
         """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""
         return [fold_batchnorm(m) if has_batchnorm(m) else m for m in nets]  # type: ignore[misc]
+
+    def setup(self, run: LevelRun) -> "tuple[List[LeveledNet], LeveledNet, List[int]]":
+        """As :meth:`LevelwiseFusion.setup`; a fused model of other widths (a new model of the
+        family) has its BatchNorms folded like the base models'."""
+        nets, fused, widths = super().setup(run)
+        if has_batchnorm(fused):
+            fused = fold_batchnorm(fused)  # type: ignore[assignment]
+        return nets, fused, widths
 
     @abstractmethod
     def group(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int,
@@ -285,6 +306,11 @@ class LinearFusion(LevelwiseFusion):
         """
         if describe_transformer(fused.levels[level]) is not None:
             raise _statistics_refusal(level)
+        if not self.one_pass(fused.levels[level]):
+            raise IncompatibleModelsError(
+                f"level {level} is fitted one layer at a time (a residual block, a depthwise "
+                "convolution, a concatenation or a softmax head), which one pass of level statistics "
+                "does not carry; fuse this model with the data in one place")
         pre, affine = split_affine(fused.levels[level])
         shared = self.shares_inputs(level, models, fused)
         stats = LinearStats(cross=not shared, rows=shared)
@@ -347,6 +373,9 @@ class LinearFusion(LevelwiseFusion):
                 return
             if run.blocks.starts_stream(level):
                 run.forced_grouping = run.blocks.stream_grouping(level, stream, k)
+        if not self.one_pass(fused.levels[level]):
+            fit_level_in_steps(self, run, level, models, fused, stream)
+            return
         stats = self.reduce(self.level_statistics(level, models, fused, stream))
         self.solve_level(run, level, models, fused, stats, k)
         if level < fused.num_levels - 1:

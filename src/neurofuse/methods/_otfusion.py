@@ -32,8 +32,10 @@ from ..levels._layout import (
     align_level,
     capture_spaces,
     check_alignable,
+    concat_maps,
     identity_ok,
     normalized,
+    part_spans,
     space_units,
     stream_members,
 )
@@ -265,8 +267,13 @@ class OTFusion(FusionMethod):
                 if not known:
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     mapped_outputs = _ends_affine(nets[0].levels[lvl])
+                    parts = None
+                    if layout.parts:  # a concatenation: one transport per part, block diagonal
+                        spans = [part_spans(net, lvl, layout) for net in nets]
+                        parts = {k: [(p, sk, s0, maps[k]["in"]) for p, sk, s0 in zip(layout.parts, spans[k], spans[0])]
+                                 for k in others}
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
-                                                  keep=mapped_outputs).items():
+                                                  keep=mapped_outputs, parts=parts).items():
                         outs[k][lvl] = ms[0]
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
@@ -286,14 +293,17 @@ class OTFusion(FusionMethod):
 
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
-                    lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False
+                    lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
+                    parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None
                     ) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
         or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
         the anchor, from one pass over the fusion set.  With ``keep``, the level outputs are handed
         to the stream as every model's next input (the anchor's as they are, the others' to be
-        mapped)."""
+        mapped).  ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the
+        anchor's neurons, the level input's map): each part is transported on its own (a part that
+        is the level input keeps its map) and the map is their block diagonal."""
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
         stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
@@ -345,10 +355,21 @@ class OTFusion(FusionMethod):
                 cost = sum(costs)  # type: ignore[assignment]
                 mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
                 nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
-            plan = self._solve(mu, nu, cost, lvl)
+            if parts is None:
+                plan = self._solve(mu, nu, cost, lvl)
+                result[k] = [NeuronMap.from_plan(plan, nu)]
+            else:
+                blocks = []
+                for p, sk, s0, given in parts[k]:
+                    if p == "in":
+                        blocks.append(given or NeuronMap.identity(sk.stop - sk.start))
+                    else:
+                        nu_p = normalized(nu[s0])
+                        blocks.append(NeuronMap.from_plan(self._solve(normalized(mu[sk]), nu_p, cost[sk, s0], lvl), nu_p))
+                result[k] = [concat_maps(blocks)]
+                plan = result[k][0].plan
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,
                       f" ({spaces[0].name})" if spaces is not None else "", float((plan * cost).sum()))
-            result[k] = [NeuronMap.from_plan(plan, nu)]
         return result
 
     @phase("grouping")

@@ -32,8 +32,10 @@ from ..levels._layout import (
     align_level,
     capture_spaces,
     check_alignable,
+    concat_maps,
     identity_ok,
     next_activation,
+    part_spans,
     space_activation,
     space_units,
     stream_members,
@@ -214,6 +216,15 @@ class GitRebasin(FusionMethod):
                 identity_ok(widths, lvl, "output level or residual stream tied to the input/output")
             elif head < lvl:
                 outs[lvl] = outs[head]
+            elif layouts[lvl].parts:  # a concatenation: one permutation per part, block diagonal
+                blocks = []
+                for p, part in zip(layouts[lvl].parts, part_spans(nets[0], lvl, layouts[lvl])):
+                    if p == "in":
+                        blocks.append(outs[lvl - 1] or NeuronMap.identity(part.stop - part.start))
+                    else:
+                        blocks.append(self._perm_map(self._match([level_stats[m] for m in members], lvl,
+                                                                 members, scores, None, part)))
+                outs[lvl] = concat_maps(blocks)
             else:
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
                                                        scores, None))
@@ -328,10 +339,12 @@ class GitRebasin(FusionMethod):
 
     @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
-               scores: List[List[np.ndarray]], space: Optional[Space]) -> np.ndarray:
+               scores: List[List[np.ndarray]], space: Optional[Space], part: Optional[slice] = None
+               ) -> np.ndarray:
         """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
         the stream ``members``, or at the internal ``space`` of level ``lvl``), from the
-        (pre, post)-activation moments ``stats`` of each member.
+        (pre, post)-activation moments ``stats`` of each member; only among the neurons ``part``
+        of the output (one part of a concatenation), numbered from its start, if given.
 
         On post-activations, neurons that are inactive on the whole fusion set all look alike
         (zero vectors), which leaves ties; they are broken by adding the pre-activation cost
@@ -344,6 +357,8 @@ class GitRebasin(FusionMethod):
             cost = self._cost([s[1] for s in stats], members, scores, space)
             scale = np.abs(cost).max() / max(float(np.abs(tie).max()), 1e-300)
             cost = cost + TIE_BREAK * scale * tie
+        if part is not None:
+            cost = cost[part, part]
         rows, cols = linear_sum_assignment(cost)
         perm = np.empty(len(rows), dtype=np.int64)
         perm[rows] = cols

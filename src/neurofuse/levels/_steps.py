@@ -1,0 +1,165 @@
+r"""The closed form inside a level: the order in which its layers are fitted (*steps*).
+
+A level whose every layer with parameters is a ``Linear`` / ``Conv2d`` after BatchNorm folding
+is fitted in closed form one *step* at a time, each from the fused model's own values just
+before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layout
+(:func:`neurofuse.levels._layout.level_layout`):
+
+* ``"new"``: a layer that opens a neuron space (an inner space ``h<i>``, the level output, one
+  part ``out<b>`` of a concatenation) is fitted to the grouped outputs of the base models' layer;
+  the grouping of that space is made here.  The two last layers of a residual block with a
+  projection shortcut write one sum and are fitted together (one design matrix of both inputs);
+* ``"depthwise"``: a depthwise convolution stays in the space it reads, so its channels keep that
+  space's grouping and each fused channel is fitted from its own input channel
+  (:class:`neurofuse.approximation.DepthwiseStats`);
+* ``"residual"``: the last layer of a residual block with an identity shortcut writes
+  ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
+  to the grouped block outputs minus the fused shortcut (a residual target).
+
+A path may end in dropout-like identities, in an element-wise activation (not in a residual
+block, whose sum comes after: a concatenation branch ending in its ReLU, as torchvision's Inception)
+and, at the end of the model, in a softmax or log-softmax over the classes (a *monotone head*: the
+prediction is that of the logits).  The layer's own outputs (pre-activations, logits) are the
+targets; what follows it is kept.  Anything else is refused with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from ..errors import IncompatibleModelsError
+from ._core import _is_eval_identity, is_elementwise, is_monotone_head
+from ._layout import LevelLayout, is_depthwise, level_layout, level_paths
+
+__all__ = ["Step", "closed_form_steps"]
+
+_AFFINE = (nn.Linear, nn.Conv2d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One closed-form fit inside a level.
+
+    Attributes
+    ----------
+    kind : str
+        ``"new"``, ``"depthwise"`` or ``"residual"`` (see the module docstring).
+    space : str
+        The neuron space it writes (for ``"depthwise"``: the space it reads and keeps).
+    modules : tuple of str
+        Names, in the level, of the layers fitted together (their outputs add up).
+    inputs : tuple of str
+        The space each of ``modules`` reads.
+    part : int or None
+        ``None`` for an inner value; ``-1`` if it writes the level output; ``b`` if it writes part
+        ``b`` of a concatenation.  Importance scores, which are defined for level outputs, weigh
+        the neurons of such steps; inner neurons weigh alike.
+    residual : str or None
+        For ``"residual"``: the module whose output (the fused shortcut) is added.
+    """
+
+    kind: str
+    space: str
+    modules: Tuple[str, ...]
+    inputs: Tuple[str, ...]
+    part: Optional[int] = None
+    residual: Optional[str] = None
+
+
+def _conv_reason(m: nn.Module) -> Optional[str]:
+    if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+        return "convolution with non-zero or string padding: the closed-form refit unfolds zero-padded patches"
+    return None
+
+
+def closed_form_steps(level: nn.Module, index: int, last: bool = False
+                      ) -> Tuple[LevelLayout, List[Step]]:
+    """The layout and the closed-form steps of a (BatchNorm-folded) level.
+
+    Parameters
+    ----------
+    level : nn.Module
+        The level, its BatchNorms already folded (:func:`neurofuse.levels.fold_batchnorm`).
+    index : int
+        Its index (for messages).
+    last : bool
+        Whether it is the model's last level (which may end in a monotone head).
+
+    Raises
+    ------
+    IncompatibleModelsError
+        With the reason, if a layer of the level is not fitted by the closed form.
+    """
+    layout = level_layout(level, index, "the closed form")
+    modules = dict(level.named_modules())
+    for key, _, _, kind in layout.tensors:
+        name = key.rpartition(".")[0]
+        m = modules[name]
+        if not isinstance(m, _AFFINE):
+            raise IncompatibleModelsError(
+                f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
+                "Linear/Conv2d (only a BatchNorm right after one is), so the level is not affine in "
+                "its parameters")
+        why = _conv_reason(m)
+        if why:
+            raise IncompatibleModelsError(why)
+    block = hasattr(level, "shortcut")
+    paths = level_paths(level)
+    writers = {}   # path -> name of its last affine layer
+    for name, root, _ in paths:
+        kids = list(root.children()) if isinstance(root, nn.Sequential) else [root]
+        names = [".".join(p for p in (name, n) if p) for n, _ in root.named_children()] \
+            if isinstance(root, nn.Sequential) else [name]
+        pos = [i for i, k in enumerate(kids) if any(isinstance(m, _AFFINE) for m in k.modules())]
+        if not pos:
+            continue
+        tail = kids[pos[-1] + 1:]
+        end = kids[pos[-1]]
+        if not isinstance(end, _AFFINE):
+            raise IncompatibleModelsError(
+                f"its layers are nested in a {type(end).__name__}, which the closed form does not open")
+        head_ok = last and not block and not name.startswith("branches")
+        for t in tail:
+            if not (_is_eval_identity(t) or (head_ok and is_monotone_head(t)) or (not block and is_elementwise(t))):
+                raise IncompatibleModelsError(
+                    f"its output is not the output of its last Linear/Conv2d ({type(t).__name__} "
+                    "follows it), so the level is not affine in its parameters")
+        if block and is_depthwise(end):
+            raise IncompatibleModelsError(
+                "a residual block whose path ends in a depthwise convolution is not fitted by the "
+                "closed form")
+        writers[name] = names[pos[-1]]
+    spec = {key.rpartition(".")[0]: (s0, s1, kind) for key, s0, s1, kind in layout.tensors
+            if key.endswith(".weight") and kind in ("linear", "conv", "depthwise")}
+    path_of = {}
+    for name, _, _ in paths:
+        for mod in spec:
+            if not name or mod == name or mod.startswith(name + "."):
+                path_of.setdefault(mod, name)
+    steps: List[Step] = []
+    final: List[str] = []
+    for mod, (s0, s1, kind) in spec.items():
+        path = path_of[mod]
+        ends = writers.get(path) == mod
+        part = None
+        if ends and not block:
+            part = int(s0[3:]) if s0.startswith("out") and s0 != "out" else -1
+            if layout.parts and s0 == "in":
+                part = [n for n, _, _ in paths].index(path)
+        if block and ends:
+            final.append(mod)
+            continue
+        if kind == "depthwise":
+            steps.append(Step("depthwise", s0, (mod,), (s0,), part))
+        else:
+            steps.append(Step("new", s0, (mod,), (s1,), part))
+    if final:
+        ins = tuple(spec[m][1] for m in final)
+        if layout.tied:
+            steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut"))
+        else:
+            steps.append(Step("new", "out", tuple(final), ins, -1))
+    return layout, steps
