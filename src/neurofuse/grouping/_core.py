@@ -35,6 +35,7 @@ __all__ = [
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",
+    "kmeans_memory",
     "output_weights",
     "weighted_kmeans",
 ]
@@ -710,6 +711,17 @@ def _exact_costs(space: _Space, labels: Tensor, k: int) -> Tensor:
         torch.index_select(mu, 0, lab, out=res).sub_(x).square_()
         out.append(res.sum(1) @ w)
     return torch.stack(out)
+
+
+def kmeans_memory(m: int, dims: int, k: int) -> int:
+    """Bytes :func:`weighted_kmeans` holds for ``m`` float32 points of ``dims`` coordinates and
+    ``k`` clusters: the points and their weighted copy, the Gram and distance tables when they fit
+    ``_GRAM_BYTES``, one batch of restarts' scratch rows (``[R * k, M]``) and centres."""
+    f32 = 4
+    gram = 2 * m * m * f32 if 2 * m * m * f32 <= _GRAM_BYTES else 0
+    per_run = (4 * f32 + 1) * k * m
+    runs = min(_CPU_BATCH, max(1, _BATCH_BYTES // per_run))
+    return 3 * m * dims * f32 + gram + runs * per_run + runs * k * dims * f32 * 2
 
 
 @phase("grouping")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import IncompatibleModelsError, MemoryBudgetError
-from ..grouping._core import _BATCH_BYTES, _CPU_BATCH, _GRAM_BYTES
+from ..grouping import kmeans_memory
 from ..levels import DEFAULT_MEMORY_BUDGET, LeveledNet, split_affine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,11 +194,13 @@ def level_shapes(models: Sequence[nn.Module]) -> List[LevelShape]:
     out = []
     for lvl, (shape, axis) in enumerate(zip(shapes[0], nets[0].axes)):
         size = math.prod(shape[1:])
+        # models of other depths are the method's to refuse or fuse: the levels they have count
+        have = [s[lvl] for s in shapes if lvl < len(s)]
         if axis == "conv":
-            widths = tuple(s[lvl][1] for s in shapes)
+            widths = tuple(s[1] for s in have)
             positions = size // max(1, shape[1])
         else:
-            widths = tuple(s[lvl][-1] for s in shapes)
+            widths = tuple(s[-1] for s in have)
             positions = size // max(1, shape[-1])
         out.append(LevelShape(size, positions, widths, *_design_columns(nets[0].levels[lvl])))
     return out
@@ -236,15 +238,6 @@ def _generic(method: MethodLike, z: Sizes) -> Dict[str, int]:
             "stream_total": _stream_total(levels, z.samples, k + 1)}
 
 
-def _kmeans_bytes(m: int, dims: int, k: int) -> int:
-    """weighted_kmeans: the points and their weighted copy, the Gram and distance tables when they
-    fit ``_GRAM_BYTES``, one batch of restarts' scratch rows."""
-    gram = 2 * m * m * F32 if 2 * m * m * F32 <= _GRAM_BYTES else 0
-    per_run = (4 * F32 + 1) * k * m
-    runs = min(_CPU_BATCH, max(1, _BATCH_BYTES // per_run))
-    return 3 * m * dims * F32 + gram + runs * per_run + runs * k * dims * F32 * 2
-
-
 def linear_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
     """The closed form (:class:`~neurofuse.methods.LinearFusion`): per level the Gram matrix and
     its eigendecomposition (``d x d`` float64: the matrix, a symmetrised copy, the eigenvectors and
@@ -264,7 +257,7 @@ def linear_working_set(method: MethodLike, z: Sizes) -> Dict[str, int]:
         cross = d * m * F64 * (1 if lvl else 0)
         feats = (r * m + 2 * d * m) * F64 + d * m * F32
         k = max(lv.widths)
-        algebra = max(algebra, gram + cross + max(eig, feats + _kmeans_bytes(m, min(r, d), k)))
+        algebra = max(algebra, gram + cross + max(eig, feats + kmeans_memory(m, min(r, d), k)))
         br = b * lv.positions
         batch = max(batch, br * d * (F32 * 2 + F64) + br * m * (F32 * 2 + F64 * 2))
     streams = 1 + max((len(lv.widths) for lv in levels), default=1)
