@@ -67,6 +67,21 @@ def test_train_fuse_eval_round_trip(trained, tmp_path, capsys):
     assert sum(len(p) for p in split["parts"]) == 1437
 
 
+def test_fuse_names_a_nearly_square_level_fit_in_one_warning_line(trained, tmp_path, capsys, caplog):
+    """32 fusion samples for levels with 32 inputs + bias: each such level gets one warning
+    line naming it, its size and condition, and the ridge GCV chose for it."""
+    caplog.set_level("WARNING", logger="neurofuse")
+    ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
+    code, out, _ = _run(capsys, "fuse", *ckpts, "--out", str(tmp_path / "f.safetensors"),
+                        "--fusion-samples", "32", "--no-progress")
+    assert code == 0 and "test accuracy" in out
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelname == "WARNING" and "least-squares fit" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines), lines
+    assert lines[0].startswith("level 1: least-squares fit nearly square (32 rows, "), lines[0]
+    assert "condition number" in lines[0] and "chosen by GCV" in lines[0], lines[0]
+
+
 def test_fuse_refuses_existing_output_and_never_overwrites_an_input(trained, tmp_path, capsys):
     ckpts = [str(trained / "model_0.safetensors"), str(trained / "model_1.safetensors")]
     before = Path(ckpts[0]).read_bytes()

@@ -95,3 +95,14 @@ def test_refusals(pair, fused, digits_fusion):
         neurofuse.fuse(pair, digits_fusion, method="vanilla", distill=True)
     with pytest.raises(DataError):
         distill(fused, pair, torch.zeros(4, 3), FAST, progress=False)
+
+
+def test_a_distillation_that_keeps_epoch_0_says_so(pair, digits_fusion, caplog):
+    """The student already is the (single) teacher: no epoch comes closer, the model comes back
+    unchanged, and a warning says that distillation did nothing and what would help."""
+    caplog.set_level("INFO", logger="neurofuse")
+    student, hist = distill(pair[0], pair[:1], digits_fusion[0], FAST, progress=False)
+    assert hist["best_epoch"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), pair[0].state_dict().values()))
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "unchanged" in r.getMessage()]
+    assert len(warned) == 1 and "held-out" in warned[0].getMessage()

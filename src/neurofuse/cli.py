@@ -1025,8 +1025,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-samples", type=_nonneg_int, default=400,
                    help="size of the server's fusion set (default: 400)")
     p.add_argument("--server-unlabelled", action="store_true", help="the server's fusion set has no labels")
-    p.add_argument("--class-shares", action="store_true",
-                   help="weigh the output level by the clients' class shares (from their label counts)")
+    p.add_argument("--class-shares", action=argparse.BooleanOptionalAction, default=True,
+                   help="weigh the output level by the clients' class shares, from the label counts "
+                        "each client sends (default: on; --no-class-shares for the plain method)")
     p.add_argument("--compare", default=None,
                    help="more fusion methods scored beside the method on the same client models, "
                         "comma-separated (e.g. feddf,otfusion); FedAvg and the ensemble are always scored")

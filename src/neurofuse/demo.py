@@ -43,9 +43,9 @@ class DemoConfig:
 
 #: the recommended zero-shot pipeline and its distilled form, run beside every method:
 #: ``(row, method, importance, distill)``, all with the models' class shares as class weights
-#: and the output level weighted by output-neuron importance (the default ``output_weights``)
-PIPELINE = (("kf-linear/conductance+cs", "kf-linear", "conductance", False),
-            ("kf-linear/conductance+cs+distill", "kf-linear", "conductance", True))
+#: (uniform importance: conductance adds nothing on top of class shares, benchmarks/recipe.py)
+PIPELINE = (("kf-linear+cs", "kf-linear", "uniform", False),
+            ("kf-linear+cs+distill", "kf-linear", "uniform", True))
 #: the rows :func:`pipeline_rows` adds: the class-share ensemble, then :data:`PIPELINE`
 PIPELINE_PLAN = (("ensemble+cs", "ensemble", "uniform", False),) + PIPELINE
 

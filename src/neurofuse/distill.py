@@ -316,7 +316,13 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], x: Any,
             m.to(dev).train(training)
     if best_state is not None:
         model.load_state_dict(best_state)
-        log.info("distill: kept epoch %d (held-out KL %.4f, agreement %.4f)", history["best_epoch"],
-                 best, history["val_agreement"][history["best_epoch"]])
+        if history["best_epoch"] == 0:
+            log.warning("distill: no epoch came closer to the ensemble on the %d held-out inputs than "
+                        "the fused model (held-out KL %.4f): the fused model is returned unchanged; "
+                        "distillation needs more inputs than the fusion set (distill_data=..., CLI "
+                        "--distill-extra N)", n_val, best)
+        else:
+            log.info("distill: kept epoch %d (held-out KL %.4f, agreement %.4f)", history["best_epoch"],
+                     best, history["val_agreement"][history["best_epoch"]])
     model.to(home).eval()
     return model, history

@@ -79,3 +79,41 @@ def test_directions_the_data_never_excites_keep_the_prior():
     assert torch.allclose(w, prior, atol=1e-8)
     w0, _, _ = stats.solve()
     assert not torch.allclose(w0, prior, atol=1e-3)          # without it: minimum norm
+
+
+def test_auto_ridge_picks_each_channels_gcv_penalty_from_the_statistics():
+    """ridge='auto': every fused channel's penalty is the GCV argmin computed from its rows (brute
+    force here), and the weights are that ridge fit; a well-posed channel keeps the exact fit."""
+    from neurofuse.approximation._ridge import PENALTY_GRID
+
+    torch.manual_seed(4)
+    conv = _dw(2, 4, stride=3)
+    u = torch.randn(2, 2, 6, 6, dtype=torch.float64)                  # 8 rows of 10 inputs: square-ish
+    x = depthwise_design(conv, u)                                      # [rows, k, d]
+    a = torch.randn(x.shape[0], 4, dtype=torch.float64)                # noise targets: a penalty wins
+    labels = torch.tensor([0, 0, 1, 1])
+    stats = DepthwiseStats(labels, 2)
+    stats.update(x, a)
+    w, _, _ = stats.solve(ridge="auto")
+    for c in range(2):
+        xc, ac = x[:, c], a[:, labels == c]
+        n, d = xc.shape
+        g = xc.T @ xc
+        scale = torch.diagonal(g).mean()
+
+        def fit(lam):
+            return torch.linalg.pinv(g) @ xc.T @ ac if lam == 0 else torch.linalg.solve(g + lam * torch.eye(d), xc.T @ ac)
+
+        def gcv(lam):
+            hat = xc @ (torch.linalg.pinv(g) if lam == 0 else torch.linalg.inv(g + lam * torch.eye(d))) @ xc.T
+            rss = ((ac - xc @ fit(lam)) ** 2).sum()
+            free = n - torch.trace(hat)
+            return float("inf") if free < 1e-9 * n else float(n * rss / free ** 2)
+
+        best = min(PENALTY_GRID, key=lambda r: gcv(r * scale))
+        assert best > 0
+        assert torch.allclose(w[:, labels == c], fit(best * scale), atol=1e-6)
+    exact = DepthwiseStats(torch.arange(2), 2)
+    big = torch.randn(64, 2, 6, 6, dtype=torch.float64)
+    exact.update(depthwise_design(conv, big), _flat(conv(big)).detach())
+    assert torch.allclose(exact.solve(ridge="auto")[0], exact.solve(ridge=0.0)[0], atol=1e-8)

@@ -155,6 +155,24 @@ def test_the_shipped_federated_config_is_valid():
     assert (FL_CONFIGS / "fl.json").is_file()
 
 
+def test_class_shares_are_on_by_default_where_the_method_takes_class_weights():
+    """``FederatedConfig`` and ``neurofuse federate`` weigh the output level by the clients' class
+    shares unless told not to (issue 23); a method without ``class_weights`` (FedAvg) runs as is,
+    and the ``fl`` benchmark keeps its method plain (the class-share rows are in its compare)."""
+    from neurofuse.cli import build_parser
+    from neurofuse.federated import ClassShareWeighting
+    from neurofuse.federated._bench import _cells
+
+    assert isinstance(FederatedConfig().aggregation(), ClassShareWeighting)
+    assert FederatedConfig(class_shares=False).aggregation().label == "kf-linear"
+    assert FederatedConfig(method="vanilla").aggregation().label == "vanilla"
+    parser = build_parser()
+    assert parser.parse_args(["federate"]).class_shares is True
+    assert parser.parse_args(["federate", "--no-class-shares"]).class_shares is False
+    cells = _cells(load_fl_config("fl", "smoke"), "local", None, None, ("one_shot", "multi_round"))
+    assert cells and all(fc.aggregation().label == "kf-linear" for _, fc in cells)
+
+
 def test_federate_keeps_an_existing_plot_without_force(tmp_path, capsys):
     out = tmp_path / "fed"
     out.mkdir()
@@ -189,7 +207,8 @@ def test_a_method_that_cannot_fuse_the_architecture_fails_before_any_client_trai
     def no_clients(*args, **kwargs):
         raise AssertionError("a client app was built: the run started")
     monkeypatch.setattr(run, "make_client_app", no_clients)
-    rc = main(["federate", "--arch", "resnet", "--size", "tiny", "--method", "kf-linear", "--clients", "2",
-               "--epochs", "1", "--backend", "local", "--out", str(tmp_path / "o")])
-    assert "cannot fuse level 1 (BasicBlock)" in _one_line(capsys, rc)
+    # kf-linear fits a residual block layer by layer where the data is, not from one round of statistics
+    rc = main(["federate", "--arch", "resnet", "--size", "tiny", "--method", "kf-linear", "--no-server-data",
+               "--clients", "2", "--epochs", "1", "--backend", "local", "--out", str(tmp_path / "o")])
+    assert "level 1 of these models is fitted one layer at a time" in _one_line(capsys, rc)
     assert not (tmp_path / "o").exists()

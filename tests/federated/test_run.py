@@ -67,9 +67,10 @@ def test_local_grid_runs_one_shot_and_multi_round(tmp_path):
     res = run_federated(FederatedConfig(clients=setup, method="kf-linear", rounds=2, server_samples=200,
                                         fedavg_run=True))
     assert [r["round"] for r in res["rounds"]] == [1, 2]
-    assert set(res["runs"]) == {"kf-linear", "fedavg-run"}
+    # class shares by default (FederatedConfig(class_shares=True)): the clients sent label counts
+    assert set(res["runs"]) == {"kf-linear + class shares", "fedavg-run"}
     assert {"fedavg", "ensemble", "fedavg-run"} <= set(res["rounds"][0])
-    for h in res["runs"]["kf-linear"]:
+    for h in res["runs"]["kf-linear + class shares"]:
         assert h["clients-used"] == 3 and h["bytes-received"] > 0 and h["bytes-sent"] > 0
         assert 0.0 <= h["server-accuracy"] <= 1.0 and "accuracy-ensemble" in h
     # round 2 started from the fused model: every client sent the same architecture back
@@ -83,7 +84,7 @@ def test_cli_federate_writes_results_and_a_plot(tmp_path, capsys):
                "--no-server-data", "--backend", "local", "--epochs", "3", "--size", "tiny", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    key = "kf-linear (client statistics)"
+    key = "kf-linear (client statistics) + class shares"          # class shares by default
     assert doc["config"]["no_server_data"] is True and key in doc["runs"]
     assert doc["runs"][key][0]["protocol-rounds"] == 3
     assert (out / "accuracy.png").stat().st_size > 0
@@ -100,6 +101,7 @@ def test_real_flower_simulation_with_four_clients_on_digits(tmp_path):
         "from neurofuse.federated import *\n"
         "s = ClientSetup(dataset='digits', num_clients=4, alpha=0.5, epochs=3, size='tiny')\n"
         "r = run_federated(FederatedConfig(clients=s, method='kf-linear', rounds=1, server_samples=200,\n"
+        "                  class_shares=False,\n"
         "                  compare=({'method': 'kf-linear', 'server_data': False},), backend='simulation'))\n"
         "h = r['runs']['kf-linear'][0]\n"
         "assert h['clients-used'] == 4 and 'accuracy-kf-linear (client statistics)' in h, h\n"

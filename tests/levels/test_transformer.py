@@ -165,6 +165,25 @@ def test_kf_linear_fuses_three_models_of_different_widths_into_any_width():
         assert torch.isfinite(result.model(x)).all()
 
 
+def test_the_transformer_closed_form_honours_the_ridge_option():
+    """Every least-squares fit of a transformer level solves with the method's ``ridge``: a fixed
+    penalty is used as given, ``ridge=0`` is the pseudo-inverse, ``"auto"`` picks from the GCV
+    grid; the level's report lists each fit's penalty and condition number."""
+    from neurofuse.approximation._ridge import PENALTY_GRID
+
+    nets = [_models("zoo", seed=s)[0] for s in (0, 1)]
+    x, y = _models("zoo", seed=2)[1], torch.randint(0, 10, (48,), generator=torch.Generator().manual_seed(5))
+    out = {}
+    for ridge in (0.0, 0.5, "auto"):
+        res = neurofuse.fuse(nets, (x, y), method="kf-linear", ridge=ridge, progress=False, return_result=True)
+        blocks = [r for r in res.report if "penalties" in r]
+        assert blocks and all(r["penalties"] and len(r["conditions"]) == len(r["penalties"]) for r in blocks)
+        penalties = {p for r in blocks for p in r["penalties"]}
+        assert penalties == {ridge} if ridge != "auto" else penalties <= set(PENALTY_GRID)
+        out[ridge] = res.model
+    assert _gap(out[0.0], out[0.5], x) > 1e-3
+
+
 def test_a_block_with_a_layer_scale_is_refused_with_the_reason():
     model = VisionTransformer().eval()
 

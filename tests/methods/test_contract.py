@@ -171,7 +171,8 @@ def test_capabilities_are_class_attributes_asked_of_every_method():
 @pytest.mark.parametrize("bad,needle", [({"n_init": 0}, "option 'n_init' must be an integer >= 1, got 0"),
                                         ({"n_init": 2.5}, "option 'n_init' must be an integer"),
                                         ({"output_weights": "median"}, "one of 'importance', 'mean'"),
-                                        ({"ridge": -1.0}, "option 'ridge' must be a number >= 0"),
+                                        ({"ridge": -1.0}, "option 'ridge' must be 'auto' or a number >= 0, got -1.0"),
+                                        ({"ridge": "gcv"}, "option 'ridge' must be 'auto' or a number >= 0, got 'gcv'"),
                                         ({"refine": "yes"}, "option 'refine' must be true or false")])
 def test_options_are_checked_against_their_declared_constraints(bad, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -184,4 +185,5 @@ def test_method_options_show_the_declared_constraints():
     info = {o.name: o for o in method_options("otfusion")}
     assert info["solver"].allowed == "one of 'exact', 'sinkhorn'"
     assert info["reg"].allowed == "a number > 0"
+    assert {o.name: o for o in method_options("kf-linear")}["ridge"].allowed == "'auto' or a number >= 0"
     assert np.all([o.allowed for o in method_options("kf-linear") if not o.common])

@@ -156,9 +156,10 @@ def test_any_parameter_free_module_may_precede_the_affine_layer():
 
 @pytest.mark.parametrize("options", [{}, {"prior": False}, {"ridge": 0.1}])
 def test_the_first_level_skips_the_solve_only_where_it_is_exact(trained_mlp, digits_fusion, options):
-    """Level 0 reads the shared model input: with the prior and no ridge its least-squares
-    weights are the base weights, so no X^T A is accumulated there; the result is the same
-    function as the general solve (checked against the method with the shortcut disabled)."""
+    """Level 0 reads the shared model input: with the prior its least-squares weights are the
+    base weights, whatever the ridge (shrinking toward the prior leaves them there), so no X^T A
+    is accumulated there; the result is the same function as the general solve (checked against
+    the method with the shortcut disabled)."""
     from neurofuse.methods import get_method
     from neurofuse.methods._levelwise import KMeansLinearFusion
 
@@ -166,7 +167,7 @@ def test_the_first_level_skips_the_solve_only_where_it_is_exact(trained_mlp, dig
     method = get_method("kf-linear")(seed=0, progress=False, **options)
     nets = [trained_mlp, twin]
     shared = [method.shares_inputs(lvl, nets, trained_mlp) for lvl in range(trained_mlp.num_levels)]
-    assert shared == [not options, *([False] * (trained_mlp.num_levels - 1))]
+    assert shared == [options.get("prior", True), *([False] * (trained_mlp.num_levels - 1))]
     fused = neurofuse.fuse(nets, digits_fusion, method="kf-linear", progress=False, **options)
     general = KMeansLinearFusion(seed=0, progress=False, **options)
     general.shares_inputs = lambda *a: False          # type: ignore[method-assign]

@@ -6,7 +6,9 @@ from ._gradient import LevelConfig, fit_level, perturb_level
 from ._grouped import DepthwiseStats, depthwise_design, group_means
 from ._linear import LinearSolution, LinearStats, aligned_prior, assign_affine, design_matrix
 from ._regmean import LayerGrams, layer_rows, regmean
+from ._ridge import FitDiagnostics, fit_warning, gcv_curve
 
-__all__ = ["DepthwiseStats", "FISHER_KINDS", "FisherSums", "GramStats", "LayerGrams", "LevelConfig", "LinearSolution", "LinearStats",
-           "NeuronRegression", "TokenSums", "aligned_prior", "assign_affine", "depthwise_design", "design_matrix", "diagonal_fisher",
-           "fisher_merge", "fisher_sums", "fit_level", "group_means", "layer_rows", "perturb_level", "regmean"]
+__all__ = ["DepthwiseStats", "FISHER_KINDS", "FisherSums", "FitDiagnostics", "GramStats", "LayerGrams", "LevelConfig",
+           "LinearSolution", "LinearStats", "NeuronRegression", "TokenSums", "aligned_prior", "assign_affine",
+           "depthwise_design", "design_matrix", "diagonal_fisher", "fisher_merge", "fisher_sums", "fit_level",
+           "fit_warning", "gcv_curve", "group_means", "layer_rows", "perturb_level", "regmean"]

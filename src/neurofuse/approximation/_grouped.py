@@ -22,7 +22,7 @@ are accumulated (:class:`DepthwiseStats`, additive like every fusion statistic),
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
+from ._ridge import PENALTY_GRID, gcv_curve
 
 __all__ = ["DepthwiseStats", "depthwise_design", "group_means"]
 
@@ -109,13 +110,15 @@ class DepthwiseStats(AdditiveStats):
         self._add(count=torch.tensor(float(rows), dtype=torch.float64, device=x.device),
                   gram=torch.bmm(xc.transpose(1, 2), xc), cross=cross, sq=(a * a).sum(0))
 
-    def solve(self, rtol: Optional[float] = None, ridge: float = 0.0,
+    def solve(self, rtol: Optional[float] = None, ridge: Union[float, str] = 0.0,
               prior: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, int]:
         """Least-squares weights ``[d, M]`` of every base channel, their residuals
         :math:`\\lVert (I - P_{c(j)}) a_j\\rVert^2` ``[M]`` and the smallest per-channel rank.
 
         ``rtol``, ``ridge`` and ``prior`` (``[d, M]`` base weights, for the input directions the
-        fusion set never excites) as in :meth:`neurofuse.approximation.LinearStats.solve`.
+        fusion set never excites) as in :meth:`neurofuse.approximation.LinearStats.solve`; with
+        ``ridge="auto"`` every fused channel's penalty is chosen by GCV over its own fit
+        (:mod:`neurofuse.approximation._ridge`; the rows are samples times positions).
         """
         if self.empty:
             raise ValueError("no statistics accumulated")
@@ -126,8 +129,9 @@ class DepthwiseStats(AdditiveStats):
                 "rtol or a ridge (options rtol=..., ridge=...)")
         d = g.shape[1]
         rtol = max(self.rows, d) * float(torch.finfo(torch.float32).eps) if rtol is None else rtol
-        if rtol <= 0 or ridge < 0:
-            raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")
+        auto = isinstance(ridge, str)
+        if rtol <= 0 or (auto and ridge != "auto") or (not auto and not float(ridge) >= 0):
+            raise ConfigError(f"need rtol > 0 and ridge 'auto' or >= 0, got rtol={rtol}, ridge={ridge!r}")
         lab = self.labels.to(g.device)
         evals, evecs = torch.linalg.eigh(g)                                   # [k, d], [k, d, d]
         cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
@@ -138,15 +142,41 @@ class DepthwiseStats(AdditiveStats):
         feats = proj * inv.sqrt()
         residual = (self.sq - (feats * feats).sum(1)).clamp_min(0.0)
         rank = int(keep.sum(1).min())
-        if ridge == 0:
-            w = torch.einsum("mde,me->dm", u, proj * inv)
-            if prior is not None:
-                p = prior.to(g.device, torch.float64)
-                pp = torch.einsum("mde,dm->me", u, p) * keep[lab]
-                w = w + p - torch.einsum("mde,me->dm", u, pp)
-        else:
-            lam = ridge * torch.diagonal(g, dim1=1, dim2=2).mean(1)           # [k]
-            reg = g + lam[:, None, None] * torch.eye(d, dtype=g.dtype, device=g.device)
-            rhs = self.cross if prior is None else self.cross + lam[lab][None, :] * prior.to(g.device, g.dtype)
-            w = torch.linalg.solve(reg[lab], rhs.T.unsqueeze(-1)).squeeze(-1).T
+        scale = torch.diagonal(g, dim1=1, dim2=2).mean(1)                      # [k]
+        lam = self._gcv_penalties(g, evals, evecs, keep, scale, prior) if auto else float(ridge) * scale
+        w = torch.einsum("mde,me->dm", u, proj * inv)                          # pseudo-inverse
+        if prior is not None:
+            p = prior.to(g.device, torch.float64)
+            pp = torch.einsum("mde,dm->me", u, p) * keep[lab]
+            w = w + p - torch.einsum("mde,me->dm", u, pp)
+        if bool((lam > 0).any()):
+            safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+            reg = g + safe[:, None, None] * torch.eye(d, dtype=g.dtype, device=g.device)
+            rhs = self.cross if prior is None else self.cross + safe[lab][None, :] * prior.to(g.device, g.dtype)
+            w_ridge = torch.linalg.solve(reg[lab], rhs.T.unsqueeze(-1)).squeeze(-1).T
+            w = torch.where((lam > 0)[lab][None, :], w_ridge, w)
         return w, residual, rank
+
+    def _gcv_penalties(self, g: Tensor, evals: Tensor, evecs: Tensor, keep: Tensor, scale: Tensor,
+                       prior: Optional[Tensor]) -> Tensor:
+        """``[k]`` absolute penalty of every fused channel's fit, chosen by GCV over
+        :data:`~neurofuse.approximation._ridge.PENALTY_GRID` times its mean eigenvalue."""
+        lab = self.labels.to(g.device)
+        grid = torch.tensor(PENALTY_GRID, dtype=torch.float64, device=g.device)
+        out = torch.zeros(self.k, dtype=torch.float64, device=g.device)
+        for c in range(self.k):
+            cols = (lab == c).nonzero().squeeze(1)
+            if cols.numel() == 0 or not bool(keep[c].any()):
+                continue
+            e, vec = evals[c][keep[c]], evecs[c][:, keep[c]]
+            xa = self.cross[:, cols]
+            sq = self.sq[cols]
+            if prior is not None:   # residual targets r_j = a_j - X p_j, from the same sums
+                pc = prior.to(g.device, torch.float64)[:, cols]
+                gp = g[c] @ pc
+                sq = sq - 2 * (pc * xa).sum(0) + (pc * gp).sum(0)
+                xa = xa - gp
+            t = vec.T @ xa                                                     # [r, m]
+            rss0 = sq - (t * t / e[:, None]).sum(0)
+            out[c] = grid[int(torch.argmin(gcv_curve(e, t, rss0, self.rows, grid * scale[c])))] * scale[c]
+        return out

@@ -15,7 +15,9 @@ coordinates :math:`f_j = \Lambda^{-1/2} U^\top C_j` in an orthonormal basis of t
 :math:`\lVert P a_i - P a_j\rVert = \lVert f_i - f_j\rVert`; grouping runs on these :math:`f_j`.
 The weights of a fused neuron are the importance-weighted mean of its members' :math:`w_j`, which
 makes :math:`X w_c` the projection of the weighted cluster centre.  A ``ridge`` > 0 adds
-``ridge * mean(diag G)`` to the diagonal instead of truncating (Tikhonov regularisation).
+``ridge * mean(diag G)`` to the diagonal instead of truncating (Tikhonov regularisation, toward
+the prior), applied in the same eigenbasis; ``ridge="auto"`` chooses it by generalised
+cross-validation from these statistics alone (:mod:`neurofuse.approximation._ridge`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
+from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
@@ -119,6 +122,8 @@ class LinearSolution:
     cross: Optional[Tensor] = field(repr=False)  # [d, M] X^T A (None: shared inputs, see solve)
     prior: Optional[Tensor] = field(repr=False)  # [d, M] or None
     apply: Callable[[Tensor, Optional[Tensor]], Tensor] = field(repr=False)
+    #: condition, penalty and degrees of freedom of the fit (``None``: exact, shared inputs)
+    diagnostics: Optional[FitDiagnostics] = None
 
     @property
     def weights(self) -> Tensor:
@@ -402,26 +407,31 @@ class LinearStats(AdditiveStats):
         rank = min(self.rows, int((piv > cut * float(piv.max())).sum()))
         return LinearSolution(feats.T.contiguous(), residual, rank, None, prior, lambda c, p: p)  # type: ignore[arg-type,return-value]
 
-    def _eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row.
+    def _eigh(self) -> tuple[Tensor, Tensor, int]:
+        """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row,
+        and the number ``d'`` of the other inputs (the design's columns that are not all zero).
 
         An input that is exactly zero on the whole fusion set (a pixel that is always black, a
         neuron that never fires) has a zero row and column in :math:`G`: it spans an exact null
         direction, so the decomposition runs on the other inputs only (``[d, d']`` eigenvectors
-        with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.
+        with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.  With
+        fewer rows than those inputs the eigenpairs come from :math:`X X^\top` instead
+        (:meth:`_eigh_rows`: only the positive ones, all that the fit and GCV use).
         """
         x = self._kept_design()
-        if x is not None and x.shape[0] < int(x.ne(0).any(0).sum()):
-            return self._eigh_rows(x)
+        if x is not None:
+            columns = int(x.ne(0).any(0).sum())
+            if x.shape[0] < columns:
+                return (*self._eigh_rows(x), columns)
         g = self._gram()
         active = torch.diagonal(g) > 0
         if bool(active.all()) or not bool(active.any()):
-            return _eigh_dense(g)
+            return (*_eigh_dense(g), g.shape[0])
         idx = torch.nonzero(active).flatten()
         w, v = _eigh_dense(g[idx][:, idx])
         full = torch.zeros(g.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
         full[idx] = v
-        return w, full
+        return w, full, len(idx)
 
     def _eigh_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""The positive eigenpairs of :math:`G = X^\top X` from the kept design rows, with fewer
@@ -442,44 +452,74 @@ class LinearStats(AdditiveStats):
         return w, (x.T @ v).div_(torch.sqrt(w))
 
     @phase("solve")
-    def solve(self, rtol: float | None = None, ridge: float = 0.0,
+    def solve(self, rtol: float | None = None, ridge: "float | str" = 0.0,
               prior: Tensor | None = None) -> LinearSolution:
-        """Least-squares weights, image coordinates and residuals of every base neuron.
+        r"""Least-squares weights, image coordinates and residuals of every base neuron.
 
         Parameters
         ----------
         rtol : float, optional
             Singular values of :math:`X` below ``rtol`` times the largest are treated as zero, as
             in ``torch.linalg.pinv``; default :meth:`default_rtol`.
-        ridge : float
-            If > 0, Tikhonov regularisation instead of truncation.
+        ridge : float or "auto"
+            The penalty :math:`\lambda` of Tikhonov regularisation relative to
+            :math:`\overline{\mathrm{diag}}\,X^\top X` (the mean eigenvalue):
+            :math:`w_j = (X^\top X + \lambda I)^{-1} (X^\top a_j + \lambda p_j)`.  ``0`` is the
+            pseudo-inverse (truncated at ``rtol``); ``"auto"`` chooses :math:`\lambda` from
+            :data:`~neurofuse.approximation._ridge.PENALTY_GRID` (0 included) by generalised
+            cross-validation, one penalty for all the level's columns
+            (:mod:`neurofuse.approximation._ridge`).
         prior : Tensor, optional
-            ``[d, M]`` prior weights.  With truncation, the components of the solution in the null
-            space of :math:`X` (input directions the fusion set never excites) are taken from the
-            prior instead of being zero; the fitted values :math:`X w_j` do not change.  With a
-            ridge, the solution is shrunk towards the prior instead of towards zero.  Statistics
-            accumulated without :math:`X^\top A` (``LinearStats(cross=False)``, for a level whose
-            inputs the base models share) hold the exact solution :math:`w_j = p_j`: ``prior`` is
-            required and ``ridge`` must be 0 (:meth:`_solve_shared`).
+            ``[d, M]`` prior weights :math:`p_j`.  With truncation, the components of the
+            solution in the null space of :math:`X` (input directions the fusion set never
+            excites) are taken from the prior instead of being zero; the fitted values
+            :math:`X w_j` do not change.  With a ridge, the solution is shrunk towards the prior
+            instead of towards zero.  Statistics accumulated without :math:`X^\top A`
+            (``LinearStats(cross=False)``, for a level whose inputs the base models share) hold
+            the exact solution :math:`w_j = p_j`, whatever the ridge: ``prior`` is required
+            (:meth:`_solve_shared`).
         """
         if self.empty:
             raise ValueError("no statistics accumulated")
+        auto = isinstance(ridge, str)
+        if auto and ridge != "auto":
+            raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
         if not self.has_cross:
-            if ridge != 0:
-                raise ConfigError("statistics without X^T A (shared inputs) solve without a ridge")
             return self._solve_shared(prior)
         rtol = self.default_rtol() if rtol is None else rtol
-        if rtol <= 0 or ridge < 0:
-            raise ConfigError(f"need rtol > 0 and ridge >= 0, got rtol={rtol}, ridge={ridge}")
+        if rtol <= 0 or (not auto and not ridge >= 0):
+            raise ConfigError(f"need rtol > 0 and ridge >= 0 or 'auto', got rtol={rtol}, ridge={ridge}")
         # eigenvalues of X^T X are squared singular values of X; below ~d * eps(float64) they are
         # rounding noise of the accumulated Gram matrix, whatever rtol asks for
         d = self.gram.shape[0]
         cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
-        if ridge == 0:
-            evals, evecs = self._eigh()
-            keep = evals > cut * evals.max().clamp_min(1e-300)
-            lam, u = evals[keep], evecs[:, keep]
-            proj = u.T @ self.cross                       # [r, M]
+        evals, evecs, columns = self._eigh()
+        keep = evals > cut * evals.max().clamp_min(1e-300)
+        scale = float(evals.clamp_min(0.0).sum()) / d                    # mean(diag X^T X)
+        kept = evals[keep]
+        condition = float(torch.sqrt(kept.max() / kept.min())) if kept.numel() else float("inf")
+        penalty = 0.0 if auto else float(ridge)
+        u, e = evecs[:, keep], kept
+        if auto or penalty > 0:
+            # ridge regression of the residual targets a_j - X p_j (toward the prior), in the
+            # eigenbasis of the numerical rank (eigenvalues below the cut count as zero, as in
+            # the pseudo-inverse): t_j = U^T X^T (a_j - X p_j) = U^T c_j - E U^T p_j
+            if prior is None:
+                uc = t = u.T @ self.cross                                  # [r, M]
+            else:
+                uc, pu = (u.T @ torch.cat([self.cross, prior], 1)).split(self.cross.shape[1], 1)
+                t = uc - e[:, None] * pu
+        if auto:
+            r_sq = self.sq if prior is None else (
+                self.sq - 2.0 * (prior * self.cross).sum(0) + (e[:, None] * pu * pu).sum(0))
+            rss0 = r_sq - (t ** 2 / e[:, None]).sum(0)
+            grid = torch.tensor(PENALTY_GRID, dtype=evals.dtype, device=evals.device)
+            scores = gcv_curve(e, t, rss0, self.rows, grid * scale)
+            # the first minimum: among equal scores (a flat criterion), the smallest penalty
+            penalty = float(grid[int(torch.argmin(scores))])
+        if penalty == 0:
+            lam = kept
+            proj = uc.clone() if auto else u.T @ self.cross   # [r, M]
             # U Λ^{-1/2} U^T C: coordinates of P a_j (an isometry of the image), written back in
             # the input basis so that they do not depend on the eigenvectors' signs or on the
             # basis LAPACK picks inside a (near-)degenerate eigenspace; the grouping then sees the
@@ -487,6 +527,7 @@ class LinearStats(AdditiveStats):
             feats = u @ proj.div_(torch.sqrt(lam)[:, None])
             residual = self.sq - (feats * feats).sum(0)
             rank = int(keep.sum())
+            dof = float(rank)
 
             def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
                 w = u @ ((u.T @ c) / lam[:, None])            # (X^T X)^+ X^T A
@@ -494,19 +535,24 @@ class LinearStats(AdditiveStats):
                     w = w + p - u @ (u.T @ p)                 # null-space part from the prior
                 return w
         else:
-            self._flush()
-            eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
-            reg = self.gram + ridge * torch.diagonal(self.gram).mean() * eye
-            lam_bar = ridge * torch.diagonal(self.gram).mean()
+            inv = 1.0 / (e + penalty * scale)                 # (E + lambda I)^-1
 
             def apply(c: Tensor, p: Optional[Tensor]) -> Tensor:
-                return torch.linalg.solve(reg, c if p is None else c + lam_bar * p)
+                # p + U (E + lambda)^-1 U^T X^T (a - X p): shrunk toward the prior (toward zero
+                # without one); directions the fusion set does not excite keep the prior
+                if p is None:
+                    return u @ ((u.T @ c) * inv[:, None])
+                uc_, up_ = (u.T @ torch.cat([c, p], 1)).split(c.shape[1], 1)
+                return p + u @ ((uc_ - e[:, None] * up_) * inv[:, None])
 
-            weights = apply(self.cross, prior)
-            # X w_j is no longer an orthogonal projection: use the fitted values X w_j themselves
-            evals, evecs = self._eigh()
-            feats = evecs @ (torch.sqrt(evals.clamp_min(0.0))[:, None] * (evecs.T @ weights))
-            fitted = (weights * (self.gram @ weights)).sum(0)
-            residual = self.sq - 2.0 * (weights * self.cross).sum(0) + fitted
-            rank = int((evals > cut * evals.max().clamp_min(1e-300)).sum())
-        return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior, apply)
+            # X w_j is no longer an orthogonal projection: coordinates of the fitted values
+            # X w_j in an orthonormal basis of the image, E^{1/2} U^T w_j, written back in the
+            # input basis as in the pseudo-inverse path
+            y = t * inv[:, None] if prior is None else pu + t * inv[:, None]   # U^T w_j
+            feats = u @ (torch.sqrt(e)[:, None] * y)
+            residual = self.sq - 2.0 * (y * uc).sum(0) + (e[:, None] * y * y).sum(0)
+            rank = int(keep.sum())
+            dof = float((e / (e + penalty * scale)).sum())
+        diagnostics = FitDiagnostics(self.rows, columns, condition, penalty, dof)
+        return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior,
+                              apply, diagnostics)

@@ -136,7 +136,9 @@ def _setup(cfg: Dict[str, Any], alpha: float, epochs: int, data_dir: Optional[st
 
 def _cells(cfg: Dict[str, Any], backend: str, data_dir: Optional[str], alphas: Optional[List[float]],
            parts: tuple, inits: Optional[List[str]] = None) -> List[Tuple[str, FederatedConfig]]:
-    """Every cell's run, built (and so validated) before the first one starts."""
+    """Every cell's run, built (and so validated) before the first one starts.  The method runs
+    plain (``class_shares=False``, not :class:`FederatedConfig`'s default): the class-share
+    aggregations are rows of the config's ``compare``."""
     where = f"benchmark {cfg['name']!r}"
     cells = []
     for alpha in alphas or cfg["alphas"]:
@@ -146,7 +148,7 @@ def _cells(cfg: Dict[str, Any], backend: str, data_dir: Optional[str], alphas: O
                 fc = FederatedConfig(clients=_setup(cfg, alpha, cfg["epochs"], data_dir),
                                      method=os_cfg["method"], rounds=1,
                                      server_samples=int(cfg["server_samples"]), server_labels=False,
-                                     compare=tuple(os_cfg.get("compare", ())), backend=backend,
+                                     class_shares=False, compare=tuple(os_cfg.get("compare", ())), backend=backend,
                                      seed=int(cfg.get("seed", 0)), init=init)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: one_shot: {exc}") from None
@@ -157,7 +159,7 @@ def _cells(cfg: Dict[str, Any], backend: str, data_dir: Optional[str], alphas: O
                 fc = FederatedConfig(clients=_setup(cfg, alpha, mr["local_epochs"], data_dir),
                                      method=mr["method"], rounds=int(mr["rounds"]),
                                      server_samples=int(cfg["server_samples"]), server_labels=False,
-                                     backend=backend,
+                                     class_shares=False, backend=backend,
                                      seed=int(cfg.get("seed", 0)))
             except ConfigError as exc:
                 raise ConfigError(f"{where}: multi_round: {exc}") from None

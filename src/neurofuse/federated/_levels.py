@@ -118,6 +118,31 @@ def _send(grid: Any, nodes: Sequence[int], content: Callable[[int], RecordDict],
     return ok, sent, received
 
 
+def check_one_pass(fusion: Any, fused: Any) -> None:
+    """Refuse (``ConfigError``) models with a level that one round of level statistics does not
+    carry: one fitted layer by layer (a residual block, a depthwise convolution, a concatenation)
+    or stage by stage (a transformer level)."""
+    stepped = [lvl for lvl in range(fused.num_levels) if not fusion.one_pass(fused.levels[lvl])]
+    if stepped:
+        raise ConfigError(
+            f"level {stepped[0]} of these models is fitted one layer at a time (a residual block, a "
+            "depthwise convolution, a concatenation or a transformer block), which one round of level "
+            "statistics per level does not carry; fuse them where the fusion data is, or aggregate "
+            "with 'fedavg'")
+
+
+def check_statistics_fusion(models: Sequence[nn.Module], method: str, importance: str = "uniform",
+                            options: Optional[Mapping[str, Any]] = None) -> None:
+    """What :func:`fuse_by_levels` checks before its first query, without a query: a method with
+    no statistics protocol or models it cannot carry raise ``ConfigError``."""
+    cls = _method(method)
+    opts = dict(options or {})
+    width = opts.pop("width", None)
+    fusion: Any = cls(importance=importance, width=width, progress=False, **opts)
+    _, fused, _ = fusion.setup(fusion.Run(fusion, [m.cpu().eval() for m in models], None))
+    check_one_pass(fusion, fused)
+
+
 def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module], method: str = "kf-linear",
                    importance: str = "uniform", seed: int = 0, options: Optional[Mapping[str, Any]] = None,
                    timeout: Optional[float] = None, round_tag: str = "") -> "tuple[nn.Module, Dict[str, Any]]":
@@ -154,12 +179,7 @@ def fuse_by_levels(grid: Any, nodes: Sequence[int], models: Sequence[nn.Module],
     models = [m.cpu().eval() for m in models]
     run = fusion.Run(fusion, models, None)
     nets, fused, widths = fusion.setup(run)
-    stepped = [lvl for lvl in range(fused.num_levels) if not fusion.one_pass(fused.levels[lvl])]
-    if stepped:
-        raise ConfigError(
-            f"level {stepped[0]} of these models is fitted one layer at a time (a residual block, a "
-            "depthwise convolution or a concatenation), which one round of level statistics per "
-            "level does not carry; fuse them where the fusion data is, or aggregate with 'fedavg'")
+    check_one_pass(fusion, fused)
     base = _base_content(models, method, importance, {**opts, **({"width": width} if width is not None else {})})
     cost = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0}
 

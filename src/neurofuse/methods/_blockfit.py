@@ -41,6 +41,15 @@ head                      LayerNorm's affine folded into the (pooler and) classi
 A plain level that heads a stream (timm's patch convolution) is fitted by the usual closed form
 with the stream's grouping.  The groupings of the inner spaces (heads, MLP hidden neurons, the
 pooler) are not level outputs, so they use uniform importance.
+
+Every least-squares fit above solves with the method's ``rtol``, ``ridge`` and ``prior`` options
+(:meth:`~neurofuse.approximation.LinearStats.solve`): with ``ridge="auto"`` (the default) each
+projection's penalty is chosen by generalised cross-validation from its own statistics, a row
+being one token of one sample (:mod:`neurofuse.approximation._ridge`).  The per-neuron LayerNorm
+fits (one slope and intercept per neuron, :class:`~neurofuse.approximation.NeuronRegression`) are
+one-dimensional and keep their own rule: slope 0 where the input does not vary.  The level's
+report lists every fit's penalty and condition number (``penalties``, ``conditions``); unlike a
+plain level's, they raise no warning.
 """
 
 from __future__ import annotations
@@ -256,6 +265,8 @@ class TransformerFit:
         self.heads = heads
         self.streams: Dict[int, StreamGrouping] = {}
         self.tw = self._token_weights()
+        #: the diagnostics of the current level's least-squares fits (:meth:`_solve`)
+        self._fits: List[Any] = []
 
     def _token_weights(self) -> Optional[Tensor]:
         r"""Weights of the token rows in every fit: when the head reads token 0 alone (a CLS
@@ -375,6 +386,7 @@ class TransformerFit:
                 xb[i].append(x.transpose(0, 1) if spec.seq_first else x)
         stages, bstages = _batch_first(spec), [_batch_first(s) for s in bspecs]  # type: ignore[arg-type]
         info: Dict[str, Any] = {"level": level, "stages": [type(s).__name__ for s in stages]}
+        self._fits = []
         for si, st in enumerate(stages):
             bst = [s[si] for s in bstages]
             if isinstance(st, Embed):
@@ -398,6 +410,9 @@ class TransformerFit:
                 if group is not None:  # how far the fused stream is from its targets after the stage
                     info.setdefault("stream_error", []).append(_relative_error(
                         xf, [group.target([v[j] for v in xb]) for j in range(len(xf))]))
+        # per least-squares fit, in order: the ridge chosen (relative) and the condition number
+        info["penalties"] = [f.penalty for f in self._fits]
+        info["conditions"] = [f.condition for f in self._fits]
         self.run.report.append(info)
         if group is not None:
             self.run.prev_labels = np.split(group.grouping.labels, np.cumsum(group.widths)[:-1])
@@ -412,11 +427,15 @@ class TransformerFit:
 
     # -- least squares helpers --------------------------------------------------------------
     def _solve(self, stats: LinearStats, prior: Optional[Tensor] = None) -> Any:
-        """The least-squares solution; input directions the fusion set does not excite keep the
-        base models' weights (``prior``, when the method's ``prior`` option is on)."""
+        """The least-squares solution with the method's ``rtol`` and ``ridge`` (``"auto"``: GCV on
+        these statistics); input directions the fusion set does not excite keep the base models'
+        weights (``prior``, when the method's ``prior`` option is on)."""
         opts = self.method.options
-        return self.method.reduce(stats).solve(opts.rtol, opts.ridge, prior.to(self.device) if (
+        sol = self.method.reduce(stats).solve(opts.rtol, opts.ridge, prior.to(self.device) if (
             prior is not None and opts.prior) else None)
+        if sol.diagnostics is not None:
+            self._fits.append(sol.diagnostics)
+        return sol
 
     def _group_inner(self, feats: Tensor, widths: Sequence[int], k: int, level: int) -> Grouping:
         """Group inner neurons (not a level output: uniform importance)."""

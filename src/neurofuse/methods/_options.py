@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .._validate import is_int, is_number
 from ..errors import ConfigError
 
-__all__ = ["COMMON_OPTIONS", "AnyOf", "Anything", "Boolean", "Constraint", "Interval", "MethodOptions", "NoOptions", "OneOf", "Optional_",
-           "check_options", "check_value", "option"]
+__all__ = ["COMMON_OPTIONS", "AnyOf", "Anything", "Boolean", "Constraint", "Interval", "MethodOptions", "NoOptions",
+           "OneOf", "Optional_", "check_options", "check_value", "option"]
 
 
 class Constraint:
@@ -79,6 +79,8 @@ class OneOf(Constraint):
             type(value) is type(c) and value == c for c in self.choices)
 
     def describe(self) -> str:
+        if len(self.choices) == 1:
+            return repr(self.choices[0])
         return "one of " + ", ".join(repr(c) for c in self.choices)
 
 
@@ -90,19 +92,6 @@ class Boolean(Constraint):
 
     def describe(self) -> str:
         return "true or false"
-
-
-class AnyOf(Constraint):
-    """A value of any of the given constraints (``AnyOf(OneOf("auto"), Interval(int, 0))``)."""
-
-    def __init__(self, *constraints: Constraint) -> None:
-        self.constraints: Tuple[Constraint, ...] = constraints
-
-    def check(self, value: Any) -> bool:
-        return any(c.check(value) for c in self.constraints)
-
-    def describe(self) -> str:
-        return " or ".join(c.describe() for c in self.constraints)
 
 
 class Anything(Constraint):
@@ -131,6 +120,20 @@ class Optional_(Constraint):
 
     def describe(self) -> str:
         return f"null or {self.inner.describe()}"
+
+
+class AnyOf(Constraint):
+    """A value of any of the given constraints (``AnyOf(OneOf("auto"), Interval(float, 0))``:
+    ``"auto"`` or a number >= 0)."""
+
+    def __init__(self, *alternatives: Constraint) -> None:
+        self.alternatives: Tuple[Constraint, ...] = alternatives
+
+    def check(self, value: Any) -> bool:
+        return any(c.check(value) for c in self.alternatives)
+
+    def describe(self) -> str:
+        return " or ".join(c.describe() for c in self.alternatives)
 
 
 def option(default: Any, constraint: Constraint) -> Any:
