@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "OutputExistsError",
+    "MemoryBudgetError",
 ]
 
 
@@ -39,3 +40,8 @@ class CheckpointError(NeurofuseError):
 
 class OutputExistsError(NeurofuseError):
     """An output path exists and would be overwritten (pass ``force=True`` / ``--force``)."""
+
+
+class MemoryBudgetError(ConfigError):
+    """A fusion's estimated working set exceeds ``memory_budget`` (or the machine's available
+    memory); raised before any work on the fusion set, with the estimate."""

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._fusion_set import FusionSet, as_fusion_set
+from ._phases import phase
 from .errors import ConfigError, IncompatibleModelsError
 from .levels import DEFAULT_MEMORY_BUDGET, LeveledNet, LevelStream, check_same_levels, flatten_neurons
 from .levels._transformer import describe as describe_transformer
@@ -257,6 +258,7 @@ def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, l
     return changed
 
 
+@phase("repair")
 def repair(fused: nn.Module, models: Sequence[nn.Module], data: Any, *, rescale: bool = True,
            correspondences: Optional[Sequence[Optional[Correspondence]]] = None, batch_size: int = 256,
            memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET,

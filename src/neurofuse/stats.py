@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Type, TypeVar
 import torch
 from torch import Tensor
 
+from ._phases import phase
+
 __all__ = [
     "AdditiveStats",
     "CrossMoments",
@@ -140,6 +142,7 @@ class MomentStats(AdditiveStats):
 
     fields = ("count", "total", "sq")
 
+    @phase("statistics")
     def update(self, a: Tensor) -> None:
         a = a.double()
         self._add(count=torch.tensor(float(a.shape[0]), dtype=torch.float64, device=a.device),
@@ -163,6 +166,7 @@ class CrossMoments(AdditiveStats):
 
     fields = ("count", "sa", "sb", "aa", "bb", "ab")
 
+    @phase("statistics")
     def update(self, a: Tensor, b: Tensor) -> None:
         a, b = a.double(), b.double()
         self._add(count=torch.tensor(float(a.shape[0]), dtype=torch.float64, device=a.device),

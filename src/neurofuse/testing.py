@@ -1,16 +1,20 @@
-"""Helpers for tests and self-checks (as ``captum.testing``): function-preserving permutations."""
+"""Helpers for tests and self-checks (as ``captum.testing``): function-preserving permutations,
+a log of the operations that copy tensors to the host."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .levels import LeveledNet
 
-__all__ = ["permute_hidden", "permute_spaces"]
+__all__ = ["HostTransfers", "Transfer", "permute_hidden", "permute_spaces"]
 
 
 def permute_hidden(model: LeveledNet, seed: int = 0,
@@ -103,3 +107,82 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
             maps[sp.name] = _perm_map(perm)
         out.levels[lvl].load_state_dict(align_level(model.levels[lvl], lay, lvl, maps))  # type: ignore[arg-type]
     return out
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One operation that brought a tensor's values to the host (see :class:`HostTransfers`)."""
+
+    op: str                  # "cpu", "numpy", "tolist", "__array__", "to"
+    shape: Tuple[int, ...]
+    dtype: str
+    where: str               # "module:function:line" of the innermost neurofuse frame
+
+
+class HostTransfers(TorchFunctionMode):
+    """Records every operation that moves a tensor's values to the host while active.
+
+    Host requests are ``.cpu()``, ``.numpy()``, ``.tolist()``, ``numpy.asarray(t)`` and
+    ``.to(...)`` towards the CPU; scalar reads (``.item()``, ``float(t)``, ``bool(t)``...) are
+    synchronisations and only counted (:attr:`syncs`).  On a GPU every such call on a device
+    tensor is a copy over the bus.  On a CPU-only machine fuse with ``device="cpu:0"``: a
+    ``.to(fusion_device)`` then names ``cpu:0`` while a request for the host names ``cpu``,
+    so the code paths that would copy to the host on a GPU are found without one.
+
+    >>> with HostTransfers() as log:                                   # doctest: +SKIP
+    ...     neurofuse.fuse(models, data, device="cpu:0")
+    >>> [t for t in log.transfers if len(t.shape) >= 2]                # doctest: +SKIP
+    []
+    """
+
+    HOST_OPS = frozenset({"cpu", "numpy", "tolist", "__array__"})
+    SCALAR_OPS = frozenset({"item", "__float__", "__int__", "__bool__", "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfers: List[Transfer] = []
+        self.syncs = 0
+
+    @staticmethod
+    def _host_target(t: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether ``t.to(*args, **kwargs)`` asks for the host: a device tensor moved to the CPU,
+        or, on a CPU-only machine, an explicit ``"cpu"`` (``.to(u.device)`` of a CPU tensor
+        ``u`` cannot be told apart from a move to the fusion device there and is not counted)."""
+        target = kwargs.get("device")
+        if target is None:
+            target = next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
+        if target is None:
+            return False
+        try:
+            dev = torch.device(target)
+        except (RuntimeError, TypeError):
+            return False
+        if dev.type != "cpu":
+            return False
+        return t.device.type != "cpu" or (isinstance(target, str) and dev.index is None)
+
+    @staticmethod
+    def _where() -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            mod = frame.f_globals.get("__name__", "")
+            if mod.startswith("neurofuse") and mod != __name__:
+                return f"{mod}:{frame.f_code.co_name}:{frame.f_lineno}"
+            frame = frame.f_back
+        return "?"
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if args and isinstance(args[0], torch.Tensor):
+            t = args[0]
+            if name in self.HOST_OPS or (name == "to" and self._host_target(t, args, kwargs)):
+                self.transfers.append(Transfer(name, tuple(t.shape), str(t.dtype), self._where()))
+            elif name in self.SCALAR_OPS:
+                self.syncs += 1
+        return func(*args, **kwargs)
+
+    def matrices(self, allowed: Sequence[str] = ()) -> List[Transfer]:
+        """Transfers of tensors of two or more dimensions, except where ``where`` contains one of
+        ``allowed`` (e.g. a CPU-only solver's input)."""
+        return [t for t in self.transfers if len(t.shape) >= 2 and not any(a in t.where for a in allowed)]

@@ -142,3 +142,38 @@ def test_kept_rows_are_exact_grouping_coordinates_and_the_gram_matrix_is_formed_
     full = LinearStats(cross=False)
     full.update(more, more @ p)
     assert torch.allclose(big.state()["gram"], full.state()["gram"], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.5, "auto"])
+def test_fewer_rows_than_inputs_solve_through_the_row_gram_like_the_input_gram(ridge):
+    """With n < d kept rows the eigenpairs come from X Xᵀ (n x n); the solution, features,
+    residuals, rank, group means and, with ridge="auto", the penalty GCV chooses (from the
+    eigenvalues of XᵀX: the nonzero ones of X Xᵀ) and the diagnostics are those of the d x d
+    Gram matrix."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 70, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:, :3], torch.zeros(40, 2, dtype=torch.float64)], 1)   # 75 inputs
+    a = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    prior = torch.randn(75, 9, generator=g, dtype=torch.float64)
+    dual = _stream(x, a, 16)
+    primal = LinearStats.from_state(_stream(x, a, 16).state())   # sums only: the d x d path
+    assert dual.gram.stride() == (0, 0)                     # not formed yet
+    s_dual, s_primal = dual.solve(ridge=ridge, prior=prior), primal.solve(ridge=ridge, prior=prior)
+    assert dual.gram.stride() == (0, 0)                     # no d x d Gram matrix, ridge or not
+    assert s_dual.rank == s_primal.rank == 40
+    assert s_dual.diagnostics is not None and s_primal.diagnostics is not None
+    assert s_dual.diagnostics.penalty == s_primal.diagnostics.penalty
+    assert s_dual.diagnostics.columns == s_primal.diagnostics.columns == 73   # two inputs never fire
+    assert s_dual.diagnostics.dof == pytest.approx(s_primal.diagnostics.dof, rel=1e-9)
+    assert s_dual.diagnostics.condition == pytest.approx(s_primal.diagnostics.condition, rel=1e-6)
+    for name in ("features", "residual", "weights"):
+        # with a ridge the d x d path adds sqrt(rounding-size eigenvalue) of the null directions
+        tol = 1e-5 if ridge != 0.0 and name == "features" else 1e-8
+        assert torch.allclose(getattr(s_dual, name), getattr(s_primal, name), atol=tol), name
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    assert torch.allclose(s_dual.combine(w, labels, 3), s_primal.combine(w, labels, 3), atol=1e-8)
+    assert torch.allclose(primal.gram, x.T @ x)
+    assert torch.allclose(dual.state()["gram"], x.T @ x)    # formed when it is asked for
+    again = dual.solve(ridge=ridge, prior=prior)            # and the rows still solve
+    assert torch.allclose(again.features, s_dual.features, atol=1e-12)

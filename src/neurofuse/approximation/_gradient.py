@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._loop import EpochEnd, run_epochs
+from .._phases import phase
 from .._validate import is_int as _is_int
 from .._validate import is_number as _is_num
 from ..errors import ConfigError, IncompatibleModelsError
@@ -246,6 +247,7 @@ def _mean_loss(level: nn.Module, x: Tensor, t: Tensor, loss_fn: LossFn, bs: int)
     return total / max(n, 1)
 
 
+@phase("solve")
 def fit_level(level: nn.Module, inputs: Tensor, targets: Tensor, cfg: LevelConfig,
               loss_fn: Optional[LossFn] = None, *, seed: int = 0, progress: bool = False,
               desc: str = "level") -> Dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
 from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
@@ -36,6 +37,7 @@ from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
 
+@phase("statistics")
 def design_matrix(affine: nn.Module, u: Tensor) -> Tensor:
     """Rows of inputs that ``affine`` (Linear or Conv2d) maps to its output rows, with a ones
     column appended when it has a bias.  Conv rows are ordered (sample, h, w), as
@@ -128,6 +130,7 @@ class LinearSolution:
         """``[d, M]`` least-squares weights :math:`w_j` of each base neuron (float64)."""
         return self.apply(self.cross, self.prior)
 
+    @phase("solve")
     def combine(self, weights: Tensor, labels: Tensor, k: int) -> Tensor:
         r"""``[d, k]`` weighted means :math:`\sum_{j \in c} s_j w_j / \sum_{j \in c} s_j` of
         the groups' least-squares weights (zeros for an empty group).
@@ -156,24 +159,28 @@ class LinearSolution:
                           None if self.prior is None else mean(self.prior))
 
 
+@phase("eigh")
 def _eigh_dense(g: Tensor) -> tuple[Tensor, Tensor]:
-    try:
-        if g.device.type != "cpu":
-            return torch.linalg.eigh(g)
-        # torch's multi-threaded CPU eigh slows down 10-20x as soon as another process competes
-        # for the cores (measured: d=2305 took 40 s on 2 threads, 2.3 s on 1); one thread is at
-        # worst ~2x slower on an idle machine.  See benchmarks/eigh_threads.py.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    if g.device.type != "cpu":
         try:
             return torch.linalg.eigh(g)
-        finally:
-            torch.set_num_threads(threads)
-    except RuntimeError:  # LAPACK syevd did not converge: fall back to the slower, robust driver
-        import scipy.linalg
+        except RuntimeError:  # syevd did not converge: the robust driver below, on the host
+            pass
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
-        w, v = scipy.linalg.eigh(g.cpu().numpy(), driver="evr")
-        return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
+    # On the CPU: scipy's LAPACK dsyevd on one BLAS thread.  One thread, because a multi-threaded
+    # eigh slows down 10-20x as soon as another process competes for the cores (d=2305: 40 s on
+    # 2 threads, 2.3 s on 1; at worst ~2x slower on an idle machine); scipy's, because on one
+    # thread it took 2.1 s against torch's 3.7 s at d = 2,305 and 19 s against 28 s at d = 4,609
+    # (benchmarks/eigh_threads.py --backends).
+    a = g.detach().cpu().numpy()
+    with threadpool_limits(limits=1, user_api="blas"):
+        try:
+            w, v = scipy.linalg.eigh(a, driver="evd", check_finite=False)
+        except (scipy.linalg.LinAlgError, ValueError):  # not converged: the slower, robust driver
+            w, v = scipy.linalg.eigh(a, driver="evr", check_finite=False)
+    return torch.from_numpy(w).to(g.device), torch.from_numpy(v).to(g.device)
 
 
 class LinearStats(AdditiveStats):
@@ -208,8 +215,10 @@ class LinearStats(AdditiveStats):
             self.fields = ("count", "gram", "sq")
         super().__init__()
         self._rows_wanted = bool(rows and not cross)
-        #: kept (x, a) row blocks (``None``: not kept); the first ``_in_gram`` are in ``gram``
-        self._rows: Optional[list] = [] if self._rows_wanted else None
+        #: kept (x, a) row blocks (``None``: not kept); the first ``_in_gram`` are in ``gram``.
+        #: With ``cross`` only the design rows are kept (``a`` is ``None``), while there are at
+        #: most ``d`` of them: the eigenpairs then come from the smaller ``X Xᵀ`` (see :meth:`_eigh`)
+        self._rows: Optional[list] = [] if (self._rows_wanted or cross) else None
         self._in_gram = 0
 
     @classmethod
@@ -226,6 +235,7 @@ class LinearStats(AdditiveStats):
         """Rows of the design matrix seen so far."""
         return 0 if self.count is None else int(self.count)
 
+    @phase("statistics")
     def update(self, x: Tensor, a: Tensor) -> None:
         if x.shape[0] != a.shape[0]:
             raise IncompatibleModelsError(
@@ -236,21 +246,26 @@ class LinearStats(AdditiveStats):
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
                   sq=(a.double() ** 2).sum(0))
         if self._rows is not None and self.rows <= x.shape[1]:
-            # the Gram matrix is formed only if it is asked for (state, merge, a larger set)
-            self._rows.append((x, a.detach().float()))
+            # the Gram matrix is formed only if it is asked for (state, merge, a larger set);
+            # until then it is a zero placeholder of its shape that holds no memory
+            self._rows.append((x, None if self.has_cross else a.detach().float()))
             if self.gram is None:
-                self._sums["gram"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64,
-                                                 device=x.device)
+                self._sums["gram"] = x.new_zeros(1).expand(x.shape[1], x.shape[1])
+            if self.has_cross:
+                self._add_product("cross", x.T, a)
             return
         self._drop_rows()
         self._add_product("gram", x.T, x)
         if self.has_cross:
             self._add_product("cross", x.T, a)
 
+    @phase("statistics")
     def _flush(self) -> None:
         """Add the kept design rows not yet in ``gram`` to it."""
         if self._rows and self._in_gram < len(self._rows):
             x = torch.cat([xb for xb, _ in self._rows[self._in_gram:]], 0)
+            if self.gram is not None and self.gram.stride() == (0, 0):   # the placeholder
+                self._sums["gram"] = torch.zeros(self.gram.shape, dtype=x.dtype, device=x.device)
             self._add_product("gram", x.T, x)
             self._in_gram = len(self._rows)
 
@@ -262,9 +277,15 @@ class LinearStats(AdditiveStats):
     @property
     def kept_rows(self) -> Optional[Tensor]:
         """``[n, M]`` the base outputs kept with ``rows=True`` (``None``: not kept or too many)."""
-        if not self._rows:
+        if not self._rows or self.has_cross:
             return None
         return torch.cat([ab for _, ab in self._rows], 0)
+
+    def _kept_design(self) -> Optional[Tensor]:
+        """``[n, d]`` every design row seen, when all were kept (with ``cross``; else ``None``)."""
+        if not self.has_cross or not self._rows or sum(xb.shape[0] for xb, _ in self._rows) != self.rows:
+            return None
+        return torch.cat([xb for xb, _ in self._rows], 0)
 
     def state(self) -> dict:
         self._flush()
@@ -287,13 +308,14 @@ class LinearStats(AdditiveStats):
         return self
 
     def all_reduce(self, group: Any = None) -> "LinearStats":
-        """Sum over the processes of ``group``; kept rows are gathered in rank order when every
-        process kept them and the union has at most ``d`` rows (otherwise none are kept)."""
+        """Sum over the processes of ``group``; kept rows (base outputs, or with ``cross`` the
+        design rows) are gathered in rank order when every process kept them and the union has
+        at most ``d`` rows (otherwise none are kept), so the ranks solve like one process."""
         import torch.distributed as dist
 
         self._flush()
-        if self._rows_wanted and self.gram is not None:   # every rank takes this branch alike
-            a = self.kept_rows
+        if (self._rows_wanted or self.has_cross) and self.gram is not None:   # alike on every rank
+            a = self._kept_design() if self.has_cross else self.kept_rows
             info = torch.tensor([-1.0 if a is None else float(a.shape[0]), float(self.gram.shape[0])],
                                 dtype=torch.float64, device=self.gram.device)
             sizes = [torch.zeros_like(info) for _ in range(dist.get_world_size(group))]
@@ -306,7 +328,7 @@ class LinearStats(AdditiveStats):
                 pad[:a.shape[0]] = a
                 parts = [torch.empty_like(pad) for _ in counts]
                 dist.all_gather(parts, pad, group=group)
-                self._rows = [(None, p[:c]) for p, c in zip(parts, counts)]
+                self._rows = [(p[:c], None) if self.has_cross else (None, p[:c]) for p, c in zip(parts, counts)]
                 self._in_gram = len(self._rows)
         super().all_reduce(group)
         return self
@@ -385,24 +407,51 @@ class LinearStats(AdditiveStats):
         rank = min(self.rows, int((piv > cut * float(piv.max())).sum()))
         return LinearSolution(feats.T.contiguous(), residual, rank, None, prior, lambda c, p: p)  # type: ignore[arg-type,return-value]
 
-    def _eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row.
+    def _eigh(self) -> tuple[Tensor, Tensor, int]:
+        """Eigenpairs of the Gram matrix, less those of the inputs that are zero on every row,
+        and the number ``d'`` of the other inputs (the design's columns that are not all zero).
 
         An input that is exactly zero on the whole fusion set (a pixel that is always black, a
         neuron that never fires) has a zero row and column in :math:`G`: it spans an exact null
         direction, so the decomposition runs on the other inputs only (``[d, d']`` eigenvectors
-        with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.
+        with zero rows there) — the same pseudo-inverse, at :math:`(d'/d)^3` of the cost.  With
+        fewer rows than those inputs the eigenpairs come from :math:`X X^\top` instead
+        (:meth:`_eigh_rows`: only the positive ones, all that the fit and GCV use).
         """
+        x = self._kept_design()
+        if x is not None:
+            columns = int(x.ne(0).any(0).sum())
+            if x.shape[0] < columns:
+                return (*self._eigh_rows(x), columns)
         g = self._gram()
         active = torch.diagonal(g) > 0
         if bool(active.all()) or not bool(active.any()):
-            return _eigh_dense(g)
+            return (*_eigh_dense(g), g.shape[0])
         idx = torch.nonzero(active).flatten()
         w, v = _eigh_dense(g[idx][:, idx])
         full = torch.zeros(g.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
         full[idx] = v
-        return w, full
+        return w, full, len(idx)
 
+    def _eigh_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The positive eigenpairs of :math:`G = X^\top X` from the kept design rows, with fewer
+        rows than active inputs (:math:`n < d'`): :math:`X X^\top = V \Lambda V^\top` has the same
+        positive eigenvalues and :math:`U = X^\top V \Lambda^{-1/2}` the eigenvectors, at
+        :math:`n^2 d + n^3` instead of :math:`n d^2 + d'^3` (a conv level late in a network: 1,600
+        rows of 4,609 inputs in VGG11 at 32x32 with 400 samples).  The zero eigenvalues are left
+        out: every use of the eigenpairs cuts them."""
+        if not bool(torch.isfinite(x).all()):
+            raise IncompatibleModelsError(
+                "the fused model's previous level produced NaN or infinite outputs; try a larger "
+                "rtol or a ridge (options rtol=..., ridge=...)"
+            )
+        k = x @ x.T
+        w, v = _eigh_dense(0.5 * (k + k.T))
+        pos = w > 0
+        w, v = w[pos], v[:, pos]
+        return w, (x.T @ v).div_(torch.sqrt(w))
+
+    @phase("solve")
     def solve(self, rtol: float | None = None, ridge: "float | str" = 0.0,
               prior: Tensor | None = None) -> LinearSolution:
         r"""Least-squares weights, image coordinates and residuals of every base neuron.
@@ -444,7 +493,7 @@ class LinearStats(AdditiveStats):
         # rounding noise of the accumulated Gram matrix, whatever rtol asks for
         d = self.gram.shape[0]
         cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
-        evals, evecs = self._eigh()
+        evals, evecs, columns = self._eigh()
         keep = evals > cut * evals.max().clamp_min(1e-300)
         scale = float(evals.clamp_min(0.0).sum()) / d                    # mean(diag X^T X)
         kept = evals[keep]
@@ -504,6 +553,6 @@ class LinearStats(AdditiveStats):
             residual = self.sq - 2.0 * (y * uc).sum(0) + (e[:, None] * y * y).sum(0)
             rank = int(keep.sum())
             dof = float((e / (e + penalty * scale)).sum())
-        diagnostics = FitDiagnostics(self.rows, int(evals.numel()), condition, penalty, dof)
+        diagnostics = FitDiagnostics(self.rows, columns, condition, penalty, dof)
         return LinearSolution(feats.T.contiguous(), residual.clamp_min(0.0), rank, self.cross, prior,
                               apply, diagnostics)

@@ -7,6 +7,7 @@ from ._core import (
     hungarian_grouping,
     identity_grouping,
     kmeans_grouping,
+    kmeans_memory,
     output_weights,
     weighted_kmeans,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",
+    "kmeans_memory",
     "output_weights",
     "representation_cost",
     "weight_matching",

@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .._phases import phase
 from ._correspondence import Correspondence
 from ..errors import ConfigError, IncompatibleModelsError
 
@@ -34,6 +35,7 @@ __all__ = [
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",
+    "kmeans_memory",
     "output_weights",
     "weighted_kmeans",
 ]
@@ -157,13 +159,16 @@ def output_weights(n_models: int, n_classes: int, class_weights: Optional[ArrayL
     return w / w.sum(0)
 
 
-def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence[int]) -> Grouping:
+@phase("grouping")
+def hungarian_grouping(points: ArrayLike, weights: np.ndarray, widths: Sequence[int]) -> Grouping:
     r"""Optimal one-to-one matching of two equal-width models (Hungarian Fusion, appendix B.1).
 
     The cost of pairing neuron :math:`i` of model 0 with neuron :math:`j` of model 1 is their
     grouping error around the weighted centre,
     :math:`\frac{s_i s_j}{s_i + s_j}\lVert f_i - f_j\rVert^2`, and
-    ``scipy.optimize.linear_sum_assignment`` minimises its sum exactly (Kuhn 1955).
+    ``scipy.optimize.linear_sum_assignment`` minimises its sum exactly (Kuhn 1955).  ``points``
+    may be a Tensor: the distances are computed on its device (float64) and only the
+    ``[k, k]`` cost matrix goes to the host for the solver.
     """
     if len(widths) != 2:
         raise IncompatibleModelsError(
@@ -178,8 +183,11 @@ def hungarian_grouping(points: np.ndarray, weights: np.ndarray, widths: Sequence
         )
     a, b = points[:n0], points[n0:]
     sa, sb = weights[:n0], weights[n0:]
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    sq = np.maximum(sq, 0.0)
+    if isinstance(points, Tensor):
+        a, b = a.double(), b.double()
+        sq = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min_(0.0).cpu().numpy()
+    else:
+        sq = np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
     cost = (sa[:, None] * sb[None, :]) / (sa[:, None] + sb[None, :]) * sq
     rows, cols = linear_sum_assignment(cost)
     labels = np.empty(n0 + n1, dtype=np.int64)
@@ -313,9 +321,12 @@ def _dist_rows(space: _Space, st: _State, rows: Tensor, out: Tensor) -> Tensor:
     r"""Squared distances :math:`\lVert x_j\rVert^2 - 2\langle x_j, S_c\rangle/W_c +
     \lVert S_c\rVert^2/W_c^2` of every point to the centres of the clusters ``rows``, written to
     the first rows of ``out`` (returned)."""
-    o = torch.index_select(st.inner, 0, rows, out=out[:rows.shape[0]])
+    n = rows.shape[0]
+    o = out[:n]
     wt = st.weight[rows].clamp_min(torch.finfo(o.dtype).tiny)
-    o.mul_((-2.0 / wt)[:, None]).add_(space.p2[None, :])
+    # three passes over the [n, M] block: p2 - 2 <x, S_c> / W_c (one addcmul), + |S_c|^2 / W_c^2, clamp
+    inner = st.inner if n == st.inner.shape[0] else torch.index_select(st.inner, 0, rows, out=o)
+    torch.addcmul(space.p2[None, :], inner, (-2.0 / wt)[:, None], out=o)
     return o.add_((st.sqnorm[rows] / (wt * wt))[:, None]).clamp_min_(0.0)
 
 
@@ -451,7 +462,8 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
     r, m = st.labels.shape
     dist = _dist_rows(space, st, torch.arange(r * k, device=st.labels.device), wk.mat)
     dv = dist.view(r, k, m)
-    bound = dv.amin(1)                                                    # [R, M]
+    # after every full recomputation the bound is the exact minimum and its place is known
+    bound, closest = dv.min(1)                                            # [R, M]
     active = torch.ones(r, dtype=torch.bool, device=bound.device)
     prev = _costs(space, st, k) if tol > 0 else None
     for _ in range(1, max_iter):
@@ -459,8 +471,11 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
         rr, jj = torch.nonzero((bound < own - space.res) & active[:, None], as_tuple=True)
         if rr.numel() == 0:
             break
-        best, new = _column_min(dv, rr, jj)
-        bound[rr, jj] = best
+        if closest is not None:
+            best, new = bound[rr, jj], closest[rr, jj]
+        else:
+            best, new = _column_min(dv, rr, jj)
+            bound[rr, jj] = best
         mv = best < own[rr, jj] - space.res
         rr, jj, new = rr[mv], jj[mv], new[mv]
         if rr.numel() == 0:
@@ -474,11 +489,11 @@ def _lloyd(space: _Space, st: _State, wk: _Work, k: int, max_iter: int, tol: flo
         changed = _move(space, st, rr, jj, new, k, wk.tmp)
         if 2 * changed.shape[0] > r * k:   # most rows changed: recompute them all in place
             _dist_rows(space, st, torch.arange(r * k, device=changed.device), wk.mat)
-            bound = torch.minimum(bound, dv.amin(1))
+            bound, closest = dv.min(1)
         else:
             rows = _dist_rows(space, st, changed, wk.rows)
             dist.index_copy_(0, changed, rows)
-            bound = _lower(bound, rows, changed // k)
+            bound, closest = _lower(bound, rows, changed // k), None
         if prev is not None:
             cost = _costs(space, st, k)
             active &= ~(prev - cost <= tol * prev)
@@ -698,6 +713,18 @@ def _exact_costs(space: _Space, labels: Tensor, k: int) -> Tensor:
     return torch.stack(out)
 
 
+def kmeans_memory(m: int, dims: int, k: int) -> int:
+    """Bytes :func:`weighted_kmeans` holds for ``m`` float32 points of ``dims`` coordinates and
+    ``k`` clusters: the points and their weighted copy, the Gram and distance tables when they fit
+    ``_GRAM_BYTES``, one batch of restarts' scratch rows (``[R * k, M]``) and centres."""
+    f32 = 4
+    gram = 2 * m * m * f32 if 2 * m * m * f32 <= _GRAM_BYTES else 0
+    per_run = (4 * f32 + 1) * k * m
+    runs = min(_CPU_BATCH, max(1, _BATCH_BYTES // per_run))
+    return 3 * m * dims * f32 + gram + runs * per_run + runs * k * dims * f32 * 2
+
+
+@phase("grouping")
 def weighted_kmeans(points: ArrayLike, weights: ArrayLike, k: int, *, init: Optional[ArrayLike] = None,
                     n_init: int = 10, max_iter: int = 300, tol: float = 0.0, seed: int = 0,
                     refine: bool = True) -> Tuple[ArrayLike, ArrayLike, float]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._fusion_set import FusionSet, as_fusion_set
+from .._phases import phase
 from .._registry import Registry
 from ..errors import DataError
 from ..levels import LeveledNet
@@ -208,6 +209,7 @@ def _as_fs(data: object) -> FusionSet:
     return data if isinstance(data, FusionSet) else as_fusion_set(data)
 
 
+@phase("importance")
 def importance_sums(model: LeveledNet, data: object, method: str = "uniform",
                     device: torch.device | str = "cpu",
                     levels: Optional[Sequence[int]] = None) -> Tuple[List[Tensor], int]:

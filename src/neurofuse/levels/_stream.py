@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .._fusion_set import FusionSet
+from .._phases import phase
 from ..errors import ConfigError
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "LevelStream", "StreamBatch"]
@@ -112,6 +113,7 @@ class _DiskStore(_Store):
         self.index: Dict[int, Tuple[int, Tuple[int, ...], torch.dtype]] = {}
         self.offset = 0
 
+    @phase("spill")
     def put(self, i: int, t: Tensor) -> None:
         # flatten before the byte view: a tensor with size-1 dims can be contiguous with a last
         # stride other than 1 (a [B, C, 1, 1] conv output in channels_last), which view refuses
@@ -123,6 +125,7 @@ class _DiskStore(_Store):
     def complete(self, n: int) -> bool:
         return len(self.index) == n
 
+    @phase("spill")
     def get(self, i: int, device: torch.device) -> Tensor:
         if not self.file.closed:
             self.file.flush()

@@ -10,6 +10,7 @@ constraints (:mod:`neurofuse.methods._options`); what a method can do is asked o
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -29,7 +30,8 @@ from ..grouping import Correspondence, output_weights
 from ..importance import importance_methods, importance_sums
 from ..levels import DEFAULT_MEMORY_BUDGET, LevelStream, check_weights
 from ..stats import AdditiveStats, ImportanceSums
-from ._options import NoOptions
+from ._memory import MemoryPlan, plan_memory
+from ._options import COMMON_OPTIONS, NoOptions, check_value
 from ._result import FusionResult
 
 __all__ = ["MAX_SEED", "FusionMethod", "FusionRun", "NoOptions", "WidthSpec", "get_method", "list_methods",
@@ -38,6 +40,11 @@ __all__ = ["MAX_SEED", "FusionMethod", "FusionRun", "NoOptions", "WidthSpec", "g
 log = logging.getLogger("neurofuse")
 
 WidthSpec = Union[None, int, float, Sequence[int]]
+
+_UNPLANNED = object()
+#: bytes of level activations the memory plan of the call in progress leaves the level streams
+#: (per call, not on the method instance: a method fusing inside another's call plans its own)
+_STREAM_BYTES: contextvars.ContextVar[object] = contextvars.ContextVar("neurofuse_stream_bytes", default=_UNPLANNED)
 
 _METHODS: Registry[Type["FusionMethod"]] = Registry("fusion method")
 F = TypeVar("F", bound=Type["FusionMethod"])
@@ -112,10 +119,15 @@ class FusionMethod(ABC):
         Where the computation runs (``"cpu"``, ``"cuda"``).
     batch_size : int
         Rows per batch when streaming the fusion set.
-    memory_budget : int, optional
-        Bytes of level activations the level stream keeps in memory (all models together)
-        before it spills them to temporary files; ``None`` never spills.  Default
-        :data:`neurofuse.levels.DEFAULT_MEMORY_BUDGET`.
+    memory_budget : int, "auto" or None
+        Bytes the fusion's working set may take beyond the models and the fusion set (level
+        activations, per-batch temporaries, per-level algebra): the batch size is lowered and
+        level activations are spilled to temporary files until the estimate fits, and a fusion
+        that cannot fit is refused before any work on the fusion set, with the estimate
+        (:class:`~neurofuse.errors.MemoryBudgetError`; see :mod:`neurofuse.methods._memory`).
+        ``"auto"`` (default): :data:`neurofuse.levels.DEFAULT_MEMORY_BUDGET` of level
+        activations in memory, refused only beyond the machine's available memory; ``None``:
+        no bound and nothing spilled.
     distributed : bool
         Fuse with ``torch.distributed``: every process (rank) streams its own shard of the
         fusion set, the statistics of every level are summed over the ranks
@@ -173,7 +185,7 @@ class FusionMethod(ABC):
 
     def __init__(self, *, importance: str = "uniform", width: WidthSpec = None, seed: int = 0,
                  progress: bool = True, device: str = "cpu", batch_size: int = 256,
-                 memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET, distributed: bool = False,
+                 memory_budget: Union[int, str, None] = "auto", distributed: bool = False,
                  **options: Any) -> None:
         if importance not in importance_methods():
             raise ConfigError(f"unknown importance {importance!r}; choose one of {importance_methods()}")
@@ -183,11 +195,8 @@ class FusionMethod(ABC):
             raise ConfigError(f"method {self.name!r} keeps the first model's widths; do not pass width "
                               f"(use one of {[n for n in list_methods() if get_method(n).supports_width]} "
                               "to choose fused widths)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                          or memory_budget < 0):
-            raise ConfigError(f"memory_budget must be a number of bytes >= 0 or None, got {memory_budget!r}")
+        for key, value in (("batch_size", batch_size), ("memory_budget", memory_budget)):
+            check_value(key, value, COMMON_OPTIONS[key])
         if distributed and not self.supports_distributed:
             raise ConfigError(
                 f"method {self.name!r} cannot run distributed (it needs every fusion sample in one "
@@ -257,6 +266,10 @@ class FusionMethod(ABC):
         models = self._checked_models(models)
         self.check_models(models)
         fset = self._fusion_set(models, data)
+        plan = plan_memory(self, models, fset, self.memory_budget)   # refuses before any work
+        if fset is not None and plan.batch_size != fset.batch_size:
+            log.info("memory_budget: batches of %d samples (estimate %d bytes)", plan.batch_size, plan.estimate)
+            fset = dataclasses.replace(fset, batch_size=plan.batch_size)
         # the caller's models are moved and put in eval mode only for the duration of the call
         state = [(m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in models]
         start = time.perf_counter()
@@ -264,7 +277,12 @@ class FusionMethod(ABC):
             models = [m.to(self.device).eval() for m in models]
             log.info("fusing %d models with %s (importance=%s)", len(models), self.name, self.importance)
             call = self.Run(self, models, fset)
-            fused = self._fuse(call).eval()
+            call.memory = plan
+            token = _STREAM_BYTES.set(plan.stream_bytes)
+            try:
+                fused = self._fuse(call).eval()
+            finally:
+                _STREAM_BYTES.reset(token)
         finally:
             for m, (training, device) in zip(models, state):
                 m.to(device).train(training)
@@ -343,7 +361,16 @@ class FusionMethod(ABC):
 
     def stream(self, data: FusionSet, n: int) -> LevelStream:
         """A :class:`~neurofuse.levels.LevelStream` of ``n`` networks over ``data``."""
-        return LevelStream(data, n, self.device, memory_budget=self.memory_budget)
+        return LevelStream(data, n, self.device, memory_budget=self.stream_bytes())
+
+    def stream_bytes(self) -> Optional[int]:
+        """Bytes of level activations a level stream keeps in memory: what the memory plan of the
+        call in progress left them (:func:`neurofuse.methods._memory.plan_memory`), outside a
+        call what ``memory_budget`` implies (``None``: all)."""
+        planned = _STREAM_BYTES.get()
+        if planned is not _UNPLANNED:
+            return planned  # type: ignore[return-value]
+        return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else self.memory_budget  # type: ignore[return-value]
 
     def output_level_weights(self, run: "FusionRun", models: Sequence[nn.Module]) -> np.ndarray:
         """``[N, C]`` weight of every model in every fused class at the output level, each column
@@ -422,6 +449,9 @@ class FusionRun:
         self.correspondences: Dict[int, Correspondence] = {}
         self.report: List[Dict[str, Any]] = []
         self.extras: Dict[str, Any] = {}
+        #: the call's memory plan (:func:`neurofuse.methods._memory.plan_memory`): its estimate,
+        #: batch size and the level activations kept in memory
+        self.memory: Optional[MemoryPlan] = None
         self._importance: Dict[int, List[Tensor]] = {}
 
     # -- importance ---------------------------------------------------------------------------

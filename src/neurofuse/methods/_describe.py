@@ -19,7 +19,7 @@ from torch import nn
 
 from ..levels import NeuronMapInfo, neuron_maps
 from ._base import FusionMethod, get_method, methods_by_order
-from ._options import constraint_of
+from ._options import COMMON_OPTIONS, constraint_of
 
 __all__ = ["OptionInfo", "format_levels", "level_support", "method_options"]
 
@@ -194,7 +194,7 @@ def method_options(name: str) -> List[OptionInfo]:
     for key in ("batch_size", "memory_budget"):
         hint: Optional[Any] = typing.get_type_hints(FusionMethod.__init__).get(key)
         out.append(OptionInfo(key, _type_name(hint), _default_text(_init_default(cls, key)),
-                              base_docs.get(key, ""), common=True))
+                              base_docs.get(key, ""), common=True, allowed=COMMON_OPTIONS[key].describe()))
     return out
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from .._fusion_set import FusionSet
 from ..approximation import FISHER_KINDS, FisherSums, fisher_merge, fisher_sums
 from ..errors import DataError
+from ._memory import estimated_by, fisher_working_set
 from ._base import FusionRun, register_method
 from ._merge import AlignFirst, StatisticsMerge
 from ._options import Interval, MethodOptions, OneOf, option
@@ -41,6 +42,7 @@ class FisherOptions(MethodOptions):
 
 
 @register_method("fisher")
+@estimated_by(fisher_working_set)
 class FisherMerging(StatisticsMerge):
     r"""Fisher merging: every parameter averaged with each model's diagonal Fisher information.
 

@@ -30,6 +30,7 @@ from ._steps import fit_level_in_steps
 from ..levels._transformer import describe as describe_transformer
 from ._blockfit import TransformerFit, closed_form_reason
 from ._options import Anything, AnyOf, Boolean, Interval, MethodOptions, OneOf, Optional_, option
+from ._memory import estimated_by, linear_working_set
 
 __all__ = ["HungarianLinearFusion", "KMeansLinearFusion", "LevelRun", "LevelwiseFusion", "LinearFusion"]
 
@@ -212,6 +213,7 @@ class KMeansOptions(LinearOptions):
     refine: bool = option(False, Boolean())
 
 
+@estimated_by(linear_working_set)
 class LinearFusion(LevelwiseFusion):
     """Closed-form (Linear) neuron interpolation; subclasses choose the grouping (:meth:`group`)."""
 
@@ -426,7 +428,7 @@ class HungarianLinearFusion(LinearFusion):
                 f"'hf-linear' matches neurons one to one, so the fused width must equal the models' "
                 f"width {widths[0]} at level {level}, got {k}; use 'kf-linear' to change widths"
             )
-        return hungarian_grouping(features.double().cpu().numpy(), scores, widths)  # scipy: numpy
+        return hungarian_grouping(features, scores, widths)  # only the [k, k] costs go to scipy
 
 
 @register_method("kf-linear")

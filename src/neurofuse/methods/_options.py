@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .._validate import is_int, is_number
 from ..errors import ConfigError
 
-__all__ = ["Anything", "AnyOf", "Boolean", "Constraint", "Interval", "MethodOptions", "NoOptions", "OneOf",
-           "Optional_", "check_options", "option"]
+__all__ = ["COMMON_OPTIONS", "AnyOf", "Anything", "Boolean", "Constraint", "Interval", "MethodOptions", "NoOptions",
+           "OneOf", "Optional_", "check_options", "check_value", "option"]
 
 
 class Constraint:
@@ -146,14 +146,30 @@ def constraint_of(field: dataclasses.Field) -> Optional[Constraint]:
     return field.metadata.get("constraint")
 
 
+def check_value(name: str, value: Any, constraint: Constraint) -> None:
+    """Raise a one-line :class:`~neurofuse.errors.ConfigError` if ``value`` of option ``name`` is
+    not one ``constraint`` allows."""
+    if not constraint.check(value):
+        shown = value if not isinstance(value, float) or math.isfinite(value) else repr(value)
+        raise ConfigError(f"option {name!r} must be {constraint.describe()}, got {shown!r}")
+
+
 def check_options(options: Any) -> None:
     """Check every declared field of the ``options`` dataclass against its constraint."""
     for f in dataclasses.fields(options):
         c = constraint_of(f)
-        value = getattr(options, f.name)
-        if c is not None and not c.check(value):
-            shown = value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-            raise ConfigError(f"option {f.name!r} must be {c.describe()}, got {shown!r}")
+        if c is not None:
+            check_value(f.name, getattr(options, f.name), c)
+
+
+#: the constraints of the settings every method takes (:class:`~neurofuse.methods.FusionMethod`
+#: arguments, not ``Options`` fields): checked by the method, shown by ``neurofuse methods NAME``
+COMMON_OPTIONS: Dict[str, Constraint] = {
+    "batch_size": Interval(int, 1),
+    # bytes the working set may take, "auto" (the machine's available memory) or None (unbounded):
+    # neurofuse.methods._memory
+    "memory_budget": Optional_(AnyOf(OneOf("auto"), Interval(int, 0))),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .._fusion_set import FusionSet
+from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..stats import CrossMoments
@@ -371,6 +372,7 @@ class OTFusion(FusionMethod):
                       f" ({spaces[0].name})" if spaces is not None else "", float((plan * cost).sum()))
         return result
 
+    @phase("grouping")
     def _solve(self, mu: np.ndarray, nu: np.ndarray, cost: np.ndarray, level: int) -> np.ndarray:
         import ot
 

@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
+from .._phases import phase
 from ..errors import IncompatibleModelsError
 from ..grouping import OUTPUT_WEIGHTS, Correspondence
 from ..importance import normalize_scores
@@ -336,6 +337,7 @@ class GitRebasin(FusionMethod):
         plans, _ = head_structured_plans(costs, unit[0].heads, inner)
         return [self._perm_map(p.argmax(1)) for p in plans]
 
+    @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
                scores: List[List[np.ndarray]], space: Optional[Space], part: Optional[slice] = None
                ) -> np.ndarray:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._fusion_set import FusionSet
 from ..approximation import LayerGrams, layer_rows, regmean
 from ..errors import IncompatibleModelsError
+from ._memory import estimated_by, regmean_working_set
 from ._base import FusionRun, register_method
 from ._merge import AlignFirst, StatisticsMerge
 from ._options import Interval, MethodOptions, OneOf, option
@@ -56,6 +57,7 @@ def merged_layers(net: nn.Module) -> List[str]:
 
 
 @register_method("regmean")
+@estimated_by(regmean_working_set)
 class RegMean(StatisticsMerge):
     r"""RegMean: every linear layer merged by regression on each model's own layer inputs.
 
