@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import ot
 import pytest
@@ -319,3 +321,25 @@ def test_resnets_of_different_widths(fs):
     fused = neurofuse.fuse([a, b], fs, method="otfusion", progress=False)
     assert fused.level_widths() == a.level_widths()
     assert torch.isfinite(predict_logits(fused, fs[0])).all()
+
+
+def test_sinkhorn_that_cannot_reach_its_tolerance_stops_at_its_own_limit_and_warns():
+    """A small reg keeps log-domain Sinkhorn from its tolerance; the default limit for Sinkhorn
+    (10,000 iterations, not the exact solver's 1,000,000) bounds the cost, and a RuntimeWarning
+    says so."""
+    import time
+
+    from neurofuse.methods._otfusion import SOLVER_ITERATIONS
+
+    rng = np.random.default_rng(0)
+    cost = rng.random((8, 8))
+    mu = np.full(8, 1 / 8)
+    method = OTFusion(solver="sinkhorn", reg=0.001, progress=False)
+    start = time.process_time()
+    with pytest.warns(RuntimeWarning, match="max_iter=10000"):
+        plan = method._solve(mu, mu, cost, 0)
+    assert SOLVER_ITERATIONS["sinkhorn"] == 10_000 and time.process_time() - start < 60
+    assert np.allclose(plan.sum(), 1.0, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a reg that converges: no warning
+        OTFusion(solver="sinkhorn", reg=0.05, progress=False)._solve(mu, mu, cost, 0)

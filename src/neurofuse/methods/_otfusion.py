@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,11 +42,14 @@ from ..levels._layout import (
 )
 from ..levels._transformer import head_structured_plans
 from ._base import FusionMethod, FusionRun, register_method
-from ._options import Anything, Interval, MethodOptions, OneOf, option
+from ._options import Anything, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["OTFusion", "OTFusionOptions"]
 
 log = logging.getLogger("neurofuse")
+
+#: default iteration limit of each solver (option ``max_iter=None``)
+SOLVER_ITERATIONS = {"exact": 1_000_000, "sinkhorn": 10_000}
 
 # ---------------------------------------------------------------------------------------------
 # OTFusion
@@ -65,8 +69,12 @@ class OTFusionOptions(MethodOptions):
     ground_metric : str
         ``"euclidean"`` (the reference code's ``cdist``) or ``"sqeuclidean"`` between the neurons'
         pre-activation vectors over the fusion set.
-    max_iter : int
-        Iteration limit of the OT solver.
+    max_iter : int, optional
+        Iteration limit of the OT solver; default (``None``) 1,000,000 network-simplex iterations
+        for ``"exact"`` and 10,000 Sinkhorn iterations for ``"sinkhorn"`` (a small ``reg`` can keep
+        the log-domain iterations from reaching their tolerance, and each costs a pass over the
+        cost matrix: a Sinkhorn plan that stops at the limit is used as it is, with a
+        ``RuntimeWarning``).
     class_weights : array-like, optional
         ``[N, C]`` weights of each model per class in the output level's average (e.g. class
         shares).  Default: all models alike.
@@ -80,7 +88,7 @@ class OTFusionOptions(MethodOptions):
     solver: str = option("exact", OneOf("exact", "sinkhorn"))
     reg: float = option(0.01, Interval(float, 0, closed="neither"))
     ground_metric: str = option("euclidean", OneOf("euclidean", "sqeuclidean"))
-    max_iter: int = option(1_000_000, Interval(int, 1))
+    max_iter: Optional[int] = option(None, Optional_(Interval(int, 1)))
     class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
 
@@ -378,16 +386,22 @@ class OTFusion(FusionMethod):
 
         scale = float(cost.max())
         c = cost / scale if scale > 0 else cost
+        limit = self.options.max_iter or SOLVER_ITERATIONS[self.options.solver]
         if self.options.solver == "exact":
-            plan, info = ot.emd(mu, nu, c, numItermax=self.options.max_iter, log=True)
+            plan, info = ot.emd(mu, nu, c, numItermax=limit, log=True)
             if info.get("warning"):
                 raise ConfigError(
                     f"exact OT did not converge at level {level} ({info['warning']}); raise "
                     "max_iter or use solver='sinkhorn'"
                 )
         else:
-            plan = ot.sinkhorn(mu, nu, c, self.options.reg, method="sinkhorn_log",
-                               numItermax=self.options.max_iter, stopThr=1e-9, warn=False)
+            plan, info = ot.sinkhorn(mu, nu, c, self.options.reg, method="sinkhorn_log",
+                                     numItermax=limit, stopThr=1e-9, warn=False, log=True)
+            if info.get("niter", 0) >= limit - 1:
+                warnings.warn(f"Sinkhorn stopped at max_iter={limit} before its tolerance (level {level}, "
+                              f"marginal error {info['err'][-1] if info.get('err') else float('nan'):.2g}); "
+                              "the plan is used as it is: raise reg or max_iter, or use solver='exact'",
+                              RuntimeWarning, stacklevel=2)
         plan = np.asarray(plan, dtype=np.float64)
         if not np.isfinite(plan).all() or plan.sum() <= 0:
             raise ConfigError(
