@@ -130,7 +130,9 @@ def test_method_table_covers_every_method_and_family():
         assert sorted(row) == sorted(neurofuse.methods())
         assert all(v.startswith(("yes: ", "no: ")) and len(v) > 12 for v in row.values())
         yes = {m for m, v in row.items() if v.startswith("yes")}
-        assert yes == whole | ({"kf-gradient"} if family == "resnet" else levelwise)
+        # the alignments that do not handle a transformer's stream and heads refuse it (issue 28's)
+        no_transformer = {m for m in levelwise if "transformer" in getattr(get_method(m), "unsupported_traits", ())}
+        assert yes == whole | ({"kf-gradient"} if family == "resnet" else levelwise - no_transformer)
     assert "branch/shortcut" in table["resnet"]["otfusion"]
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..stats import AdditiveStats
+from ._linear import _eigh_dense
 
 __all__ = ["GramStats", "NeuronRegression", "TokenSums"]
 
@@ -40,7 +41,7 @@ class GramStats(AdditiveStats):
         :math:`F = U\Lambda^{1/2}` with :math:`A^\top A = U\Lambda U^\top`, so that
         :math:`FF^\top = A^\top A` (K-means on them is K-means on the neurons' values)."""
         g = 0.5 * (self.gram + self.gram.T)
-        evals, evecs = torch.linalg.eigh(g)
+        evals, evecs = _eigh_dense(g)   # scipy's drivers, with a fallback where syevd fails
         return evecs * torch.sqrt(evals.clamp_min(0.0))[None, :]
 
 

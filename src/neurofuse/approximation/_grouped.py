@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
+from ._linear import _eigh_dense
 from ._ridge import PENALTY_GRID, gcv_curve
 
 __all__ = ["DepthwiseStats", "depthwise_design", "group_means"]
@@ -133,7 +134,11 @@ class DepthwiseStats(AdditiveStats):
         if rtol <= 0 or (auto and ridge != "auto") or (not auto and not float(ridge) >= 0):
             raise ConfigError(f"need rtol > 0 and ridge 'auto' or >= 0, got rtol={rtol}, ridge={ridge!r}")
         lab = self.labels.to(g.device)
-        evals, evecs = torch.linalg.eigh(g)                                   # [k, d], [k, d, d]
+        try:
+            evals, evecs = torch.linalg.eigh(g)                               # [k, d], [k, d, d]
+        except RuntimeError:   # syevd did not converge on some channel: one by one, robust drivers
+            pairs = [_eigh_dense(gc) for gc in g]
+            evals, evecs = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         cut = max(rtol * rtol, 10.0 * d * float(torch.finfo(torch.float64).eps))
         keep = evals > cut * evals.max(1, keepdim=True).values.clamp_min(1e-300)
         u = evecs[lab]                                                        # [M, d, d]

@@ -28,9 +28,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
-from ._linear import design_matrix
+from ._linear import _eigh_dense, design_matrix
 
 __all__ = ["LayerGrams", "layer_rows", "regmean"]
 
@@ -117,7 +117,10 @@ def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 1
     total = sum(gs)
     rhs = sum(w @ g for w, g in zip(ws, gs))
     mean = sum(ws) / len(ws)
-    vals, vecs = torch.linalg.eigh((total + total.T) / 2)
+    if not bool(torch.isfinite(total).all()):
+        raise IncompatibleModelsError("a layer's Gram matrix has NaN or infinite entries: a model's "
+                                      "activations overflow on the fusion set")
+    vals, vecs = _eigh_dense((total + total.T) / 2)   # with a robust fallback where syevd fails
     keep = vals > rtol * vals.abs().max().clamp_min(1e-300)
     v = vecs[:, keep]
     pinv = (v / vals[keep]) @ v.T

@@ -21,7 +21,7 @@ from ._unfold import unfold_state
 from ._declare import DeclaredNet, levels_from
 from ._wrapped import Fn
 from ._auto import AutoBlock, AutoConcat, AutoGraph, AutoNet, Glue, auto_levels
-from ._support import affine_reason, alignment_reason, level_kind
+from ._support import affine_reason, alignment_reason, layout_traits, level_kind, traits_reason
 from ._maps import NeuronMapInfo, format_maps, neuron_maps
 from ._steps import Step, closed_form_steps
 from ._stream import DEFAULT_MEMORY_BUDGET, LevelStream, StreamBatch
@@ -37,7 +37,9 @@ __all__ = [
     "affine_reason",
     "alignment_reason",
     "auto_levels",
+    "layout_traits",
     "level_kind",
+    "traits_reason",
     "DEFAULT_MEMORY_BUDGET",
     "LevelStream",
     "Step",

@@ -14,14 +14,14 @@ The methods decide what to do with the answers; nothing here names a method.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import FrozenSet, Optional
 
 from torch import nn
 
 from ..errors import IncompatibleModelsError
 from ._auto import _AFFINE, _has_state
 from ._bn import fold_batchnorm
-from ._layout import level_layout
+from ._layout import is_depthwise, level_layout
 from ._steps import closed_form_steps
 
 __all__ = ["affine_reason", "alignment_reason", "level_kind"]
@@ -74,3 +74,39 @@ def alignment_reason(net: nn.Module, index: int) -> Optional[str]:
     except IncompatibleModelsError as exc:
         return _reason(exc, index)
     return None
+
+
+#: what each :func:`layout_traits` name stands for, in a refusal
+TRAITS = {
+    "transformer": "a transformer's residual stream and attention heads (heads move as units)",
+    "depthwise": "a depthwise convolution, whose channels are tied to its input's",
+    "parts": "a concatenation of branches, whose map is one block per part",
+}
+
+
+def layout_traits(net: nn.Module, index: int) -> FrozenSet[str]:
+    """The structures of level ``index``'s alignment layout that not every alignment handles
+    (names of :data:`TRAITS`); empty for a level that cannot be aligned at all."""
+    level = net.levels[index]  # type: ignore[index]
+    try:
+        layout = level_layout(level, index)
+    except IncompatibleModelsError:
+        return frozenset()
+    found = set()
+    if any(sp.heads for sp in layout.internal) or any(kind == "last" for _, _, _, kind in layout.tensors):
+        found.add("transformer")
+    if any(is_depthwise(m) for m in level.modules()):
+        found.add("depthwise")
+    if layout.parts:
+        found.add("parts")
+    return frozenset(found)
+
+
+def traits_reason(net: nn.Module, index: int, unsupported: FrozenSet[str], method: str) -> Optional[str]:
+    """Why ``method``, which does not handle the layout ``unsupported`` traits, cannot align
+    level ``index`` (``None`` if it can, as far as the traits go)."""
+    found = sorted(layout_traits(net, index) & unsupported)
+    if not found:
+        return None
+    who = method if "'" in method else repr(method)
+    return f"it has {TRAITS[found[0]]}, which {who} does not handle (otfusion and git-rebasin do)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..errors import IncompatibleModelsError
 from ._bn import _is_pair
@@ -67,7 +67,8 @@ def _walk(folded: nn.Module, like: nn.Module, prefix: str, out: Dict[str, Tensor
                 i += 1
             j += 1
         return
-    if type(folded) is not type(like):
+    if type(folded) is not type(like) and not (isinstance(folded, fx.GraphModule) and isinstance(like, fx.GraphModule)):
+        # (torch.fx gives every GraphModule a class of its own: compare the kind, then the children)
         raise IncompatibleModelsError(f"cannot unfold {prefix or 'the model'}: {type(folded).__name__} "
                                       f"where the architecture has {type(like).__name__}")
     _own(folded, prefix, out)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
-from ..levels import LeveledNet, check_same_levels
+from ..levels import LeveledNet, check_same_levels, traits_reason
 from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
 from ._base import FusionRun
 from ._rebasin import GitRebasin
@@ -41,6 +41,8 @@ __all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "ap
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
+#: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`)
+WEIGHT_MATCHING_UNSUPPORTED = frozenset({"transformer", "depthwise"})
 
 LevelMaps = List[SpaceMaps]
 
@@ -240,6 +242,11 @@ def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], hea
         return list(nets), maps
     out = [nets[0]]
     if how == "weights":
+        for lvl in range(nets[0].num_levels):
+            why = traits_reason(nets[0], lvl, WEIGHT_MATCHING_UNSUPPORTED, "align='weights'")
+            if why:
+                raise IncompatibleModelsError(f"cannot align level {lvl} by weight matching: {why}; "
+                                              "use align='activations'")
         spec = permutation_spec(nets[0], layouts, heads, check_equal_widths(nets, "align='weights'")[0])
     for k in range(1, len(nets)):
         if how == "weights":

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError
-from ..levels import alignment_reason
+from ..levels import alignment_reason, traits_reason
 from ..stats import AdditiveStats
 from ._align import merge_inputs, record_levels
 from ._base import FusionMethod, FusionRun
@@ -86,7 +86,11 @@ class AlignFirst:
     space at every level (:func:`neurofuse.levels.alignment_reason`)."""
 
     fuses_levels = True
+    #: layout structures the alignment-then-merge path does not handle
+    #: (:func:`neurofuse.levels.layout_traits`; with ``align="weights"`` also weight matching's)
+    unsupported_traits = frozenset({"parts"})
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        return alignment_reason(net, index)
+        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
+                                                              cls.name)  # type: ignore[attr-defined]

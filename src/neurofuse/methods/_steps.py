@@ -25,7 +25,7 @@ diagonal) is recorded as the level's correspondence and feeds the next level.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -11,9 +11,10 @@ from typing import Optional
 
 from torch import nn
 
-from ..levels import alignment_reason, check_same_levels
+from ..levels import alignment_reason, check_same_levels, traits_reason
 from ..levels._layout import check_alignable
 from ._align import (
+    WEIGHT_MATCHING_UNSUPPORTED,
     aligned_state,
     average_states,
     check_equal_widths,
@@ -76,10 +77,13 @@ class WeightMatching(FusionMethod):
     same_architecture = True
     fuses_levels = True
 
+    #: layout structures this alignment does not handle (:func:`neurofuse.levels.layout_traits`)
+    unsupported_traits = WEIGHT_MATCHING_UNSUPPORTED
+
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index)
+        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits, cls.name)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
-from ..levels import LeveledNet, alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
+from ..levels import (LeveledNet, alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, traits_reason,
+                      unfold_state)
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -107,10 +108,13 @@ class ZipIt(FusionMethod):
     min_models = 2
     fuses_levels = True
 
+    #: layout structures this alignment does not handle (:func:`neurofuse.levels.layout_traits`)
+    unsupported_traits = frozenset({"transformer", "parts"})
+
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         """Zipping needs one merge map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index)
+        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits, cls.name)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data

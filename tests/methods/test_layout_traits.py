@@ -1,0 +1,84 @@
+"""Alignments that do not handle a layout structure say so up front (issues 24 and 28).
+
+Properties checked: weight matching refuses transformer levels and depthwise convolutions, ZipIt! and
+CCA Merge refuse transformer levels and concatenations, the align-then-merge methods refuse
+concatenations, each by its own ``check_level`` and before any work with the level named;
+``align="weights"`` refuses what weight matching does; and where they do apply, on automatic
+levels of other people's architectures, a model fused with its permuted copy comes back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neurofuse
+from neurofuse.errors import IncompatibleModelsError
+from neurofuse.levels import layout_traits
+from neurofuse.methods import get_method
+from neurofuse.testing import permute_spaces
+from neurofuse.training import predict_logits
+
+from ..levels.user_models import ARCHITECTURES
+from ..levels.test_auto import _data, _make
+
+#: architecture -> the layout trait it brings
+TRAIT_OF = {"mobilenet_v2": "depthwise", "vit": "transformer", "branches": "parts"}
+REFUSED = {  # method -> the traits it refuses
+    "weight-matching": {"transformer", "depthwise"},
+    "zipit": {"transformer", "parts"},
+    "cca-merge": {"transformer", "parts"},
+    "regmean-aligned": {"parts"},
+    "fisher-aligned": {"parts"},
+}
+
+
+def _pair(arch: str):
+    net = neurofuse.levels_from(_make(arch, 0), input_shape=ARCHITECTURES[arch][1])
+    return net, permute_spaces(net, seed=1)
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIT_OF))
+def test_each_architecture_shows_its_trait(arch):
+    net, _ = _pair(arch)
+    traits = set().union(*(layout_traits(net, i) for i in range(net.num_levels)))
+    assert TRAIT_OF[arch] in traits
+
+
+@pytest.mark.parametrize("method", sorted(REFUSED))
+@pytest.mark.parametrize("arch", sorted(TRAIT_OF))
+def test_an_alignment_refuses_what_it_does_not_handle_and_fuses_the_rest(method, arch):
+    net, twin = _pair(arch)
+    x, y = _data(arch)
+    reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
+    if TRAIT_OF[arch] in REFUSED[method]:
+        assert any(r and "does not handle" in r for r in reasons), reasons
+        with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level \d+ .*does not handle"):
+            neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+        return
+    assert not any(reasons), reasons
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    gap = float((predict_logits(fused, x) - predict_logits(net, x)).abs().max())
+    # CCA is a regularised correlation map, not a permutation: close, not exact
+    assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "vit"])
+def test_align_by_weights_refuses_what_weight_matching_does_not_handle(arch):
+    net, twin = _pair(arch)
+    x, y = _data(arch)
+    with pytest.raises(IncompatibleModelsError, match="cannot align level 1 by weight matching"):
+        neurofuse.fuse([net, twin], (x, y), method="regmean-aligned", align="weights", progress=False)
+
+
+@pytest.mark.parametrize("method", ["zipit", "cca-merge"])
+@pytest.mark.parametrize("arch", ["vgg11_bn", "resnet18"])
+def test_the_merges_that_fold_batchnorm_write_back_automatic_levels(method, arch):
+    """ZipIt! and CCA Merge fold BatchNorm and unfold the result into model 0's architecture;
+    automatic levels are torch.fx GraphModules (each of its own class)."""
+    torch.manual_seed(0)
+    net, twin = _pair(arch)
+    x, y = _data(arch)
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    gap = float((predict_logits(fused, x) - predict_logits(net, x)).abs().max())
+    assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
