@@ -15,7 +15,6 @@ Properties checked:
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
