@@ -21,7 +21,7 @@ one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`corresp
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,19 +30,34 @@ from torch import Tensor, nn
 from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
-from ..levels import LeveledNet, check_same_levels, traits_reason
+from ..levels import LeveledNet, alignment_reason, check_same_levels, traits_reason
 from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
 from ._base import FusionRun
 from ._rebasin import GitRebasin
 
-__all__ = ["ALIGNMENTS", "PermutationSpec", "align_models", "aligned_state", "apply_maps", "average_states",
-           "check_equal_widths", "check_same_state", "correspondence", "merge_inputs", "out_correspondence",
-           "permutation_spec", "record_levels", "weight_maps"]
+__all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "aligned_state", "apply_maps",
+           "average_states", "check_equal_widths", "check_same_state", "correspondence", "merge_inputs",
+           "out_correspondence", "permutation_spec", "record_levels", "weight_maps"]
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
 #: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`)
 WEIGHT_MATCHING_UNSUPPORTED = frozenset({"transformer", "depthwise"})
+
+
+class LayoutAlignment:
+    """Mixin of the methods that align a level by one map per neuron space: they fuse a level
+    whose layout :func:`neurofuse.levels.alignment_reason` accepts and that has none of their
+    :attr:`unsupported_traits` (:func:`neurofuse.levels.layout_traits`)."""
+
+    fuses_levels = True
+    #: layout structures the method does not handle (``"transformer"``, ``"depthwise"``, ``"parts"``)
+    unsupported_traits: FrozenSet[str] = frozenset()
+
+    @classmethod
+    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
+        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
+                                                              cls.name)  # type: ignore[attr-defined]
 
 LevelMaps = List[SpaceMaps]
 

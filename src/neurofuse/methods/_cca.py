@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..grouping import JointMoments, cca_alignment
-from ..levels import (alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, traits_reason,
-                      unfold_state)
+from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, stream_members
-from ._align import aligned_state, average_states, check_equal_widths, out_correspondence, record_levels
+from ._align import (LayoutAlignment, aligned_state, average_states, check_equal_widths, out_correspondence,
+                     record_levels)
 from ._base import FusionMethod, FusionRun, register_method
 from ._features import feature_moments
 from ._options import Interval, MethodOptions, OneOf, option
@@ -50,7 +50,7 @@ class CCAMergeOptions(MethodOptions):
 
 
 @register_method("cca-merge")
-class CCAMerge(FusionMethod):
+class CCAMerge(LayoutAlignment, FusionMethod):
     r"""CCA Merge: a linear map per neuron space from canonical correlations, then the mean.
 
     For every model :math:`k \ge 1` and every hidden neuron space (level outputs, the internal
@@ -86,15 +86,7 @@ class CCAMerge(FusionMethod):
     Options = CCAMergeOptions
     min_models = 2
     same_architecture = True
-    fuses_levels = True
-
-    #: layout structures this alignment does not handle (:func:`neurofuse.levels.layout_traits`)
     unsupported_traits = frozenset({"transformer", "parts"})
-
-    @classmethod
-    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        """Aligning needs one map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits, cls.name)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data

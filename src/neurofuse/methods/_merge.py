@@ -13,15 +13,14 @@ every model's statistics).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar, List, Optional, Sequence
+from typing import ClassVar, List, Sequence
 
 from torch import nn
 
 from .._fusion_set import FusionSet
 from ..errors import ConfigError
-from ..levels import alignment_reason, traits_reason
 from ..stats import AdditiveStats
-from ._align import merge_inputs, record_levels
+from ._align import LayoutAlignment, merge_inputs, record_levels
 from ._base import FusionMethod, FusionRun
 
 __all__ = ["AlignFirst", "StatisticsMerge"]
@@ -81,16 +80,9 @@ class StatisticsMerge(FusionMethod):
         return self.merge(run, nets, [self.model_statistics(net, run.data) for net in nets])
 
 
-class AlignFirst:
+class AlignFirst(LayoutAlignment):
     """Mixin of the "align, then merge" classes: level-wise alignment needs one map per neuron
-    space at every level (:func:`neurofuse.levels.alignment_reason`)."""
+    space at every level (:func:`neurofuse.levels.alignment_reason`); the merge after it does not
+    split concatenation parts (with ``align="weights"`` weight matching's limits apply too)."""
 
-    fuses_levels = True
-    #: layout structures the alignment-then-merge path does not handle
-    #: (:func:`neurofuse.levels.layout_traits`; with ``align="weights"`` also weight matching's)
     unsupported_traits = frozenset({"parts"})
-
-    @classmethod
-    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
-                                                              cls.name)  # type: ignore[attr-defined]

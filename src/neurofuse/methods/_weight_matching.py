@@ -7,14 +7,13 @@ ICLR 2023, section 3.2.  The solver is :func:`neurofuse.grouping.weight_matching
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 from torch import nn
 
-from ..levels import alignment_reason, check_same_levels, traits_reason
+from ..levels import check_same_levels
 from ..levels._layout import check_alignable
 from ._align import (
     WEIGHT_MATCHING_UNSUPPORTED,
+    LayoutAlignment,
     aligned_state,
     average_states,
     check_equal_widths,
@@ -44,7 +43,7 @@ class WeightMatchingOptions(MethodOptions):
 
 
 @register_method("weight-matching")
-class WeightMatching(FusionMethod):
+class WeightMatching(LayoutAlignment, FusionMethod):
     r"""Git Re-Basin weight matching of equal-width models, then the plain mean; needs no data.
 
     Every model :math:`k \ge 1` is permuted onto model 0 by maximising
@@ -75,15 +74,7 @@ class WeightMatching(FusionMethod):
     needs_data = False
     min_models = 2
     same_architecture = True
-    fuses_levels = True
-
-    #: layout structures this alignment does not handle (:func:`neurofuse.levels.layout_traits`)
     unsupported_traits = WEIGHT_MATCHING_UNSUPPORTED
-
-    @classmethod
-    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits, cls.name)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)

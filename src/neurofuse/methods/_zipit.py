@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
-from ..levels import (LeveledNet, alignment_reason, check_same_levels, fold_batchnorm, has_batchnorm, traits_reason,
-                      unfold_state)
+from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -27,7 +26,7 @@ from ..levels._layout import (
     stream_members,
 )
 from ..models.multihead import MultiHead
-from ._align import correspondence
+from ._align import LayoutAlignment, correspondence
 from ._base import FusionMethod, FusionRun, register_method
 from ._features import FeatureMoments, feature_moments
 from ._options import Boolean, Interval, MethodOptions, OneOf, Optional_, option
@@ -60,7 +59,7 @@ class ZipItOptions(MethodOptions):
 
 
 @register_method("zipit")
-class ZipIt(FusionMethod):
+class ZipIt(LayoutAlignment, FusionMethod):
     r"""ZipIt!: merge the most correlated features of all models, within and across models.
 
     At every hidden neuron space (each level's output, a level's internal spaces such as a
@@ -106,15 +105,7 @@ class ZipIt(FusionMethod):
     Options = ZipItOptions
     supports_width = True
     min_models = 2
-    fuses_levels = True
-
-    #: layout structures this alignment does not handle (:func:`neurofuse.levels.layout_traits`)
     unsupported_traits = frozenset({"transformer", "parts"})
-
-    @classmethod
-    def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        """Zipping needs one merge map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits, cls.name)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
