@@ -111,14 +111,32 @@ def make(family: str, ds: Dataset, seed: int, hidden: Optional[int] = None) -> n
     return nh.tiny_model("bert", ds.input_shape, ds.num_classes, seed=seed, vocab_size=int(ds.x_train.max()) + 1)
 
 
+def sinkhorn_rows(regs: Sequence[float]) -> List[tuple]:
+    """otfusion with soft alignment at each ``reg`` in ``regs``, without and with REPAIR."""
+    rows = []
+    for reg in regs:
+        opts = {"solver": "sinkhorn", "reg": reg}
+        rows += [(f"otfusion-sinkhorn-{reg:g}", "otfusion", opts),
+                 (f"otfusion-sinkhorn-{reg:g}+repair", "otfusion", {**opts, "repair": True})]
+    return rows
+
+
 def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, lr: float,
         fusion_samples: int, methods: List[str], hidden: Optional[int] = None,
-        table: Sequence[tuple] = METHODS) -> Dict[str, Any]:
+        table: Sequence[tuple] = METHODS, val: float = 0.0) -> Dict[str, Any]:
+    """One cell.  With ``val`` > 0 a class-balanced share ``val`` of the training data is held
+    out before the split (no base model trains on it, the fusion set is not drawn from it) and
+    every accuracy is also reported on it (``<label>_val``): choose settings on it, never on the
+    test set."""
     ds = family_data(family, dataset, train, seed)
     y = ds.y_train.numpy()
+    every = np.arange(len(y))
+    held = balanced_subset(y, every, int(round(val * len(y))), seed=10_000 + seed) if val > 0 else every[:0]
+    pool = np.setdiff1d(every, held)
     models = []
     t0 = time.time()
-    for i, part in enumerate(partition(y, n, "dirichlet", seed=seed)):
+    for i, part in enumerate(partition(y[pool], n, "dirichlet", seed=seed)):
+        part = pool[part]
         m = make(family, ds, 1000 * seed + i, hidden)
         train_model(m, ds.x_train[part], ds.y_train[part],
                     config=TrainConfig(epochs=epochs, lr=lr, seed=1000 * seed + i))
@@ -127,11 +145,14 @@ def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, l
             m = neurofuse.levels_from(m, input_shape=ds.input_shape)
         models.append(m)
     acc = lambda m: evaluate(m, ds.x_test, ds.y_test)["accuracy"]  # noqa: E731
-    idx = balanced_subset(y, np.arange(len(y)), fusion_samples, seed=seed)
+    val_acc = lambda m: evaluate(m, ds.x_train[held], ds.y_train[held])["accuracy"]  # noqa: E731
+    idx = balanced_subset(y, pool, fusion_samples, seed=seed)
     fusion = (ds.x_train[idx], ds.y_train[idx])
     row: Dict[str, Any] = {"family": family, "dataset": "tokens" if family == "hf-bert" else dataset,
                            "models": n, "seed": seed, "hidden": hidden, "epochs": epochs, "train_s": time.time() - t0,
                            "base": [acc(m) for m in models]}
+    if len(held):
+        row["base_val"] = [val_acc(m) for m in models]
     row["mean_base"] = float(np.mean(row["base"]))
     for label, method, opts in table:
         if label not in methods or (n > 2 and method in TWO_ONLY):
@@ -141,6 +162,8 @@ def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, l
         fused = neurofuse.fuse(models, fusion, method=method, seed=seed, progress=False, **opts)
         row[label + "_s"] = time.time() - t0
         row[label] = acc(fused)
+        if len(held):
+            row[label + "_val"] = val_acc(fused)
     return row
 
 
@@ -158,11 +181,15 @@ def main() -> None:
                    help="token width of the vit and encoder families (MLP 2x, 4 heads); default: the preset's")
     p.add_argument("--extra-rows", action="store_true",
                    help="also run " + ", ".join(m[0] for m in EXTRA_METHODS))
+    p.add_argument("--sinkhorn-regs", nargs="+", type=float, default=[],
+                   help="add otfusion rows with solver='sinkhorn' at each reg (with and without REPAIR)")
+    p.add_argument("--val", type=float, default=0.0,
+                   help="hold out this share of the training data as a validation set (accuracies '<label>_val')")
     p.add_argument("--methods", nargs="+", default=None, help="labels to run (default: every row)")
     p.add_argument("--out", default=None, help="also write the rows as JSON (appended to as cells finish)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    table = METHODS + (EXTRA_METHODS if a.extra_rows else [])
+    table = METHODS + (EXTRA_METHODS if a.extra_rows else []) + sinkhorn_rows(a.sinkhorn_regs)
     cols = a.methods or [m[0] for m in table]
     unknown = sorted(set(cols) - {m[0] for m in table})
     if unknown:
@@ -175,9 +202,9 @@ def main() -> None:
         for n in a.models:
             for seed in a.seeds:
                 r = run(family, a.dataset, a.train, n, seed, a.epochs, a.lr, a.fusion_samples, cols,
-                        a.hidden, table)
+                        a.hidden, table, a.val)
                 rows.append(r)
-                cells = [f"{r[c]:.3f} ({r[c + '_s']:.1f} s)" if c in r else "-" for c in cols]
+                cells = [f"{r[c]:.3f}" + (f"/{r[c + '_val']:.3f}" if c + "_val" in r else "") + f" ({r[c + '_s']:.1f} s)" if c in r else "-" for c in cols]
                 name = family if a.hidden is None else f"{family} (hidden {a.hidden})"
                 print(f"| {name} | {n} | {seed} | {r['mean_base']:.3f} | " + " | ".join(cells) + " |", flush=True)
                 if a.out:
