@@ -59,6 +59,7 @@ class LayoutAlignment:
         return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
                                                               cls.name)  # type: ignore[attr-defined]
 
+
 LevelMaps = List[SpaceMaps]
 
 

@@ -401,7 +401,7 @@ class OTFusion(FusionMethod):
                 warnings.warn(f"Sinkhorn stopped at max_iter={limit} before its tolerance (level {level}, "
                               f"marginal error {info['err'][-1] if info.get('err') else float('nan'):.2g}); "
                               "the plan is used as it is: raise reg or max_iter, or use solver='exact'",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
         plan = np.asarray(plan, dtype=np.float64)
         if not np.isfinite(plan).all() or plan.sum() <= 0:
             raise ConfigError(
