@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neurofuse.approximation import LinearStats
-from neurofuse.stats import CrossMoments, ImportanceSums, MomentStats
+from neurofuse.stats import SYRK_MIN, CrossMoments, ImportanceSums, MomentStats
 
 
 def _rand(*shape, seed=0):
@@ -41,3 +41,44 @@ def test_merging_different_statistics_or_unknown_state_is_refused():
         MomentStats().merge(CrossMoments())
     with pytest.raises(KeyError, match="no statistic"):
         MomentStats.from_state({"bogus": torch.zeros(1)})
+
+
+class _Gram(MomentStats):
+    """A symmetric sum accumulated through ``_add_gram`` (dsyrk from ``SYRK_MIN`` columns)."""
+
+    fields = ("g",)
+
+    def update(self, x):
+        self._add_gram("g", x)
+
+
+@pytest.mark.parametrize("d", [SYRK_MIN - 1, SYRK_MIN + 3])
+def test_gram_sums_from_one_triangle_are_whole_when_read_merged_or_saved(d):
+    """``_add_gram`` adds xᵀx (dsyrk writes one triangle on the CPU from SYRK_MIN columns): every
+    read, ``state``, and a merge of such a sum with one made by ``addmm_`` give the full, symmetric
+    xᵀx of the union."""
+    xs = [_rand(n, d, seed=s) for s, n in enumerate((40, 300, 7))]
+    whole = torch.cat(xs)
+    expect = whole.T @ whole
+    a = _Gram()
+    for x in xs[:2]:
+        a.update(x)
+    assert torch.allclose(a.g, xs[0].T @ xs[0] + xs[1].T @ xs[1], rtol=0, atol=1e-9)
+    a.update(xs[2])                                   # after a read: the triangle is stale again
+    assert torch.allclose(_Gram.from_state(a.state()).g, expect, rtol=0, atol=1e-9)
+
+    def shards():
+        full = _Gram()
+        full._add_product("g", xs[2].T, xs[2])        # a whole matrix, as below SYRK_MIN
+        half = _Gram()
+        for x in xs[:2]:
+            half.update(x)
+        return full, half
+
+    full, half = shards()
+    one = full.merge(half)
+    full, half = shards()
+    other = half.merge(full)
+    for merged in (one, other):
+        g = merged.state()["g"]
+        assert torch.allclose(g, expect, rtol=0, atol=1e-9) and torch.allclose(g, g.T, rtol=0, atol=1e-9)

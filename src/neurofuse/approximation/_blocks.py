@@ -33,8 +33,7 @@ class GramStats(AdditiveStats):
     fields = ("gram",)
 
     def update(self, a: Tensor) -> None:
-        a = a.double()
-        self._add_product("gram", a.T, a)
+        self._add_gram("gram", a)
 
     def coordinates(self) -> Tensor:
         r"""``[M, M]`` points whose pairwise distances are the neurons' distances over all rows:

@@ -255,7 +255,7 @@ class LinearStats(AdditiveStats):
                 self._add_product("cross", x.T, a)
             return
         self._drop_rows()
-        self._add_product("gram", x.T, x)
+        self._add_gram("gram", x)
         if self.has_cross:
             self._add_product("cross", x.T, a)
 
@@ -266,7 +266,7 @@ class LinearStats(AdditiveStats):
             x = torch.cat([xb for xb, _ in self._rows[self._in_gram:]], 0)
             if self.gram is not None and self.gram.stride() == (0, 0):   # the placeholder
                 self._sums["gram"] = torch.zeros(self.gram.shape, dtype=x.dtype, device=x.device)
-            self._add_product("gram", x.T, x)
+            self._add_gram("gram", x)
             self._in_gram = len(self._rows)
 
     def _drop_rows(self) -> None:

@@ -61,11 +61,11 @@ class LayerGrams(AdditiveStats):
     def update(self, layer: int, x: Tensor) -> None:
         """Add the input rows ``x`` ``[rows, d]`` of layer ``layer``."""
         self._add(**{f"n{layer}": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)})
-        self._add_product(f"g{layer}", x.T, x)
+        self._add_gram(f"g{layer}", x)
 
     def gram(self, layer: int) -> Optional[Tensor]:
         """The Gram matrix of layer ``layer`` (``None`` if no row reached it)."""
-        return self._sums[f"g{layer}"]
+        return self._sum(f"g{layer}")
 
 
 def layer_rows(layer: nn.Module, u: Tensor, bias: bool) -> Tensor:

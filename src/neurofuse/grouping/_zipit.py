@@ -56,7 +56,7 @@ class JointMoments(AdditiveStats):
     def update(self, f: Tensor) -> None:
         f = f.double()
         self._add(count=torch.tensor(float(f.shape[0]), dtype=torch.float64, device=f.device), total=f.sum(0))
-        self._add_product("outer", f.T, f)
+        self._add_gram("outer", f)
 
     def covariance(self) -> Tensor:
         """``[M, M]`` (population) covariance of the features."""
