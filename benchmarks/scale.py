@@ -142,6 +142,12 @@ def plan(name: str) -> List[Dict[str, Any]]:
         add(_cell("mlp", 4, m, depth=1, axes=["depth"]))
         for d in (0, 13, 16):
             add(_cell("vgg", 2, m, width=0.25, depth=d, axes=["depth"]))
+    # ridge="auto" (issue 23, the closed form's default) against ridge=0, side by side
+    for kw in ({"family": "vgg", "width": 0.5}, {"family": "mlp", "n": 8}):
+        fam = kw.pop("family")
+        n = kw.pop("n", 2)
+        add(_cell(fam, n, "kf-linear", axes=["ridge"], **kw))
+        add(_cell(fam, n, "kf-linear", options={"ridge": 0.0}, tag="ridge0", axes=["ridge"], **kw))
     # transformer-shaped rows: the whole-model method and short kf-gradient fits
     for fam in ("vit", "bert"):
         add(_cell(fam, 2, "vanilla", axes=["big"]))
@@ -464,7 +470,7 @@ def report(results: Dict[str, Any]) -> str:
     # one table per axis
     axes = [("models", "n", "models"), ("width", "width", "width"), ("samples", "samples", "samples"),
             ("depth", "depth", "depth"), ("gradient", "n", "kf-gradient"), ("big", "n", "big models"),
-            ("memory", "n", "memory")]
+            ("memory", "n", "memory"), ("ridge", "n", "ridge='auto' against ridge=0")]
     for axis, key, title in axes:
         sel = [c for c in cells if axis in c["axes"]]
         if not sel:
@@ -489,10 +495,12 @@ def report(results: Dict[str, Any]) -> str:
         groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
         for c in sel:
             other = tuple((k, c[k]) for k in ("family", "n", "width", "samples", "depth", "method") if k != key)
+            if c["options"]:   # a variant (n_init=3, ridge=0, ...) is a curve of its own
+                other += (("options", json.dumps(c["options"], sort_keys=True)),)
             groups.setdefault(other, []).append(c)
         exps = []
         for other, cs in groups.items():
-            if len({c[key] for c in cs}) < 3 or axis in ("gradient", "big", "memory"):
+            if len({c[key] for c in cs}) < 3 or axis in ("gradient", "big", "memory", "ridge"):
                 continue
             for s in srcs:
                 for metric in ("cpu_s", "delta_mib"):
@@ -511,6 +519,19 @@ def report(results: Dict[str, Any]) -> str:
             lines.append("| cells | src | quantity | exponent | points |")
             lines.append("|---|---|---|---:|---:|")
             lines.extend(exps)
+    # ridge="auto" / ridge=0: the cost of the GCV (issue 23), cells of the same run
+    ridge_pairs = [(c["id"][: -len("/ridge0")], c["id"]) for c in cells if c["id"].endswith("/ridge0")]
+    if ridge_pairs:
+        lines.append("\n## ridge='auto' / ridge=0 (same run, per src)\n")
+        lines.append("| cell | src | CPU s auto | CPU s ridge=0 | ratio (CPU) | ratio (wall) | Δ MiB auto | Δ MiB ridge=0 |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for a, b in ridge_pairs:
+            for s in srcs:
+                ra, rb = _best(runs, a, s), _best(runs, b, s)
+                if not (ra and rb and ra.get("status") == "ok" and rb.get("status") == "ok"):
+                    continue
+                lines.append(f"| {a} | {s} | {ra['cpu_s']:.2f} | {rb['cpu_s']:.2f} | {ra['cpu_s'] / rb['cpu_s']:.2f} | "
+                             f"{ra['wall_s'] / rb['wall_s']:.2f} | {ra['delta_mib']:.0f} | {rb['delta_mib']:.0f} |")
     # the goal ratios
     lines.append("\n## Goal ratios (same run, per src)\n")
     lines.append("| pair | src | ratio (wall) | ratio (CPU) | goal |")
