@@ -320,14 +320,19 @@ class LevelStream:
         for s, fn in fns.items():
             if fn is not None:
                 self._chains[s].append(fn)
-            new = self._next.pop(s)
+            new = self._next[s]
             if s in transforms and not isinstance(new, _DropStore):
-                mapped = self._new_store(0)
                 with torch.no_grad():
-                    for i in range(self.num_batches):
+                    first = transforms[s](new.get(0, self.device))
+                    # the mapped level is held next to the kept one while it is made: it is kept
+                    # in memory only if both fit the budget, and spilled otherwise
+                    mapped = self._new_store(first.numel() * first.element_size() * self.num_batches)
+                    mapped.put(0, first)
+                    for i in range(1, self.num_batches):
                         mapped.put(i, transforms[s](new.get(i, self.device)))
                 new.close()
                 new = mapped
+            del self._next[s]
             if isinstance(new, _DropStore):
                 new = _RecomputeStore(self.data, self._chains[s])
             self._stores[s].close()
