@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from .levels import LeveledNet
 
-__all__ = ["HostTransfers", "Transfer", "permute_hidden", "permute_spaces"]
+__all__ = ["CPU_LAPACK", "HostTransfers", "Transfer", "permute_hidden", "permute_spaces"]
 
 
 def permute_hidden(model: LeveledNet, seed: int = 0,
@@ -107,6 +107,12 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
             maps[sp.name] = _perm_map(perm)
         out.levels[lvl].load_state_dict(align_level(model.levels[lvl], lay, lvl, maps))  # type: ignore[arg-type]
     return out
+
+
+#: where a fusion on the CPU hands a matrix to scipy's BLAS / LAPACK as a numpy view of the
+#: same memory (no copy): the Gram sums (``dsyrk``) and the closed form's eigendecomposition.  On
+#: a GPU both run on the device (``addmm_``, ``torch.linalg.eigh``) and nothing is allowed there.
+CPU_LAPACK = ("_eigh_dense", "_add_gram")
 
 
 @dataclass(frozen=True)

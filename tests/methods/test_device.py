@@ -5,8 +5,9 @@ Runs on the CPU: the fusion device is ``"cpu:0"``, so a request for the host (``
 (:class:`neurofuse.testing.HostTransfers`).  What may go to the host is only what a CPU solver
 needs: the ``[k, k]`` cost matrix of a Hungarian matching or of an optimal transport,
 kf-gradient's random re-initialisation (drawn on the CPU so that a seed gives the same levels on
-every device) and, on a CPU-only machine, the Gram matrix handed to scipy's eigendecomposition
-(a GPU decomposes it on the device).  On a machine with a GPU the same checks run on ``"cuda"``.
+every device) and, on a CPU-only machine, the Gram sums scipy's BLAS accumulates and the Gram
+matrix handed to scipy's eigendecomposition (a GPU does both on the device).  On a machine with a
+GPU the same checks run on ``"cuda"``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 import neurofuse
 from neurofuse.approximation import LinearStats
 from neurofuse.models import VGG
-from neurofuse.testing import HostTransfers
+from neurofuse.testing import CPU_LAPACK, HostTransfers
 
-#: on the CPU the closed form's eigendecomposition is scipy's LAPACK (a numpy view, no copy); on
-#: a GPU torch.linalg.eigh runs on the device, so the "cuda" runs allow nothing there
-CPU_EIGH = ("_eigh_dense",)
+#: on the CPU the closed form's Gram sums and eigendecomposition are scipy's BLAS / LAPACK (numpy
+#: views, no copy); on a GPU they run on the device, so the "cuda" runs allow nothing there
+CPU_EIGH = CPU_LAPACK
 #: where each method may send a matrix to the host, and why
 ALLOWED = {
     "kf-linear": CPU_EIGH,
@@ -60,8 +61,9 @@ def test_no_matrix_leaves_the_fusion_device_except_a_cpu_solvers_cost_matrix(met
     fused, log = _fuse(method, (x[:200], y[:200]), device, **OPTIONS.get(method, {}))
     allowed = ALLOWED[method] if device.startswith("cpu") else tuple(a for a in ALLOWED[method] if a not in CPU_EIGH)
     assert log.matrices(allowed) == []
-    for t in log.matrices():                   # what is allowed: square matrices (costs, Gram), CPU inits
-        assert "random_like" in t.where or (len(t.shape) == 2 and t.shape[0] == t.shape[1]), t
+    for t in log.matrices():   # allowed: square matrices (costs, Gram), CPU inits, dsyrk's design rows
+        assert ("random_like" in t.where or "_add_gram" in t.where
+                or (len(t.shape) == 2 and t.shape[0] == t.shape[1])), t
     want = torch.device(device).type
     assert all(p.device.type == want for p in fused.parameters())
 
