@@ -20,7 +20,8 @@ fusion set is drawn from; the test set is never read):
 Rows (kf-linear, ``ridge="auto"``; ``+cs``: ``class_weights`` = the models' class shares; ``imp`` /
 ``mean``: ``output_weights``): ``default`` (uniform importance), ``+cs``, ``cond imp``, ``cond imp
 +cs`` (the README's recipe before issue 23), ``cond mean``, ``cond mean +cs``, ``+refine`` and
-``cond imp +cs +refine`` (K-means Hartigan refinement), ``cond imp +cs +distill`` and ``+cs
+``cond imp +cs +refine`` (K-means Hartigan refinement), ``n_init=R`` and ``+cs n_init=R`` for
+R = 1, 3, 10 (K-means restarts), ``cond imp +cs +distill`` and ``+cs
 +distill`` (100 epochs on the fusion set alone, ``DistillConfig()``; the kept epoch is recorded),
 and the references ``ensemble``, ``ensemble +cs``, the best and mean base model (each by
 validation accuracy).  ``--rows``, ``--sizes``, ``--datasets``, ``--splits`` run a part.
@@ -75,6 +76,9 @@ def rows(shares: np.ndarray) -> List[Tuple[str, Callable[[List[torch.nn.Module],
     add("default", method="kf-linear")
     add("+cs", method="kf-linear", **cs)
     add("+refine", method="kf-linear", refine=True)
+    for r in (1, 3, 10):                                # K-means restarts (default 3)
+        add(f"n_init={r}", method="kf-linear", n_init=r)
+        add(f"+cs n_init={r}", method="kf-linear", n_init=r, **cs)
     for out_w in ("importance", "mean"):
         tag = "imp" if out_w == "importance" else "mean"
         add(f"cond {tag}", method="kf-linear", importance="conductance", output_weights=out_w)

@@ -88,7 +88,7 @@ def fuse(models: Sequence[nn.Module], data: Any = None, method: str = "kf-linear
         per hidden level, the per-level report, the method's extras and every step applied)
         instead of the model alone, as POT's ``log=True``.
     **options
-        Method settings (its ``Options`` dataclass), e.g. ``n_init=10`` for ``kf-linear``, or the
+        Method settings (its ``Options`` dataclass), e.g. ``n_init=10`` for ``kf-linear`` (more K-means restarts), or the
         common ``device="cuda"`` and ``batch_size=256``.
 
     Returns
