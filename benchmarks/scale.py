@@ -582,6 +582,7 @@ def plots(results: Dict[str, Any], folder: Path) -> List[Path]:
         if not sel:
             continue
         fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+        xs = set()
         for fam in fams:
             for method in ALL + ("kf-gradient",):
                 cs = sorted((c for c in sel if c["family"] == fam and c["method"] == method), key=lambda c: c[key])
@@ -590,11 +591,15 @@ def plots(results: Dict[str, Any], folder: Path) -> List[Path]:
                 if len(pts) < 2:
                     continue
                 label = f"{fam} {method}"
+                xs.update(p[0] for p in pts)
                 axs[0].plot([p[0] for p in pts], [p[1]["wall_s"] for p in pts], marker="o", label=label)
                 axs[1].plot([p[0] for p in pts], [max(p[1]["delta_mib"], 1) for p in pts], marker="o", label=label)
         for ax, ylab in zip(axs, ("seconds (1 thread)", "peak − RSS at call (MiB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # the measured values as the x ticks, written plainly (no overlapping minor labels)
+            ax.set_xticks(sorted(xs), [f"{x:g}" for x in sorted(xs)])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel(key)
             ax.set_ylabel(ylab)
             ax.grid(True, which="both", alpha=0.3)
