@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.cluster import KMeans
 
 from neurofuse.errors import IncompatibleModelsError
@@ -152,6 +153,31 @@ def test_without_the_gram_matrix_the_clustering_is_the_same(monkeypatch):
     monkeypatch.setattr(_core, "_GRAM_BYTES", 0)
     dense = weighted_kmeans(x, w, 10, n_init=3, seed=0)
     assert np.array_equal(gram[0], dense[0])
+    assert dense[2] == pytest.approx(gram[2])
+
+
+def test_the_blocked_gram_matrix_is_the_full_product_and_symmetric():
+    from neurofuse.grouping._core import _symmetric_gram
+
+    x = torch.randn(1500, 7, dtype=torch.float64)
+    g = _symmetric_gram(x, blocks=5)
+    assert torch.allclose(g, x @ x.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g, g.T)
+
+
+def test_points_of_zero_weight_cluster_the_same_with_or_without_the_gram_matrix(monkeypatch):
+    """Seeding reads distances from the weighted Gram matrix's rows only while every weight is
+    positive; with a zero weight it computes them from the points, and nothing else changes."""
+    from neurofuse.grouping import _core
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(scale=4.0, size=(8, 5))[rng.integers(8, size=120)] + rng.normal(size=(120, 5))
+    w = rng.gamma(1.0, size=120) + 1e-3
+    w[::7] = 0.0
+    gram = weighted_kmeans(x, w, 8, n_init=3, seed=1)
+    monkeypatch.setattr(_core, "_GRAM_BYTES", 0)
+    dense = weighted_kmeans(x, w, 8, n_init=3, seed=1)
+    assert np.array_equal(gram[0], dense[0]) and set(gram[0]) == set(range(8))
     assert dense[2] == pytest.approx(gram[2])
 
 
