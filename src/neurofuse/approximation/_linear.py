@@ -243,8 +243,9 @@ class LinearStats(AdditiveStats):
                 "level's spatial shapes differ between models"
             )
         x = x.double()
+        a64 = a.detach().double()   # once: the squares and the cross product read the same copy
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  sq=(a.double() ** 2).sum(0))
+                  sq=(a64 * a64).sum(0))
         if self._rows is not None and self.rows <= x.shape[1]:
             # the Gram matrix is formed only if it is asked for (state, merge, a larger set);
             # until then it is a zero placeholder of its shape that holds no memory
@@ -252,12 +253,12 @@ class LinearStats(AdditiveStats):
             if self.gram is None:
                 self._sums["gram"] = x.new_zeros(1).expand(x.shape[1], x.shape[1])
             if self.has_cross:
-                self._add_product("cross", x.T, a)
+                self._add_product("cross", x.T, a64)
             return
         self._drop_rows()
         self._add_gram("gram", x)
         if self.has_cross:
-            self._add_product("cross", x.T, a)
+            self._add_product("cross", x.T, a64)
 
     @phase("statistics")
     def _flush(self) -> None:

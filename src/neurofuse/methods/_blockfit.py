@@ -387,6 +387,9 @@ class TransformerFit:
         stages, bstages = _batch_first(spec), [_batch_first(s) for s in bspecs]  # type: ignore[arg-type]
         info: Dict[str, Any] = {"level": level, "stages": [type(s).__name__ for s in stages]}
         self._fits = []
+        #: per batch, every base model's intermediate values of the stage just fitted (attention
+        #: and MLP stages keep them: their "out" is the stream after the stage, not recomputed)
+        self._base_out: Optional[List[List[Dict[str, Tensor]]]] = None
         for si, st in enumerate(stages):
             bst = [s[si] for s in bstages]
             if isinstance(st, Embed):
@@ -404,9 +407,13 @@ class TransformerFit:
             with torch.no_grad():
                 getf = spec.getter(fl)
                 xf = [stage_forward(st, fl, getf, x) for x in xf]
-                for i, s in enumerate(bspecs):
-                    get = s.getter(bl[i])  # type: ignore[union-attr]
-                    xb[i] = [stage_forward(bst[i], bl[i], get, x) for x in xb[i]]
+                if self._base_out is not None:   # the base stages' outputs, kept by the fit
+                    xb = [[parts[i]["out"] for parts in self._base_out] for i in range(len(xb))]
+                    self._base_out = None
+                else:
+                    for i, s in enumerate(bspecs):
+                        get = s.getter(bl[i])  # type: ignore[union-attr]
+                        xb[i] = [stage_forward(bst[i], bl[i], get, x) for x in xb[i]]
                 if group is not None:  # how far the fused stream is from its targets after the stage
                     info.setdefault("stream_error", []).append(_relative_error(
                         xf, [group.target([v[j] for v in xb]) for j in range(len(xf))]))
@@ -605,6 +612,7 @@ class TransformerFit:
                 sums = [attention_parts(st, getf, x)["sum"] for x in xf]
                 outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
             self._fit_norm(fl, st.post, sums, outs)
+        self._base_out = base_parts
         return sigma
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
@@ -737,6 +745,7 @@ class TransformerFit:
                 sums = [mlp_parts(st, fl, getf, x)["sum"] for x in xf]
                 outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
             self._fit_norm(fl, st.post, sums, outs)
+        self._base_out = base_parts
 
     def _stream_norm(self, fl: nn.Module, st: StreamNorm, bl: List[nn.Module], bst: List[StreamNorm],
                      xf: List[Tensor], xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
