@@ -156,8 +156,9 @@ def _flat(t: Tensor) -> Tensor:
 
 def _design(h: Tensor, bias: bool, weights: Optional[Tensor] = None) -> Tensor:
     """The rows of ``h`` (and a ones column with ``bias``), each token row scaled by the square
-    root of its weight (weighted least squares)."""
-    x = h.double()
+    root of its weight (weighted least squares); in ``h``'s dtype (the statistics convert the
+    rows to float64 chunk by chunk, :meth:`LinearStats.update`)."""
+    x = h if h.is_floating_point() else h.double()
     if bias:
         x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
     return _flat(_weighted(x, weights))
@@ -390,6 +391,8 @@ class TransformerFit:
         #: per batch, every base model's intermediate values of the stage just fitted (attention
         #: and MLP stages keep them: their "out" is the stream after the stage, not recomputed)
         self._base_out: Optional[List[List[Dict[str, Tensor]]]] = None
+        #: per batch, the grouped base outputs of that stage (the stream's targets after it)
+        self._stage_targets: Optional[List[Tensor]] = None
         for si, st in enumerate(stages):
             bst = [s[si] for s in bstages]
             if isinstance(st, Embed):
@@ -415,8 +418,9 @@ class TransformerFit:
                         get = s.getter(bl[i])  # type: ignore[union-attr]
                         xb[i] = [stage_forward(bst[i], bl[i], get, x) for x in xb[i]]
                 if group is not None:  # how far the fused stream is from its targets after the stage
-                    info.setdefault("stream_error", []).append(_relative_error(
-                        xf, [group.target([v[j] for v in xb]) for j in range(len(xf))]))
+                    tg = self._stage_targets or [group.target([v[j] for v in xb]) for j in range(len(xf))]
+                    info.setdefault("stream_error", []).append(_relative_error(xf, tg))
+                self._stage_targets = None
         # per least-squares fit, in order: the ridge chosen (relative) and the condition number
         info["penalties"] = [f.penalty for f in self._fits]
         info["conditions"] = [f.condition for f in self._fits]
@@ -593,8 +597,10 @@ class TransformerFit:
         # 4. values and the output projection, given the fused attention pattern
         k_in = int(xf[0].shape[-1])
         o_prior = None
+        with torch.no_grad():   # the grouped sums x + o(ctx): the residual target of values and o
+            sums = [group.target([bp["sum"] for bp in parts]) for parts in base_parts]
         if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
-            self._values_jointly(fl, st, bl, bst, xf, base_parts, group, sigma, dq_f, dv_f)
+            self._values_jointly(fl, st, bl, bst, xf, sums, group, sigma, dq_f, dv_f)
         else:
             vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
             o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
@@ -604,15 +610,16 @@ class TransformerFit:
             for j, x in enumerate(xf):
                 p = attention_parts(st, getf, x)
                 designs.append(_design(p["ctx"], st.o.bias is not None, self.tw))
-                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+                targets.append(sums[j] - x.double())
         self._fit_residual(fl, st.o, designs, targets, o_prior)
         # 6. a post-norm, per neuron
+        outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
             with torch.no_grad():
-                sums = [attention_parts(st, getf, x)["sum"] for x in xf]
-                outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
-            self._fit_norm(fl, st.post, sums, outs)
-        self._base_out = base_parts
+                fused = [attention_parts(st, getf, x)["sum"] for x in xf]
+                outs = [group.target([bp["out"] for bp in parts]) for parts in base_parts]
+            self._fit_norm(fl, st.post, fused, outs)
+        self._base_out, self._stage_targets = base_parts, outs
         return sigma
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
@@ -625,7 +632,7 @@ class TransformerFit:
         return torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
 
     def _values_jointly(self, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
-                        xf: List[Tensor], base_parts: List[List[Dict[str, Tensor]]], group: StreamGrouping,
+                        xf: List[Tensor], sums: List[Tensor], group: StreamGrouping,
                         sigma: np.ndarray, dq_f: int, dv_f: int) -> None:
         r"""Values from the residual target itself.  Given the fused patterns :math:`P_b`, the
         attention output :math:`\sum_b P_b h W_{v,b}^\top W_{o,b}^\top` is linear in the products
@@ -658,7 +665,7 @@ class TransformerFit:
                 h = _normalised(st.pre, x)
                 pattern = self._patterns(st, fl, h, heads, dq_f)
                 z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
-                tgt = group.target([bp["sum"] for bp in base_parts[j]]) - x.double()
+                tgt = sums[j] - x.double()
                 stats.update(_design(z, True, self.tw), _flat(_weighted(tgt, self.tw)))
         m = self._solve(stats, prior).weights
         values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
@@ -734,18 +741,20 @@ class TransformerFit:
         act = activation(fl, st.act)
         designs, targets = [], []
         with torch.no_grad():
+            sums = [group.target([bp["sum"] for bp in parts]) for parts in base_parts]
             for j, x in enumerate(xf):
                 z = st.fc1.apply(getf, _normalised(st.pre, x))
                 designs.append(_design(act(z), st.fc2.bias is not None, self.tw))
-                targets.append(group.target([bp["sum"] for bp in base_parts[j]]) - x.double())
+                targets.append(sums[j] - x.double())
         self._fit_residual(fl, st.fc2, designs, targets, self._residual_prior(
             bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners))
+        outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
             with torch.no_grad():
-                sums = [mlp_parts(st, fl, getf, x)["sum"] for x in xf]
-                outs = [group.target([bp["out"] for bp in base_parts[j]]) for j in range(len(xf))]
-            self._fit_norm(fl, st.post, sums, outs)
-        self._base_out = base_parts
+                fused = [mlp_parts(st, fl, getf, x)["sum"] for x in xf]
+                outs = [group.target([bp["out"] for bp in parts]) for parts in base_parts]
+            self._fit_norm(fl, st.post, fused, outs)
+        self._base_out, self._stage_targets = base_parts, outs
 
     def _stream_norm(self, fl: nn.Module, st: StreamNorm, bl: List[nn.Module], bst: List[StreamNorm],
                      xf: List[Tensor], xb: List[List[Tensor]], group: Optional[StreamGrouping]) -> None:
