@@ -177,3 +177,24 @@ def test_fewer_rows_than_inputs_solve_through_the_row_gram_like_the_input_gram(r
     assert torch.allclose(dual.state()["gram"], x.T @ x)    # formed when it is asked for
     again = dual.solve(ridge=ridge, prior=prior)            # and the rows still solve
     assert torch.allclose(again.features, s_dual.features, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [12, 300])   # the matrix product and the dsyrk paths of the Gram sum
+def test_float64_chunks_of_a_batch_sum_to_the_whole_batch_statistics(monkeypatch, d):
+    """A batch is converted to float64 a few rows at a time (``CHUNK_BYTES``); the sums are
+    those of the whole batch, float32 inputs included."""
+    from neurofuse.approximation import _linear
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, d, generator=g)
+    a = torch.randn(1000, 9, generator=g)
+    whole = LinearStats()
+    whole.update(x, a)
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", 8 * d * 300)   # 300-row chunks: 4 of them
+    chunked = LinearStats()
+    chunked.update(x, a)
+    ref = x.double()
+    for name, want in (("gram", ref.T @ ref), ("cross", ref.T @ a.double()), ("sq", (a.double() ** 2).sum(0))):
+        assert torch.allclose(getattr(chunked, name), want, rtol=1e-12, atol=1e-9), name
+        assert torch.allclose(getattr(whole, name), want, rtol=1e-12, atol=1e-9), name
+    assert chunked.rows == whole.rows == 1000
