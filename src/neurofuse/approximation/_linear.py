@@ -23,7 +23,7 @@ cross-validation from these statistics alone (:mod:`neurofuse.approximation._rid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -239,44 +239,68 @@ class LinearStats(AdditiveStats):
         return 0 if self.count is None else int(self.count)
 
     @phase("statistics")
-    def update(self, x: Tensor, a: Tensor) -> None:
-        """Add the design rows ``x`` (``[n, d]``) and the base outputs ``a`` (``[n, M]``) of one
-        batch (any float dtype; the sums are float64).
+    def update(self, x: Tensor, a: "Tensor | Sequence[Tensor]", row_scale: Optional[Tensor] = None) -> None:
+        """Add one batch of rows.
+
+        Parameters
+        ----------
+        x : Tensor
+            ``[n, d]`` design rows (any float dtype; the sums are float64).
+        a : Tensor or sequence of Tensor
+            ``[n, M]`` base outputs, or column blocks ``[n, M_i]`` of them in order (they are
+            joined chunk by chunk, never as a whole).
+        row_scale : Tensor, optional
+            ``[n]`` factors of the rows of ``x`` and ``a`` (weighted least squares: the square
+            roots of the row weights), applied in float64.
 
         The rows are converted to float64 and added :data:`CHUNK_BYTES` at a time: float64
         copies of a whole batch are fresh allocations of hundreds of MB that the allocator maps
         and unmaps every time (page faults: a 123-MB conversion took 78 ms where the product it
         feeds takes 34), while chunks of a few MB are reused (the statistics of 20,000 rows of
         65 inputs and 768 outputs: 104 against 255 ms on one thread)."""
-        if x.shape[0] != a.shape[0]:
-            raise IncompatibleModelsError(
-                f"fused level produces {x.shape[0]} rows but the base models {a.shape[0]}; the "
-                "level's spatial shapes differ between models"
-            )
-        x, a = x.detach(), a.detach()
+        blocks = [a] if isinstance(a, Tensor) else list(a)
+        for b in blocks:
+            if x.shape[0] != b.shape[0]:
+                raise IncompatibleModelsError(
+                    f"fused level produces {x.shape[0]} rows but the base models {b.shape[0]}; the "
+                    "level's spatial shapes differ between models"
+                )
+        x = x.detach()
+        blocks = [b.detach() for b in blocks]
+        scale = None if row_scale is None else row_scale.detach().to(x.device, torch.float64)
         self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
         if self._rows is not None and self.rows <= x.shape[1]:
             # the Gram matrix is formed only if it is asked for (state, merge, a larger set);
             # until then it is a zero placeholder of its shape that holds no memory
-            x = x.double()
-            self._rows.append((x, None if self.has_cross else a.float()))
+            x = x.double() if scale is None else x.double() * scale[:, None]
+            outs = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+            if scale is not None:
+                outs = outs.double() * scale[:, None]
+            self._rows.append((x, None if self.has_cross else outs.float()))
             if self.gram is None:
                 self._sums["gram"] = x.new_zeros(1).expand(x.shape[1], x.shape[1])
-            self._add_rows(None, a)
+            self._add_rows(None, [outs], None)
             return
         self._drop_rows()
-        self._add_rows(x, a)
+        self._add_rows(x, blocks, scale)
 
-    def _add_rows(self, x: Optional[Tensor], a: Tensor) -> None:
+    def _add_rows(self, x: Optional[Tensor], blocks: List[Tensor], scale: Optional[Tensor]) -> None:
         """``sq``, ``cross`` and (unless ``x`` is ``None``: rows kept) ``gram`` of these rows, in
         float64 chunks of at most :data:`CHUNK_BYTES` per tensor."""
-        width = max(a.shape[1], 1 if x is None else x.shape[1])
+        width = max(sum(b.shape[1] for b in blocks), 1 if x is None else x.shape[1])
         step = max(256, CHUNK_BYTES // (8 * width))
-        kept = self._rows[-1][0] if x is None and self._rows else None
-        for lo in range(0, max(a.shape[0], 1), step):   # once with no rows: zero sums
-            ac = a[lo:lo + step].double()
+        design = x if x is not None else (self._rows[-1][0] if self._rows else None)
+        for lo in range(0, max(blocks[0].shape[0], 1), step):   # once with no rows: zero sums
+            parts = [b[lo:lo + step] for b in blocks]
+            ac = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).double()
+            if scale is not None and x is not None:
+                ac = ac * scale[lo:lo + step, None]
             self._add(sq=(ac * ac).sum(0))
-            xc = (kept if x is None else x)[lo:lo + step].double()
+            if design is None or not (x is not None or self.has_cross):
+                continue
+            xc = design[lo:lo + step].double()
+            if scale is not None and x is not None:
+                xc = xc * scale[lo:lo + step, None]
             if x is not None:
                 self._add_gram("gram", xc)
             if self.has_cross:

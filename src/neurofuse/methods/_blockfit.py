@@ -154,14 +154,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _design(h: Tensor, bias: bool, weights: Optional[Tensor] = None) -> Tensor:
-    """The rows of ``h`` (and a ones column with ``bias``), each token row scaled by the square
-    root of its weight (weighted least squares); in ``h``'s dtype (the statistics convert the
-    rows to float64 chunk by chunk, :meth:`LinearStats.update`)."""
+def _design(h: Tensor, bias: bool) -> Tensor:
+    """The rows of ``h`` (and a ones column with ``bias``), in ``h``'s dtype: the statistics
+    convert them to float64 chunk by chunk and weigh them (:meth:`LinearStats.update`, with
+    :func:`_scale`)."""
     x = h if h.is_floating_point() else h.double()
     if bias:
         x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
-    return _flat(_weighted(x, weights))
+    return _flat(x)
+
+
+def _scale(t: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+    """The square roots of the row weights of token tensor ``t`` flattened (weighted least
+    squares; ``None``: all rows alike)."""
+    w = _row_weights(t, weights)
+    return None if w is None else w.sqrt()
 
 
 def _weighted(t: Tensor, weights: Optional[Tensor]) -> Tensor:
@@ -452,12 +459,12 @@ class TransformerFit:
         """Group inner neurons (not a level output: uniform importance)."""
         return self.method.group(feats.float(), np.ones(int(sum(widths))), list(widths), k, level)
 
-    def _fit_residual(self, level: nn.Module, p: Proj, designs: List[Tensor], targets: List[Tensor],
+    def _fit_residual(self, level: nn.Module, p: Proj, inputs: List[Tensor], targets: List[Tensor],
                       prior: Optional[Tensor] = None) -> None:
-        """Least squares of projection ``p`` on ``designs`` to ``targets`` (no grouping)."""
+        """Least squares of projection ``p`` on its ``inputs`` to ``targets`` (no grouping)."""
         stats = LinearStats()
-        for x, t in zip(designs, targets):
-            stats.update(x, _flat(_weighted(t, self.tw)))
+        for h, t in zip(inputs, targets):
+            stats.update(_design(h, p.bias is not None), _flat(t), _scale(h, self.tw))
         _write_proj(level, p, self._solve(stats, prior).weights, p.bias is not None)
 
     def _residual_prior(self, bl: List[nn.Module], projs: List[Proj], labels: List[Tensor], k_in: int,
@@ -551,8 +558,8 @@ class TransformerFit:
                 h = _normalised(st.pre, x)
                 parts = [attention_parts(s, g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))]
                 base_parts.append(parts)
-                stats.update(_design(h, bias_qk, self.tw),
-                             torch.cat([_flat(_weighted(p[n], self.tw)) for p in parts for n in ("q", "k", "v")], 1))
+                stats.update(_design(h, bias_qk), [_flat(p[n]) for p in parts for n in ("q", "k", "v")],
+                             _scale(h, self.tw))
         k_in = int(xf[0].shape[-1])
         priors = [torch.cat([_prior(lv, getattr(s, n), group.labels[i], k_in, s.pre, bias_qk if n != "v" else bias_v)
                              for n in ("q", "k", "v")], 1)
@@ -605,13 +612,13 @@ class TransformerFit:
             vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
             o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
                                            group.combiners)
-        designs, targets = [], []
+        inputs, targets = [], []
         with torch.no_grad():
             for j, x in enumerate(xf):
                 p = attention_parts(st, getf, x)
-                designs.append(_design(p["ctx"], st.o.bias is not None, self.tw))
+                inputs.append(p["ctx"])
                 targets.append(sums[j] - x.double())
-        self._fit_residual(fl, st.o, designs, targets, o_prior)
+        self._fit_residual(fl, st.o, inputs, targets, o_prior)
         # 6. a post-norm, per neuron
         outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
@@ -666,7 +673,7 @@ class TransformerFit:
                 pattern = self._patterns(st, fl, h, heads, dq_f)
                 z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
                 tgt = sums[j] - x.double()
-                stats.update(_design(z, True, self.tw), _flat(_weighted(tgt, self.tw)))
+                stats.update(_design(z, True), _flat(tgt), _scale(z, self.tw))
         m = self._solve(stats, prior).weights
         values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
         for b in range(heads):
@@ -697,8 +704,8 @@ class TransformerFit:
                 for b in range(heads):
                     ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
                            for i, p in enumerate(base_parts[j])]
-                    vstats[b].update(_design(pattern[:, b] @ h, bias_v, self.tw),
-                                     torch.cat([_flat(_weighted(c, self.tw)) for c in ctx], 1))
+                    vstats[b].update(_design(pattern[:, b] @ h, bias_v), [_flat(c) for c in ctx],
+                                     _scale(h, self.tw))
         labels = [torch.zeros(d * heads, dtype=torch.long) for d in dv]
         for b in range(heads):
             pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
@@ -728,8 +735,8 @@ class TransformerFit:
             for j, x in enumerate(xf):
                 parts = [mlp_parts(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))]
                 base_parts.append(parts)
-                stats.update(_design(_normalised(st.pre, x), bias1, self.tw),
-                             torch.cat([_flat(_weighted(p["z"], self.tw)) for p in parts], 1))
+                stats.update(_design(_normalised(st.pre, x), bias1), [_flat(p["z"]) for p in parts],
+                             _scale(x, self.tw))
         k_in = int(xf[0].shape[-1])
         prior = torch.cat([_prior(lv, s.fc1, group.labels[i], k_in, s.pre, bias1) for i, (lv, s) in enumerate(zip(bl, bst))], 1)
         sol = self._solve(stats, prior)
@@ -739,14 +746,14 @@ class TransformerFit:
         hidden = list(torch.split(torch.from_numpy(g.labels).long(), widths))
         _identity_norm(fl, st.pre)
         act = activation(fl, st.act)
-        designs, targets = [], []
+        inputs, targets = [], []
         with torch.no_grad():
             sums = [group.target([bp["sum"] for bp in parts]) for parts in base_parts]
             for j, x in enumerate(xf):
                 z = st.fc1.apply(getf, _normalised(st.pre, x))
-                designs.append(_design(act(z), st.fc2.bias is not None, self.tw))
+                inputs.append(act(z))
                 targets.append(sums[j] - x.double())
-        self._fit_residual(fl, st.fc2, designs, targets, self._residual_prior(
+        self._fit_residual(fl, st.fc2, inputs, targets, self._residual_prior(
             bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners))
         outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
@@ -787,7 +794,7 @@ class TransformerFit:
                     for i, (s, lv, g) in enumerate(zip(bst, bl, gets)):
                         hb = _pool(xb[i][j] if s.norm is None else s.norm.apply(g, xb[i][j]), s.pool)
                         a.append(s.dense.apply(g, hb))  # type: ignore[union-attr]
-                    stats.update(_design(h, bias), torch.cat(a, 1))
+                    stats.update(_design(h, bias), a)
             prior = torch.cat([_prior(lv, s.dense, in_labels[i], k_in, s.norm, bias)  # type: ignore[arg-type]
                                for i, (lv, s) in enumerate(zip(bl, bst))], 1)
             sol = self._solve(stats, prior)
@@ -799,16 +806,16 @@ class TransformerFit:
             act = activation(fl, st.act)
             with torch.no_grad():
                 pooled = [act(st.dense.apply(getf, h)) for h in pooled]
-        designs, targets = [], []
+        inputs, targets = [], []
         with torch.no_grad():
             for j, h in enumerate(pooled):
                 logits = [m.levels[level](xb[i][j]).double() for i, m in enumerate(self.models)]
-                designs.append(_design(h, st.fc.bias is not None))
+                inputs.append(h)
                 targets.append(sum(w_out[i][None, :] * z for i, z in enumerate(logits)))
         fc_bias = st.fc.bias is not None
         prior = sum(_prior(lv, s.fc, in_labels[i], k_in, norms[i], fc_bias) * w_out[i][None, :].double().cpu()
                     for i, (lv, s) in enumerate(zip(bl, bst)))
-        self._fit_residual(fl, st.fc, designs, targets, prior)  # type: ignore[arg-type]
+        self._fit_residual(fl, st.fc, inputs, targets, prior)  # type: ignore[arg-type]
 
 
 def _relative_error(values: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
