@@ -82,3 +82,24 @@ def test_gram_sums_from_one_triangle_are_whole_when_read_merged_or_saved(d):
     for merged in (one, other):
         g = merged.state()["g"]
         assert torch.allclose(g, expect, rtol=0, atol=1e-9) and torch.allclose(g, g.T, rtol=0, atol=1e-9)
+
+
+def test_statistics_converted_in_float64_chunks_equal_the_whole_batch_sums(monkeypatch):
+    """Moments, cross moments and Gram sums of a batch are added a few rows at a time
+    (``CHUNK_BYTES``); the sums are those of the whole batch, column blocks joined in order."""
+    from neurofuse import stats as stats_mod
+    from neurofuse.approximation import GramStats
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(700, 5, generator=g), torch.randn(700, 4, generator=g)
+    monkeypatch.setattr(stats_mod, "CHUNK_BYTES", 8 * 5 * 256)   # 256-row chunks: 3 of them
+    assert len(stats_mod.row_chunks(700, 5)) == 3
+    m, c, gr = MomentStats(), CrossMoments(), GramStats()
+    m.update(a)
+    c.update(a, b)
+    gr.update([a, b])
+    a64, b64 = a.double(), b.double()
+    both = torch.cat([a64, b64], 1)
+    assert torch.allclose(m.sq, (a64 ** 2).sum(0), rtol=1e-12) and int(m.count) == 700
+    assert torch.allclose(c.ab, a64.T @ b64, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(gr.gram, both.T @ both, rtol=1e-12, atol=1e-10)

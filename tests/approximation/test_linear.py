@@ -183,14 +183,14 @@ def test_fewer_rows_than_inputs_solve_through_the_row_gram_like_the_input_gram(r
 def test_float64_chunks_of_a_batch_sum_to_the_whole_batch_statistics(monkeypatch, d):
     """A batch is converted to float64 a few rows at a time (``CHUNK_BYTES``); the sums are
     those of the whole batch, float32 inputs included."""
-    from neurofuse.approximation import _linear
+    from neurofuse import stats
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1000, d, generator=g)
     a = torch.randn(1000, 9, generator=g)
     whole = LinearStats()
     whole.update(x, a)
-    monkeypatch.setattr(_linear, "CHUNK_BYTES", 8 * d * 300)   # 300-row chunks: 4 of them
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * d * 300)   # 300-row chunks: 4 of them
     chunked = LinearStats()
     chunked.update(x, a)
     ref = x.double()

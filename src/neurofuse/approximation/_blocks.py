@@ -16,12 +16,12 @@ neuron by neuron from additive statistics:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..stats import AdditiveStats
+from ..stats import AdditiveStats, row_chunks
 from ._linear import _eigh_dense
 
 __all__ = ["GramStats", "NeuronRegression", "TokenSums"]
@@ -32,8 +32,13 @@ class GramStats(AdditiveStats):
 
     fields = ("gram",)
 
-    def update(self, a: Tensor) -> None:
-        self._add_gram("gram", a)
+    def update(self, a: "Tensor | Sequence[Tensor]") -> None:
+        """Add ``[rows, M]`` neuron values, or column blocks ``[rows, M_i]`` of them in order
+        (joined and converted to float64 a few MB at a time, :func:`neurofuse.stats.row_chunks`)."""
+        blocks = [a] if isinstance(a, Tensor) else list(a)
+        for rows in row_chunks(blocks[0].shape[0], sum(b.shape[1] for b in blocks)):
+            parts = [b[rows].detach() for b in blocks]
+            self._add_gram("gram", (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).double())
 
     def coordinates(self) -> Tensor:
         r"""``[M, M]`` points whose pairwise distances are the neurons' distances over all rows:

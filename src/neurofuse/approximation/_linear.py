@@ -31,13 +31,10 @@ from torch import Tensor, nn
 
 from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
-from ..stats import AdditiveStats
+from ..stats import AdditiveStats, row_chunks
 from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
-
-#: Largest float64 chunk, in bytes, of one tensor that :meth:`LinearStats.update` converts at a time
-CHUNK_BYTES = 16 * 2**20
 
 
 @phase("statistics")
@@ -253,11 +250,8 @@ class LinearStats(AdditiveStats):
             ``[n]`` factors of the rows of ``x`` and ``a`` (weighted least squares: the square
             roots of the row weights), applied in float64.
 
-        The rows are converted to float64 and added :data:`CHUNK_BYTES` at a time: float64
-        copies of a whole batch are fresh allocations of hundreds of MB that the allocator maps
-        and unmaps every time (page faults: a 123-MB conversion took 78 ms where the product it
-        feeds takes 34), while chunks of a few MB are reused (the statistics of 20,000 rows of
-        65 inputs and 768 outputs: 104 against 255 ms on one thread)."""
+        The rows are converted to float64 and added a few MB at a time
+        (:func:`neurofuse.stats.row_chunks`), never as a whole batch."""
         blocks = [a] if isinstance(a, Tensor) else list(a)
         for b in blocks:
             if x.shape[0] != b.shape[0]:
@@ -286,21 +280,20 @@ class LinearStats(AdditiveStats):
 
     def _add_rows(self, x: Optional[Tensor], blocks: List[Tensor], scale: Optional[Tensor]) -> None:
         """``sq``, ``cross`` and (unless ``x`` is ``None``: rows kept) ``gram`` of these rows, in
-        float64 chunks of at most :data:`CHUNK_BYTES` per tensor."""
+        float64 chunks (:func:`neurofuse.stats.row_chunks`)."""
         width = max(sum(b.shape[1] for b in blocks), 1 if x is None else x.shape[1])
-        step = max(256, CHUNK_BYTES // (8 * width))
         design = x if x is not None else (self._rows[-1][0] if self._rows else None)
-        for lo in range(0, max(blocks[0].shape[0], 1), step):   # once with no rows: zero sums
-            parts = [b[lo:lo + step] for b in blocks]
+        for rows in row_chunks(blocks[0].shape[0], width):
+            parts = [b[rows] for b in blocks]
             ac = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).double()
             if scale is not None and x is not None:
-                ac = ac * scale[lo:lo + step, None]
+                ac = ac * scale[rows, None]
             self._add(sq=(ac * ac).sum(0))
             if design is None or not (x is not None or self.has_cross):
                 continue
-            xc = design[lo:lo + step].double()
+            xc = design[rows].double()
             if scale is not None and x is not None:
-                xc = xc * scale[lo:lo + step, None]
+                xc = xc * scale[rows, None]
             if x is not None:
                 self._add_gram("gram", xc)
             if self.has_cross:

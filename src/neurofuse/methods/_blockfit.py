@@ -326,7 +326,7 @@ class TransformerFit:
                             points.append([])
                         points[p].append(v)
                 for vs in points:
-                    gram.update(torch.cat(vs, 1))
+                    gram.update(vs)
         feats = self.method.reduce(gram).coordinates().float().to(self.device)
         widths = [bw[level] for bw in run.base_widths]
         scores = np.zeros(sum(widths))
