@@ -273,28 +273,23 @@ class LinearStats(AdditiveStats):
             self._rows.append((x, None if self.has_cross else outs.float()))
             if self.gram is None:
                 self._sums["gram"] = x.new_zeros(1).expand(x.shape[1], x.shape[1])
-            self._add_rows(None, [outs], None)
+            self._add_rows(x, [outs], None, gram=False)
             return
         self._drop_rows()
-        self._add_rows(x, blocks, scale)
+        self._add_rows(x, blocks, scale, gram=True)
 
-    def _add_rows(self, x: Optional[Tensor], blocks: List[Tensor], scale: Optional[Tensor]) -> None:
-        """``sq``, ``cross`` and (unless ``x`` is ``None``: rows kept) ``gram`` of these rows, in
-        float64 chunks (:func:`neurofuse.stats.row_chunks`)."""
-        width = max(sum(b.shape[1] for b in blocks), 1 if x is None else x.shape[1])
-        design = x if x is not None else (self._rows[-1][0] if self._rows else None)
-        for rows in row_chunks(blocks[0].shape[0], width):
+    def _add_rows(self, x: Tensor, blocks: List[Tensor], scale: Optional[Tensor], gram: bool) -> None:
+        """``sq``, ``cross`` and (with ``gram``) ``gram`` of these rows, each times its ``scale``,
+        in float64 chunks (:func:`neurofuse.stats.row_chunks`)."""
+        width = max(sum(b.shape[1] for b in blocks), x.shape[1])
+        for rows in row_chunks(x.shape[0], width):
             parts = [b[rows] for b in blocks]
             ac = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).double()
-            if scale is not None and x is not None:
-                ac = ac * scale[rows, None]
+            xc = x[rows].double()
+            if scale is not None:
+                ac, xc = ac * scale[rows, None], xc * scale[rows, None]
             self._add(sq=(ac * ac).sum(0))
-            if design is None or not (x is not None or self.has_cross):
-                continue
-            xc = design[rows].double()
-            if scale is not None and x is not None:
-                xc = xc * scale[rows, None]
-            if x is not None:
+            if gram:
                 self._add_gram("gram", xc)
             if self.has_cross:
                 self._add_product("cross", xc.T, ac)
