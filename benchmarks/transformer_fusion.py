@@ -53,6 +53,10 @@ METHODS = [("vanilla", "vanilla", {}), ("ensemble", "ensemble", {}),
 SINKHORN = {"solver": "sinkhorn", "reg": 0.05, "max_iter": 10_000}
 EXTRA_METHODS = [("otfusion-sinkhorn", "otfusion", SINKHORN),
                  ("otfusion-sinkhorn+repair", "otfusion", {**SINKHORN, "repair": True})]
+#: rows added by ``--query-rows``: the closed form with attention's queries and keys aligned
+#: (the grouped base weights) instead of fitted by least squares (option ``queries``)
+QUERY_METHODS = [("hf-linear-qalign", "hf-linear", {"queries": "align"}),
+                 ("kf-linear-qalign", "kf-linear", {"queries": "align"})]
 TWO_ONLY = {"git-rebasin", "hf-linear"}
 
 
@@ -183,6 +187,8 @@ def main() -> None:
                    help="token width of the vit and encoder families (MLP 2x, 4 heads); default: the preset's")
     p.add_argument("--extra-rows", action="store_true",
                    help="also run " + ", ".join(m[0] for m in EXTRA_METHODS))
+    p.add_argument("--query-rows", action="store_true",
+                   help="also run " + ", ".join(m[0] for m in QUERY_METHODS))
     p.add_argument("--sinkhorn-regs", nargs="+", type=float, default=[],
                    help="add otfusion rows with solver='sinkhorn' at each reg (with and without REPAIR)")
     p.add_argument("--val", type=float, default=0.0,
@@ -191,7 +197,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the rows as JSON (appended to as cells finish)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    table = METHODS + (EXTRA_METHODS if a.extra_rows else []) + sinkhorn_rows(a.sinkhorn_regs)
+    table = (METHODS + (EXTRA_METHODS if a.extra_rows else []) + (QUERY_METHODS if a.query_rows else [])
+             + sinkhorn_rows(a.sinkhorn_regs))
     cols = a.methods or [m[0] for m in table]
     unknown = sorted(set(cols) - {m[0] for m in table})
     if unknown:

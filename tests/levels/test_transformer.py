@@ -230,3 +230,30 @@ def test_statistics_only_fusion_refuses_transformers_with_the_reason():
     method = get_method("kf-linear")(progress=False)
     with pytest.raises(IncompatibleModelsError, match="transformer.*kf-gradient"):
         method.level_statistics(0, [net], net.clone(), None)
+
+
+@pytest.mark.parametrize("name,method", [(n, m) for n in FAMILIES for m in ("hf-linear", "kf-linear")])
+def test_aligned_queries_also_give_back_the_model_from_its_permuted_copy(name, method):
+    """``queries="align"`` writes the grouped base weights of queries and keys instead of their
+    least-squares fit: with a permuted copy the groups are pairs of equal neurons, so the model
+    comes back all the same."""
+    net, x = _models(name)
+    twin = permute_spaces(net, seed=3)
+    y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, queries="align", progress=False)
+    _, x_test = _models(name, seed=7)
+    assert _gap(fused, net, x_test) < 1e-4
+
+
+def test_aligned_queries_differ_from_the_fitted_ones_on_models_from_different_inits():
+    """The option changes the queries and keys: on two models of different initialisations the
+    grouped base weights are not the least-squares fit."""
+    torch.manual_seed(0)
+    from neurofuse.models import ViT
+
+    nets = [ViT((1, 8, 8), 10, hidden=16, depth=1, heads=2, mlp_hidden=32).eval() for _ in range(2)]
+    x, y = torch.randn(48, 1, 8, 8), torch.randint(0, 10, (48,))
+    fit = neurofuse.fuse(nets, (x, y), method="hf-linear", progress=False).state_dict()
+    aligned = neurofuse.fuse(nets, (x, y), method="hf-linear", queries="align", progress=False).state_dict()
+    qkv = [k for k in fit if k.endswith("qkv.weight")]
+    assert qkv and not torch.allclose(fit[qkv[0]], aligned[qkv[0]])

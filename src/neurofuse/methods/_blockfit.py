@@ -171,6 +171,16 @@ def _scale(t: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
     return None if w is None else w.sqrt()
 
 
+def _group_mean(columns: Tensor, weights: Tensor, labels: Tensor, k: int) -> Tensor:
+    """``[d, k]`` the ``weights``-weighted mean of the ``columns`` (``[d, M]``) of every group in
+    ``labels`` (columns of weight zero take no part; a group without weight is zero)."""
+    w = weights.to(columns.device, columns.dtype)
+    lab = labels.to(columns.device)
+    den = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, lab, w)
+    num = torch.zeros(columns.shape[0], k, dtype=w.dtype, device=w.device).index_add_(1, lab, columns * w)
+    return num / den.clamp_min(torch.finfo(w.dtype).tiny)
+
+
 def _weighted(t: Tensor, weights: Optional[Tensor]) -> Tensor:
     """Token tensor ``[B, T, C]`` rows scaled by ``sqrt(weights[T])`` (others unchanged)."""
     if weights is None or t.dim() != 3 or t.shape[1] != len(weights):
@@ -598,8 +608,14 @@ class TransformerFit:
                     lab[cq] = lab[ck] = b * dq_f + int(g.labels[pos])
                     wq[cq] = wk[ck] = float(g.weights[pos])
                     pos += 1
-        _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
-        _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
+        if self.method.options.queries == "align":
+            # the grouped base weights themselves, in the fused inputs' coordinates
+            base = torch.cat(priors, 1)
+            _write_proj(fl, st.q, _group_mean(base, wq, lab, nq_f), bias_qk)
+            _write_proj(fl, st.k, _group_mean(base, wk, lab, nq_f), bias_qk)
+        else:
+            _write_proj(fl, st.q, sol.combine(wq, lab, nq_f), bias_qk)
+            _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
         _identity_norm(fl, st.pre)
         # 4. values and the output projection, given the fused attention pattern
         k_in = int(xf[0].shape[-1])

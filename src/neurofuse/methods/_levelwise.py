@@ -173,6 +173,12 @@ class LinearOptions(MethodOptions):
         neuron, normalised over the models, times ``class_weights``) or ``"mean"`` (the mean
         logit, times ``class_weights``).  With ``importance="uniform"`` both are the mean
         (:func:`neurofuse.grouping.output_weights`).
+    queries : str
+        Attention's queries and keys (transformer levels), which act only through the softmax of
+        their products: ``"fit"``, each fitted by least squares to the grouped base queries or
+        keys from the fused model's inputs, or ``"align"``, the weighted mean of the weights of
+        the base heads and neurons grouped together, in the fused inputs' coordinates (the
+        alignment of Imfeld et al., "Transformer Fusion with Optimal Transport", ICLR 2024).
     """
 
     rtol: Optional[float] = option(None, Optional_(Interval(float, 0, closed="neither")))
@@ -181,6 +187,7 @@ class LinearOptions(MethodOptions):
     prior: bool = option(True, Boolean())
     class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
+    queries: str = option("fit", OneOf("fit", "align"))
 
 
 @dataclasses.dataclass(frozen=True)
