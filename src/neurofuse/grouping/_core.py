@@ -731,7 +731,7 @@ def _exact_costs(space: _Space, labels: Tensor, k: int) -> Tensor:
 
 def kmeans_memory(m: int, dims: int, k: int) -> int:
     """Bytes :func:`weighted_kmeans` holds for ``m`` float32 points of ``dims`` coordinates and
-    ``k`` clusters: the points and their weighted copy, the Gram and distance tables when they fit
+    ``k`` clusters: the points and their weighted copy, the weighted Gram matrix when it fits
     ``_GRAM_BYTES``, one batch of restarts' scratch rows (``[R * k, M]``) and centres."""
     f32 = 4
     gram = m * m * f32 if m * m * f32 <= _GRAM_BYTES else 0
