@@ -14,7 +14,9 @@ Families (small models built from configs, each from its own initialisation):
 * ``encoder``: a ViT written on ``nn.TransformerEncoder`` (pre-norm, GELU, hidden 32, 2 layers,
   4 heads), fused through its automatic levels;
 * ``hf-vit``: Hugging Face ``ViTForImageClassification`` (:func:`neurofuse.hf.tiny_model`);
-* ``hf-bert``: Hugging Face ``BertForSequenceClassification`` on :func:`neurofuse.hf.token_task`.
+* ``hf-bert``: Hugging Face ``BertForSequenceClassification`` on :func:`neurofuse.hf.token_task`;
+* ``hf-gpt2``: Hugging Face ``GPT2ForSequenceClassification`` (a causal decoder, ``Conv1D``
+  weights, the head on the last token) on the same task.
 
 The image families train on scikit-learn's 8x8 digits (or MNIST with ``--dataset mnist``: the
 first ``--train`` training images). ``N`` models are trained on the parts of the paper's
@@ -58,6 +60,8 @@ EXTRA_METHODS = [("otfusion-sinkhorn", "otfusion", SINKHORN),
 QUERY_METHODS = [("hf-linear-qalign", "hf-linear", {"queries": "align"}),
                  ("kf-linear-qalign", "kf-linear", {"queries": "align"})]
 TWO_ONLY = {"git-rebasin", "hf-linear"}
+#: families on :func:`neurofuse.hf.token_task` (the others take images)
+TOKEN_FAMILIES = ("hf-bert", "hf-gpt2")
 
 
 class EncoderViT(nn.Module):
@@ -83,7 +87,7 @@ class EncoderViT(nn.Module):
 
 
 def family_data(family: str, dataset: str, train: int, seed: int) -> Dataset:
-    if family == "hf-bert":
+    if family in TOKEN_FAMILIES:
         import neurofuse.hf as nh
 
         return nh.token_task(n_train=2000, n_test=1000, seed=seed)
@@ -113,7 +117,8 @@ def make(family: str, ds: Dataset, seed: int, hidden: Optional[int] = None) -> n
 
     if family == "hf-vit":
         return nh.tiny_model("vit", ds.input_shape, ds.num_classes, seed=seed)
-    return nh.tiny_model("bert", ds.input_shape, ds.num_classes, seed=seed, vocab_size=int(ds.x_train.max()) + 1)
+    return nh.tiny_model(family.removeprefix("hf-"), ds.input_shape, ds.num_classes, seed=seed,
+                         vocab_size=int(ds.x_train.max()) + 1)
 
 
 def sinkhorn_rows(regs: Sequence[float]) -> List[tuple]:
@@ -153,7 +158,7 @@ def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, l
     val_acc = lambda m: evaluate(m, ds.x_train[held], ds.y_train[held])["accuracy"]  # noqa: E731
     idx = balanced_subset(y, pool, fusion_samples, seed=seed)
     fusion = (ds.x_train[idx], ds.y_train[idx])
-    row: Dict[str, Any] = {"family": family, "dataset": "tokens" if family == "hf-bert" else dataset,
+    row: Dict[str, Any] = {"family": family, "dataset": "tokens" if family in TOKEN_FAMILIES else dataset,
                            "models": n, "seed": seed, "hidden": hidden, "epochs": epochs, "train_s": time.time() - t0,
                            "base": [acc(m) for m in models]}
     if len(held):

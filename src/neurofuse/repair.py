@@ -219,6 +219,7 @@ def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, l
     earlier ones were repaired).  Returns whether anything changed."""
     from .levels._layout import level_layout
     from .levels._transformer import tensor_of
+    from .levels._spaces import oriented
 
     changed = False
     layout = level_layout(out.levels[lvl], lvl)
@@ -227,7 +228,7 @@ def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, l
         if corr is None or not space.probes:
             continue
         bm = corr.normalized()
-        for pi, (_, weight, bias, start, stop) in enumerate(space.probes):
+        for pi, (_, weight, bias, start, stop, transposed) in enumerate(space.probes):
             base = []
             for m, xs in zip(bases, base_inputs):
                 acc = MomentStats()
@@ -249,7 +250,7 @@ def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, l
             w = tensor_of(out.levels[lvl], weight)
             at = torch.as_tensor(a, dtype=torch.float64, device=w.device)
             with torch.no_grad():
-                rows = w[start:stop]
+                rows = oriented(w, "linear_t" if transposed else "linear")[start:stop]
                 rows.copy_((rows.double() * at[:, None]).to(w.dtype))
                 if bias is not None:
                     b = tensor_of(out.levels[lvl], bias)[start:stop]

@@ -12,7 +12,8 @@ import neurofuse.hf as nh  # noqa: E402
 from neurofuse.errors import ConfigError, IncompatibleModelsError  # noqa: E402
 from neurofuse.methods import get_method  # noqa: E402
 
-FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25)}
+FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25),
+            "gpt2": ((12,), 6, 25)}
 
 
 def tiny(family: str, seed: int = 0) -> nh.HFLeveledNet:
@@ -41,6 +42,7 @@ def test_composed_levels_equal_hf_logits(family):
     ("vit", 4, ["token", "token", "token", "dense"]),         # embeddings, 2 layers, head
     ("resnet", 4, ["conv", "conv", "conv", "dense"]),          # embedder, 2 stages x 1 layer, head
     ("bert", 4, ["token", "token", "token", "dense"]),
+    ("gpt2", 4, ["token", "token", "token", "dense"]),
 ])
 def test_levels_are_embeddings_layers_and_head(family, n_levels, axes):
     net = tiny(family)
@@ -113,9 +115,9 @@ def test_methods_that_do_not_apply_say_why(method, reason):
 
 
 def test_transformer_levels_carry_their_stages_and_no_refusal():
-    """ViT and BERT levels are described (levels/_transformer.py): every level-wise method fuses
-    them; ResNet layers are not (yet) in the alignment protocol."""
-    for family in ("vit", "bert"):
+    """ViT, BERT and GPT-2 levels are described (levels/_transformer.py): every level-wise method
+    fuses them; ResNet layers are not (yet) in the alignment protocol."""
+    for family in ("vit", "bert", "gpt2"):
         net = tiny(family)
         assert all(lv.transformer_spec is not None and not lv.not_alignable for lv in net.levels)
     assert all(lv.transformer_spec is None and lv.not_alignable for lv in tiny("resnet").levels)
@@ -123,7 +125,7 @@ def test_transformer_levels_carry_their_stages_and_no_refusal():
 
 def test_method_table_covers_every_method_and_family():
     table = nh.method_table()
-    assert sorted(table) == ["bert", "resnet", "vit"]
+    assert sorted(table) == ["bert", "gpt2", "resnet", "vit"]
     whole = {m for m in neurofuse.methods() if not get_method(m).fuses_levels}
     levelwise = {m for m in neurofuse.methods() if get_method(m).fuses_levels}
     for family, row in table.items():
@@ -134,6 +136,42 @@ def test_method_table_covers_every_method_and_family():
         no_transformer = {m for m in levelwise if "transformer" in getattr(get_method(m), "unsupported_traits", ())}
         assert yes == whole | ({"kf-gradient"} if family == "resnet" else levelwise - no_transformer)
     assert "branch/shortcut" in table["resnet"]["otfusion"]
+
+
+def test_gpt2_blocks_are_causal_with_conv1d_weights_and_the_head_reads_the_last_token():
+    """GPT-2's levels: causal attention (a later token does not change an earlier one's stream),
+    ``Conv1D`` projections stored ``[in, out]`` (layout kind ``linear_t``), a last-token head."""
+    from neurofuse.levels._layout import level_layout
+    from neurofuse.levels._transformer import Attention, Head
+
+    net = tiny("gpt2")
+    x = inputs("gpt2", 4)
+    later = x.clone()
+    later[:, -1] = (later[:, -1] + 1) % 25
+    with torch.no_grad():
+        a, b = net.forward_until(x, 1), net.forward_until(later, 1)
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-6) and not torch.allclose(a[:, -1], b[:, -1])
+    att = net.levels[1].transformer_spec.stages[0]
+    assert isinstance(att, Attention) and att.causal and att.q.transposed
+    assert net.levels[-1].transformer_spec.stages[-1] == Head(
+        att.q.__class__("parts.score.weight", None, "parts.score"), norm=net.levels[-1].transformer_spec.stages[-1].norm,
+        pool="last")
+    kinds = {key: kind for key, _, _, kind in level_layout(net.levels[1], 1).tensors}
+    assert kinds["parts.layer.attn.c_attn.weight"] == kinds["parts.layer.mlp.c_proj.weight"] == "linear_t"
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"pad_token_id": None}, "pad_token_id"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "1/sqrt"),
+])
+def test_gpt2_configs_the_levels_do_not_describe_are_refused(change, match):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = dict(vocab_size=26, n_embd=16, n_layer=1, n_head=2, n_positions=16, num_labels=3,
+               pad_token_id=25, bos_token_id=25, eos_token_id=25)
+    model = GPT2ForSequenceClassification(GPT2Config(**{**cfg, **change}))
+    with pytest.raises(IncompatibleModelsError, match=match):
+        nh.wrap(model, (12,))
 
 
 def test_register_adapter_adds_a_family_with_one_class():

@@ -2,8 +2,8 @@
 
 Properties checked:
 
-* every transformer level neurofuse describes (the zoo's ViT, Hugging Face ViT and BERT, timm-style
-  blocks and ``nn.TransformerEncoderLayer`` through the automatic levels) is recomputed exactly by
+* every transformer level neurofuse describes (the zoo's ViT, Hugging Face ViT, BERT and GPT-2,
+  timm-style blocks and ``nn.TransformerEncoderLayer`` through the automatic levels) is recomputed exactly by
   its stages, and its layout puts each tensor in the right space: one residual stream, packed
   ``qkv`` rows as ``qk+qk+vo``, head-structured attention spaces, CLS and position embeddings
   along their last axis;
@@ -72,10 +72,11 @@ def _models(name: str, seed: int = 0):
 
     if name == "hf-vit":
         return tiny_model("vit", (1, 8, 8), 10, seed=seed), torch.randn(48, 1, 8, 8, generator=g)
-    return tiny_model("bert", (12,), 6, vocab_size=30, seed=seed), torch.randint(0, 30, (48, 12), generator=g).float()
+    family = name.removeprefix("hf-")
+    return tiny_model(family, (12,), 6, vocab_size=30, seed=seed), torch.randint(0, 30, (48, 12), generator=g).float()
 
 
-FAMILIES = ["zoo", "timm", "encoder-pre", "encoder-post", "hf-vit", "hf-bert"]
+FAMILIES = ["zoo", "timm", "encoder-pre", "encoder-post", "hf-vit", "hf-bert", "hf-gpt2"]
 
 
 def _gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:

@@ -156,6 +156,23 @@ def _pooler_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
     return parts["classifier"](parts["dropout"](parts["pooler"](x)))
 
 
+def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    ids = x.long()
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    return parts["drop"](parts["wte"](ids) + parts["wpe"](pos)[None])
+
+
+def _causal_layer(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    """A decoder block on ``[B, T, C]`` with the additive causal mask its model builds."""
+    t = x.shape[1]
+    mask = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
+    return _first(parts["layer"](x, attention_mask=mask[None, None]))
+
+
+def _last_token_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["score"](parts["ln_f"](x)[:, -1])
+
+
 def _encoder_layers(model: nn.Module, body: nn.Module) -> nn.ModuleList:
     layers = getattr(body, "layers", None)
     if layers is None:
@@ -170,6 +187,11 @@ def _encoder_layers(model: nn.Module, body: nn.Module) -> nn.ModuleList:
 # ---------------------------------------------------------------------------------------------
 def _lin(path: str, m: nn.Module) -> Proj:
     return Proj(f"{path}.weight", f"{path}.bias" if getattr(m, "bias", None) is not None else None, path)
+
+
+def _conv1d(path: str, start: int = 0, stop: Optional[int] = None) -> Proj:
+    """Rows ``[start, stop)`` of a ``transformers`` ``Conv1D`` (weight ``[in, out]``, bias)."""
+    return Proj(f"{path}.weight", f"{path}.bias", path, start, stop, transposed=True)
 
 
 def _ln(path: str, m: nn.Module) -> Norm:
@@ -212,6 +234,13 @@ def _bert_layer_spec(layer: nn.Module, heads: int) -> TransformerSpec:
                             heads, post=_ln("attention.output.LayerNorm", so.LayerNorm)),
                   MLP(_lin("intermediate.dense", layer.intermediate.dense), _lin("output.dense", layer.output.dense),
                       "intermediate.intermediate_act_fn", post=_ln("output.LayerNorm", layer.output.LayerNorm))],
+                 "parts.layer.")
+
+
+def _gpt2_layer_spec(layer: nn.Module, heads: int, width: int) -> TransformerSpec:
+    q, k, v = (_conv1d("attn.c_attn", i * width, (i + 1) * width) for i in range(3))
+    return _spec([Attention(q, k, v, _conv1d("attn.c_proj"), heads, pre=_ln("ln_1", layer.ln_1), causal=True),
+                  MLP(_conv1d("mlp.c_fc"), _conv1d("mlp.c_proj"), "mlp.act", pre=_ln("ln_2", layer.ln_2))],
                  "parts.layer.")
 
 
@@ -311,3 +340,51 @@ class BertAdapter(HFAdapter):
             raise ConfigError(f"sequence length {shape[0]} exceeds the model's "
                               f"max_position_embeddings {config.max_position_embeddings}")
         return super().example_input(config, shape, gen)
+
+
+@register_adapter("gpt2")
+class GPT2Adapter(HFAdapter):
+    """``GPT2ForSequenceClassification``: the embeddings (token + position); one level per
+    decoder block (pre-LN, causal attention + MLP with their residuals; ``Conv1D`` weights,
+    stored ``[in, out]``); the head is the final LayerNorm and the classifier on the last
+    token.  Inputs are token ids ``[B, T]`` of one length, without padding and not ending with
+    the pad token (the model then classifies the last token, as the head level does)."""
+
+    model_classes = ("GPT2ForSequenceClassification",)
+    input_kind = "tokens"
+
+    def check_config(self, config: Any) -> None:
+        if getattr(config, "add_cross_attention", False):
+            raise IncompatibleModelsError("the 'gpt2' adapter cuts decoder-only models; this config "
+                                          "has cross-attention (add_cross_attention)")
+        if not getattr(config, "scale_attn_weights", True) or getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise IncompatibleModelsError(
+                "the 'gpt2' adapter's attention scales by 1/sqrt(head width); this config sets "
+                "scale_attn_weights=False or scale_attn_by_inverse_layer_idx=True")
+        if getattr(config, "pad_token_id", None) is None:
+            raise IncompatibleModelsError(
+                "GPT2ForSequenceClassification classifies batches of more than one sequence only with "
+                "config.pad_token_id set; set it (e.g. to the EOS id) and pass unpadded inputs")
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        net = model.transformer
+        heads, width = int(model.config.n_head), int(model.config.n_embd)
+        emb = _spec([Embed("lookup", Proj("wte.weight", None, "wte"), pos="wpe.weight", pos_table=True)], "parts.")
+        out = [(HFLevel({"wte": net.wte, "wpe": net.wpe, "drop": net.drop}, _gpt2_embeddings,
+                        "transformer.wte + wpe", transformer_spec=emb), "token")]
+        for i, layer in enumerate(net.h):
+            out.append((HFLevel({"layer": layer}, _causal_layer, f"gpt2 block {i}",
+                                transformer_spec=_gpt2_layer_spec(layer, heads, width)), "token"))
+        head = _spec([Head(_lin("score", model.score), norm=_ln("ln_f", net.ln_f), pool="last")], "parts.")
+        out.append((HFLevel({"ln_f": net.ln_f, "score": model.score}, _last_token_head,
+                            "transformer.ln_f + score (last token)", transformer_spec=head), "dense"))
+        return out
+
+    def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
+        if len(shape) != 1:
+            raise ConfigError(f"GPT-2 inputs are token ids [T]; input_shape must be (T,), got {list(shape)}")
+        if shape[0] > int(config.n_positions):
+            raise ConfigError(f"sequence length {shape[0]} exceeds the model's n_positions {config.n_positions}")
+        x = super().example_input(config, shape, gen)
+        pad = int(config.pad_token_id)
+        return torch.where(x == pad, (x + 1) % int(config.vocab_size), x)   # no pad token: unpadded

@@ -22,8 +22,11 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
     family : str
         ``"vit"`` (``ViTForImageClassification``: patch 2 on images up to 16 px, else 4; 4 heads;
         MLP ``2 * hidden``), ``"resnet"`` (``ResNetForImageClassification``: basic layers, stage
-        widths ``hidden // 2, hidden``, ``layers`` stages of one layer each) or ``"bert"``
-        (``BertForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout).
+        widths ``hidden // 2, hidden``, ``layers`` stages of one layer each), ``"bert"``
+        (``BertForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout) or
+        ``"gpt2"`` (``GPT2ForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout;
+        one extra token id, ``vocab_size``, is the pad token, so that inputs drawn from
+        ``0 .. vocab_size - 1`` are never padding).
     input_shape : sequence of int
         ``(C, H, W)`` for images, ``(T,)`` for token ids.
     num_classes : int
@@ -35,7 +38,7 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
     layers : int
         Encoder layers (ViT, BERT) or stages (ResNet).
     vocab_size : int
-        BERT's vocabulary (required for ``"bert"``).
+        The vocabulary of BERT and GPT-2 (required for ``"bert"`` and ``"gpt2"``).
     **config
         Further fields of the family's config (they win over the ones above).
     """
@@ -64,8 +67,16 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   max_position_embeddings=max(16, shape[0]), num_labels=num_classes,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cfg_cls, model_cls = tf.BertConfig, tf.BertForSequenceClassification
+    elif family == "gpt2":
+        if len(shape) != 1 or vocab_size < 2:
+            raise ConfigError("gpt2 needs input_shape (T,) and vocab_size >= 2, got "
+                              f"{list(shape)} and {vocab_size}")
+        kw = dict(vocab_size=vocab_size + 1, n_embd=hidden, n_layer=layers, n_head=4, n_inner=2 * hidden,
+                  n_positions=max(16, shape[0]), num_labels=num_classes, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, pad_token_id=vocab_size, bos_token_id=vocab_size, eos_token_id=vocab_size)
+        cfg_cls, model_cls = tf.GPT2Config, tf.GPT2ForSequenceClassification
     else:
-        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet' or 'bert'")
+        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet', 'bert' or 'gpt2'")
     kw.update(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

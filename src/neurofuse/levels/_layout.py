@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..errors import IncompatibleModelsError
 from ._core import LeveledNet, flatten_neurons
-from ._spaces import LevelLayout, Space
+from ._spaces import LevelLayout, Space, oriented
 from ._transformer import describe as describe_transformer
 
 __all__ = [
@@ -92,7 +92,7 @@ def space_sizes(level: nn.Module, layout: LevelLayout) -> Dict[str, int]:
     sizes: Dict[str, int] = {}
     composite: List[Tuple[str, int]] = []
     for key, s0, s1, kind in layout.tensors:
-        t = sd[key]
+        t = oriented(sd[key], kind)
         n0 = int(t.shape[-1] if kind == "last" else t.shape[0])
         if "+" in s0:
             composite.append((s0, n0))
@@ -390,9 +390,9 @@ def capture_spaces(level: nn.Module, spaces: Sequence[Space], run, axis: str) ->
     def point_hook(i):  # type: ignore[no-untyped-def]
         return lambda _m, _a, out: store.__setitem__((i, 0), out)
 
-    def probe_hook(i, j, weight, bias, start, stop):  # type: ignore[no-untyped-def]
+    def probe_hook(i, j, weight, bias, start, stop, transposed):  # type: ignore[no-untyped-def]
         def hook(_m, args):  # type: ignore[no-untyped-def]
-            w = tensor_of(level, weight)[start:stop]
+            w = oriented(tensor_of(level, weight), "linear_t" if transposed else "linear")[start:stop]
             b = None if bias is None else tensor_of(level, bias)[start:stop]
             store[i, j] = torch.nn.functional.linear(args[0], w, b)
         return hook
@@ -401,8 +401,8 @@ def capture_spaces(level: nn.Module, spaces: Sequence[Space], run, axis: str) ->
         for i, sp in enumerate(spaces):
             if not sp.probes:
                 handles.append(mods[sp.point].register_forward_hook(point_hook(i)))
-            for j, (mod, weight, bias, start, stop) in enumerate(sp.probes):
-                handles.append(mods[mod].register_forward_pre_hook(probe_hook(i, j, weight, bias, start, stop)))
+            for j, (mod, *probe) in enumerate(sp.probes):
+                handles.append(mods[mod].register_forward_pre_hook(probe_hook(i, j, *probe)))
         run()
     finally:
         for h in handles:
@@ -582,12 +582,16 @@ def align_level(level: nn.Module, layout: LevelLayout, index: int, maps: SpaceMa
         m_in, m_out = space_map(maps, s1), space_map(maps, s0)
         # permutations move values exactly: no float64 round trip
         exact = all(m is None or m.index is not None for m in (m_in, m_out))
-        t = v if exact else v.double()
+        t = oriented(v if exact else v.double(), kind)     # [out, in]
+        linear = "linear" if kind == "linear_t" else kind
         if m_in is not None:
-            t = _map_in(t, m_in, kind, index)
+            t = _map_in(t, m_in, linear, index)
         if m_out is not None:
             t = _map_last(t, m_out) if kind == "last" else _map_out(t, m_out)
-        result[key] = t.to(v.dtype) if t is not v else v.clone()
+        if m_in is None and m_out is None:
+            result[key] = v.clone()
+            continue
+        result[key] = oriented(t, kind).to(v.dtype)
     return result
 
 

@@ -27,7 +27,7 @@ from ._layout import LevelLayout, level_layout, residual_heads, stream_members
 __all__ = ["NeuronMapInfo", "format_maps", "neuron_maps"]
 
 _AXIS0 = {"linear": "rows", "conv": "rows", "depthwise": "rows (depthwise: one kernel per channel)",
-          "last": "last axis"}
+          "last": "last axis", "linear_t": "columns (stored [in, out])"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +150,8 @@ def _columns(t, kind: str, space: str, level: int, widths: List[int], lay: Level
     if kind == "linear" and space == "in" and level > 0 and t.shape[1] != widths[level - 1] \
             and widths[level - 1] and t.shape[1] % widths[level - 1] == 0:
         return f"columns (per position, {t.shape[1] // widths[level - 1]} positions)"
+    if kind == "linear_t":
+        return "rows (stored [in, out])"
     return "columns" if kind == "linear" else f"axis 1 ({kind})"
 
 

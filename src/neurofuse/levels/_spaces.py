@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["LevelLayout", "Space"]
+__all__ = ["LevelLayout", "Space", "oriented"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +25,10 @@ class Space:
     space's neurons come in that many equal heads that move as units (attention); spaces with the
     same ``unit`` share one assignment of heads (a head's ``qk`` and ``vo`` spaces); ``probes``
     say how the space's values are read when no module outputs them alone: each
-    ``(module, weight, bias, start, stop)`` is rows ``[start, stop)`` of the affine map
-    ``(weight, bias)`` applied to the *input* of ``module`` (e.g. the queries and the keys, rows
-    of a packed ``qkv``), and the space's values are those of all its probes (one neuron's
-    queries and keys are one vector).
+    ``(module, weight, bias, start, stop, transposed)`` is rows ``[start, stop)`` of the affine
+    map ``(weight, bias)`` (its weight stored ``[in, out]`` when ``transposed``) applied to the
+    *input* of ``module`` (e.g. the queries and the keys, rows of a packed ``qkv``), and the
+    space's values are those of all its probes (one neuron's queries and keys are one vector).
     """
 
     name: str
@@ -36,7 +36,7 @@ class Space:
     act: Optional[str]
     heads: int = 0
     unit: str = ""
-    probes: Tuple[Tuple[str, str, Optional[str], int, Optional[int]], ...] = ()
+    probes: Tuple[Tuple[str, str, Optional[str], int, Optional[int], bool], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,11 @@ class LevelLayout:
     ----------
     tensors : tuple of (key, space0, space1, kind)
         ``space0`` is the space of axis 0, ``space1`` that of axis 1 for affine weights
-        (``None`` otherwise), ``kind`` is ``"linear"``, ``"conv"``, ``"vector"`` or ``"last"``
+        (``None`` otherwise), ``kind`` is ``"linear"``, ``"conv"``, ``"vector"``, ``"last"``
         (a tensor whose *last* axis runs over ``space0``: a CLS token ``[1, 1, C]``, a position
-        embedding ``[1, T, C]``, an embedding table ``[V, C]``).
+        embedding ``[1, T, C]``, an embedding table ``[V, C]``) or ``"linear_t"`` (an affine
+        weight stored ``[in, out]``, GPT-2's ``Conv1D``: ``space0`` runs along its axis 1 and
+        ``space1`` along its axis 0; :func:`oriented` gives the ``[out, in]`` view).
     internal : tuple of Space
         Internal spaces, in forward order.
     tied : bool
@@ -81,7 +83,13 @@ class LevelLayout:
         dict and the width ``in_width`` of its input."""
         out = []
         for p in self.parts:
-            rows = [state[k].shape[0] for k, s0, _, kind in self.tensors
-                    if s0 == p and kind in ("linear", "conv")]
+            rows = [oriented(state[k], kind).shape[0] for k, s0, _, kind in self.tensors
+                    if s0 == p and kind in ("linear", "linear_t", "conv")]
             out.append(int(in_width if p == "in" else rows[-1]))
         return out
+
+
+def oriented(t: Tensor, kind: str) -> Tensor:
+    """A layout tensor with the space of its axis 0 first: the ``[out, in]`` view of a
+    ``"linear_t"`` weight (stored ``[in, out]``), ``t`` itself otherwise."""
+    return t.T if kind == "linear_t" else t

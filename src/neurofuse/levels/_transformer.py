@@ -83,6 +83,8 @@ class Proj:
 
     ``module`` is the module whose *input* the map reads (for probes: a packed ``qkv`` Linear,
     or an ``nn.MultiheadAttention`` whose ``in_proj_weight`` is not a module of its own).
+    ``transposed``: the weight is stored ``[in, out]`` (GPT-2's ``Conv1D``, :math:`y = xW + b`);
+    its rows ``[start, stop)`` are then columns of the stored tensor.
     """
 
     weight: str
@@ -90,14 +92,30 @@ class Proj:
     module: str
     start: int = 0
     stop: Optional[int] = None
+    transposed: bool = False
 
     def rows(self, t: Tensor) -> Tensor:
+        """Rows ``[start, stop)`` of a vector (the bias)."""
         return t[self.start:self.stop]
 
+    def matrix(self, w: Tensor) -> Tensor:
+        """The map's ``[out, in]`` weight rows from the stored tensor ``w`` (a view)."""
+        return (w.T if self.transposed else w)[self.start:self.stop]
+
     def apply(self, get: Getter, x: Tensor) -> Tensor:
-        w = self.rows(get(self.weight))
+        w = self.matrix(get(self.weight))
         b = None if self.bias is None else self.rows(get(self.bias))
         return F.linear(x, w, b)
+
+    @property
+    def probe(self) -> Tuple[str, str, Optional[str], int, Optional[int], bool]:
+        """The map as a probe of an internal space (:class:`~neurofuse.levels._spaces.Space`)."""
+        return (self.module, self.weight, self.bias, self.start, self.stop, self.transposed)
+
+    @property
+    def kind(self) -> str:
+        """Its weight's kind in a level layout: ``"linear"``, or ``"linear_t"`` stored transposed."""
+        return "linear_t" if self.transposed else "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +173,8 @@ class Affix:
 class Attention:
     """``x + o(attention(q(h), k(h), v(h)))`` with ``h = pre(x)`` (pre-norm) or ``x``; with
     ``post``, a LayerNorm of the sum (post-norm, BERT).  ``heads`` heads of equal width,
-    scaled dot products (scale ``1/sqrt(head width)``), no mask; ``seq_first`` for ``[T, B, C]``
+    scaled dot products (scale ``1/sqrt(head width)``), no mask, or with ``causal`` token ``t``
+    attending to tokens ``<= t`` only (a decoder, GPT-2); ``seq_first`` for ``[T, B, C]``
     inputs."""
 
     q: Proj
@@ -167,6 +186,7 @@ class Attention:
     post: Optional[Norm] = None
     seq_first: bool = False
     index: int = 0
+    causal: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +213,10 @@ class StreamNorm:
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """``fc(act(dense(pool(norm(x)))))``: ``pool`` is ``"cls"`` (token 0) or ``"mean"`` (over the
-    tokens); ``dense``/``act`` an optional inner layer (BERT's pooler, space ``p``)."""
+    """``fc(act(dense(pool(norm(x)))))``: ``pool`` is ``"cls"`` (token 0), ``"last"`` (the last
+    token: a causal decoder's summary, GPT-2's sequence classification on unpadded inputs) or
+    ``"mean"`` (over the tokens); ``dense``/``act`` an optional inner layer (BERT's pooler, space
+    ``p``)."""
 
     fc: Proj
     norm: Optional[Norm] = None
@@ -238,8 +260,13 @@ def activation(root: nn.Module, act: Optional[str]) -> Callable[[Tensor], Tensor
     return _module(root, act)
 
 
+#: the token a pooling reads alone (``None``: all of them)
+POOL_TOKEN = {"cls": 0, "last": -1, "mean": None}
+
+
 def _pool(h: Tensor, pool: str) -> Tensor:
-    return h[:, 0] if pool == "cls" else h.mean(1)
+    token = POOL_TOKEN[pool]
+    return h.mean(1) if token is None else h[:, token]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,14 +307,26 @@ def affix_forward(stage: Affix, get: Getter, x: Tensor) -> Tensor:
     return _finish_tokens(tok, stage.cls, stage.pos, False, (), get, None)
 
 
-def _heads_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
-    """``(pattern [B, H, T, T], context [B, T, H*dv])`` of scaled dot-product attention."""
+def attention_pattern(q: Tensor, k: Tensor, heads: int, causal: bool = False) -> Tensor:
+    """``[B, H, T, T]`` softmax of the scaled dot products of queries and keys ``[B, T, H*d]``;
+    with ``causal``, token ``t`` attends to tokens ``<= t`` only."""
     b, t, _ = q.shape
-    dq, dv = q.shape[-1] // heads, v.shape[-1] // heads
+    dq = q.shape[-1] // heads
     qh = q.reshape(b, t, heads, dq).transpose(1, 2)
     kh = k.reshape(b, t, heads, dq).transpose(1, 2)
+    logits = (qh @ kh.transpose(-2, -1)) / math.sqrt(dq)
+    if causal:
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _heads_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False) -> Tuple[Tensor, Tensor]:
+    """``(pattern [B, H, T, T], context [B, T, H*dv])`` of scaled dot-product attention."""
+    b, t, _ = q.shape
+    dv = v.shape[-1] // heads
     vh = v.reshape(b, t, heads, dv).transpose(1, 2)
-    pattern = torch.softmax((qh @ kh.transpose(-2, -1)) / math.sqrt(dq), dim=-1)
+    pattern = attention_pattern(q, k, heads, causal)
     ctx = (pattern @ vh).transpose(1, 2).reshape(b, t, heads * dv)
     return pattern, ctx
 
@@ -302,7 +341,7 @@ def attention_parts(stage: Attention, get: Getter, x: Tensor, affine_pre: bool =
         x = x.transpose(0, 1)
     h = x if stage.pre is None else stage.pre.apply(get, x, affine_pre)
     q, k, v = stage.q.apply(get, h), stage.k.apply(get, h), stage.v.apply(get, h)
-    pattern, ctx = _heads_attention(q, k, v, stage.heads)
+    pattern, ctx = _heads_attention(q, k, v, stage.heads, stage.causal)
     s = x + stage.o.apply(get, ctx)
     out = s if stage.post is None else stage.post.apply(get, s)
     return {"h": h, "q": q, "k": k, "v": v, "pattern": pattern, "ctx": ctx, "sum": s, "out": out}
@@ -409,8 +448,8 @@ class TransformerSpec:
                 vec(n.weight)
                 vec(n.bias)
 
-        def proj(p: Proj, rows: str, cols: Optional[str], kind: str = "linear") -> None:
-            tensors.append((p.weight, rows, cols, kind))
+        def proj(p: Proj, rows: str, cols: Optional[str], kind: Optional[str] = None) -> None:
+            tensors.append((p.weight, rows, cols, kind or p.kind))
             vec(p.bias, rows)
 
         def packed(projs: Sequence[Tuple[Proj, str]], cols: str) -> None:
@@ -421,7 +460,7 @@ class TransformerSpec:
             for key, members in groups.items():
                 members.sort(key=lambda m: m[0].start)
                 rows = "+".join(sp for _, sp in members)
-                tensors.append((key, rows, cols, "linear"))
+                tensors.append((key, rows, cols, members[0][0].kind))
                 vec(members[0][0].bias, rows)
 
         for st in self.stages:
@@ -441,11 +480,10 @@ class TransformerSpec:
             elif isinstance(st, Attention):
                 qk, vo = f"qk{st.index}", f"vo{st.index}"
                 norm(st.pre)
-                probes = lambda ps: tuple((p.module, p.weight, p.bias, p.start, p.stop) for p in ps)  # noqa: E731
                 internal.append(Space(qk, st.q.module, None, heads=st.heads, unit=f"attn{st.index}",
-                                      probes=probes([st.q, st.k])))
+                                      probes=(st.q.probe, st.k.probe)))
                 internal.append(Space(vo, st.v.module, None, heads=st.heads, unit=f"attn{st.index}",
-                                      probes=probes([st.v])))
+                                      probes=(st.v.probe,)))
                 packed([(st.q, qk), (st.k, qk), (st.v, vo)], s)
                 proj(st.o, s, vo)
                 norm(st.post)
@@ -453,8 +491,7 @@ class TransformerSpec:
                 h = f"h{st.index}"
                 norm(st.pre)
                 act = st.act if st.act not in _ACT_FUNCS else None
-                internal.append(Space(h, st.fc1.module, act,
-                                      probes=((st.fc1.module, st.fc1.weight, st.fc1.bias, st.fc1.start, st.fc1.stop),)))
+                internal.append(Space(h, st.fc1.module, act, probes=(st.fc1.probe,)))
                 proj(st.fc1, h, s)
                 proj(st.fc2, s, h)
                 norm(st.post)
@@ -464,9 +501,7 @@ class TransformerSpec:
                 norm(st.norm)
                 if st.dense is not None:
                     act = st.act if st.act not in _ACT_FUNCS else None
-                    internal.append(Space("p", st.dense.module, act,
-                                          probes=((st.dense.module, st.dense.weight, st.dense.bias,
-                                                   st.dense.start, st.dense.stop),)))
+                    internal.append(Space("p", st.dense.module, act, probes=(st.dense.probe,)))
                     proj(st.dense, "p", s)
                     proj(st.fc, "out", "p")
                 else:

@@ -32,6 +32,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
 from ..levels import LeveledNet, alignment_reason, check_same_levels, traits_reason
 from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
+from ..levels._spaces import oriented
 from ._base import FusionRun
 from ._rebasin import GitRebasin
 
@@ -109,9 +110,9 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
         spaces: Dict[str, Optional[int]] = {"in": out_group[lvl - 1] if lvl else None}
         sd = net.levels[lvl].state_dict()
         for sp in layouts[lvl].internal:
-            key = next(k for k, s0, _, _ in layouts[lvl].tensors if s0 == sp.name)
+            key, kind = next((k, kd) for k, s0, _, kd in layouts[lvl].tensors if s0 == sp.name)
             spaces[sp.name] = len(sizes)
-            sizes.append(int(sd[key].shape[0]))
+            sizes.append(int(oriented(sd[key], kind).shape[0]))
         head = heads[lvl]
         if lvl == n_levels - 1 or head == -1 or n_levels - 1 in stream_members(heads, head):
             g: Optional[int] = None
@@ -128,6 +129,7 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
 
 def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
     """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight)."""
+    t = oriented(t, kind)
     if kind == "vector":
         return t.reshape(-1, 1, 1)
     if kind == "conv":

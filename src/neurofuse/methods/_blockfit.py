@@ -71,6 +71,7 @@ from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, flatten_neurons
 from ..levels._transformer import (
     MLP,
+    POOL_TOKEN,
     Affix,
     Attention,
     Embed,
@@ -83,6 +84,7 @@ from ..levels._transformer import (
     activation,
     affix_forward,
     attention_parts,
+    attention_pattern,
     describe,
     embed_forward,
     mlp_parts,
@@ -206,11 +208,20 @@ def _write(level: nn.Module, key: Optional[str], value: Tensor, start: int = 0, 
         t[start:stop].copy_(value.to(t.dtype).reshape(t[start:stop].shape))
 
 
+def _write_rows(level: nn.Module, p: Proj, value: Tensor, start: int, stop: int) -> None:
+    """Weight rows ``[start, stop)`` of projection ``p`` (``[rows, in]``; columns of a weight
+    stored ``[in, out]``)."""
+    t = tensor_of(level, p.weight)
+    view = (t.T if p.transposed else t)[start:stop]
+    with torch.no_grad():
+        view.copy_(value.to(t.dtype).reshape(view.shape))
+
+
 def _write_proj(level: nn.Module, p: Proj, w: Tensor, bias: bool, row0: int = 0) -> None:
     """Rows ``row0..`` of projection ``p`` from solved weights ``w`` ``[d, rows]`` (bias last)."""
     rows = w.shape[1]
     start = p.start + row0
-    _write(level, p.weight, (w[:-1] if bias else w).T, start, start + rows)
+    _write_rows(level, p, (w[:-1] if bias else w).T, start, start + rows)
     if bias:
         _write(level, p.bias, w[-1], start, start + rows)
 
@@ -232,7 +243,7 @@ def _getter(level: nn.Module):  # type: ignore[no-untyped-def]
 
 
 def _rows_of(level: nn.Module, p: Proj) -> int:
-    return int(p.rows(tensor_of(level, p.weight)).shape[0])
+    return int(p.matrix(tensor_of(level, p.weight)).shape[0])
 
 
 def _prior(level: nn.Module, p: Proj, labels: Optional[Tensor], k_in: int, norm: Optional[Norm],
@@ -241,7 +252,7 @@ def _prior(level: nn.Module, p: Proj, labels: Optional[Tensor], k_in: int, norm:
     LayerNorm ``norm`` it reads folded in (:math:`W\operatorname{diag}\gamma`,
     :math:`b + W\beta`), and its input neuron :math:`j` added to fused input ``labels[j]`` (the
     convention of :func:`neurofuse.approximation.aligned_prior`); the bias last when ``bias``."""
-    w = p.rows(tensor_of(level, p.weight)).detach().double()
+    w = p.matrix(tensor_of(level, p.weight)).detach().double()
     b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if p.bias is None else \
         p.rows(tensor_of(level, p.bias)).detach().double()
     if norm is not None:
@@ -287,17 +298,18 @@ class TransformerFit:
         self._fits: List[Any] = []
 
     def _token_weights(self) -> Optional[Tensor]:
-        r"""Weights of the token rows in every fit: when the head reads token 0 alone (a CLS
-        token), that token weighs as much as all the others together (:math:`T - 1`), since
-        the output depends on the stream through it; ``None`` (all alike) otherwise."""
+        r"""Weights of the token rows in every fit: when the head reads one token alone (a CLS
+        token, or a decoder's last token), that token weighs as much as all the others together
+        (:math:`T - 1`), since the output depends on the stream through it; ``None`` (all alike)
+        otherwise."""
         last = self.specs[-1]
-        if last is None or not isinstance(last.stages[-1], Head) or last.stages[-1].pool != "cls":
+        if last is None or not isinstance(last.stages[-1], Head) or POOL_TOKEN[last.stages[-1].pool] is None:
             return None
         tokens = [s[1] for s, a in zip(self.fused.level_shapes(), self.fused.axes) if a == "token"]
         if not tokens or len(set(tokens)) != 1 or tokens[0] < 2:
             return None
         w = torch.ones(tokens[0], dtype=torch.float64)
-        w[0] = tokens[0] - 1
+        w[POOL_TOKEN[last.stages[-1].pool]] = tokens[0] - 1
         return w
 
     @staticmethod
@@ -648,11 +660,7 @@ class TransformerFit:
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
         """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
         get = _getter(fl)
-        q, k = st.q.apply(get, h), st.k.apply(get, h)
-        b, t = q.shape[0], q.shape[1]
-        qh = q.reshape(b, t, heads, dq_f).transpose(1, 2)
-        kh = k.reshape(b, t, heads, dq_f).transpose(1, 2)
-        return torch.softmax(qh @ kh.transpose(-2, -1) / float(dq_f) ** 0.5, dim=-1)
+        return attention_pattern(st.q.apply(get, h), st.k.apply(get, h), heads, st.causal)
 
     def _values_jointly(self, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
                         xf: List[Tensor], sums: List[Tensor], group: StreamGrouping,
@@ -671,7 +679,7 @@ class TransformerFit:
         prior = torch.zeros(heads * k + 1, k, dtype=torch.float64, device=self.device)
         for i, (lv, s) in enumerate(zip(bl, bst)):
             v = _prior(lv, s.v, group.labels[i], k, s.pre, s.v.bias is not None)      # [k(+1), n_v]
-            wo = s.o.rows(tensor_of(lv, s.o.weight)).detach().double()                  # [n_i, n_v]
+            wo = s.o.matrix(tensor_of(lv, s.o.weight)).detach().double()                # [n_i, n_v]
             comb = group.combiners[i].to(wo.device)                                    # [n_i, k]
             dv = wo.shape[1] // heads
             for b in range(heads):
@@ -699,7 +707,7 @@ class TransformerFit:
             # summed in another order give the same values
             u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
             values[b * dv_f:(b + 1) * dv_f] = (u * sv[:dv_f].sqrt()).T
-        _write(fl, st.v.weight, values, st.v.start, st.v.start + heads * dv_f)
+        _write_rows(fl, st.v, values, st.v.start, st.v.start + heads * dv_f)
         if st.v.bias:
             _write(fl, st.v.bias, torch.zeros(heads * dv_f), st.v.start, st.v.start + heads * dv_f)
 

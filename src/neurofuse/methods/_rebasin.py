@@ -167,7 +167,8 @@ class GitRebasin(FusionMethod):
             weights = {"out": head_w1 if lvl == n_levels - 1 else self._weights(scores, outs, lvl, n_levels),
                        "in": self._weights(scores, outs, lvl - 1, n_levels) if lvl > 0 else None}
             space_of = {key: s0 for key, s0, _, _ in layouts[lvl].tensors}
-            last_axis = {key for key, _, _, kind in layouts[lvl].tensors if kind == "last"}
+            # tensors whose last axis, not axis 0, runs over their space (a [in, out] weight too)
+            last_axis = {key for key, _, _, kind in layouts[lvl].tensors if kind in ("last", "linear_t")}
             for key, t1 in aligned.items():
                 full = f"levels.{lvl}.{key}"
                 t0 = sd0[full]

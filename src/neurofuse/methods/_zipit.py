@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
 from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
+from ..levels._spaces import oriented
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -128,9 +129,10 @@ class ZipIt(LayoutAlignment, FusionMethod):
         for lvl in range(min(stop, n_levels)):
             fused_sd = fused.levels[lvl].state_dict()
             for sp in layouts[lvl].internal:  # inner spaces: zipped to the fused model's inner width
-                key = next(k for k, s0, _, _ in layouts[lvl].tensors if s0 == sp.name)
-                blocks = self._zip(inner[lvl][sp.name], [int(net.levels[lvl].state_dict()[key].shape[0])
-                                                         for net in nets], int(fused_sd[key].shape[0]))
+                key, kind = next((k, kd) for k, s0, _, kd in layouts[lvl].tensors if s0 == sp.name)
+                blocks = self._zip(inner[lvl][sp.name],
+                                   [int(oriented(net.levels[lvl].state_dict()[key], kind).shape[0]) for net in nets],
+                                   int(oriented(fused_sd[key], kind).shape[0]))
                 for k in range(n_models):
                     maps[k][lvl][sp.name] = blocks[k]
             head = heads[lvl]
