@@ -44,6 +44,32 @@ def test_two_linear_models_give_the_least_squares_solution(bias, digits_fusion):
         assert np.allclose(got_b, want_b, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", ["fit", "average"])
+def test_a_conv1d_layer_is_merged_as_the_linear_layer_it_computes(bias, digits_fusion):
+    """GPT-2's ``Conv1D`` stores its weight ``[in, out]``: RegMean merges it like the ``Linear``
+    with the transposed weight (on each model's own inputs: not the mean of the weights), and
+    writes the result back in the ``Conv1D``'s layout."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    def pair(seed):
+        torch.manual_seed(seed)
+        lin = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+        conv = Conv1D(10, 16)
+        with torch.no_grad():
+            conv.weight.copy_(lin[3].weight.T)
+            conv.bias.copy_(lin[3].bias)
+        return lin, nn.Sequential(lin[0], lin[1], lin[2], conv).eval()
+
+    (la, ca), (lb, cb) = pair(0), pair(1)
+    lin = neurofuse.fuse([la, lb], digits_fusion, method="regmean", bias=bias, progress=False)
+    conv = neurofuse.fuse([ca, cb], digits_fusion, method="regmean", bias=bias, progress=False)
+    assert conv[3].weight.shape == (16, 10)
+    assert torch.allclose(conv[3].weight.T, lin[3].weight, atol=1e-5)
+    assert torch.allclose(conv[3].bias, lin[3].bias, atol=1e-5)
+    assert not torch.allclose(conv[3].weight, (ca[3].weight + cb[3].weight) / 2, atol=1e-3)
+
+
 def test_each_hidden_layer_is_fitted_on_each_models_own_inputs(digits_fusion):
     """Level 1 of two MLPs: the regression runs on relu(h_k) of model k, not on a shared input."""
     torch.manual_seed(0)

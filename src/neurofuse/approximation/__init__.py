@@ -5,10 +5,10 @@ from ._fisher import FISHER_KINDS, FisherSums, diagonal_fisher, fisher_merge, fi
 from ._gradient import LevelConfig, fit_level, perturb_level
 from ._grouped import DepthwiseStats, depthwise_design, group_means
 from ._linear import LinearSolution, LinearStats, aligned_prior, assign_affine, design_matrix
-from ._regmean import LayerGrams, layer_rows, regmean
+from ._regmean import LayerGrams, is_conv1d, layer_rows, regmean
 from ._ridge import FitDiagnostics, fit_warning, gcv_curve
 
 __all__ = ["DepthwiseStats", "FISHER_KINDS", "FisherSums", "FitDiagnostics", "GramStats", "LayerGrams", "LevelConfig",
            "LinearSolution", "LinearStats", "NeuronRegression", "TokenSums", "aligned_prior", "assign_affine",
            "depthwise_design", "design_matrix", "diagonal_fisher", "fisher_merge", "fisher_sums", "fit_level",
-           "fit_warning", "gcv_curve", "group_means", "layer_rows", "perturb_level", "regmean"]
+           "fit_warning", "gcv_curve", "group_means", "is_conv1d", "layer_rows", "perturb_level", "regmean"]

@@ -32,7 +32,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
 from ._linear import _eigh_dense, design_matrix
 
-__all__ = ["LayerGrams", "layer_rows", "regmean"]
+__all__ = ["LayerGrams", "is_conv1d", "layer_rows", "regmean"]
 
 
 class LayerGrams(AdditiveStats):
@@ -68,11 +68,17 @@ class LayerGrams(AdditiveStats):
         return self._sum(f"g{layer}")
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a ``transformers`` ``Conv1D`` (GPT-2): a linear layer whose weight is
+    stored ``[in, out]`` (:math:`y = xW + b`), recognised without importing ``transformers``."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None
+
+
 def layer_rows(layer: nn.Module, u: Tensor, bias: bool) -> Tensor:
-    """Input rows of a ``Linear`` (any leading axes) or ``Conv2d`` (unfolded patches) for the
-    input ``u``, with a ones column when ``bias`` (and the layer has one)."""
-    if isinstance(layer, nn.Linear):
-        x = u.reshape(-1, layer.in_features)
+    """Input rows of a ``Linear`` or ``Conv1D`` (any leading axes) or ``Conv2d`` (unfolded
+    patches) for the input ``u``, with a ones column when ``bias`` (and the layer has one)."""
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
+        x = u.reshape(-1, layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0])
         if bias and layer.bias is not None:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         return x

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._fusion_set import FusionSet
-from ..approximation import LayerGrams, layer_rows, regmean
+from ..approximation import LayerGrams, is_conv1d, layer_rows, regmean
 from ..errors import IncompatibleModelsError
 from ._memory import estimated_by, regmean_working_set
 from ._base import FusionRun, register_method
@@ -47,12 +47,13 @@ class RegMeanOptions(MethodOptions):
 
 
 def _mergeable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-                                        and not isinstance(m.padding, str))
+    return isinstance(m, nn.Linear) or is_conv1d(m) or (
+        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
 def merged_layers(net: nn.Module) -> List[str]:
-    """Names of the layers RegMean merges by regression (``Linear``, ungrouped zero-padded ``Conv2d``)."""
+    """Names of the layers RegMean merges by regression (``Linear``, GPT-2's ``Conv1D``,
+    ungrouped zero-padded ``Conv2d``)."""
     return [n for n, m in net.named_modules() if _mergeable(m)]
 
 
@@ -61,7 +62,8 @@ def merged_layers(net: nn.Module) -> List[str]:
 class RegMean(StatisticsMerge):
     r"""RegMean: every linear layer merged by regression on each model's own layer inputs.
 
-    For every ``Linear`` and ``Conv2d`` (on unfolded patches) the merged weights minimise
+    For every ``Linear`` (and ``transformers``' ``Conv1D``, its weight stored transposed) and
+    ``Conv2d`` (on unfolded patches) the merged weights minimise
     :math:`\sum_k \lVert X_k W^\top - X_k W_k^\top\rVert^2` over each model's own inputs
     :math:`X_k` on the fusion set, from the Gram matrices :math:`G_k = X_k^\top X_k` alone
     (:func:`neurofuse.approximation.regmean`; ``alpha`` shrinks their off-diagonal entries).
@@ -131,15 +133,16 @@ class RegMean(StatisticsMerge):
             layer = mods[name]
             has_bias = fit_bias and layer.bias is not None
             weights = []
+            stored_t = is_conv1d(layer)          # [in, out]: merged as its [out, in] transpose
             for s in states:
-                w = s[f"{name}.weight"].reshape(layer.weight.shape[0], -1)
+                w = s[f"{name}.weight"].T if stored_t else s[f"{name}.weight"].reshape(layer.weight.shape[0], -1)
                 weights.append(torch.cat([w, s[f"{name}.bias"][:, None]], 1) if has_bias else w)
             w = regmean(weights, grams, self.options.alpha)  # type: ignore[arg-type]
             wkey = f"{name}.weight"
             if has_bias:
                 merged[f"{name}.bias"] = w[:, -1].to(merged[f"{name}.bias"].dtype)
                 w = w[:, :-1]
-            merged[wkey] = w.reshape(merged[wkey].shape).to(merged[wkey].dtype)
+            merged[wkey] = (w.T if stored_t else w.reshape(merged[wkey].shape)).to(merged[wkey].dtype)
         fused = copy.deepcopy(nets[0])
         fused.load_state_dict(merged)
         return fused
