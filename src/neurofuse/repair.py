@@ -205,8 +205,9 @@ def _fold(module: nn.Module, a: np.ndarray, b: np.ndarray, level: int) -> None:
 
 def _probe_values(level: nn.Module, space: Any, h: Any) -> List[Any]:
     """The values ``[rows, n]`` of every probe of internal ``space`` while ``level`` runs on ``h``."""
-    from .levels._layout import Space, capture_spaces
+    from .levels._layout import Space, capture_spaces, own_spaces
 
+    space = own_spaces(level, [space])[0]      # the level's own rows (its widths may differ)
     one = [Space(f"{space.name}.{i}", space.point, None, probes=(p,)) for i, p in enumerate(space.probes)]
     return capture_spaces(level, one, lambda: level(h), "token")
 
@@ -219,7 +220,7 @@ def _repair_inner(out: LeveledNet, bases: Sequence[LeveledNet], fs: FusionSet, l
     earlier ones were repaired).  Returns whether anything changed."""
     from .levels._layout import level_layout
     from .levels._transformer import tensor_of
-    from .levels._spaces import oriented
+    from .levels._layout import oriented
 
     changed = False
     layout = level_layout(out.levels[lvl], lvl)

@@ -166,6 +166,48 @@ def test_kf_linear_fuses_three_models_of_different_widths_into_any_width():
         assert torch.isfinite(result.model(x)).all()
 
 
+def _of_width(name: str, width: int, seed: int):
+    """A randomly initialised model of family ``name`` with stream width ``width`` (4 heads; 2 for
+    the encoder), and inputs."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(1)
+    if name == "zoo":
+        from neurofuse.models import ViT
+
+        return ViT((1, 8, 8), 10, hidden=width, depth=2, heads=4, mlp_hidden=2 * width).eval(), \
+            torch.randn(48, 1, 8, 8, generator=g)
+    if name == "encoder-pre":
+        net = neurofuse.levels_from(EncoderViT(d=width).eval(), input_shape=(1, 8, 8))
+        return net, torch.randn(48, 1, 8, 8, generator=g)
+    pytest.importorskip("transformers")
+    from neurofuse.hf import tiny_model
+
+    if name == "hf-vit":
+        return tiny_model("vit", (1, 8, 8), 10, seed=seed, hidden=width), torch.randn(48, 1, 8, 8, generator=g)
+    return tiny_model(name.removeprefix("hf-"), (12,), 6, vocab_size=30, seed=seed, hidden=width), \
+        torch.randint(0, 30, (48, 12), generator=g).float()
+
+
+@pytest.mark.parametrize("repair", [False, True])
+@pytest.mark.parametrize("name", ["zoo", "encoder-pre", "hf-vit", "hf-bert", "hf-gpt2"])
+def test_otfusion_aligns_transformers_of_other_widths_to_the_anchor(name, repair):
+    """Optimal transport maps a wider and a narrower model onto the anchor's stream, heads and
+    MLP neurons: the aligned levels run with the anchor's widths through their stages, whatever
+    their own modules were built with (a LayerNorm's shape, a packed qkv's rows)."""
+    nets, x = zip(*(_of_width(name, w, seed) for seed, w in enumerate((32, 48, 24))))
+    x = x[0]
+    y = torch.randint(0, nets[0].num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    result = neurofuse.fuse(list(nets), (x, y), method="otfusion", repair=repair, progress=False,
+                            return_result=True)
+    fused = result.model
+    assert fused.level_widths() == nets[0].level_widths()
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in nets[0].state_dict().items()}
+    assert [c.n_fused for c in result.correspondences] == nets[0].level_widths()[:-1]
+    with torch.no_grad():
+        out = fused(x)
+    assert torch.isfinite(out).all() and _gap(fused, nets[0], x) > 1e-3     # a fusion, not the anchor
+
+
 def test_the_transformer_closed_form_honours_the_ridge_option():
     """Every least-squares fit of a transformer level solves with the method's ``ridge``: a fixed
     penalty is used as given, ``ridge=0`` is the pseudo-inverse, ``"auto"`` picks from the GCV

@@ -67,6 +67,8 @@ __all__ = [
     "level_paths",
     "next_activation",
     "normalized",
+    "oriented",
+    "own_spaces",
     "part_spans",
     "residual_heads",
     "space_activation",
@@ -348,12 +350,30 @@ def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[Level
     for k, net in enumerate(nets[1:], start=1):
         for i, lv in enumerate(net.levels):
             lk = level_layout(lv, i, method)
-            if lk != layouts[i]:
+            if _structure(lk) != _structure(layouts[i]):
                 raise IncompatibleModelsError(
                     f"model {k} level {i} has different layers or skip connections than model 0's; "
                     f"{method!r} needs the same architecture up to widths"
                 )
     return layouts, residual_heads(layouts)
+
+
+def _structure(layout: LevelLayout) -> LevelLayout:
+    """``layout`` without its probes' row offsets, which depend on the widths (the rows of a
+    packed ``qkv`` of a wider model start later): what two models of one architecture share."""
+    internal = tuple(dataclasses.replace(sp, probes=tuple(p[:3] + (None, None) + p[5:] for p in sp.probes))
+                     for sp in layout.internal)
+    return dataclasses.replace(layout, internal=internal)
+
+
+def own_spaces(level: nn.Module, spaces: Sequence[Space]) -> List[Space]:
+    """``spaces`` (of the anchor's layout) as ``level`` itself lays them out: a transformer
+    level's probes read rows of its *own* packed projections, whose offsets depend on its widths."""
+    spec = describe_transformer(level)
+    if spec is None:
+        return list(spaces)
+    own = {sp.name: sp for sp in spec.layout().internal}
+    return [own.get(sp.name, sp) for sp in spaces]
 
 
 def space_units(spaces: Sequence[Space]) -> List[List[Space]]:
@@ -384,6 +404,7 @@ def capture_spaces(level: nn.Module, spaces: Sequence[Space], run, axis: str) ->
     from ._transformer import tensor_of
 
     mods = dict(level.named_modules())
+    spaces = own_spaces(level, spaces)
     store: Dict[Tuple[int, int], Tensor] = {}
     handles = []
 

@@ -419,16 +419,78 @@ class TransformerSpec:
             return lambda key: params[key] if key in params else tensor_of(level, key)
         return lambda key: tensor_of(level, key)
 
+    def resized(self, level: nn.Module, params: Optional[Dict[str, Tensor]]) -> "TransformerSpec":
+        """The spec for ``params`` whose widths may differ from the level's own tensors (a model
+        aligned, in whole or in part, to an anchor of other widths): the rows of a packed
+        projection (``qkv``) are rescaled to the tensor in ``params``, whose parts (queries, keys,
+        values: one attention's spaces, aligned together) keep their proportions."""
+        if not params:
+            return self
+
+        def fit(p: Proj) -> Proj:
+            if p.stop is None or p.weight not in params:
+                return p
+            def rows(t: Tensor) -> int:   # of the whole (packed) tensor, [out, in]
+                return int((t.T if p.transposed else t).shape[0])
+
+            own, new = rows(tensor_of(level, p.weight)), rows(params[p.weight])
+            if new == own or (p.start * new) % own or (p.stop * new) % own:
+                return p
+            return dataclasses.replace(p, start=p.start * new // own, stop=p.stop * new // own)
+
+        def stage(st: Stage) -> Stage:
+            changes = {f.name: fit(getattr(st, f.name)) for f in dataclasses.fields(st)
+                       if isinstance(getattr(st, f.name), Proj)}
+            return dataclasses.replace(st, **changes) if changes else st
+
+        return dataclasses.replace(self, stages=tuple(stage(st) for st in self.stages))
+
     def forward(self, level: nn.Module, x: Tensor, params: Optional[Dict[str, Tensor]] = None) -> Tensor:
-        """The level's output recomputed from the stages (``params`` override tensors)."""
-        get = self.getter(level, params)
+        """The level's output recomputed from the stages (``params`` override tensors, of any
+        widths: :meth:`resized`)."""
+        spec = self.resized(level, params)
+        get = spec.getter(level, params)
         h = x
-        for st in self.stages:
-            if self.seq_first and isinstance(st, (Attention, MLP)):
+        for st in spec.stages:
+            if spec.seq_first and isinstance(st, (Attention, MLP)):
                 h = stage_forward(st, level, get, h).transpose(0, 1)
             else:
                 h = stage_forward(st, level, get, h)
         return h
+
+    def space_values(self, level: nn.Module, x: Tensor, params: Optional[Dict[str, Tensor]] = None
+                     ) -> Dict[str, Tensor]:
+        """The values ``[rows, neurons]`` of the level's internal spaces on ``x``, as
+        :func:`~neurofuse.levels._layout.capture_spaces` reads them through their probes (a
+        head's queries and keys stacked along the rows), computed from the stages with
+        ``params`` overriding tensors: the level may run with tensors of other widths than its
+        modules were built with (a model aligned to an anchor of another width: :meth:`resized`)."""
+        spec = self.resized(level, params)
+        get = spec.getter(level, params)
+        out: Dict[str, Tensor] = {}
+        h = x
+
+        def rows(t: Tensor) -> Tensor:
+            return t.reshape(-1, t.shape[-1])
+
+        for st in spec.stages:
+            if isinstance(st, Attention):
+                parts = attention_parts(st, get, h)
+                out[f"qk{st.index}"] = torch.cat([rows(parts["q"]), rows(parts["k"])], 0)
+                out[f"vo{st.index}"] = rows(parts["v"])
+                nxt = parts["out"]
+            elif isinstance(st, MLP):
+                parts = mlp_parts(st, level, get, h)
+                out[f"h{st.index}"] = rows(parts["z"])
+                nxt = parts["out"]
+            elif isinstance(st, Head) and st.dense is not None:
+                pooled = _pool(h if st.norm is None else st.norm.apply(get, h), st.pool)
+                out["p"] = st.dense.apply(get, pooled)
+                nxt = head_forward(st, level, get, h)
+            else:
+                nxt = stage_forward(st, level, get, h)
+            h = nxt.transpose(0, 1) if spec.seq_first and isinstance(st, (Attention, MLP)) else nxt
+        return out
 
     # -- layout -------------------------------------------------------------------------------
     def layout(self):  # type: ignore[no-untyped-def]

@@ -31,8 +31,8 @@ from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
 from ..levels import LeveledNet, alignment_reason, check_same_levels, traits_reason
-from ..levels._layout import LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, stream_members
-from ..levels._spaces import oriented
+from ..levels._layout import (LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, oriented,
+                              stream_members)
 from ._base import FusionRun
 from ._rebasin import GitRebasin
 

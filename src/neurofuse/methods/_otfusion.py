@@ -40,6 +40,7 @@ from ..levels._layout import (
     space_units,
     stream_members,
 )
+from ..levels._transformer import describe as describe_transformer
 from ..levels._transformer import head_structured_plans
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, Optional_, option
@@ -104,7 +105,12 @@ def _ends_affine(level: nn.Module) -> bool:
 
 
 def _aligned(level: nn.Module, params: Dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
-    """``level`` run with the aligned ``params``."""
+    """``level`` run with the aligned ``params``: a transformer level through its stages, which
+    take the anchor's widths where the level's own modules fix theirs (a LayerNorm's
+    ``normalized_shape``, a packed ``qkv``'s rows; :meth:`TransformerSpec.resized`)."""
+    spec = describe_transformer(level)
+    if spec is not None:
+        return lambda h: spec.forward(level, h, params)
     return lambda h: functional_call(level, params, (h,))
 
 
@@ -299,6 +305,19 @@ class OTFusion(FusionMethod):
                     stream.advance(fns, transforms=post)
         return outs, params, inner
 
+    @staticmethod
+    def _space_values(level: nn.Module, spaces: List[Space], call: Callable[[], Tensor], axis: str, h: Tensor,
+                      params: Optional[Dict[str, Tensor]]) -> List[Tensor]:
+        """The internal ``spaces``' values of ``level`` on ``h`` with ``params`` whose input and
+        output sides, and the spaces aligned so far, are aligned to the anchor: a transformer level
+        through its stages, which take any widths (:meth:`TransformerSpec.resized`); any other
+        level by running it (``call``) with probes."""
+        spec = describe_transformer(level)
+        if spec is None:
+            return capture_spaces(level, spaces, call, axis)
+        values = spec.space_values(level, h, params)
+        return [values[sp.name] for sp in spaces]
+
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
@@ -319,9 +338,10 @@ class OTFusion(FusionMethod):
             for b in stream:
                 runs = {0: lambda h=b.inputs[0]: anchor.levels[lvl](h)}
                 for k in partial:
-                    runs[k] = (lambda h=b.inputs[k], k=k: functional_call(nets[k].levels[lvl], partial[k], (h,)))
+                    runs[k] = (lambda h=b.inputs[k], f=_aligned(nets[k].levels[lvl], partial[k]): f(h))
                 if spaces is not None:
-                    z = {k: capture_spaces(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl])
+                    z = {k: self._space_values(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl],
+                                               b.inputs[k], partial.get(k))
                          for k, call in runs.items()}
                     for k in partial:
                         for s, zk, za in zip(stats[k], z[k], z[0]):

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..grouping import zip_features, zip_matrices
 from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
-from ..levels._spaces import oriented
 from ..levels._layout import (
     LevelLayout,
     NeuronMap,
@@ -24,6 +23,7 @@ from ..levels._layout import (
     align_level,
     check_alignable,
     identity_ok,
+    oriented,
     stream_members,
 )
 from ..models.multihead import MultiHead
