@@ -6,6 +6,7 @@ averaging and the ensemble.
     python benchmarks/transformer_fusion.py --family vit --dataset mnist --train 5000 --models 2
     python benchmarks/transformer_fusion.py --seeds 0 1 2 --out runs/transformers.json
     python benchmarks/transformer_fusion.py --family vit encoder --models 2 --hidden 128 --extra-rows
+    python benchmarks/transformer_fusion.py --family vit --models 3 --hidden 32 48 24 --methods ensemble otfusion kf-linear
 
 Families (small models built from configs, each from its own initialisation):
 
@@ -132,7 +133,7 @@ def sinkhorn_rows(regs: Sequence[float]) -> List[tuple]:
 
 
 def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, lr: float,
-        fusion_samples: int, methods: List[str], hidden: Optional[int] = None,
+        fusion_samples: int, methods: List[str], hidden: Optional[Sequence[int]] = None,
         table: Sequence[tuple] = METHODS, val: float = 0.0) -> Dict[str, Any]:
     """One cell.  With ``val`` > 0 a class-balanced share ``val`` of the training data is held
     out before the split (no base model trains on it, the fusion set is not drawn from it) and
@@ -147,7 +148,7 @@ def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, l
     t0 = time.time()
     for i, part in enumerate(partition(y[pool], n, "dirichlet", seed=seed)):
         part = pool[part]
-        m = make(family, ds, 1000 * seed + i, hidden)
+        m = make(family, ds, 1000 * seed + i, None if not hidden else hidden[i % len(hidden)])
         train_model(m, ds.x_train[part], ds.y_train[part],
                     config=TrainConfig(epochs=epochs, lr=lr, seed=1000 * seed + i))
         m.eval()
@@ -159,7 +160,7 @@ def run(family: str, dataset: str, train: int, n: int, seed: int, epochs: int, l
     idx = balanced_subset(y, pool, fusion_samples, seed=seed)
     fusion = (ds.x_train[idx], ds.y_train[idx])
     row: Dict[str, Any] = {"family": family, "dataset": "tokens" if family in TOKEN_FAMILIES else dataset,
-                           "models": n, "seed": seed, "hidden": hidden, "epochs": epochs, "train_s": time.time() - t0,
+                           "models": n, "seed": seed, "hidden": None if not hidden else list(hidden), "epochs": epochs, "train_s": time.time() - t0,
                            "base": [acc(m) for m in models]}
     if len(held):
         row["base_val"] = [val_acc(m) for m in models]
@@ -188,8 +189,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30, help="training epochs per base model")
     p.add_argument("--lr", type=float, default=3e-3, help="training learning rate")
     p.add_argument("--fusion-samples", type=int, default=400)
-    p.add_argument("--hidden", type=int, default=None,
-                   help="token width of the vit and encoder families (MLP 2x, 4 heads); default: the preset's")
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="token width of the vit and encoder families (MLP 2x, 4 heads); several: model i "
+                        "gets the (i mod count)-th (models of different widths); default: the preset's")
     p.add_argument("--extra-rows", action="store_true",
                    help="also run " + ", ".join(m[0] for m in EXTRA_METHODS))
     p.add_argument("--query-rows", action="store_true",
@@ -219,7 +221,7 @@ def main() -> None:
                         a.hidden, table, a.val)
                 rows.append(r)
                 cells = [f"{r[c]:.3f}" + (f"/{r[c + '_val']:.3f}" if c + "_val" in r else "") + f" ({r[c + '_s']:.1f} s)" if c in r else "-" for c in cols]
-                name = family if a.hidden is None else f"{family} (hidden {a.hidden})"
+                name = family if a.hidden is None else f"{family} (hidden {'/'.join(map(str, a.hidden))})"
                 print(f"| {name} | {n} | {seed} | {r['mean_base']:.3f} | " + " | ".join(cells) + " |", flush=True)
                 if a.out:
                     with open(a.out, "w") as f:
