@@ -427,13 +427,13 @@ class TransformerSpec:
         if not params:
             return self
 
+        def whole(p: Proj, t: Tensor) -> int:   # rows of the whole (packed) tensor, [out, in]
+            return int((t.T if p.transposed else t).shape[0])
+
         def fit(p: Proj) -> Proj:
             if p.stop is None or p.weight not in params:
                 return p
-            def rows(t: Tensor) -> int:   # of the whole (packed) tensor, [out, in]
-                return int((t.T if p.transposed else t).shape[0])
-
-            own, new = rows(tensor_of(level, p.weight)), rows(params[p.weight])
+            own, new = whole(p, tensor_of(level, p.weight)), whole(p, params[p.weight])
             if new == own or (p.start * new) % own or (p.stop * new) % own:
                 return p
             return dataclasses.replace(p, start=p.start * new // own, stop=p.stop * new // own)
