@@ -14,13 +14,14 @@ from neurofuse.training import TrainConfig, train_model  # noqa: E402
 
 #: test-scale training: 4 models per family on a 4-way Dirichlet split (the paper's, ratio 0.2);
 #: BERT needs its 15 epochs on 2,000 sequences (at 12 epochs on 1,500 its base models stay at chance)
-EPOCHS = {"vit": 15, "resnet": 10, "bert": 15}
+EPOCHS = {"vit": 15, "resnet": 10, "bert": 15, "gpt2": 15}
 LR = 3e-3
 
 
 def family_data(family: str) -> Dataset:
-    """Digits for the image families (16x16 for ResNet's strided stem), the token task for BERT."""
-    if family == "bert":
+    """Digits for the image families (16x16 for ResNet's strided stem), the token task for BERT
+    and GPT-2."""
+    if family in ("bert", "gpt2"):
         return nh.token_task(n_train=2000, n_test=600, seed=0)
     ds = load_dataset("digits")
     if family == "resnet":
@@ -32,7 +33,7 @@ def family_data(family: str) -> Dataset:
 
 
 def make(family: str, ds: Dataset, seed: int) -> nh.HFLeveledNet:
-    vocab = int(ds.x_train.max()) + 1 if family == "bert" else 0
+    vocab = int(ds.x_train.max()) + 1 if family in ("bert", "gpt2") else 0
     return nh.tiny_model(family, ds.input_shape, ds.num_classes, seed=seed, vocab_size=vocab)
 
 

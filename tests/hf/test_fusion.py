@@ -19,7 +19,7 @@ from .conftest import train_split  # noqa: E402
 FAST = {"levels": {"epochs": 20}, "head": {"epochs": 30}}
 
 
-@pytest.fixture(scope="module", params=["vit", "resnet", "bert"])
+@pytest.fixture(scope="module", params=["vit", "resnet", "bert", "gpt2"])
 def trained(request):
     return (request.param, *train_split(request.param, 4))
 
