@@ -160,6 +160,18 @@ def test_gpt2_blocks_are_causal_with_conv1d_weights_and_the_head_reads_the_last_
     assert kinds["parts.layer.attn.c_attn.weight"] == kinds["parts.layer.mlp.c_proj.weight"] == "linear_t"
 
 
+def test_gpt2_sequences_ending_in_padding_are_refused():
+    """The model classifies the last token that is not padding, the head level the last token:
+    padded inputs would give other logits, so they are refused with a one-line reason."""
+    from neurofuse.errors import DataError
+
+    net = tiny("gpt2")
+    x = inputs("gpt2", 4)
+    x[1, -2:] = net.hf_model.config.pad_token_id
+    with pytest.raises(DataError, match="1 of 4 sequences end with the pad token"):
+        net(x)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"pad_token_id": None}, "pad_token_id"),
     ({"scale_attn_by_inverse_layer_idx": True}, "1/sqrt"),

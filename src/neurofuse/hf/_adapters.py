@@ -21,13 +21,14 @@ decide for themselves (:meth:`neurofuse.methods.FusionMethod.check_level`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
 from .._registry import Registry
-from ..errors import ConfigError, IncompatibleModelsError
+from ..errors import ConfigError, DataError, IncompatibleModelsError
 from ..levels._transformer import (MLP, Attention, Embed, Head, Norm, Proj, TransformerSpec, numbered,
                                    prefixed)
 from ._net import HFLevel
@@ -156,8 +157,13 @@ def _pooler_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
     return parts["classifier"](parts["dropout"](parts["pooler"](x)))
 
 
-def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
     ids = x.long()
+    padded = int((ids[:, -1] == pad).sum()) if ids.dim() == 2 else 0
+    if padded:
+        # the model classifies the last token that is not padding; the head level reads the last
+        raise DataError(f"{padded} of {ids.shape[0]} sequences end with the pad token (id {pad}); GPT-2 "
+                        "levels take sequences of one length without padding: trim or regroup them")
     pos = torch.arange(ids.shape[1], device=ids.device)
     return parts["drop"](parts["wte"](ids) + parts["wpe"](pos)[None])
 
@@ -370,7 +376,8 @@ class GPT2Adapter(HFAdapter):
         net = model.transformer
         heads, width = int(model.config.n_head), int(model.config.n_embd)
         emb = _spec([Embed("lookup", Proj("wte.weight", None, "wte"), pos="wpe.weight", pos_table=True)], "parts.")
-        out = [(HFLevel({"wte": net.wte, "wpe": net.wpe, "drop": net.drop}, _gpt2_embeddings,
+        out = [(HFLevel({"wte": net.wte, "wpe": net.wpe, "drop": net.drop},
+                        functools.partial(_gpt2_embeddings, pad=int(model.config.pad_token_id)),
                         "transformer.wte + wpe", transformer_spec=emb), "token")]
         for i, layer in enumerate(net.h):
             out.append((HFLevel({"layer": layer}, _causal_layer, f"gpt2 block {i}",
