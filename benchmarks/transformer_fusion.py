@@ -60,6 +60,9 @@ EXTRA_METHODS = [("otfusion-sinkhorn", "otfusion", SINKHORN),
 #: (the grouped base weights) instead of fitted by least squares (option ``queries``)
 QUERY_METHODS = [("hf-linear-qalign", "hf-linear", {"queries": "align"}),
                  ("kf-linear-qalign", "kf-linear", {"queries": "align"})]
+#: rows added by ``--attention-rows``: the closed form with gradient steps on the queries and keys
+#: (option ``attention_steps``)
+ATTENTION_METHODS = [(f"{m}-att{s}", m, {"attention_steps": s}) for s in (20, 50) for m in ("kf-linear", "hf-linear")]
 TWO_ONLY = {"git-rebasin", "hf-linear"}
 #: families on :func:`neurofuse.hf.token_task` (the others take images)
 TOKEN_FAMILIES = ("hf-bert", "hf-gpt2")
@@ -196,6 +199,8 @@ def main() -> None:
                    help="also run " + ", ".join(m[0] for m in EXTRA_METHODS))
     p.add_argument("--query-rows", action="store_true",
                    help="also run " + ", ".join(m[0] for m in QUERY_METHODS))
+    p.add_argument("--attention-rows", action="store_true",
+                   help="also run " + ", ".join(m[0] for m in ATTENTION_METHODS))
     p.add_argument("--sinkhorn-regs", nargs="+", type=float, default=[],
                    help="add otfusion rows with solver='sinkhorn' at each reg (with and without REPAIR)")
     p.add_argument("--val", type=float, default=0.0,
@@ -205,7 +210,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     table = (METHODS + (EXTRA_METHODS if a.extra_rows else []) + (QUERY_METHODS if a.query_rows else [])
-             + sinkhorn_rows(a.sinkhorn_regs))
+             + (ATTENTION_METHODS if a.attention_rows else []) + sinkhorn_rows(a.sinkhorn_regs))
     cols = a.methods or [m[0] for m in table]
     unknown = sorted(set(cols) - {m[0] for m in table})
     if unknown:

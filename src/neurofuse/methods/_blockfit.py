@@ -630,23 +630,31 @@ class TransformerFit:
             _write_proj(fl, st.k, sol.combine(wk, lab, nq_f), bias_qk)
         _identity_norm(fl, st.pre)
         # 4. values and the output projection, given the fused attention pattern
-        k_in = int(xf[0].shape[-1])
-        o_prior = None
         with torch.no_grad():   # the grouped sums x + o(ctx): the residual target of values and o
             sums = [group.target([bp["sum"] for bp in parts]) for parts in base_parts]
-        if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
-            self._values_jointly(fl, st, bl, bst, xf, sums, group, sigma, dq_f, dv_f)
-        else:
-            vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
-            o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
-                                           group.combiners)
-        inputs, targets = [], []
-        with torch.no_grad():
-            for j, x in enumerate(xf):
-                p = attention_parts(st, getf, x)
-                inputs.append(p["ctx"])
-                targets.append(sums[j] - x.double())
-        self._fit_residual(fl, st.o, inputs, targets, o_prior)
+
+        def values_and_output() -> None:
+            o_prior = None
+            if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
+                self._values_jointly(fl, st, bl, bst, xf, sums, group, sigma, dq_f, dv_f)
+            else:
+                vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
+                o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
+                                               group.combiners)
+            inputs, targets = [], []
+            with torch.no_grad():
+                for j, x in enumerate(xf):
+                    p = attention_parts(st, getf, x)
+                    inputs.append(p["ctx"])
+                    targets.append(sums[j] - x.double())
+            self._fit_residual(fl, st.o, inputs, targets, o_prior)
+
+        values_and_output()
+        # 5. the queries and keys act through the softmax: gradient steps on the stage's residual
+        #    target (option attention_steps), then the values and the output projection again
+        if self.method.options.attention_steps:
+            self._tune_queries(fl, st, xf, sums)
+            values_and_output()
         # 6. a post-norm, per neuron
         outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
@@ -656,6 +664,55 @@ class TransformerFit:
             self._fit_norm(fl, st.post, fused, outs)
         self._base_out, self._stage_targets = base_parts, outs
         return sigma
+
+    def _tune_queries(self, fl: nn.Module, st: Attention, xf: List[Tensor], sums: List[Tensor]) -> None:
+        r"""Adam steps on the fused queries and keys (their rows of a packed tensor only) that lower
+        the stage's residual error :math:`\sum_t w_t \lVert x + o(\mathrm{attn}(x)) - s\rVert^2`
+        over the fusion set (``sums``: the grouped targets :math:`s`; :math:`w_t` the token
+        weights), the values and the output projection held fixed.  The attention pattern is not
+        affine in the queries and keys, so their least-squares fit to the grouped base queries and
+        keys only approximates the pattern; these steps fit it through the softmax, as kf-gradient
+        does, from the closed form's start.  Step size: 1 % of the weights' RMS."""
+        opts = self.method.options
+        getf = _getter(fl)
+        masks: Dict[int, Tensor] = {}
+        params: Dict[int, Tensor] = {}
+        for p in (st.q, st.k):
+            for key, is_weight in ((p.weight, True), (p.bias, False)):
+                if not key:
+                    continue
+                t = tensor_of(fl, key)
+                mask = masks.setdefault(id(t), torch.zeros_like(t))
+                params[id(t)] = t
+                view = p.matrix(mask) if is_weight else p.rows(mask)
+                view.fill_(1.0)
+        weights = [p.matrix(tensor_of(fl, p.weight)).detach() for p in (st.q, st.k)]
+        rms = float(torch.sqrt(sum((w.double() ** 2).sum() for w in weights) / sum(w.numel() for w in weights)))
+        tensors = list(params.values())
+        was = [t.requires_grad for t in tensors]
+        opt = torch.optim.Adam(tensors, lr=0.01 * max(rms, 1e-12))
+        targets = [t.to(xf[0].dtype) for t in sums]
+        tw = None if self.tw is None else self.tw.to(xf[0].device, xf[0].dtype)
+        rows = sum(float(x.shape[0] * x.shape[1]) for x in xf)
+        try:
+            for t in tensors:
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                for _ in range(int(opts.attention_steps)):
+                    opt.zero_grad()
+                    for x, target in zip(xf, targets):
+                        err = (attention_parts(st, getf, x)["sum"] - target) ** 2
+                        if tw is not None:
+                            err = err * tw[None, :, None]
+                        (err.sum() / rows).backward()
+                    for t in tensors:
+                        if t.grad is not None:
+                            t.grad.mul_(masks[id(t)])
+                    opt.step()
+        finally:
+            for t, w in zip(tensors, was):
+                t.requires_grad_(w)
+                t.grad = None
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
         """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""

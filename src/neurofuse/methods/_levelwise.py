@@ -179,6 +179,11 @@ class LinearOptions(MethodOptions):
         keys from the fused model's inputs, or ``"align"``, the weighted mean of the weights of
         the base heads and neurons grouped together, in the fused inputs' coordinates (the
         alignment of Imfeld et al., "Transformer Fusion with Optimal Transport", ICLR 2024).
+    attention_steps : int
+        Gradient steps (Adam) on attention's queries and keys after their closed-form start
+        (transformer levels): the attention pattern is not affine in them, so the steps fit them
+        through the softmax to the stage's residual target; the values and the output projection
+        are then fitted again in closed form given the new pattern.  ``0``: the closed form alone.
     """
 
     rtol: Optional[float] = option(None, Optional_(Interval(float, 0, closed="neither")))
@@ -188,6 +193,7 @@ class LinearOptions(MethodOptions):
     class_weights: Optional[Any] = option(None, Anything("null or an [N, C] array of non-negative weights"))
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
     queries: str = option("fit", OneOf("fit", "align"))
+    attention_steps: int = option(0, Interval(int, 0))
 
 
 @dataclasses.dataclass(frozen=True)
