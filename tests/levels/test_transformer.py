@@ -300,3 +300,42 @@ def test_aligned_queries_differ_from_the_fitted_ones_on_models_from_different_in
     aligned = neurofuse.fuse(nets, (x, y), method="hf-linear", queries="align", progress=False).state_dict()
     qkv = [k for k in fit if k.endswith("qkv.weight")]
     assert qkv and not torch.allclose(fit[qkv[0]], aligned[qkv[0]])
+
+
+@pytest.mark.parametrize("name", ["zoo", "encoder-post", "hf-bert", "hf-gpt2"])
+def test_attention_steps_keep_the_model_of_its_permuted_copy(name):
+    """The gradient steps on the queries and keys start where the closed form stops: from a
+    permuted copy the residual error is zero there, so they leave the model as it is."""
+    net, x = _models(name)
+    twin = permute_spaces(net, seed=3)
+    y = torch.randint(0, net.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    fused = neurofuse.fuse([net, twin], (x, y), method="kf-linear", attention_steps=10, progress=False)
+    _, x_test = _models(name, seed=7)
+    assert _gap(fused, net, x_test) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["zoo", "hf-gpt2"])
+def test_attention_steps_lower_the_attention_stages_error_on_the_fusion_set(name):
+    """On models from different initialisations the closed-form queries and keys leave the
+    attention pattern off; gradient steps through the softmax lower every attention stage's
+    residual error (the stream error the level reports), and the queries and keys move."""
+    (a, x), (b, _) = _models(name, seed=0), _models(name, seed=1)
+    y = torch.randint(0, a.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
+    runs = {s: neurofuse.fuse([a, b], (x, y), method="kf-linear", attention_steps=s, seed=0, progress=False,
+                              return_result=True) for s in (0, 30)}
+    for before, after in zip(runs[0].report, runs[30].report):
+        for stage, e0, e1 in zip(before.get("stages", []), before.get("stream_error", []), after.get("stream_error", [])):
+            if stage == "Attention":
+                assert e1 < e0, (before["level"], e0, e1)
+    changed = [k for k, v in runs[30].model.state_dict().items()
+               if not torch.allclose(v, runs[0].model.state_dict()[k])]
+    assert changed
+
+
+def test_attention_steps_must_be_a_count():
+    from neurofuse.errors import ConfigError
+
+    net, x = _models("zoo")
+    with pytest.raises(ConfigError, match="attention_steps"):
+        neurofuse.fuse([net, net], (x, torch.zeros(len(x), dtype=torch.long)), method="kf-linear",
+                       attention_steps=-1, progress=False)

@@ -672,7 +672,9 @@ class TransformerFit:
         weights), the values and the output projection held fixed.  The attention pattern is not
         affine in the queries and keys, so their least-squares fit to the grouped base queries and
         keys only approximates the pattern; these steps fit it through the softmax, as kf-gradient
-        does, from the closed form's start.  Step size: 1 % of the weights' RMS."""
+        does, from the closed form's start, and the best parameters seen are kept (the closed
+        form's if no step lowers the error: at an exact fit Adam's normalised steps would only
+        drift).  Step size: 1 % of the weights' RMS."""
         opts = self.method.options
         getf = _getter(fl)
         masks: Dict[int, Tensor] = {}
@@ -694,25 +696,40 @@ class TransformerFit:
         targets = [t.to(xf[0].dtype) for t in sums]
         tw = None if self.tw is None else self.tw.to(xf[0].device, xf[0].dtype)
         rows = sum(float(x.shape[0] * x.shape[1]) for x in xf)
+        def error(backward: bool) -> float:
+            total = 0.0
+            for x, target in zip(xf, targets):
+                err = (attention_parts(st, getf, x)["sum"] - target) ** 2
+                if tw is not None:
+                    err = err * tw[None, :, None]
+                loss = err.sum() / rows
+                if backward:
+                    loss.backward()
+                total += float(loss)
+            return total
+
+        best = (float("inf"), [t.detach().clone() for t in tensors])
         try:
             for t in tensors:
                 t.requires_grad_(True)
-            with torch.enable_grad():
-                for _ in range(int(opts.attention_steps)):
-                    opt.zero_grad()
-                    for x, target in zip(xf, targets):
-                        err = (attention_parts(st, getf, x)["sum"] - target) ** 2
-                        if tw is not None:
-                            err = err * tw[None, :, None]
-                        (err.sum() / rows).backward()
-                    for t in tensors:
-                        if t.grad is not None:
-                            t.grad.mul_(masks[id(t)])
-                    opt.step()
+            for step in range(int(opts.attention_steps) + 1):
+                opt.zero_grad()
+                with torch.enable_grad():
+                    loss = error(backward=step < int(opts.attention_steps))
+                if loss < best[0]:      # the best parameters seen, the closed form's included
+                    best = (loss, [t.detach().clone() for t in tensors])
+                if step == int(opts.attention_steps):
+                    break
+                for t in tensors:
+                    if t.grad is not None:
+                        t.grad.mul_(masks[id(t)])
+                opt.step()
         finally:
-            for t, w in zip(tensors, was):
-                t.requires_grad_(w)
-                t.grad = None
+            with torch.no_grad():
+                for t, w, b in zip(tensors, was, best[1]):
+                    t.copy_(b)
+                    t.requires_grad_(w)
+                    t.grad = None
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
         """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
