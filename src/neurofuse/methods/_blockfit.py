@@ -705,7 +705,7 @@ class TransformerFit:
                 loss = err.sum() / rows
                 if backward:
                     loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             return total
 
         best = (float("inf"), [t.detach().clone() for t in tensors])
