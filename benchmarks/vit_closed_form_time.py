@@ -5,7 +5,8 @@ one run by alternating ``PYTHONPATH``:
     for r in 1 2 3; do for src in ../before/src src; do
         OMP_NUM_THREADS=1 PYTHONPATH=$src python benchmarks/vit_closed_form_time.py 4; done; done
 
-Prints ``N kf-linear-CPU-s floor-CPU-s``.
+Prints ``N kf-linear-CPU-s floor-CPU-s``.  A second argument sets kf-linear's
+``attention_steps`` (gradient steps on the queries and keys; default 0).
 """
 import sys, time, torch, os
 import neurofuse
@@ -16,11 +17,13 @@ torch.set_num_threads(1)
 ds = load_dataset("mnist", os.environ.get("NEUROFUSE_DATA"))
 y = ds.y_train.numpy(); idx = balanced_subset(y, np.arange(len(y)), 400, seed=0)
 x, yy = ds.x_train[idx], ds.y_train[idx]
-n = int(sys.argv[1]); models = []
+n = int(sys.argv[1]); steps = int(sys.argv[2]) if len(sys.argv) > 2 else 0; models = []
 for s in range(n):
     torch.manual_seed(s); models.append(make_model("vit", "small", (1, 28, 28), 10).eval())
 neurofuse.fuse(models[:2], (x[:64], yy[:64]), method="kf-linear", progress=False)  # warm-up
-c0 = time.process_time(); neurofuse.fuse(models, (x, yy), method="kf-linear", progress=False); t = time.process_time() - c0
+opts = {"attention_steps": steps} if steps else {}
+c0 = time.process_time(); neurofuse.fuse(models, (x, yy), method="kf-linear", progress=False, **opts)
+t = time.process_time() - c0
 c0 = time.process_time()
 with torch.no_grad():
     for m in models:
