@@ -66,8 +66,10 @@ __all__ = [
     "StreamNorm",
     "TransformerSpec",
     "attention_parts",
+    "attention_pattern",
     "describe",
     "head_structured_plans",
+    "heads_attention",
     "mlp_parts",
 ]
 
@@ -321,7 +323,7 @@ def attention_pattern(q: Tensor, k: Tensor, heads: int, causal: bool = False) ->
     return torch.softmax(logits, dim=-1)
 
 
-def _heads_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False) -> Tuple[Tensor, Tensor]:
+def heads_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False) -> Tuple[Tensor, Tensor]:
     """``(pattern [B, H, T, T], context [B, T, H*dv])`` of scaled dot-product attention."""
     b, t, _ = q.shape
     dv = v.shape[-1] // heads
@@ -341,7 +343,7 @@ def attention_parts(stage: Attention, get: Getter, x: Tensor, affine_pre: bool =
         x = x.transpose(0, 1)
     h = x if stage.pre is None else stage.pre.apply(get, x, affine_pre)
     q, k, v = stage.q.apply(get, h), stage.k.apply(get, h), stage.v.apply(get, h)
-    pattern, ctx = _heads_attention(q, k, v, stage.heads, stage.causal)
+    pattern, ctx = heads_attention(q, k, v, stage.heads, stage.causal)
     s = x + stage.o.apply(get, ctx)
     out = s if stage.post is None else stage.post.apply(get, s)
     return {"h": h, "q": q, "k": k, "v": v, "pattern": pattern, "ctx": ctx, "sum": s, "out": out}

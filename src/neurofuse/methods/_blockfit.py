@@ -85,6 +85,7 @@ from ..levels._transformer import (
     affix_forward,
     attention_parts,
     attention_pattern,
+    heads_attention,
     describe,
     embed_forward,
     mlp_parts,
@@ -696,10 +697,18 @@ class TransformerFit:
         targets = [t.to(xf[0].dtype) for t in sums]
         tw = None if self.tw is None else self.tw.to(xf[0].device, xf[0].dtype)
         rows = sum(float(x.shape[0] * x.shape[1]) for x in xf)
+        with torch.no_grad():   # what the steps do not change: the stream, its normalisation, the values
+            fixed = []
+            for x in xf:
+                xb = x.transpose(0, 1) if st.seq_first else x
+                h = xb if st.pre is None else st.pre.apply(getf, xb)
+                fixed.append((xb, h, st.v.apply(getf, h)))
+
         def error(backward: bool) -> float:
             total = 0.0
-            for x, target in zip(xf, targets):
-                err = (attention_parts(st, getf, x)["sum"] - target) ** 2
+            for (xb, h, v), target in zip(fixed, targets):
+                _, ctx = heads_attention(st.q.apply(getf, h), st.k.apply(getf, h), v, st.heads, st.causal)
+                err = (xb + st.o.apply(getf, ctx) - target) ** 2
                 if tw is not None:
                     err = err * tw[None, :, None]
                 loss = err.sum() / rows
