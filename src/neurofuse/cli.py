@@ -483,7 +483,7 @@ def cmd_levels(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .errors import ConfigError
     from .interop import load_factory, load_state_dict
-    from .levels import auto_levels
+    from .levels import LeveledNet, auto_levels
     from .methods import format_levels
 
     if a.input_shape:
@@ -495,9 +495,17 @@ def cmd_levels(a: argparse.Namespace) -> int:
     model = load_factory(a.factory)()
     if a.checkpoint:
         load_state_dict(model, a.checkpoint)
-    net = auto_levels(model, shape)
-    print(f"{a.factory}: {type(model).__name__}, input {list(shape)}, {net.num_levels} levels "
-          f"(found with {'torch.fx' if net.tracer == 'fx' else 'forward hooks'})")
+    if isinstance(model, LeveledNet):           # the zoo, declared levels, a wrapped HF model
+        net, how = model, "its own levels"
+    elif getattr(getattr(model, "config", None), "model_type", None) is not None:
+        from .hf import wrap                     # a transformers classifier: its family's adapter
+
+        net = wrap(model, shape)
+        how = f"the Hugging Face {net.family!r} adapter"
+    else:
+        net = auto_levels(model, shape)
+        how = "torch.fx" if net.tracer == "fx" else "forward hooks"
+    print(f"{a.factory}: {type(model).__name__}, input {list(shape)}, {net.num_levels} levels (found with {how})")
     print(format_levels(net))
     return 0
 

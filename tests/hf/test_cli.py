@@ -101,3 +101,28 @@ def test_methods_hf_says_which_method_fuses_which_family(capsys):
     assert re.search(r"kf-gradient +yes:", out) and re.search(r"otfusion +no:", out)
     assert main(["methods"]) == 0
     assert "neurofuse methods --hf" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_levels_shows_a_transformers_model_through_its_adapter(tmp_path, capsys, wrapped):
+    """``neurofuse levels`` takes a function that returns a Hugging Face model (wrapped through
+    its family's adapter) or an already leveled one (shown as it is)."""
+    f = tmp_path / "build.py"
+    f.write_text("from neurofuse.hf import tiny_model\n\n"
+                 "def build():\n"
+                 f"    net = tiny_model('gpt2', (12,), 6, vocab_size=30, seed=0)\n"
+                 f"    return net{'' if wrapped else '.hf_model'}\n")
+    assert main(["levels", f"{f}:build", "--input-shape", "12"]) == 0
+    out = capsys.readouterr().out
+    assert ("its own levels" if wrapped else "the Hugging Face 'gpt2' adapter") in out
+    assert "4 levels" in out and "transformer.wte + wpe" in out and "kf-linear" in out
+
+
+def test_fusing_an_unwrapped_transformers_model_says_to_wrap_it():
+    from neurofuse import fuse
+    from neurofuse.errors import IncompatibleModelsError
+
+    net = tiny("bert")
+    x = torch.randint(0, 25, (8, 12))
+    with pytest.raises(IncompatibleModelsError, match=r"BertForSequenceClassification.*neurofuse\.hf\.wrap"):
+        fuse([net.hf_model, net.hf_model], (x, torch.zeros(8, dtype=torch.long)), method="kf-linear", progress=False)

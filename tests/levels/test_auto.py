@@ -350,6 +350,24 @@ def test_untraceable_model_with_functional_ops_is_a_one_line_error():
         neurofuse.levels_from(BranchyFunctional().eval(), input_shape=(3, 2, 2))
 
 
+class TokenModel(nn.Module):
+    """Takes token ids: the float probe input makes its embedding raise, under fx and hooks alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        return self.fc(self.emb(x).mean(1))
+
+
+def test_a_model_that_fails_on_the_probe_input_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="forward-hook fallback failed: Expected tensor.*declare the levels"):
+        neurofuse.levels_from(TokenModel().eval(), input_shape=(12,))
+
+
 def test_declared_axes_without_levels_are_refused():
     with pytest.raises(ConfigError, match="axes are found"):
         neurofuse.levels_from(MLP(), input_shape=(3, 8, 8), axes=["dense"] * 3)

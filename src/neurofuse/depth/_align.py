@@ -27,7 +27,7 @@ from torch import nn
 
 from .._fusion_set import as_fusion_set
 from ..errors import ConfigError, IncompatibleModelsError
-from ..levels import LeveledNet
+from ..levels import LeveledNet, not_leveled_error
 from ._balance import _output_shapes, groups_of, insert_identity_levels, merge_levels
 from ._cka import METRICS, level_cost_matrix, level_features, level_grams
 
@@ -212,9 +212,7 @@ def _check_models(models: Sequence[nn.Module], ref: int) -> List[LeveledNet]:
     nets: List[LeveledNet] = []
     for i, m in enumerate(models):
         if not isinstance(m, LeveledNet):
-            raise IncompatibleModelsError(
-                f"model {i} is a {type(m).__name__}, not a neurofuse LeveledNet; build it from the "
-                "zoo (neurofuse.models) or declare its levels with neurofuse.levels_from")
+            raise not_leveled_error(m, i)
         if m.num_levels < 1:
             raise IncompatibleModelsError(f"model {i} has no levels")
         nets.append(m)
@@ -317,9 +315,7 @@ def align_models(models: Sequence[nn.Module], data: Any, *, reference: Optional[
         raise ConfigError(f"unknown balance {balance!r}; choose one of {list(BALANCE)}")
     for i, m in enumerate(models):
         if not isinstance(m, LeveledNet):
-            raise IncompatibleModelsError(
-                f"model {i} is a {type(m).__name__}, not a neurofuse LeveledNet; build it from the "
-                "zoo (neurofuse.models) or declare its levels with neurofuse.levels_from")
+            raise not_leveled_error(m, i)
     depths = [m.num_levels for m in models]
     ref = _resolve_reference(reference, depths, balance)
     nets = _check_models(models, ref)

@@ -13,6 +13,7 @@ from ._core import (
     check_same_levels,
     check_weights,
     flatten_neurons,
+    not_leveled_error,
     split_affine,
     unflatten_neurons,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "has_batchnorm",
     "levels_from",
     "neuron_maps",
+    "not_leveled_error",
     "split_affine",
     "unflatten_neurons",
     "unfold_state",

@@ -831,7 +831,8 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
                         type(model).__name__, first)
             try:
                 levels, names = _hook_levels(model, x)
-            except ConfigError as hook_exc:
+            except Exception as hook_exc:  # noqa: BLE001 - the model itself fails on the probe input
+                hook_exc = str(hook_exc).splitlines()[0] if str(hook_exc) else type(hook_exc).__name__  # type: ignore[assignment]
                 raise ConfigError(
                     f"cannot find the levels of {type(model).__name__} automatically: torch.fx "
                     f"cannot trace it ({first}) and the forward-hook fallback failed: {hook_exc}; "

@@ -226,6 +226,17 @@ def check_weights(model: nn.Module, index: int) -> None:
             )
 
 
+def not_leveled_error(model: object, index: int) -> IncompatibleModelsError:
+    """The error for model ``index`` that is not a :class:`LeveledNet`, with what to do: a
+    ``transformers`` classifier is wrapped by :func:`neurofuse.hf.wrap`, any other model is
+    declared with :func:`neurofuse.levels_from`."""
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        how = "wrap it with neurofuse.hf.wrap(model, input_shape) (a Hugging Face model)"
+    else:
+        how = "build it from the zoo (neurofuse.models) or declare its levels with neurofuse.levels_from"
+    return IncompatibleModelsError(f"model {index} is a {type(model).__name__}, not a neurofuse LeveledNet; {how}")
+
+
 def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
     """Check that ``models`` can be fused level by level and return them typed.
 
@@ -240,10 +251,7 @@ def check_same_levels(models: Sequence[nn.Module]) -> List[LeveledNet]:
     out: List[LeveledNet] = []
     for i, m in enumerate(models):
         if not isinstance(m, LeveledNet):
-            raise IncompatibleModelsError(
-                f"model {i} is a {type(m).__name__}, not a neurofuse LeveledNet; build it from the "
-                "zoo (neurofuse.models) or declare its levels with neurofuse.levels_from"
-            )
+            raise not_leveled_error(m, i)
         check_weights(m, i)
         out.append(m)
     ref = out[0]
