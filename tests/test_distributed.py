@@ -23,13 +23,13 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, models, x, y, method: str, importance: str,
-               out_dir: str) -> None:  # pragma: no cover - runs in the spawned ranks
+               out_dir: str, options=None) -> None:  # pragma: no cover - runs in the spawned ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fused = neurofuse.fuse(models, (x, y), method=method, importance=importance, progress=False,
-                               distributed=True, batch_size=64)
+                               distributed=True, batch_size=64, **(options or {}))
         torch.save({k: v.clone() for k, v in fused.state_dict().items()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -94,19 +94,20 @@ def test_methods_that_need_all_samples_refuse_distributed(dirichlet_mlps, digits
                        distributed=True)
 
 
-@pytest.mark.parametrize("method", ["kf-linear", "otfusion"])
-def test_two_gloo_ranks_fuse_transformers_like_one_process(method, tmp_path):
+@pytest.mark.parametrize("method,options", [("kf-linear", {}), ("otfusion", {}), ("kf-linear", {"attention_steps": 5})])
+def test_two_gloo_ranks_fuse_transformers_like_one_process(method, options, tmp_path):
     """Every statistic of the transformer closed form (stream Gram matrix, least squares, the
     per-neuron LayerNorm and position fits) and of the head-structured alignment is summed over
-    the ranks, so 2 ranks give the one-process fused ViT."""
+    the ranks, and so are the gradients of the steps on the queries and keys
+    (``attention_steps``), so 2 ranks give the one-process fused ViT."""
     from neurofuse.models import make_model
 
     torch.manual_seed(0)
     models = [make_model("vit", "tiny", (1, 8, 8), 10).eval() for _ in range(2)]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
-    ref = neurofuse.fuse(models, (x, y), method=method, progress=False, batch_size=64)
-    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, method, "uniform", str(tmp_path)),
+    ref = neurofuse.fuse(models, (x, y), method=method, progress=False, batch_size=64, **options)
+    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, method, "uniform", str(tmp_path), options),
              nprocs=2, join=True)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     with torch.no_grad():

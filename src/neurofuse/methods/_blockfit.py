@@ -85,9 +85,9 @@ from ..levels._transformer import (
     affix_forward,
     attention_parts,
     attention_pattern,
-    heads_attention,
     describe,
     embed_forward,
+    heads_attention,
     mlp_parts,
     stage_forward,
     tensor_of,
@@ -670,7 +670,8 @@ class TransformerFit:
         r"""Adam steps on the fused queries and keys (their rows of a packed tensor only) that lower
         the stage's residual error :math:`\sum_t w_t \lVert x + o(\mathrm{attn}(x)) - s\rVert^2`
         over the fusion set (``sums``: the grouped targets :math:`s`; :math:`w_t` the token
-        weights), the values and the output projection held fixed.  The attention pattern is not
+        weights), the values and the output projection held fixed; distributed, the ranks' gradients
+        and errors are summed, so every rank takes the same steps.  The attention pattern is not
         affine in the queries and keys, so their least-squares fit to the grouped base queries and
         keys only approximates the pattern; these steps fit it through the softmax, as kf-gradient
         does, from the closed form's start, and the best parameters seen are kept (the closed
@@ -696,7 +697,7 @@ class TransformerFit:
         opt = torch.optim.Adam(tensors, lr=0.01 * max(rms, 1e-12))
         targets = [t.to(xf[0].dtype) for t in sums]
         tw = None if self.tw is None else self.tw.to(xf[0].device, xf[0].dtype)
-        rows = sum(float(x.shape[0] * x.shape[1]) for x in xf)
+        rows = self._summed(sum(float(x.shape[0] * x.shape[1]) for x in xf))
         with torch.no_grad():   # what the steps do not change: the stream, its normalisation, the values
             fixed = []
             for x in xf:
@@ -715,7 +716,7 @@ class TransformerFit:
                 if backward:
                     loss.backward()
                 total += float(loss.detach())
-            return total
+            return self._summed(total)
 
         best = (float("inf"), [t.detach().clone() for t in tensors])
         try:
@@ -730,8 +731,13 @@ class TransformerFit:
                 if step == int(opts.attention_steps):
                     break
                 for t in tensors:
-                    if t.grad is not None:
-                        t.grad.mul_(masks[id(t)])
+                    if t.grad is None:
+                        t.grad = torch.zeros_like(t)
+                    if self.method.distributed:     # every rank takes the same step
+                        import torch.distributed as dist
+
+                        dist.all_reduce(t.grad)
+                    t.grad.mul_(masks[id(t)])
                 opt.step()
         finally:
             with torch.no_grad():
@@ -739,6 +745,16 @@ class TransformerFit:
                     t.copy_(b)
                     t.requires_grad_(w)
                     t.grad = None
+
+    def _summed(self, value: float) -> float:
+        """``value`` summed over the ranks when fusing distributed (else itself)."""
+        if not self.method.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
 
     def _patterns(self, st: Attention, fl: nn.Module, h: Tensor, heads: int, dq_f: int) -> Tensor:
         """The fused attention pattern ``[B, H, T, T]`` on the normalised input ``h``."""
