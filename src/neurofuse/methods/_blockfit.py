@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .._loop import run_epochs
 from ..approximation import GramStats, LinearStats, NeuronRegression, TokenSums
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping
@@ -676,7 +677,8 @@ class TransformerFit:
         keys only approximates the pattern; these steps fit it through the softmax, as kf-gradient
         does, from the closed form's start, and the best parameters seen are kept (the closed
         form's if no step lowers the error: at an exact fit Adam's normalised steps would only
-        drift).  Step size: 1 % of the weights' RMS."""
+        drift).  One step per pass over the fusion set, through :func:`neurofuse._loop.run_epochs`;
+        step size: 1 % of the weights' RMS."""
         opts = self.method.options
         getf = _getter(fl)
         masks: Dict[int, Tensor] = {}
@@ -694,7 +696,7 @@ class TransformerFit:
         rms = float(torch.sqrt(sum((w.double() ** 2).sum() for w in weights) / sum(w.numel() for w in weights)))
         tensors = list(params.values())
         was = [t.requires_grad for t in tensors]
-        opt = torch.optim.Adam(tensors, lr=0.01 * max(rms, 1e-12))
+        opt = _MaskedAdam(tensors, masks, lr=0.01 * max(rms, 1e-12), distributed=self.method.distributed)
         targets = [t.to(xf[0].dtype) for t in sums]
         tw = None if self.tw is None else self.tw.to(xf[0].device, xf[0].dtype)
         rows = self._summed(sum(float(x.shape[0] * x.shape[1]) for x in xf))
@@ -705,44 +707,44 @@ class TransformerFit:
                 h = xb if st.pre is None else st.pre.apply(getf, xb)
                 fixed.append((xb, h, st.v.apply(getf, h)))
 
-        def error(backward: bool) -> float:
-            total = 0.0
-            for (xb, h, v), target in zip(fixed, targets):
+        def error(batches: Sequence[int]) -> Tensor:
+            total = torch.zeros((), dtype=xf[0].dtype, device=xf[0].device)
+            for i in batches:
+                xb, h, v = fixed[int(i)]
                 _, ctx = heads_attention(st.q.apply(getf, h), st.k.apply(getf, h), v, st.heads, st.causal)
-                err = (xb + st.o.apply(getf, ctx) - target) ** 2
+                err = (xb + st.o.apply(getf, ctx) - targets[int(i)]) ** 2
                 if tw is not None:
                     err = err * tw[None, :, None]
-                loss = err.sum() / rows
-                if backward:
-                    loss.backward()
-                total += float(loss.detach())
-            return self._summed(total)
+                total = total + err.sum() / rows
+            return total
 
-        best = (float("inf"), [t.detach().clone() for t in tensors])
+        best: List[Any] = [float("inf"), None]
+
+        def batch_loss(batches: Tensor) -> Tensor:
+            loss = error(batches.tolist())      # every batch of the fusion set: one step a pass
+            value = self._summed(float(loss.detach()))
+            if value < best[0]:                 # the parameters before this step, the closed form's first
+                best[:] = [value, [t.detach().clone() for t in tensors]]
+            return loss
+
+        training = fl.training
         try:
             for t in tensors:
                 t.requires_grad_(True)
-            for step in range(int(opts.attention_steps) + 1):
-                opt.zero_grad()
-                with torch.enable_grad():
-                    loss = error(backward=step < int(opts.attention_steps))
-                if loss < best[0]:      # the best parameters seen, the closed form's included
-                    best = (loss, [t.detach().clone() for t in tensors])
-                if step == int(opts.attention_steps):
-                    break
-                for t in tensors:
-                    if t.grad is None:
-                        t.grad = torch.zeros_like(t)
-                    if self.method.distributed:     # every rank takes the same step
-                        import torch.distributed as dist
-
-                        dist.all_reduce(t.grad)
-                    t.grad.mul_(masks[id(t)])
-                opt.step()
+            run_epochs(fl, opt, n=len(fixed), batch_size=len(fixed), epochs=int(opts.attention_steps),
+                       generator=torch.Generator().manual_seed(0), batch_loss=batch_loss,
+                       diverged=lambda e, loss: (f"attention_steps: the queries and keys diverged at step {e} "
+                                                 f"(error {loss}); use fewer steps or attention_steps=0"),
+                       desc="attention steps")
+            with torch.no_grad():               # the parameters after the last step
+                last = self._summed(float(error(range(len(fixed)))))
         finally:
+            fl.train(training)
             with torch.no_grad():
-                for t, w, b in zip(tensors, was, best[1]):
-                    t.copy_(b)
+                keep = best[1] if best[1] is not None and best[0] < last else None
+                for i, (t, w) in enumerate(zip(tensors, was)):
+                    if keep is not None:
+                        t.copy_(keep[i])
                     t.requires_grad_(w)
                     t.grad = None
 
@@ -939,6 +941,28 @@ class TransformerFit:
         prior = sum(_prior(lv, s.fc, in_labels[i], k_in, norms[i], fc_bias) * w_out[i][None, :].double().cpu()
                     for i, (lv, s) in enumerate(zip(bl, bst)))
         self._fit_residual(fl, st.fc, inputs, targets, prior)  # type: ignore[arg-type]
+
+
+class _MaskedAdam(torch.optim.Adam):
+    """Adam that keeps the gradient of the given entries only (the queries' and keys' rows of a
+    packed tensor) and, distributed, sums the ranks' gradients first, so every rank steps alike."""
+
+    def __init__(self, params: List[Tensor], masks: Dict[int, Tensor], lr: float, distributed: bool) -> None:
+        super().__init__(params, lr=lr)
+        self._masks, self._distributed = masks, distributed
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        with torch.no_grad():
+            for group in self.param_groups:
+                for t in group["params"]:
+                    if t.grad is None:
+                        t.grad = torch.zeros_like(t)
+                    if self._distributed:
+                        import torch.distributed as dist
+
+                        dist.all_reduce(t.grad)
+                    t.grad.mul_(self._masks[id(t)])
+        return super().step(closure)
 
 
 def _relative_error(values: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
