@@ -142,7 +142,7 @@ def test_gpt2_blocks_are_causal_with_conv1d_weights_and_the_head_reads_the_last_
     """GPT-2's levels: causal attention (a later token does not change an earlier one's stream),
     ``Conv1D`` projections stored ``[in, out]`` (layout kind ``linear_t``), a last-token head."""
     from neurofuse.levels._layout import level_layout
-    from neurofuse.levels._transformer import Attention, Head
+    from neurofuse.levels._transformer import Attention, Head, Proj
 
     net = tiny("gpt2")
     x = inputs("gpt2", 4)
@@ -153,9 +153,8 @@ def test_gpt2_blocks_are_causal_with_conv1d_weights_and_the_head_reads_the_last_
     assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-6) and not torch.allclose(a[:, -1], b[:, -1])
     att = net.levels[1].transformer_spec.stages[0]
     assert isinstance(att, Attention) and att.causal and att.q.transposed
-    assert net.levels[-1].transformer_spec.stages[-1] == Head(
-        att.q.__class__("parts.score.weight", None, "parts.score"), norm=net.levels[-1].transformer_spec.stages[-1].norm,
-        pool="last")
+    head = net.levels[-1].transformer_spec.stages[-1]
+    assert head == Head(Proj("parts.score.weight", None, "parts.score"), norm=head.norm, pool="last")
     kinds = {key: kind for key, _, _, kind in level_layout(net.levels[1], 1).tensors}
     assert kinds["parts.layer.attn.c_attn.weight"] == kinds["parts.layer.mlp.c_proj.weight"] == "linear_t"
 
