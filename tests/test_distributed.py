@@ -115,4 +115,5 @@ def test_two_gloo_ranks_fuse_transformers_like_one_process(method, options, tmp_
         for st in states:
             got = models[0].clone()
             got.load_state_dict(st)
-            assert float((got(x) - want).abs().max()) < 1e-5
+            # float32 sums in another order, through five stages: rounding, not another grouping (1e-1)
+            assert float((got(x) - want).abs().max()) < 1e-4

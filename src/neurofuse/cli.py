@@ -486,17 +486,22 @@ def cmd_levels(a: argparse.Namespace) -> int:
     from .levels import LeveledNet, auto_levels
     from .methods import format_levels
 
+    shape: Optional[tuple] = None
     if a.input_shape:
         shape = tuple(a.input_shape)
     elif a.dataset:
         shape = tuple(load_dataset(a.dataset, a.data_dir).x_train.shape[1:])
-    else:
-        raise ConfigError("give the shape of one input with --input-shape C,H,W (or --dataset)")
     model = load_factory(a.factory)()
     if a.checkpoint:
         load_state_dict(model, a.checkpoint)
     if isinstance(model, LeveledNet):           # the zoo, declared levels, a wrapped HF model
-        net, how = model, "its own levels"
+        own = tuple(model.input_shape)
+        if shape is not None and shape != own:
+            raise ConfigError(f"{a.factory} builds a model of input shape {list(own)}, not {list(shape)}; "
+                              "drop --input-shape / --dataset or build the model for that shape")
+        net, how, shape = model, "its own levels", own
+    elif shape is None:
+        raise ConfigError("give the shape of one input with --input-shape C,H,W (or --dataset)")
     elif getattr(getattr(model, "config", None), "model_type", None) is not None:
         from .hf import wrap                     # a transformers classifier: its family's adapter
 

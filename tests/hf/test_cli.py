@@ -112,10 +112,22 @@ def test_levels_shows_a_transformers_model_through_its_adapter(tmp_path, capsys,
                  "def build():\n"
                  f"    net = tiny_model('gpt2', (12,), 6, vocab_size=30, seed=0)\n"
                  f"    return net{'' if wrapped else '.hf_model'}\n")
-    assert main(["levels", f"{f}:build", "--input-shape", "12"]) == 0
+    assert main(["levels", f"{f}:build", *([] if wrapped else ["--input-shape", "12"])]) == 0
     out = capsys.readouterr().out
     assert ("its own levels" if wrapped else "the Hugging Face 'gpt2' adapter") in out
+    assert "input [12]" in out
     assert "4 levels" in out and "transformer.wte + wpe" in out and "kf-linear" in out
+
+
+def test_levels_of_a_leveled_net_read_its_own_input_shape(tmp_path, capsys):
+    """A model with its own levels knows its input: no shape needed, a contradicting one refused."""
+    f = tmp_path / "build.py"
+    f.write_text("from neurofuse.hf import tiny_model\n\n"
+                 "def build():\n"
+                 "    return tiny_model('gpt2', (12,), 6, vocab_size=30, seed=0)\n")
+    assert main(["levels", f"{f}:build", "--input-shape", "3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "input shape [12], not [3, 8, 8]" in err and len(err.strip().splitlines()) == 1
 
 
 def test_fusing_an_unwrapped_transformers_model_says_to_wrap_it():

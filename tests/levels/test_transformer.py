@@ -332,6 +332,34 @@ def test_attention_steps_lower_the_attention_stages_error_on_the_fusion_set(name
     assert changed
 
 
+def test_attention_steps_leave_no_gradients_in_the_fused_model():
+    (a, x), (b, _) = _models("hf-gpt2", seed=0), _models("hf-gpt2", seed=1)
+    y = torch.zeros(len(x), dtype=torch.long)
+    fused = neurofuse.fuse([a, b], (x, y), method="kf-linear", attention_steps=5, seed=0, progress=False)
+    assert [n for n, p in fused.named_parameters() if p.grad is not None] == []
+    assert all(p.requires_grad for p in fused.parameters())
+
+
+def test_attention_steps_that_diverge_are_a_one_line_error(monkeypatch):
+    """A step whose error is not finite stops the steps with the option's name and what to do."""
+    import neurofuse.methods._blockfit as blockfit
+    from neurofuse.errors import ConfigError
+
+    calls = {"n": 0}
+    real = blockfit.heads_attention
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        pattern, ctx = real(*args, **kwargs)
+        return (pattern, ctx * float("nan")) if calls["n"] > 3 else (pattern, ctx)
+
+    monkeypatch.setattr(blockfit, "heads_attention", poisoned)
+    (a, x), (b, _) = _models("zoo", seed=0), _models("zoo", seed=1)
+    with pytest.raises(ConfigError, match="attention_steps: the queries and keys diverged.*attention_steps=0"):
+        neurofuse.fuse([a, b], (x, torch.zeros(len(x), dtype=torch.long)), method="kf-linear",
+                       attention_steps=10, seed=0, progress=False)
+
+
 def test_attention_steps_must_be_a_count():
     from neurofuse.errors import ConfigError
 
@@ -339,3 +367,21 @@ def test_attention_steps_must_be_a_count():
     with pytest.raises(ConfigError, match="attention_steps"):
         neurofuse.fuse([net, net], (x, torch.zeros(len(x), dtype=torch.long)), method="kf-linear",
                        attention_steps=-1, progress=False)
+
+
+def test_a_packed_projection_whose_parts_cannot_keep_their_proportions_is_refused():
+    """Aligned tensors of other widths rescale a packed ``qkv``'s parts; rows that do not divide
+    (parts of unequal widths) are an error naming the tensor, not a wrong slice."""
+    import dataclasses
+
+    from neurofuse.errors import IncompatibleModelsError
+    from neurofuse.levels._transformer import Proj
+
+    net, _ = _models("zoo")
+    spec = describe(net.levels[1])
+    att = next(st for st in spec.stages if isinstance(st, Attention))
+    odd = dataclasses.replace(spec, stages=tuple(dataclasses.replace(st, q=Proj(att.q.weight, None, att.q.module, 0, 5))
+                                                 if st is att else st for st in spec.stages))
+    w = net.levels[1].get_parameter(att.q.weight)
+    with pytest.raises(IncompatibleModelsError, match="packed projection"):
+        odd.resized(net.levels[1], {att.q.weight: torch.zeros(w.shape[0] * 2 // 3, w.shape[1])})

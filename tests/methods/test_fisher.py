@@ -47,3 +47,17 @@ def test_which_is_which():
         AlignedFisherMerging(align="none")
     with pytest.raises(ConfigError, match="option 'fisher' must be one of 'expected', 'empirical'"):
         FisherMerging(fisher="sampled")
+
+
+def test_fisher_merges_gpt2_whose_embeddings_check_the_padding():
+    """GPT-2's embedding level refuses sequences that end with the pad token; inside Fisher's
+    per-sample ``vmap`` that check cannot run (it reads the data) and is left to the whole batch."""
+    pytest.importorskip("transformers")
+    import neurofuse.hf as nh
+
+    ds = nh.token_task(n_train=64, n_test=8, seed=0)
+    vocab = int(ds.x_train.max()) + 1
+    models = [nh.tiny_model("gpt2", ds.input_shape, ds.num_classes, seed=s, vocab_size=vocab) for s in (0, 1)]
+    fused = neurofuse.fuse(models, (ds.x_train[:32], ds.y_train[:32]), method="fisher", progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(fused(ds.x_test)).all()

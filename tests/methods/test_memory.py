@@ -137,3 +137,13 @@ def test_merges_from_per_model_statistics_count_every_models_statistics():
     _, fi = estimate_memory(get_method("fisher")(), models, 400, 256, None)
     size = sum(p.numel() * 4 for p in models[0].parameters())
     assert fi["algebra"] >= 2 * size
+
+
+def test_a_conv1d_layer_counts_as_the_linear_layer_it_computes():
+    """GPT-2's ``Conv1D`` (weight ``[in, out]``) holds a Gram matrix of its inputs in RegMean, as a
+    ``Linear`` of the same shape does: both count in the estimate."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv, lin = Conv1D(10, 16), torch.nn.Linear(16, 10)
+    assert _memory._layers(torch.nn.Sequential(conv)) == _memory._layers(torch.nn.Sequential(lin)) == ((17, 10),)

@@ -157,9 +157,19 @@ def _pooler_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
     return parts["classifier"](parts["dropout"](parts["pooler"](x)))
 
 
+def _in_transform(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's tensor (e.g. one sample of Fisher's ``vmap``),
+    on which a data-dependent check cannot run; the same data are checked outside it."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover - a torch without functorch
+        return False
+    return bool(is_functorch_wrapped_tensor(t))
+
+
 def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
     ids = x.long()
-    padded = int((ids[:, -1] == pad).sum()) if ids.dim() == 2 else 0
+    padded = int((ids[:, -1] == pad).sum()) if ids.dim() == 2 and not _in_transform(ids) else 0
     if padded:
         # the model classifies the last token that is not padding; the head level reads the last
         raise DataError(f"{padded} of {ids.shape[0]} sequences end with the pad token (id {pad}); GPT-2 "

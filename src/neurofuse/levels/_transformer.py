@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ..errors import IncompatibleModelsError
 from ._spaces import LevelLayout, Space
 
 __all__ = [
@@ -100,9 +101,13 @@ class Proj:
         """Rows ``[start, stop)`` of a vector (the bias)."""
         return t[self.start:self.stop]
 
+    def oriented(self, w: Tensor) -> Tensor:
+        """The whole stored weight ``w`` as ``[out, in]`` (a view; every row, a packed tensor's too)."""
+        return w.T if self.transposed else w
+
     def matrix(self, w: Tensor) -> Tensor:
         """The map's ``[out, in]`` weight rows from the stored tensor ``w`` (a view)."""
-        return (w.T if self.transposed else w)[self.start:self.stop]
+        return self.oriented(w)[self.start:self.stop]
 
     def apply(self, get: Getter, x: Tensor) -> Tensor:
         w = self.matrix(get(self.weight))
@@ -429,15 +434,17 @@ class TransformerSpec:
         if not params:
             return self
 
-        def whole(p: Proj, t: Tensor) -> int:   # rows of the whole (packed) tensor, [out, in]
-            return int((t.T if p.transposed else t).shape[0])
-
         def fit(p: Proj) -> Proj:
             if p.stop is None or p.weight not in params:
                 return p
-            own, new = whole(p, tensor_of(level, p.weight)), whole(p, params[p.weight])
-            if new == own or (p.start * new) % own or (p.stop * new) % own:
+            own, new = (int(p.oriented(t).shape[0]) for t in (tensor_of(level, p.weight), params[p.weight]))
+            if new == own:
                 return p
+            if (p.start * new) % own or (p.stop * new) % own:
+                raise IncompatibleModelsError(
+                    f"{p.weight}: rows [{p.start}, {p.stop}) of a packed projection of {own} rows have no "
+                    f"place in its aligned tensor of {new} rows (its parts would change proportions); "
+                    "fuse models whose packed parts are of equal widths")
             return dataclasses.replace(p, start=p.start * new // own, stop=p.stop * new // own)
 
         def stage(st: Stage) -> Stage:

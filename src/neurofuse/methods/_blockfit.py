@@ -214,7 +214,7 @@ def _write_rows(level: nn.Module, p: Proj, value: Tensor, start: int, stop: int)
     """Weight rows ``[start, stop)`` of projection ``p`` (``[rows, in]``; columns of a weight
     stored ``[in, out]``)."""
     t = tensor_of(level, p.weight)
-    view = (t.T if p.transposed else t)[start:stop]
+    view = p.oriented(t)[start:stop]
     with torch.no_grad():
         view.copy_(value.to(t.dtype).reshape(view.shape))
 
@@ -702,10 +702,9 @@ class TransformerFit:
         rows = self._summed(sum(float(x.shape[0] * x.shape[1]) for x in xf))
         with torch.no_grad():   # what the steps do not change: the stream, its normalisation, the values
             fixed = []
-            for x in xf:
-                xb = x.transpose(0, 1) if st.seq_first else x
-                h = xb if st.pre is None else st.pre.apply(getf, xb)
-                fixed.append((xb, h, st.v.apply(getf, h)))
+            for x in xf:        # batch-first, as every stage here
+                h = x if st.pre is None else st.pre.apply(getf, x)
+                fixed.append((x, h, st.v.apply(getf, h)))
 
         def error(batches: Sequence[int]) -> Tensor:
             total = torch.zeros((), dtype=xf[0].dtype, device=xf[0].device)
@@ -728,7 +727,13 @@ class TransformerFit:
             return loss
 
         training = fl.training
+        # only the queries and keys take gradients: the rest of the level (the output projection
+        # the error runs through) is held fixed and is left without a .grad
+        others = [p for p in fl.parameters() if p.requires_grad and all(p is not t for t in tensors)]
+        last = float("inf")     # a divergence below leaves the best parameters seen
         try:
+            for p in others:
+                p.requires_grad_(False)
             for t in tensors:
                 t.requires_grad_(True)
             run_epochs(fl, opt, n=len(fixed), batch_size=len(fixed), epochs=int(opts.attention_steps),
@@ -740,6 +745,8 @@ class TransformerFit:
                 last = self._summed(float(error(range(len(fixed)))))
         finally:
             fl.train(training)
+            for p in others:
+                p.requires_grad_(True)
             with torch.no_grad():
                 keep = best[1] if best[1] is not None and best[0] < last else None
                 for i, (t, w) in enumerate(zip(tensors, was)):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequ
 import torch
 from torch import nn
 
+from ..approximation import is_conv1d
 from ..errors import IncompatibleModelsError, MemoryBudgetError
 from ..grouping import kmeans_memory
 from ..levels import DEFAULT_MEMORY_BUDGET, LeveledNet, split_affine
@@ -161,8 +162,11 @@ def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
 
 
 def _layer_shape(affine: nn.Module) -> Tuple[int, int]:
-    """``(design columns, outputs)`` of a Linear or Conv2d (``(0, 0)`` for anything else)."""
+    """``(design columns, outputs)`` of a Linear, Conv2d or ``transformers`` Conv1D (weight
+    ``[in, out]``; ``(0, 0)`` for anything else)."""
     bias = int(getattr(affine, "bias", None) is not None)
+    if is_conv1d(affine):
+        return int(affine.weight.shape[0]) + bias, int(affine.weight.shape[1])
     if isinstance(affine, nn.Conv2d):
         return affine.in_channels // affine.groups * math.prod(affine.kernel_size) + bias, affine.out_channels
     if isinstance(affine, nn.Linear):
