@@ -146,3 +146,47 @@ def test_bad_ridge_values_are_refused():
     for bad in ("gcv", -1.0):
         with pytest.raises(ConfigError, match="ridge"):
             st.solve(ridge=bad)
+
+
+def test_rows_of_one_sample_are_left_out_together():
+    """GCV leaves out samples, not rows: a sample whose rows are T copies of one (the extreme of a
+    conv level's positions or a transformer's tokens, which share their sample's content) gets the
+    penalty of the sample alone, where a criterion over rows would see T times the data and
+    choose a smaller one."""
+    x, a, p = _problem(30, 24, 5, noise=1.0)
+    t = 8
+    xt, at = x.repeat_interleave(t, 0), a.repeat_interleave(t, 0)
+    once = _stats(x, a).solve(ridge="auto", prior=p).diagnostics
+    grouped = LinearStats()
+    for i in range(0, 30, 6):   # batches of 6 samples, 48 rows each
+        grouped.update(xt[i * t:(i + 6) * t], at[i * t:(i + 6) * t], samples=6)
+    by_sample = grouped.solve(ridge="auto", prior=p).diagnostics
+    by_row = _stats(xt, at).solve(ridge="auto", prior=p).diagnostics
+    assert once.penalty > 0 and by_sample.penalty == pytest.approx(once.penalty)
+    assert by_row.penalty < once.penalty
+    assert grouped.n_samples == 30 and grouped.rows == 240
+
+
+def test_the_sample_count_travels_with_the_statistics_and_old_states_count_rows():
+    st = LinearStats()
+    st.update(torch.randn(12, 3), torch.randn(12, 2), samples=4)
+    state = st.state()
+    assert float(state["samples"]) == 4 and LinearStats.from_state(state).n_samples == 4
+    old = {k: v for k, v in state.items() if k != "samples"}
+    assert LinearStats.from_state(old).n_samples == 12
+    with pytest.raises(ValueError, match="samples must be an integer in \\[0, 12\\]"):
+        st.update(torch.randn(12, 3), torch.randn(12, 2), samples=13)
+
+
+def test_fewer_samples_than_inputs_keep_the_degrees_of_freedom_under_the_samples():
+    """With 10 samples of 4 rows (40 rows) and 30 inputs, a penalty whose effective degrees of
+    freedom reach the samples is out: the fit is as short of data as 10 rows of 30 inputs."""
+    x, a, p = _problem(40, 30, 4, noise=0.5, seed=3)
+    st = LinearStats()
+    st.update(x, a, samples=10)
+    diag = st.solve(ridge="auto", prior=p).diagnostics
+    assert diag.dof < 10
+    from neurofuse.approximation._ridge import best_penalty
+
+    grid = torch.tensor(PENALTY_GRID)
+    assert best_penalty(torch.full((len(grid),), float("inf")), grid) == PENALTY_GRID[-1]
