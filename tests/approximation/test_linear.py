@@ -125,7 +125,7 @@ def test_kept_rows_are_exact_grouping_coordinates_and_the_gram_matrix_is_formed_
     assert torch.allclose(d_sol, d_ref, rtol=1e-4, atol=1e-4 * float(d_ref.max()))
     assert float(sol.residual.abs().max()) == 0.0
     state = kept.state()                                        # sums only, Gram included
-    assert set(state) == {"count", "samples", "gram", "sq"}
+    assert set(state) == {"count", "gram", "sq"}
     assert torch.allclose(state["gram"], plain.state()["gram"], rtol=1e-12, atol=1e-10)
     # merge concatenates while the union has at most d rows; from_state carries no rows
     other = LinearStats(cross=False, rows=True)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats
 from ._linear import _eigh_dense
-from ._ridge import PENALTY_GRID, best_penalty, gcv_curve
+from ._ridge import PENALTY_GRID, gcv_curve
 
 __all__ = ["DepthwiseStats", "depthwise_design", "group_means"]
 
@@ -72,7 +72,7 @@ class DepthwiseStats(AdditiveStats):
         Number of fused channels.
     """
 
-    fields = ("count", "samples", "gram", "cross", "sq")
+    fields = ("count", "gram", "cross", "sq")
 
     def __init__(self, labels: Tensor, k: int) -> None:
         super().__init__()
@@ -91,10 +91,9 @@ class DepthwiseStats(AdditiveStats):
         """Rows of the design matrices seen so far."""
         return 0 if self.count is None else int(self.count)
 
-    def update(self, x: Tensor, a: Tensor, samples: Optional[int] = None) -> None:
+    def update(self, x: Tensor, a: Tensor) -> None:
         """Add one batch: ``x`` ``[rows, k, d]`` per-channel design rows of the fused layer
-        (:func:`depthwise_design`), ``a`` ``[rows, M]`` the base channels' outputs, ``samples``
-        the samples whose positions the rows are (default ``rows``)."""
+        (:func:`depthwise_design`), ``a`` ``[rows, M]`` the base channels' outputs."""
         if x.shape[0] != a.shape[0] or x.shape[1] != self.k or a.shape[1] != self.labels.numel():
             raise IncompatibleModelsError(
                 f"depthwise statistics of {self.k} fused and {self.labels.numel()} base channels got "
@@ -110,8 +109,6 @@ class DepthwiseStats(AdditiveStats):
         cross = torch.empty(d, a.shape[1], dtype=torch.float64, device=a.device)
         cross[:, order] = per.reshape(-1, d)[slot].T
         self._add(count=torch.tensor(float(rows), dtype=torch.float64, device=x.device),
-                  samples=torch.tensor(float(rows if samples is None else samples), dtype=torch.float64,
-                                       device=x.device),
                   gram=torch.bmm(xc.transpose(1, 2), xc), cross=cross, sq=(a * a).sum(0))
 
     def solve(self, rtol: Optional[float] = None, ridge: Union[float, str] = 0.0,
@@ -122,7 +119,7 @@ class DepthwiseStats(AdditiveStats):
         ``rtol``, ``ridge`` and ``prior`` (``[d, M]`` base weights, for the input directions the
         fusion set never excites) as in :meth:`neurofuse.approximation.LinearStats.solve`; with
         ``ridge="auto"`` every fused channel's penalty is chosen by GCV over its own fit
-        (:mod:`neurofuse.approximation._ridge`; it leaves out samples, whose rows are their positions).
+        (:mod:`neurofuse.approximation._ridge`; the rows are samples times positions).
         """
         if self.empty:
             raise ValueError("no statistics accumulated")
@@ -186,5 +183,5 @@ class DepthwiseStats(AdditiveStats):
                 xa = xa - gp
             t = vec.T @ xa                                                     # [r, m]
             rss0 = sq - (t * t / e[:, None]).sum(0)
-            out[c] = best_penalty(gcv_curve(e, t, rss0, int(self.samples), grid * scale[c]), grid) * scale[c]
+            out[c] = grid[int(torch.argmin(gcv_curve(e, t, rss0, self.rows, grid * scale[c])))] * scale[c]
         return out

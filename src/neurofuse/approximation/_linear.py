@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .._phases import phase
 from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats, row_chunks
-from ._ridge import PENALTY_GRID, FitDiagnostics, best_penalty, gcv_curve
+from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 
 __all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
 
@@ -208,11 +208,11 @@ class LinearStats(AdditiveStats):
         coordinates as one process on the union.
     """
 
-    fields: tuple = ("count", "samples", "gram", "cross", "sq")
+    fields: tuple = ("count", "gram", "cross", "sq")
 
     def __init__(self, cross: bool = True, rows: bool = False) -> None:
         if not cross:
-            self.fields = ("count", "samples", "gram", "sq")
+            self.fields = ("count", "gram", "sq")
         super().__init__()
         self._rows_wanted = bool(rows and not cross)
         #: kept (x, a) row blocks (``None``: not kept); the first ``_in_gram`` are in ``gram``.
@@ -225,14 +225,6 @@ class LinearStats(AdditiveStats):
     def _empty_for(cls, state: dict, **kwargs: object) -> "LinearStats":
         return cls(cross="cross" in state)
 
-    @classmethod
-    def from_state(cls, state: dict, **kwargs: object) -> "LinearStats":
-        """Statistics holding the sums of ``state``; a state written before the sample count
-        travelled (no ``samples``) counts every row as a sample, as its fit did."""
-        if "samples" not in state and "count" in state:
-            state = {**state, "samples": state["count"]}
-        return super().from_state(state, **kwargs)
-
     @property
     def has_cross(self) -> bool:
         """Whether :math:`X^\\top A` is accumulated (``False``: shared inputs, see :meth:`solve`)."""
@@ -243,15 +235,8 @@ class LinearStats(AdditiveStats):
         """Rows of the design matrix seen so far."""
         return 0 if self.count is None else int(self.count)
 
-    @property
-    def n_samples(self) -> int:
-        """Samples the rows came from (a conv level's positions and a transformer's tokens are
-        rows of one sample): the units generalised cross-validation leaves out."""
-        return 0 if self.samples is None else int(self.samples)
-
     @phase("statistics")
-    def update(self, x: Tensor, a: "Tensor | Sequence[Tensor]", row_scale: Optional[Tensor] = None,
-               samples: Optional[int] = None) -> None:
+    def update(self, x: Tensor, a: "Tensor | Sequence[Tensor]", row_scale: Optional[Tensor] = None) -> None:
         """Add one batch of rows.
 
         Parameters
@@ -264,9 +249,6 @@ class LinearStats(AdditiveStats):
         row_scale : Tensor, optional
             ``[n]`` factors of the rows of ``x`` and ``a`` (weighted least squares: the square
             roots of the row weights), applied in float64.
-        samples : int, optional
-            The samples these rows come from (``n`` / positions for a conv level's unfolded
-            patches, ``n`` / tokens for a transformer's); default ``n``, every row a sample.
 
         The rows are converted to float64 and added a few MB at a time
         (:func:`neurofuse.stats.row_chunks`), never as a whole batch."""
@@ -280,11 +262,7 @@ class LinearStats(AdditiveStats):
         x = x.detach()
         blocks = [b.detach() for b in blocks]
         scale = None if row_scale is None else row_scale.detach().to(x.device, torch.float64)
-        n = float(x.shape[0] if samples is None else samples)
-        if not 0 <= n <= x.shape[0] or n != int(n):
-            raise ValueError(f"samples must be an integer in [0, {x.shape[0]}] (the rows), got {samples!r}")
-        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  samples=torch.tensor(n, dtype=torch.float64, device=x.device))
+        self._add(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
         if self._rows is not None and self.rows <= x.shape[1]:
             # the Gram matrix is formed only if it is asked for (state, merge, a larger set);
             # until then it is a zero placeholder of its shape that holds no memory
@@ -571,7 +549,9 @@ class LinearStats(AdditiveStats):
                 self.sq - 2.0 * (prior * self.cross).sum(0) + (e[:, None] * pu * pu).sum(0))
             rss0 = r_sq - (t ** 2 / e[:, None]).sum(0)
             grid = torch.tensor(PENALTY_GRID, dtype=evals.dtype, device=evals.device)
-            penalty = best_penalty(gcv_curve(e, t, rss0, self.n_samples, grid * scale), grid)
+            scores = gcv_curve(e, t, rss0, self.rows, grid * scale)
+            # the first minimum: among equal scores (a flat criterion), the smallest penalty
+            penalty = float(grid[int(torch.argmin(scores))])
         if penalty == 0:
             lam = kept
             proj = uc.clone() if auto else u.T @ self.cross   # [r, M]

@@ -56,14 +56,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PENALTY_GRID", "FitDiagnostics", "best_penalty", "fit_warning", "gcv_curve"]
+__all__ = ["PENALTY_GRID", "FitDiagnostics", "fit_warning", "gcv_curve"]
 
 #: candidate penalties, relative to the mean eigenvalue of X^T X (= mean(diag X^T X)): 0 and
 #: 41 values from 1e-8 to 1e2, four per decade
 PENALTY_GRID: tuple = (0.0,) + tuple(float(10.0 ** (k / 4.0)) for k in range(-32, 9))
 
 
-def gcv_curve(evals: Tensor, t: Tensor, rss0: Tensor, samples: int, penalties: Tensor) -> Tensor:
+def gcv_curve(evals: Tensor, t: Tensor, rss0: Tensor, rows: int, penalties: Tensor) -> Tensor:
     r"""``[G]`` GCV score of every penalty (pooled over the target columns), see the module.
 
     Parameters
@@ -75,9 +75,8 @@ def gcv_curve(evals: Tensor, t: Tensor, rss0: Tensor, samples: int, penalties: T
         ``[r, M]`` :math:`U^\top X^\top r_j` on their eigenvectors.
     rss0 : Tensor
         ``[M]`` least-squares residuals :math:`\mathrm{RSS}_j(0)`.
-    samples : int
-        The units left out, :math:`n`: samples, whose rows (a conv level's positions, a
-        transformer's tokens) are left out together.
+    rows : int
+        Rows :math:`n` of the design matrix.
     penalties : Tensor
         ``[G]`` absolute penalties :math:`\lambda \ge 0`.
     """
@@ -85,20 +84,10 @@ def gcv_curve(evals: Tensor, t: Tensor, rss0: Tensor, samples: int, penalties: T
     lam = penalties[:, None]
     shrink = lam / (evals[None, :] + lam)                           # [G, r] lambda / (e + lambda)
     rss = float(rss0.clamp_min(0.0).sum()) + (shrink ** 2) @ s      # [G]
-    # n - df, written without cancellation: (n - r) + sum_i lambda / (e_i + lambda); with fewer
-    # samples than the rank (rows of one sample are many), the penalties with df >= n are out
-    free = (samples - int(evals.numel())) + shrink.sum(1)
-    score = samples * rss / free.clamp_min(1e-300) ** 2
-    return torch.where(free > 1e-9 * samples, score, torch.full_like(score, float("inf")))
-
-
-def best_penalty(scores: Tensor, grid: Tensor) -> float:
-    """The penalty of ``grid`` (relative) at the first minimum of ``scores``: among equal scores (a
-    flat criterion) the smallest; the largest when every score is infinite (fewer samples than
-    any penalty leaves degrees of freedom)."""
-    if not bool(torch.isfinite(scores).any()):
-        return float(grid[-1])
-    return float(grid[int(torch.argmin(scores))])
+    # n - df, written without cancellation: (n - r) + sum_i lambda / (e_i + lambda)
+    free = max(rows - int(evals.numel()), 0) + shrink.sum(1)
+    score = rows * rss / free.clamp_min(1e-300) ** 2
+    return torch.where(free > 1e-9 * rows, score, torch.full_like(score, float("inf")))
 
 
 @dataclass(frozen=True)

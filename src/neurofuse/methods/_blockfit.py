@@ -488,7 +488,7 @@ class TransformerFit:
         """Least squares of projection ``p`` on its ``inputs`` to ``targets`` (no grouping)."""
         stats = LinearStats()
         for h, t in zip(inputs, targets):
-            stats.update(_design(h, p.bias is not None), _flat(t), _scale(h, self.tw), samples=len(h))
+            stats.update(_design(h, p.bias is not None), _flat(t), _scale(h, self.tw))
         _write_proj(level, p, self._solve(stats, prior).weights, p.bias is not None)
 
     def _residual_prior(self, bl: List[nn.Module], projs: List[Proj], labels: List[Tensor], k_in: int,
@@ -583,7 +583,7 @@ class TransformerFit:
                 parts = [attention_parts(s, g, xb[i][j]) for i, (s, g) in enumerate(zip(bst, gets))]
                 base_parts.append(parts)
                 stats.update(_design(h, bias_qk), [_flat(p[n]) for p in parts for n in ("q", "k", "v")],
-                             _scale(h, self.tw), samples=len(h))
+                             _scale(h, self.tw))
         k_in = int(xf[0].shape[-1])
         priors = [torch.cat([_prior(lv, getattr(s, n), group.labels[i], k_in, s.pre, bias_qk if n != "v" else bias_v)
                              for n in ("q", "k", "v")], 1)
@@ -805,7 +805,7 @@ class TransformerFit:
                 pattern = self._patterns(st, fl, h, heads, dq_f)
                 z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
                 tgt = sums[j] - x.double()
-                stats.update(_design(z, True), _flat(tgt), _scale(z, self.tw), samples=len(z))
+                stats.update(_design(z, True), _flat(tgt), _scale(z, self.tw))
         m = self._solve(stats, prior).weights
         values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
         for b in range(heads):
@@ -837,7 +837,7 @@ class TransformerFit:
                     ctx = [p["ctx"][..., sigma[i, b] * dv[i]:(sigma[i, b] + 1) * dv[i]]
                            for i, p in enumerate(base_parts[j])]
                     vstats[b].update(_design(pattern[:, b] @ h, bias_v), [_flat(c) for c in ctx],
-                                     _scale(h, self.tw), samples=len(h))
+                                     _scale(h, self.tw))
         labels = [torch.zeros(d * heads, dtype=torch.long) for d in dv]
         for b in range(heads):
             pv = torch.cat([priors[i][:, 2 * nq[i] + sigma[i, b] * dv[i]:2 * nq[i] + (sigma[i, b] + 1) * dv[i]]
@@ -868,7 +868,7 @@ class TransformerFit:
                 parts = [mlp_parts(s, lv, g, xb[i][j]) for i, (s, lv, g) in enumerate(zip(bst, bl, gets))]
                 base_parts.append(parts)
                 stats.update(_design(_normalised(st.pre, x), bias1), [_flat(p["z"]) for p in parts],
-                             _scale(x, self.tw), samples=len(x))
+                             _scale(x, self.tw))
         k_in = int(xf[0].shape[-1])
         prior = torch.cat([_prior(lv, s.fc1, group.labels[i], k_in, s.pre, bias1) for i, (lv, s) in enumerate(zip(bl, bst))], 1)
         sol = self._solve(stats, prior)

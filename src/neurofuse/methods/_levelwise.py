@@ -352,7 +352,7 @@ class LinearFusion(LevelwiseFusion):
                     if not last:
                         b.keep(i, z)
                     outs.append(flatten_neurons(z, m.axes[level]))
-                stats.update(x, torch.cat(outs, dim=1), samples=len(b.inputs[0]))
+                stats.update(x, torch.cat(outs, dim=1))
         return stats
 
     def solve_level(self, run: LevelRun, level: int, models: List[LeveledNet], fused: LeveledNet,

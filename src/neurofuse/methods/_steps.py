@@ -157,11 +157,11 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 outs.append(flatten_neurons(z, m.axes[level]) if whole else _flat(got[0]))
             a = torch.cat(outs, dim=1)
             if step.kind == "depthwise":
-                stats.update(depthwise_design(fmods[0], ins[0]), a, samples=len(b.inputs[0]))
+                stats.update(depthwise_design(fmods[0], ins[0]), a)
                 continue
             if step.kind == "residual":
                 a = a - _flat(res[0])[:, res_labels]
-            stats.update(torch.cat([_design(f, u) for f, u in zip(fmods, ins)], dim=1), a, samples=len(b.inputs[0]))
+            stats.update(torch.cat([_design(f, u) for f, u in zip(fmods, ins)], dim=1), a)
     stats = method.reduce(stats)
     widths = [int(bm[0].weight.shape[0]) for bm in bmods]
     if step.kind != "new" and int(fmods[0].weight.shape[0]) != groups[step.space][1]:
