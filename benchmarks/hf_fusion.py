@@ -1,14 +1,18 @@
-"""Fusing Hugging Face classifiers: base models, vanilla, ensemble, kd-head and kf-gradient.
+"""Fusing Hugging Face classifiers: base models, vanilla, ensemble, kd-head and kf-gradient (and,
+with ``--methods``, every level-wise method: alignment with and without REPAIR, the closed form).
 
     python benchmarks/hf_fusion.py                                  # every family, 2 and 4 models
     python benchmarks/hf_fusion.py --family bert --models 4 --seeds 0 1 2
     python benchmarks/hf_fusion.py --epochs 20 --out runs/hf.json
+    python benchmarks/hf_fusion.py --family resnet --methods vanilla ensemble otfusion otfusion+repair \
+        git-rebasin git-rebasin+repair hf-linear kf-linear kf-gradient
 
 For each family (``vit`` and ``resnet`` on scikit-learn's 8x8 digits, ResNet on digits upsampled
 to 16x16; ``bert`` on :func:`neurofuse.hf.token_task`), ``N`` small models built from configs
 (:func:`neurofuse.hf.tiny_model`, a different initialisation each) are trained on the parts of a
 Dirichlet split (the paper's, ratio 0.2) of the training data, then fused on a 400-sample
-class-balanced fusion set drawn from the training data; accuracies are on the test split.
+class-balanced fusion set drawn from the training data; accuracies are on the test split; ``<label>_s`` is each fusion call's wall and ``<label>_cpu_s``
+its CPU seconds.  ``hf-linear`` and ``git-rebasin`` fuse two models (left out for more).
 Run with ``OMP_NUM_THREADS=1`` on a shared machine.
 """
 
@@ -28,6 +32,8 @@ from neurofuse.data import Dataset, balanced_subset, load_dataset, partition
 from neurofuse.training import TrainConfig, evaluate, train_model
 
 METHODS = ["vanilla", "ensemble", "kd-head", "kf-gradient"]
+#: methods that fuse two models only
+TWO_ONLY = {"hf-linear", "git-rebasin"}
 
 
 def family_data(family: str, seed: int = 0) -> Dataset:
@@ -58,7 +64,8 @@ def train_bases(family: str, ds: Dataset, n: int, seed: int, epochs: int, lr: fl
     return models
 
 
-def run(family: str, n: int, seed: int, epochs: int, lr: float, fusion_samples: int) -> Dict[str, Any]:
+def run(family: str, n: int, seed: int, epochs: int, lr: float, fusion_samples: int,
+        methods: List[str] = METHODS) -> Dict[str, Any]:
     ds = family_data(family, seed)
     t0 = time.time()
     models = train_bases(family, ds, n, seed, epochs, lr)
@@ -70,11 +77,15 @@ def run(family: str, n: int, seed: int, epochs: int, lr: float, fusion_samples: 
     row: Dict[str, Any] = {"family": family, "models": n, "seed": seed, "epochs": epochs,
                            "base": [acc(m) for m in models], "train_s": train_s}
     row["mean_base"] = float(np.mean(row["base"]))
-    for method in METHODS:
-        t0 = time.time()
-        fused = neurofuse.fuse(models, fusion, method=method, seed=seed, progress=False)
-        row[method] = acc(fused)
-        row[method + "_s"] = time.time() - t0
+    for label in methods:       # "<method>+repair": REPAIR after the method
+        method, repair = label.removesuffix("+repair"), label.endswith("+repair")
+        if n > 2 and method in TWO_ONLY:
+            continue
+        t0, c0 = time.time(), time.process_time()
+        fused = neurofuse.fuse(models, fusion, method=method, seed=seed, progress=False,
+                               **({"repair": True} if repair else {}))
+        row[label + "_s"], row[label + "_cpu_s"] = time.time() - t0, time.process_time() - c0
+        row[label] = acc(fused)
     return row
 
 
@@ -86,20 +97,22 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15, help="training epochs per base model")
     p.add_argument("--lr", type=float, default=3e-3, help="training learning rate")
     p.add_argument("--fusion-samples", type=int, default=400)
+    p.add_argument("--methods", nargs="+", default=METHODS,
+                   help="methods to run (a '+repair' suffix runs REPAIR after the method)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     a = p.parse_args()
     rows = []
-    print("| family | N | seed | base models | mean base | vanilla | ensemble | kd-head | kf-gradient | kf-gradient s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | N | seed | base models | mean base | " + " | ".join(a.methods) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(a.methods))
     for family in a.family:
         for n in a.models:
             for seed in a.seeds:
-                r = run(family, n, seed, a.epochs, a.lr, a.fusion_samples)
+                r = run(family, n, seed, a.epochs, a.lr, a.fusion_samples, a.methods)
                 rows.append(r)
                 base = ", ".join(f"{b:.3f}" for b in r["base"])
-                print(f"| {family} | {n} | {seed} | {base} | {r['mean_base']:.3f} | {r['vanilla']:.3f} | "
-                      f"{r['ensemble']:.3f} | {r['kd-head']:.3f} | {r['kf-gradient']:.3f} | "
-                      f"{r['kf-gradient_s']:.1f} |", flush=True)
+                cells = [f"{r[m]:.3f} ({r[m + '_cpu_s']:.1f})" if m in r else "-" for m in a.methods]
+                print(f"| {family} | {n} | {seed} | {base} | {r['mean_base']:.3f} | " + " | ".join(cells) + " |",
+                      flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

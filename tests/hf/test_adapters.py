@@ -101,26 +101,55 @@ def test_resnet_without_an_input_shape_says_to_pass_one():
         nh.wrap(tiny("bert").hf_model, (40,))
 
 
-@pytest.mark.parametrize("method,reason", [
-    ("otfusion", "branch/shortcut"),
-    ("git-rebasin", "branch/shortcut"),
-    ("kf-linear", "not affine in its parameters"),
-    ("hf-linear", "not affine in its parameters"),
-])
-def test_methods_that_do_not_apply_say_why(method, reason):
-    nets = [tiny("resnet", 0), tiny("resnet", 1)]
-    x, y = inputs("resnet", 20), torch.arange(20) % 10
-    with pytest.raises(IncompatibleModelsError, match=f"{method}.*{reason}.*kf-gradient"):
-        neurofuse.fuse(nets, (x, y), method=method, progress=False)
+def _resnet_with_running_statistics(seed: int = 0) -> nh.HFLeveledNet:
+    """A tiny Hugging Face ResNet whose BatchNorms hold statistics other than 0 / 1 (in eval mode
+    a folded BatchNorm then changes the convolution's weights and bias)."""
+    net = tiny("resnet", seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.normal_(1.0, 0.2, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+    return net.eval()
+
+
+@pytest.mark.parametrize("method", [m for m in neurofuse.methods() if get_method(m).fuses_levels
+                                    and m != "kf-gradient"])
+def test_resnet_layers_are_blocks_every_level_wise_method_fuses_exactly(method, tmp_path):
+    """Hugging Face ResNet layers are cut as the zoo's residual blocks (the closing ReLU starts the
+    next level; after the stem, with its max-pool): a model fused with its permuted copy comes back
+    to the same function with every level-wise method, and the result is the Hugging Face
+    architecture again (BatchNorms folded by the closed form are written back), which
+    ``save_pretrained`` writes and ``from_pretrained`` loads to the same logits."""
+    from transformers import ResNetForImageClassification
+
+    from neurofuse.testing import permute_spaces
+
+    net = _resnet_with_running_statistics()
+    twin = permute_spaces(net, seed=3)
+    x = inputs("resnet", 64)
+    with torch.no_grad():
+        assert float((twin(x) - net(x)).abs().max()) < 1e-4
+        assert not torch.allclose(twin.levels[1].branch[0].weight, net.levels[1].branch[0].weight)
+    fused = neurofuse.fuse([net, twin], (x, torch.arange(64) % 10), method=method, progress=False)
+    assert isinstance(fused, nh.HFLeveledNet)
+    nh.save_pretrained(fused, tmp_path / "fused")
+    back = ResNetForImageClassification.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        assert float((fused(x) - net(x)).abs().max()) < 1e-4
+        assert float((back(x).logits - fused(x)).abs().max()) < 1e-5
 
 
 def test_transformer_levels_carry_their_stages_and_no_refusal():
     """ViT, BERT and GPT-2 levels are described (levels/_transformer.py): every level-wise method
-    fuses them; ResNet layers are not (yet) in the alignment protocol."""
+    fuses them; ResNet layers are the zoo's residual blocks (no stages, no refusal either)."""
     for family in ("vit", "bert", "gpt2"):
         net = tiny(family)
         assert all(lv.transformer_spec is not None and not lv.not_alignable for lv in net.levels)
-    assert all(lv.transformer_spec is None and lv.not_alignable for lv in tiny("resnet").levels)
+    assert all(lv.transformer_spec is None and not lv.not_alignable for lv in tiny("resnet").levels)
 
 
 def test_method_table_covers_every_method_and_family():
@@ -134,8 +163,7 @@ def test_method_table_covers_every_method_and_family():
         yes = {m for m, v in row.items() if v.startswith("yes")}
         # the alignments that do not handle a transformer's stream and heads refuse it (issue 28's)
         no_transformer = {m for m in levelwise if "transformer" in getattr(get_method(m), "unsupported_traits", ())}
-        assert yes == whole | ({"kf-gradient"} if family == "resnet" else levelwise - no_transformer)
-    assert "branch/shortcut" in table["resnet"]["otfusion"]
+        assert yes == whole | (levelwise if family == "resnet" else levelwise - no_transformer)
 
 
 def test_gpt2_blocks_are_causal_with_conv1d_weights_and_the_head_reads_the_last_token():

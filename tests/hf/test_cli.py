@@ -98,7 +98,7 @@ def test_methods_hf_says_which_method_fuses_which_family(capsys):
     out = capsys.readouterr().out
     for family in ("vit:", "resnet:", "bert:"):
         assert family in out
-    assert re.search(r"kf-gradient +yes:", out) and re.search(r"otfusion +no:", out)
+    assert re.search(r"kf-gradient +yes:", out) and re.search(r"zipit +no:", out)
     assert main(["methods"]) == 0
     assert "neurofuse methods --hf" in capsys.readouterr().out
 

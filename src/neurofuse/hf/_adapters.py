@@ -40,9 +40,6 @@ _ADAPTERS: Registry[Type["HFAdapter"]] = Registry("Hugging Face model family")
 _ALIGN_ATTENTION = ("the adapter does not describe this level's transformer stages "
                     "(neurofuse.levels._transformer), so its attention heads and residual stream "
                     "cannot be aligned")
-_ALIGN_RESNET = ("the alignment machinery reads residual blocks in the zoo's branch/shortcut "
-                 "protocol; Hugging Face ResNet layers (ReLU after the sum, BatchNorm inside) are "
-                 "not described by it yet")
 
 
 class HFAdapter:
@@ -139,14 +136,6 @@ def _vit_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
 
 def _cls_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
     return parts["classifier"](parts["layernorm"](x)[:, 0])
-
-
-def _resnet_embedder(parts: nn.ModuleDict, x: Tensor) -> Tensor:
-    return parts["embedder"](x)
-
-
-def _pooled_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
-    return parts["classifier"](parts["pooler"](x))
 
 
 def _token_embeddings(parts: nn.ModuleDict, x: Tensor) -> Tensor:
@@ -296,23 +285,73 @@ class ViTAdapter(HFAdapter):
         return (int(config.num_channels), int(h), int(w))
 
 
+class _ResNetChain(nn.Sequential):
+    """A level of a Hugging Face ResNet that is one chain of the model's own modules (the stem's
+    convolution and BatchNorm; the head's activation, pool and classifier)."""
+
+    transformer_spec = None
+
+    def __init__(self, modules: List[nn.Module], name: str) -> None:
+        super().__init__(*modules)
+        self.level_name = name
+        self.not_alignable = ""
+
+    def extra_repr(self) -> str:
+        return self.level_name
+
+
+class _ResNetBlock(nn.Module):
+    r"""A Hugging Face residual layer in the zoo's block protocol
+    (:class:`neurofuse.models.resnet.BasicBlock`): ``branch(act(h)) + shortcut(act(h))``, where
+    ``act`` is the activation that ends the *previous* layer (after the stem also its max-pool),
+    ``branch`` the layer's convolutions with their BatchNorms and inner activations, ``shortcut``
+    its projection (or the identity).  Its output is the pre-activation sum: the layer's own
+    closing activation starts the next level.  The modules are the model's own."""
+
+    transformer_spec = None
+
+    def __init__(self, act: nn.Module, layer: nn.Module, name: str) -> None:
+        super().__init__()
+        self.act = act
+        self.branch = nn.Sequential(*[m for conv in layer.layer
+                                      for m in (conv.convolution, conv.normalization, conv.activation)])
+        self.shortcut = layer.shortcut if isinstance(layer.shortcut, nn.Identity) else nn.Sequential(
+            layer.shortcut.convolution, layer.shortcut.normalization)
+        self.level_name = name
+        self.not_alignable = ""
+
+    def forward(self, h: Tensor) -> Tensor:
+        a = self.act(h)
+        return self.branch(a) + self.shortcut(a)
+
+    def extra_repr(self) -> str:
+        return self.level_name
+
+
 @register_adapter("resnet")
 class ResNetAdapter(HFAdapter):
-    """``ResNetForImageClassification``: the embedder (7x7 conv, BN, ReLU, max-pool); one level
-    per residual layer of every stage (basic or bottleneck); the head is the average pool and
-    the classifier."""
+    """``ResNetForImageClassification`` (basic or bottleneck layers), cut as the zoo's ResNet:
+    the stem (7x7 convolution, BatchNorm: a pre-activation); one residual block per layer of every
+    stage, ``branch(act(h)) + shortcut(act(h))`` with ``act`` the previous layer's closing
+    activation (after the stem, the stem's activation and max-pool); the head is the last
+    layer's activation, the average pool and the classifier.  Every level is a chain or a block of
+    the model's own ``Conv2d`` / ``BatchNorm2d`` / ``Linear`` modules, so every level-wise method
+    reads it as it reads the zoo's."""
 
     model_classes = ("ResNetForImageClassification",)
-    not_alignable = _ALIGN_RESNET
+    not_alignable = ""
 
-    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+    def levels(self, model: nn.Module) -> List[Tuple[nn.Module, str]]:
         net = model.resnet
-        out = [(HFLevel({"embedder": net.embedder}, _resnet_embedder, "resnet.embedder"), "conv")]
+        stem = net.embedder.embedder
+        out: List[Tuple[nn.Module, str]] = [
+            (_ResNetChain([stem.convolution, stem.normalization], "resnet.embedder"), "conv")]
+        act: nn.Module = nn.Sequential(stem.activation, net.embedder.pooler)
         for s, stage in enumerate(net.encoder.stages):
             for j, layer in enumerate(stage.layers):
-                out.append((HFLevel({"layer": layer}, _run_layer, f"resnet stage {s} layer {j}"), "conv"))
-        out.append((HFLevel({"pooler": net.pooler, "classifier": model.classifier}, _pooled_head,
-                            "resnet.pooler + classifier"), "dense"))
+                out.append((_ResNetBlock(act, layer, f"resnet stage {s} layer {j}"), "conv"))
+                act = layer.activation
+        out.append((_ResNetChain([act, net.pooler, *model.classifier], "resnet.pooler + classifier"), "dense"))
         return out
 
 

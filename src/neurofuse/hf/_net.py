@@ -81,6 +81,9 @@ class HFLeveledNet(LeveledNet):
     """
 
     arch = "hf"
+    #: a fusion method returns this class with the wrapped model's architecture (its levels are the
+    #: model's own modules): BatchNorms a closed form folds are written back, not dropped
+    keeps_architecture = True
 
     def __init__(self, hf_model: nn.Module, levels: Sequence[HFLevel], axes: Sequence[str],
                  input_shape: Sequence[int], num_classes: int, family: str) -> None:

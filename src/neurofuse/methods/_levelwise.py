@@ -23,7 +23,7 @@ from ..grouping import OUTPUT_WEIGHTS, Grouping, centroids, hungarian_grouping, 
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix, fit_warning
 from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
-                      fold_batchnorm, has_batchnorm, split_affine)
+                      fold_batchnorm, has_batchnorm, split_affine, unfold_state)
 from ..levels._layout import is_depthwise
 from ._base import FusionMethod, FusionRun, register_method
 from ._steps import fit_level_in_steps
@@ -272,6 +272,19 @@ class LinearFusion(LevelwiseFusion):
         if has_batchnorm(fused):
             fused = fold_batchnorm(fused)  # type: ignore[assignment]
         return nets, fused, widths
+
+    def _fuse(self, run: FusionRun) -> nn.Module:
+        """As :meth:`LevelwiseFusion._fuse`; a model whose class keeps its architecture
+        (``keeps_architecture``: a Hugging Face model, whose levels are the wrapped model's own
+        modules) gets its BatchNorms back, holding what the folded fit computes
+        (:func:`neurofuse.levels.unfold_state`)."""
+        fused = super()._fuse(run)
+        like = run.models[0]
+        if not (getattr(like, "keeps_architecture", False) and has_batchnorm(like)):
+            return fused
+        out = like.clone().to(self.device)
+        out.load_state_dict(unfold_state(fused, out))
+        return out.eval()
 
     @abstractmethod
     def group(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int,
