@@ -233,3 +233,23 @@ def test_register_adapter_adds_a_family_with_one_class():
             nh.register_adapter("deit")(DeiTAdapter)
     finally:
         _ADAPTERS._items.pop("deit", None)
+
+
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "kf-linear", "hf-linear"])
+def test_bottleneck_resnets_with_another_activation_fuse_exactly(method):
+    """Bottleneck layers (three convolutions, downsampling in the first one) and a GELU closing
+    each layer are cut the same way: the permuted copy comes back, the Hugging Face model too."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=1, num_labels=10, layer_type="bottleneck", hidden_sizes=[16, 32],
+                          depths=[2, 1], embedding_size=8, downsample_in_bottleneck=True, hidden_act="gelu")
+    net = nh.wrap(ResNetForImageClassification(config).eval(), (1, 16, 16))
+    twin = permute_spaces(net, seed=1)
+    x = inputs("resnet", 48)
+    fused = neurofuse.fuse([net, twin], (x, torch.arange(48) % 10), method=method, progress=False)
+    with torch.no_grad():
+        assert float((fused(x) - net(x)).abs().max()) < 1e-4
+        assert float((fused.hf_model.eval()(x).logits - net(x)).abs().max()) < 1e-4

@@ -57,10 +57,19 @@ def test_fuse_hf_resizes_images_to_the_models_size(folders, tmp_path, capsys, ca
     assert nh.load_pretrained(out).input_shape == (1, 16, 16)
 
 
+def test_fuse_hf_aligns_resnets_with_repair(folders, tmp_path, capsys):
+    """The Hugging Face ResNet is cut as the zoo's residual blocks: otfusion and REPAIR apply from
+    the command line, and the folder records that REPAIR ran."""
+    out = tmp_path / "aligned"
+    rc = main(["fuse", "--hf", str(folders / "resnet0"), str(folders / "resnet1"), "--method", "otfusion",
+               "--repair", "--dataset", "digits", "--fusion-samples", "50", "--out", str(out), "--no-progress"])
+    assert rc == 0 and "otfusion/uniform of 2 Hugging Face resnet models + REPAIR" in capsys.readouterr().out
+    assert json.loads((out / "neurofuse.json").read_text())["repair"] is True
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--method", "kf-linear", "--width", "16"], "--width does not apply to --hf"),
     (["--method", "kf-gradient", "--width", "16"], "--width does not apply to --hf"),
-    (["--method", "vanilla", "--repair"], "--repair does not apply to --hf"),
 ])
 def test_fuse_hf_errors_are_one_line(folders, tmp_path, capsys, extra, message):
     rc = main(["fuse", "--hf", str(folders / "bert0"), str(folders / "bert1"), "--hf-data",

@@ -139,11 +139,11 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
 
     if a.no_progress:   # transformers' own bars (loading and writing weights)
         require_transformers().utils.logging.disable_progress_bar()
-    for flag, on in (("--distributed", a.distributed), ("--depth", a.depth), ("--repair", a.repair),
+    for flag, on in (("--distributed", a.distributed), ("--depth", a.depth),
                      ("--head-weights", a.head_weights), ("--width", a.width is not None)):
         if on:
             raise ConfigError(f"{flag} does not apply to --hf: Hugging Face models are fused with "
-                              "their config's widths and depth, without REPAIR or split.json")
+                              "their config's widths and depth, without split.json")
     from .._io import check_outputs
 
     out = Path(a.out)
@@ -186,15 +186,15 @@ def fuse_hf(a: argparse.Namespace, options: Dict[str, Any]) -> int:
         finetune = FinetuneConfig(epochs=a.finetune, lr=a.finetune_lr, seed=a.seed, device=a.device)
         finetune_data = (ds.x_train, ds.y_train) if a.finetune_data == "train" else None
     fused = fuse(models, fusion, method=a.method, importance=a.importance, seed=a.seed,
-                 progress=not a.no_progress, device=a.device, finetune=finetune,
+                 progress=not a.no_progress, device=a.device, repair=a.repair, finetune=finetune,
                  finetune_data=finetune_data, **options)
     save_pretrained(fused, out, force=a.force, metadata={
         "method": a.method, "importance": a.importance, "seed": a.seed, "options": options,
-        "finetune": a.finetune, "inputs": [str(p) for p in inputs], "data": a.hf_data or ds.name,
+        "repair": bool(a.repair), "finetune": a.finetune, "inputs": [str(p) for p in inputs], "data": a.hf_data or ds.name,
         "fusion_samples": int(fusion[0].shape[0])})
     label = f"{a.method}/{a.importance}" if get_method(a.method).uses_importance else a.method
     family = getattr(models[0], "family", "?")
-    extra = f" + fine-tuned {a.finetune} epochs" if a.finetune else ""
+    extra = (" + REPAIR" if a.repair else "") + (f" + fine-tuned {a.finetune} epochs" if a.finetune else "")
     if ds.x_test.shape[0]:
         acc = evaluate(fused, ds.x_test, ds.y_test)["accuracy"]
         print(f"{out}: {label} of {len(models)} Hugging Face {family} models{extra}, "
