@@ -43,7 +43,7 @@ __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
 #: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`)
-WEIGHT_MATCHING_UNSUPPORTED = frozenset({"transformer", "depthwise"})
+WEIGHT_MATCHING_UNSUPPORTED = frozenset({"transformer"})
 
 
 class LayoutAlignment:
@@ -132,7 +132,7 @@ def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
     t = oriented(t, kind)
     if kind == "vector":
         return t.reshape(-1, 1, 1)
-    if kind == "conv":
+    if kind in ("conv", "depthwise"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space
         return t.reshape(t.shape[0], t.shape[1], -1)
     if n_in is None or t.shape[1] == n_in:
         return t.reshape(t.shape[0], t.shape[1], 1)
