@@ -48,6 +48,7 @@ from neurofuse.training import TrainConfig, evaluate, train_model
 METHODS = [("vanilla", "vanilla", {}), ("ensemble", "ensemble", {}),
            ("otfusion", "otfusion", {}), ("otfusion+repair", "otfusion", {"repair": True}),
            ("git-rebasin", "git-rebasin", {}), ("git-rebasin+repair", "git-rebasin", {"repair": True}),
+           ("weight-matching", "weight-matching", {}), ("weight-matching+repair", "weight-matching", {"repair": True}),
            ("hf-linear", "hf-linear", {}), ("kf-linear", "kf-linear", {}), ("kf-gradient", "kf-gradient", {})]
 #: rows added by ``--extra-rows``: soft (entropic) alignment, which Imfeld et al. (2024) found
 #: better than hard alignment for transformers.  reg 0.05 (of the largest cost) with an iteration

@@ -82,3 +82,32 @@ def test_refuses_mismatched_shapes():
         weight_matching([MatchedTensor(a, a, 0, None)], [4])
     with pytest.raises(ConfigError, match="max_sweeps"):
         weight_matching([MatchedTensor(a, a, 0, None)], [3], max_sweeps=0)
+
+
+def test_groups_of_one_unit_keep_their_heads_together():
+    """An attention: queries and keys (group 0) and values (group 1), 3 heads of 4.  B is A with
+    its heads permuted as units and the neurons inside each head permuted (queries/keys one way,
+    values another).  Solved as a unit, every found permutation maps whole heads to whole heads,
+    one assignment of heads for both groups, and recovers B."""
+    gen = torch.Generator().manual_seed(2)
+    heads, d, c = 3, 4, 6
+    q, k, v = (torch.randn(heads * d, c, generator=gen) for _ in range(3))
+    o = torch.randn(c, heads * d, generator=gen)
+    head_perm = torch.randperm(heads, generator=gen)
+    qk_inner = [torch.randperm(d, generator=gen) for _ in range(heads)]
+    vo_inner = [torch.randperm(d, generator=gen) for _ in range(heads)]
+    pqk = torch.cat([head_perm[h] * d + qk_inner[h] for h in range(heads)])
+    pvo = torch.cat([head_perm[h] * d + vo_inner[h] for h in range(heads)])
+    tensors = [MatchedTensor(q[:, :, None], q[pqk][:, :, None], 0, None),
+               MatchedTensor(k[:, :, None], k[pqk][:, :, None], 0, None),
+               MatchedTensor(v[:, :, None], v[pvo][:, :, None], 1, None),
+               MatchedTensor(o.T[:, :, None], o.T[pvo][:, :, None], 1, None)]
+    res = weight_matching(tensors, [heads * d, heads * d], units=[((0, 1), heads)])
+    for g, p in enumerate((pqk, pvo)):
+        assert np.array_equal(p.numpy()[res.perms[g]], np.arange(heads * d))
+        blocks = res.perms[g].reshape(heads, d) // d
+        assert (blocks == blocks[:, :1]).all()                          # a head stays whole
+    # the head assignment is shared: head h of A takes one head of B in both groups
+    assert np.array_equal(res.perms[0].reshape(heads, d)[:, 0] // d, res.perms[1].reshape(heads, d)[:, 0] // d)
+    with pytest.raises(ConfigError, match="not 5 equal heads"):
+        weight_matching(tensors, [heads * d, heads * d], units=[((0, 1), 5)])

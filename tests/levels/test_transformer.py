@@ -30,7 +30,7 @@ from neurofuse.testing import permute_spaces
 
 from .user_models import VisionTransformer
 
-ALIGNED = ["otfusion", "git-rebasin", "hf-linear", "kf-linear"]
+ALIGNED = ["otfusion", "git-rebasin", "weight-matching", "hf-linear", "kf-linear"]
 
 
 class EncoderViT(nn.Module):

@@ -1,7 +1,7 @@
 """Alignments that do not handle a layout structure say so up front (issues 24 and 28).
 
-Properties checked: weight matching refuses transformer levels (a depthwise kernel is matched with the
-channels it is tied to), ZipIt! and
+Properties checked: weight matching handles every layout (a depthwise kernel is matched with the
+channels it is tied to, attention heads move as units), ZipIt! and
 CCA Merge refuse transformer levels and concatenations, the align-then-merge methods refuse
 concatenations, each by its own ``check_level`` and before any work with the level named;
 ``align="weights"`` refuses what weight matching does; and where they do apply, on automatic
@@ -26,7 +26,7 @@ from ..levels.test_auto import _data, _make
 #: architecture -> the layout trait it brings
 TRAIT_OF = {"mobilenet_v2": "depthwise", "vit": "transformer", "branches": "parts"}
 REFUSED = {  # method -> the traits it refuses
-    "weight-matching": {"transformer"},
+    "weight-matching": set(),
     "zipit": {"transformer", "parts"},
     "cca-merge": {"transformer", "parts"},
     "regmean-aligned": {"parts"},
@@ -64,18 +64,13 @@ def test_an_alignment_refuses_what_it_does_not_handle_and_fuses_the_rest(method,
     assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
 
 
-def test_align_by_weights_refuses_what_weight_matching_does_not_handle():
-    net, twin = _pair("vit")
-    x, y = _data("vit")
-    with pytest.raises(IncompatibleModelsError, match="cannot align level 1 by weight matching"):
-        neurofuse.fuse([net, twin], (x, y), method="regmean-aligned", align="weights", progress=False)
-
-
-def test_align_by_weights_matches_depthwise_kernels_with_their_channels():
-    """A depthwise kernel ``[C, 1, k, k]`` follows the channels it reads: a term of their
-    permutation in the weight-matching objective, so MobileNet-V2's permuted copy comes back."""
-    net, twin = _pair("mobilenet_v2")
-    x, y = _data("mobilenet_v2")
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "vit"])
+def test_align_by_weights_handles_depthwise_kernels_and_attention_heads(arch):
+    """A depthwise kernel ``[C, 1, k, k]`` is a term of the permutation of the channels it reads;
+    an attention's heads move as units (a timm-style ViT, packed ``qkv``): the permuted copy comes
+    back through weight matching then RegMean."""
+    net, twin = _pair(arch)
+    x, y = _data(arch)
     fused = neurofuse.fuse([net, twin], (x, y), method="regmean-aligned", align="weights", progress=False)
     assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
 

@@ -12,6 +12,7 @@ from ._core import (
     weighted_kmeans,
 )
 from ._correspondence import Correspondence
+from ._heads import head_structured_plans
 from ._theory import approximation_error, grouping_error, representation_cost
 from ._cca import cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
@@ -28,6 +29,7 @@ __all__ = [
     "cca_alignment",
     "centroids",
     "grouping_error",
+    "head_structured_plans",
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",

@@ -57,6 +57,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..errors import ConfigError
+from ._heads import head_structured_plans
 
 __all__ = ["MatchedTensor", "WeightMatchingResult", "weight_matching"]
 
@@ -143,7 +144,7 @@ class _Term:
 
 
 def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, max_sweeps: int = 100,
-                    seed: int = 0) -> WeightMatchingResult:
+                    seed: int = 0, units: Sequence[Tuple[Tuple[int, ...], int]] = ()) -> WeightMatchingResult:
     r"""Permutations of network B's neurons that best match network A's weights.
 
     Coordinate descent over the permutation groups (see the module notes): each visit solves one
@@ -161,6 +162,13 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
         Most sweeps (the paper's code uses 100; convergence usually takes a handful).
     seed : int
         Seed of the random visiting order.
+    units : sequence of ((group, ...), heads)
+        Groups whose neurons come in ``heads`` equal heads that move as units, sharing one
+        assignment of heads (an attention's query/key and value/output spaces).  Such groups are
+        solved together: every pair of heads is matched inside by its own assignment, the heads
+        one to one on the sum of those profits over the unit's groups
+        (:func:`neurofuse.grouping.head_structured_plans`), and the result kept if it
+        raises the unit's objective.
 
     Returns
     -------
@@ -203,25 +211,67 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
     def stamp(g: int) -> Tuple[int, ...]:
         return tuple(versions[h] for h in neighbours[g])
 
-    def solve(g: int, use: List[_Term]) -> bool:
+    unit_of: Dict[int, Tuple[Tuple[int, ...], int]] = {}
+    for groups, heads in units:
+        for g in groups:
+            if sizes[g] % heads:
+                raise ConfigError(f"group {g} has {sizes[g]} neurons, not {heads} equal heads")
+            unit_of[g] = (tuple(groups), int(heads))
+
+    def profit(g: int, use: List[_Term]) -> np.ndarray:
         cost_t = use[0].current(perms).clone()
         for tm in use[1:]:
             cost_t += tm.current(perms)
-        cost = cost_t.double().numpy()
-        _, cols = linear_sum_assignment(cost, maximize=True)
-        rows = np.arange(len(cols))
-        old = float(cost[rows, perms[g]].sum())
-        if cost[rows, cols].sum() - old > 1e-12 * max(1.0, abs(old)) and not np.array_equal(cols, perms[g]):
-            perms[g] = cols.astype(np.int64)
-            versions[g] += 1
+        return cost_t.double().numpy()
+
+    def accept(new: Dict[int, np.ndarray], costs: Dict[int, np.ndarray]) -> bool:
+        rows = {g: np.arange(len(c)) for g, c in costs.items()}
+        old = sum(float(c[rows[g], perms[g]].sum()) for g, c in costs.items())
+        gain = sum(float(c[rows[g], new[g]].sum()) for g, c in costs.items()) - old
+        if gain > 1e-12 * max(1.0, abs(old)) and any(not np.array_equal(new[g], perms[g]) for g in new):
+            for g, cols in new.items():
+                if not np.array_equal(cols, perms[g]):
+                    perms[g] = cols.astype(np.int64)
+                    versions[g] += 1
             return True
         return False
+
+    def solve(g: int, use: List[_Term]) -> bool:
+        if g in unit_of:
+            return solve_unit(*unit_of[g], first=False)
+        cost = profit(g, use)
+        _, cols = linear_sum_assignment(cost, maximize=True)
+        return accept({g: cols}, {g: cost})
+
+    def solve_unit(groups: Tuple[int, ...], heads: int, first: bool) -> bool:
+        costs = {}
+        for h in groups:
+            use = [tm for tm in terms[h] if not first or tm.other is None or tm.other in done]
+            if use:
+                costs[h] = profit(h, use)
+        if not costs:
+            return False
+
+        def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+            r, c_ = linear_sum_assignment(c, maximize=True)
+            plan = np.zeros_like(c)
+            plan[r, c_] = 1.0 / len(r)
+            return plan, -float(c[r, c_].sum())      # head_structured_plans minimises
+
+        plans, _ = head_structured_plans([costs[h] for h in costs], heads, inner)
+        return accept({h: p.argmax(1) for h, p in zip(costs, plans)}, costs)
 
     # first sweep, from the input: only the terms whose other axis is fixed or already matched
     # (a greedy start; a term that reads a permutation still to be found would be recomputed)
     done: set = set()
     for g in range(len(sizes)):
+        if g in done:                 # solved with its unit
+            continue
         use = [tm for tm in terms[g] if tm.other is None or tm.other in done]
+        if g in unit_of:
+            solve_unit(*unit_of[g], first=True)
+            done.update(unit_of[g][0])
+            continue
         if use:
             solve(g, use)
         done.add(g)
@@ -234,7 +284,8 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
             if not terms[g] or solved_at[g] == stamp(g):
                 continue  # no term changed since the last solve: the same assignment
             changed = solve(g, terms[g]) or changed
-            solved_at[g] = stamp(g)
+            for h in (unit_of[g][0] if g in unit_of else (g,)):
+                solved_at[h] = stamp(h)
         log.debug("weight matching sweep %d: %s", sweeps, "changed" if changed else "converged")
     objective = 0.0
     for t in tensors:

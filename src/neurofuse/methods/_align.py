@@ -21,7 +21,7 @@ one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`corresp
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,8 +42,6 @@ __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
-#: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`)
-WEIGHT_MATCHING_UNSUPPORTED = frozenset({"transformer"})
 
 
 class LayoutAlignment:
@@ -96,6 +94,20 @@ class PermutationSpec:
 
     groups: List[Dict[str, Optional[int]]]
     sizes: List[int]
+    #: ``((group, ...), heads)``: groups whose neurons come in ``heads`` heads that move as units
+    #: together (an attention's query/key and value/output spaces)
+    units: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list)
+
+
+def _space_size(layout: LevelLayout, sp: Any, sd: Dict[str, Tensor]) -> int:
+    """Neurons of internal space ``sp``: the rows of a tensor of its own, else of one of its probes
+    (a part of a packed projection, e.g. the queries of a ``qkv``)."""
+    for k, s0, _, kd in layout.tensors:
+        if s0 == sp.name:
+            return int(oriented(sd[k], kd).shape[0])
+    _, weight, _, start, stop, transposed = sp.probes[0]
+    rows = int(oriented(sd[weight], "linear_t" if transposed else "linear").shape[0])
+    return (rows if stop is None else int(stop)) - int(start)
 
 
 def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Sequence[int],
@@ -104,15 +116,20 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
     residual heads."""
     n_levels = net.num_levels
     sizes: List[int] = []
+    units: List[Tuple[Tuple[int, ...], int]] = []
     out_group: List[Optional[int]] = []
     groups: List[Dict[str, Optional[int]]] = []
     for lvl in range(n_levels):  # groups are numbered in forward order: internal spaces first
         spaces: Dict[str, Optional[int]] = {"in": out_group[lvl - 1] if lvl else None}
         sd = net.levels[lvl].state_dict()
+        by_unit: Dict[str, List[int]] = {}
         for sp in layouts[lvl].internal:
-            key, kind = next((k, kd) for k, s0, _, kd in layouts[lvl].tensors if s0 == sp.name)
             spaces[sp.name] = len(sizes)
-            sizes.append(int(oriented(sd[key], kind).shape[0]))
+            sizes.append(_space_size(layouts[lvl], sp, sd))
+            if sp.heads:
+                by_unit.setdefault(sp.unit, []).append(spaces[sp.name])  # type: ignore[arg-type]
+        heads_of = {sp.unit: sp.heads for sp in layouts[lvl].internal if sp.heads}
+        units += [(tuple(gs), int(heads_of[u])) for u, gs in by_unit.items()]
         head = heads[lvl]
         if lvl == n_levels - 1 or head == -1 or n_levels - 1 in stream_members(heads, head):
             g: Optional[int] = None
@@ -124,14 +141,17 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
         out_group.append(g)
         spaces["out"] = g
         groups.append(spaces)
-    return PermutationSpec(groups, sizes)
+    return PermutationSpec(groups, sizes, units)
 
 
 def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
-    """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight)."""
+    """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight, a tensor
+    whose last axis is the space: an embedding table, a CLS token, a position embedding)."""
     t = oriented(t, kind)
     if kind == "vector":
         return t.reshape(-1, 1, 1)
+    if kind == "last":
+        return t.reshape(-1, t.shape[-1]).T.reshape(t.shape[-1], 1, -1)
     if kind in ("conv", "depthwise"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space
         return t.reshape(t.shape[0], t.shape[1], -1)
     if n_in is None or t.shape[1] == n_in:
@@ -151,12 +171,16 @@ def _matched_tensors(spec: PermutationSpec, layouts: Sequence[LevelLayout], a: L
         for key, s0, s1, kind in layout.tensors:
             if key not in pa:  # running statistics are not part of the objective
                 continue
-            g0, g1 = spaces.get(s0), (spaces.get(s1) if s1 is not None else None)
-            if g0 is None and g1 is None:
-                continue
+            g1 = spaces.get(s1) if s1 is not None else None
             n_in = spec.sizes[g1] if g1 is not None else None
-            out.append(MatchedTensor(_as_3d(pa[key].detach(), kind, n_in, lvl),
-                                     _as_3d(pb[key].detach(), kind, n_in, lvl), g0, g1))
+            ta, tb = (_as_3d(t.detach(), kind, n_in, lvl) for t in (pa[key], pb[key]))
+            start = 0                  # a packed tensor ("qk0+qk0+vo0"): one term per part
+            for part in s0.split("+"):
+                g0 = spaces.get(part)
+                n = spec.sizes[g0] if g0 is not None else ta.shape[0] - start
+                if g0 is not None or g1 is not None:
+                    out.append(MatchedTensor(ta[start:start + n], tb[start:start + n], g0, g1))
+                start += n
     return out
 
 
@@ -170,7 +194,7 @@ def weight_maps(anchor: LeveledNet, other: LeveledNet, layouts: Sequence[LevelLa
     """Per level, the maps that write ``other`` in ``anchor``'s basis, by weight matching."""
     with torch.no_grad():
         result = weight_matching(_matched_tensors(spec, layouts, anchor, other), spec.sizes,
-                                 max_sweeps=max_sweeps, seed=seed)
+                                 max_sweeps=max_sweeps, seed=seed, units=spec.units)
     return _level_maps(spec, result.perms)
 
 
@@ -260,11 +284,6 @@ def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], hea
         return list(nets), maps
     out = [nets[0]]
     if how == "weights":
-        for lvl in range(nets[0].num_levels):
-            why = traits_reason(nets[0], lvl, WEIGHT_MATCHING_UNSUPPORTED, "align='weights'")
-            if why:
-                raise IncompatibleModelsError(f"cannot align level {lvl} by weight matching: {why}; "
-                                              "use align='activations'")
         spec = permutation_spec(nets[0], layouts, heads, check_equal_widths(nets, "align='weights'")[0])
     for k in range(1, len(nets)):
         if how == "weights":

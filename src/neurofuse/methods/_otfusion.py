@@ -40,7 +40,8 @@ from ..levels._layout import (
     space_units,
     stream_members,
 )
-from ..levels._transformer import describe as describe_transformer, head_structured_plans
+from ..grouping import head_structured_plans
+from ..levels._transformer import describe as describe_transformer
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, Optional_, option
 

@@ -40,7 +40,7 @@ from ..levels._layout import (
     space_units,
     stream_members,
 )
-from ..levels._transformer import head_structured_plans
+from ..grouping import head_structured_plans
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -322,7 +322,7 @@ class GitRebasin(FusionMethod):
                      scores: List[List[np.ndarray]]) -> List[NeuronMap]:
         """Permutations of the spaces of one attention (``unit``), heads matched as units: the
         cost of pairing two heads is the sum over the spaces of their within-head matching costs
-        (:func:`neurofuse.levels._transformer.head_structured_plans`)."""
+        (:func:`neurofuse.grouping.head_structured_plans`)."""
         costs = []
         for (pre, _), sp in zip(stats, unit):
             costs.append(self._cost([pre], [lvl], scores, sp))

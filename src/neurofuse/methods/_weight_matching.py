@@ -12,7 +12,6 @@ from torch import nn
 from ..levels import check_same_levels
 from ..levels._layout import check_alignable
 from ._align import (
-    WEIGHT_MATCHING_UNSUPPORTED,
     LayoutAlignment,
     aligned_state,
     average_states,
@@ -52,7 +51,9 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     visit; :func:`neurofuse.grouping.weight_matching`).  The spaces come from the level layouts
     (:func:`neurofuse.levels._layout.level_layout`): every level's output, the internal spaces of
     a level (a residual block's first convolution) and residual streams, whose levels share one
-    permutation.  Running statistics follow the permutation but are not part of the objective.
+    permutation; a depthwise kernel is a term of the permutation of the channels it reads, and an
+    attention's query/key and value/output spaces are solved as one unit whose heads move whole
+    (:func:`neurofuse.grouping.head_structured_plans`).  Running statistics follow the permutation but are not part of the objective.
     The fused model is the element-wise mean :math:`\frac1N\sum_k \widetilde W^k` (two models in
     the paper; for more, each is matched to model 0).  No data is read (``data=None`` works);
     with data, ``repair=True`` re-estimates BatchNorm statistics and rescales the neurons (REPAIR),
@@ -74,7 +75,6 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     needs_data = False
     min_models = 2
     same_architecture = True
-    unsupported_traits = WEIGHT_MATCHING_UNSUPPORTED
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)
