@@ -46,10 +46,10 @@ leaving out a whole image, which would favour smaller penalties (a transformer's
 attention mixes, even more so).  The opposite extreme, ``n`` = the number of samples (a sample's
 rows as copies of one), needs only a count but over-penalises: it was measured and dropped
 (docs/results.md, "Leaving out whole samples in the ridge's cross-validation"); an exact
-leave-one-sample-out would need per-sample leverages, which do not add up over shards.  Conv levels usually have many more rows
-than inputs (samples x positions), where every criterion picks a small penalty; the exception
-is the deep 1x1 and 3x3 levels of a VGG, where rows per sample are few and the fit is as square
-as a dense level's.
+leave-one-sample-out would need per-sample leverages, which do not add up over shards.  Conv
+levels usually have many more rows than inputs (samples x positions), where every criterion
+picks a small penalty; the exception is the deep 1x1 and 3x3 levels of a VGG, where rows per
+sample are few and the fit is as square as a dense level's.
 """
 
 from __future__ import annotations

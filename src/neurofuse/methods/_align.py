@@ -21,7 +21,7 @@ one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`corresp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,13 +31,14 @@ from .._fusion_set import FusionSet
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
 from ..levels import LeveledNet, alignment_reason, check_same_levels, traits_reason
-from ..levels._layout import (LevelLayout, NeuronMap, SpaceMaps, align_level, check_alignable, oriented,
+from ..levels._layout import (LevelLayout, NeuronMap, Space, SpaceMaps, align_level, check_alignable, oriented,
                               stream_members)
 from ._base import FusionRun
 from ._rebasin import GitRebasin
 
 __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "aligned_state", "apply_maps",
-           "average_states", "check_equal_widths", "check_same_state", "correspondence", "merge_inputs",
+           "average_states", "check_equal_widths", "check_same_state", "correspondence", "inner_correspondences",
+           "merge_inputs",
            "out_correspondence", "permutation_spec", "record_levels", "weight_maps"]
 
 #: the ways of aligning models before a merge ("none": merge as they are)
@@ -99,7 +100,7 @@ class PermutationSpec:
     units: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list)
 
 
-def _space_size(layout: LevelLayout, sp: Any, sd: Dict[str, Tensor]) -> int:
+def _space_size(layout: LevelLayout, sp: Space, sd: Dict[str, Tensor]) -> int:
     """Neurons of internal space ``sp``: the rows of a tensor of its own, else of one of its probes
     (a part of a packed projection, e.g. the queries of a ``qkv``)."""
     for k, s0, _, kd in layout.tensors:
@@ -122,14 +123,13 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
     for lvl in range(n_levels):  # groups are numbered in forward order: internal spaces first
         spaces: Dict[str, Optional[int]] = {"in": out_group[lvl - 1] if lvl else None}
         sd = net.levels[lvl].state_dict()
-        by_unit: Dict[str, List[int]] = {}
+        by_unit: Dict[str, Tuple[List[int], int]] = {}   # an attention's spaces, its head count
         for sp in layouts[lvl].internal:
+            if sp.heads:
+                by_unit.setdefault(sp.unit, ([], int(sp.heads)))[0].append(len(sizes))
             spaces[sp.name] = len(sizes)
             sizes.append(_space_size(layouts[lvl], sp, sd))
-            if sp.heads:
-                by_unit.setdefault(sp.unit, []).append(spaces[sp.name])  # type: ignore[arg-type]
-        heads_of = {sp.unit: sp.heads for sp in layouts[lvl].internal if sp.heads}
-        units += [(tuple(gs), int(heads_of[u])) for u, gs in by_unit.items()]
+        units += [(tuple(gs), h) for gs, h in by_unit.values()]
         head = heads[lvl]
         if lvl == n_levels - 1 or head == -1 or n_levels - 1 in stream_members(heads, head):
             g: Optional[int] = None
@@ -263,6 +263,26 @@ def out_correspondence(maps: Sequence[Optional[LevelMaps]], widths: Sequence[Seq
             blocks.append(np.eye(widths[0][lvl], widths[k][lvl]) if m is None else m.out.numpy())
         result.append(correspondence(blocks))
     return result
+
+
+def inner_correspondences(maps: Sequence[Optional[LevelMaps]]) -> Dict[int, Dict[str, Correspondence]]:
+    """Per level, the :func:`correspondence` of every internal space (an attention's heads, an
+    MLP's hidden neurons) that every model's maps move: what REPAIR rescales inside transformer
+    levels (:func:`neurofuse.repair.repair`, ``inner_correspondences``)."""
+    anchor = next((mk for mk in maps if mk is not None), None)
+    if anchor is None:
+        return {}
+    out: Dict[int, Dict[str, Correspondence]] = {}
+    for lvl, spaces in enumerate(anchor):
+        for name, m in spaces.items():
+            if name in ("in", "out") or m is None:
+                continue
+            ms = [None if mk is None else mk[lvl].get(name) for mk in maps]
+            if all(x is not None for x in ms[1:]):
+                n = m.out.shape[0]
+                out.setdefault(lvl, {})[name] = correspondence(
+                    [np.eye(n) if x is None else x.out.numpy() for x in ms])
+    return out
 
 
 def record_levels(run: FusionRun, correspondences: Optional[Sequence[Correspondence]]) -> None:

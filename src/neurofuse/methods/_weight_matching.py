@@ -16,6 +16,7 @@ from ._align import (
     aligned_state,
     average_states,
     check_equal_widths,
+    inner_correspondences,
     out_correspondence,
     permutation_spec,
     record_levels,
@@ -84,4 +85,5 @@ class WeightMatching(LayoutAlignment, FusionMethod):
         maps = [None] + [weight_maps(nets[0], net, layouts, spec, max_sweeps=self.options.max_sweeps,
                                      seed=self.seed) for net in nets[1:]]
         record_levels(run, out_correspondence(maps, widths))
+        run.extras["inner_correspondences"] = inner_correspondences(maps)   # REPAIR inside transformers
         return average_states(nets[0], [aligned_state(net, layouts, m) for net, m in zip(nets, maps)])
