@@ -387,15 +387,18 @@ def test_a_packed_projection_whose_parts_cannot_keep_their_proportions_is_refuse
         odd.resized(net.levels[1], {att.q.weight: torch.zeros(w.shape[0] * 2 // 3, w.shape[1])})
 
 
-@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "weight-matching"])
-def test_repair_after_an_alignment_rescales_inside_the_blocks(method):
-    """The alignments record their maps of the heads and MLP neurons: REPAIR rescales them (it
-    changes the fusion of two models from different initialisations) and leaves a permuted copy's
-    fusion the model itself."""
+@pytest.mark.parametrize("method,options", [("otfusion", {}), ("git-rebasin", {}), ("weight-matching", {}),
+                                            ("regmean-aligned", {"align": "weights"}),
+                                            ("fisher-aligned", {"align": "activations"})])
+def test_repair_after_an_alignment_rescales_inside_the_blocks(method, options):
+    """The alignments (and the merges after one) record their maps of the heads and MLP neurons:
+    REPAIR rescales them (it changes the fusion of two models from different initialisations)
+    and leaves a permuted copy's fusion the model itself."""
     (a, x), (b, _) = _models("zoo", seed=0), _models("zoo", seed=1)
     y = torch.randint(0, a.num_classes, (len(x),), generator=torch.Generator().manual_seed(5))
-    plain = neurofuse.fuse([a, b], (x, y), method=method, progress=False)
-    repaired = neurofuse.fuse([a, b], (x, y), method=method, repair=True, progress=False)
+    plain = neurofuse.fuse([a, b], (x, y), method=method, progress=False, **options)
+    repaired = neurofuse.fuse([a, b], (x, y), method=method, repair=True, progress=False, **options)
     assert _gap(repaired, plain, x) > 1e-3
-    twin = neurofuse.fuse([a, permute_spaces(a, seed=3)], (x, y), method=method, repair=True, progress=False)
+    twin = neurofuse.fuse([a, permute_spaces(a, seed=3)], (x, y), method=method, repair=True, progress=False,
+                          **options)
     assert _gap(twin, a, x) < 1e-4

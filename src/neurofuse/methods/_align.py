@@ -341,7 +341,8 @@ def check_same_state(models: Sequence[nn.Module], method: str) -> None:
 
 def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: str, method: str, *,
                  seed: int = 0, device: str = "cpu", batch_size: int = 256,
-                 memory_budget: Optional[int] = None) -> Tuple[List[nn.Module], Optional[List[Correspondence]]]:
+                 memory_budget: Optional[int] = None
+                 ) -> Tuple[List[nn.Module], Optional[List[Correspondence]], Dict[int, Dict[str, Correspondence]]]:
     """The models a merge that assumes a shared initialisation combines, and what each fused
     neuron stands for.
 
@@ -349,19 +350,20 @@ def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: st
     paper's setting of fine-tuned copies of one model); otherwise every model aligned to model 0
     (:func:`align_models`; leveled models of equal widths).  The correspondences (``None`` for
     models that are not :class:`~neurofuse.levels.LeveledNet`) give, per hidden level, each
-    model's neuron merged into fused neuron ``j``.
+    model's neuron merged into fused neuron ``j``; the last item, those of the internal spaces the
+    alignment moved (:func:`inner_correspondences`; empty without an alignment).
     """
     if how not in ALIGNMENTS:
         raise ConfigError(f"align must be one of {list(ALIGNMENTS)}, got {how!r}")
     if how == "none":
         check_same_state(models, method)
         if not all(isinstance(m, LeveledNet) for m in models):
-            return list(models), None
+            return list(models), None, {}
     nets = check_same_levels(models)
     widths = check_equal_widths(nets, method)
     if how == "none":
-        return list(nets), out_correspondence([None] * len(nets), widths)
+        return list(nets), out_correspondence([None] * len(nets), widths), {}
     layouts, heads = check_alignable(nets, method)
     aligned, maps = align_models(nets, layouts, heads, how, data, seed=seed, device=device,
                                  batch_size=batch_size, memory_budget=memory_budget)
-    return list(aligned), out_correspondence(maps, widths)
+    return list(aligned), out_correspondence(maps, widths), inner_correspondences(maps)

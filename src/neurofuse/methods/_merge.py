@@ -57,13 +57,16 @@ class StatisticsMerge(FusionMethod):
 
     def merge_inputs(self, run: FusionRun) -> List[nn.Module]:
         """The models the merge combines (aligned onto model 0 where the method aligns), with the
-        correspondence of every hidden level recorded in ``run``."""
+        correspondence of every hidden level (and of the internal spaces an alignment moved)
+        recorded in ``run``."""
         if run.data is None:
             self.check_statistics_only()
-        nets, corrs = merge_inputs(run.models, run.data, self.alignment, self.name, seed=self.seed,
-                                   device=str(self.device), batch_size=self.batch_size,
-                                   memory_budget=self.memory_budget)
+        nets, corrs, inner = merge_inputs(run.models, run.data, self.alignment, self.name, seed=self.seed,
+                                          device=str(self.device), batch_size=self.batch_size,
+                                          memory_budget=self.memory_budget)
         record_levels(run, corrs)
+        if inner:   # REPAIR inside transformer levels
+            run.extras["inner_correspondences"] = inner
         return nets
 
     @abstractmethod
