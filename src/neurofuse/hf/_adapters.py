@@ -146,6 +146,14 @@ def _pooler_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
     return parts["classifier"](parts["dropout"](parts["pooler"](x)))
 
 
+def _check_tokens(family: str, shape: Tuple[int, ...], limit_name: str, limit: int) -> None:
+    """Refuse an input shape that is not ``(T,)`` token ids within the model's positions."""
+    if len(shape) != 1:
+        raise ConfigError(f"{family} inputs are token ids [T]; input_shape must be (T,), got {list(shape)}")
+    if shape[0] > limit:
+        raise ConfigError(f"sequence length {shape[0]} exceeds the model's {limit_name} {limit}")
+
+
 def _in_transform(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.func`` transform's tensor (e.g. one sample of Fisher's ``vmap``),
     on which a data-dependent check cannot run; the same data are checked outside it."""
@@ -389,11 +397,7 @@ class BertAdapter(HFAdapter):
         return out
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
-        if len(shape) != 1:
-            raise ConfigError(f"BERT inputs are token ids [T]; input_shape must be (T,), got {list(shape)}")
-        if shape[0] > int(config.max_position_embeddings):
-            raise ConfigError(f"sequence length {shape[0]} exceeds the model's "
-                              f"max_position_embeddings {config.max_position_embeddings}")
+        _check_tokens("BERT", shape, "max_position_embeddings", int(config.max_position_embeddings))
         return super().example_input(config, shape, gen)
 
 
@@ -437,10 +441,7 @@ class GPT2Adapter(HFAdapter):
         return out
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
-        if len(shape) != 1:
-            raise ConfigError(f"GPT-2 inputs are token ids [T]; input_shape must be (T,), got {list(shape)}")
-        if shape[0] > int(config.n_positions):
-            raise ConfigError(f"sequence length {shape[0]} exceeds the model's n_positions {config.n_positions}")
+        _check_tokens("GPT-2", shape, "n_positions", int(config.n_positions))
         x = super().example_input(config, shape, gen)
         pad = int(config.pad_token_id)
         return torch.where(x == pad, (x + 1) % int(config.vocab_size), x)   # no pad token: unpadded

@@ -109,4 +109,4 @@ def traits_reason(net: nn.Module, index: int, unsupported: FrozenSet[str], metho
     if not found:
         return None
     who = method if "'" in method else repr(method)
-    return f"it has {TRAITS[found[0]]}, which {who} does not handle (otfusion and git-rebasin do)"
+    return f"it has {TRAITS[found[0]]}, which {who} does not handle (otfusion, git-rebasin and weight-matching do)"
