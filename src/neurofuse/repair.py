@@ -353,6 +353,7 @@ def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], h
     base_widths = [m.level_widths() for m in bases]
     device = _device_of(out)
     changed = False
+    unmapped: List[int] = []   # transformer levels without maps of their heads and MLP neurons
     # the fused model's level inputs, carried forward as its levels are rescaled
     stream = LevelStream(fs, 1, device, memory_budget=memory_budget)
     with stream:
@@ -361,13 +362,16 @@ def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], h
             bns = _batchnorms(level)
             if bns and changed:  # inputs changed since step 1: re-estimate this level's BatchNorms
                 reset_batchnorm(out, fs, modules=bns)
-            if inner_correspondences and lvl in inner_correspondences and describe_transformer(level):
+            spec = describe_transformer(level)
+            if spec is not None and inner_correspondences and lvl in inner_correspondences:
                 base_in = _base_level_inputs(bases, fs, lvl)
                 if _repair_inner(out, bases, fs, lvl, inner_correspondences[lvl],
                                  [b.inputs[0] for b in stream], base_in):
                     changed = True
                 stream.advance({0: level})
                 continue
+            if spec is not None and spec.layout().internal:
+                unmapped.append(lvl)
             target = _fold_target(level)
             if target is None:
                 log.debug("repair: level %d (%s) does not end in one affine layer (residual?); "
@@ -391,4 +395,8 @@ def _rescale(out: nn.Module, levels: Sequence[nn.Module], axes: Sequence[str], h
                 changed = True
                 log.debug("repair level %d: scale in [%.3g, %.3g]", lvl, float(a.min()), float(a.max()))
             stream.advance({0: level})
+    if unmapped:
+        log.warning("repair: transformer levels %s were left as they are: the fusion recorded no map of "
+                    "their heads and MLP neurons (otfusion, git-rebasin, weight-matching and the aligned "
+                    "merges do)", ", ".join(map(str, unmapped)))
     return changed

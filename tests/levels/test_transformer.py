@@ -402,3 +402,16 @@ def test_repair_after_an_alignment_rescales_inside_the_blocks(method, options):
     twin = neurofuse.fuse([a, permute_spaces(a, seed=3)], (x, y), method=method, repair=True, progress=False,
                           **options)
     assert _gap(twin, a, x) < 1e-4
+
+
+def test_repair_says_which_transformer_levels_it_leaves_alone(caplog):
+    """A fusion that records no map of the heads and MLP neurons (the closed form) cannot be
+    repaired inside the blocks: REPAIR says so, naming the levels, instead of doing nothing quietly."""
+    (a, x), (b, _) = _models("zoo", seed=0), _models("zoo", seed=1)
+    y = torch.zeros(len(x), dtype=torch.long)
+    with caplog.at_level("WARNING", logger="neurofuse"):
+        neurofuse.fuse([a, b], (x, y), method="otfusion", repair=True, progress=False)
+    assert "were left as they are" not in caplog.text
+    with caplog.at_level("WARNING", logger="neurofuse"):
+        neurofuse.fuse([a, b], (x, y), method="kf-linear", repair=True, progress=False)
+    assert "repair: transformer levels 0, 1 were left as they are" in caplog.text
