@@ -59,8 +59,11 @@ class HFAdapter:
     #: family says so: :attr:`HFLevel.not_alignable`)
     not_alignable: ClassVar[str] = _ALIGN_ATTENTION
 
-    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
-        """``(level, neuron axis)`` pairs in order from the input, sharing ``model``'s modules."""
+    def levels(self, model: nn.Module) -> List[Tuple[nn.Module, str]]:
+        """``(level, neuron axis)`` pairs in order from the input, sharing ``model``'s modules: an
+        :class:`HFLevel`, or a module the alignment machinery reads directly (a chain, a
+        ``branch`` / ``shortcut`` block) with ``level_name``, ``not_alignable`` and
+        ``transformer_spec`` attributes (the ResNet adapter's)."""
         raise NotImplementedError
 
     def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:
