@@ -110,6 +110,18 @@ def test_vit_blocks_are_levels_of_their_own_described_as_transformer_stages():
     assert refused == {"zipit", "cca-merge"}   # they do not handle transformer levels (weight matching does)
 
 
+def test_a_vit_left_in_training_mode_keeps_its_transformer_head():
+    """The head level ``norm -> select token 0 -> dropout -> head`` is recognised with its dropout
+    as the identity (fusion runs in eval mode), whatever mode the user's model is in: the closed
+    form fuses every level of a ViT that was never put in eval mode."""
+    net = neurofuse.levels_from(_make("vit", 0), input_shape=(3, 16, 16))
+    net.train()
+    assert net.training and describe(net.levels[3]) is not None
+    refused = {name for row in level_support(net) for name, why in row.items() if why is not None}
+    assert refused == {"zipit", "cca-merge"}
+    assert net.levels[3].training   # the check left the mode as it was
+
+
 def test_levels_share_the_models_parameters_and_map_back_to_its_keys():
     model = _make("resnet18", 0)
     net = neurofuse.levels_from(model, input_shape=(3, 32, 32))

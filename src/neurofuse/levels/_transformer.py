@@ -785,13 +785,17 @@ def _head_chain(children: Sequence[Tuple[str, nn.Module]]) -> Optional[List[Stag
     x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(1))
     p = next(iter(children[-1][1].parameters()))
     x = x.to(p.device, p.dtype)
+    modes = [g.training for g in glue]
     with torch.no_grad():
         h = x
         try:
-            for g in glue:
-                h = g(h)
+            for g in glue:          # as fused: in eval mode (a dropout in the glue is the identity)
+                h = g.eval()(h)
         except Exception:  # noqa: BLE001
             return None
+        finally:
+            for g, mode in zip(glue, modes):
+                g.train(mode)
     norm_after = norm is not None and not isinstance(children[0][1], nn.LayerNorm)
     for pool in ("cls", "mean"):
         if h.shape == (2, width) and torch.allclose(h, _pool(x, pool), atol=1e-6):
