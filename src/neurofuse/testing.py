@@ -66,6 +66,20 @@ def _derangement(n: int, gen: torch.Generator) -> torch.Tensor:
     return p  # pragma: no cover
 
 
+def _concat_perm(model: LeveledNet, lvl: int, lay: Any, in_map: Any, gen: torch.Generator):  # type: ignore[no-untyped-def]
+    """The map of a concatenation level's output: a permutation inside every part (a part that is
+    the level input keeps the input's map), the block diagonal of them."""
+    from .levels._layout import concat_maps, part_spans
+
+    spans = part_spans(model, lvl, lay)
+    parts = []
+    for p, sp in zip(lay.parts, spans):
+        n = sp.stop - sp.start
+        parts.append(in_map if p == "in" and in_map is not None else
+                     _perm_map(torch.arange(n) if p == "in" else _derangement(n, gen)))
+    return concat_maps(parts)
+
+
 def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     """A copy of ``model`` with every neuron space of its alignment layout randomly permuted.
 
@@ -88,12 +102,13 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     for lvl, lay in enumerate(layouts):
         maps: Dict[str, object] = {}
         last = model.num_levels - 1
-        if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
-            if heads[lvl] not in stream:
-                stream[heads[lvl]] = _perm_map(_derangement(widths[lvl], gen))
-            maps["out"] = stream[heads[lvl]]
         if lvl > 0 and heads[lvl - 1] in stream:
             maps["in"] = stream[heads[lvl - 1]]
+        if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
+            if heads[lvl] not in stream:
+                stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen) if lay.parts
+                                      else _perm_map(_derangement(widths[lvl], gen)))
+            maps["out"] = stream[heads[lvl]]
         sizes = space_sizes(model.levels[lvl], lay)
         order: Dict[str, torch.Tensor] = {}
         for sp in lay.internal:

@@ -1,6 +1,6 @@
 """Alignments that do not handle a layout structure say so up front (issues 24 and 28).
 
-Properties checked: weight matching handles every layout (a depthwise kernel is matched with the
+Properties checked: weight matching refuses concatenations (a depthwise kernel is matched with the
 channels it is tied to, attention heads move as units), ZipIt! and
 CCA Merge refuse transformer levels and concatenations, the align-then-merge methods refuse
 concatenations, each by its own ``check_level`` and before any work with the level named;
@@ -26,7 +26,7 @@ from ..levels.test_auto import _data, _make
 #: architecture -> the layout trait it brings
 TRAIT_OF = {"mobilenet_v2": "depthwise", "vit": "transformer", "branches": "parts"}
 REFUSED = {  # method -> the traits it refuses
-    "weight-matching": set(),
+    "weight-matching": {"parts"},
     "zipit": {"transformer", "parts"},
     "cca-merge": {"transformer", "parts"},
     "regmean-aligned": {"parts"},
@@ -37,6 +37,18 @@ REFUSED = {  # method -> the traits it refuses
 def _pair(arch: str):
     net = neurofuse.levels_from(_make(arch, 0), input_shape=ARCHITECTURES[arch][1])
     return net, permute_spaces(net, seed=1)
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIT_OF))
+def test_the_permuted_copy_computes_the_same_function_and_other_weights(arch):
+    """``neurofuse.testing.permute_spaces`` permutes a concatenation's parts each on its own (one
+    permutation of the whole output would mix its branches and change the function)."""
+    net, twin = _pair(arch)
+    x, _ = _data(arch)
+    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-4
+    differ = [k for k, v in twin.state_dict().items()
+              if v.is_floating_point() and v.dim() > 1 and not torch.equal(v, net.state_dict()[k])]
+    assert len(differ) >= 3
 
 
 @pytest.mark.parametrize("arch", sorted(TRAIT_OF))

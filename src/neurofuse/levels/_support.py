@@ -84,6 +84,14 @@ TRAITS = {
 }
 
 
+#: the alignments that handle each trait, named in a refusal
+HANDLED_BY = {
+    "transformer": "otfusion, git-rebasin and weight-matching",
+    "depthwise": "otfusion, git-rebasin and weight-matching",
+    "parts": "otfusion and git-rebasin",
+}
+
+
 def layout_traits(net: nn.Module, index: int) -> FrozenSet[str]:
     """The structures of level ``index``'s alignment layout that not every alignment handles
     (names of :data:`TRAITS`); empty for a level that cannot be aligned at all."""
@@ -109,4 +117,4 @@ def traits_reason(net: nn.Module, index: int, unsupported: FrozenSet[str], metho
     if not found:
         return None
     who = method if "'" in method else repr(method)
-    return f"it has {TRAITS[found[0]]}, which {who} does not handle (otfusion, git-rebasin and weight-matching do)"
+    return f"it has {TRAITS[found[0]]}, which {who} does not handle ({HANDLED_BY[found[0]]} do)"

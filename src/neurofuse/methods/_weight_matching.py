@@ -76,6 +76,9 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     needs_data = False
     min_models = 2
     same_architecture = True
+    #: a concatenation's output is one block of neurons per part, which one permutation of the
+    #: whole level output (this objective's group) would mix
+    unsupported_traits = frozenset({"parts"})
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)
