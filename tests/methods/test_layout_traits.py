@@ -1,9 +1,8 @@
 """Alignments that do not handle a layout structure say so up front (issues 24 and 28).
 
 Properties checked: weight matching refuses concatenations (a depthwise kernel is matched with the
-channels it is tied to, attention heads move as units), ZipIt! and
-CCA Merge refuse transformer levels and concatenations, the align-then-merge methods refuse
-concatenations, each by its own ``check_level`` and before any work with the level named;
+channels it is tied to, attention heads move as units), ZipIt! and CCA Merge refuse transformer
+levels and concatenations, each by its own ``check_level`` and before any work with the level named;
 ``align="weights"`` refuses what weight matching does; and where they do apply, on automatic
 levels of other people's architectures, a model fused with its permuted copy comes back.
 """
@@ -29,8 +28,8 @@ REFUSED = {  # method -> the traits it refuses
     "weight-matching": {"parts"},
     "zipit": {"transformer", "parts"},
     "cca-merge": {"transformer", "parts"},
-    "regmean-aligned": {"parts"},
-    "fisher-aligned": {"parts"},
+    "regmean-aligned": set(),     # aligned by activations (the default); align="weights": below
+    "fisher-aligned": set(),
 }
 
 
@@ -74,6 +73,13 @@ def test_an_alignment_refuses_what_it_does_not_handle_and_fuses_the_rest(method,
     gap = float((predict_logits(fused, x) - predict_logits(net, x)).abs().max())
     # CCA is a regularised correlation map, not a permutation: close, not exact
     assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
+
+
+def test_align_by_weights_refuses_what_weight_matching_does_not_handle():
+    net, twin = _pair("branches")
+    x, y = _data("branches")
+    with pytest.raises(IncompatibleModelsError, match="cannot align level 1 by weight matching.*concatenation"):
+        neurofuse.fuse([net, twin], (x, y), method="regmean-aligned", align="weights", progress=False)
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "vit"])

@@ -43,6 +43,10 @@ __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "
 
 #: the ways of aligning models before a merge ("none": merge as they are)
 ALIGNMENTS = ("none", "activations", "weights")
+#: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`): a
+#: concatenation's output is one block of neurons per part, which one permutation of the whole
+#: level output (the objective's group) would mix
+WEIGHT_MATCHING_UNSUPPORTED: FrozenSet[str] = frozenset({"parts"})
 
 
 class LayoutAlignment:
@@ -304,6 +308,11 @@ def align_models(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], hea
         return list(nets), maps
     out = [nets[0]]
     if how == "weights":
+        for lvl in range(nets[0].num_levels):
+            why = traits_reason(nets[0], lvl, WEIGHT_MATCHING_UNSUPPORTED, "align='weights'")
+            if why:
+                raise IncompatibleModelsError(f"cannot align level {lvl} by weight matching: {why}; "
+                                              "use align='activations'")
         spec = permutation_spec(nets[0], layouts, heads, check_equal_widths(nets, "align='weights'")[0])
     for k in range(1, len(nets)):
         if how == "weights":

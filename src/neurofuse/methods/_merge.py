@@ -85,7 +85,5 @@ class StatisticsMerge(FusionMethod):
 
 class AlignFirst(LayoutAlignment):
     """Mixin of the "align, then merge" classes: level-wise alignment needs one map per neuron
-    space at every level (:func:`neurofuse.levels.alignment_reason`); the merge after it does not
-    split concatenation parts (with ``align="weights"`` weight matching's limits apply too)."""
-
-    unsupported_traits = frozenset({"parts"})
+    space at every level (:func:`neurofuse.levels.alignment_reason`); with ``align="weights"``
+    weight matching's limits apply too (a concatenation is refused when the alignment runs)."""

@@ -12,6 +12,7 @@ from torch import nn
 from ..levels import check_same_levels
 from ..levels._layout import check_alignable
 from ._align import (
+    WEIGHT_MATCHING_UNSUPPORTED,
     LayoutAlignment,
     aligned_state,
     average_states,
@@ -76,9 +77,7 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     needs_data = False
     min_models = 2
     same_architecture = True
-    #: a concatenation's output is one block of neurons per part, which one permutation of the
-    #: whole level output (this objective's group) would mix
-    unsupported_traits = frozenset({"parts"})
+    unsupported_traits = WEIGHT_MATCHING_UNSUPPORTED
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)
