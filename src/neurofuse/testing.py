@@ -88,9 +88,10 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     internal space (an MLP's hidden neurons, a residual block's inner channels) gets its own
     permutation; attention spaces are permuted as heads (a random order of the heads, shared by a
     head's queries, keys, values and output columns) and inside every head (one permutation for
-    the queries and keys, one for the values).  The copy computes the same function (for every
-    model :func:`neurofuse.levels.alignment_reason` accepts); fusing a model with it must give
-    the model back.
+    the queries and keys, one for the values); a concatenation's output is permuted inside each of
+    its parts (a part that is the level input follows the input's permutation).  The copy
+    computes the same function (for every model :func:`neurofuse.levels.alignment_reason`
+    accepts); fusing a model with it must give the model back.
     """
     from .levels._layout import align_level, check_alignable, space_sizes
 
