@@ -1,4 +1,5 @@
-"""Fusing user architectures through their automatic levels: MobileNet-V2 and a concatenation net.
+"""Fusing user architectures through their automatic levels: MobileNet-V2, a concatenation net, an
+MLP with LayerNorm.
 
     OMP_NUM_THREADS=1 python benchmarks/architectures.py                  # both, 2 models, MNIST
     python benchmarks/architectures.py --arch mobilenet_v2 --models 2 4 --seeds 0 1
@@ -8,7 +9,8 @@
 ``branches`` (a 3x3 and a 5x5 convolution branch joined by ``torch.cat``) are the
 torchvision-style models of ``tests/levels/user_models.py``, built with one input channel and every
 width times ``--width`` (4 by default: MobileNet-V2 with 16 to 128 channels, the concatenation net
-with branches of 24 and 40).  ``N`` of them, each from its own initialisation, are trained briefly
+with branches of 24 and 40); ``mlp_ln`` is its MLP whose hidden layers are
+``Linear -> LayerNorm -> ReLU -> Dropout`` (two of ``32 * --width`` neurons).  ``N`` of them, each from its own initialisation, are trained briefly
 on the parts of a Dirichlet split (the paper's, ratio 0.2) of the training data, cut into levels
 with ``neurofuse.levels_from(model, input_shape=...)`` (nothing declared) and fused on a
 400-sample class-balanced fusion set drawn from the training data with every level-wise method
@@ -35,11 +37,12 @@ from neurofuse.data import balanced_subset, load_dataset, partition
 from neurofuse.training import TrainConfig, evaluate, train_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "levels"))
-from user_models import BranchNet, MobileNetV2  # noqa: E402
+from user_models import MLP, BranchNet, MobileNetV2  # noqa: E402
 
-ARCHS = {"mobilenet_v2": lambda c, k, w: MobileNetV2(num_classes=k, in_ch=c, width_mult=w),
-         "branches": lambda c, k, w: BranchNet(num_classes=k, in_ch=c, widths=(8 * w, 6 * w, 10 * w, 16 * w),
-                                               hidden=32 * w)}
+ARCHS = {"mobilenet_v2": lambda s, k, w: MobileNetV2(num_classes=k, in_ch=s[0], width_mult=w),
+         "branches": lambda s, k, w: BranchNet(num_classes=k, in_ch=s[0], widths=(8 * w, 6 * w, 10 * w, 16 * w),
+                                               hidden=32 * w),
+         "mlp_ln": lambda s, k, w: MLP(in_features=int(np.prod(s)), hidden=(32 * w, 32 * w), num_classes=k)}
 METHODS = ["vanilla", "ensemble", "kf-linear", "hf-linear", "otfusion", "otfusion+repair", "git-rebasin",
            "git-rebasin+repair", "kf-gradient"]
 
@@ -49,7 +52,7 @@ def train_bases(arch: str, ds: Any, n: int, seed: int, epochs: int, lr: float, w
     models = []
     for i, part in enumerate(parts):
         torch.manual_seed(1000 * seed + i)          # a different initialisation per model
-        m = ARCHS[arch](ds.input_shape[0], ds.num_classes, width)
+        m = ARCHS[arch](ds.input_shape, ds.num_classes, width)
         train_model(m, ds.x_train[part], ds.y_train[part],
                     config=TrainConfig(epochs=epochs, lr=lr, batch_size=128, warmup_epochs=0,
                                        seed=1000 * seed + i))

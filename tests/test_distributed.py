@@ -117,3 +117,24 @@ def test_two_gloo_ranks_fuse_transformers_like_one_process(method, options, tmp_
             got.load_state_dict(st)
             # float32 sums in another order, through five stages: rounding, not another grouping (1e-1)
             assert float((got(x) - want).abs().max()) < 1e-4
+
+
+def test_two_gloo_ranks_fit_a_layernorm_step_like_one_process(tmp_path):
+    """A level ``Linear -> LayerNorm`` is fitted in steps: the rows' spread, the least squares and
+    the LayerNorm's per-neuron lines are all summed over the ranks."""
+    from .levels.user_models import MLP
+
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(neurofuse.levels_from(MLP().eval(), input_shape=(3, 8, 8)))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(160, 3, 8, 8, generator=g), torch.randint(0, 10, (160,), generator=g)
+    ref = neurofuse.fuse(models, (x, y), method="kf-linear", progress=False, batch_size=64)
+    mp.spawn(_rank_main, args=(2, _free_port(), models, x, y, "kf-linear", "uniform", str(tmp_path)),
+             nprocs=2, join=True)
+    with torch.no_grad():
+        want = ref(x)
+        for r in range(2):
+            ref.load_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
+            assert float((ref(x) - want).abs().max()) < 1e-4

@@ -24,6 +24,21 @@ def test_streamed_weights_equal_dense_pinv(rows, d, m):
     assert torch.allclose(sol.weights, dense, atol=1e-8)
 
 
+@pytest.mark.parametrize("rows", [200, 8])     # summed statistics, and kept design rows (n <= d)
+def test_scaling_the_targets_after_the_pass_equals_scaling_them_before(rows):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, 10, generator=g, dtype=torch.float64)
+    a = torch.randn(rows, 6, generator=g, dtype=torch.float64)
+    f = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.1, 1.5], dtype=torch.float64)
+    after = _stream(x, a, 64)
+    after.scale_targets(f)
+    before = _stream(x, a * f, 64)
+    assert torch.allclose(after.sq, before.sq) and torch.allclose(after.cross, before.cross)
+    s_after, s_before = after.solve(ridge=1e-3), before.solve(ridge=1e-3)
+    assert torch.allclose(s_after.weights, s_before.weights, atol=1e-10)
+    assert torch.allclose(s_after.residual, s_before.residual, atol=1e-10)
+
+
 def test_features_preserve_distances_between_projected_neurons():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(100, 6, generator=g, dtype=torch.float64)

@@ -137,3 +137,86 @@ def test_the_one_pass_statistics_refuse_a_level_fitted_in_steps():
         stream.advance({0: fused.levels[0], 1: nets[0].levels[0], 2: nets[1].levels[0]})
         with pytest.raises(IncompatibleModelsError, match="level 1 is fitted one layer at a time"):
             fusion.level_statistics(1, nets, fused, stream)
+
+
+class NormMLP(nn.Module):
+    """``Linear -> LayerNorm -> ReLU`` hidden layers (the LayerNorm's affine as asked)."""
+
+    def __init__(self, affine: bool = True, bias: bool = True, hidden: int = 12):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(48, hidden), nn.Linear(hidden, hidden)
+        self.ln1 = nn.LayerNorm(hidden, elementwise_affine=affine, bias=bias)
+        self.ln2 = nn.LayerNorm(hidden, elementwise_affine=affine, bias=bias)
+        self.out = nn.Linear(hidden, 10)
+        if affine:
+            with torch.no_grad():
+                for ln in (self.ln1, self.ln2):
+                    ln.weight.uniform_(0.5, 1.5)
+                    if bias:
+                        ln.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.ln1(self.fc1(x.flatten(1))))
+        return self.out(torch.relu(self.ln2(self.fc2(h))))
+
+
+def _permuted_norm_mlp(model: NormMLP, seed: int) -> NormMLP:
+    import copy
+
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    p1, p2 = torch.randperm(12, generator=g), torch.randperm(12, generator=g)
+    with torch.no_grad():
+        for fc, ln, p, nxt in ((twin.fc1, twin.ln1, p1, twin.fc2), (twin.fc2, twin.ln2, p2, twin.out)):
+            fc.weight.copy_(fc.weight[p]), fc.bias.copy_(fc.bias[p])
+            for t in (ln.weight, ln.bias):
+                if t is not None:
+                    t.copy_(t[p])
+            nxt.weight.copy_(nxt.weight[:, p])
+    return twin.eval()
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_linear_then_layernorm_is_one_step_and_a_permuted_copy_comes_back(method, affine, bias):
+    torch.manual_seed(3)
+    model = NormMLP(affine, bias).eval()
+    twin = _permuted_norm_mlp(model, 4)
+    x, y = _data(64, (3, 4, 4))
+    x_test, _ = _data(32, (3, 4, 4), seed=5)
+    assert (twin(x_test) - model(x_test)).abs().max() < 1e-5
+    nets = [_net(m, (3, 4, 4)) for m in (model, twin)]
+    result = neurofuse.fuse(nets, (x, y), method=method, progress=False, return_result=True)
+    assert [(s["kind"], s.get("norm")) for s in result.report[0]["steps"]] == [("new", "2")]
+    with torch.no_grad():
+        assert (result.model(x_test) - model(x_test)).abs().max() < 1e-4
+
+
+def test_the_layernorm_of_a_step_is_fitted_to_its_groups_outputs():
+    """Two different models: the fused LayerNorm's weight and bias are each neuron's least-squares
+    line from the fused normalised rows to the grouped base outputs, so moving them only raises
+    the level's error against those targets."""
+    torch.manual_seed(6)
+    nets = [_net(NormMLP().eval(), (3, 4, 4)) for _ in range(2)]
+    x, y = _data(200, (3, 4, 4))
+    result = neurofuse.fuse(nets, (x, y), method="kf-linear", progress=False, return_result=True)
+    fused = result.model
+    labels = np.split(result.correspondences[0].labels, [12])
+    with torch.no_grad():
+        targets = torch.zeros(200, 12)
+        count = torch.zeros(12)
+        for net, lab in zip(nets, labels):
+            out = net.levels[0](x)
+            targets.index_add_(1, torch.as_tensor(lab), out)
+            count.index_add_(0, torch.as_tensor(lab), torch.ones(12))
+        targets /= count.clamp_min(1)
+        ln = fused.levels[0].get_submodule("2")
+
+        def error() -> float:
+            return float(((fused.levels[0](x) - targets)[:, count > 0] ** 2).sum())
+
+        best = error()
+        for t in (ln.weight, ln.bias):
+            t += 0.05
+            assert error() > best
+            t -= 0.05

@@ -278,6 +278,17 @@ class LinearStats(AdditiveStats):
         self._drop_rows()
         self._add_rows(x, blocks, scale, gram=True)
 
+    def scale_targets(self, factors: Tensor) -> None:
+        """Multiply every base output column :math:`a_j` by ``factors[j]``, as if the outputs had
+        been scaled before :meth:`update` (``cross`` and ``sq`` are linear and quadratic in them)."""
+        f = factors.detach().to(torch.float64)
+        if self.sq is not None:
+            self._sums["sq"] = self._sums["sq"] * f.to(self._sums["sq"].device) ** 2
+        if self.has_cross and self._sums["cross"] is not None:
+            self._sums["cross"] = self._sums["cross"] * f.to(self._sums["cross"].device)[None, :]
+        if self._rows and not self.has_cross:
+            self._rows = [(x, a * f.to(a.device, a.dtype)[None, :]) for x, a in self._rows]
+
     def _add_rows(self, x: Tensor, blocks: List[Tensor], scale: Optional[Tensor], gram: bool) -> None:
         """``sq``, ``cross`` and (with ``gram``) ``gram`` of these rows, each times its ``scale``,
         in float64 chunks (:func:`neurofuse.stats.row_chunks`)."""

@@ -16,6 +16,11 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
   to the grouped block outputs minus the fused shortcut (a residual target).
 
+A ``Linear`` followed by a ``LayerNorm`` over its outputs (outside a residual block) is one step
+with a *norm*: LayerNorm removes each row's mean and scale, so the layer is fitted to the base
+models' normalised pre-activations and the LayerNorm's weight and bias per neuron afterwards
+(:func:`neurofuse.methods._steps.fit_level_in_steps`).
+
 A path may end in dropout-like identities, in an element-wise activation (not in a residual
 block, whose sum comes after: a concatenation branch ending in its ReLU, as torchvision's Inception)
 and, at the end of the model, in a softmax or log-softmax over the classes (a *monotone head*: the
@@ -59,6 +64,8 @@ class Step:
         the neurons of such steps; inner neurons weigh alike.
     residual : str or None
         For ``"residual"``: the module whose output (the fused shortcut) is added.
+    norm : str or None
+        The ``LayerNorm`` right after the (one) layer, normalising its outputs, if any.
     """
 
     kind: str
@@ -67,12 +74,19 @@ class Step:
     inputs: Tuple[str, ...]
     part: Optional[int] = None
     residual: Optional[str] = None
+    norm: Optional[str] = None
 
 
 def _conv_reason(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
         return "convolution with non-zero or string padding: the closed-form refit unfolds zero-padded patches"
     return None
+
+
+def _row_norm(end: nn.Module, nxt: Optional[nn.Module]) -> bool:
+    """Whether ``nxt`` is a LayerNorm over exactly the outputs of the Linear ``end``."""
+    return (isinstance(end, nn.Linear) and isinstance(nxt, nn.LayerNorm)
+            and tuple(nxt.normalized_shape) == (end.out_features,))
 
 
 def closed_form_steps(level: nn.Module, index: int, last: bool = False
@@ -95,19 +109,27 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     """
     layout = level_layout(level, index, "the closed form")
     modules = dict(level.named_modules())
+    block = hasattr(level, "shortcut")
+    paths = level_paths(level)
+    norms = {}     # path -> name of the LayerNorm over its last layer's outputs
+    for name, root, _ in paths:
+        if block or not isinstance(root, nn.Sequential):
+            continue
+        kids = list(root.named_children())
+        pos = [i for i, (_, k) in enumerate(kids) if any(isinstance(m, _AFFINE) for m in k.modules())]
+        if pos and pos[-1] + 1 < len(kids) and _row_norm(kids[pos[-1]][1], kids[pos[-1] + 1][1]):
+            norms[name] = ".".join(p for p in (name, kids[pos[-1] + 1][0]) if p)
     for key, _, _, kind in layout.tensors:
         name = key.rpartition(".")[0]
         m = modules[name]
-        if not isinstance(m, _AFFINE):
+        if not isinstance(m, _AFFINE) and name not in norms.values():
             raise IncompatibleModelsError(
                 f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
-                "Linear/Conv2d (only a BatchNorm right after one is), so the level is not affine in "
-                "its parameters")
+                "Linear/Conv2d (only a BatchNorm right after one is) nor a LayerNorm over the outputs of "
+                "the level's last Linear, so the level is not affine in its parameters")
         why = _conv_reason(m)
         if why:
             raise IncompatibleModelsError(why)
-    block = hasattr(level, "shortcut")
-    paths = level_paths(level)
     writers = {}   # path -> name of its last affine layer
     for name, root, _ in paths:
         kids = list(root.children()) if isinstance(root, nn.Sequential) else [root]
@@ -118,6 +140,8 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             continue
         tail = kids[pos[-1] + 1:]
         end = kids[pos[-1]]
+        if name in norms:
+            tail = tail[1:]                 # the step's own LayerNorm
         if not isinstance(end, _AFFINE):
             raise IncompatibleModelsError(
                 f"its layers are nested in a {type(end).__name__}, which the closed form does not open")
@@ -155,7 +179,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         if kind == "depthwise":
             steps.append(Step("depthwise", s0, (mod,), (s0,), part))
         else:
-            steps.append(Step("new", s0, (mod,), (s1,), part))
+            steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(path) if ends else None))
     if final:
         ins = tuple(spec[m][1] for m in final)
         if layout.tied:

@@ -18,6 +18,17 @@ fusion set from the fused model's own values just before the layer:
   its block output minus the fused shortcut, :math:`a_j - s_{c(j)}`, so that the fused block
   output :math:`s_c + X w_c` is the projection of the weighted centre of its group's outputs.
 
+A step whose ``Linear`` is followed by a ``LayerNorm`` over its outputs (a step with a *norm*)
+is fitted in two passes.  LayerNorm maps a row :math:`z` to :math:`\gamma \odot (z - \mu(z)) /
+\sigma(z) + \beta` and ignores each row's shift and scale, so the layer is fitted to the base
+models' centred rows :math:`z - \mu(z)` (which the base layer with its weights centred over its
+neurons computes exactly), each base model's scaled by the least-squares constant of
+:math:`1/\sigma` over the fusion set, :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, so that
+models are compared in the units the LayerNorm sees (the statistics are rescaled after the pass,
+:meth:`~neurofuse.approximation.LinearStats.scale_targets`).  A second pass fits the fused
+LayerNorm's weight and bias neuron by neuron (:class:`~neurofuse.approximation.NeuronRegression`),
+from the fused normalised rows to the weighted centres of the groups' LayerNorm outputs.
+
 The grouping of the level output (the concatenation of its parts' for a concatenation, block
 diagonal) is recorded as the level's correspondence and feeds the next level.
 """
@@ -29,10 +40,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..approximation import (DepthwiseStats, LinearStats, aligned_prior, assign_affine, depthwise_design,
-                             design_matrix, group_means)
+from ..approximation import (DepthwiseStats, LinearStats, NeuronRegression, TokenSums, aligned_prior,
+                             assign_affine, depthwise_design, design_matrix, group_means)
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping, centroids, identity_grouping
 from ..levels import LeveledNet, LevelStream, Step, closed_form_steps, flatten_neurons
@@ -146,6 +158,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         stats = LinearStats()
         if step.kind == "residual":
             res_labels = torch.from_numpy(np.concatenate(groups["in"][0])).to(method.device)
+    bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
+    spread = TokenSums()   # per base model, the sums of sigma and sigma^2 over rows (step.norm)
     with torch.no_grad():
         for b in stream:
             _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod)
@@ -155,6 +169,10 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 if keep:
                     b.keep(i, z)
                 outs.append(flatten_neurons(z, m.axes[level]) if whole else _flat(got[0]))
+            if bnorms:
+                sig = [_row_sigma(o, ln) for o, ln in zip(outs, bnorms)]
+                outs = [o - o.mean(1, keepdim=True) for o in outs]
+                spread.update(torch.stack([torch.stack([s, s * s], 1) for s in sig], 2)[:, None].flatten(2))
             a = torch.cat(outs, dim=1)
             if step.kind == "depthwise":
                 stats.update(depthwise_design(fmods[0], ins[0]), a)
@@ -164,6 +182,11 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
             stats.update(torch.cat([_design(f, u) for f, u in zip(fmods, ins)], dim=1), a)
     stats = method.reduce(stats)
     widths = [int(bm[0].weight.shape[0]) for bm in bmods]
+    scale = None
+    if bnorms:   # each model's centred rows in the units its LayerNorm sees
+        s1, s2 = method.reduce(spread).mean()[0].reshape(2, -1)
+        scale = s1 / s2.clamp_min(1e-300)
+        stats.scale_targets(torch.repeat_interleave(scale, torch.tensor(widths)))
     if step.kind != "new" and int(fmods[0].weight.shape[0]) != groups[step.space][1]:
         raise IncompatibleModelsError(
             f"level {level}: {step.modules[0]} keeps the neurons of the space it reads "
@@ -199,6 +222,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 priors = []
                 break
             priors.append(torch.cat(cols, dim=0))  # type: ignore[arg-type]
+        if priors and scale is not None:
+            priors = [(p - p.mean(1, keepdim=True)) * float(c) for p, c in zip(priors, scale)]
         prior = torch.cat(priors, dim=1).to(method.device) if priors else None
         if prior is not None and prior.shape[0] != sum(f.weight[0].numel() + (f.bias is not None) for f in fmods):
             prior = None
@@ -223,9 +248,49 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         row += d
     f64 = feats.double()
     t = centroids(f64, gw, labels, grouping.k)
-    return {"space": step.space, "kind": step.kind, "rank": sol.rank, "rows": stats.rows,
+    info = {"space": step.space, "kind": step.kind, "rank": sol.rank, "rows": stats.rows,
             "grouping_error": float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum()),
             "unreachable_error": float((gw * sol.residual.to(gw.device)).sum())}
+    if step.norm:
+        _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
+        info["norm"] = step.norm
+    return info
+
+
+def _row_sigma(z: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """Each row's scale as ``norm`` computes it (float64)."""
+    z = z.double()
+    return torch.sqrt(z.var(1, unbiased=False) + norm.eps)
+
+
+def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
+              name: str, gw: Tensor, labels: Tensor, k: int) -> None:
+    """A step's LayerNorm ``name``: weight and bias of every fused neuron, from the fused
+    normalised rows (its layer already fitted) to the weighted centres of its group's base
+    LayerNorm outputs."""
+    fln = flv.get_submodule(name)
+    if not fln.elementwise_affine:
+        return
+    blns = [m.levels[level].get_submodule(name) for m in models]
+    reg = NeuronRegression()
+    with torch.no_grad():
+        for b in stream:
+            _, ins, _ = _capture(flv, b.inputs[0], [fln], [])
+            u = F.layer_norm(_flat(ins[0]), (k,), eps=fln.eps)
+            ys = []
+            for m, ln, h in zip(models, blns, b.inputs[1:]):
+                _, _, got = _capture(m.levels[level], h, [], [ln])
+                ys.append(_flat(got[0]))
+            y = torch.cat(ys, 1).double()
+            reg.update(u, centroids(y.T, gw.double(), labels, k).T)
+    reg = method.reduce(reg)
+    gamma, beta = reg.solve()
+    if fln.bias is None:   # no intercept: the slope through the origin
+        gamma = torch.where(reg.sxx > 0, reg.sxy / reg.sxx.clamp_min(1e-300), torch.zeros_like(reg.sxx))
+    with torch.no_grad():
+        fln.weight.copy_(gamma.to(fln.weight))
+        if fln.bias is not None:
+            fln.bias.copy_(beta.to(fln.bias))
 
 
 def _design(layer: nn.Module, u: Tensor) -> Tensor:
