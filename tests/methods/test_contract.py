@@ -143,18 +143,22 @@ def test_check_level_agrees_with_what_fuse_refuses(method, digits, fs, monkeypat
         assert torch.isfinite(fused(fs[0][:8])).all()
 
 
-def test_the_closed_form_refuses_a_layernorm_level_and_alignment_accepts_it(digits):
-    ln_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.LayerNorm(16),
-                                 torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
-    # residual blocks are fitted one layer at a time; a LayerNorm after a Linear cannot be folded
-    for net, closed_form in ((_tiny_resnet(0, digits), True),
-                             (neurofuse.levels_from(ln_mlp, input_shape=(1, 8, 8)), False)):
+def test_the_closed_form_refuses_a_layernorm_it_does_not_fit_and_alignment_accepts_it(digits):
+    def mlp(*middle):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), *middle,
+                                   torch.nn.Linear(16, 10)).eval()
+
+    # residual blocks are fitted one layer at a time, a LayerNorm over a Linear's outputs with it;
+    # a LayerNorm after the activation (read by the next Linear) is not fitted
+    post = neurofuse.levels_from(mlp(torch.nn.LayerNorm(16), torch.nn.ReLU()), input_shape=(1, 8, 8))
+    after = neurofuse.levels_from(mlp(torch.nn.ReLU(), torch.nn.LayerNorm(16)), input_shape=(1, 8, 8))
+    for net, closed_form in ((_tiny_resnet(0, digits), True), (post, True), (after, False)):
         linear = [get_method("kf-linear").check_level(net, i) for i in range(net.num_levels)]
         aligned = [get_method("otfusion").check_level(net, i) for i in range(net.num_levels)]
         assert not any(aligned)
         assert (not any(linear)) == closed_form
         assert all(get_method(n).check_level(net, 0) is None for n in list_methods() if not get_method(n).fuses_levels)
-    assert "LayerNorm" in linear[0]
+    assert "LayerNorm" in linear[1]
 
 
 def test_capabilities_are_class_attributes_asked_of_every_method():

@@ -2,13 +2,14 @@
 
 Properties checked: weight matching refuses concatenations (a depthwise kernel is matched with the
 channels it is tied to, attention heads move as units), ZipIt! and CCA Merge refuse transformer
-levels and concatenations, each by its own ``check_level`` and before any work with the level named;
+levels (a concatenation they merge part by part), each by its own ``check_level`` and before any work with the level named;
 ``align="weights"`` refuses what weight matching does; and where they do apply, on automatic
 levels of other people's architectures, a model fused with its permuted copy comes back.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,8 +27,8 @@ from ..levels.test_auto import _data, _make
 TRAIT_OF = {"mobilenet_v2": "depthwise", "vit": "transformer", "branches": "parts"}
 REFUSED = {  # method -> the traits it refuses
     "weight-matching": {"parts"},
-    "zipit": {"transformer", "parts"},
-    "cca-merge": {"transformer", "parts"},
+    "zipit": {"transformer"},
+    "cca-merge": {"transformer"},
     "regmean-aligned": set(),     # aligned by activations (the default); align="weights": below
     "fisher-aligned": set(),
 }
@@ -104,3 +105,40 @@ def test_the_merges_that_fold_batchnorm_write_back_automatic_levels(method, arch
     fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
     gap = float((predict_logits(fused, x) - predict_logits(net, x)).abs().max())
     assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
+
+
+class InputCat(torch.nn.Module):
+    """The first level concatenates the model input itself with a convolution of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.grow = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.mid = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.mid(torch.relu(torch.cat([x, self.grow(x)], dim=1)))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(torch.relu(h), 1).flatten(1))
+
+
+@pytest.mark.parametrize("model", ["dense", "input"])
+@pytest.mark.parametrize("method", ["zipit", "cca-merge"])
+def test_a_concatenation_with_the_level_input_as_a_part_comes_back(method, model):
+    """DenseNet's ``cat([x, f(x)])``: the input's part keeps the input's maps (for ZipIt!, whose
+    merges are summed over the models, the mean where the input is the shared model input), the
+    grown part is merged on its own."""
+    from ..levels.test_layout import DenseLayer
+
+    torch.manual_seed(0)
+    net = neurofuse.levels_from((DenseLayer() if model == "dense" else InputCat()).eval(), input_shape=(1, 6, 6))
+    assert "concat" in net.kinds
+    twin = permute_spaces(net, seed=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 6, 6, generator=g), torch.randint(0, 2, (96,), generator=g)
+    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
+    result = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, return_result=True)
+    gap = float((predict_logits(result.model, x) - predict_logits(net, x)).abs().max())
+    assert gap < (0.1 if method == "cca-merge" else 1e-4), gap
+    if method == "zipit":   # every fused neuron of the concatenation: the mean of one per model
+        matrix = result.correspondences[net.kinds.index("concat")].matrix()
+        assert np.allclose(matrix.sum(1), 1.0) and set(np.unique(matrix)) <= {0.0, 0.5}

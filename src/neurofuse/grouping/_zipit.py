@@ -58,6 +58,13 @@ class JointMoments(AdditiveStats):
         self._add(count=torch.tensor(float(f.shape[0]), dtype=torch.float64, device=f.device), total=f.sum(0))
         self._add_gram("outer", f)
 
+    def select(self, index: Tensor) -> "JointMoments":
+        """The moments of the features ``index`` alone (in that order)."""
+        out = JointMoments()
+        out._sums = {"count": self.count.clone(), "total": self.total[index].clone(),
+                     "outer": self.outer[index][:, index].clone()}
+        return out
+
     def covariance(self) -> Tensor:
         """``[M, M]`` (population) covariance of the features."""
         n = self.count.clamp_min(1.0)

@@ -14,7 +14,7 @@ The methods decide what to do with the answers; nothing here names a method.
 
 from __future__ import annotations
 
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Mapping, Optional
 
 from torch import nn
 
@@ -110,11 +110,14 @@ def layout_traits(net: nn.Module, index: int) -> FrozenSet[str]:
     return frozenset(found)
 
 
-def traits_reason(net: nn.Module, index: int, unsupported: FrozenSet[str], method: str) -> Optional[str]:
+def traits_reason(net: nn.Module, index: int, unsupported: FrozenSet[str], method: str,
+                  why: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """Why ``method``, which does not handle the layout ``unsupported`` traits, cannot align
-    level ``index`` (``None`` if it can, as far as the traits go)."""
+    level ``index`` (``None`` if it can, as far as the traits go); ``why[trait]``, if given, says
+    what in the method stands in the way."""
     found = sorted(layout_traits(net, index) & unsupported)
     if not found:
         return None
     who = method if "'" in method else repr(method)
-    return f"it has {TRAITS[found[0]]}, which {who} does not handle ({HANDLED_BY[found[0]]} do)"
+    because = f": {why[found[0]]}" if why and found[0] in why else ""
+    return f"it has {TRAITS[found[0]]}, which {who} does not handle{because} ({HANDLED_BY[found[0]]} do)"

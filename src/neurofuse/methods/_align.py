@@ -21,7 +21,7 @@ one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`corresp
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,11 +57,13 @@ class LayoutAlignment:
     fuses_levels = True
     #: layout structures the method does not handle (``"transformer"``, ``"depthwise"``, ``"parts"``)
     unsupported_traits: FrozenSet[str] = frozenset()
+    #: for a trait in :attr:`unsupported_traits`, what in the method stands in the way
+    trait_reasons: Mapping[str, str] = {}
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
-                                                              cls.name)  # type: ignore[attr-defined]
+                                                              cls.name, cls.trait_reasons)  # type: ignore[attr-defined]
 
 
 LevelMaps = List[SpaceMaps]

@@ -15,11 +15,11 @@ from torch import nn
 
 from ..grouping import JointMoments, cca_alignment
 from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
-from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, stream_members
+from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, concat_maps, part_spans, stream_members
 from ._align import (LayoutAlignment, aligned_state, average_states, check_equal_widths, out_correspondence,
                      record_levels)
 from ._base import FusionMethod, FusionRun, register_method
-from ._features import feature_moments
+from ._features import feature_moments, part_moments
 from ._options import Interval, MethodOptions, OneOf, option
 
 __all__ = ["CCAMerge", "CCAMergeOptions"]
@@ -54,7 +54,8 @@ class CCAMerge(LayoutAlignment, FusionMethod):
     r"""CCA Merge: a linear map per neuron space from canonical correlations, then the mean.
 
     For every model :math:`k \ge 1` and every hidden neuron space (level outputs, the internal
-    spaces of a level, a residual stream as one space), the covariances of model 0's and model
+    spaces of a level, a residual stream as one space, each part of a concatenation on its own:
+    the map of the concatenation is the block diagonal), the covariances of model 0's and model
     :math:`k`'s features on the fusion set give the CCA map :math:`T_k` from model :math:`k`'s
     features to model 0's (:func:`neurofuse.grouping.cca_alignment`: the canonical variables of
     the two models identified).  Every level of model :math:`k` is aligned as
@@ -86,7 +87,10 @@ class CCAMerge(LayoutAlignment, FusionMethod):
     Options = CCAMergeOptions
     min_models = 2
     same_architecture = True
-    unsupported_traits = frozenset({"transformer", "parts"})
+    unsupported_traits = frozenset({"transformer"})
+    trait_reasons = {"transformer": "a linear map of the residual stream is no permutation, so the "
+                                    "LayerNorms over the stream do not commute with it, and the paper "
+                                    "gives no rule for attention heads"}
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
@@ -115,7 +119,22 @@ class CCAMerge(LayoutAlignment, FusionMethod):
                 for m in members[1:]:  # a residual stream: the moments of every level in it
                     pre.merge(outputs[m][0])
                     act.merge(outputs[m][1])
-                out = [None] + self._align((pre, act), n_models)
+                if layouts[lvl].parts:   # a concatenation: every part aligned on its own, block diagonal
+                    spans = part_spans(nets[0], lvl, layouts[lvl])
+                    blocks: List[List[NeuronMap]] = [[] for _ in range(n_models - 1)]
+                    for part, span in zip(layouts[lvl].parts, spans):
+                        if part == "in":   # the level input: its maps
+                            for k in range(1, n_models):
+                                prev = maps[k][lvl - 1]["out"] if lvl else None
+                                blocks[k - 1].append(prev if prev is not None
+                                                     else NeuronMap.identity(span.stop - span.start))
+                            continue
+                        sub = part_moments((pre, act), [span] * n_models, [widths[0][lvl]] * n_models)
+                        for k, m in enumerate(self._align(sub, n_models)):
+                            blocks[k].append(m)
+                    out = [None] + [concat_maps(bl) for bl in blocks]
+                else:
+                    out = [None] + self._align((pre, act), n_models)
             for k in range(1, n_models):
                 maps[k][lvl]["out"] = out[k]
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None

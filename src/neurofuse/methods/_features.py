@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..grouping import JointMoments
 from ..levels import LeveledNet, LevelStream, flatten_neurons
 from ..levels._layout import LevelLayout, capture_spaces, next_activation, space_activation
 
-__all__ = ["FeatureMoments", "feature_moments"]
+__all__ = ["FeatureMoments", "feature_moments", "part_moments"]
 
 #: (pre-activation, post-activation) moments of one space
 FeatureMoments = Tuple[JointMoments, JointMoments]
@@ -64,3 +65,12 @@ def feature_moments(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], 
             if lvl + 1 < levels:
                 stream.advance({i: nets[i].levels[lvl] for i in range(n)})
     return outputs, inner
+
+
+def part_moments(moments: FeatureMoments, spans: Sequence[slice], widths: Sequence[int]) -> FeatureMoments:
+    """The (pre, post) moments of one part of a concatenation: model ``k``'s neurons ``spans[k]``
+    of its ``widths[k]`` level outputs, every model's in order."""
+    offsets = np.cumsum([0] + list(widths[:-1]))
+    index = torch.cat([torch.arange(int(o) + s.start, int(o) + s.stop) for o, s in zip(offsets, spans)])
+    pre, post = moments
+    return pre.select(index), post.select(index)

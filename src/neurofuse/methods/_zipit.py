@@ -22,14 +22,16 @@ from ..levels._layout import (
     SpaceMaps,
     align_level,
     check_alignable,
+    concat_maps,
     identity_ok,
     oriented,
+    part_spans,
     stream_members,
 )
 from ..models.multihead import MultiHead
 from ._align import LayoutAlignment, correspondence
 from ._base import FusionMethod, FusionRun, register_method
-from ._features import FeatureMoments, feature_moments
+from ._features import FeatureMoments, feature_moments, part_moments
 from ._options import Boolean, Interval, MethodOptions, OneOf, Optional_, option
 
 __all__ = ["ZipIt", "ZipItOptions"]
@@ -64,7 +66,8 @@ class ZipIt(LayoutAlignment, FusionMethod):
     r"""ZipIt!: merge the most correlated features of all models, within and across models.
 
     At every hidden neuron space (each level's output, a level's internal spaces such as a
-    residual block's first convolution, residual streams as one space), the features of the
+    residual block's first convolution, residual streams as one space, each part of a
+    concatenation on its own: a merged feature never mixes parts), the features of the
     :math:`N` models are concatenated and the most correlated pairs merged greedily until the
     fused width is reached (:func:`neurofuse.grouping.zip_features`; the correlations of the
     post-activations on the fusion set; ties broken by the pre-activations'
@@ -106,7 +109,10 @@ class ZipIt(LayoutAlignment, FusionMethod):
     Options = ZipItOptions
     supports_width = True
     min_models = 2
-    unsupported_traits = frozenset({"transformer", "parts"})
+    unsupported_traits = frozenset({"transformer"})
+    trait_reasons = {"transformer": "a merge of features is no permutation, so the LayerNorms over the "
+                                    "residual stream do not commute with it, and the paper gives no rule "
+                                    "for attention heads"}
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
@@ -151,7 +157,10 @@ class ZipIt(LayoutAlignment, FusionMethod):
                     if m < len(outputs):
                         pre.merge(outputs[m][0])
                         act.merge(outputs[m][1])
-                out = self._zip((pre, act), [w[lvl] for w in widths], target[lvl])
+                if layouts[lvl].parts:
+                    out = self._zip_parts((pre, act), nets, fused, layouts[lvl], lvl, maps)
+                else:
+                    out = self._zip((pre, act), [w[lvl] for w in widths], target[lvl])
             for k in range(n_models):
                 maps[k][lvl]["out"] = out[k]
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
@@ -171,6 +180,30 @@ class ZipIt(LayoutAlignment, FusionMethod):
                 m = maps[k][stop - 1]["out"]
                 result.mix[k].matrix.copy_(torch.eye(widths[k][stop - 1]) if m is None else m.inc.float())
         return result
+
+    def _zip_parts(self, moments: FeatureMoments, nets: List[LeveledNet], fused: LeveledNet,
+                   layout: LevelLayout, lvl: int, maps: List[List[SpaceMaps]]) -> List[NeuronMap]:
+        """A concatenation: every part zipped on its own (a fused neuron never mixes parts), the
+        level's map the block diagonal of the parts' (:func:`~neurofuse.levels._layout.concat_maps`).
+        A part that is the level input keeps the input's maps (the mean where the input is shared)."""
+        spans = [part_spans(net, lvl, layout) for net in nets]
+        fused_spans = part_spans(fused, lvl, layout)
+        widths = [net.level_widths()[lvl] for net in nets]
+        blocks: List[List[NeuronMap]] = [[] for _ in nets]
+        for b, part in enumerate(layout.parts):
+            if part == "in":
+                for k in range(len(nets)):
+                    prev = maps[k][lvl - 1]["out"] if lvl else None
+                    w = spans[k][b].stop - spans[k][b].start
+                    blocks[k].append(prev if prev is not None else _mean_map(w, len(nets)))
+                continue
+            sub = part_moments(moments, [s[b] for s in spans], widths)
+            zipped = self._zip(sub, [s[b].stop - s[b].start for s in spans],
+                               fused_spans[b].stop - fused_spans[b].start)
+            for k in range(len(nets)):
+                blocks[k].append(zipped[k])
+                maps[k][lvl][part] = zipped[k]   # the part's own tensors are zipped (summed, not averaged)
+        return [concat_maps(bl) for bl in blocks]
 
     def _zip(self, moments: FeatureMoments, widths: List[int], k: int) -> List[NeuronMap]:
         """Merge/unmerge maps of every model for one space from its (pre, post) moments."""
@@ -213,3 +246,10 @@ class ZipIt(LayoutAlignment, FusionMethod):
                 zipped = maps[0][lvl].get(space_of.get(key, "")) is not None
                 state[full] = (total if zipped else total / n).to(v.dtype)
         return state
+
+
+def _mean_map(width: int, n_models: int) -> NeuronMap:
+    """A shared space's merge in ZipIt's convention (the models' tensors are summed): each model's
+    neurons weigh ``1 / n_models``; the unmerge is the identity."""
+    eye = torch.eye(width, dtype=torch.float64)
+    return NeuronMap(out=eye / n_models, inc=eye, plan=eye.numpy() / n_models)
