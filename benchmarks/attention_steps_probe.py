@@ -58,4 +58,5 @@ for fam in fams:
             r = tf.run(fam, "digits", 5000, n, seed, 30, 3e-3, 400, [t[0] for t in TABLE], None, TABLE, 0.2)
             rows.append(r)
             print(fam, n, seed, " ".join(f"{t[0]}={r[t[0] + '_val']:.3f}/{r[t[0] + '_cpu_s']:.2f}" for t in TABLE), flush=True)
-            json.dump(rows, open(out, "w"), indent=1)
+            with open(out, "w") as f:
+                json.dump(rows, f, indent=1)

@@ -2,7 +2,8 @@
 
 Properties checked: weight matching refuses concatenations (a depthwise kernel is matched with the
 channels it is tied to, attention heads move as units), ZipIt! and CCA Merge refuse transformer
-levels (a concatenation they merge part by part), each by its own ``check_level`` and before any work with the level named;
+levels, saying why (a concatenation they merge part by part, block diagonal, also for models from
+different initialisations), each by its own ``check_level`` and before any work with the level named;
 ``align="weights"`` refuses what weight matching does; and where they do apply, on automatic
 levels of other people's architectures, a model fused with its permuted copy comes back.
 """
@@ -66,6 +67,8 @@ def test_an_alignment_refuses_what_it_does_not_handle_and_fuses_the_rest(method,
     reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
     if TRAIT_OF[arch] in REFUSED[method]:
         assert any(r and "does not handle" in r for r in reasons), reasons
+        if method in ("zipit", "cca-merge"):    # the reason says what stands in the way
+            assert any(r and "do not commute with it" in r for r in reasons), reasons
         with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level \d+ .*does not handle"):
             neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
         return
@@ -142,3 +145,20 @@ def test_a_concatenation_with_the_level_input_as_a_part_comes_back(method, model
     if method == "zipit":   # every fused neuron of the concatenation: the mean of one per model
         matrix = result.correspondences[net.kinds.index("concat")].matrix()
         assert np.allclose(matrix.sum(1), 1.0) and set(np.unique(matrix)) <= {0.0, 0.5}
+
+
+@pytest.mark.parametrize("method", ["zipit", "cca-merge"])
+def test_a_concatenation_is_merged_part_by_part_for_different_models(method):
+    """Models from different initialisations: no fused neuron of the concatenation draws on the
+    other part's neurons (the correspondence is block diagonal over the parts)."""
+    nets = [neurofuse.levels_from(_make("branches", s), input_shape=ARCHITECTURES["branches"][1]) for s in (0, 1)]
+    x, y = _data("branches")
+    result = neurofuse.fuse(nets, (x, y), method=method, progress=False, return_result=True)
+    level = nets[0].kinds.index("concat")
+    matrix = result.correspondences[level].matrix()
+    first = 6                                        # the 3x3 branch's channels, then the 5x5's
+    width = nets[0].level_widths()[level]
+    for k in range(2):
+        block = matrix[:, k * width:(k + 1) * width]
+        assert np.abs(block[:first, first:]).sum() == 0 and np.abs(block[first:, :first]).sum() == 0
+        assert np.abs(block[:first, :first]).sum() > 0 and np.abs(block[first:, first:]).sum() > 0

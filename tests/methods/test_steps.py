@@ -160,12 +160,12 @@ class NormMLP(nn.Module):
         return self.out(torch.relu(self.ln2(self.fc2(h))))
 
 
-def _permuted_norm_mlp(model: NormMLP, seed: int) -> NormMLP:
+def _permuted_norm_mlp(model: NormMLP, seed: int, hidden: int = 12) -> NormMLP:
     import copy
 
     twin = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
-    p1, p2 = torch.randperm(12, generator=g), torch.randperm(12, generator=g)
+    p1, p2 = torch.randperm(hidden, generator=g), torch.randperm(hidden, generator=g)
     with torch.no_grad():
         for fc, ln, p, nxt in ((twin.fc1, twin.ln1, p1, twin.fc2), (twin.fc2, twin.ln2, p2, twin.out)):
             fc.weight.copy_(fc.weight[p]), fc.bias.copy_(fc.bias[p])
@@ -187,9 +187,44 @@ def test_a_linear_then_layernorm_is_one_step_and_a_permuted_copy_comes_back(meth
     assert (twin(x_test) - model(x_test)).abs().max() < 1e-5
     nets = [_net(m, (3, 4, 4)) for m in (model, twin)]
     result = neurofuse.fuse(nets, (x, y), method=method, progress=False, return_result=True)
-    assert [(s["kind"], s.get("norm")) for s in result.report[0]["steps"]] == [("new", "2")]
+    step = result.report[0]["steps"][0]
+    assert len(result.report[0]["steps"]) == 1 and step["kind"] == "new" and step["norm"] is not None
+    assert (step["norm_error"] < 1e-8) if affine else step["norm_error"] is None
     with torch.no_grad():
         assert (result.model(x_test) - model(x_test)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_layernorm_step_sees_rows_as_its_layernorm_does(method):
+    """LayerNorm ignores each row's mean and scale: a copy whose pre-LayerNorm rows are shifted
+    and scaled (weights x 10, every bias + 5: the same function) and permuted fuses back to the
+    model, since the layer is grouped and fitted on centred rows scaled per model."""
+    torch.manual_seed(3)
+    model = NormMLP(hidden=24).eval()
+    twin = _permuted_norm_mlp(model, 4, hidden=24)
+    with torch.no_grad():
+        twin.fc1.weight.mul_(10.0)
+        twin.fc1.bias.mul_(10.0).add_(5.0)
+    x, y = _data(200, (3, 4, 4))
+    x_test, _ = _data(32, (3, 4, 4), seed=5)
+    assert (twin(x_test) - model(x_test)).abs().max() < 1e-4
+    nets = [_net(m, (3, 4, 4)) for m in (model, twin)]
+    fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x_test) - model(x_test)).abs().max() < 1e-3
+
+
+def test_which_layernorm_is_a_step_of_its_linear():
+    """A LayerNorm over a Linear's outputs (dropout between them allowed) is that Linear's step;
+    one after the activation is refused with the reason."""
+    from neurofuse.levels import closed_form_steps
+
+    _, steps = closed_form_steps(nn.Sequential(nn.ReLU(), nn.Linear(8, 6), nn.Dropout(0.1), nn.LayerNorm(6)), 1)
+    assert [(s.kind, s.norm) for s in steps] == [("new", "3")]
+    for level in (nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.LayerNorm(6)),
+                  nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(3))):
+        with pytest.raises(IncompatibleModelsError, match="LayerNorm"):
+            closed_form_steps(level, 1)
 
 
 def test_the_layernorm_of_a_step_is_fitted_to_its_groups_outputs():

@@ -105,3 +105,19 @@ def test_a_partially_zipped_model_holds_its_trunks_correspondences_and_repair_re
     assert not torch.equal(before["trunk.0.1.weight"], after["trunk.0.1.weight"])  # the trunk rescaled
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("heads."))
     assert torch.isfinite(repaired.model(digits.x_test[:32])).all()
+
+
+def test_partial_zipping_of_automatic_levels_gives_a_model_that_says_it_cannot_be_saved(tmp_path):
+    """Automatic levels do not describe their architecture: the multi-head model is built (it
+    used to fail after the fit with a raw NotImplementedError) and saving it is a one-line error."""
+    from neurofuse.checkpoint import save_model
+
+    from ..levels.test_auto import _data, _make
+    from ..levels.user_models import ARCHITECTURES
+
+    nets = [neurofuse.levels_from(_make("branches", s), input_shape=ARCHITECTURES["branches"][1]) for s in (0, 1)]
+    x, y = _data("branches")
+    fused = neurofuse.fuse(nets, (x, y), method="zipit", stop_at=2, progress=False)
+    assert isinstance(fused, MultiHead) and torch.isfinite(fused(x[:4])).all()
+    with pytest.raises(ConfigError, match="does not describe its architecture"):
+        save_model(fused, tmp_path / "fused.safetensors")

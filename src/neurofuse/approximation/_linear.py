@@ -280,7 +280,14 @@ class LinearStats(AdditiveStats):
 
     def scale_targets(self, factors: Tensor) -> None:
         """Multiply every base output column :math:`a_j` by ``factors[j]``, as if the outputs had
-        been scaled before :meth:`update` (``cross`` and ``sq`` are linear and quadratic in them)."""
+        been scaled before :meth:`update` (``cross`` and ``sq`` are linear and quadratic in them).
+
+        Parameters
+        ----------
+        factors : Tensor
+            ``[M]`` one factor per base output column (e.g. a per-model constant repeated over
+            that model's neurons), on any device.
+        """
         f = factors.detach().to(torch.float64)
         if self.sq is not None:
             self._sums["sq"] = self._sums["sq"] * f.to(self._sums["sq"].device) ** 2

@@ -59,7 +59,18 @@ class JointMoments(AdditiveStats):
         self._add_gram("outer", f)
 
     def select(self, index: Tensor) -> "JointMoments":
-        """The moments of the features ``index`` alone (in that order)."""
+        """The moments of some features alone.
+
+        Parameters
+        ----------
+        index : Tensor
+            ``[m]`` feature indices (long), in the order wanted.
+
+        Returns
+        -------
+        JointMoments
+            Over ``[rows, m]``: the same rows, those features only.
+        """
         out = JointMoments()
         out._sums = {"count": self.count.clone(), "total": self.total[index].clone(),
                      "outer": self.outer[index][:, index].clone()}

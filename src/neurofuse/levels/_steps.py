@@ -112,25 +112,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     block = hasattr(level, "shortcut")
     paths = level_paths(level)
     norms = {}     # path -> name of the LayerNorm over its last layer's outputs
-    for name, root, _ in paths:
-        if block or not isinstance(root, nn.Sequential):
-            continue
-        kids = list(root.named_children())
-        pos = [i for i, (_, k) in enumerate(kids) if any(isinstance(m, _AFFINE) for m in k.modules())]
-        if pos and pos[-1] + 1 < len(kids) and _row_norm(kids[pos[-1]][1], kids[pos[-1] + 1][1]):
-            norms[name] = ".".join(p for p in (name, kids[pos[-1] + 1][0]) if p)
-    for key, _, _, kind in layout.tensors:
-        name = key.rpartition(".")[0]
-        m = modules[name]
-        if not isinstance(m, _AFFINE) and name not in norms.values():
-            raise IncompatibleModelsError(
-                f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
-                "Linear/Conv2d (only a BatchNorm right after one is) nor a LayerNorm over the outputs of "
-                "the level's last Linear, so the level is not affine in its parameters")
-        why = _conv_reason(m)
-        if why:
-            raise IncompatibleModelsError(why)
-    writers = {}   # path -> name of its last affine layer
+    last_of = {}   # path -> (its children's names, the children, the index of its last affine one)
     for name, root, _ in paths:
         kids = list(root.children()) if isinstance(root, nn.Sequential) else [root]
         names = [".".join(p for p in (name, n) if p) for n, _ in root.named_children()] \
@@ -138,10 +120,25 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         pos = [i for i, k in enumerate(kids) if any(isinstance(m, _AFFINE) for m in k.modules())]
         if not pos:
             continue
-        tail = kids[pos[-1] + 1:]
-        end = kids[pos[-1]]
-        if name in norms:
-            tail = tail[1:]                 # the step's own LayerNorm
+        last_of[name] = (names, kids, pos[-1])
+        after = [i for i in range(pos[-1] + 1, len(kids)) if not _is_eval_identity(kids[i])]
+        if not block and after and _row_norm(kids[pos[-1]], kids[after[0]]):
+            norms[name] = names[after[0]]
+    for key, _, _, kind in layout.tensors:
+        name = key.rpartition(".")[0]
+        m = modules[name]
+        if not isinstance(m, _AFFINE) and name not in norms.values():
+            raise IncompatibleModelsError(
+                f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
+                "Linear/Conv2d (only a BatchNorm right after one is, or a LayerNorm over a Linear's "
+                "outputs outside a residual block), so the level is not affine in its parameters")
+        why = _conv_reason(m)
+        if why:
+            raise IncompatibleModelsError(why)
+    writers = {}   # path -> name of its last affine layer
+    for name, (names, kids, last_affine) in last_of.items():
+        end = kids[last_affine]
+        tail = [k for k, n in zip(kids[last_affine + 1:], names[last_affine + 1:]) if n != norms.get(name)]
         if not isinstance(end, _AFFINE):
             raise IncompatibleModelsError(
                 f"its layers are nested in a {type(end).__name__}, which the closed form does not open")
@@ -155,7 +152,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             raise IncompatibleModelsError(
                 "a residual block whose path ends in a depthwise convolution is not fitted by the "
                 "closed form")
-        writers[name] = names[pos[-1]]
+        writers[name] = names[last_affine]
     spec = {key.rpartition(".")[0]: (s0, s1, kind) for key, s0, s1, kind in layout.tensors
             if key.endswith(".weight") and kind in ("linear", "conv", "depthwise")}
     path_of = {}

@@ -88,7 +88,7 @@ TRAITS = {
 HANDLED_BY = {
     "transformer": "otfusion, git-rebasin and weight-matching",
     "depthwise": "otfusion, git-rebasin and weight-matching",
-    "parts": "otfusion and git-rebasin",
+    "parts": "otfusion, git-rebasin, zipit and cca-merge",
 }
 
 

@@ -21,7 +21,8 @@ one :class:`~neurofuse.grouping.Correspondence` per hidden level (:func:`corresp
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class LayoutAlignment:
     #: layout structures the method does not handle (``"transformer"``, ``"depthwise"``, ``"parts"``)
     unsupported_traits: FrozenSet[str] = frozenset()
     #: for a trait in :attr:`unsupported_traits`, what in the method stands in the way
-    trait_reasons: Mapping[str, str] = {}
+    trait_reasons: Mapping[str, str] = MappingProxyType({})
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
@@ -67,6 +68,22 @@ class LayoutAlignment:
 
 
 LevelMaps = List[SpaceMaps]
+
+#: why the merges that are no permutation (ZipIt!, CCA Merge) do not align a transformer level
+NOT_PERMUTATION_IN_TRANSFORMER = ("{what} is no permutation, so the LayerNorms over the residual stream "
+                                  "do not commute with it, and the paper gives no rule for attention heads")
+
+
+def input_part_maps(maps: Sequence[Sequence[SpaceMaps]], models: Sequence[int], lvl: int, width: int,
+                    shared: "Callable[[int], NeuronMap]") -> List[NeuronMap]:
+    """The maps of a concatenation's part that is the level input, for each model of ``models``:
+    the input's own ``"out"`` maps, or ``shared(width)`` where the input is the shared model input
+    (or is tied to it)."""
+    out = []
+    for k in models:
+        prev = maps[k][lvl - 1]["out"] if lvl else None
+        out.append(prev if prev is not None else shared(width))
+    return out
 
 
 def check_equal_widths(nets: Sequence[LeveledNet], method: str) -> List[List[int]]:

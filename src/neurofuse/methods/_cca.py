@@ -7,6 +7,7 @@ Correlation Analysis", ICML 2024.  The map is :func:`neurofuse.grouping.cca_alig
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -16,8 +17,8 @@ from torch import nn
 from ..grouping import JointMoments, cca_alignment
 from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, concat_maps, part_spans, stream_members
-from ._align import (LayoutAlignment, aligned_state, average_states, check_equal_widths, out_correspondence,
-                     record_levels)
+from ._align import (NOT_PERMUTATION_IN_TRANSFORMER, LayoutAlignment, aligned_state, average_states,
+                     check_equal_widths, input_part_maps, out_correspondence, record_levels)
 from ._base import FusionMethod, FusionRun, register_method
 from ._features import feature_moments, part_moments
 from ._options import Interval, MethodOptions, OneOf, option
@@ -88,9 +89,8 @@ class CCAMerge(LayoutAlignment, FusionMethod):
     min_models = 2
     same_architecture = True
     unsupported_traits = frozenset({"transformer"})
-    trait_reasons = {"transformer": "a linear map of the residual stream is no permutation, so the "
-                                    "LayerNorms over the stream do not commute with it, and the paper "
-                                    "gives no rule for attention heads"}
+    trait_reasons = MappingProxyType(
+        {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a linear map of the stream")})
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
@@ -124,10 +124,9 @@ class CCAMerge(LayoutAlignment, FusionMethod):
                     blocks: List[List[NeuronMap]] = [[] for _ in range(n_models - 1)]
                     for part, span in zip(layouts[lvl].parts, spans):
                         if part == "in":   # the level input: its maps
-                            for k in range(1, n_models):
-                                prev = maps[k][lvl - 1]["out"] if lvl else None
-                                blocks[k - 1].append(prev if prev is not None
-                                                     else NeuronMap.identity(span.stop - span.start))
+                            for k, m in enumerate(input_part_maps(maps, range(1, n_models), lvl,
+                                                                  span.stop - span.start, NeuronMap.identity)):
+                                blocks[k].append(m)
                             continue
                         sub = part_moments((pre, act), [span] * n_models, [widths[0][lvl]] * n_models)
                         for k, m in enumerate(self._align(sub, n_models)):

@@ -68,8 +68,22 @@ def feature_moments(nets: Sequence[LeveledNet], layouts: Sequence[LevelLayout], 
 
 
 def part_moments(moments: FeatureMoments, spans: Sequence[slice], widths: Sequence[int]) -> FeatureMoments:
-    """The (pre, post) moments of one part of a concatenation: model ``k``'s neurons ``spans[k]``
-    of its ``widths[k]`` level outputs, every model's in order."""
+    """The (pre, post) moments of one part of a concatenation.
+
+    Parameters
+    ----------
+    moments : FeatureMoments
+        The level output's moments, every model's neurons side by side.
+    spans : sequence of slice
+        Model ``k``'s neurons of the part, within its own level output.
+    widths : sequence of int
+        Model ``k``'s level width.
+
+    Returns
+    -------
+    FeatureMoments
+        The moments of the part's neurons alone, every model's in order.
+    """
     offsets = np.cumsum([0] + list(widths[:-1]))
     index = torch.cat([torch.arange(int(o) + s.start, int(o) + s.stop) for o, s in zip(offsets, spans)])
     pre, post = moments

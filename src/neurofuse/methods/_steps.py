@@ -27,7 +27,9 @@ neurons computes exactly), each base model's scaled by the least-squares constan
 models are compared in the units the LayerNorm sees (the statistics are rescaled after the pass,
 :meth:`~neurofuse.approximation.LinearStats.scale_targets`).  A second pass fits the fused
 LayerNorm's weight and bias neuron by neuron (:class:`~neurofuse.approximation.NeuronRegression`),
-from the fused normalised rows to the weighted centres of the groups' LayerNorm outputs.
+from the fused normalised rows to the weighted centres of the groups' LayerNorm outputs.  Such a
+step's ``grouping_error`` and ``unreachable_error`` are in the units of those scaled, centred rows;
+its report adds the LayerNorm fit's relative squared error (``norm_error``).
 
 The grouping of the level output (the concatenation of its parts' for a concatenation, block
 diagonal) is recorded as the level's correspondence and feeds the next level.
@@ -36,14 +38,14 @@ diagonal) is recorded as the level's correspondence and feeds the next level.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..approximation import (DepthwiseStats, LinearStats, NeuronRegression, TokenSums, aligned_prior,
+from ..approximation import (DepthwiseStats, LinearStats, NeuronRegression, RowScale, aligned_prior,
                              assign_affine, depthwise_design, design_matrix, group_means)
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping, centroids, identity_grouping
@@ -159,7 +161,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         if step.kind == "residual":
             res_labels = torch.from_numpy(np.concatenate(groups["in"][0])).to(method.device)
     bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
-    spread = TokenSums()   # per base model, the sums of sigma and sigma^2 over rows (step.norm)
+    spread = RowScale()
     with torch.no_grad():
         for b in stream:
             _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod)
@@ -169,10 +171,9 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 if keep:
                     b.keep(i, z)
                 outs.append(flatten_neurons(z, m.axes[level]) if whole else _flat(got[0]))
-            if bnorms:
-                sig = [_row_sigma(o, ln) for o, ln in zip(outs, bnorms)]
+            if bnorms:   # what the LayerNorms see: rows centred (scaled after the pass)
+                spread.update(outs, [ln.eps for ln in bnorms])
                 outs = [o - o.mean(1, keepdim=True) for o in outs]
-                spread.update(torch.stack([torch.stack([s, s * s], 1) for s in sig], 2)[:, None].flatten(2))
             a = torch.cat(outs, dim=1)
             if step.kind == "depthwise":
                 stats.update(depthwise_design(fmods[0], ins[0]), a)
@@ -184,9 +185,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     widths = [int(bm[0].weight.shape[0]) for bm in bmods]
     scale = None
     if bnorms:   # each model's centred rows in the units its LayerNorm sees
-        s1, s2 = method.reduce(spread).mean()[0].reshape(2, -1)
-        scale = s1 / s2.clamp_min(1e-300)
-        stats.scale_targets(torch.repeat_interleave(scale, torch.tensor(widths)))
+        scale = method.reduce(spread).inverse()
+        stats.scale_targets(torch.repeat_interleave(scale, torch.tensor(widths, device=scale.device)))
     if step.kind != "new" and int(fmods[0].weight.shape[0]) != groups[step.space][1]:
         raise IncompatibleModelsError(
             f"level {level}: {step.modules[0]} keeps the neurons of the space it reads "
@@ -252,25 +252,20 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
             "grouping_error": float((gw * ((f64 - t[labels]) ** 2).sum(1)).sum()),
             "unreachable_error": float((gw * sol.residual.to(gw.device)).sum())}
     if step.norm:
-        _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
         info["norm"] = step.norm
+        info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
     return info
 
 
-def _row_sigma(z: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """Each row's scale as ``norm`` computes it (float64)."""
-    z = z.double()
-    return torch.sqrt(z.var(1, unbiased=False) + norm.eps)
-
-
 def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
-              name: str, gw: Tensor, labels: Tensor, k: int) -> None:
+              name: str, gw: Tensor, labels: Tensor, k: int) -> Optional[float]:
     """A step's LayerNorm ``name``: weight and bias of every fused neuron, from the fused
     normalised rows (its layer already fitted) to the weighted centres of its group's base
-    LayerNorm outputs."""
+    LayerNorm outputs; returns the fit's relative squared error (``None`` for a LayerNorm
+    without affine, which has nothing to fit)."""
     fln = flv.get_submodule(name)
     if not fln.elementwise_affine:
-        return
+        return None
     blns = [m.levels[level].get_submodule(name) for m in models]
     reg = NeuronRegression()
     with torch.no_grad():
@@ -284,13 +279,12 @@ def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module,
             y = torch.cat(ys, 1).double()
             reg.update(u, centroids(y.T, gw.double(), labels, k).T)
     reg = method.reduce(reg)
-    gamma, beta = reg.solve()
-    if fln.bias is None:   # no intercept: the slope through the origin
-        gamma = torch.where(reg.sxx > 0, reg.sxy / reg.sxx.clamp_min(1e-300), torch.zeros_like(reg.sxx))
+    gamma, beta = reg.solve(intercept=fln.bias is not None)
     with torch.no_grad():
         fln.weight.copy_(gamma.to(fln.weight))
         if fln.bias is not None:
             fln.bias.copy_(beta.to(fln.bias))
+    return reg.relative_error(gamma, beta)
 
 
 def _design(layer: nn.Module, u: Tensor) -> Tensor:

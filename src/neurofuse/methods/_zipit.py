@@ -7,6 +7,7 @@ without Training", ICLR 2024.  The grouping is :func:`neurofuse.grouping.zip_fea
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..levels._layout import (
     stream_members,
 )
 from ..models.multihead import MultiHead
-from ._align import LayoutAlignment, correspondence
+from ._align import NOT_PERMUTATION_IN_TRANSFORMER, LayoutAlignment, correspondence, input_part_maps
 from ._base import FusionMethod, FusionRun, register_method
 from ._features import FeatureMoments, feature_moments, part_moments
 from ._options import Boolean, Interval, MethodOptions, OneOf, Optional_, option
@@ -110,9 +111,8 @@ class ZipIt(LayoutAlignment, FusionMethod):
     supports_width = True
     min_models = 2
     unsupported_traits = frozenset({"transformer"})
-    trait_reasons = {"transformer": "a merge of features is no permutation, so the LayerNorms over the "
-                                    "residual stream do not commute with it, and the paper gives no rule "
-                                    "for attention heads"}
+    trait_reasons = MappingProxyType(
+        {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a merge of features")})
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
@@ -192,10 +192,10 @@ class ZipIt(LayoutAlignment, FusionMethod):
         blocks: List[List[NeuronMap]] = [[] for _ in nets]
         for b, part in enumerate(layout.parts):
             if part == "in":
-                for k in range(len(nets)):
-                    prev = maps[k][lvl - 1]["out"] if lvl else None
-                    w = spans[k][b].stop - spans[k][b].start
-                    blocks[k].append(prev if prev is not None else _mean_map(w, len(nets)))
+                width = spans[0][b].stop - spans[0][b].start
+                for k, m in enumerate(input_part_maps(maps, range(len(nets)), lvl, width,
+                                                      lambda w: _mean_map(w, len(nets)))):
+                    blocks[k].append(m)
                 continue
             sub = part_moments(moments, [s[b] for s in spans], widths)
             zipped = self._zip(sub, [s[b].stop - s[b].start for s in spans],

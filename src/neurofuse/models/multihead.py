@@ -9,7 +9,7 @@ log of the mean of the heads' class probabilities, like :class:`~neurofuse.model
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,10 @@ class MultiHead(nn.Module):
         self.trunk_axes = list(trunk.axes[:stop_at])
         self.mix = nn.ModuleList([NeuronMix(h.level_widths()[stop_at - 1], n_fused, axis) for h in heads])
         self.heads = nn.ModuleList([nn.ModuleList(list(h.levels)[stop_at:]) for h in heads])
-        self._configs = {"trunk": trunk.config(), "heads": [h.config() for h in heads]}
+        try:
+            self._configs: Optional[Dict[str, Any]] = {"trunk": trunk.config(), "heads": [h.config() for h in heads]}
+        except NotImplementedError:   # automatic or declared levels: no architecture to describe
+            self._configs = None
         self.input_shape = trunk.input_shape
         self.num_classes = trunk.num_classes
 
@@ -82,6 +85,10 @@ class MultiHead(nn.Module):
         return torch.log(p.clamp_min(1e-30))
 
     def config(self) -> Dict[str, Any]:
+        if self._configs is None:
+            raise NotImplementedError(
+                "this multi-head model was built from models that do not describe their architecture "
+                "(automatic or declared levels); keep its state_dict() instead")
         return {"arch": "multihead", "kwargs": {**self._configs, "stop_at": self.stop_at}}
 
 
