@@ -43,6 +43,7 @@ SUPPORTED = {
     "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mlp_ln": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
+    "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain

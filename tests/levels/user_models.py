@@ -353,6 +353,29 @@ class DropoutMLP(nn.Module):
         return self.net(x)
 
 
+# -- pre-norm residual MLP blocks (ResMLP / MLP-Mixer channel mixing, written the usual way) ---
+class MixerBlock(nn.Module):
+    def __init__(self, dim, hidden, p=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(p), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class ResMLP(nn.Module):
+    def __init__(self, in_features=3 * 8 * 8, dim=16, hidden=32, depth=2, num_classes=10):
+        super().__init__()
+        self.embed = nn.Linear(in_features, dim)
+        self.blocks = nn.Sequential(*[MixerBlock(dim, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(torch.flatten(x, 1)))))
+
+
 #: name -> (factory, input shape)
 ARCHITECTURES = {
     "resnet18": (resnet18, (3, 32, 32)),
@@ -360,5 +383,6 @@ ARCHITECTURES = {
     "mobilenet_v2": (MobileNetV2, (3, 16, 16)),
     "vit": (VisionTransformer, (3, 16, 16)),
     "mlp_ln": (MLP, (3, 8, 8)),
+    "resmlp": (ResMLP, (3, 8, 8)),
     "branches": (BranchNet, (3, 16, 16)),
 }

@@ -148,11 +148,13 @@ def test_the_closed_form_refuses_a_layernorm_it_does_not_fit_and_alignment_accep
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), *middle,
                                    torch.nn.Linear(16, 10)).eval()
 
-    # residual blocks are fitted one layer at a time, a LayerNorm over a Linear's outputs with it;
-    # a LayerNorm after the activation (read by the next Linear) is not fitted
+    # residual blocks are fitted one layer at a time, a LayerNorm over a Linear's outputs with it,
+    # one read by a Linear folded into it; one between two activations is not fitted
     post = neurofuse.levels_from(mlp(torch.nn.LayerNorm(16), torch.nn.ReLU()), input_shape=(1, 8, 8))
-    after = neurofuse.levels_from(mlp(torch.nn.ReLU(), torch.nn.LayerNorm(16)), input_shape=(1, 8, 8))
-    for net, closed_form in ((_tiny_resnet(0, digits), True), (post, True), (after, False)):
+    pre = neurofuse.levels_from(mlp(torch.nn.ReLU(), torch.nn.LayerNorm(16)), input_shape=(1, 8, 8))
+    between = neurofuse.levels_from(mlp(torch.nn.ReLU(), torch.nn.LayerNorm(16), torch.nn.GELU()),
+                                    input_shape=(1, 8, 8))
+    for net, closed_form in ((_tiny_resnet(0, digits), True), (post, True), (pre, True), (between, False)):
         linear = [get_method("kf-linear").check_level(net, i) for i in range(net.num_levels)]
         aligned = [get_method("otfusion").check_level(net, i) for i in range(net.num_levels)]
         assert not any(aligned)

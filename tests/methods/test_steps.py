@@ -255,3 +255,56 @@ def test_the_layernorm_of_a_step_is_fitted_to_its_groups_outputs():
             t += 0.05
             assert error() > best
             t -= 0.05
+
+
+class PreNormMLP(nn.Module):
+    """A stem, two pre-norm residual MLP blocks ``x + fc2(gelu(fc1(LayerNorm(x))))`` and a head
+    ``[LayerNorm, Linear]``: every LayerNorm is read by a Linear."""
+
+    def __init__(self, width: int = 12, hidden: int = 20):
+        super().__init__()
+        self.stem = nn.Linear(48, width)
+        self.lns = nn.ModuleList([nn.LayerNorm(width) for _ in range(3)])
+        self.fc1 = nn.ModuleList([nn.Linear(width, hidden) for _ in range(2)])
+        self.fc2 = nn.ModuleList([nn.Linear(hidden, width) for _ in range(2)])
+        self.head = nn.Linear(width, 10)
+        with torch.no_grad():
+            for ln in self.lns:
+                ln.weight.uniform_(0.5, 1.5)
+                ln.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        h = self.stem(x.flatten(1))
+        for ln, fc1, fc2 in zip(self.lns, self.fc1, self.fc2):
+            h = h + fc2(torch.nn.functional.gelu(fc1(ln(h))))
+        return self.head(self.lns[2](h))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_layernorm_read_by_a_linear_is_folded_and_a_permuted_copy_comes_back(method):
+    """Pre-norm residual MLP blocks: the closed form fits each first Linear on the normalised
+    input (the LayerNorm's affine folded into it, the LayerNorm left at weight 1, bias 0)."""
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(5)
+    net = _net(PreNormMLP().eval(), (3, 4, 4))
+    twin = permute_spaces(net, seed=3)
+    x, y = _data(200, (3, 4, 4))
+    x_test, _ = _data(32, (3, 4, 4), seed=5)
+    assert (twin(x_test) - net(x_test)).abs().max() < 1e-5
+    result = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, return_result=True)
+    assert [s["kind"] for s in result.report[1]["steps"]] == ["new", "residual"]
+    with torch.no_grad():
+        assert (result.model(x_test) - net(x_test)).abs().max() < 1e-4
+    norms = [m for m in result.model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 3 and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+
+
+def test_a_layernorm_with_bias_read_by_a_linear_without_is_refused():
+    from neurofuse.levels import closed_form_steps
+
+    with pytest.raises(IncompatibleModelsError, match="LayerNorm"):
+        closed_form_steps(nn.Sequential(nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 6, bias=False)), 1)
+    _, steps = closed_form_steps(nn.Sequential(nn.ReLU(), nn.LayerNorm(8), nn.Dropout(), nn.Linear(8, 6)), 1)
+    assert [(s.kind, s.pre_norm) for s in steps] == [("new", "1")]

@@ -19,7 +19,11 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
 A ``Linear`` followed by a ``LayerNorm`` over its outputs (outside a residual block) is one step
 with a *norm*: LayerNorm removes each row's mean and scale, so the layer is fitted to the base
 models' normalised pre-activations and the LayerNorm's weight and bias per neuron afterwards
-(:func:`neurofuse.methods._steps.fit_level_in_steps`).
+(:func:`neurofuse.methods._steps.fit_level_in_steps`).  A ``LayerNorm`` over the inputs of a
+path's first ``Linear`` (parameter-free ops before it, dropout-like identities between them: the
+level ``[ReLU, LayerNorm, Linear]``, a pre-norm residual branch) is that step's *pre-norm*: its
+affine is folded into the ``Linear`` (:math:`W \operatorname{diag}\gamma`, :math:`b + W\beta`),
+which is fitted on the normalised input, the LayerNorm left with weight 1 and bias 0.
 
 A path may end in dropout-like identities, in an element-wise activation (not in a residual
 block, whose sum comes after: a concatenation branch ending in its ReLU, as torchvision's Inception)
@@ -66,6 +70,8 @@ class Step:
         For ``"residual"``: the module whose output (the fused shortcut) is added.
     norm : str or None
         The ``LayerNorm`` right after the (one) layer, normalising its outputs, if any.
+    pre_norm : str or None
+        The ``LayerNorm`` right before the (one) layer, normalising its inputs, if any.
     """
 
     kind: str
@@ -75,6 +81,7 @@ class Step:
     part: Optional[int] = None
     residual: Optional[str] = None
     norm: Optional[str] = None
+    pre_norm: Optional[str] = None
 
 
 def _conv_reason(m: nn.Module) -> Optional[str]:
@@ -87,6 +94,25 @@ def _row_norm(end: nn.Module, nxt: Optional[nn.Module]) -> bool:
     """Whether ``nxt`` is a LayerNorm over exactly the outputs of the Linear ``end``."""
     return (isinstance(end, nn.Linear) and isinstance(nxt, nn.LayerNorm)
             and tuple(nxt.normalized_shape) == (end.out_features,))
+
+
+def _pre_norm(kids: List[nn.Module], first: int) -> Optional[int]:
+    """The index of a LayerNorm over the inputs of the Linear ``kids[first]`` that reads it (only
+    dropout-like identities between them, only parameter-free modules before it), if any."""
+    if not isinstance(kids[first], nn.Linear):
+        return None
+    before = [i for i in range(first) if not _is_eval_identity(kids[i])]
+    if not before:
+        return None
+    i = before[-1]
+    ln = kids[i]
+    if not (isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (kids[first].in_features,)):
+        return None
+    if getattr(ln, "bias", None) is not None and kids[first].bias is None:
+        return None    # the LayerNorm's bias would need the layer's, which it has not
+    if any(any(True for _ in k.parameters()) for k in kids[:i]):
+        return None
+    return i
 
 
 def closed_form_steps(level: nn.Module, index: int, last: bool = False
@@ -112,6 +138,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     block = hasattr(level, "shortcut")
     paths = level_paths(level)
     norms = {}     # path -> name of the LayerNorm over its last layer's outputs
+    pre_norms = {}  # first layer of a path -> name of the LayerNorm over its inputs
     last_of = {}   # path -> (its children's names, the children, the index of its last affine one)
     for name, root, _ in paths:
         kids = list(root.children()) if isinstance(root, nn.Sequential) else [root]
@@ -124,10 +151,13 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         after = [i for i in range(pos[-1] + 1, len(kids)) if not _is_eval_identity(kids[i])]
         if not block and after and _row_norm(kids[pos[-1]], kids[after[0]]):
             norms[name] = names[after[0]]
+        pre = _pre_norm(kids, pos[0])
+        if pre is not None:
+            pre_norms[names[pos[0]]] = names[pre]
     for key, _, _, kind in layout.tensors:
         name = key.rpartition(".")[0]
         m = modules[name]
-        if not isinstance(m, _AFFINE) and name not in norms.values():
+        if not isinstance(m, _AFFINE) and name not in norms.values() and name not in pre_norms.values():
             raise IncompatibleModelsError(
                 f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
                 "Linear/Conv2d (only a BatchNorm right after one is, or a LayerNorm over a Linear's "
@@ -176,11 +206,18 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         if kind == "depthwise":
             steps.append(Step("depthwise", s0, (mod,), (s0,), part))
         else:
-            steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(path) if ends else None))
+            steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(path) if ends else None,
+                              pre_norm=pre_norms.get(mod)))
     if final:
         ins = tuple(spec[m][1] for m in final)
+        pre = [pre_norms[m] for m in final if m in pre_norms]
+        if pre and len(final) > 1:
+            raise IncompatibleModelsError(
+                f"its LayerNorm ({pre[0]}) reads the input of a layer whose sum with the shortcut's "
+                "projection is fitted together, which the closed form does not fold")
+        pre_norm = pre[0] if pre else None
         if layout.tied:
-            steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut"))
+            steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut", pre_norm=pre_norm))
         else:
-            steps.append(Step("new", "out", tuple(final), ins, -1))
+            steps.append(Step("new", "out", tuple(final), ins, -1, pre_norm=pre_norm))
     return layout, steps

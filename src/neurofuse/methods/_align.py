@@ -70,8 +70,9 @@ class LayoutAlignment:
 LevelMaps = List[SpaceMaps]
 
 #: why the merges that are no permutation (ZipIt!, CCA Merge) do not align a transformer level
-NOT_PERMUTATION_IN_TRANSFORMER = ("{what} is no permutation, so the LayerNorms over the residual stream "
-                                  "do not commute with it, and the paper gives no rule for attention heads")
+NOT_PERMUTATION_IN_TRANSFORMER = ("the paper gives no rule for attention heads: {what} would mix neurons of "
+                                  "different heads, and a head's queries and keys need maps that keep "
+                                  "their products")
 
 
 def input_part_maps(maps: Sequence[Sequence[SpaceMaps]], models: Sequence[int], lvl: int, width: int,

@@ -18,6 +18,10 @@ fusion set from the fused model's own values just before the layer:
   its block output minus the fused shortcut, :math:`a_j - s_{c(j)}`, so that the fused block
   output :math:`s_c + X w_c` is the projection of the weighted centre of its group's outputs.
 
+A step whose ``Linear`` reads a ``LayerNorm`` of its inputs (a *pre-norm*) is fitted on the
+normalised input: the fused LayerNorm gets weight 1 and bias 0, and every base layer's prior is its
+weights with its own LayerNorm's affine folded in.
+
 A step whose ``Linear`` is followed by a ``LayerNorm`` over its outputs (a step with a *norm*)
 is fitted in two passes.  LayerNorm maps a row :math:`z` to :math:`\gamma \odot (z - \mu(z)) /
 \sigma(z) + \beta` and ignores each row's shift and scale, so the layer is fitted to the base
@@ -162,6 +166,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
             res_labels = torch.from_numpy(np.concatenate(groups["in"][0])).to(method.device)
     bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
     spread = RowScale()
+    if step.pre_norm:   # the layer is fitted on the normalised input: the LayerNorm's affine is folded
+        _identity_affine(flv.get_submodule(step.pre_norm))
     with torch.no_grad():
         for b in stream:
             _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod)
@@ -217,6 +223,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     if opts.prior:
         priors = []
         for i, bm in enumerate(bmods):
+            if step.pre_norm:
+                bm = [_fold_pre_norm(bm[0], models[i].levels[level].get_submodule(step.pre_norm))]
             cols = [aligned_prior(mod, torch.from_numpy(g[0][i]), g[1]) for mod, g in zip(bm, in_groups)]
             if any(c is None for c in cols):
                 priors = []
@@ -255,6 +263,29 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         info["norm"] = step.norm
         info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
     return info
+
+
+def _identity_affine(norm: nn.LayerNorm) -> None:
+    """Weight 1 and bias 0 (its affine folded into the layer that reads it)."""
+    with torch.no_grad():
+        if norm.weight is not None:
+            norm.weight.fill_(1.0)
+        if norm.bias is not None:
+            norm.bias.zero_()
+
+
+def _fold_pre_norm(linear: nn.Linear, norm: nn.LayerNorm) -> nn.Linear:
+    r"""A copy of ``linear`` with the affine of the LayerNorm it reads folded in:
+    :math:`W \operatorname{diag}\gamma` and :math:`b + W\beta`."""
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                       device=linear.weight.device, dtype=torch.float64)
+    with torch.no_grad():
+        w = linear.weight.detach().double()
+        folded.weight.copy_(w if norm.weight is None else w * norm.weight.detach().double()[None, :])
+        if linear.bias is not None:
+            b = linear.bias.detach().double()
+            folded.bias.copy_(b if norm.bias is None else b + w @ norm.bias.detach().double())
+    return folded
 
 
 def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
