@@ -39,6 +39,14 @@ def test_scaling_the_targets_after_the_pass_equals_scaling_them_before(rows):
     assert torch.allclose(s_after.residual, s_before.residual, atol=1e-10)
 
 
+def test_a_linear_on_tokens_has_one_design_row_per_token():
+    layer = nn.Linear(5, 3)
+    u = torch.randn(4, 6, 5)
+    x = design_matrix(layer, u)
+    assert x.shape == (24, 6)
+    assert torch.allclose(x[:, :5] @ layer.weight.T + layer.bias, layer(u).reshape(24, 3).detach(), atol=1e-6)
+
+
 def test_features_preserve_distances_between_projected_neurons():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(100, 6, generator=g, dtype=torch.float64)

@@ -280,10 +280,13 @@ class PreNormMLP(nn.Module):
         return self.head(self.lns[2](h))
 
 
+@pytest.mark.parametrize("ridge", ["auto", 1e3])
 @pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
-def test_a_layernorm_read_by_a_linear_is_folded_and_a_permuted_copy_comes_back(method):
+def test_a_layernorm_read_by_a_linear_is_folded_and_a_permuted_copy_comes_back(method, ridge):
     """Pre-norm residual MLP blocks: the closed form fits each first Linear on the normalised
-    input (the LayerNorm's affine folded into it, the LayerNorm left at weight 1, bias 0)."""
+    input (the LayerNorm's affine folded into it, the LayerNorm left at weight 1, bias 0).  With a
+    large penalty the fit stays at its prior, so the base layers' priors must hold their own
+    LayerNorm's affine too."""
     from neurofuse.testing import permute_spaces
 
     torch.manual_seed(5)
@@ -292,7 +295,7 @@ def test_a_layernorm_read_by_a_linear_is_folded_and_a_permuted_copy_comes_back(m
     x, y = _data(200, (3, 4, 4))
     x_test, _ = _data(32, (3, 4, 4), seed=5)
     assert (twin(x_test) - net(x_test)).abs().max() < 1e-5
-    result = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, return_result=True)
+    result = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, return_result=True, ridge=ridge)
     assert [s["kind"] for s in result.report[1]["steps"]] == ["new", "residual"]
     with torch.no_grad():
         assert (result.model(x_test) - net(x_test)).abs().max() < 1e-4
@@ -304,7 +307,46 @@ def test_a_layernorm_read_by_a_linear_is_folded_and_a_permuted_copy_comes_back(m
 def test_a_layernorm_with_bias_read_by_a_linear_without_is_refused():
     from neurofuse.levels import closed_form_steps
 
-    with pytest.raises(IncompatibleModelsError, match="LayerNorm"):
+    with pytest.raises(IncompatibleModelsError, match="LayerNorm .*has a bias where the LayerNorm has one"):
         closed_form_steps(nn.Sequential(nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 6, bias=False)), 1)
     _, steps = closed_form_steps(nn.Sequential(nn.ReLU(), nn.LayerNorm(8), nn.Dropout(), nn.Linear(8, 6)), 1)
     assert [(s.kind, s.pre_norm) for s in steps] == [("new", "1")]
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer's channel mixing on tokens ``[B, T, C]``: a token embedding, pre-norm residual
+    MLP blocks applied to every token, a LayerNorm, the mean over tokens, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.norms = nn.ModuleList([nn.LayerNorm(16) for _ in range(3)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(2)])
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            for ln in self.norms:
+                ln.weight.uniform_(0.5, 1.5)
+                ln.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for norm, mlp in zip(self.norms, self.mlps):
+            h = h + mlp(norm(h))
+        return self.head(self.norms[2](h).mean(1))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_linear_layers_on_tokens_are_fitted_token_by_token(method):
+    """A Linear on ``[B, T, C]`` maps every token: its design has one row per token (it used to
+    have one per sample, every token's inputs side by side, and the fit stopped on a row count)."""
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(2)
+    net = neurofuse.levels_from(TokenMixer().eval(), input_shape=(4, 12))
+    assert net.axes[0] == "token"
+    twin = permute_spaces(net, seed=4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 4, 12, generator=g), torch.randint(0, 10, (120,), generator=g)
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x) - net(x)).abs().max() < 1e-4

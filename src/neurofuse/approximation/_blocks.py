@@ -110,7 +110,7 @@ class RowScale(AdditiveStats):
         self._add(s1=sig.sum(0), s2=(sig * sig).sum(0))
 
     def inverse(self) -> Tensor:
-        """``[models]`` the constants :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`."""
+        r"""``[models]`` the constants :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`."""
         return self.s1 / self.s2.clamp_min(1e-300)
 
 

@@ -34,16 +34,18 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..stats import AdditiveStats, row_chunks
 from ._ridge import PENALTY_GRID, FitDiagnostics, gcv_curve
 
-__all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix"]
+__all__ = ["LinearSolution", "LinearStats", "aligned_prior", "assign_affine", "design_matrix", "fold_layernorm",
+           "reset_layernorm"]
 
 
 @phase("statistics")
 def design_matrix(affine: nn.Module, u: Tensor) -> Tensor:
     """Rows of inputs that ``affine`` (Linear or Conv2d) maps to its output rows, with a ones
     column appended when it has a bias.  Conv rows are ordered (sample, h, w), as
-    :func:`neurofuse.levels.flatten_neurons` orders output rows."""
+    :func:`neurofuse.levels.flatten_neurons` orders output rows; a Linear maps the last axis, so
+    on tokens ``[B, T, C]`` every token is a row (sample, token)."""
     if isinstance(affine, nn.Linear):
-        x = u.reshape(u.shape[0], -1)
+        x = u.reshape(-1, u.shape[-1])
     elif isinstance(affine, nn.Conv2d):
         if affine.groups != 1 or affine.padding_mode != "zeros" or isinstance(affine.padding, str):
             raise IncompatibleModelsError(
@@ -68,6 +70,29 @@ def assign_affine(affine: nn.Module, w: Tensor) -> None:
             affine.bias.copy_(wt[:, -1])
             wt = wt[:, :-1]
         affine.weight.copy_(wt.reshape(affine.weight.shape))
+
+
+def fold_layernorm(weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+                   beta: Optional[Tensor]) -> "tuple[Tensor, Tensor]":
+    r"""A layer ``(weight [out, in], bias [out] or None)`` that reads a LayerNorm of affine
+    ``(gamma, beta)`` (either ``None``: absent), as one layer on the normalised input (float64):
+    :math:`W \operatorname{diag}\gamma` and :math:`b + W\beta` (``b`` 0 without a bias)."""
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else bias.detach().double()
+    if beta is not None:
+        b = b + w @ beta.detach().double()
+    if gamma is not None:
+        w = w * gamma.detach().double()[None, :]
+    return w, b
+
+
+def reset_layernorm(gamma: Optional[Tensor], beta: Optional[Tensor]) -> None:
+    """A LayerNorm's affine after it was folded into the layers that read it: weight 1, bias 0."""
+    with torch.no_grad():
+        if gamma is not None:
+            gamma.fill_(1.0)
+        if beta is not None:
+            beta.zero_()
 
 
 def aligned_prior(affine: nn.Module, assign: "Tensor | None", k_prev: int) -> Tensor | None:

@@ -126,7 +126,8 @@ def check_one_pass(fusion: Any, fused: Any) -> None:
     if stepped:
         raise ConfigError(
             f"level {stepped[0]} of these models is fitted one layer at a time (a residual block, a "
-            "depthwise convolution, a concatenation, a LayerNorm after a Linear or a transformer "
+            "depthwise convolution, a concatenation, a LayerNorm after or before a Linear, or a "
+            "transformer "
             "block), which one round of level "
             "statistics per level does not carry; fuse them where the fusion data is, or aggregate "
             "with 'fedavg'")

@@ -160,8 +160,9 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         if not isinstance(m, _AFFINE) and name not in norms.values() and name not in pre_norms.values():
             raise IncompatibleModelsError(
                 f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
-                "Linear/Conv2d (only a BatchNorm right after one is, or a LayerNorm over a Linear's "
-                "outputs outside a residual block), so the level is not affine in its parameters")
+                "Linear/Conv2d (only a BatchNorm right after one is, a LayerNorm over a Linear's "
+                "outputs outside a residual block, or a LayerNorm read by a path's first Linear that "
+                "has a bias where the LayerNorm has one), so the level is not affine in its parameters")
         why = _conv_reason(m)
         if why:
             raise IncompatibleModelsError(why)
@@ -213,8 +214,8 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         pre = [pre_norms[m] for m in final if m in pre_norms]
         if pre and len(final) > 1:
             raise IncompatibleModelsError(
-                f"its LayerNorm ({pre[0]}) reads the input of a layer whose sum with the shortcut's "
-                "projection is fitted together, which the closed form does not fold")
+                f"its LayerNorm ({pre[0]}) is read by one of the two layers of a projection block, "
+                "which are fitted together, so the closed form does not fold it")
         pre_norm = pre[0] if pre else None
         if layout.tied:
             steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut", pre_norm=pre_norm))

@@ -65,7 +65,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .._loop import run_epochs
-from ..approximation import GramStats, LinearStats, NeuronRegression, TokenSums
+from ..approximation import (GramStats, LinearStats, NeuronRegression, TokenSums, fold_layernorm,
+                             reset_layernorm)
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping
 from ..importance import normalize_scores
@@ -230,13 +231,9 @@ def _write_proj(level: nn.Module, p: Proj, w: Tensor, bias: bool, row0: int = 0)
 
 def _identity_norm(level: nn.Module, norm: Optional[Norm]) -> None:
     """A LayerNorm whose affine was folded into the layers it feeds: weight 1, bias 0."""
-    if norm is None:
-        return
-    with torch.no_grad():
-        if norm.weight:
-            tensor_of(level, norm.weight).fill_(1.0)
-        if norm.bias:
-            tensor_of(level, norm.bias).zero_()
+    if norm is not None:
+        reset_layernorm(tensor_of(level, norm.weight) if norm.weight else None,
+                        tensor_of(level, norm.bias) if norm.bias else None)
 
 
 def _getter(level: nn.Module):  # type: ignore[no-untyped-def]
@@ -254,14 +251,10 @@ def _prior(level: nn.Module, p: Proj, labels: Optional[Tensor], k_in: int, norm:
     LayerNorm ``norm`` it reads folded in (:math:`W\operatorname{diag}\gamma`,
     :math:`b + W\beta`), and its input neuron :math:`j` added to fused input ``labels[j]`` (the
     convention of :func:`neurofuse.approximation.aligned_prior`); the bias last when ``bias``."""
-    w = p.matrix(tensor_of(level, p.weight)).detach().double()
-    b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if p.bias is None else \
-        p.rows(tensor_of(level, p.bias)).detach().double()
-    if norm is not None:
-        if norm.bias:
-            b = b + w @ tensor_of(level, norm.bias).detach().double()
-        if norm.weight:
-            w = w * tensor_of(level, norm.weight).detach().double()[None, :]
+    w, b = fold_layernorm(p.matrix(tensor_of(level, p.weight)),
+                          None if p.bias is None else p.rows(tensor_of(level, p.bias)),
+                          tensor_of(level, norm.weight) if norm is not None and norm.weight else None,
+                          tensor_of(level, norm.bias) if norm is not None and norm.bias else None)
     if labels is not None:
         w = torch.zeros(w.shape[0], k_in, dtype=w.dtype, device=w.device).index_add_(1, labels.to(w.device), w)
     if bias:

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..approximation import (DepthwiseStats, LinearStats, NeuronRegression, RowScale, aligned_prior,
-                             assign_affine, depthwise_design, design_matrix, group_means)
+                             assign_affine, depthwise_design, design_matrix, fold_layernorm, group_means,
+                             reset_layernorm)
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping, centroids, identity_grouping
 from ..levels import LeveledNet, LevelStream, Step, closed_form_steps, flatten_neurons
@@ -167,7 +168,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
     spread = RowScale()
     if step.pre_norm:   # the layer is fitted on the normalised input: the LayerNorm's affine is folded
-        _identity_affine(flv.get_submodule(step.pre_norm))
+        pre = flv.get_submodule(step.pre_norm)
+        reset_layernorm(pre.weight, pre.bias)
     with torch.no_grad():
         for b in stream:
             _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod)
@@ -186,7 +188,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 continue
             if step.kind == "residual":
                 a = a - _flat(res[0])[:, res_labels]
-            stats.update(torch.cat([_design(f, u) for f, u in zip(fmods, ins)], dim=1), a)
+            stats.update(torch.cat([design_matrix(f, u) for f, u in zip(fmods, ins)], dim=1), a)
     stats = method.reduce(stats)
     widths = [int(bm[0].weight.shape[0]) for bm in bmods]
     scale = None
@@ -223,8 +225,8 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     if opts.prior:
         priors = []
         for i, bm in enumerate(bmods):
-            if step.pre_norm:
-                bm = [_fold_pre_norm(bm[0], models[i].levels[level].get_submodule(step.pre_norm))]
+            if step.pre_norm:   # one layer (closed_form_steps refuses a pre-norm of two fitted together)
+                bm = [_Folded(bm[0], models[i].levels[level].get_submodule(step.pre_norm))]
             cols = [aligned_prior(mod, torch.from_numpy(g[0][i]), g[1]) for mod, g in zip(bm, in_groups)]
             if any(c is None for c in cols):
                 priors = []
@@ -265,27 +267,15 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     return info
 
 
-def _identity_affine(norm: nn.LayerNorm) -> None:
-    """Weight 1 and bias 0 (its affine folded into the layer that reads it)."""
-    with torch.no_grad():
-        if norm.weight is not None:
-            norm.weight.fill_(1.0)
-        if norm.bias is not None:
-            norm.bias.zero_()
+class _Folded(nn.Module):
+    """What :func:`~neurofuse.approximation.aligned_prior` reads of a layer (``weight``, ``bias``):
+    a Linear with the affine of the LayerNorm it reads folded in
+    (:func:`~neurofuse.approximation.fold_layernorm`)."""
 
-
-def _fold_pre_norm(linear: nn.Linear, norm: nn.LayerNorm) -> nn.Linear:
-    r"""A copy of ``linear`` with the affine of the LayerNorm it reads folded in:
-    :math:`W \operatorname{diag}\gamma` and :math:`b + W\beta`."""
-    folded = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       device=linear.weight.device, dtype=torch.float64)
-    with torch.no_grad():
-        w = linear.weight.detach().double()
-        folded.weight.copy_(w if norm.weight is None else w * norm.weight.detach().double()[None, :])
-        if linear.bias is not None:
-            b = linear.bias.detach().double()
-            folded.bias.copy_(b if norm.bias is None else b + w @ norm.bias.detach().double())
-    return folded
+    def __init__(self, linear: nn.Linear, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.weight, bias = fold_layernorm(linear.weight, linear.bias, norm.weight, norm.bias)
+        self.bias = bias if linear.bias is not None else None
 
 
 def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
@@ -316,14 +306,6 @@ def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module,
         if fln.bias is not None:
             fln.bias.copy_(beta.to(fln.bias))
     return reg.relative_error(gamma, beta)
-
-
-def _design(layer: nn.Module, u: Tensor) -> Tensor:
-    """Design rows of ``layer`` on its input ``u``; a Linear on tokens ``[B, T, C]`` maps every
-    token (row) alone."""
-    if isinstance(layer, nn.Linear) and u.dim() > 2:
-        u = u.reshape(-1, u.shape[-1])
-    return design_matrix(layer, u)
 
 
 def _dw_prior(conv: nn.Conv2d) -> Tensor:
