@@ -162,3 +162,49 @@ def test_a_concatenation_is_merged_part_by_part_for_different_models(method):
         block = matrix[:, k * width:(k + 1) * width]
         assert np.abs(block[:first, first:]).sum() == 0 and np.abs(block[first:, :first]).sum() == 0
         assert np.abs(block[:first, :first]).sum() > 0 and np.abs(block[first:, first:]).sum() > 0
+
+
+class GroupNormNet(torch.nn.Module):
+    """A stem and a residual block of convolutions each followed by ``GroupNorm(groups(C), C)``."""
+
+    def __init__(self, groups):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.gn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
+        self.conv1, self.gn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
+        self.conv2, self.gn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            for m in (self.gn, self.gn1, self.gn2):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        relu = torch.relu
+        h = relu(self.gn(self.stem(x)))
+        h = relu(h + self.gn2(self.conv2(relu(self.gn1(self.conv1(h))))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "weight-matching", "zipit", "regmean-aligned"])
+@pytest.mark.parametrize("groups", ["one", "per-channel"])
+def test_a_groupnorm_that_commutes_with_permutations_is_aligned(groups, method):
+    """``GroupNorm(1, C)`` (every channel together) and ``GroupNorm(C, C)`` (each alone) commute
+    with any permutation of the channels: their weight and bias follow the channels."""
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(GroupNormNet((lambda c: 1) if groups == "one" else (lambda c: c)).eval(),
+                                input_shape=(3, 8, 8))
+    twin = permute_spaces(net, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
+    differ = [k for k, v in twin.state_dict().items() if v.dim() == 1 and not torch.equal(v, net.state_dict()[k])]
+    assert len(differ) >= 4                      # GroupNorm weights and biases moved with the channels
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
+
+
+def test_a_groupnorm_of_several_channels_per_group_is_refused_with_its_groups():
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
+    reason = get_method("otfusion").check_level(net, 0)
+    assert reason and "GroupNorm(2, 8)" in reason and "groups of 4 channels" in reason

@@ -80,6 +80,13 @@ __all__ = [
 
 _AFFINE = (nn.Linear, nn.Conv2d)
 _CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def _permutes_with_channels(m: nn.Module) -> bool:
+    """A per-channel normalisation, or a ``GroupNorm`` of one group (every channel together, as a
+    LayerNorm) or of one channel per group (each alone): any permutation of the channels commutes
+    with it, its weight and bias following the channels."""
+    return isinstance(m, _CHANNEL) or (isinstance(m, nn.GroupNorm) and m.num_groups in (1, m.num_channels))
 #: element-wise non-linearities a level may start with (used for post-activation matching)
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SiLU)
 
@@ -271,7 +278,13 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 continue
             own = _own_tensors(m)
             if own:
-                if not isinstance(m, _CHANNEL):
+                if isinstance(m, nn.GroupNorm) and not _permutes_with_channels(m):
+                    raise IncompatibleModelsError(
+                        f"level {index} has GroupNorm({m.num_groups}, {m.num_channels}) ({name}), which "
+                        f"normalises groups of {m.num_channels // m.num_groups} channels together: a map "
+                        f"of its channels would have to keep every group together; {method!r} does not "
+                        "(use 'kf-gradient')")
+                if not _permutes_with_channels(m):
                     raise IncompatibleModelsError(
                         f"level {index} holds a {type(m).__name__} with parameters; {method!r} aligns "
                         "only Linear/Conv2d layers and per-channel normalisations (use 'kf-gradient' "
