@@ -167,17 +167,18 @@ def test_a_concatenation_is_merged_part_by_part_for_different_models(method):
 class GroupNormNet(torch.nn.Module):
     """A stem and a residual block of convolutions each followed by ``GroupNorm(groups(C), C)``."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, width: int = 8, affine: bool = True):
         super().__init__()
-        nn = torch.nn
-        self.stem, self.gn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
-        self.conv1, self.gn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
-        self.conv2, self.gn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(groups(8), 8)
-        self.fc = nn.Linear(8, 10)
-        with torch.no_grad():
-            for m in (self.gn, self.gn1, self.gn2):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.3)
+        nn, c = torch.nn, width
+        self.stem, self.gn = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.GroupNorm(groups(c), c, affine=affine)
+        self.conv1, self.gn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(groups(c), c, affine=affine)
+        self.conv2, self.gn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(groups(c), c, affine=affine)
+        self.fc = nn.Linear(c, 10)
+        if affine:
+            with torch.no_grad():
+                for m in (self.gn, self.gn1, self.gn2):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.3)
 
     def forward(self, x):
         relu = torch.relu
@@ -204,7 +205,29 @@ def test_a_groupnorm_that_commutes_with_permutations_is_aligned(groups, method):
     assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
 
 
-def test_a_groupnorm_of_several_channels_per_group_is_refused_with_its_groups():
-    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_groupnorm_of_several_channels_per_group_is_refused_with_its_groups(affine):
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2, affine=affine).eval(), input_shape=(3, 8, 8))
     reason = get_method("otfusion").check_level(net, 0)
     assert reason and "GroupNorm(2, 8)" in reason and "groups of 4 channels" in reason
+
+
+@pytest.mark.parametrize("norm", ["groupnorm-one", "groupnorm-per-channel", "layernorm", "prenorm"])
+def test_otfusion_runs_a_width_bound_normalisation_at_the_anchors_width(norm):
+    """Models of different widths: an aligned level runs with its GroupNorms and LayerNorms sized
+    as their aligned weights (model k's own would not take the anchor's channels; it used to stop
+    with a raw torch error)."""
+    from ..levels.user_models import MLP, ResMLP
+
+    make = {"groupnorm-one": lambda w: GroupNormNet(lambda c: 1, w),
+            "groupnorm-per-channel": lambda w: GroupNormNet(lambda c: c, w),
+            "layernorm": lambda w: MLP(192, (w, w), 10), "prenorm": lambda w: ResMLP(192, w, 2 * w)}[norm]
+    nets = []
+    for seed, width in ((0, 8), (1, 12)):
+        torch.manual_seed(seed)
+        nets.append(neurofuse.levels_from(make(width).eval(), input_shape=(3, 8, 8)))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    fused = neurofuse.fuse(nets, (x, y), method="otfusion", progress=False)
+    assert fused.level_widths()[:-1] == nets[0].level_widths()[:-1]
+    assert torch.isfinite(predict_logits(fused, x)).all()

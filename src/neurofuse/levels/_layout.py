@@ -196,8 +196,9 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     ``cat([b(f(x)) for b in branches])`` as :class:`neurofuse.levels.AutoConcat`), each branch,
     whose output is one *part* of the level output (``"out0"``, ``"out1"``, ...; ``"in"`` for a
     branch without a layer of its own that opens a space).  A path holds ``Linear`` / ungrouped
-    ``Conv2d`` layers, depthwise convolutions, per-channel normalisations (``BatchNorm1d/2d``,
-    ``LayerNorm`` over the neurons) and parameter-free modules.  Its first layer that opens a space
+    ``Conv2d`` layers, depthwise convolutions, normalisations that commute with a permutation of
+    the channels (``BatchNorm1d/2d``, ``LayerNorm`` over the neurons, ``GroupNorm`` of one group or
+    of one channel per group) and parameter-free modules.  Its first layer that opens a space
     reads the level input, its last writes the level output (or its part) and each inner one opens
     an internal space; a depthwise convolution (:func:`is_depthwise`) and a normalisation stay in
     the space they read, so a chain of depthwise layers only is *tied*: its output is its input.
@@ -277,13 +278,13 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 current = out_space
                 continue
             own = _own_tensors(m)
+            if isinstance(m, nn.GroupNorm) and not _permutes_with_channels(m):   # with or without affine
+                raise IncompatibleModelsError(
+                    f"level {index} has GroupNorm({m.num_groups}, {m.num_channels}) ('{name}'), which "
+                    f"normalises groups of {m.num_channels // m.num_groups} channels together: a map "
+                    f"of its channels would have to keep every group together; {method!r} does not "
+                    "(use 'kf-gradient')")
             if own:
-                if isinstance(m, nn.GroupNorm) and not _permutes_with_channels(m):
-                    raise IncompatibleModelsError(
-                        f"level {index} has GroupNorm({m.num_groups}, {m.num_channels}) ({name}), which "
-                        f"normalises groups of {m.num_channels // m.num_groups} channels together: a map "
-                        f"of its channels would have to keep every group together; {method!r} does not "
-                        "(use 'kf-gradient')")
                 if not _permutes_with_channels(m):
                     raise IncompatibleModelsError(
                         f"level {index} holds a {type(m).__name__} with parameters; {method!r} aligns "

@@ -7,6 +7,7 @@ The alignment machinery (level layouts, neuron maps, residual streams) lives in
 
 from __future__ import annotations
 
+
 import dataclasses
 import logging
 import warnings
@@ -107,11 +108,45 @@ def _ends_affine(level: nn.Module) -> bool:
 def _aligned(level: nn.Module, params: Dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
     """``level`` run with the aligned ``params``: a transformer level through its stages, which
     take the anchor's widths where the level's own modules fix theirs (a LayerNorm's
-    ``normalized_shape``, a packed ``qkv``'s rows; :meth:`TransformerSpec.resized`)."""
+    ``normalized_shape``, a packed ``qkv``'s rows; :meth:`TransformerSpec.resized`); another level
+    through its own modules, its LayerNorms and GroupNorms sized as their aligned weights
+    (:func:`_resized_norms`)."""
     spec = describe_transformer(level)
     if spec is not None:
         return lambda h: spec.forward(level, h, params)
-    return lambda h: functional_call(level, params, (h,))
+    return _resized_norms(level, params)
+
+
+def _resized_norms(level: nn.Module, params: Dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """``level(h)`` with ``params``, its LayerNorms and GroupNorms sized as their aligned weights
+    while it runs (models of different widths: a normalisation fixes its size, and an aligned
+    level mixes the anchor's widths with its own while it is aligned).  The modules are resized in
+    place and restored after each call, so hooks on them still see it run."""
+    resize = []
+    for name, m in level.named_modules():
+        w = params.get(f"{name}.weight" if name else "weight")
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and w is not None and m.weight is not None \
+                and w.shape != m.weight.shape:
+            n = int(w.shape[0])
+            if isinstance(m, nn.LayerNorm):
+                resize.append((m, {"normalized_shape": (n,)}))
+            else:   # one group stays one group, one channel per group stays so
+                resize.append((m, {"num_channels": n,
+                                   "num_groups": n if m.num_groups == m.num_channels else m.num_groups}))
+
+    def run(h: Tensor) -> Tensor:
+        saved = [(m, {a: getattr(m, a) for a in attrs}) for m, attrs in resize]
+        try:
+            for m, attrs in resize:
+                for a, v in attrs.items():
+                    setattr(m, a, v)
+            return functional_call(level, params, (h,))
+        finally:
+            for m, attrs in saved:
+                for a, v in attrs.items():
+                    setattr(m, a, v)
+
+    return run
 
 
 def _map_outputs(m: NeuronMap, axis: str) -> Callable[[Tensor], Tensor]:
