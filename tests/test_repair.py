@@ -129,6 +129,37 @@ def test_rescaled_neurons_get_the_base_statistics(models, fs, digits):
     assert acc[1] > acc[0], acc
 
 
+class NormNet(LeveledNet):
+    """Levels ending in a LayerNorm or a GroupNorm over their neurons (random affines)."""
+
+    def __init__(self, norm: str, seed: int):
+        torch.manual_seed(seed)
+        make = (lambda: nn.LayerNorm(16)) if norm == "layernorm" else (lambda: nn.GroupNorm(1, 16))
+        super().__init__([nn.Sequential(nn.Flatten(1), nn.Linear(64, 16), make()),
+                          nn.Sequential(nn.ReLU(), nn.Linear(16, 16), make()),
+                          nn.Sequential(nn.ReLU(), nn.Linear(16, 10))], ["dense"] * 3, (1, 8, 8), 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.3)
+        self.eval()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "groupnorm"])
+def test_levels_ending_in_a_layernorm_or_groupnorm_are_rescaled_through_its_affine(norm, fs):
+    """A normalisation's output is its weight and bias applied per neuron, so REPAIR folds the
+    rescaling into them (it used to leave such levels alone)."""
+    a, b = NormNet(norm, 0), NormNet(norm, 1)
+    repaired = neurofuse.fuse([a, b], fs, method="vanilla", repair=True, progress=False)
+    x = fs[0]
+    for lvl in range(2):
+        (ma, sa), (mb, sb) = _stats(a, x, lvl), _stats(b, x, lvl)
+        mr, sr = _stats(repaired, x, lvl)
+        assert np.allclose(mr, (ma + mb) / 2, atol=1e-4)
+        assert np.allclose(sr, (sa + sb) / 2, atol=1e-4)
+
+
 class BNNet(LeveledNet):
     def __init__(self):
         super().__init__([nn.Sequential(nn.Flatten(1), nn.Linear(64, 16), nn.BatchNorm1d(16)),
