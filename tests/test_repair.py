@@ -62,6 +62,20 @@ def _stats(model, x, level):
     return z.mean(0).numpy(), z.std(0, unbiased=False).numpy()
 
 
+def _repaired_to_the_mean(a, b, repaired, x, levels: int = 2):
+    """Assert that every neuron of the first ``levels`` levels of ``repaired`` has the mean of the
+    base neurons' means and stds (vanilla averaging keeps neuron j with neuron j); returns each
+    level's (index, base a's stats, base b's stats)."""
+    out = []
+    for lvl in range(levels):
+        (ma, sa), (mb, sb) = _stats(a, x, lvl), _stats(b, x, lvl)
+        mr, sr = _stats(repaired, x, lvl)
+        assert np.allclose(mr, (ma + mb) / 2, atol=1e-4)
+        assert np.allclose(sr, (sa + sb) / 2, atol=1e-4)
+        out.append((lvl, (ma, sa), (mb, sb)))
+    return out
+
+
 # -- consistent models are left alone ------------------------------------------------------------
 def test_model_fused_with_itself_is_unchanged(models, fs, digits):
     m = models[0]
@@ -116,11 +130,7 @@ def test_rescaled_neurons_get_the_base_statistics(models, fs, digits):
     fused = neurofuse.fuse([a, b], method="vanilla", progress=False)
     repaired = neurofuse.fuse([a, b], fs, method="vanilla", repair=True, progress=False)
     x = fs[0]
-    for lvl in range(2):
-        (ma, sa), (mb, sb) = _stats(a, x, lvl), _stats(b, x, lvl)
-        mr, sr = _stats(repaired, x, lvl)
-        assert np.allclose(mr, (ma + mb) / 2, atol=1e-4)
-        assert np.allclose(sr, (sa + sb) / 2, atol=1e-4)
+    for lvl, (_, sa), (_, sb) in _repaired_to_the_mean(a, b, repaired, x):
         _, sf = _stats(fused, x, lvl)
         assert (sf < (sa + sb) / 2 - 1e-3).any()  # the average had collapsed variance
     # the output level is not touched
@@ -152,12 +162,7 @@ def test_levels_ending_in_a_layernorm_or_groupnorm_are_rescaled_through_its_affi
     rescaling into them (it used to leave such levels alone)."""
     a, b = NormNet(norm, 0), NormNet(norm, 1)
     repaired = neurofuse.fuse([a, b], fs, method="vanilla", repair=True, progress=False)
-    x = fs[0]
-    for lvl in range(2):
-        (ma, sa), (mb, sb) = _stats(a, x, lvl), _stats(b, x, lvl)
-        mr, sr = _stats(repaired, x, lvl)
-        assert np.allclose(mr, (ma + mb) / 2, atol=1e-4)
-        assert np.allclose(sr, (sa + sb) / 2, atol=1e-4)
+    _repaired_to_the_mean(a, b, repaired, fs[0])
 
 
 class BNNet(LeveledNet):
