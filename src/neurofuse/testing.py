@@ -80,6 +80,16 @@ def _concat_perm(model: LeveledNet, lvl: int, lay: Any, in_map: Any, gen: torch.
     return concat_maps(parts)
 
 
+def _grouped_derangement(n: int, groups: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``n`` neurons in ``groups`` equal contiguous groups that keeps
+    every group together (the groups reordered, each permuted inside)."""
+    if groups < 2:
+        return _derangement(n, gen)
+    size = n // groups
+    order = _derangement(groups, gen)
+    return torch.cat([order[b] * size + _derangement(size, gen) for b in range(groups)])
+
+
 def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     """A copy of ``model`` with every neuron space of its alignment layout randomly permuted.
 
@@ -89,11 +99,12 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     permutation; attention spaces are permuted as heads (a random order of the heads, shared by a
     head's queries, keys, values and output columns) and inside every head (one permutation for
     the queries and keys, one for the values); a concatenation's output is permuted inside each of
-    its parts (a part that is the level input follows the input's permutation).  The copy
+    its parts (a part that is the level input follows the input's permutation); a space that a
+    GroupNorm normalises in groups of several channels is permuted as groups.  The copy
     computes the same function (for every model :func:`neurofuse.levels.alignment_reason`
     accepts); fusing a model with it must give the model back.
     """
-    from .levels._layout import align_level, check_alignable, space_sizes
+    from .levels._layout import align_level, check_alignable, space_sizes, stream_groups, stream_members
 
     gen = torch.Generator().manual_seed(seed)
     layouts, heads = check_alignable([model], "permute_spaces")
@@ -108,7 +119,9 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
         if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
             if heads[lvl] not in stream:
                 stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen) if lay.parts
-                                      else _perm_map(_derangement(widths[lvl], gen)))
+                                      else _perm_map(_grouped_derangement(
+                                          widths[lvl], stream_groups(layouts, stream_members(heads, heads[lvl])),
+                                          gen)))
             maps["out"] = stream[heads[lvl]]
         sizes = space_sizes(model.levels[lvl], lay)
         order: Dict[str, torch.Tensor] = {}
@@ -119,7 +132,7 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
                 hp = order.setdefault(sp.unit, _derangement(sp.heads, gen))
                 perm = torch.cat([hp[b] * hd + _derangement(hd, gen) for b in range(sp.heads)])
             else:
-                perm = _derangement(n, gen)
+                perm = _grouped_derangement(n, lay.groups_of(sp.name), gen)
             maps[sp.name] = _perm_map(perm)
         out.levels[lvl].load_state_dict(align_level(model.levels[lvl], lay, lvl, maps))  # type: ignore[arg-type]
     return out

@@ -28,7 +28,8 @@ import neurofuse
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.levels import AutoBlock, AutoNet, split_affine
 from neurofuse.methods import format_levels, level_support
-from neurofuse.levels._layout import NeuronMap, align_level, check_alignable, concat_maps
+from neurofuse.levels._layout import (NeuronMap, align_level, check_alignable, concat_maps, stream_groups,
+                                      stream_members)
 from neurofuse.levels._transformer import describe
 
 from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
@@ -39,6 +40,7 @@ WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
 #: architecture -> level-wise methods that fuse it (the others are refused with a reason)
 SUPPORTED = {
     "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
+    "resnet18_gn": {"otfusion", "git-rebasin", "kf-gradient"},
     "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
@@ -47,7 +49,7 @@ SUPPORTED = {
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
-REASON: dict = {}
+REASON = {("resnet18_gn", "kf-linear"): "GroupNorm"}
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 
@@ -200,8 +202,16 @@ def _perm(n: int, g: torch.Generator) -> torch.Tensor:
             return p
 
 
-def _perm_map(n: int, g: torch.Generator) -> NeuronMap:
-    return NeuronMap.from_plan(np.eye(n)[_perm(n, g).numpy()].T, np.ones(n))
+def _perm_map(n: int, g: torch.Generator, groups: int = 0) -> NeuronMap:
+    """A permutation of ``n`` neurons; with ``groups``, one that keeps that many equal contiguous
+    groups together (a GroupNorm's)."""
+    if groups > 1:
+        size = n // groups
+        order = _perm(groups, g)
+        p = torch.cat([order[b] * size + torch.randperm(size, generator=g) for b in range(groups)])
+    else:
+        p = _perm(n, g)
+    return NeuronMap.from_plan(np.eye(n)[p.numpy()].T, np.ones(n))
 
 
 def _permute_by_layout(net: AutoNet, seed: int) -> None:
@@ -225,10 +235,10 @@ def _permute_by_layout(net: AutoNet, seed: int) -> None:
                     maps[p] = _perm_map(w, g)
             outs[i] = concat_maps([maps[p] or NeuronMap.identity(w) for p, w in zip(lay.parts, parts)])
         else:
-            outs[i] = _perm_map(widths[i], g)
+            outs[i] = _perm_map(widths[i], g, stream_groups(layouts, stream_members(heads, heads[i])))
         maps["out"] = outs.get(i)
         for sp in lay.internal:
-            maps[sp.name] = _perm_map(len(dict(level.named_modules())[sp.point].weight), g)
+            maps[sp.name] = _perm_map(len(dict(level.named_modules())[sp.point].weight), g, lay.groups_of(sp.name))
         level.load_state_dict(align_level(level, lay, i, maps))
 
 

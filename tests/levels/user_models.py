@@ -28,13 +28,13 @@ def conv1x1(in_planes, out_planes, stride=1):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
 
@@ -53,11 +53,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers=(2, 2, 2, 2), widths=(4, 8, 8, 16), num_classes=10, in_ch=3):
+    def __init__(self, layers=(2, 2, 2, 2), widths=(4, 8, 8, 16), num_classes=10, in_ch=3, norm_layer=nn.BatchNorm2d):
         super().__init__()
+        self._norm = norm_layer
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(in_ch, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(widths[0], layers[0])
@@ -69,18 +70,18 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
     def _make_layer(self, planes, blocks, stride=1):
         downsample = None
         if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), self._norm(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, self._norm)]
         self.inplanes = planes
         for _ in range(1, blocks):
-            layers.append(BasicBlock(self.inplanes, planes))
+            layers.append(BasicBlock(self.inplanes, planes, norm_layer=self._norm))
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -100,6 +101,11 @@ class ResNet(nn.Module):
 
 def resnet18(num_classes=10):
     return ResNet((2, 2, 2, 2), (4, 8, 8, 16), num_classes)
+
+
+def resnet18_gn(num_classes=10, widths=(4, 8, 8, 16), in_ch=3):
+    """torchvision's ResNet-18 with ``norm_layer=GroupNorm(2, C)``, as federated learning trains it."""
+    return ResNet((2, 2, 2, 2), widths, num_classes, in_ch, norm_layer=lambda c: nn.GroupNorm(2, c))
 
 
 # -- torchvision VGG-11 with BN -----------------------------------------------------------------
@@ -379,6 +385,7 @@ class ResMLP(nn.Module):
 #: name -> (factory, input shape)
 ARCHITECTURES = {
     "resnet18": (resnet18, (3, 32, 32)),
+    "resnet18_gn": (resnet18_gn, (3, 32, 32)),
     "vgg11_bn": (vgg11_bn, (3, 32, 32)),
     "mobilenet_v2": (MobileNetV2, (3, 16, 16)),
     "vit": (VisionTransformer, (3, 16, 16)),

@@ -206,13 +206,56 @@ def test_a_groupnorm_that_commutes_with_permutations_is_aligned(groups, method):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_a_groupnorm_of_several_channels_per_group_is_refused_with_its_groups(affine):
-    net = neurofuse.levels_from(GroupNormNet(lambda c: 2, affine=affine).eval(), input_shape=(3, 8, 8))
-    reason = get_method("otfusion").check_level(net, 0)
-    assert reason and "GroupNorm(2, 8)" in reason and "groups of 4 channels" in reason
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "regmean-aligned"])
+def test_a_groupnorm_of_several_channels_per_group_moves_its_groups_as_units(method, groups, affine):
+    """``GroupNorm(g, C)`` normalises groups of channels together: the channels are matched
+    group to group (as attention heads), so a copy permuted that way comes back."""
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(GroupNormNet(lambda c: groups, affine=affine).eval(), input_shape=(3, 8, 8))
+    assert "groups" in layout_traits(net, 0)
+    twin = permute_spaces(net, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
+    assert not torch.equal(twin.state_dict()["levels.0.0.weight"], net.state_dict()["levels.0.0.weight"])
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("norm", ["groupnorm-one", "groupnorm-per-channel", "layernorm", "prenorm"])
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin"])
+def test_the_groups_of_a_groupnorm_are_matched_whole_for_different_models(method):
+    """Models from different initialisations: every fused channel's group draws on one group of
+    the other model (the map is block structured over the groups)."""
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8)))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    result = neurofuse.fuse(nets, (x, y), method=method, progress=False, return_result=True)
+    block = result.correspondences[0].matrix()[:, 8:]          # fused channels x model 1's channels
+    mass = np.array([[np.abs(block[4 * a:4 * a + 4, 4 * b:4 * b + 4]).sum() for b in range(2)] for a in range(2)])
+    assert ((mass > 0).sum(1) == 1).all() and ((mass > 0).sum(0) == 1).all(), mass
+
+
+@pytest.mark.parametrize("method", ["weight-matching", "zipit", "cca-merge", "kf-linear"])
+def test_methods_without_grouped_maps_refuse_a_groupnorm_of_several_channels_per_group(method):
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
+    reason = get_method(method).check_level(net, 0)
+    assert reason and ("groups of channels must move as units" in reason or "GroupNorm" in reason), reason
+
+
+def test_a_groupnorm_on_a_levels_input_is_refused_naming_its_groups():
+    """(The automatic levels put a GroupNorm with the layer before it; a declared level may not.)"""
+    from neurofuse.levels._layout import level_layout
+
+    level = torch.nn.Sequential(torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.raises(IncompatibleModelsError, match=r"GroupNorm\(2, 8\).*normalises the level input"):
+        level_layout(level, 1)
+
+
+@pytest.mark.parametrize("norm", ["groupnorm-one", "groupnorm-per-channel", "groupnorm-two", "layernorm", "prenorm"])
 def test_otfusion_runs_a_width_bound_normalisation_at_the_anchors_width(norm):
     """Models of different widths: an aligned level runs with its GroupNorms and LayerNorms sized
     as their aligned weights (model k's own would not take the anchor's channels; it used to stop
@@ -221,6 +264,7 @@ def test_otfusion_runs_a_width_bound_normalisation_at_the_anchors_width(norm):
 
     make = {"groupnorm-one": lambda w: GroupNormNet(lambda c: 1, w),
             "groupnorm-per-channel": lambda w: GroupNormNet(lambda c: c, w),
+            "groupnorm-two": lambda w: GroupNormNet(lambda c: 2, w),
             "layernorm": lambda w: MLP(192, (w, w), 10), "prenorm": lambda w: ResMLP(192, w, 2 * w)}[norm]
     nets = []
     for seed, width in ((0, 8), (1, 12)):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["InnerSolve", "head_structured_plans"]
+__all__ = ["InnerSolve", "grouped_permutation", "head_structured_plans", "lap_inner"]
 
 #: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads
 InnerSolve = Callable[[np.ndarray], Tuple[np.ndarray, float]]
@@ -58,3 +58,21 @@ def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerS
             plan[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0] = sub[a, b] / heads
         plans.append(plan)
     return plans, sigma
+
+
+def lap_inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
+    """The within-head problem as a one-to-one matching (Hungarian): the plan (mass 1) and its
+    cost."""
+    rows, cols = linear_sum_assignment(c)
+    plan = np.zeros_like(c)
+    plan[rows, cols] = 1.0 / len(rows)
+    return plan, float(c[rows, cols].sum())
+
+
+def grouped_permutation(cost: np.ndarray, groups: int) -> np.ndarray:
+    """``perm[j]``: the column matched to row ``j`` by the cheapest one-to-one matching that keeps
+    ``groups`` equal contiguous groups of rows and of columns together (a GroupNorm's groups):
+    the Hungarian algorithm inside every pair of groups, then on the groups
+    (:func:`head_structured_plans`)."""
+    plans, _ = head_structured_plans([cost], groups, lap_inner)
+    return plans[0].argmax(1)

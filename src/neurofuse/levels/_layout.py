@@ -241,6 +241,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     tensors: List[Tuple[str, str, Optional[str], str]] = []
     internal: List[Space] = []
     finals: List[str] = []
+    groups: Dict[str, int] = {}   # space -> GroupNorm groups of several channels
     for prefix, root, end in paths:
         leaves = [(_join(prefix, n), m) for n, m in root.named_modules() if not list(m.children())]
         if not any(isinstance(m, _AFFINE) for _, m in leaves) and not (
@@ -279,13 +280,18 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                 continue
             own = _own_tensors(m)
             if isinstance(m, nn.GroupNorm) and not _permutes_with_channels(m):   # with or without affine
-                raise IncompatibleModelsError(
-                    f"level {index} has GroupNorm({m.num_groups}, {m.num_channels}) ('{name}'), which "
-                    f"normalises groups of {m.num_channels // m.num_groups} channels together: a map "
-                    f"of its channels would have to keep every group together; {method!r} does not "
-                    "(use 'kf-gradient')")
+                why = ("it normalises the level input" if current == "in" else
+                       "it is in a concatenation" if concat else
+                       "the space has another GroupNorm" if groups.get(current, m.num_groups) != m.num_groups
+                       else None)
+                if why:
+                    raise IncompatibleModelsError(
+                        f"level {index} has GroupNorm({m.num_groups}, {m.num_channels}) ('{name}'), which "
+                        f"normalises groups of {m.num_channels // m.num_groups} channels together, and "
+                        f"{why}; {method!r} cannot keep its groups together (use 'kf-gradient')")
+                groups[current] = m.num_groups   # the space's channels move in groups
             if own:
-                if not _permutes_with_channels(m):
+                if not (_permutes_with_channels(m) or isinstance(m, nn.GroupNorm)):
                     raise IncompatibleModelsError(
                         f"level {index} holds a {type(m).__name__} with parameters; {method!r} aligns "
                         "only Linear/Conv2d layers and per-channel normalisations (use 'kf-gradient' "
@@ -310,12 +316,14 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
         finals.append(current)
     if concat:
         return LevelLayout(tuple(tensors), tuple(internal), False, tuple(finals))
+    grouped = tuple(sorted(groups.items()))
     if len(set(finals)) > 1:
         raise IncompatibleModelsError(
             f"level {index} adds a path that keeps its input's neurons (depthwise layers only) to "
             f"one that does not; {method!r} cannot align it"
         )
-    return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level) or finals[0] == "in")
+    return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level) or finals[0] == "in",
+                       groups=grouped)
 
 
 def residual_heads(layouts: Sequence[LevelLayout]) -> List[int]:
@@ -337,6 +345,23 @@ def residual_heads(layouts: Sequence[LevelLayout]) -> List[int]:
 def stream_members(heads: Sequence[int], head: int) -> List[int]:
     """The levels of the stream that starts at ``head`` (contiguous)."""
     return [i for i, h in enumerate(heads) if h == head]
+
+
+def stream_groups(layouts: Sequence[LevelLayout], members: Sequence[int]) -> int:
+    """The GroupNorm groups of the output space of the levels ``members`` (one residual stream,
+    or one level): 0 if no GroupNorm of several channels per group normalises it.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If two of them normalise it in different groups.
+    """
+    found = {layouts[m].groups_of("out") for m in members} - {0}
+    if len(found) > 1:
+        raise IncompatibleModelsError(
+            f"levels {list(members)} share one residual stream but their GroupNorms split it into "
+            f"{sorted(found)} groups; one map cannot keep both groupings together (use 'kf-gradient')")
+    return found.pop() if found else 0
 
 
 def activation_module(module: Optional[nn.Module]) -> nn.Module:

@@ -67,12 +67,21 @@ class LevelLayout:
         branch's own space ``"out<b>"``, or ``"in"`` for a branch that keeps its input's neurons.
         The map of the level output is then the block diagonal of its parts' maps
         (:func:`~neurofuse.levels._layout.concat_maps`).  Empty for other levels.
+    groups : tuple of (space, count)
+        Spaces normalised by a ``GroupNorm`` of ``count`` groups of several channels: their
+        channels come in ``count`` equal contiguous groups that must move as units (as attention
+        heads do).  Empty for other levels.
     """
 
     tensors: Tuple[Tuple[str, str, Optional[str], str], ...]
     internal: Tuple[Space, ...]
     tied: bool
     parts: Tuple[str, ...] = ()
+    groups: Tuple[Tuple[str, int], ...] = ()
+
+    def groups_of(self, space: str) -> int:
+        """The number of GroupNorm groups of ``space`` (0: its channels move freely)."""
+        return dict(self.groups).get(space, 0)
 
     def keys_in(self, space: str) -> List[str]:
         """Keys whose axis 0 runs over ``space``."""

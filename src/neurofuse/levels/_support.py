@@ -81,6 +81,7 @@ TRAITS = {
     "transformer": "a transformer's residual stream and attention heads (heads move as units)",
     "depthwise": "a depthwise convolution, whose channels are tied to its input's",
     "parts": "a concatenation of branches, whose map is one block per part",
+    "groups": "a GroupNorm whose groups of channels must move as units",
 }
 
 
@@ -89,6 +90,7 @@ HANDLED_BY = {
     "transformer": "otfusion, git-rebasin and weight-matching",
     "depthwise": "otfusion, git-rebasin and weight-matching",
     "parts": "otfusion, git-rebasin, zipit and cca-merge",
+    "groups": "otfusion and git-rebasin",
 }
 
 
@@ -107,6 +109,8 @@ def layout_traits(net: nn.Module, index: int) -> FrozenSet[str]:
         found.add("depthwise")
     if layout.parts:
         found.add("parts")
+    if layout.groups:
+        found.add("groups")
     return frozenset(found)
 
 

@@ -46,8 +46,9 @@ __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "
 ALIGNMENTS = ("none", "activations", "weights")
 #: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`): a
 #: concatenation's output is one block of neurons per part, which one permutation of the whole
-#: level output (the objective's group) would mix
-WEIGHT_MATCHING_UNSUPPORTED: FrozenSet[str] = frozenset({"parts"})
+#: level output (the objective's group) would mix; a GroupNorm's groups would need group-structured
+#: permutations, which its coordinate descent does not search
+WEIGHT_MATCHING_UNSUPPORTED: FrozenSet[str] = frozenset({"parts", "groups"})
 
 
 class LayoutAlignment:

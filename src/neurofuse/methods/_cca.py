@@ -88,7 +88,7 @@ class CCAMerge(LayoutAlignment, FusionMethod):
     Options = CCAMergeOptions
     min_models = 2
     same_architecture = True
-    unsupported_traits = frozenset({"transformer"})
+    unsupported_traits = frozenset({"transformer", "groups"})
     trait_reasons = MappingProxyType(
         {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a linear map of the stream")})
 

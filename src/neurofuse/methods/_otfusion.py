@@ -39,6 +39,7 @@ from ..levels._layout import (
     normalized,
     part_spans,
     space_units,
+    stream_groups,
     stream_members,
 )
 from ..grouping import head_structured_plans
@@ -309,7 +310,9 @@ class OTFusion(FusionMethod):
                                          for k in range(n_models)]
                 for unit in space_units(layout.internal):  # inner layers (a residual block's, heads)
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit).items():
+                    groups = 0 if unit[0].heads else layout.groups_of(unit[0].name)
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit,
+                                                  groups=groups).items():
                         for sp, m in zip(unit, ms):
                             maps[k][sp.name] = m
                 mapped_outputs = False
@@ -322,7 +325,8 @@ class OTFusion(FusionMethod):
                         parts = {k: [(p, sk, s0, maps[k]["in"]) for p, sk, s0 in zip(layout.parts, spans[k], spans[0])]
                                  for k in others}
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
-                                                  keep=mapped_outputs, parts=parts).items():
+                                                  keep=mapped_outputs, parts=parts,
+                                                  groups=stream_groups(layouts, members)).items():
                         outs[k][lvl] = ms[0]
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
@@ -356,8 +360,8 @@ class OTFusion(FusionMethod):
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
-                    parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None
-                    ) -> Dict[int, List[NeuronMap]]:
+                    parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None,
+                    groups: int = 0) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
         or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
@@ -365,7 +369,9 @@ class OTFusion(FusionMethod):
         to the stream as every model's next input (the anchor's as they are, the others' to be
         mapped).  ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the
         anchor's neurons, the level input's map): each part is transported on its own (a part that
-        is the level input keeps its map) and the map is their block diagonal."""
+        is the level input keeps its map) and the map is their block diagonal.  ``groups`` > 0: the
+        space is normalised by a GroupNorm of that many groups, which move as units like attention
+        heads (uniform marginals inside them)."""
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
         stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
@@ -400,14 +406,16 @@ class OTFusion(FusionMethod):
             for s in stats[k]:
                 d = self.reduce(s).sq_dist().cpu().numpy()
                 costs.append(d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d))
-            if spaces is not None and spaces[0].heads:
-                # attention: heads matched as units, one within-head transport per space
+            units = spaces[0].heads if spaces is not None and spaces[0].heads else groups
+            if units:
+                # attention heads, or a GroupNorm's groups, matched as units: one within-unit
+                # transport per space
                 def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
                     mu, nu = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
                     plan = self._solve(mu, nu, c, lvl)
                     return plan, float((plan * c).sum())
 
-                plans, _ = head_structured_plans(costs, spaces[0].heads, inner)
+                plans, _ = head_structured_plans(costs if spaces is not None else [sum(costs)], units, inner)
                 result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
                 continue
             if spaces is not None:  # importance is defined for level outputs only

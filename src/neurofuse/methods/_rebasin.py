@@ -38,9 +38,10 @@ from ..levels._layout import (
     part_spans,
     space_activation,
     space_units,
+    stream_groups,
     stream_members,
 )
-from ..grouping import head_structured_plans
+from ..grouping import grouped_permutation, head_structured_plans, lap_inner
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -210,7 +211,8 @@ class GitRebasin(FusionMethod):
                         inner[lvl][sp.name] = m
                     continue
                 sp = unit[0]
-                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp))
+                inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp,
+                                                                 groups=layouts[lvl].groups_of(sp.name)))
             head = heads[lvl]
             members = stream_members(heads, head)
             if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
@@ -228,7 +230,7 @@ class GitRebasin(FusionMethod):
                 outs[lvl] = concat_maps(blocks)
             else:
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
-                                                       scores, None))
+                                                       scores, None, groups=stream_groups(layouts, members)))
         run.extras["inner_correspondences"] = {
             lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
                   for name, m in spaces.items()}
@@ -327,25 +329,21 @@ class GitRebasin(FusionMethod):
         for (pre, _), sp in zip(stats, unit):
             costs.append(self._cost([pre], [lvl], scores, sp))
 
-        def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
-            rows, cols = linear_sum_assignment(c)
-            plan = np.zeros_like(c)
-            plan[rows, cols] = 1.0 / len(rows)
-            return plan, float(c[rows, cols].sum())
-
         # the costs are [model-0 neurons, model-1 neurons]: each plan's row j holds the model-1
         # neuron matched to model-0 neuron j
-        plans, _ = head_structured_plans(costs, unit[0].heads, inner)
+        plans, _ = head_structured_plans(costs, unit[0].heads, lap_inner)
         return [self._perm_map(p.argmax(1)) for p in plans]
 
     @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
-               scores: List[List[np.ndarray]], space: Optional[Space], part: Optional[slice] = None
-               ) -> np.ndarray:
+               scores: List[List[np.ndarray]], space: Optional[Space], part: Optional[slice] = None,
+               groups: int = 0) -> np.ndarray:
         """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
         the stream ``members``, or at the internal ``space`` of level ``lvl``), from the
         (pre, post)-activation moments ``stats`` of each member; only among the neurons ``part``
-        of the output (one part of a concatenation), numbered from its start, if given.
+        of the output (one part of a concatenation), numbered from its start, if given; keeping
+        ``groups`` contiguous groups of neurons together (a GroupNorm's), if given
+        (:func:`neurofuse.grouping.grouped_permutation`).
 
         On post-activations, neurons that are inactive on the whole fusion set all look alike
         (zero vectors), which leaves ties; they are broken by adding the pre-activation cost
@@ -360,9 +358,13 @@ class GitRebasin(FusionMethod):
             cost = cost + TIE_BREAK * scale * tie
         if part is not None:
             cost = cost[part, part]
-        rows, cols = linear_sum_assignment(cost)
-        perm = np.empty(len(rows), dtype=np.int64)
-        perm[rows] = cols
+        if groups:
+            perm = grouped_permutation(cost, groups)
+            rows, cols = np.arange(len(perm)), perm
+        else:
+            rows, cols = linear_sum_assignment(cost)
+            perm = np.empty(len(rows), dtype=np.int64)
+            perm[rows] = cols
         log.debug("git-rebasin level %d%s: matching cost %.4g", lvl,
                   f" ({space.name})" if space is not None else "", float(cost[rows, cols].sum()))
         return perm

@@ -110,7 +110,7 @@ class ZipIt(LayoutAlignment, FusionMethod):
     Options = ZipItOptions
     supports_width = True
     min_models = 2
-    unsupported_traits = frozenset({"transformer"})
+    unsupported_traits = frozenset({"transformer", "groups"})
     trait_reasons = MappingProxyType(
         {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a merge of features")})
 
