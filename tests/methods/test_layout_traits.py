@@ -10,6 +10,8 @@ levels of other people's architectures, a model fused with its permuted copy com
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -239,11 +241,77 @@ def test_the_groups_of_a_groupnorm_are_matched_whole_for_different_models(method
     assert ((mass > 0).sum(1) == 1).all() and ((mass > 0).sum(0) == 1).all(), mass
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("method", ["weight-matching", "zipit", "cca-merge", "kf-linear"])
-def test_methods_without_grouped_maps_refuse_a_groupnorm_of_several_channels_per_group(method):
-    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
-    reason = get_method(method).check_level(net, 0)
-    assert reason and ("groups of channels must move as units" in reason or "GroupNorm" in reason), reason
+def test_methods_without_grouped_maps_refuse_a_groupnorm_of_several_channels_per_group(method, affine):
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2, affine=affine).eval(), input_shape=(3, 8, 8))
+    reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
+    want = "in 2 groups" if method == "kf-linear" else "groups of channels must move as units"
+    assert reasons[0] and want in reasons[0], reasons
+    assert reasons[1] and want in reasons[1], reasons       # the block's inner GroupNorm too
+
+
+class _GroupedAfterCat(torch.nn.Module):
+    """A concatenation whose output stream a residual block normalises with ``GroupNorm(2, 8)``."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+        self.conv, self.gn = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), self.b(x)], 1)
+        h = h + self.gn(self.conv(torch.relu(h)))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(h), 1).flatten(1))
+
+
+class _MixedGroups(torch.nn.Module):
+    """One residual stream normalised in 2 groups by one block and in 4 by the next."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.g1 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c2, self.g2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.g1(self.c1(torch.relu(h)))
+        h = h + self.g2(self.c2(torch.relu(h)))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(h), 1).flatten(1))
+
+
+@pytest.mark.parametrize("model,needle", [(_GroupedAfterCat, "a concatenation writes"),
+                                          (_MixedGroups, "into [2, 4] groups")])
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin"])
+def test_a_stream_whose_groups_cannot_be_kept_is_refused_before_any_work(method, model, needle, monkeypatch):
+    import neurofuse.methods._base as base
+
+    calls = []
+    real = base.importance_sums
+    monkeypatch.setattr(base, "importance_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+    nets = [neurofuse.levels_from(model().eval(), input_shape=(3, 8, 8)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    with pytest.raises(IncompatibleModelsError, match=re.escape(needle)):
+        neurofuse.fuse(nets, (x, y), method=method, progress=False)
+    assert not calls
+
+
+def test_grouped_permutation_keeps_groups_and_finds_the_cheapest_within_them():
+    from neurofuse.grouping import grouped_permutation
+
+    rng = np.random.default_rng(0)
+    truth = np.concatenate([np.array([2, 0, 3, 1]) + 4, np.array([1, 3, 0, 2])])   # groups swapped
+    cost = rng.random((8, 8)) + 5.0
+    cost[np.arange(8), truth] = 0.0
+    perm = grouped_permutation(cost, 2)
+    assert np.array_equal(perm, truth)
+    assert set(perm[:4] // 4) == {1} and set(perm[4:] // 4) == {0}
 
 
 def test_a_groupnorm_on_a_levels_input_is_refused_naming_its_groups():

@@ -198,7 +198,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     branch without a layer of its own that opens a space).  A path holds ``Linear`` / ungrouped
     ``Conv2d`` layers, depthwise convolutions, normalisations that commute with a permutation of
     the channels (``BatchNorm1d/2d``, ``LayerNorm`` over the neurons, ``GroupNorm`` of one group or
-    of one channel per group) and parameter-free modules.  Its first layer that opens a space
+    of one channel per group), ``GroupNorm`` of several channels per group (its space's channels
+    then move as groups: :attr:`LevelLayout.groups`) and parameter-free modules.  Its first layer that opens a space
     reads the level input, its last writes the level output (or its part) and each inner one opens
     an internal space; a depthwise convolution (:func:`is_depthwise`) and a normalisation stay in
     the space they read, so a chain of depthwise layers only is *tied*: its output is its input.
@@ -361,6 +362,11 @@ def stream_groups(layouts: Sequence[LevelLayout], members: Sequence[int]) -> int
         raise IncompatibleModelsError(
             f"levels {list(members)} share one residual stream but their GroupNorms split it into "
             f"{sorted(found)} groups; one map cannot keep both groupings together (use 'kf-gradient')")
+    if found and any(layouts[m].parts for m in members):
+        raise IncompatibleModelsError(
+            f"levels {list(members)} share one residual stream that a concatenation writes and a "
+            f"GroupNorm normalises in {found.pop()} groups; one map cannot keep both the parts and the "
+            "groups together (use 'kf-gradient')")
     return found.pop() if found else 0
 
 
@@ -394,7 +400,10 @@ def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[Level
                     f"model {k} level {i} has different layers or skip connections than model 0's; "
                     f"{method!r} needs the same architecture up to widths"
                 )
-    return layouts, residual_heads(layouts)
+    heads = residual_heads(layouts)
+    for head in sorted(set(heads) - {-1}):   # the GroupNorms of every stream agree (before any work)
+        stream_groups(layouts, stream_members(heads, head))
+    return layouts, heads
 
 
 def _structure(layout: LevelLayout) -> LevelLayout:

@@ -134,6 +134,11 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         With the reason, if a layer of the level is not fitted by the closed form.
     """
     layout = level_layout(level, index, "the closed form")
+    if layout.groups:
+        space, g = layout.groups[0]
+        raise IncompatibleModelsError(
+            f"a GroupNorm normalises its {space!r} channels in {g} groups, which the closed form's "
+            "grouping of them would not keep together")
     modules = dict(level.named_modules())
     block = hasattr(level, "shortcut")
     paths = level_paths(level)

@@ -90,7 +90,7 @@ HANDLED_BY = {
     "transformer": "otfusion, git-rebasin and weight-matching",
     "depthwise": "otfusion, git-rebasin and weight-matching",
     "parts": "otfusion, git-rebasin, zipit and cca-merge",
-    "groups": "otfusion and git-rebasin",
+    "groups": "otfusion, git-rebasin and the align-then-merge methods aligned by activations",
 }
 
 
