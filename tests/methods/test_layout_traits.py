@@ -343,3 +343,11 @@ def test_otfusion_runs_a_width_bound_normalisation_at_the_anchors_width(norm):
     fused = neurofuse.fuse(nets, (x, y), method="otfusion", progress=False)
     assert fused.level_widths()[:-1] == nets[0].level_widths()[:-1]
     assert torch.isfinite(predict_logits(fused, x)).all()
+
+
+def test_models_whose_groupnorms_have_other_groups_are_refused_by_name():
+    nets = [neurofuse.levels_from(GroupNormNet(lambda c, g=g: g).eval(), input_shape=(3, 8, 8)) for g in (2, 4)]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    with pytest.raises(IncompatibleModelsError, match=r"model 1 level 0 has GroupNorms of other groups"):
+        neurofuse.fuse(nets, (x, y), method="otfusion", progress=False)

@@ -395,6 +395,12 @@ def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[Level
     for k, net in enumerate(nets[1:], start=1):
         for i, lv in enumerate(net.levels):
             lk = level_layout(lv, i, method)
+            if lk.groups != layouts[i].groups:
+                raise IncompatibleModelsError(
+                    f"model {k} level {i} has GroupNorms of other groups than model 0's "
+                    f"({dict(lk.groups) or 'none of several channels'} against "
+                    f"{dict(layouts[i].groups) or 'none of several channels'}); {method!r} needs the "
+                    "same architecture up to widths")
             if _structure(lk) != _structure(layouts[i]):
                 raise IncompatibleModelsError(
                     f"model {k} level {i} has different layers or skip connections than model 0's; "
