@@ -199,8 +199,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     ``Conv2d`` layers, depthwise convolutions, normalisations that commute with a permutation of
     the channels (``BatchNorm1d/2d``, ``LayerNorm`` over the neurons, ``GroupNorm`` of one group or
     of one channel per group), ``GroupNorm`` of several channels per group (its space's channels
-    then move as groups: :attr:`LevelLayout.groups`) and parameter-free modules.  Its first layer that opens a space
-    reads the level input, its last writes the level output (or its part) and each inner one opens
+    then move as groups: :attr:`LevelLayout.groups`) and parameter-free modules.  Its first layer
+    that opens a space reads the level input, its last writes the level output (or its part) and each inner one opens
     an internal space; a depthwise convolution (:func:`is_depthwise`) and a normalisation stay in
     the space they read, so a chain of depthwise layers only is *tied*: its output is its input.
 

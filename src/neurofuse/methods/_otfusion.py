@@ -7,7 +7,6 @@ The alignment machinery (level layouts, neuron maps, residual streams) lives in
 
 from __future__ import annotations
 
-
 import dataclasses
 import logging
 import warnings
@@ -375,11 +374,12 @@ class OTFusion(FusionMethod):
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
         stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
+        aligned = {k: _aligned(nets[k].levels[lvl], partial[k]) for k in partial}   # once, not per batch
         with torch.no_grad():
             for b in stream:
                 runs = {0: lambda h=b.inputs[0]: anchor.levels[lvl](h)}
                 for k in partial:
-                    runs[k] = (lambda h=b.inputs[k], f=_aligned(nets[k].levels[lvl], partial[k]): f(h))
+                    runs[k] = (lambda h=b.inputs[k], f=aligned[k]: f(h))
                 if spaces is not None:
                     z = {k: self._space_values(nets[k].levels[lvl], spaces, call, nets[k].axes[lvl],
                                                b.inputs[k], partial.get(k))
