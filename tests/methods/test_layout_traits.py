@@ -314,6 +314,14 @@ def test_grouped_permutation_keeps_groups_and_finds_the_cheapest_within_them():
     assert set(perm[:4] // 4) == {1} and set(perm[4:] // 4) == {0}
 
 
+def test_the_maps_say_which_spaces_move_in_groups():
+    from neurofuse.levels import format_maps
+
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
+    text = format_maps(net)
+    assert text.count("channels in 2 GroupNorm groups, which move as units") == 2, text   # the stream, h0
+
+
 def test_a_groupnorm_on_a_levels_input_is_refused_naming_its_groups():
     """(The automatic levels put a GroupNorm with the layer before it; a declared level may not.)"""
     from neurofuse.levels._layout import level_layout

@@ -130,6 +130,11 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
             if lay is not None and lay.parts:
                 names = [f"level {i - 1} out" if p == "in" else f"level {i} {p}" for p in lay.parts]
                 note.append("block diagonal of " + ", ".join(names))
+            groups = max((layouts[m].groups_of("out") for m in members if layouts[m] is not None), default=0)
+        else:
+            groups = lay.groups_of(space) if lay is not None else 0
+        if groups:
+            note.append(f"channels in {groups} GroupNorm groups, which move as units")
         out.append(NeuronMapInfo(i, space, tuple(_merge(tensors)), "; ".join(note)))
     return out
 
