@@ -40,7 +40,7 @@ WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
 #: architecture -> level-wise methods that fuse it (the others are refused with a reason)
 SUPPORTED = {
     "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
-    "resnet18_gn": {"otfusion", "git-rebasin", "kf-gradient"},
+    "resnet18_gn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
@@ -49,7 +49,7 @@ SUPPORTED = {
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
-REASON = {("resnet18_gn", "kf-linear"): "GroupNorm"}
+REASON: dict = {}
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 

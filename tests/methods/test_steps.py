@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import neurofuse
@@ -350,3 +351,76 @@ def test_linear_layers_on_tokens_are_fitted_token_by_token(method):
     fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
     with torch.no_grad():
         assert (fused(x) - net(x)).abs().max() < 1e-4
+
+
+# -- GroupNorm, and norms at the end of residual blocks -------------------------------------------
+class NormBlocks(nn.Module):
+    """A stem ``Conv -> GroupNorm(2)``, a projection block whose branch ends in ``Conv ->
+    GroupNorm`` and whose shortcut is a bare ``Conv`` (a path without a norm), a dense ``Linear ->
+    GroupNorm(2)`` (units that are parts of rows) and a residual MLP block ending in a LayerNorm."""
+
+    def __init__(self, c: int = 8, d: int = 12):
+        super().__init__()
+        self.stem, self.gn0 = nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(2, c)
+        self.b1, self.gn1 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c)
+        self.b2, self.gn2 = nn.Conv2d(c, 2 * c, 3, padding=1), nn.GroupNorm(2, 2 * c)
+        self.proj = nn.Conv2d(c, 2 * c, 1)
+        self.fc, self.gnf = nn.Linear(2 * c, d), nn.GroupNorm(2, d)
+        self.r1, self.r2, self.ln = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.LayerNorm(d)
+        self.out = nn.Linear(d, 10)
+        with torch.no_grad():
+            for m in (self.gn0, self.gn1, self.gn2, self.gnf, self.ln):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.gn0(self.stem(x)))
+        h = torch.relu(self.gn2(self.b2(torch.relu(self.gn1(self.b1(h))))) + self.proj(h))
+        h = torch.relu(self.gnf(self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))))
+        h = torch.relu(h + self.ln(self.r2(torch.relu(self.r1(h)))))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_groupnorms_and_norms_ending_residual_blocks_are_fitted_and_a_permuted_copy_comes_back(method):
+    """Spaces normalised in groups are grouped group by group; a block whose last layers are
+    followed by norms fits each layer alone and then the norms together to the block output."""
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(0)
+    net = _net(NormBlocks(), (3, 8, 8))
+    twin = permute_spaces(net, seed=2)
+    x, y = _data(96, (3, 8, 8))
+    x_test, _ = _data(32, (3, 8, 8), seed=5)
+    with torch.no_grad():
+        assert (twin(x_test) - net(x_test)).abs().max() < 1e-5
+        assert not torch.equal(twin.levels[0][0].weight, net.levels[0][0].weight)
+    result = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, return_result=True)
+    kinds = [[s["kind"] for s in r.get("steps", [])] for r in result.report]
+    assert ["new", "new", "keep", "norms"] in kinds and ["new", "keep", "norms"] in kinds, kinds
+    with torch.no_grad():
+        ref = net(x_test)
+        assert (result.model(x_test) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_a_copy_scaled_before_its_groupnorms_fuses_back_with_kmeans():
+    """GroupNorm ignores the scale of each group of channels: a permuted copy whose convolutions
+    before a GroupNorm are scaled x10 is the same function, and K-means, which compares the base
+    models' outputs in the units the GroupNorms see, gives the model back."""
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(1)
+    net = _net(NormBlocks(), (3, 8, 8))
+    twin = permute_spaces(net, seed=3)
+    with torch.no_grad():
+        for conv in (twin.levels[0][0], twin.levels[1].branch[0]):
+            conv.weight.mul_(10.0)
+            conv.bias.mul_(10.0)
+    x, y = _data(96, (3, 8, 8))
+    x_test, _ = _data(32, (3, 8, 8), seed=5)
+    with torch.no_grad():
+        ref = net(x_test)
+        assert (twin(x_test) - ref).abs().max() < 1e-4
+    fused = neurofuse.fuse([net, twin], (x, y), method="kf-linear", progress=False)
+    with torch.no_grad():
+        assert (fused(x_test) - ref).abs().max() / ref.abs().max() < 1e-4

@@ -1,6 +1,6 @@
 """Fitting a fused level to its targets (paper section 4.3.2): closed form for affine levels."""
 
-from ._blocks import GramStats, NeuronRegression, RowScale, TokenSums
+from ._blocks import GramStats, NeuronRegression, RowScale, TokenSums, norm_units, normalise
 from ._fisher import FISHER_KINDS, FisherSums, diagonal_fisher, fisher_merge, fisher_sums
 from ._gradient import LevelConfig, fit_level, perturb_level
 from ._grouped import DepthwiseStats, depthwise_design, group_means
@@ -13,4 +13,4 @@ __all__ = ["DepthwiseStats", "FISHER_KINDS", "FisherSums", "FitDiagnostics", "Gr
            "LevelConfig", "LinearSolution", "LinearStats", "NeuronRegression", "RowScale", "TokenSums",
            "aligned_prior", "assign_affine", "depthwise_design", "design_matrix", "diagonal_fisher", "fisher_merge",
            "fisher_sums", "fit_level", "fit_warning", "fold_layernorm", "gcv_curve", "group_means", "is_conv1d",
-           "layer_rows", "perturb_level", "regmean", "reset_layernorm"]
+           "layer_rows", "norm_units", "normalise", "perturb_level", "regmean", "reset_layernorm"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..stats import AdditiveStats, row_chunks
 from ._linear import _eigh_dense
 
-__all__ = ["GramStats", "NeuronRegression", "RowScale", "TokenSums"]
+__all__ = ["GramStats", "NeuronRegression", "RowScale", "TokenSums", "norm_units", "normalise"]
 
 
 class GramStats(AdditiveStats):
@@ -50,68 +51,122 @@ class GramStats(AdditiveStats):
 
 
 class NeuronRegression(AdditiveStats):
-    """Per-neuron simple linear regression of targets ``y`` on inputs ``x`` (both ``[rows, k]``)."""
+    r"""Per-neuron linear regression of targets ``y`` (``[rows, k]``) on one input ``x``
+    (``[rows, k]``) or on ``P`` inputs (``[rows, k, P]``): for every neuron :math:`c`,
+    :math:`\min_{\gamma_c,\beta_c}\sum_r (x_{rc}^\top\gamma_c + \beta_c - y_{rc})^2`."""
 
     fields = ("count", "sx", "sy", "sxx", "sxy", "syy")
 
     def update(self, x: Tensor, y: Tensor, w: Optional[Tensor] = None) -> None:
-        """Add rows ``x``, ``y`` (``[rows, k]``), each with weight ``w[row]`` (default 1)."""
+        """Add rows ``x`` (``[rows, k]`` or ``[rows, k, P]``), ``y`` (``[rows, k]``), each with
+        weight ``w[row]`` (default 1)."""
         x, y = x.double(), y.double()
-        w = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device) if w is None else w.double().reshape(-1, 1)
-        self._add(count=w.sum(), sx=(w * x).sum(0), sy=(w * y).sum(0), sxx=(w * x * x).sum(0),
-                  sxy=(w * x * y).sum(0), syy=(w * y * y).sum(0))
+        w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if w is None else w.double().reshape(-1)
+        if x.dim() == 2:
+            wc = w[:, None]
+            self._add(count=w.sum(), sx=(wc * x).sum(0), sy=(wc * y).sum(0), sxx=(wc * x * x).sum(0),
+                      sxy=(wc * x * y).sum(0), syy=(wc * y * y).sum(0))
+            return
+        wy = w[:, None] * y
+        self._add(count=w.sum(), sx=torch.einsum("r,rkp->kp", w, x), sy=wy.sum(0),
+                  sxx=torch.einsum("r,rkp,rkq->kpq", w, x, x), sxy=torch.einsum("rkp,rk->kp", x, wy),
+                  syy=(wy * y).sum(0))
 
     def relative_error(self, gamma: Tensor, beta: Tensor) -> float:
-        r""":math:`\sum_{r,c} (y_{rc} - \gamma_c x_{rc} - \beta_c)^2 / \sum_{r,c} y_{rc}^2` of the
-        lines ``(gamma, beta)`` over the rows added."""
+        r""":math:`\sum_{r,c} (y_{rc} - x_{rc}^\top\gamma_c - \beta_c)^2 / \sum_{r,c} y_{rc}^2` of the
+        fits ``(gamma, beta)`` over the rows added."""
         g, b = gamma.double(), beta.double()
-        res = (self.syy - 2 * g * self.sxy - 2 * b * self.sy + g * g * self.sxx + 2 * g * b * self.sx
-               + b * b * self.count)
+        if self.sxx.dim() == 1:
+            fit = g * g * self.sxx - 2 * g * self.sxy + 2 * g * b * self.sx
+        else:
+            fit = (torch.einsum("kp,kpq,kq->k", g, self.sxx, g) - 2 * (g * self.sxy).sum(-1)
+                   + 2 * b * (g * self.sx).sum(-1))
+        res = self.syy + fit - 2 * b * self.sy + b * b * self.count
         return float(res.sum().clamp_min(0.0) / self.syy.sum().clamp_min(1e-300))
 
     def solve(self, eps: float = 1e-12, intercept: bool = True) -> Tuple[Tensor, Tensor]:
-        """``(gamma, beta)``: slope and intercept of every neuron (slope 0 where ``x`` is constant).
+        """``(gamma, beta)``: slopes (``[k]``, or ``[k, P]`` for ``P`` inputs) and intercept of
+        every neuron; a slope is 0 along a direction of the inputs that does not vary.
 
         Parameters
         ----------
         eps : float
-            Variance (or, without intercept, mean square) of ``x`` below which the slope is 0.
+            Variance (or, without intercept, mean square) of ``x`` below which the slope is 0;
+            for ``P`` inputs, relative to the largest eigenvalue of their (co)variance.
         intercept : bool
-            Fit an intercept; ``False``: lines through the origin, ``beta`` is 0.
+            Fit an intercept; ``False``: fits through the origin, ``beta`` is 0.
         """
         n = self.count
-        if not intercept:
-            sxx = self.sxx / n
-            gamma = torch.where(sxx > eps, (self.sxy / n) / sxx.clamp_min(eps), torch.zeros_like(sxx))
-            return gamma, torch.zeros_like(gamma)
         mx, my = self.sx / n, self.sy / n
-        var = self.sxx / n - mx * mx
-        cov = self.sxy / n - mx * my
-        gamma = torch.where(var > eps, cov / var.clamp_min(eps), torch.zeros_like(var))
-        return gamma, my - gamma * mx
+        if self.sxx.dim() == 1:
+            if not intercept:
+                sxx = self.sxx / n
+                gamma = torch.where(sxx > eps, (self.sxy / n) / sxx.clamp_min(eps), torch.zeros_like(sxx))
+                return gamma, torch.zeros_like(gamma)
+            var = self.sxx / n - mx * mx
+            cov = self.sxy / n - mx * my
+            gamma = torch.where(var > eps, cov / var.clamp_min(eps), torch.zeros_like(var))
+            return gamma, my - gamma * mx
+        cov = self.sxx / n
+        rhs = self.sxy / n
+        if intercept:
+            cov = cov - mx[:, :, None] * mx[:, None, :]
+            rhs = rhs - mx * my[:, None]
+        evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))
+        keep = evals > eps * evals[:, -1:].clamp_min(1e-300)
+        inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
+        gamma = torch.einsum("kpi,ki,kqi,kq->kp", evecs, inv, evecs, rhs)
+        beta = my - (gamma * mx).sum(-1) if intercept else torch.zeros_like(my)
+        return gamma, beta
 
 
 class RowScale(AdditiveStats):
-    r"""Per model, the sums over rows of each row's LayerNorm scale :math:`\sigma_r` and of
-    :math:`\sigma_r^2` (:math:`\sigma_r^2` the variance of the row over the model's neurons plus
-    the LayerNorm's ``eps``).
+    r"""Per model, the sums over the units a norm normalises (a row for LayerNorm, one sample's
+    group of channels for GroupNorm) of each unit's scale :math:`\sigma_r` and of
+    :math:`\sigma_r^2` (:math:`\sigma_r^2` the unit's variance plus the norm's ``eps``).
 
     :meth:`inverse` is every model's least-squares constant of :math:`1/\sigma_r`: the :math:`c`
     that minimises :math:`\sum_r \lVert c (z_r - \mu_r) - (z_r - \mu_r)/\sigma_r\rVert^2`, that
-    is :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2` (the centred rows scaled by one constant
-    per model, as near as one constant gets to what the LayerNorm sees).
+    is :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2` (the centred units scaled by one constant
+    per model, as near as one constant gets to what the norm sees).
     """
 
     fields = ("s1", "s2")
 
-    def update(self, rows: Sequence[Tensor], eps: Sequence[float]) -> None:
-        """Add ``[n, d_i]`` rows of every model ``i`` (its pre-LayerNorm values) and its ``eps``."""
-        sig = torch.stack([torch.sqrt(r.double().var(1, unbiased=False) + e) for r, e in zip(rows, eps)], 1)
+    def update(self, sigmas: Sequence[Tensor]) -> None:
+        r"""Add the scales :math:`\sigma_r` (``[units]``, the same units for every model) of every
+        model (:func:`norm_units`)."""
+        sig = torch.stack([s.double().reshape(-1) for s in sigmas], 1)
         self._add(s1=sig.sum(0), s2=(sig * sig).sum(0))
 
     def inverse(self) -> Tensor:
         r"""``[models]`` the constants :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`."""
         return self.s1 / self.s2.clamp_min(1e-300)
+
+
+def norm_units(norm: nn.Module, z: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""``(z', sigma)``: the values ``z`` that the LayerNorm or GroupNorm ``norm`` reads, and the
+    scale :math:`\sqrt{\mathrm{var} + \epsilon}` of every unit it normalises (a row over the last
+    axis for LayerNorm, one sample's group of channels, with their positions, for GroupNorm;
+    ``[units]``, float64).  ``z'`` is ``z`` less each unit's mean where a unit is one row of the
+    layer's outputs (LayerNorm; GroupNorm on ``[B, C]``), which the layer with its weights centred
+    over the unit's neurons computes exactly; a GroupNorm's unit over positions has a mean that
+    no convolution computes, and ``z'`` is ``z``."""
+    if isinstance(norm, nn.GroupNorm):
+        u = z.reshape(z.shape[0], norm.num_groups, -1)
+    else:
+        u = z.reshape(-1, z.shape[-1])
+    sigma = torch.sqrt(u.double().var(-1, unbiased=False) + norm.eps).reshape(-1)
+    if z.dim() > 2 and isinstance(norm, nn.GroupNorm):
+        return z, sigma
+    return (u - u.mean(-1, keepdim=True)).reshape(z.shape), sigma
+
+
+def normalise(norm: nn.Module, z: Tensor) -> Tensor:
+    """``z`` normalised by the LayerNorm or GroupNorm ``norm`` without its weight and bias."""
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(z, norm.num_groups, None, None, norm.eps)
+    return F.layer_norm(z, norm.normalized_shape, None, None, norm.eps)
 
 
 class TokenSums(AdditiveStats):

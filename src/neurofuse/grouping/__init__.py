@@ -12,7 +12,7 @@ from ._core import (
     weighted_kmeans,
 )
 from ._correspondence import Correspondence
-from ._heads import grouped_permutation, head_structured_plans, lap_inner
+from ._heads import grouped_grouping, grouped_permutation, head_structured_plans, lap_inner, matching_cost
 from ._theory import approximation_error, grouping_error, representation_cost
 from ._cca import cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
@@ -29,9 +29,11 @@ __all__ = [
     "cca_alignment",
     "centroids",
     "grouping_error",
+    "grouped_grouping",
     "grouped_permutation",
     "head_structured_plans",
     "lap_inner",
+    "matching_cost",
     "hungarian_grouping",
     "identity_grouping",
     "kmeans_grouping",

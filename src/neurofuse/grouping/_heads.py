@@ -2,7 +2,8 @@
 
 Used by every alignment of transformer levels (OTFusion, Git Re-Basin activation and weight
 matching): an attention's query/key and value/output spaces share one assignment of heads, and
-inside a matched pair of heads each space's neurons get their own.
+inside a matched pair of heads each space's neurons get their own.  The closed form groups a
+space normalised by a GroupNorm of several groups the same way (:func:`grouped_grouping`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
+from torch import Tensor
 
-__all__ = ["InnerSolve", "grouped_permutation", "head_structured_plans", "lap_inner"]
+from ._core import Grouping
+
+__all__ = ["InnerSolve", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
+           "matching_cost"]
 
 #: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads
 InnerSolve = Callable[[np.ndarray], Tuple[np.ndarray, float]]
@@ -76,3 +82,53 @@ def grouped_permutation(cost: np.ndarray, groups: int) -> np.ndarray:
     (:func:`head_structured_plans`)."""
     plans, _ = head_structured_plans([cost], groups, lap_inner)
     return plans[0].argmax(1)
+
+
+def matching_cost(a: Tensor, b: Tensor) -> float:
+    """The cost of the best one-to-one matching of the rows of ``a`` and ``b`` (squared
+    distances; ``min(len(a), len(b))`` pairs)."""
+    d = torch.cdist(a.double(), b.double()).pow(2).cpu().numpy()
+    r, c = linear_sum_assignment(d)
+    return float(d[r, c].sum())
+
+
+#: ``group(points, weights, widths, k) -> Grouping``: a grouping of some base neurons
+GroupSolve = Callable[[Tensor, np.ndarray, List[int], int], Grouping]
+
+
+def grouped_grouping(group: GroupSolve, points: Tensor, weights: np.ndarray, widths: Sequence[int], k: int,
+                     groups: int) -> Grouping:
+    r"""Group the :math:`M = \sum_i n_i` base neurons (rows of ``points``, model by model) into
+    ``k`` fused neurons, keeping ``groups`` equal contiguous groups of every model's neurons
+    together (a GroupNorm's groups: a fused neuron's members all sit in one group per model and
+    fused group :math:`b` holds neurons :math:`b k/g \ldots (b+1) k/g - 1`).
+
+    Every model's groups are matched one to one to model 0's by the Hungarian algorithm on the
+    cost of the best one-to-one matching of their neurons' points (:func:`matching_cost`, as
+    attention heads are); then ``group`` groups the neurons of each matched set of groups into
+    ``k / groups`` fused neurons.
+    """
+    if k % groups or any(w % groups for w in widths):
+        raise ValueError(f"widths {list(widths)} and {k} fused neurons do not split into {groups} groups")
+    offs = np.cumsum([0] + list(widths))
+    size = [w // groups for w in widths]
+
+    def rows(i: int, a: int) -> np.ndarray:
+        return np.arange(offs[i] + a * size[i], offs[i] + (a + 1) * size[i])
+
+    sigma = np.zeros((len(widths), groups), dtype=np.int64)
+    sigma[0] = np.arange(groups)
+    for i in range(1, len(widths)):
+        cost = np.array([[matching_cost(points[rows(i, a)], points[rows(0, b)]) for b in range(groups)]
+                         for a in range(groups)])
+        r, c = linear_sum_assignment(cost)
+        sigma[i, c] = r
+    labels = np.zeros(int(offs[-1]), dtype=np.int64)
+    out_w = np.zeros(int(offs[-1]))
+    kg = k // groups
+    for b in range(groups):
+        idx = np.concatenate([rows(i, int(sigma[i, b])) for i in range(len(widths))])
+        g = group(points[torch.from_numpy(idx).to(points.device)], weights[idx], size, kg)
+        labels[idx] = b * kg + g.labels
+        out_w[idx] = g.weights
+    return Grouping(labels, k, out_w)

@@ -370,6 +370,42 @@ def stream_groups(layouts: Sequence[LevelLayout], members: Sequence[int]) -> int
     return found.pop() if found else 0
 
 
+def output_groups(levels: Sequence[nn.Module], index: int) -> int:
+    """The GroupNorm groups of level ``index``'s output space over its whole residual stream (the
+    levels tied to it by identity skips, before and after it): 0 if none normalises it in groups
+    of several channels.  A level whose layout cannot be read ends the stream.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        As :func:`stream_groups`, if the stream's GroupNorms or a concatenation cannot be kept.
+    """
+    def layout(i: int) -> Optional[LevelLayout]:
+        try:
+            return level_layout(levels[i], i)
+        except IncompatibleModelsError:
+            return None
+
+    found = {index: layout(index)}
+    if found[index] is None:
+        return 0
+    start = index
+    while start > 0 and found[start].tied:   # type: ignore[union-attr]
+        found[start - 1] = layout(start - 1)
+        if found[start - 1] is None:
+            break
+        start -= 1
+    end = index
+    while end + 1 < len(levels):
+        nxt = layout(end + 1)
+        if nxt is None or not nxt.tied:
+            break
+        found[end + 1] = nxt
+        end += 1
+    members = [i for i in range(start, end + 1) if found.get(i) is not None]
+    return stream_groups(found, members)   # type: ignore[arg-type]
+
+
 def activation_module(module: Optional[nn.Module]) -> nn.Module:
     """``module`` if it is an element-wise activation, ReLU otherwise."""
     return module if isinstance(module, _ACTIVATIONS) else nn.ReLU()

@@ -16,10 +16,17 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
   to the grouped block outputs minus the fused shortcut (a residual target).
 
-A ``Linear`` followed by a ``LayerNorm`` over its outputs (outside a residual block) is one step
-with a *norm*: LayerNorm removes each row's mean and scale, so the layer is fitted to the base
-models' normalised pre-activations and the LayerNorm's weight and bias per neuron afterwards
-(:func:`neurofuse.methods._steps.fit_level_in_steps`).  A ``LayerNorm`` over the inputs of a
+A ``Linear`` followed by a ``LayerNorm`` over its outputs, or a ``Linear`` / ``Conv2d`` followed by
+a ``GroupNorm`` over its channels, is one step with a *norm*: the norm removes the mean and scale
+of each row (LayerNorm) or of each sample's group of channels (GroupNorm), so the layer is fitted
+to the base models' pre-activations centred and scaled as the norm sees them, and the norm's
+weight and bias per neuron afterwards (:func:`neurofuse.methods._steps.fit_level_in_steps`).  A
+space normalised in groups of several channels is grouped group by group.  In a residual block
+whose last layers are followed by norms, every last layer is a step of its own (``"new"`` for the
+first that writes a new output space, ``"keep"`` when the space's grouping is already made: the
+input's with an identity shortcut), fitted to its own base outputs, and a final ``"norms"`` step
+fits the norms' weights and biases together, channel by channel, to the grouped block outputs
+less the fused identity shortcut.  A ``LayerNorm`` over the inputs of a
 path's first ``Linear`` (parameter-free ops before it, dropout-like identities between them: the
 level ``[ReLU, LayerNorm, Linear]``, a pre-norm residual branch) is that step's *pre-norm*: its
 affine is folded into the ``Linear`` (:math:`W \operatorname{diag}\gamma`, :math:`b + W\beta`),
@@ -55,7 +62,8 @@ class Step:
     Attributes
     ----------
     kind : str
-        ``"new"``, ``"depthwise"`` or ``"residual"`` (see the module docstring).
+        ``"new"``, ``"depthwise"``, ``"residual"``, ``"keep"`` or ``"norms"`` (see the module
+        docstring).
     space : str
         The neuron space it writes (for ``"depthwise"``: the space it reads and keeps).
     modules : tuple of str
@@ -69,9 +77,14 @@ class Step:
     residual : str or None
         For ``"residual"``: the module whose output (the fused shortcut) is added.
     norm : str or None
-        The ``LayerNorm`` right after the (one) layer, normalising its outputs, if any.
+        The ``LayerNorm`` / ``GroupNorm`` right after the (one) layer, normalising its outputs, if
+        any.  Its weight and bias are fitted by the step itself unless a ``"norms"`` step lists it.
     pre_norm : str or None
         The ``LayerNorm`` right before the (one) layer, normalising its inputs, if any.
+    joint : bool
+        Whether the layers are a residual block's last layers fitted together to the block output.
+    norms : tuple
+        For ``"norms"``: the norm after each of ``modules`` (``None`` where a layer has none).
     """
 
     kind: str
@@ -82,6 +95,8 @@ class Step:
     residual: Optional[str] = None
     norm: Optional[str] = None
     pre_norm: Optional[str] = None
+    joint: bool = False
+    norms: Tuple[Optional[str], ...] = ()
 
 
 def _conv_reason(m: nn.Module) -> Optional[str]:
@@ -90,10 +105,15 @@ def _conv_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _row_norm(end: nn.Module, nxt: Optional[nn.Module]) -> bool:
-    """Whether ``nxt`` is a LayerNorm over exactly the outputs of the Linear ``end``."""
-    return (isinstance(end, nn.Linear) and isinstance(nxt, nn.LayerNorm)
-            and tuple(nxt.normalized_shape) == (end.out_features,))
+def _norm_over(end: nn.Module, nxt: nn.Module) -> bool:
+    """Whether ``nxt`` normalises exactly the outputs of the layer ``end``: a LayerNorm over a
+    Linear's outputs, a GroupNorm over a Linear's or a (not depthwise) Conv2d's channels."""
+    if isinstance(nxt, nn.LayerNorm):
+        return isinstance(end, nn.Linear) and tuple(nxt.normalized_shape) == (end.out_features,)
+    if isinstance(nxt, nn.GroupNorm) and not is_depthwise(end):
+        width = end.out_features if isinstance(end, nn.Linear) else getattr(end, "out_channels", None)
+        return isinstance(end, _AFFINE) and width == nxt.num_channels
+    return False
 
 
 def _pre_norm(kids: List[nn.Module], first: int) -> Optional[int]:
@@ -134,15 +154,10 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         With the reason, if a layer of the level is not fitted by the closed form.
     """
     layout = level_layout(level, index, "the closed form")
-    if layout.groups:
-        space, g = layout.groups[0]
-        raise IncompatibleModelsError(
-            f"a GroupNorm normalises its {space!r} channels in {g} groups, which the closed form's "
-            "grouping of them would not keep together")
     modules = dict(level.named_modules())
     block = hasattr(level, "shortcut")
     paths = level_paths(level)
-    norms = {}     # path -> name of the LayerNorm over its last layer's outputs
+    norms = {}     # layer -> name of the norm over its outputs
     pre_norms = {}  # first layer of a path -> name of the LayerNorm over its inputs
     last_of = {}   # path -> (its children's names, the children, the index of its last affine one)
     for name, root, _ in paths:
@@ -153,9 +168,10 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         if not pos:
             continue
         last_of[name] = (names, kids, pos[-1])
-        after = [i for i in range(pos[-1] + 1, len(kids)) if not _is_eval_identity(kids[i])]
-        if not block and after and _row_norm(kids[pos[-1]], kids[after[0]]):
-            norms[name] = names[after[0]]
+        for p in pos:
+            after = [i for i in range(p + 1, len(kids)) if not _is_eval_identity(kids[i])]
+            if after and _norm_over(kids[p], kids[after[0]]):
+                norms[names[p]] = names[after[0]]
         pre = _pre_norm(kids, pos[0])
         if pre is not None:
             pre_norms[names[pos[0]]] = names[pre]
@@ -166,15 +182,17 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             raise IncompatibleModelsError(
                 f"its {type(m).__name__} ({name}) holds parameters and is not folded into a "
                 "Linear/Conv2d (only a BatchNorm right after one is, a LayerNorm over a Linear's "
-                "outputs outside a residual block, or a LayerNorm read by a path's first Linear that "
-                "has a bias where the LayerNorm has one), so the level is not affine in its parameters")
+                "outputs, a GroupNorm over a Linear's or Conv2d's channels, or a LayerNorm read by a "
+                "path's first Linear that has a bias where the LayerNorm has one), so the level is not "
+                "affine in its parameters")
         why = _conv_reason(m)
         if why:
             raise IncompatibleModelsError(why)
     writers = {}   # path -> name of its last affine layer
     for name, (names, kids, last_affine) in last_of.items():
         end = kids[last_affine]
-        tail = [k for k, n in zip(kids[last_affine + 1:], names[last_affine + 1:]) if n != norms.get(name)]
+        tail = [k for k, n in zip(kids[last_affine + 1:], names[last_affine + 1:])
+                if n != norms.get(names[last_affine])]
         if not isinstance(end, _AFFINE):
             raise IncompatibleModelsError(
                 f"its layers are nested in a {type(end).__name__}, which the closed form does not open")
@@ -212,10 +230,18 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         if kind == "depthwise":
             steps.append(Step("depthwise", s0, (mod,), (s0,), part))
         else:
-            steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(path) if ends else None,
-                              pre_norm=pre_norms.get(mod)))
+            steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
     if final:
         ins = tuple(spec[m][1] for m in final)
+        after = tuple(norms.get(m) for m in final)
+        if any(after):   # each last layer on its own, then the norms together
+            space = "in" if layout.tied else "out"
+            for j, (m, u) in enumerate(zip(final, ins)):
+                kind = "keep" if layout.tied or j else "new"
+                steps.append(Step(kind, space, (m,), (u,), -1, norm=after[j], pre_norm=pre_norms.get(m)))
+            steps.append(Step("norms", space, tuple(final), ins, -1, "shortcut" if layout.tied else None,
+                              norms=after))
+            return layout, steps
         pre = [pre_norms[m] for m in final if m in pre_norms]
         if pre and len(final) > 1:
             raise IncompatibleModelsError(
@@ -223,7 +249,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
                 "which are fitted together, so the closed form does not fold it")
         pre_norm = pre[0] if pre else None
         if layout.tied:
-            steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut", pre_norm=pre_norm))
+            steps.append(Step("residual", "in", tuple(final), ins, -1, "shortcut", pre_norm=pre_norm, joint=True))
         else:
-            steps.append(Step("new", "out", tuple(final), ins, -1, pre_norm=pre_norm))
+            steps.append(Step("new", "out", tuple(final), ins, -1, pre_norm=pre_norm, joint=True))
     return layout, steps

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import IncompatibleModelsError
 from ._auto import _AFFINE, _has_state
 from ._bn import fold_batchnorm
-from ._layout import is_depthwise, level_layout
+from ._layout import is_depthwise, level_layout, output_groups
 from ._steps import closed_form_steps
 
 __all__ = ["affine_reason", "alignment_reason", "level_kind"]
@@ -61,6 +61,7 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
                 "is not affine in its parameters")
     try:
         closed_form_steps(folded, index, last=index == len(net.levels) - 1)  # type: ignore[arg-type]
+        output_groups(net.levels, index)  # type: ignore[arg-type]
     except IncompatibleModelsError as exc:
         return _reason(exc, index)
     return None
@@ -90,7 +91,7 @@ HANDLED_BY = {
     "transformer": "otfusion, git-rebasin and weight-matching",
     "depthwise": "otfusion, git-rebasin and weight-matching",
     "parts": "otfusion, git-rebasin, zipit and cca-merge",
-    "groups": "otfusion, git-rebasin and the align-then-merge methods aligned by activations",
+    "groups": "otfusion, git-rebasin, the align-then-merge methods aligned by activations, kf-linear and hf-linear",
 }
 
 

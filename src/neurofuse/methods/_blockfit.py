@@ -68,7 +68,7 @@ from .._loop import run_epochs
 from ..approximation import (GramStats, LinearStats, NeuronRegression, TokenSums, fold_layernorm,
                              reset_layernorm)
 from ..errors import IncompatibleModelsError
-from ..grouping import Grouping
+from ..grouping import Grouping, matching_cost
 from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, flatten_neurons
 from ..levels._transformer import (
@@ -260,13 +260,6 @@ def _prior(level: nn.Module, p: Proj, labels: Optional[Tensor], k_in: int, norm:
     if bias:
         w = torch.cat([w, b[:, None]], 1)
     return w.T
-
-
-def _within_cost(a: Tensor, b: Tensor) -> float:
-    """The cost of the best one-to-one matching of the rows of ``a`` and ``b`` (squared distances)."""
-    d = torch.cdist(a.double(), b.double()).pow(2).cpu().numpy()
-    r, c = linear_sum_assignment(d)
-    return float(d[r, c].sum())
 
 
 class TransformerFit:
@@ -596,8 +589,8 @@ class TransformerFit:
             cost = np.zeros((heads, heads))
             for a in range(heads):
                 for b in range(heads):
-                    cost[a, b] = (_within_cost(qk[i][a * dq[i]:(a + 1) * dq[i]], qk[0][b * dq[0]:(b + 1) * dq[0]])
-                                  + _within_cost(vv[i][a * dv[i]:(a + 1) * dv[i]], vv[0][b * dv[0]:(b + 1) * dv[0]]))
+                    cost[a, b] = (matching_cost(qk[i][a * dq[i]:(a + 1) * dq[i]], qk[0][b * dq[0]:(b + 1) * dq[0]])
+                                  + matching_cost(vv[i][a * dv[i]:(a + 1) * dv[i]], vv[0][b * dv[0]:(b + 1) * dv[0]]))
             rows, cols = linear_sum_assignment(cost)
             sigma[i, cols] = rows
         # 3. inside each fused head, queries and keys grouped together

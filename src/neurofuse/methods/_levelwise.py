@@ -19,12 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import IncompatibleModelsError
-from ..grouping import OUTPUT_WEIGHTS, Grouping, centroids, hungarian_grouping, identity_grouping, kmeans_grouping
+from ..grouping import (OUTPUT_WEIGHTS, Grouping, centroids, grouped_grouping, hungarian_grouping, identity_grouping,
+                        kmeans_grouping)
 from ..approximation import LinearStats, aligned_prior, assign_affine, design_matrix, fit_warning
 from ..importance import normalize_scores
 from ..levels import (LeveledNet, LevelStream, affine_reason, check_same_levels, flatten_neurons,
                       fold_batchnorm, has_batchnorm, split_affine, unfold_state)
-from ..levels._layout import is_depthwise
+from ..levels._layout import is_depthwise, output_groups
 from ._base import FusionMethod, FusionRun, register_method
 from ._steps import fit_level_in_steps
 from ..levels._transformer import describe as describe_transformer
@@ -292,6 +293,15 @@ class LinearFusion(LevelwiseFusion):
         """Group the ``M`` base neurons (rows of ``features``, float32 on the fusion device) into
         ``k`` fused neurons."""
 
+    def grouped(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int, level: int,
+                groups: int) -> Grouping:
+        """:meth:`group`, keeping ``groups`` equal groups of neurons together if ``groups`` (a
+        GroupNorm's: :func:`~neurofuse.grouping.grouped_grouping`)."""
+        if not groups:
+            return self.group(features, scores, widths, k, level)
+        return grouped_grouping(lambda f, w, ws, kk: self.group(f, w, ws, kk, level), features, scores, widths,
+                                k, groups)
+
     def _prior(self, run: LevelRun, level: int, models: List[LeveledNet], affine: nn.Module) -> Optional[torch.Tensor]:
         """Every base neuron's weights in the fused input coordinates (see :func:`aligned_prior`)."""
         d = affine.weight[0].numel() + (affine.bias is not None)
@@ -389,7 +399,8 @@ class LinearFusion(LevelwiseFusion):
         elif getattr(run, "forced_grouping", None) is not None:   # the grouping of its stream
             grouping, run.forced_grouping = run.forced_grouping, None
         else:
-            grouping = self.group(feats, self.level_scores(run, models, level), widths, k, level)
+            grouping = self.grouped(feats, self.level_scores(run, models, level), widths, k, level,
+                                    output_groups(fused.levels, level))
             run.record(level, grouping.correspondence(widths))
         run.prev_labels = np.split(grouping.labels, np.cumsum(widths)[:-1])
         gw = torch.from_numpy(grouping.weights).to(self.device)

@@ -22,18 +22,35 @@ A step whose ``Linear`` reads a ``LayerNorm`` of its inputs (a *pre-norm*) is fi
 normalised input: the fused LayerNorm gets weight 1 and bias 0, and every base layer's prior is its
 weights with its own LayerNorm's affine folded in.
 
-A step whose ``Linear`` is followed by a ``LayerNorm`` over its outputs (a step with a *norm*)
-is fitted in two passes.  LayerNorm maps a row :math:`z` to :math:`\gamma \odot (z - \mu(z)) /
-\sigma(z) + \beta` and ignores each row's shift and scale, so the layer is fitted to the base
-models' centred rows :math:`z - \mu(z)` (which the base layer with its weights centred over its
-neurons computes exactly), each base model's scaled by the least-squares constant of
-:math:`1/\sigma` over the fusion set, :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, so that
-models are compared in the units the LayerNorm sees (the statistics are rescaled after the pass,
-:meth:`~neurofuse.approximation.LinearStats.scale_targets`).  A second pass fits the fused
-LayerNorm's weight and bias neuron by neuron (:class:`~neurofuse.approximation.NeuronRegression`),
-from the fused normalised rows to the weighted centres of the groups' LayerNorm outputs.  Such a
-step's ``grouping_error`` and ``unreachable_error`` are in the units of those scaled, centred rows;
-its report adds the LayerNorm fit's relative squared error (``norm_error``).
+A step whose layer is followed by a ``LayerNorm`` over its outputs or a ``GroupNorm`` over its
+channels (a step with a *norm*) is fitted in two passes.  The norm maps each unit :math:`z` it
+normalises (a row for LayerNorm; one sample's group of channels, over all positions, for
+GroupNorm) to :math:`\gamma \odot (z - \mu(z)) / \sigma(z) + \beta` and ignores the unit's shift
+and scale, so the layer is fitted to the base models' centred units :math:`z - \mu(z)`, each base
+model's scaled by the least-squares constant of :math:`1/\sigma` over the fusion set,
+:math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, so that models are compared in the units the norm
+sees (the statistics are rescaled after the pass,
+:meth:`~neurofuse.approximation.LinearStats.scale_targets`; the priors are centred and scaled
+alike).  A GroupNorm's unit after a convolution spans positions, and its mean is not an output of
+any convolution: those targets are scaled, not centred (:func:`~neurofuse.approximation.norm_units`).  A second pass
+fits the fused norm's weight and bias neuron by neuron
+(:class:`~neurofuse.approximation.NeuronRegression`), from the fused normalised values to the
+weighted centres of the groups' norm outputs.  Such a step's ``grouping_error`` and
+``unreachable_error`` are in the units of those scaled, centred values; its report adds the norm
+fit's relative squared error (``norm_error``).
+
+A space that a ``GroupNorm`` normalises in :math:`g` groups of several channels is grouped group
+by group (:func:`~neurofuse.grouping.grouped_grouping`): every model's groups matched to model
+0's, then the method's grouping (K-means, Hungarian) inside each matched set of groups, so that
+every fused group of channels is made of whole base groups.
+
+In a residual block whose last layers are followed by norms, each last layer is fitted alone to
+its own base outputs as above (``"new"``, or ``"keep"`` with the grouping already made: the
+input's for an identity shortcut) and a ``"norms"`` step fits the norms together: for every fused
+channel :math:`c`, :math:`\min \sum_r (\sum_p \gamma_{pc} n_{prc} + \beta_c - t_{rc})^2` over the
+normalised outputs :math:`n_p` of the paths with a norm, where :math:`t` is the weighted centre of
+the group's block outputs less the fused identity shortcut and the outputs of the paths without
+one.
 
 The grouping of the level output (the concatenation of its parts' for a concatenation, block
 diagonal) is recorded as the level's correspondence and feeds the next level.
@@ -51,10 +68,11 @@ from torch import Tensor, nn
 
 from ..approximation import (DepthwiseStats, LinearStats, NeuronRegression, RowScale, aligned_prior,
                              assign_affine, depthwise_design, design_matrix, fold_layernorm, group_means,
-                             reset_layernorm)
+                             norm_units, normalise, reset_layernorm)
 from ..errors import IncompatibleModelsError
 from ..grouping import Grouping, centroids, identity_grouping
 from ..levels import LeveledNet, LevelStream, Step, closed_form_steps, flatten_neurons
+from ..levels._layout import output_groups
 
 __all__ = ["fit_level_in_steps"]
 
@@ -123,9 +141,16 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
         in_w = [len(g) for g in groups["in"][0]]
         parts_w = [layout.part_widths(m.levels[level].state_dict(), w) for m, w in zip(models, in_w)]
     steps_report: List[Dict[str, Any]] = []
+    later = {n for s in steps for n in s.norms if n}   # norms a "norms" step fits
+    split = {**dict(layout.groups), "out": output_groups(fused.levels, level)}
     for j, step in enumerate(steps):
-        info = _fit_step(method, run, level, models, fused, stream, step, groups, scores, parts_w,
-                         keep=j == len(steps) - 1 and not last)
+        keep = j == len(steps) - 1 and not last
+        if step.kind == "norms":
+            info = _fit_block_norms(method, level, models, fused.levels[level], stream, step, groups,
+                                    np.concatenate(scores), keep)
+        else:
+            info = _fit_step(method, run, level, models, fused, stream, step, groups, scores, parts_w,
+                             keep, split.get(step.space, 0), step.norm not in later)
         steps_report.append(info)
     if layout.parts:
         out = _concat([groups[p] for p in layout.parts])
@@ -136,10 +161,11 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
         w = np.concatenate(scores)
         run.record(level, Grouping(labels, out[1], w).correspondence(widths))
     run.prev_labels, run.prev_k = list(out[0]), out[1]
-    run.report.append({"level": level, "rank": min(s["rank"] for s in steps_report),
-                       "rows": steps_report[-1]["rows"],
-                       "grouping_error": float(sum(s["grouping_error"] for s in steps_report)),
-                       "unreachable_error": float(steps_report[-1]["unreachable_error"]),
+    fitted = [s for s in steps_report if s["kind"] != "norms"]
+    run.report.append({"level": level, "rank": min(s["rank"] for s in fitted),
+                       "rows": fitted[-1]["rows"],
+                       "grouping_error": float(sum(s["grouping_error"] for s in fitted)),
+                       "unreachable_error": float(fitted[-1]["unreachable_error"]),
                        "steps": steps_report})
     if not last:
         stream.advance({0: fused.levels[level], **{i: m.levels[level] for i, m in enumerate(models, 1)}})
@@ -147,15 +173,16 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
 
 def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused: LeveledNet,
               stream: LevelStream, step: Step, groups: Dict[str, Groups], scores: List[np.ndarray],
-              parts_w: List[List[int]], keep: bool) -> Dict[str, Any]:
+              parts_w: List[List[int]], keep: bool, split: int, fit_norm: bool) -> Dict[str, Any]:
     """One step: accumulate its statistics over ``stream``, solve, write the fused layer(s) and
-    the grouping of the space it writes into ``groups``."""
+    the grouping of the space it writes into ``groups``; ``split``: the GroupNorm groups of that
+    space (0: none); ``fit_norm``: fit the step's norm here (not in a later ``"norms"`` step)."""
     opts = method.options
     flv = fused.levels[level]
     fmods = [flv.get_submodule(name) for name in step.modules]
     bmods = [[m.levels[level].get_submodule(name) for name in step.modules] for m in models]
     last = level == fused.num_levels - 1
-    whole = step.kind == "residual" or (step.part == -1 and hasattr(flv, "shortcut"))
+    whole = step.kind == "residual" or step.joint
     res_mod = [flv.get_submodule(step.residual)] if step.residual else []
     in_groups = [groups[s] for s in step.inputs]
     if step.kind == "depthwise":
@@ -178,10 +205,11 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 z, _, got = _capture(m.levels[level], h, [], bmods[i - 1])
                 if keep:
                     b.keep(i, z)
-                outs.append(flatten_neurons(z, m.axes[level]) if whole else _flat(got[0]))
-            if bnorms:   # what the LayerNorms see: rows centred (scaled after the pass)
-                spread.update(outs, [ln.eps for ln in bnorms])
-                outs = [o - o.mean(1, keepdim=True) for o in outs]
+                outs.append(flatten_neurons(z, m.axes[level]) if whole else got[0] if bnorms else _flat(got[0]))
+            if bnorms:   # what the norms see: units centred (scaled after the pass)
+                units = [norm_units(ln, o) for ln, o in zip(bnorms, outs)]
+                spread.update([sig for _, sig in units])
+                outs = [_flat(c) for c, _ in units]
             a = torch.cat(outs, dim=1)
             if step.kind == "depthwise":
                 stats.update(depthwise_design(fmods[0], ins[0]), a)
@@ -233,20 +261,23 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
                 break
             priors.append(torch.cat(cols, dim=0))  # type: ignore[arg-type]
         if priors and scale is not None:
-            priors = [(p - p.mean(1, keepdim=True)) * float(c) for p, c in zip(priors, scale)]
+            if isinstance(fmods[0], nn.Linear):   # units that are rows: centred as the targets
+                priors = [_centre(p, _units_of(bnorms[0])) for p in priors]
+            priors = [p * float(c) for p, c in zip(priors, scale)]
         prior = torch.cat(priors, dim=1).to(method.device) if priors else None
         if prior is not None and prior.shape[0] != sum(f.weight[0].numel() + (f.bias is not None) for f in fmods):
             prior = None
     sol = stats.solve(opts.rtol, opts.ridge, prior)
     feats = sol.features.float()
-    if step.kind == "residual":
-        lab, k = groups["in"]
+    if step.kind in ("residual", "keep"):
+        lab, k = groups[step.space]
         grouping = Grouping(np.concatenate(lab), k, weights)
     else:
+        k = int(fmods[0].weight.shape[0])
         if last and step.part == -1:
             grouping = identity_grouping(widths, method.output_level_weights(run, models))
         else:
-            grouping = method.group(feats, weights, widths, int(fmods[0].weight.shape[0]), level)
+            grouping = method.grouped(feats, weights, widths, k, level, split)
         groups[step.space] = (np.split(grouping.labels, np.cumsum(widths)[:-1]), grouping.k)
     gw = torch.from_numpy(grouping.weights).to(method.device)
     labels = torch.from_numpy(grouping.labels).to(method.device)
@@ -263,7 +294,71 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
             "unreachable_error": float((gw * sol.residual.to(gw.device)).sum())}
     if step.norm:
         info["norm"] = step.norm
-        info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
+        if fit_norm:
+            info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
+    return info
+
+
+def _units_of(norm: nn.Module) -> int:
+    """The groups of neurons a norm centres each row's values in (1 for a LayerNorm)."""
+    return norm.num_groups if isinstance(norm, nn.GroupNorm) else 1
+
+
+def _centre(prior: Tensor, groups: int) -> Tensor:
+    """``[d, n]`` base weights, centred over the neurons of each of ``groups`` contiguous groups
+    (the weights that compute the layer's outputs centred so, row by row)."""
+    p = prior.reshape(prior.shape[0], groups, -1)
+    return (p - p.mean(-1, keepdim=True)).reshape(prior.shape)
+
+
+def _fit_block_norms(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
+                     step: Step, groups: Dict[str, Groups], weights: np.ndarray, keep: bool) -> Dict[str, Any]:
+    """A ``"norms"`` step: the weights and biases of the norms after a residual block's last
+    layers, channel by channel, fitted together to the weighted centres of the groups' block
+    outputs less the fused identity shortcut and the outputs of the paths without a norm
+    (module docstring); the bias goes to the first norm that has one."""
+    lab, k = groups[step.space]
+    labels = torch.from_numpy(np.concatenate(lab)).to(method.device)
+    gw = torch.from_numpy(weights).double().to(method.device)
+    norms = [flv.get_submodule(n) for n in step.norms if n]
+    fitted = [n for n in norms if _affine(n)]
+    fixed = [flv.get_submodule(m) for m, n in zip(step.modules, step.norms) if not n]
+    fixed += [flv.get_submodule(step.residual)] if step.residual else []
+    reg = NeuronRegression()
+    with torch.no_grad():
+        for b in stream:
+            _, ins, outs = _capture(flv, b.inputs[0], norms, fixed)
+            ys = []
+            for i, (m, h) in enumerate(zip(models, b.inputs[1:]), start=1):
+                z = m.levels[level](h)
+                if keep:
+                    b.keep(i, z)
+                ys.append(flatten_neurons(z, m.axes[level]))
+            t = centroids(torch.cat(ys, 1).double().T, gw, labels, k).T
+            for o in outs:
+                t = t - _flat(o).double()
+            xs = []
+            for n, u in zip(norms, ins):
+                v = _flat(normalise(n, u)).double()
+                if _affine(n):
+                    xs.append(v)
+                else:
+                    t = t - v
+            if fitted:
+                reg.update(torch.stack(xs, -1), t)
+    info: Dict[str, Any] = {"space": step.space, "kind": step.kind, "norms": [n for n in step.norms if n],
+                            "norm_error": None}
+    if not fitted:
+        return info
+    reg = method.reduce(reg)
+    with_bias = [n for n in fitted if n.bias is not None]
+    gamma, beta = reg.solve(intercept=bool(with_bias))
+    with torch.no_grad():
+        for p, n in enumerate(fitted):
+            n.weight.copy_(gamma[:, p].to(n.weight))
+            if n.bias is not None:
+                n.bias.copy_(beta.to(n.bias) if n is with_bias[0] else torch.zeros_like(n.bias))
+    info["norm_error"] = reg.relative_error(gamma, beta)
     return info
 
 
@@ -278,21 +373,25 @@ class _Folded(nn.Module):
         self.bias = bias if linear.bias is not None else None
 
 
+def _affine(norm: nn.Module) -> bool:
+    return bool(getattr(norm, "elementwise_affine", getattr(norm, "affine", False)))
+
+
 def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
               name: str, gw: Tensor, labels: Tensor, k: int) -> Optional[float]:
-    """A step's LayerNorm ``name``: weight and bias of every fused neuron, from the fused
-    normalised rows (its layer already fitted) to the weighted centres of its group's base
-    LayerNorm outputs; returns the fit's relative squared error (``None`` for a LayerNorm
-    without affine, which has nothing to fit)."""
+    """A step's norm ``name``: weight and bias of every fused neuron, from the fused normalised
+    values (its layer already fitted) to the weighted centres of its group's base norm outputs;
+    returns the fit's relative squared error (``None`` for a norm without affine, which has
+    nothing to fit)."""
     fln = flv.get_submodule(name)
-    if not fln.elementwise_affine:
+    if not _affine(fln):
         return None
     blns = [m.levels[level].get_submodule(name) for m in models]
     reg = NeuronRegression()
     with torch.no_grad():
         for b in stream:
             _, ins, _ = _capture(flv, b.inputs[0], [fln], [])
-            u = F.layer_norm(_flat(ins[0]), (k,), eps=fln.eps)
+            u = _flat(normalise(fln, ins[0]))
             ys = []
             for m, ln, h in zip(models, blns, b.inputs[1:]):
                 _, _, got = _capture(m.levels[level], h, [], [ln])
