@@ -57,3 +57,13 @@ def test_a_groupnorms_units_are_a_samples_group_of_channels_over_positions():
     centred, s = norm_units(ln, rows)
     assert s.shape == (4,) and centred.mean(-1).abs().max() < 1e-6
     assert torch.allclose(normalise(ln, rows), ln(rows), atol=1e-6)
+
+
+def test_an_input_that_barely_varies_gets_slope_zero_with_several_inputs_as_with_one():
+    g = torch.Generator().manual_seed(3)
+    x = 1e-7 * torch.randn(500, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    one, many = NeuronRegression(), NeuronRegression()
+    one.update(x, y)
+    many.update(x[..., None], y)
+    assert one.solve()[0].abs().max() == 0 and many.solve()[0].abs().max() == 0

@@ -424,3 +424,54 @@ def test_a_copy_scaled_before_its_groupnorms_fuses_back_with_kmeans():
     fused = neurofuse.fuse([net, twin], (x, y), method="kf-linear", progress=False)
     with torch.no_grad():
         assert (fused(x_test) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+@pytest.mark.parametrize("model", ["groupnorm", "layernorm"])
+def test_a_norm_whose_input_is_tiny_next_to_its_eps_still_fuses_back(method, model):
+    """The targets are scaled per model relative to the models' mean constant, so they keep the
+    models' scale and the norm's ``eps`` acts on the fused layer as on the base ones (scaled to
+    unit spread, a copy of layers whose outputs are ~1e-3 used to come back 4-18 % off)."""
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(4)
+    shape = (3, 8, 8) if model == "groupnorm" else (3, 4, 4)
+    base = NormBlocks() if model == "groupnorm" else NormMLP()
+    with torch.no_grad():
+        first = base.stem if model == "groupnorm" else base.fc1
+        first.weight.mul_(0.002)
+        first.bias.mul_(0.002)
+    net = _net(base, shape)
+    twin = permute_spaces(net, seed=5)
+    x, y = _data(96, shape)
+    with torch.no_grad():
+        ref = net(x)
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+class TokenGroupNorm(nn.Module):
+    """A GroupNorm on tokens ``[B, T, C]``: its channels (axis 1) are the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.gn, self.fc1 = nn.Linear(5, 8), nn.GroupNorm(2, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc1(torch.relu(self.gn(self.fc0(x))).mean(1))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear", "otfusion", "git-rebasin"])
+def test_a_groupnorm_on_tokens_is_refused_by_name(method):
+    net = neurofuse.levels_from(TokenGroupNorm().eval(), input_shape=(8, 5))
+    why = get_method(method).check_level(net, 0)
+    assert why is not None and "GroupNorm reads tokens" in why, why
+
+
+def test_hf_linear_on_grouped_spaces_of_other_widths_names_the_widths():
+    from .test_layout_traits import GroupNormNet
+
+    nets = [neurofuse.levels_from(GroupNormNet(lambda c: 2, w).eval(), input_shape=(3, 8, 8)) for w in (8, 12)]
+    with pytest.raises(IncompatibleModelsError, match="8 and 12"):
+        neurofuse.fuse(nets, _data(32, (3, 8, 8)), method="hf-linear", progress=False)

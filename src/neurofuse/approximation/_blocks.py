@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import IncompatibleModelsError
 from ..stats import AdditiveStats, row_chunks
 from ._linear import _eigh_dense
 
@@ -92,7 +93,8 @@ class NeuronRegression(AdditiveStats):
         ----------
         eps : float
             Variance (or, without intercept, mean square) of ``x`` below which the slope is 0;
-            for ``P`` inputs, relative to the largest eigenvalue of their (co)variance.
+            for ``P`` inputs, the same floor on the eigenvalues of their (co)variance, and on
+            their ratio to the largest.
         intercept : bool
             Fit an intercept; ``False``: fits through the origin, ``beta`` is 0.
         """
@@ -113,7 +115,7 @@ class NeuronRegression(AdditiveStats):
             cov = cov - mx[:, :, None] * mx[:, None, :]
             rhs = rhs - mx * my[:, None]
         evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))
-        keep = evals > eps * evals[:, -1:].clamp_min(1e-300)
+        keep = evals > torch.clamp(eps * evals[:, -1:], min=eps)
         inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
         gamma = torch.einsum("kpi,ki,kqi,kq->kp", evecs, inv, evecs, rhs)
         beta = my - (gamma * mx).sum(-1) if intercept else torch.zeros_like(my)
@@ -153,6 +155,10 @@ def norm_units(norm: nn.Module, z: Tensor) -> Tuple[Tensor, Tensor]:
     over the unit's neurons computes exactly; a GroupNorm's unit over positions has a mean that
     no convolution computes, and ``z'`` is ``z``."""
     if isinstance(norm, nn.GroupNorm):
+        if z.dim() not in (2, 4):
+            raise IncompatibleModelsError(
+                f"a GroupNorm reads values of shape {list(z.shape)}; the closed form fits it after a "
+                "Linear on [B, C] or a Conv2d on [B, C, H, W] only")
         u = z.reshape(z.shape[0], norm.num_groups, -1)
     else:
         u = z.reshape(-1, z.shape[-1])

@@ -34,6 +34,16 @@ def level_kind(net: nn.Module, index: int) -> str:
     return str(kinds[index]) if kinds else "chain"
 
 
+def _token_groupnorm(net: nn.Module, index: int) -> Optional[str]:
+    """Why a level on tokens with a GroupNorm is refused (``None`` if it has none): GroupNorm
+    takes axis 1 as its channels, which on ``[B, T, C]`` is the tokens, not the neurons."""
+    axes = getattr(net, "axes", None)
+    if axes and axes[index] == "token" and any(isinstance(m, nn.GroupNorm) for m in net.levels[index].modules()):  # type: ignore[index]
+        return ("its GroupNorm reads tokens [B, T, C], whose axis 1 (its channels) is the tokens, not "
+                "the neurons, so its weights do not follow a map of the neurons")
+    return None
+
+
 def _reason(exc: Exception, index: int) -> str:
     """The one-line reason of a refusal, without the level number (the caller names the level)."""
     return str(exc).split(";")[0].replace(f"level {index}: ", "").replace(f"level {index} ", "it ")
@@ -50,6 +60,9 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
     end in a softmax or log-softmax).
     """
     level, kind = net.levels[index], level_kind(net, index)  # type: ignore[index]
+    tokens = _token_groupnorm(net, index)
+    if tokens:
+        return tokens
     if kind == "graph":
         return "a sub-graph with several paths or direct parameters is not affine in its parameters"
     folded = fold_batchnorm(level)
@@ -70,6 +83,9 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
 def alignment_reason(net: nn.Module, index: int) -> Optional[str]:
     """``None`` if the neurons of level ``index`` of ``net`` can be aligned by one map per neuron
     space, else why not."""
+    tokens = _token_groupnorm(net, index)
+    if tokens:
+        return tokens
     try:
         level_layout(net.levels[index], index)  # type: ignore[index]
     except IncompatibleModelsError as exc:

@@ -472,6 +472,12 @@ class HungarianLinearFusion(LinearFusion):
             )
         return hungarian_grouping(features, scores, widths)  # only the [k, k] costs go to scipy
 
+    def grouped(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int, level: int,
+                groups: int) -> Grouping:
+        if groups and (len(set(widths)) > 1 or k != widths[0]):
+            return self.group(features, scores, widths, k, level)   # refuses, naming the whole widths
+        return super().grouped(features, scores, widths, k, level, groups)
+
 
 @register_method("kf-linear")
 class KMeansLinearFusion(LinearFusion):

@@ -27,9 +27,10 @@ channels (a step with a *norm*) is fitted in two passes.  The norm maps each uni
 normalises (a row for LayerNorm; one sample's group of channels, over all positions, for
 GroupNorm) to :math:`\gamma \odot (z - \mu(z)) / \sigma(z) + \beta` and ignores the unit's shift
 and scale, so the layer is fitted to the base models' centred units :math:`z - \mu(z)`, each base
-model's scaled by the least-squares constant of :math:`1/\sigma` over the fusion set,
-:math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, so that models are compared in the units the norm
-sees (the statistics are rescaled after the pass,
+model's scaled by its least-squares constant of :math:`1/\sigma` over the fusion set,
+:math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, divided by the models' mean constant (so that
+models are compared in the units the norm sees, and the targets keep the models' mean scale, at
+which the norm's ``eps`` acts as it does in them) (the statistics are rescaled after the pass,
 :meth:`~neurofuse.approximation.LinearStats.scale_targets`; the priors are centred and scaled
 alike).  A GroupNorm's unit after a convolution spans positions, and its mean is not an output of
 any convolution: those targets are scaled, not centred (:func:`~neurofuse.approximation.norm_units`).  A second pass
@@ -222,6 +223,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     scale = None
     if bnorms:   # each model's centred rows in the units its LayerNorm sees
         scale = method.reduce(spread).inverse()
+        scale = scale / scale.mean()   # relative: the targets keep the models' mean units, where eps acts as in them
         stats.scale_targets(torch.repeat_interleave(scale, torch.tensor(widths, device=scale.device)))
     if step.kind != "new" and int(fmods[0].weight.shape[0]) != groups[step.space][1]:
         raise IncompatibleModelsError(
