@@ -13,7 +13,9 @@ with branches of 24 and 40); ``mlp_ln`` is its MLP whose hidden layers are
 ``Linear -> LayerNorm -> ReLU -> Dropout`` (two of ``32 * --width`` neurons); ``resmlp`` its
 pre-norm residual MLP (an embedding of ``32 * --width``, two blocks ``x + MLP(LayerNorm(x))`` with
 ``64 * --width`` hidden neurons, a ``LayerNorm`` and the head); ``resnet18_gn`` torchvision's
-ResNet-18 with ``GroupNorm(2, C)`` (widths ``4, 8, 8, 16`` times ``--width``).  ``N`` of them, each from its own initialisation, are trained briefly
+ResNet-18 with ``GroupNorm(2, C)`` (widths ``4, 8, 8, 16`` times ``--width``); ``resnext`` a small
+ResNeXt (torchvision's ``Bottleneck`` with a grouped 3x3 convolution of 4 groups of ``4 * --width``
+channels; two stages of ``8, 16`` times ``--width`` planes).  ``N`` of them, each from its own initialisation, are trained briefly
 on the parts of a Dirichlet split (the paper's, ratio 0.2) of the training data, cut into levels
 with ``neurofuse.levels_from(model, input_shape=...)`` (nothing declared) and fused on a
 400-sample class-balanced fusion set drawn from the training data with every level-wise method
@@ -40,14 +42,15 @@ from neurofuse.data import balanced_subset, load_dataset, partition
 from neurofuse.training import TrainConfig, evaluate, train_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "levels"))
-from user_models import MLP, BranchNet, MobileNetV2, ResMLP, resnet18_gn  # noqa: E402
+from user_models import MLP, BranchNet, MobileNetV2, ResMLP, ResNeXt, resnet18_gn  # noqa: E402
 
 ARCHS = {"mobilenet_v2": lambda s, k, w: MobileNetV2(num_classes=k, in_ch=s[0], width_mult=w),
          "branches": lambda s, k, w: BranchNet(num_classes=k, in_ch=s[0], widths=(8 * w, 6 * w, 10 * w, 16 * w),
                                                hidden=32 * w),
          "mlp_ln": lambda s, k, w: MLP(in_features=int(np.prod(s)), hidden=(32 * w, 32 * w), num_classes=k),
          "resmlp": lambda s, k, w: ResMLP(in_features=int(np.prod(s)), dim=32 * w, hidden=64 * w, num_classes=k),
-         "resnet18_gn": lambda s, k, w: resnet18_gn(k, (4 * w, 8 * w, 8 * w, 16 * w), s[0])}
+         "resnet18_gn": lambda s, k, w: resnet18_gn(k, (4 * w, 8 * w, 8 * w, 16 * w), s[0]),
+         "resnext": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=4, base_width=4 * w)}
 METHODS = ["vanilla", "ensemble", "kf-linear", "hf-linear", "otfusion", "otfusion+repair", "git-rebasin",
            "git-rebasin+repair", "kf-gradient"]
 

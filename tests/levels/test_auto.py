@@ -47,9 +47,10 @@ SUPPORTED = {
     "mlp_ln": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
+    "resnext": {"hf-linear", "kf-linear", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
-REASON: dict = {}
+REASON = {("resnext", "otfusion"): "grouped convolution", ("resnext", "git-rebasin"): "grouped convolution"}
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 
@@ -280,6 +281,33 @@ def _permute_vit(model: VisionTransformer, g: torch.Generator) -> None:
     _po(model.norm, p), _pi(model.head, p)
 
 
+def _grouped_perms(width: int, groups: int, g: torch.Generator) -> tuple:
+    """Two permutations of ``width`` channels in ``groups`` contiguous groups that move the groups
+    alike (one shuffle of the groups) and the channels inside each group each their own way, and
+    for every new group the order of its old channels inside their group under the first."""
+    per = width // groups
+    order = _perm(groups, g)
+    inner = [[torch.randperm(per, generator=g) for _ in range(groups)] for _ in range(2)]
+    p0, p1 = (torch.cat([order[b] * per + inner[j][b] for b in range(groups)]) for j in range(2))
+    return p0, p1, inner[0]
+
+
+def _permute_resnext(model: nn.Module, g: torch.Generator) -> None:
+    """Every bottleneck's inner spaces: the grouped conv's input and output groups shuffled alike
+    (output group b reads input group b), each group's channels on their own."""
+    for blk in model.layers:
+        groups, per = blk.conv2.groups, blk.conv2.in_channels // blk.conv2.groups
+        p0, p1, inner0 = _grouped_perms(blk.conv2.in_channels, groups, g)
+        _po(blk.conv1, p0), _po(blk.bn1, p0)
+        w = blk.conv2.weight.data[p1]                   # [out, in / groups, kh, kw]
+        n_out = w.shape[0] // groups
+        for b in range(groups):   # new output group b reads new input group b, its old channels reordered
+            w[b * n_out:(b + 1) * n_out] = w[b * n_out:(b + 1) * n_out][:, inner0[b]]
+        assert per == w.shape[1]
+        blk.conv2.weight.data.copy_(w)
+        _po(blk.bn2, p1), _pi(blk.conv3, p1)
+
+
 def permuted_twin(arch: str, model: nn.Module, seed: int = 7) -> nn.Module:
     """A copy of ``model`` whose hidden neurons are permuted (the same function)."""
     twin = copy.deepcopy(model)
@@ -289,6 +317,8 @@ def permuted_twin(arch: str, model: nn.Module, seed: int = 7) -> nn.Module:
             _permute_mobilenet(twin, g)
         elif arch == "vit":
             _permute_vit(twin, g)
+        elif arch == "resnext":
+            _permute_resnext(twin, g)
         else:  # chains and residual blocks: through the alignment layout of the automatic levels
             _permute_by_layout(neurofuse.levels_from(twin, input_shape=ARCHITECTURES[arch][1]), seed)
     return twin.eval()

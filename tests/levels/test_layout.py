@@ -231,7 +231,7 @@ def test_the_maps_print_any_layout_generically(monkeypatch):
                         ("odd", "in", "qk", "future")), (Space("qk", "qkv", None), Space("vo", "qkv", None)),
                        True)
     real = _maps.level_layout
-    monkeypatch.setattr(_maps, "level_layout", lambda lv, i, *a: fake if i == 0 else real(lv, i, *a))
+    monkeypatch.setattr(_maps, "level_layout", lambda lv, i, *a, **k: fake if i == 0 else real(lv, i, *a, **k))
     maps = {(m.level, m.space): m.tensors for m in neuron_maps(net)}
     assert maps[(0, "qk")] == ("levels.0.qkv.weight rows (block 1 of 3)",
                                "levels.0.qkv.weight rows (block 2 of 3)", "levels.0.odd axis 1 (future)")

@@ -6,7 +6,8 @@ these follow ``torchvision.models.resnet`` (BasicBlock with BN and downsample, i
 with Dropout), ``torchvision.models.mobilenetv2`` (InvertedResidual with depthwise convs, ReLU6,
 linear bottlenecks), timm's ``VisionTransformer`` (PatchEmbed, cls token, pos embed, pre-norm
 blocks with an ``Attention`` and an ``Mlp``, ``x[:, 0]`` pooling, head dropout) and a plain MLP
-with LayerNorm and Dropout.  No neurofuse code is used in them.
+with LayerNorm and Dropout, ``torchvision.models.resnet.Bottleneck`` with groups (ResNeXt).  No
+neurofuse code is used in them.
 """
 
 from __future__ import annotations
@@ -382,6 +383,64 @@ class ResMLP(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(torch.flatten(x, 1)))))
 
 
+# -- torchvision ResNeXt (Bottleneck with groups) ------------------------------------------------
+class Bottleneck(nn.Module):
+    """torchvision's ``Bottleneck``: 1x1 conv, grouped 3x3 conv (``groups``, ``base_width``
+    channels per group as ResNeXt's ``32x4d``), 1x1 conv, BN after each, ``out += identity``."""
+
+    expansion = 2
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=4, base_width=4):
+        super().__init__()
+        width = groups * base_width
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNeXt(nn.Module):
+    """A small ResNeXt: a stem, two stages of grouped bottlenecks (the second strided, with a
+    downsample), average pooling and a linear head."""
+
+    def __init__(self, num_classes=10, in_ch=3, widths=(8, 16), groups=4, base_width=4, blocks=(2, 1)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        layers, inplanes = [], 16
+        for stage, (planes, n) in enumerate(zip(widths, blocks)):
+            stride = 1 if stage == 0 else 2
+            for j in range(n):
+                down = None
+                if j == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion):
+                    down = nn.Sequential(conv1x1(inplanes, planes * Bottleneck.expansion, stride),
+                                         nn.BatchNorm2d(planes * Bottleneck.expansion))
+                layers.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, down, groups, base_width))
+                inplanes = planes * Bottleneck.expansion
+        self.layers = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 #: name -> (factory, input shape)
 ARCHITECTURES = {
     "resnet18": (resnet18, (3, 32, 32)),
@@ -392,4 +451,5 @@ ARCHITECTURES = {
     "mlp_ln": (MLP, (3, 8, 8)),
     "resmlp": (ResMLP, (3, 8, 8)),
     "branches": (BranchNet, (3, 16, 16)),
+    "resnext": (ResNeXt, (3, 16, 16)),
 }

@@ -475,3 +475,37 @@ def test_hf_linear_on_grouped_spaces_of_other_widths_names_the_widths():
     nets = [neurofuse.levels_from(GroupNormNet(lambda c: 2, w).eval(), input_shape=(3, 8, 8)) for w in (8, 12)]
     with pytest.raises(IncompatibleModelsError, match="8 and 12"):
         neurofuse.fuse(nets, _data(32, (3, 8, 8)), method="hf-linear", progress=False)
+
+
+class _GroupedInBlock(nn.Module):
+    """A bottleneck whose grouped convolution is followed by ``after`` (a GroupNorm, or nothing)."""
+
+    def __init__(self, after: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.after = nn.GroupNorm(2, 8) if after == "groupnorm" else nn.Identity()
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.c3(torch.relu(self.after(self.c2(torch.relu(self.c1(h)))))))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("after,needle", [("groupnorm", "a norm follows it"), ("nothing", None)])
+def test_a_grouped_convolution_inside_a_block_is_fitted_group_by_group_unless_a_norm_follows(after, needle):
+    torch.manual_seed(0)
+    net = _net(_GroupedInBlock(after), (3, 8, 8))
+    why = get_method("kf-linear").check_level(net, 1)
+    if needle:
+        assert why is not None and needle in why and "grouped convolution (groups=2" in why, why
+        return
+    assert why is None
+    result = neurofuse.fuse([net, net], _data(64, (3, 8, 8)), method="kf-linear", progress=False,
+                            return_result=True)
+    assert [s["kind"] for s in result.report[1]["steps"]] == ["new", "grouped", "residual"]
+    x, _ = _data(16, (3, 8, 8), seed=3)
+    with torch.no_grad():
+        assert (result.model(x) - net(x)).abs().max() / net(x).abs().max() < 1e-4

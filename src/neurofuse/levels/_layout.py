@@ -184,7 +184,7 @@ def level_paths(level: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return [("", level, "out")]
 
 
-def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> LevelLayout:
+def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped: bool = False) -> LevelLayout:
     """Describe a level for alignment.
 
     A level is read as one or more *paths* of leaf modules in registration order: the level
@@ -204,11 +204,16 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
     an internal space; a depthwise convolution (:func:`is_depthwise`) and a normalisation stay in
     the space they read, so a chain of depthwise layers only is *tied*: its output is its input.
 
+    With ``grouped=True`` (the closed form, which fits a grouped convolution group by group) a
+    grouped convolution that is not depthwise opens a space like an ungrouped one; its weight's
+    kind is ``"grouped"`` (``[out, in / groups, kh, kw]``: its output group ``b`` reads input group
+    ``b``, so both spaces come in ``groups`` contiguous groups matched alike).
+
     Raises
     ------
     IncompatibleModelsError
-        If the level has no affine layer, a grouped convolution that is not depthwise or another
-        module with parameters.
+        If the level has no affine layer, a grouped convolution that is not depthwise (unless
+        ``grouped``) or another module with parameters.
     """
     spec = describe_transformer(level)
     if spec is not None:  # a transformer level: residual stream, attention heads, MLPs
@@ -255,7 +260,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
         current, seen, open_space = "in", 0, None  # open_space: internal space still taking its point
         for name, m in leaves:
             if isinstance(m, _AFFINE):
-                if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
+                ungrouped = not (isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m))
+                if not (ungrouped or grouped):
                     raise IncompatibleModelsError(
                         f"level {index} has {_grouped_reason(m)}; {method!r} aligns ungrouped and "
                         "depthwise convolutions"
@@ -268,7 +274,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion") -> Leve
                     continue
                 seen += 1
                 out_space = end if seen == n_open else f"h{len(internal)}"
-                kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+                kind = "linear" if not isinstance(m, nn.Conv2d) else "conv" if ungrouped else "grouped"
                 tensors.append((_join(name, "weight"), out_space, current, kind))
                 if m.bias is not None:
                     tensors.append((_join(name, "bias"), out_space, None, "vector"))
@@ -382,7 +388,7 @@ def output_groups(levels: Sequence[nn.Module], index: int) -> int:
     """
     def layout(i: int) -> Optional[LevelLayout]:
         try:
-            return level_layout(levels[i], i)
+            return level_layout(levels[i], i, grouped=True)
         except IncompatibleModelsError:
             return None
 

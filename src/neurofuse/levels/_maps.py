@@ -27,7 +27,7 @@ from ._layout import LevelLayout, level_layout, residual_heads, stream_members
 __all__ = ["NeuronMapInfo", "format_maps", "neuron_maps"]
 
 _AXIS0 = {"linear": "rows", "conv": "rows", "depthwise": "rows (depthwise: one kernel per channel)",
-          "last": "last axis", "linear_t": "columns (stored [in, out])"}
+          "grouped": "rows", "last": "last axis", "linear_t": "columns (stored [in, out])"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def _layouts(net: nn.Module) -> List[Optional[LevelLayout]]:
     out: List[Optional[LevelLayout]] = []
     for i, lv in enumerate(net.levels):  # type: ignore[union-attr]
         try:
-            out.append(level_layout(lv, i))
+            out.append(level_layout(lv, i, grouped=True))
         except IncompatibleModelsError:
             out.append(None)
     return out
@@ -89,6 +89,7 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
         return (i, space)
 
     entries: "OrderedDict[Tuple[int, str], List[str]]" = OrderedDict()
+    conv_groups: Dict[Tuple[int, str], Tuple[int, str]] = {}   # space -> (groups, the other space)
     for i, lay in enumerate(layouts):
         if lay is None:
             continue
@@ -101,6 +102,10 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
             entries.setdefault((i, "out"), [])
         state = net.levels[i].state_dict()  # type: ignore[index]
         for key, s0, s1, kind in lay.tensors:
+            if kind == "grouped":
+                g = net.levels[i].get_submodule(key.rpartition(".")[0]).groups  # type: ignore[index]
+                for space in (s0, s1):
+                    conv_groups.setdefault((i, space), (g, s1 if space == s0 else s0))
             name = keys.get(f"levels.{i}.{key}", f"levels.{i}.{key}")
             t = state[key]
             axis0 = "" if t.dim() < 2 and kind != "last" else _AXIS0.get(kind, f"axis 0 ({kind})")
@@ -135,6 +140,10 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
             groups = lay.groups_of(space) if lay is not None else 0
         if groups:
             note.append(f"channels in {groups} GroupNorm groups, which move as units")
+        if (i, space) in conv_groups:
+            g, other = conv_groups[(i, space)]
+            note.append(f"channels in {g} groups of a grouped convolution, matched as {other}'s groups are "
+                        "(closed form only)")
         out.append(NeuronMapInfo(i, space, tuple(_merge(tensors)), "; ".join(note)))
     return out
 
@@ -149,8 +158,11 @@ def _blocks(space: str, what: str) -> List[Tuple[str, str]]:
 
 
 def _columns(t, kind: str, space: str, level: int, widths: List[int], lay: LevelLayout) -> str:  # type: ignore[no-untyped-def]
-    if kind == "conv":
+    if kind in ("conv", "grouped"):
         taps = t.shape[2:]
+        if kind == "grouped":
+            return "columns, inside the row's group" + (f" (per {'x'.join(str(int(s)) for s in taps)} tap)"
+                                                       if t[0, 0].numel() > 1 else "")
         return "columns" + (f" (per {'x'.join(str(int(s)) for s in taps)} tap)" if t[0, 0].numel() > 1 else "")
     if kind == "linear" and space == "in" and level > 0 and t.shape[1] != widths[level - 1] \
             and widths[level - 1] and t.shape[1] % widths[level - 1] == 0:

@@ -12,6 +12,10 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
 * ``"depthwise"``: a depthwise convolution stays in the space it reads, so its channels keep that
   space's grouping and each fused channel is fitted from its own input channel
   (:class:`neurofuse.approximation.DepthwiseStats`);
+* ``"grouped"``: a grouped convolution (``1 < groups``, not depthwise: ResNeXt) opens a space
+  whose group ``b`` reads group ``b`` of the space it reads.  That space is grouped in ``groups``
+  whole groups (as a GroupNorm's), and each fused group of outputs is grouped and fitted from its
+  own fused group of inputs (one least squares per group);
 * ``"residual"``: the last layer of a residual block with an identity shortcut writes
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
   to the grouped block outputs minus the fused shortcut (a residual target).
@@ -85,6 +89,8 @@ class Step:
         Whether the layers are a residual block's last layers fitted together to the block output.
     norms : tuple
         For ``"norms"``: the norm after each of ``modules`` (``None`` where a layer has none).
+    groups : int
+        For ``"grouped"``: the convolution's groups.
     """
 
     kind: str
@@ -97,6 +103,7 @@ class Step:
     pre_norm: Optional[str] = None
     joint: bool = False
     norms: Tuple[Optional[str], ...] = ()
+    groups: int = 0
 
 
 def _conv_reason(m: nn.Module) -> Optional[str]:
@@ -135,6 +142,21 @@ def _pre_norm(kids: List[nn.Module], first: int) -> Optional[int]:
     return i
 
 
+def _grouped_step(conv: nn.Module, name: str, space: str, reads: str, part: Optional[int], layout: LevelLayout,
+                  norms: dict, output: bool) -> Step:
+    """The step of a grouped convolution ``name``, or why the closed form does not fit it."""
+    g = int(conv.groups)
+    why = ("it reads the level input, grouped by the level before without its groups" if reads == "in" else
+           "a norm follows it" if name in norms else
+           "it writes the model's output" if output else
+           "a GroupNorm splits a space it reads or writes into other groups"
+           if {layout.groups_of(reads), layout.groups_of(space)} - {0, g} else None)
+    if why:
+        raise IncompatibleModelsError(
+            f"its grouped convolution (groups={g}) {name!r} is not fitted by the closed form: {why}")
+    return Step("grouped", space, (name,), (reads,), part, groups=g)
+
+
 def closed_form_steps(level: nn.Module, index: int, last: bool = False
                       ) -> Tuple[LevelLayout, List[Step]]:
     """The layout and the closed-form steps of a (BatchNorm-folded) level.
@@ -153,7 +175,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     IncompatibleModelsError
         With the reason, if a layer of the level is not fitted by the closed form.
     """
-    layout = level_layout(level, index, "the closed form")
+    layout = level_layout(level, index, "the closed form", grouped=True)
     modules = dict(level.named_modules())
     block = hasattr(level, "shortcut")
     paths = level_paths(level)
@@ -208,7 +230,7 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
                 "closed form")
         writers[name] = names[last_affine]
     spec = {key.rpartition(".")[0]: (s0, s1, kind) for key, s0, s1, kind in layout.tensors
-            if key.endswith(".weight") and kind in ("linear", "conv", "depthwise")}
+            if key.endswith(".weight") and kind in ("linear", "conv", "depthwise", "grouped")}
     path_of = {}
     for name, _, _ in paths:
         for mod in spec:
@@ -229,8 +251,14 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             continue
         if kind == "depthwise":
             steps.append(Step("depthwise", s0, (mod,), (s0,), part))
+        elif kind == "grouped":
+            steps.append(_grouped_step(modules[mod], mod, s0, s1, part, layout, norms, last and ends))
         else:
             steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
+    if any(spec[m][2] == "grouped" for m in final):
+        raise IncompatibleModelsError(
+            "a grouped convolution is the last layer of a residual block, which the closed form fits "
+            "against the block output, not group by group")
     if final:
         ins = tuple(spec[m][1] for m in final)
         after = tuple(norms.get(m) for m in final)

@@ -260,7 +260,7 @@ class LinearFusion(LevelwiseFusion):
             _, affine = split_affine(level)
         except IncompatibleModelsError:
             return False
-        return not is_depthwise(affine)
+        return not is_depthwise(affine) and getattr(affine, "groups", 1) == 1
 
     def prepare(self, nets: List[LeveledNet]) -> List[LeveledNet]:
         """Fold BatchNorm into the preceding Conv2d/Linear (on copies)."""

@@ -143,12 +143,17 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
         parts_w = [layout.part_widths(m.levels[level].state_dict(), w) for m, w in zip(models, in_w)]
     steps_report: List[Dict[str, Any]] = []
     later = {n for s in steps for n in s.norms if n}   # norms a "norms" step fits
-    split = {**dict(layout.groups), "out": output_groups(fused.levels, level)}
+    split = {**dict(layout.groups), "out": output_groups(fused.levels, level),
+             **{s.inputs[0]: s.groups for s in steps if s.kind == "grouped"}}
     for j, step in enumerate(steps):
         keep = j == len(steps) - 1 and not last
         if step.kind == "norms":
             info = _fit_block_norms(method, level, models, fused.levels[level], stream, step, groups,
                                     np.concatenate(scores), keep)
+        elif step.kind == "grouped":
+            widths_j = [int(m.levels[level].get_submodule(step.modules[0]).weight.shape[0]) for m in models]
+            info = _fit_grouped(method, level, models, fused.levels[level], stream, step, groups,
+                                _step_weights(step, scores, parts_w, widths_j), keep)
         else:
             info = _fit_step(method, run, level, models, fused, stream, step, groups, scores, parts_w,
                              keep, split.get(step.space, 0), step.norm not in later)
@@ -230,13 +235,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
             f"level {level}: {step.modules[0]} keeps the neurons of the space it reads "
             f"({groups[step.space][1]} fused neurons) but has {fmods[0].weight.shape[0]} outputs; "
             "give the fused model the same width there")
-    if step.part is None:
-        weights = np.ones(sum(widths))
-    elif step.part == -1:
-        weights = np.concatenate(scores)
-    else:
-        off = [int(np.sum(pw[:step.part])) for pw in parts_w]
-        weights = np.concatenate([s[o:o + w] for s, o, w in zip(scores, off, widths)])
+    weights = _step_weights(step, scores, parts_w, widths)
     if step.kind == "depthwise":
         prior = torch.cat([_dw_prior(bm[0]) for bm in bmods], dim=1) if opts.prior else None
         w, residual, rank = stats.solve(opts.rtol, opts.ridge, prior)
@@ -298,6 +297,112 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         info["norm"] = step.norm
         if fit_norm:
             info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm, gw, labels, grouping.k)
+    return info
+
+
+def _step_weights(step: Step, scores: List[np.ndarray], parts_w: List[List[int]], widths: List[int]) -> np.ndarray:
+    """The weights of the base neurons a step writes: alike for inner neurons, the importance
+    scores for the level output (or its part)."""
+    if step.part is None:
+        return np.ones(sum(widths))
+    if step.part == -1:
+        return np.concatenate(scores)
+    off = [int(np.sum(pw[:step.part])) for pw in parts_w]
+    return np.concatenate([s[o:o + w] for s, o, w in zip(scores, off, widths)])
+
+
+class _Rows(nn.Module):
+    """What :func:`~neurofuse.approximation.aligned_prior` reads of a layer: some of its output
+    rows (``weight``, ``bias``)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+
+def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
+                 step: Step, groups: Dict[str, Groups], weights: np.ndarray, keep: bool) -> Dict[str, Any]:
+    r"""A ``"grouped"`` step: a convolution of :math:`g` groups whose input space is grouped in
+    :math:`g` whole groups.  Model :math:`i`'s input group :math:`a` went to fused group
+    :math:`\sigma_i(a)`, so its output group :math:`a` goes there too: for every fused group
+    :math:`b` one least squares from the fused input channels of group :math:`b` to the outputs
+    of the base groups :math:`\sigma_i^{-1}(b)`, grouped into :math:`k/g` fused channels."""
+    opts = method.options
+    f = flv.get_submodule(step.modules[0])
+    bms = [m.levels[level].get_submodule(step.modules[0]) for m in models]
+    g = step.groups
+    lab_in, k_in = groups[step.inputs[0]]
+    k_out = int(f.weight.shape[0])
+    if k_in % g or k_out % g:
+        raise IncompatibleModelsError(f"level {level}: {step.modules[0]} has {g} groups but {k_in} inputs and "
+                                      f"{k_out} outputs; give the fused model widths that split into its groups")
+    kg_in, kg_out = k_in // g, k_out // g
+    widths = [int(bm.weight.shape[0]) for bm in bms]
+    members = []   # members[b]: (model, its group) whose outputs fused group b fits
+    for i, lab in enumerate(lab_in):
+        blocks = np.asarray(lab).reshape(g, -1) // kg_in
+        if not (blocks == blocks[:, :1]).all() or len(set(blocks[:, 0])) != g:
+            raise IncompatibleModelsError(
+                f"level {level}: the channels {step.modules[0]} reads were not grouped in its {g} groups")
+        members.append(blocks[:, 0])
+    order = [[(i, int(np.flatnonzero(members[i] == b)[0])) for i in range(len(models))] for b in range(g)]
+    design = nn.Conv2d(kg_in, 1, f.kernel_size, f.stride, f.padding, f.dilation, bias=f.bias is not None)
+    stats = [LinearStats() for _ in range(g)]
+    with torch.no_grad():
+        for batch in stream:
+            _, ins, _ = _capture(flv, batch.inputs[0], [f], [])
+            outs = []
+            for i, (m, h) in enumerate(zip(models, batch.inputs[1:]), start=1):
+                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]])
+                if keep:
+                    batch.keep(i, z)
+                outs.append(_flat(got[0]))
+            for b in range(g):
+                x = design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])
+                per = [(outs[i], widths[i] // g, a) for i, a in order[b]]
+                stats[b].update(x, torch.cat([o[:, a * n:(a + 1) * n] for o, n, a in per], dim=1))
+    offs = np.cumsum([0] + widths)
+    labels = np.zeros(int(offs[-1]), dtype=np.int64)
+    out_w = np.zeros(int(offs[-1]))
+    info = {"space": step.space, "kind": step.kind, "rank": None, "rows": 0, "grouping_error": 0.0,
+            "unreachable_error": 0.0}
+    for b in range(g):
+        st = method.reduce(stats[b])
+        idx = np.concatenate([np.arange(offs[i] + a * (widths[i] // g), offs[i] + (a + 1) * (widths[i] // g))
+                              for i, a in order[b]])
+        prior = None
+        if opts.prior:
+            cols = []
+            for i, a in order[b]:
+                n = widths[i] // g
+                w = bms[i].weight[a * n:(a + 1) * n]
+                bias = None if bms[i].bias is None else bms[i].bias[a * n:(a + 1) * n]
+                per_in = len(lab_in[i]) // g
+                local = torch.from_numpy(np.asarray(lab_in[i][a * per_in:(a + 1) * per_in]) - b * kg_in)
+                cols.append(aligned_prior(_Rows(w, bias), local, kg_in))
+            prior = torch.cat(cols, dim=1).to(method.device)  # type: ignore[arg-type]
+        sol = st.solve(opts.rtol, opts.ridge, prior)
+        feats = sol.features.float()
+        wb = weights[idx]
+        grouping = method.group(feats, wb, [widths[i] // g for i, _ in order[b]], kg_out, level)
+        gw = torch.from_numpy(grouping.weights).to(method.device)
+        lab = torch.from_numpy(grouping.labels).to(method.device)
+        w = sol.combine(gw, lab, kg_out)                                  # [d, k/g]
+        with torch.no_grad():
+            rows = slice(b * kg_out, (b + 1) * kg_out)
+            d = f.weight[0].numel()
+            f.weight[rows].copy_(w[:d].T.reshape(f.weight[rows].shape).to(f.weight.dtype))
+            if f.bias is not None:
+                f.bias[rows].copy_(w[d].to(f.bias.dtype))
+        labels[idx] = b * kg_out + grouping.labels
+        out_w[idx] = grouping.weights
+        f64 = feats.double()
+        t = centroids(f64, gw, lab, kg_out)
+        info["rank"] = sol.rank if info["rank"] is None else min(info["rank"], sol.rank)
+        info["rows"] = st.rows
+        info["grouping_error"] += float((gw * ((f64 - t[lab]) ** 2).sum(1)).sum())
+        info["unreachable_error"] += float((gw * sol.residual.to(gw.device)).sum())
+    groups[step.space] = (np.split(labels, offs[1:-1]), k_out)
     return info
 
 
