@@ -15,6 +15,8 @@ Properties checked:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -509,3 +511,62 @@ def test_a_grouped_convolution_inside_a_block_is_fitted_group_by_group_unless_a_
     x, _ = _data(16, (3, 8, 8), seed=3)
     with torch.no_grad():
         assert (result.model(x) - net(x)).abs().max() / net(x).abs().max() < 1e-4
+
+
+class _GroupedBranch(nn.Module):
+    """A concatenation whose second part ends in a grouped convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.b1a, self.b1b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.cat([self.b0(h), self.b1b(torch.relu(self.b1a(h)))], 1)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+def test_a_concatenation_part_written_by_a_grouped_convolution_comes_back(method):
+    """Its groups shuffled alike on both sides of the grouped conv, each group's channels apart."""
+    torch.manual_seed(0)
+    a = _GroupedBranch().eval()
+    b = copy.deepcopy(a)
+    p0, p1 = torch.tensor([6, 4, 7, 5, 1, 3, 0, 2]), torch.tensor([5, 7, 4, 6, 3, 2, 0, 1])  # groups swapped
+    with torch.no_grad():
+        b.b1a.weight.copy_(a.b1a.weight[p0]), b.b1a.bias.copy_(a.b1a.bias[p0])
+        w = a.b1b.weight[p1].clone()
+        for k in range(2):
+            w[4 * k:4 * k + 4] = w[4 * k:4 * k + 4][:, p0[4 * k:4 * k + 4] % 4]
+        b.b1b.weight.copy_(w), b.b1b.bias.copy_(a.b1b.bias[p1])
+        b.head.weight[:, 4:] = a.head.weight[:, 4:][:, p1]
+    x, y = _data(128, (3, 8, 8))
+    with torch.no_grad():
+        assert (b(x) - a(x)).abs().max() < 1e-5
+    fused = neurofuse.fuse([_net(a, (3, 8, 8)), _net(b, (3, 8, 8))], (x, y), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x) - a(x)).abs().max() / a(x).abs().max() < 1e-4
+
+
+class _TwoGrouped(nn.Module):
+    """Two grouped convolutions in a row, of 4 and then 2 groups: no grouping of the space
+    between them keeps both whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.g4, self.g2 = nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c3, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.c3(torch.relu(self.g2(torch.relu(self.g4(torch.relu(self.c1(h))))))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_grouped_convolutions_of_other_groups_on_one_space_are_refused_before_any_work():
+    net = _net(_TwoGrouped(), (3, 8, 8))
+    why = get_method("kf-linear").check_level(net, 1)
+    assert why is not None and "into different groups ([2, 4])" in why, why

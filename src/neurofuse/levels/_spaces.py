@@ -93,7 +93,7 @@ class LevelLayout:
         out = []
         for p in self.parts:
             rows = [oriented(state[k], kind).shape[0] for k, s0, _, kind in self.tensors
-                    if s0 == p and kind in ("linear", "linear_t", "conv")]
+                    if s0 == p and kind in ("linear", "linear_t", "conv", "grouped")]
             out.append(int(in_width if p == "in" else rows[-1]))
         return out
 

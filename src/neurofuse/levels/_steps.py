@@ -157,6 +157,22 @@ def _grouped_step(conv: nn.Module, name: str, space: str, reads: str, part: Opti
     return Step("grouped", space, (name,), (reads,), part, groups=g)
 
 
+def _check_conv_groups(steps: List[Step]) -> None:
+    """Every space that grouped convolutions read is grouped in their groups: refuse two of them
+    that read one space in different groups, or one that reads a space a grouped convolution of
+    other groups wrote."""
+    need: dict = {}
+    for s in steps:
+        if s.kind != "grouped":
+            continue
+        have = need.setdefault(s.inputs[0], s.groups)
+        wrote = [t.groups for t in steps if t.kind == "grouped" and t.space == s.inputs[0]]
+        if have != s.groups or any(g != s.groups for g in wrote):
+            raise IncompatibleModelsError(
+                f"grouped convolutions split its {s.inputs[0]!r} channels into different groups "
+                f"({sorted({have, s.groups, *wrote})}); one grouping cannot keep them all whole")
+
+
 def closed_form_steps(level: nn.Module, index: int, last: bool = False
                       ) -> Tuple[LevelLayout, List[Step]]:
     """The layout and the closed-form steps of a (BatchNorm-folded) level.
@@ -255,6 +271,9 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             steps.append(_grouped_step(modules[mod], mod, s0, s1, part, layout, norms, last and ends))
         else:
             steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
+    _check_conv_groups(steps)
+    if not any(isinstance(m, _AFFINE) for m in level.modules()):
+        raise IncompatibleModelsError("it has no Linear/Conv2d layer for the closed form to fit")
     if any(spec[m][2] == "grouped" for m in final):
         raise IncompatibleModelsError(
             "a grouped convolution is the last layer of a residual block, which the closed form fits "

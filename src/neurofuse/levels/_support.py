@@ -73,8 +73,13 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
         return (f"its {what} holds parameters and is not folded into a Linear/Conv, so the level "
                 "is not affine in its parameters")
     try:
-        closed_form_steps(folded, index, last=index == len(net.levels) - 1)  # type: ignore[arg-type]
-        output_groups(net.levels, index)  # type: ignore[arg-type]
+        _, steps = closed_form_steps(folded, index, last=index == len(net.levels) - 1)  # type: ignore[arg-type]
+        groups = output_groups(net.levels, index)  # type: ignore[arg-type]
+        for s in steps:
+            if s.kind == "grouped" and s.space.startswith("out") and groups not in (0, s.groups):
+                raise IncompatibleModelsError(
+                    f"its grouped convolution (groups={s.groups}) {s.modules[0]!r} writes a stream that "
+                    f"GroupNorms split into {groups} groups; one grouping cannot keep both whole")
     except IncompatibleModelsError as exc:
         return _reason(exc, index)
     return None

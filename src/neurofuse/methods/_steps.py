@@ -152,6 +152,10 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
                                     np.concatenate(scores), keep)
         elif step.kind == "grouped":
             widths_j = [int(m.levels[level].get_submodule(step.modules[0]).weight.shape[0]) for m in models]
+            if split.get(step.space, 0) not in (0, step.groups):
+                raise IncompatibleModelsError(
+                    f"level {level}: a GroupNorm splits the channels of {step.modules[0]} into "
+                    f"{split[step.space]} groups and its convolution into {step.groups}")
             info = _fit_grouped(method, level, models, fused.levels[level], stream, step, groups,
                                 _step_weights(step, scores, parts_w, widths_j), keep)
         else:
