@@ -105,8 +105,25 @@ class GroupedNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def _grouped_twin(a: GroupedNet) -> GroupedNet:
+    """``a`` with the stem's channels and the grouped conv's outputs permuted: both groups swapped
+    alike, each group's channels on their own (the same function)."""
+    b = copy.deepcopy(a)
+    p0, p1 = torch.tensor([6, 4, 7, 5, 1, 3, 0, 2]), torch.tensor([5, 7, 4, 6, 3, 2, 0, 1])
+    with torch.no_grad():
+        b.stem.weight.copy_(a.stem.weight[p0]), b.stem.bias.copy_(a.stem.bias[p0])
+        w = a.grouped.weight[p1].clone()
+        for k in range(2):
+            w[4 * k:4 * k + 4] = w[4 * k:4 * k + 4][:, p0[4 * k:4 * k + 4] % 4]
+        b.grouped.weight.copy_(w), b.grouped.bias.copy_(a.grouped.bias[p1])
+        b.head.weight.copy_(a.head.weight[:, p1])
+    return b.eval()
+
+
 @pytest.mark.parametrize("method", [n for n in list_methods() if get_method(n).fuses_levels])
-def test_a_grouped_convolution_is_refused_by_name_before_any_importance(method, monkeypatch):
+def test_a_grouped_convolution_is_fitted_group_by_group_or_refused_by_name_before_any_importance(method, monkeypatch):
+    """The closed form fits a grouped conv that reads the level input (the level before groups its
+    output in the conv's groups) and gives a group-permuted copy back; the alignments refuse it."""
     cls = get_method(method)
     torch.manual_seed(0)
     nets = [_net(GroupedNet()) for _ in range(2)]
@@ -121,6 +138,14 @@ def test_a_grouped_convolution_is_refused_by_name_before_any_importance(method, 
     if method == "kf-gradient":
         assert not any(reasons)
         assert torch.isfinite(neurofuse.fuse(nets, (x, y), method=method, progress=False, **kw)(x[:4])).all()
+        return
+    if method in ("kf-linear", "hf-linear"):
+        assert not any(reasons)
+        torch.manual_seed(0)
+        model = GroupedNet().eval()
+        fused = neurofuse.fuse([_net(model), _net(_grouped_twin(model))], (x, y), method=method, progress=False)
+        with torch.no_grad():
+            assert (fused(x) - model(x)).abs().max() / model(x).abs().max() < 1e-4
         return
     assert reasons[0] is None and "grouped convolution (groups=2" in reasons[1]
     with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level 1 \(relu -> grouped\).*grouped convolution"):

@@ -377,9 +377,10 @@ def stream_groups(layouts: Sequence[LevelLayout], members: Sequence[int]) -> int
 
 
 def output_groups(levels: Sequence[nn.Module], index: int) -> int:
-    """The GroupNorm groups of level ``index``'s output space over its whole residual stream (the
-    levels tied to it by identity skips, before and after it): 0 if none normalises it in groups
-    of several channels.  A level whose layout cannot be read ends the stream.
+    """The groups of level ``index``'s output space over its whole residual stream (the levels
+    tied to it by identity skips, before and after it): those of the GroupNorms that normalise it
+    or of the grouped convolutions that read it (in the stream, or as the first layer of the next
+    level); 0 if none.  A level whose layout cannot be read ends the stream.
 
     Raises
     ------
@@ -401,15 +402,28 @@ def output_groups(levels: Sequence[nn.Module], index: int) -> int:
         if found[start - 1] is None:
             break
         start -= 1
-    end = index
+    end, reader = index, None
     while end + 1 < len(levels):
         nxt = layout(end + 1)
         if nxt is None or not nxt.tied:
+            reader = nxt   # the level that reads the stream's output
             break
         found[end + 1] = nxt
         end += 1
     members = [i for i in range(start, end + 1) if found.get(i) is not None]
-    return stream_groups(found, members)   # type: ignore[arg-type]
+    norm = stream_groups(found, members)   # type: ignore[arg-type]
+    readers = [(i, found[i]) for i in members if i > start] + ([(end + 1, reader)] if reader is not None else [])
+    conv = {levels[i].get_submodule(key.rpartition(".")[0]).groups for i, lay in readers
+            for key, _, s1, kind in lay.tensors if kind == "grouped" and s1 == "in"}   # type: ignore[union-attr]
+    if len(conv | {norm} - {0}) > 1:
+        raise IncompatibleModelsError(
+            f"levels {members} share one space that grouped convolutions or GroupNorms split into "
+            f"{sorted(conv | {norm} - {0})} groups; one grouping cannot keep them all whole (use 'kf-gradient')")
+    if conv and any(found[m].parts for m in members):   # type: ignore[union-attr]
+        raise IncompatibleModelsError(
+            f"level {index} writes a concatenation that a grouped convolution reads in {sorted(conv)[0]} "
+            "groups; one grouping cannot keep both the parts and the groups whole (use 'kf-gradient')")
+    return norm or (conv.pop() if conv else 0)
 
 
 def activation_module(module: Optional[nn.Module]) -> nn.Module:

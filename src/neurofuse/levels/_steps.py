@@ -14,8 +14,9 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   (:class:`neurofuse.approximation.DepthwiseStats`);
 * ``"grouped"``: a grouped convolution (``1 < groups``, not depthwise: ResNeXt) opens a space
   whose group ``b`` reads group ``b`` of the space it reads.  That space is grouped in ``groups``
-  whole groups (as a GroupNorm's), and each fused group of outputs is grouped and fitted from its
-  own fused group of inputs (one least squares per group);
+  whole groups (as a GroupNorm's; the level input by the level before it:
+  :func:`~neurofuse.levels._layout.output_groups`), and each fused group of outputs is grouped and
+  fitted from its own fused group of inputs (one least squares per group);
 * ``"residual"``: the last layer of a residual block with an identity shortcut writes
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
   to the grouped block outputs minus the fused shortcut (a residual target).
@@ -146,8 +147,7 @@ def _grouped_step(conv: nn.Module, name: str, space: str, reads: str, part: Opti
                   norms: dict, output: bool) -> Step:
     """The step of a grouped convolution ``name``, or why the closed form does not fit it."""
     g = int(conv.groups)
-    why = ("it reads the level input, grouped by the level before without its groups" if reads == "in" else
-           "a norm follows it" if name in norms else
+    why = ("a norm follows it" if name in norms else
            "it writes the model's output" if output else
            "a GroupNorm splits a space it reads or writes into other groups"
            if {layout.groups_of(reads), layout.groups_of(space)} - {0, g} else None)
