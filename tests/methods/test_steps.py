@@ -105,18 +105,23 @@ class GroupedNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def _grouped_twin(a: GroupedNet) -> GroupedNet:
-    """``a`` with the stem's channels and the grouped conv's outputs permuted: both groups swapped
-    alike, each group's channels on their own (the same function)."""
-    b = copy.deepcopy(a)
+def _shuffle_groups(opener: nn.Conv2d, grouped: nn.Conv2d, reader: nn.Module, cols: slice = slice(None)) -> None:
+    """In place, the same function: the 8 channels ``opener`` writes and the 8 ``grouped`` (2
+    groups) writes permuted, both groups swapped alike and each group's channels on their own;
+    ``reader`` reads the grouped conv's outputs in its weight's columns ``cols``."""
     p0, p1 = torch.tensor([6, 4, 7, 5, 1, 3, 0, 2]), torch.tensor([5, 7, 4, 6, 3, 2, 0, 1])
     with torch.no_grad():
-        b.stem.weight.copy_(a.stem.weight[p0]), b.stem.bias.copy_(a.stem.bias[p0])
-        w = a.grouped.weight[p1].clone()
+        opener.weight.copy_(opener.weight[p0].clone()), opener.bias.copy_(opener.bias[p0].clone())
+        w = grouped.weight[p1].clone()
         for k in range(2):
             w[4 * k:4 * k + 4] = w[4 * k:4 * k + 4][:, p0[4 * k:4 * k + 4] % 4]
-        b.grouped.weight.copy_(w), b.grouped.bias.copy_(a.grouped.bias[p1])
-        b.head.weight.copy_(a.head.weight[:, p1])
+        grouped.weight.copy_(w), grouped.bias.copy_(grouped.bias[p1].clone())
+        reader.weight[:, cols] = reader.weight[:, cols][:, p1].clone()
+
+
+def _grouped_twin(a: GroupedNet) -> GroupedNet:
+    b = copy.deepcopy(a)
+    _shuffle_groups(b.stem, b.grouped, b.head)
     return b.eval()
 
 
@@ -559,14 +564,7 @@ def test_a_concatenation_part_written_by_a_grouped_convolution_comes_back(method
     torch.manual_seed(0)
     a = _GroupedBranch().eval()
     b = copy.deepcopy(a)
-    p0, p1 = torch.tensor([6, 4, 7, 5, 1, 3, 0, 2]), torch.tensor([5, 7, 4, 6, 3, 2, 0, 1])  # groups swapped
-    with torch.no_grad():
-        b.b1a.weight.copy_(a.b1a.weight[p0]), b.b1a.bias.copy_(a.b1a.bias[p0])
-        w = a.b1b.weight[p1].clone()
-        for k in range(2):
-            w[4 * k:4 * k + 4] = w[4 * k:4 * k + 4][:, p0[4 * k:4 * k + 4] % 4]
-        b.b1b.weight.copy_(w), b.b1b.bias.copy_(a.b1b.bias[p1])
-        b.head.weight[:, 4:] = a.head.weight[:, 4:][:, p1]
+    _shuffle_groups(b.b1a, b.b1b, b.head, slice(4, None))
     x, y = _data(128, (3, 8, 8))
     with torch.no_grad():
         assert (b(x) - a(x)).abs().max() < 1e-5
