@@ -267,3 +267,13 @@ def test_a_declared_level_that_is_one_module_is_aligned(method):
     x, y = torch.randn(50, 12), torch.randint(0, 3, (50,))
     fused = neurofuse.fuse(nets, (x, y), method=method, progress=False)
     assert (fused(x) - model(x)).abs().max() < 1e-5
+
+
+def test_the_maps_say_which_spaces_a_grouped_convolution_matches_together():
+    from neurofuse.levels import format_maps
+
+    from ..methods.test_steps import GroupedNet, _net
+
+    text = format_maps(_net(GroupedNet()))
+    assert "level 0 out-map" in text and "matched as the level 1 out groups are" in text, text
+    assert "matched as the level 0 out groups are" in text, text

@@ -104,8 +104,11 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
         for key, s0, s1, kind in lay.tensors:
             if kind == "grouped":
                 g = net.levels[i].get_submodule(key.rpartition(".")[0]).groups  # type: ignore[index]
-                for space in (s0, s1):
-                    conv_groups.setdefault((i, space), (g, s1 if space == s0 else s0))
+                for space, other in ((s0, s1), (s1, s0)):
+                    where, there = home(i, space), home(i, other)
+                    if where is not None:
+                        conv_groups.setdefault(where, (g, "model input" if there is None else
+                                                       f"level {there[0]} {there[1]}"))
             name = keys.get(f"levels.{i}.{key}", f"levels.{i}.{key}")
             t = state[key]
             axis0 = "" if t.dim() < 2 and kind != "last" else _AXIS0.get(kind, f"axis 0 ({kind})")
@@ -142,8 +145,8 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
             note.append(f"channels in {groups} GroupNorm groups, which move as units")
         if (i, space) in conv_groups:
             g, other = conv_groups[(i, space)]
-            note.append(f"channels in {g} groups of a grouped convolution, matched as {other}'s groups are "
-                        "(closed form only)")
+            note.append(f"channels in {g} groups of a grouped convolution, matched as the {other} groups "
+                        "are (closed form only)")
         out.append(NeuronMapInfo(i, space, tuple(_merge(tensors)), "; ".join(note)))
     return out
 
