@@ -593,3 +593,19 @@ def test_grouped_convolutions_of_other_groups_on_one_space_are_refused_before_an
     net = _net(_TwoGrouped(), (3, 8, 8))
     why = get_method("kf-linear").check_level(net, 1)
     assert why is not None and "into different groups ([2, 4])" in why, why
+
+
+def test_a_declared_level_without_a_layer_is_refused_by_the_closed_form_with_a_reason():
+    """(It used to stop inside the fit with ``min() arg is an empty sequence``.)"""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.last = nn.Conv2d(3, 8, 8), nn.Sequential(nn.ReLU(), nn.Conv2d(8, 10, 1))
+
+        def forward(self, x):
+            return self.last(self.stem(x)).flatten(1)
+
+    net = neurofuse.levels_from(Net().eval(), input_shape=(3, 8, 8), levels=["stem", "last", lambda x: x.flatten(1)])
+    why = get_method("kf-linear").check_level(net, 2)
+    assert why is not None and "no Linear/Conv2d layer" in why, why

@@ -191,6 +191,8 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     IncompatibleModelsError
         With the reason, if a layer of the level is not fitted by the closed form.
     """
+    if not any(isinstance(m, _AFFINE) for m in level.modules()):
+        raise IncompatibleModelsError("it has no Linear/Conv2d layer for the closed form to fit")
     layout = level_layout(level, index, "the closed form", grouped=True)
     modules = dict(level.named_modules())
     block = hasattr(level, "shortcut")
@@ -272,8 +274,6 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         else:
             steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
     _check_conv_groups(steps)
-    if not any(isinstance(m, _AFFINE) for m in level.modules()):
-        raise IncompatibleModelsError("it has no Linear/Conv2d layer for the closed form to fit")
     if any(spec[m][2] == "grouped" for m in final):
         raise IncompatibleModelsError(
             "a grouped convolution is the last layer of a residual block, which the closed form fits "

@@ -28,11 +28,11 @@ normalises (a row for LayerNorm; one sample's group of channels, over all positi
 GroupNorm) to :math:`\gamma \odot (z - \mu(z)) / \sigma(z) + \beta` and ignores the unit's shift
 and scale, so the layer is fitted to the base models' centred units :math:`z - \mu(z)`, each base
 model's scaled by its least-squares constant of :math:`1/\sigma` over the fusion set,
-:math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, divided by the models' mean constant (so that
-models are compared in the units the norm sees, and the targets keep the models' mean scale, at
-which the norm's ``eps`` acts as it does in them) (the statistics are rescaled after the pass,
-:meth:`~neurofuse.approximation.LinearStats.scale_targets`; the priors are centred and scaled
-alike).  A GroupNorm's unit after a convolution spans positions, and its mean is not an output of
+:math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`, divided by the models' mean constant: the models
+are compared in the units the norm sees, and the targets keep the models' mean scale, at which the
+norm's ``eps`` acts as it does in them.  The statistics are rescaled after the pass
+(:meth:`~neurofuse.approximation.LinearStats.scale_targets`); the priors are centred and scaled
+alike.  A GroupNorm's unit after a convolution spans positions, and its mean is not an output of
 any convolution: those targets are scaled, not centred (:func:`~neurofuse.approximation.norm_units`).  A second pass
 fits the fused norm's weight and bias neuron by neuron
 (:class:`~neurofuse.approximation.NeuronRegression`), from the fused normalised values to the
@@ -342,14 +342,15 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                                       f"{k_out} outputs; give the fused model widths that split into its groups")
     kg_in, kg_out = k_in // g, k_out // g
     widths = [int(bm.weight.shape[0]) for bm in bms]
-    members = []   # members[b]: (model, its group) whose outputs fused group b fits
+    sigma = []   # sigma[i][a]: the fused group that model i's input group a went to
     for i, lab in enumerate(lab_in):
         blocks = np.asarray(lab).reshape(g, -1) // kg_in
         if not (blocks == blocks[:, :1]).all() or len(set(blocks[:, 0])) != g:
             raise IncompatibleModelsError(
                 f"level {level}: the channels {step.modules[0]} reads were not grouped in its {g} groups")
-        members.append(blocks[:, 0])
-    order = [[(i, int(np.flatnonzero(members[i] == b)[0])) for i in range(len(models))] for b in range(g)]
+        sigma.append(blocks[:, 0])
+    # order[b]: every model's group (i, a) whose outputs fused group b fits
+    order = [[(i, int(np.flatnonzero(sigma[i] == b)[0])) for i in range(len(models))] for b in range(g)]
     design = nn.Conv2d(kg_in, 1, f.kernel_size, f.stride, f.padding, f.dilation, bias=f.bias is not None)
     stats = [LinearStats() for _ in range(g)]
     with torch.no_grad():
