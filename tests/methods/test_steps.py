@@ -105,10 +105,11 @@ class GroupedNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def _shuffle_groups(opener: nn.Conv2d, grouped: nn.Conv2d, reader: nn.Module, cols: slice = slice(None)) -> None:
+def _shuffle_groups(opener: nn.Conv2d, grouped: nn.Conv2d, reader: nn.Module, cols: slice = slice(None),
+                    norm: "nn.Module | None" = None) -> None:
     """In place, the same function: the 8 channels ``opener`` writes and the 8 ``grouped`` (2
     groups) writes permuted, both groups swapped alike and each group's channels on their own;
-    ``reader`` reads the grouped conv's outputs in its weight's columns ``cols``."""
+    ``reader`` reads the grouped conv's outputs in its weight's columns ``cols``, after ``norm``."""
     p0, p1 = torch.tensor([6, 4, 7, 5, 1, 3, 0, 2]), torch.tensor([5, 7, 4, 6, 3, 2, 0, 1])
     with torch.no_grad():
         opener.weight.copy_(opener.weight[p0].clone()), opener.bias.copy_(opener.bias[p0].clone())
@@ -116,6 +117,8 @@ def _shuffle_groups(opener: nn.Conv2d, grouped: nn.Conv2d, reader: nn.Module, co
         for k in range(2):
             w[4 * k:4 * k + 4] = w[4 * k:4 * k + 4][:, p0[4 * k:4 * k + 4] % 4]
         grouped.weight.copy_(w), grouped.bias.copy_(grouped.bias[p1].clone())
+        if norm is not None:
+            norm.weight.copy_(norm.weight[p1].clone()), norm.bias.copy_(norm.bias[p1].clone())
         reader.weight[:, cols] = reader.weight[:, cols][:, p1].clone()
 
 
@@ -526,21 +529,43 @@ class _GroupedInBlock(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize("after,needle", [("groupnorm", "a norm follows it"), ("nothing", None)])
-def test_a_grouped_convolution_inside_a_block_is_fitted_group_by_group_unless_a_norm_follows(after, needle):
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear"])
+@pytest.mark.parametrize("after", ["groupnorm", "nothing"])
+def test_a_grouped_convolution_inside_a_block_is_fitted_group_by_group_and_a_shuffled_copy_comes_back(after, method):
+    """With a GroupNorm of its groups after it (ResNeXt with GroupNorm), the conv's targets are
+    scaled as the GroupNorm sees them and its weight and bias fitted per channel."""
     torch.manual_seed(0)
-    net = _net(_GroupedInBlock(after), (3, 8, 8))
-    why = get_method("kf-linear").check_level(net, 1)
-    if needle:
-        assert why is not None and needle in why and "grouped convolution (groups=2" in why, why
-        return
-    assert why is None
-    result = neurofuse.fuse([net, net], _data(64, (3, 8, 8)), method="kf-linear", progress=False,
+    model = _GroupedInBlock(after).eval()
+    if after == "groupnorm":
+        with torch.no_grad():
+            model.after.weight.uniform_(0.5, 1.5), model.after.bias.normal_(0.0, 0.3)
+        model.after.eps = 1e-10   # so that the copy scaled below is the same function to float precision
+    twin = copy.deepcopy(model)
+    _shuffle_groups(twin.c1, twin.c2, twin.c3, norm=twin.after if after == "groupnorm" else None)
+    if after == "groupnorm":   # the GroupNorm ignores its groups' scale: compared in its units
+        with torch.no_grad():
+            twin.c2.weight.mul_(10.0), twin.c2.bias.mul_(10.0)
+    x, y = _data(96, (3, 8, 8))
+    with torch.no_grad():
+        assert (twin(x) - model(x)).abs().max() < 1e-5
+    net = _net(model, (3, 8, 8))
+    assert get_method(method).check_level(net, 1) is None
+    result = neurofuse.fuse([net, _net(twin, (3, 8, 8))], (x, y), method=method, progress=False,
                             return_result=True)
     assert [s["kind"] for s in result.report[1]["steps"]] == ["new", "grouped", "residual"]
-    x, _ = _data(16, (3, 8, 8), seed=3)
+    x_test, _ = _data(16, (3, 8, 8), seed=3)
     with torch.no_grad():
-        assert (result.model(x) - net(x)).abs().max() / net(x).abs().max() < 1e-4
+        assert (result.model(x_test) - model(x_test)).abs().max() / model(x_test).abs().max() < 1e-4
+
+
+def test_a_groupnorm_of_other_groups_after_a_grouped_convolution_is_refused():
+    class Other(_GroupedInBlock):
+        def __init__(self):
+            super().__init__("nothing")
+            self.after = nn.GroupNorm(4, 8)
+
+    why = get_method("kf-linear").check_level(_net(Other(), (3, 8, 8)), 1)
+    assert why is not None and "other groups" in why, why
 
 
 class _GroupedBranch(nn.Module):

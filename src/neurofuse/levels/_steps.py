@@ -147,14 +147,13 @@ def _grouped_step(conv: nn.Module, name: str, space: str, reads: str, part: Opti
                   norms: dict, output: bool) -> Step:
     """The step of a grouped convolution ``name``, or why the closed form does not fit it."""
     g = int(conv.groups)
-    why = ("a norm follows it" if name in norms else
-           "it writes the model's output" if output else
+    why = ("it writes the model's output" if output else
            "a GroupNorm splits a space it reads or writes into other groups"
            if {layout.groups_of(reads), layout.groups_of(space)} - {0, g} else None)
     if why:
         raise IncompatibleModelsError(
             f"its grouped convolution (groups={g}) {name!r} is not fitted by the closed form: {why}")
-    return Step("grouped", space, (name,), (reads,), part, groups=g)
+    return Step("grouped", space, (name,), (reads,), part, norm=norms.get(name), groups=g)
 
 
 def _check_conv_groups(steps: List[Step]) -> None:

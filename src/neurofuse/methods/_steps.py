@@ -353,6 +353,8 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
     order = [[(i, int(np.flatnonzero(sigma[i] == b)[0])) for i in range(len(models))] for b in range(g)]
     design = nn.Conv2d(kg_in, 1, f.kernel_size, f.stride, f.padding, f.dilation, bias=f.bias is not None)
     stats = [LinearStats() for _ in range(g)]
+    bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
+    spread = RowScale()
     with torch.no_grad():
         for batch in stream:
             _, ins, _ = _capture(flv, batch.inputs[0], [f], [])
@@ -361,7 +363,10 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                 z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]])
                 if keep:
                     batch.keep(i, z)
-                outs.append(_flat(got[0]))
+                outs.append(got[0])
+            if bnorms:   # scaled after the pass as its norm sees them (a conv's units span positions)
+                spread.update([norm_units(ln, o)[1] for ln, o in zip(bnorms, outs)])
+            outs = [_flat(o) for o in outs]
             for b in range(g):
                 x = design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])
                 per = [(outs[i], widths[i] // g, a) for i, a in order[b]]
@@ -369,10 +374,16 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
     offs = np.cumsum([0] + widths)
     labels = np.zeros(int(offs[-1]), dtype=np.int64)
     out_w = np.zeros(int(offs[-1]))
-    info = {"space": step.space, "kind": step.kind, "rank": None, "rows": 0, "grouping_error": 0.0,
-            "unreachable_error": 0.0}
+    info: Dict[str, Any] = {"space": step.space, "kind": step.kind, "rank": None, "rows": 0,
+                            "grouping_error": 0.0, "unreachable_error": 0.0}
+    scale = torch.ones(len(models), dtype=torch.float64)
+    if bnorms:
+        scale = method.reduce(spread).inverse().cpu()
+        scale = scale / scale.mean()
     for b in range(g):
         st = method.reduce(stats[b])
+        if bnorms:
+            st.scale_targets(torch.repeat_interleave(scale, torch.tensor([widths[i] // g for i, _ in order[b]])))
         idx = np.concatenate([np.arange(offs[i] + a * (widths[i] // g), offs[i] + (a + 1) * (widths[i] // g))
                               for i, a in order[b]])
         prior = None
@@ -384,7 +395,7 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                 bias = None if bms[i].bias is None else bms[i].bias[a * n:(a + 1) * n]
                 per_in = len(lab_in[i]) // g
                 local = torch.from_numpy(np.asarray(lab_in[i][a * per_in:(a + 1) * per_in]) - b * kg_in)
-                cols.append(aligned_prior(_Rows(w, bias), local, kg_in))
+                cols.append(aligned_prior(_Rows(w, bias), local, kg_in) * float(scale[i]))
             prior = torch.cat(cols, dim=1).to(method.device)  # type: ignore[arg-type]
         sol = st.solve(opts.rtol, opts.ridge, prior)
         feats = sol.features.float()
@@ -408,6 +419,11 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
         info["grouping_error"] += float((gw * ((f64 - t[lab]) ** 2).sum(1)).sum())
         info["unreachable_error"] += float((gw * sol.residual.to(gw.device)).sum())
     groups[step.space] = (np.split(labels, offs[1:-1]), k_out)
+    if step.norm:
+        info["norm"] = step.norm
+        info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm,
+                                       torch.from_numpy(out_w).to(method.device),
+                                       torch.from_numpy(labels).to(method.device), k_out)
     return info
 
 
