@@ -190,8 +190,6 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
     IncompatibleModelsError
         With the reason, if a layer of the level is not fitted by the closed form.
     """
-    if not any(isinstance(m, _AFFINE) for m in level.modules()):
-        raise IncompatibleModelsError("it has no Linear/Conv2d layer for the closed form to fit")
     layout = level_layout(level, index, "the closed form", grouped=True)
     modules = dict(level.named_modules())
     block = hasattr(level, "shortcut")
@@ -227,6 +225,8 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
         why = _conv_reason(m)
         if why:
             raise IncompatibleModelsError(why)
+    if not any(isinstance(m, _AFFINE) for m in level.modules()):
+        raise IncompatibleModelsError("it has no Linear/Conv2d layer for the closed form to fit")
     writers = {}   # path -> name of its last affine layer
     for name, (names, kids, last_affine) in last_of.items():
         end = kids[last_affine]
