@@ -15,7 +15,8 @@ pre-norm residual MLP (an embedding of ``32 * --width``, two blocks ``x + MLP(La
 ``64 * --width`` hidden neurons, a ``LayerNorm`` and the head); ``resnet18_gn`` torchvision's
 ResNet-18 with ``GroupNorm(2, C)`` (widths ``4, 8, 8, 16`` times ``--width``); ``resnext`` a small
 ResNeXt (torchvision's ``Bottleneck`` with a grouped 3x3 convolution of 4 groups of ``4 * --width``
-channels; two stages of ``8, 16`` times ``--width`` planes).  ``N`` of them, each from its own initialisation, are trained briefly
+channels; two stages of ``8, 16`` times ``--width`` planes); ``bottleneck`` the same with one group
+(a plain bottleneck ResNet of the same widths).  ``N`` of them, each from its own initialisation, are trained briefly
 on the parts of a Dirichlet split (the paper's, ratio 0.2) of the training data, cut into levels
 with ``neurofuse.levels_from(model, input_shape=...)`` (nothing declared) and fused on a
 400-sample class-balanced fusion set drawn from the training data with every level-wise method
@@ -50,7 +51,8 @@ ARCHS = {"mobilenet_v2": lambda s, k, w: MobileNetV2(num_classes=k, in_ch=s[0], 
          "mlp_ln": lambda s, k, w: MLP(in_features=int(np.prod(s)), hidden=(32 * w, 32 * w), num_classes=k),
          "resmlp": lambda s, k, w: ResMLP(in_features=int(np.prod(s)), dim=32 * w, hidden=64 * w, num_classes=k),
          "resnet18_gn": lambda s, k, w: resnet18_gn(k, (4 * w, 8 * w, 8 * w, 16 * w), s[0]),
-         "resnext": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=4, base_width=4 * w)}
+         "resnext": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=4, base_width=4 * w),
+         "bottleneck": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=1, base_width=16 * w)}
 METHODS = ["vanilla", "ensemble", "kf-linear", "hf-linear", "otfusion", "otfusion+repair", "git-rebasin",
            "git-rebasin+repair", "kf-gradient"]
 
