@@ -115,7 +115,7 @@ def reset_batchnorm(model: nn.Module, data: Any, batch_size: int = 256,
 
 def _fold_target(level: nn.Module) -> Optional[nn.Module]:
     """The module whose per-channel output *is* the level output up to parameter-free ops: the
-    last ``Linear`` / ``Conv2d`` / affine BatchNorm, LayerNorm over the neurons or GroupNorm of a
+    last ``Linear`` / ``Conv2d`` / affine BatchNorm, LayerNorm over the neurons, GroupNorm or InstanceNorm of a
     sequential level (a normalisation's output is its weight and bias applied per channel, so
     the rescaling folds into them); ``None`` for levels whose output sums several paths (residual
     levels) or ends in another parametrised module."""
@@ -128,7 +128,7 @@ def _fold_target(level: nn.Module) -> Optional[nn.Module]:
         if list(m.children()):
             continue
         if isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, _BatchNorm) and m.affine) or (
-                isinstance(m, nn.GroupNorm) and m.affine) or (
+                isinstance(m, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)) and m.affine) or (
                 isinstance(m, nn.LayerNorm) and m.elementwise_affine and len(m.normalized_shape) == 1):
             target = m
         elif any(True for _ in m.parameters(recurse=False)):

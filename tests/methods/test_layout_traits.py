@@ -360,3 +360,53 @@ def test_models_whose_groupnorms_have_other_groups_are_refused_by_name():
     x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
     with pytest.raises(IncompatibleModelsError, match=r"model 1 level 0 has GroupNorms of other groups"):
         neurofuse.fuse(nets, (x, y), method="otfusion", progress=False)
+
+
+class InstanceNormNet(torch.nn.Module):
+    """A stem and a residual block of convolutions each followed by an affine ``InstanceNorm2d``."""
+
+    def __init__(self):
+        super().__init__()
+        nn, c = torch.nn, 8
+        self.stem, self.n0 = nn.Conv2d(3, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True)
+        self.conv1, self.n1 = nn.Conv2d(c, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True)
+        self.conv2, self.n2 = nn.Conv2d(c, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True)
+        self.fc = nn.Linear(c, 10)
+        with torch.no_grad():
+            for m in (self.n0, self.n1, self.n2):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0.0, 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.n0(self.stem(x)))
+        h = torch.relu(h + self.n2(self.conv2(torch.relu(self.n1(self.conv1(h))))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "hf-linear", "otfusion", "git-rebasin"])
+def test_an_instancenorm_follows_its_channels_and_a_permuted_copy_comes_back(method):
+    """An affine InstanceNorm2d (a GroupNorm of one channel per group) commutes with any
+    permutation of the channels; the closed form fits it as such a GroupNorm."""
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(InstanceNormNet().eval(), input_shape=(3, 8, 8))
+    twin = permute_spaces(net, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
+    assert not torch.equal(twin.state_dict()["levels.0.1.weight"], net.state_dict()["levels.0.1.weight"])
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
+
+
+def test_repair_after_otfusion_keeps_an_instancenorm_copy_and_folds_into_its_affine():
+    """REPAIR folds its rescaling into an InstanceNorm that ends a level (a normalisation's output
+    is its affine per channel); on a permuted copy the fused model stays the model."""
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(InstanceNormNet().eval(), input_shape=(3, 8, 8))
+    twin = permute_spaces(net, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    fused = neurofuse.fuse([net, twin], (x, y), method="otfusion", repair=True, progress=False)
+    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
+    from neurofuse.repair import _fold_target
+
+    assert isinstance(_fold_target(net.levels[0]), torch.nn.InstanceNorm2d)

@@ -154,7 +154,9 @@ def norm_units(norm: nn.Module, z: Tensor) -> Tuple[Tensor, Tensor]:
     layer's outputs (LayerNorm; GroupNorm on ``[B, C]``), which the layer with its weights centred
     over the unit's neurons computes exactly; a GroupNorm's unit over positions has a mean that
     no convolution computes, and ``z'`` is ``z``."""
-    if isinstance(norm, nn.GroupNorm):
+    if isinstance(norm, nn.InstanceNorm2d):   # one channel per group
+        u = z.reshape(z.shape[0], z.shape[1], -1)
+    elif isinstance(norm, nn.GroupNorm):
         if z.dim() not in (2, 4):
             raise IncompatibleModelsError(
                 f"a GroupNorm reads values of shape {list(z.shape)}; the closed form fits it after a "
@@ -163,13 +165,16 @@ def norm_units(norm: nn.Module, z: Tensor) -> Tuple[Tensor, Tensor]:
     else:
         u = z.reshape(-1, z.shape[-1])
     sigma = torch.sqrt(u.double().var(-1, unbiased=False) + norm.eps).reshape(-1)
-    if z.dim() > 2 and isinstance(norm, nn.GroupNorm):
+    if z.dim() > 2 and isinstance(norm, (nn.GroupNorm, nn.InstanceNorm2d)):
         return z, sigma
     return (u - u.mean(-1, keepdim=True)).reshape(z.shape), sigma
 
 
 def normalise(norm: nn.Module, z: Tensor) -> Tensor:
-    """``z`` normalised by the LayerNorm or GroupNorm ``norm`` without its weight and bias."""
+    """``z`` normalised by the LayerNorm, GroupNorm or InstanceNorm2d ``norm`` without its weight
+    and bias."""
+    if isinstance(norm, nn.InstanceNorm2d):
+        return F.group_norm(z, z.shape[1], None, None, norm.eps)
     if isinstance(norm, nn.GroupNorm):
         return F.group_norm(z, norm.num_groups, None, None, norm.eps)
     return F.layer_norm(z, norm.normalized_shape, None, None, norm.eps)

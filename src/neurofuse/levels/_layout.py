@@ -79,11 +79,12 @@ __all__ = [
 ]
 
 _AFFINE = (nn.Linear, nn.Conv2d)
-_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
 def _permutes_with_channels(m: nn.Module) -> bool:
-    """A per-channel normalisation, or a ``GroupNorm`` of one group (every channel together, as a
+    """A per-channel normalisation (BatchNorm, InstanceNorm), a LayerNorm, or a ``GroupNorm`` of
+    one group (every channel together, as a
     LayerNorm) or of one channel per group (each alone): any permutation of the channels commutes
     with it, its weight and bias following the channels."""
     return isinstance(m, _CHANNEL) or (isinstance(m, nn.GroupNorm) and m.num_groups in (1, m.num_channels))

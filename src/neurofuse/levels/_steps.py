@@ -115,12 +115,16 @@ def _conv_reason(m: nn.Module) -> Optional[str]:
 
 def _norm_over(end: nn.Module, nxt: nn.Module) -> bool:
     """Whether ``nxt`` normalises exactly the outputs of the layer ``end``: a LayerNorm over a
-    Linear's outputs, a GroupNorm over a Linear's or a (not depthwise) Conv2d's channels."""
+    Linear's outputs, a GroupNorm over a Linear's or a (not depthwise) Conv2d's channels, an
+    InstanceNorm2d without running statistics (a GroupNorm of one channel per group) over a
+    Conv2d's."""
     if isinstance(nxt, nn.LayerNorm):
         return isinstance(end, nn.Linear) and tuple(nxt.normalized_shape) == (end.out_features,)
     if isinstance(nxt, nn.GroupNorm) and not is_depthwise(end):
         width = end.out_features if isinstance(end, nn.Linear) else getattr(end, "out_channels", None)
         return isinstance(end, _AFFINE) and width == nxt.num_channels
+    if isinstance(nxt, nn.InstanceNorm2d) and not nxt.track_running_stats:   # GroupNorm(C, C)
+        return isinstance(end, nn.Conv2d) and not is_depthwise(end) and end.out_channels == nxt.num_features
     return False
 
 
