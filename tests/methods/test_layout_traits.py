@@ -217,12 +217,18 @@ def test_a_groupnorm_of_several_channels_per_group_moves_its_groups_as_units(met
     torch.manual_seed(0)
     net = neurofuse.levels_from(GroupNormNet(lambda c: groups, affine=affine).eval(), input_shape=(3, 8, 8))
     assert "groups" in layout_traits(net, 0)
+    _permuted_copy_fuses_back(net, method, "levels.0.0.weight")
+
+
+def _permuted_copy_fuses_back(net, method: str, moved: str, **options) -> None:
+    """A copy of ``net`` with every space permuted is the same function and moves ``moved``;
+    fused with ``net`` by ``method`` it gives ``net`` back."""
     twin = permute_spaces(net, seed=1)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
     assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
-    assert not torch.equal(twin.state_dict()["levels.0.0.weight"], net.state_dict()["levels.0.0.weight"])
-    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
+    assert not torch.equal(twin.state_dict()[moved], net.state_dict()[moved])
+    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False, **options)
     assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
 
 
@@ -388,13 +394,7 @@ def test_an_instancenorm_follows_its_channels_and_a_permuted_copy_comes_back(met
     permutation of the channels; the closed form fits it as such a GroupNorm."""
     torch.manual_seed(0)
     net = neurofuse.levels_from(InstanceNormNet().eval(), input_shape=(3, 8, 8))
-    twin = permute_spaces(net, seed=1)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
-    assert float((predict_logits(twin, x) - predict_logits(net, x)).abs().max()) < 1e-5
-    assert not torch.equal(twin.state_dict()["levels.0.1.weight"], net.state_dict()["levels.0.1.weight"])
-    fused = neurofuse.fuse([net, twin], (x, y), method=method, progress=False)
-    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
+    _permuted_copy_fuses_back(net, method, "levels.0.1.weight")
 
 
 def test_repair_after_otfusion_keeps_an_instancenorm_copy_and_folds_into_its_affine():
@@ -402,11 +402,7 @@ def test_repair_after_otfusion_keeps_an_instancenorm_copy_and_folds_into_its_aff
     is its affine per channel); on a permuted copy the fused model stays the model."""
     torch.manual_seed(0)
     net = neurofuse.levels_from(InstanceNormNet().eval(), input_shape=(3, 8, 8))
-    twin = permute_spaces(net, seed=1)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
-    fused = neurofuse.fuse([net, twin], (x, y), method="otfusion", repair=True, progress=False)
-    assert float((predict_logits(fused, x) - predict_logits(net, x)).abs().max()) < 1e-4
+    _permuted_copy_fuses_back(net, "otfusion", "levels.0.1.weight", repair=True)
     from neurofuse.repair import _fold_target
 
     assert isinstance(_fold_target(net.levels[0]), torch.nn.InstanceNorm2d)
