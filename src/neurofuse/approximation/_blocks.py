@@ -145,6 +145,12 @@ class RowScale(AdditiveStats):
         r"""``[models]`` the constants :math:`c = \sum_r \sigma_r / \sum_r \sigma_r^2`."""
         return self.s1 / self.s2.clamp_min(1e-300)
 
+    def relative(self) -> Tensor:
+        """``[models]`` the constants :meth:`inverse` divided by their mean: the models compared in
+        the units the norm sees, at their mean scale, where the norm's ``eps`` acts as in them."""
+        c = self.inverse()
+        return c / c.mean()
+
 
 def norm_units(norm: nn.Module, z: Tensor) -> Tuple[Tensor, Tensor]:
     r"""``(z', sigma)``: the values ``z`` that the LayerNorm or GroupNorm ``norm`` reads, and the

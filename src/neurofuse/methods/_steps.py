@@ -231,8 +231,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
     widths = [int(bm[0].weight.shape[0]) for bm in bmods]
     scale = None
     if bnorms:   # each model's centred rows in the units its LayerNorm sees
-        scale = method.reduce(spread).inverse()
-        scale = scale / scale.mean()   # relative: the targets keep the models' mean units, where eps acts as in them
+        scale = method.reduce(spread).relative()
         stats.scale_targets(torch.repeat_interleave(scale, torch.tensor(widths, device=scale.device)))
     if step.kind != "new" and int(fmods[0].weight.shape[0]) != groups[step.space][1]:
         raise IncompatibleModelsError(
@@ -378,8 +377,7 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                             "grouping_error": 0.0, "unreachable_error": 0.0}
     scale = torch.ones(len(models), dtype=torch.float64)
     if bnorms:
-        scale = method.reduce(spread).inverse().cpu()
-        scale = scale / scale.mean()
+        scale = method.reduce(spread).relative().cpu()
     for b in range(g):
         st = method.reduce(stats[b])
         if bnorms:
