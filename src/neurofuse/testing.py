@@ -80,13 +80,16 @@ def _concat_perm(model: LeveledNet, lvl: int, lay: Any, in_map: Any, gen: torch.
     return concat_maps(parts)
 
 
-def _grouped_derangement(n: int, groups: int, gen: torch.Generator) -> torch.Tensor:
+def _grouped_derangement(n: int, groups: int, gen: torch.Generator,
+                         like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A random permutation of ``n`` neurons in ``groups`` equal contiguous groups that keeps
-    every group together (the groups reordered, each permuted inside)."""
+    every group together (the groups reordered, each permuted inside); the groups in the order
+    of the permutation ``like`` of another space in as many groups, if given (a grouped
+    convolution's output keeps its input's order of groups)."""
     if groups < 2:
         return _derangement(n, gen)
     size = n // groups
-    order = _derangement(groups, gen)
+    order = _derangement(groups, gen) if like is None else like[::len(like) // groups] // (len(like) // groups)
     return torch.cat([order[b] * size + _derangement(size, gen) for b in range(groups)])
 
 
@@ -104,27 +107,31 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     computes the same function (for every model :func:`neurofuse.levels.alignment_reason`
     accepts); fusing a model with it must give the model back.
     """
-    from .levels._layout import align_level, check_alignable, space_sizes, stream_groups, stream_members
+    from .levels._layout import align_level, check_alignable, output_groups, space_sizes
 
     gen = torch.Generator().manual_seed(seed)
-    layouts, heads = check_alignable([model], "permute_spaces")
+    layouts, heads = check_alignable([model], "permute_spaces", grouped=True)
     widths = model.level_widths()
     out = model.clone()
-    stream: Dict[int, object] = {}
+    stream: Dict[int, Tuple[object, Optional[torch.Tensor]]] = {}   # head -> (map, permutation)
     for lvl, lay in enumerate(layouts):
         maps: Dict[str, object] = {}
+        perms: Dict[str, Optional[torch.Tensor]] = {}
         last = model.num_levels - 1
         if lvl > 0 and heads[lvl - 1] in stream:
-            maps["in"] = stream[heads[lvl - 1]]
-        if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
-            if heads[lvl] not in stream:
-                stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen) if lay.parts
-                                      else _perm_map(_grouped_derangement(
-                                          widths[lvl], stream_groups(layouts, stream_members(heads, heads[lvl])),
-                                          gen)))
-            maps["out"] = stream[heads[lvl]]
+            maps["in"], perms["in"] = stream[heads[lvl - 1]]
         sizes = space_sizes(model.levels[lvl], lay)
         order: Dict[str, torch.Tensor] = {}
+
+        def like(space: str, groups: int) -> Optional[torch.Tensor]:
+            """The permutation whose order of groups ``space`` keeps (the identity's where the
+            space a grouped convolution reads is not permuted)."""
+            source = lay.group_source(space)   # noqa: B023 - used within the iteration
+            if source is None:
+                return None
+            found = perms.get(source)           # noqa: B023
+            return torch.arange(groups) if found is None else found
+
         for sp in lay.internal:
             n = sizes[sp.name]
             if sp.heads:
@@ -132,8 +139,18 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
                 hp = order.setdefault(sp.unit, _derangement(sp.heads, gen))
                 perm = torch.cat([hp[b] * hd + _derangement(hd, gen) for b in range(sp.heads)])
             else:
-                perm = _grouped_derangement(n, lay.groups_of(sp.name), gen)
-            maps[sp.name] = _perm_map(perm)
+                groups = lay.unit_groups(sp.name)
+                perm = _grouped_derangement(n, groups, gen, like(sp.name, groups))
+            maps[sp.name], perms[sp.name] = _perm_map(perm), perm
+        if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
+            if heads[lvl] not in stream:
+                if lay.parts:
+                    stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen), None)
+                else:
+                    groups = output_groups(model.levels, lvl)
+                    perm = _grouped_derangement(widths[lvl], groups, gen, like("out", groups))
+                    stream[heads[lvl]] = (_perm_map(perm), perm)
+            maps["out"] = stream[heads[lvl]][0]
         out.levels[lvl].load_state_dict(align_level(model.levels[lvl], lay, lvl, maps))  # type: ignore[arg-type]
     return out
 

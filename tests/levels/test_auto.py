@@ -47,10 +47,10 @@ SUPPORTED = {
     "mlp_ln": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
-    "resnext": {"hf-linear", "kf-linear", "kf-gradient"},
+    "resnext": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
-REASON = {("resnext", "otfusion"): "grouped convolution", ("resnext", "git-rebasin"): "grouped convolution"}
+REASON: dict = {}
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 

@@ -8,7 +8,7 @@ space normalised by a GroupNorm of several groups the same way (:func:`grouped_g
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,15 +17,15 @@ from torch import Tensor
 
 from ._core import Grouping
 
-__all__ = ["InnerSolve", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
+__all__ = ["InnerSolve", "block_assignment", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
            "matching_cost"]
 
 #: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads
 InnerSolve = Callable[[np.ndarray], Tuple[np.ndarray, float]]
 
 
-def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerSolve
-                          ) -> Tuple[List[np.ndarray], np.ndarray]:
+def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerSolve,
+                          sigma: Optional[np.ndarray] = None) -> Tuple[List[np.ndarray], np.ndarray]:
     r"""Plans ``[n_k, n_0]`` for spaces whose neurons come in ``heads`` equal heads that move as
     units, sharing one assignment of heads.
 
@@ -37,25 +37,29 @@ def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerS
     space's plan is block-structured: the within-head plan of the chosen pair, scaled by
     ``1/heads``, in head :math:`a`'s rows and head :math:`b`'s columns.  Returns the plans and
     the head assignment ``sigma`` (``sigma[b]`` = model :math:`k`'s head matched to anchor head
-    :math:`b`).
+    :math:`b`).  Given ``sigma`` (an assignment fixed elsewhere: the groups of a grouped
+    convolution's output follow those of its input), only the within-head problems of its pairs
+    are solved.
     """
     blocks = []
     total = np.zeros((heads, heads))
+    pairs = ([(a, b) for a in range(heads) for b in range(heads)] if sigma is None
+             else [(int(a), b) for b, a in enumerate(sigma)])
     for c in costs:
         nk, n0 = c.shape
         if nk % heads or n0 % heads:
             raise ValueError(f"{nk} and {n0} neurons do not split into {heads} heads")
         dk, d0 = nk // heads, n0 // heads
         sub: Dict[Tuple[int, int], np.ndarray] = {}
-        for a in range(heads):
-            for b in range(heads):
-                plan, cost = inner(c[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0])
-                sub[a, b] = plan
-                total[a, b] += cost
+        for a, b in pairs:
+            plan, cost = inner(c[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0])
+            sub[a, b] = plan
+            total[a, b] += cost
         blocks.append((sub, dk, d0, c.shape))
-    rows, cols = linear_sum_assignment(total)
-    sigma = np.empty(heads, dtype=np.int64)
-    sigma[cols] = rows
+    if sigma is None:
+        rows, cols = linear_sum_assignment(total)
+        sigma = np.empty(heads, dtype=np.int64)
+        sigma[cols] = rows
     plans = []
     for sub, dk, d0, shape in blocks:
         plan = np.zeros(shape)
@@ -75,13 +79,36 @@ def lap_inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
     return plan, float(c[rows, cols].sum())
 
 
-def grouped_permutation(cost: np.ndarray, groups: int) -> np.ndarray:
+def grouped_permutation(cost: np.ndarray, groups: int, sigma: Optional[np.ndarray] = None) -> np.ndarray:
     """``perm[j]``: the column matched to row ``j`` by the cheapest one-to-one matching that keeps
     ``groups`` equal contiguous groups of rows and of columns together (a GroupNorm's groups):
     the Hungarian algorithm inside every pair of groups, then on the groups
-    (:func:`head_structured_plans`)."""
-    plans, _ = head_structured_plans([cost], groups, lap_inner)
+    (:func:`head_structured_plans`); inside the pairs of groups ``sigma`` if given (``sigma[b]``:
+    the group of rows matched to the group of columns ``b``)."""
+    plans, _ = head_structured_plans([cost], groups, lap_inner, sigma)
     return plans[0].argmax(1)
+
+
+def block_assignment(plan: np.ndarray, groups: int) -> np.ndarray:
+    """The assignment of groups of a group-structured plan ``[n, m]``: ``sigma[b]`` is the group of
+    rows whose block in the group of columns ``b`` holds that group's mass (the inverse of
+    :func:`head_structured_plans`' construction).
+
+    Raises
+    ------
+    ValueError
+        If the plan moves a group of columns from more than one group of rows.
+    """
+    plan = np.abs(np.asarray(plan, dtype=np.float64))
+    n, m = plan.shape
+    if n % groups or m % groups:
+        raise ValueError(f"a plan of {n} x {m} neurons does not split into {groups} groups")
+    mass = plan.reshape(groups, n // groups, groups, m // groups).sum(axis=(1, 3))   # [row group, column group]
+    sigma = mass.argmax(0)
+    spill = mass.sum(0) - mass[sigma, np.arange(groups)]
+    if np.any(spill > 1e-9 * max(float(mass.sum()), 1e-300)) or len(set(sigma.tolist())) != groups:
+        raise ValueError(f"the plan does not move its {groups} groups as units")
+    return sigma
 
 
 def matching_cost(a: Tensor, b: Tensor) -> float:

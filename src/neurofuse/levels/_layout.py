@@ -59,6 +59,7 @@ __all__ = [
     "capture",
     "capture_spaces",
     "check_alignable",
+    "check_grouped_alignment",
     "concat_maps",
     "identity_ok",
     "is_depthwise",
@@ -249,6 +250,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
     internal: List[Space] = []
     finals: List[str] = []
     groups: Dict[str, int] = {}   # space -> GroupNorm groups of several channels
+    conv_groups: List[Tuple[str, str, int]] = []   # (space, reads, groups) of grouped convolutions
     for prefix, root, end in paths:
         leaves = [(_join(prefix, n), m) for n, m in root.named_modules() if not list(m.children())]
         if not any(isinstance(m, _AFFINE) for _, m in leaves) and not (
@@ -277,6 +279,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
                 out_space = end if seen == n_open else f"h{len(internal)}"
                 kind = "linear" if not isinstance(m, nn.Conv2d) else "conv" if ungrouped else "grouped"
                 tensors.append((_join(name, "weight"), out_space, current, kind))
+                if not ungrouped:
+                    conv_groups.append((out_space, current, int(m.groups)))
                 if m.bias is not None:
                     tensors.append((_join(name, "bias"), out_space, None, "vector"))
                 if out_space != end:
@@ -323,15 +327,14 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
                 open_space = None
         finals.append(current)
     if concat:
-        return LevelLayout(tuple(tensors), tuple(internal), False, tuple(finals))
-    grouped = tuple(sorted(groups.items()))
+        return LevelLayout(tuple(tensors), tuple(internal), False, tuple(finals), conv_groups=tuple(conv_groups))
     if len(set(finals)) > 1:
         raise IncompatibleModelsError(
             f"level {index} adds a path that keeps its input's neurons (depthwise layers only) to "
             f"one that does not; {method!r} cannot align it"
         )
     return LevelLayout(tuple(tensors), tuple(internal), level_adds_input(level) or finals[0] == "in",
-                       groups=grouped)
+                       groups=tuple(sorted(groups.items())), conv_groups=tuple(conv_groups))
 
 
 def residual_heads(layouts: Sequence[LevelLayout]) -> List[int]:
@@ -446,12 +449,41 @@ def next_activation(net: LeveledNet, level: int) -> nn.Module:
     return nn.ReLU()
 
 
-def check_alignable(nets: Sequence[LeveledNet], method: str) -> Tuple[List[LevelLayout], List[int]]:
-    """Layouts and residual heads of the anchor, checked to be the same for every model."""
-    layouts = [level_layout(lv, i, method) for i, lv in enumerate(nets[0].levels)]
+def check_grouped_alignment(levels: Sequence[nn.Module], index: int, layout: LevelLayout, method: str) -> None:
+    """Refuse, before any work, a grouped convolution of level ``index`` (``layout`` laid out with
+    ``grouped=True``) whose groups one map per space cannot keep: one that ends a residual block
+    (its output groups would have to follow its input's and the stream's at once) or writes a
+    part of a concatenation, or whose spaces GroupNorms or other grouped convolutions split into
+    other groups.  The level output and input are checked over their residual streams
+    (:func:`output_groups`)."""
+    for space, reads, g in layout.conv_groups:
+        others = {h for sp, rd, h in layout.conv_groups if {sp, rd} & {space, reads}} | {
+            layout.groups_of(space), layout.groups_of(reads)}
+        why = ("that ends a residual block" if space == "out" and layout.tied else
+               "that writes a part of a concatenation" if space.startswith("out") and space != "out" else
+               "whose spaces GroupNorms or other grouped convolutions split into other groups"
+               if others - {0, g} else None)
+        if why is None and space == "out" and output_groups(levels, index) not in (0, g):
+            why = "that writes a stream that GroupNorms or grouped convolutions split into other groups"
+        if why is None and reads == "in" and index > 0 and output_groups(levels, index - 1) not in (0, g):
+            why = "that reads a stream that GroupNorms or grouped convolutions split into other groups"
+        if why:
+            raise IncompatibleModelsError(
+                f"level {index} has a grouped convolution (groups={g}) {why}; {method!r} cannot "
+                "keep its groups whole (use 'kf-gradient')")
+
+
+def check_alignable(nets: Sequence[LeveledNet], method: str, grouped: bool = False
+                    ) -> Tuple[List[LevelLayout], List[int]]:
+    """Layouts and residual heads of the anchor, checked to be the same for every model.  With
+    ``grouped`` (the alignments that move a grouped convolution's groups as units) grouped
+    convolutions are laid out (:func:`level_layout`) and checked (:func:`check_grouped_alignment`)."""
+    layouts = [level_layout(lv, i, method, grouped) for i, lv in enumerate(nets[0].levels)]
+    for i, lay in enumerate(layouts):
+        check_grouped_alignment(nets[0].levels, i, lay, method)
     for k, net in enumerate(nets[1:], start=1):
         for i, lv in enumerate(net.levels):
-            lk = level_layout(lv, i, method)
+            lk = level_layout(lv, i, method, grouped)
             if lk.groups != layouts[i].groups:
                 raise IncompatibleModelsError(
                     f"model {k} level {i} has GroupNorms of other groups than model 0's "
@@ -676,6 +708,8 @@ def _map_in(w: Tensor, m: NeuronMap, kind: str, level: int) -> Tensor:
                 f"{n} neurons"
             )
         return w.index_select(1, index) if index is not None else torch.einsum("oikl,ij->ojkl", w, p)
+    if kind == "grouped":
+        return _map_in_grouped(w, m, level)
     d_in = w.shape[1]
     if d_in == n:
         return w.index_select(1, index) if index is not None else w @ p
@@ -688,6 +722,42 @@ def _map_in(w: Tensor, m: NeuronMap, kind: str, level: int) -> Tensor:
         f"level {level}: the linear layer takes {d_in} inputs, not a multiple of the previous "
         f"level's {n} neurons"
     )
+
+
+def _map_in_grouped(w: Tensor, m: NeuronMap, level: int) -> Tensor:
+    r"""Input axis of a grouped convolution's weight ``[out, in / g, kh, kw]`` fed with
+    target-basis inputs.  Its output group :math:`a` reads input group :math:`a` only, so ``m``
+    must move the input's groups as units (:func:`neurofuse.grouping.block_assignment`): group
+    :math:`a`'s rows take the block :math:`P_{a\sigma^{-1}(a)}` of ``m``, and stay where they are
+    (the map of the output, which keeps the same assignment of groups, moves them next)."""
+    from ..grouping import block_assignment
+
+    n, per = m.inc.shape[0], w.shape[1]
+    if n % per:
+        raise IncompatibleModelsError(
+            f"level {level}: the grouped convolution takes {per} channels per group but its input "
+            f"has {n} neurons")
+    g = n // per
+    if w.shape[0] % g:
+        raise IncompatibleModelsError(
+            f"level {level}: the grouped convolution's {w.shape[0]} outputs do not split into {g} groups")
+    try:
+        sigma = block_assignment(m.plan, g)
+    except ValueError as exc:
+        raise IncompatibleModelsError(f"level {level}: a grouped convolution's input map: {exc}") from None
+    target = np.empty(g, dtype=np.int64)
+    target[sigma] = np.arange(g)          # target[a]: the anchor group that model group a goes to
+    rows, d0 = w.shape[0] // g, m.inc.shape[1] // g
+    out = []
+    for a in range(g):
+        wa, b = w[a * rows:(a + 1) * rows], int(target[a])
+        if m.index is not None:
+            cols = m.index[b * d0:(b + 1) * d0].to(w.device) - a * per
+            out.append(wa.index_select(1, cols))
+        else:
+            block = m.inc[a * per:(a + 1) * per, b * d0:(b + 1) * d0].to(w.device)
+            out.append(torch.einsum("oikl,ij->ojkl", wa, block))
+    return torch.cat(out, 0)
 
 
 SpaceMaps = Dict[str, Optional[NeuronMap]]

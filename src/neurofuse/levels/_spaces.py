@@ -71,6 +71,12 @@ class LevelLayout:
         Spaces normalised by a ``GroupNorm`` of ``count`` groups of several channels: their
         channels come in ``count`` equal contiguous groups that must move as units (as attention
         heads do).  Empty for other levels.
+    conv_groups : tuple of (space, reads, count)
+        For every grouped convolution that is not depthwise (laid out with ``grouped=True``): the
+        space it writes, the space it reads and its groups.  Both spaces come in ``count`` equal
+        contiguous groups and output group ``b`` reads input group ``b``, so a map of ``space``
+        must move its groups as the map of ``reads`` moves its own (:meth:`group_source`).
+        Empty for other levels.
     """
 
     tensors: Tuple[Tuple[str, str, Optional[str], str], ...]
@@ -78,10 +84,22 @@ class LevelLayout:
     tied: bool
     parts: Tuple[str, ...] = ()
     groups: Tuple[Tuple[str, int], ...] = ()
+    conv_groups: Tuple[Tuple[str, str, int], ...] = ()
 
     def groups_of(self, space: str) -> int:
         """The number of GroupNorm groups of ``space`` (0: its channels move freely)."""
         return dict(self.groups).get(space, 0)
+
+    def unit_groups(self, space: str) -> int:
+        """The groups in which a map of ``space`` moves its channels: a GroupNorm's, or those of
+        a grouped convolution that writes or reads it (0: its channels move freely)."""
+        conv = [g for out, reads, g in self.conv_groups if space in (out, reads)]
+        return conv[0] if conv else self.groups_of(space)
+
+    def group_source(self, space: str) -> Optional[str]:
+        """The space whose assignment of groups the map of ``space`` keeps: the one read by the
+        grouped convolution that writes ``space`` (``None`` if none does)."""
+        return next((reads for out, reads, _ in self.conv_groups if out == space), None)
 
     def keys_in(self, space: str) -> List[str]:
         """Keys whose axis 0 runs over ``space``."""

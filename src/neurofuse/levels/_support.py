@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import IncompatibleModelsError
 from ._auto import _AFFINE, _has_state
 from ._bn import fold_batchnorm
-from ._layout import is_depthwise, level_layout, output_groups
+from ._layout import check_grouped_alignment, is_depthwise, level_layout, output_groups
 from ._steps import closed_form_steps
 
 __all__ = ["affine_reason", "alignment_reason", "level_kind"]
@@ -85,14 +85,16 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
     return None
 
 
-def alignment_reason(net: nn.Module, index: int) -> Optional[str]:
+def alignment_reason(net: nn.Module, index: int, grouped: bool = False) -> Optional[str]:
     """``None`` if the neurons of level ``index`` of ``net`` can be aligned by one map per neuron
-    space, else why not."""
+    space, else why not; with ``grouped``, for an alignment that moves the groups of a grouped
+    convolution as units (``otfusion``, ``git-rebasin``)."""
     tokens = _token_groupnorm(net, index)
     if tokens:
         return tokens
     try:
-        level_layout(net.levels[index], index)  # type: ignore[index]
+        layout = level_layout(net.levels[index], index, grouped=grouped)  # type: ignore[index]
+        check_grouped_alignment(net.levels, index, layout, "otfusion")  # type: ignore[arg-type]
     except IncompatibleModelsError as exc:
         return _reason(exc, index)
     return None

@@ -36,12 +36,13 @@ from ..levels._layout import (
     concat_maps,
     identity_ok,
     normalized,
+    output_groups,
     part_spans,
+    space_sizes,
     space_units,
-    stream_groups,
     stream_members,
 )
-from ..grouping import head_structured_plans
+from ..grouping import block_assignment, head_structured_plans
 from ..levels._transformer import describe as describe_transformer
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, Optional_, option
@@ -160,6 +161,35 @@ def _map_outputs(m: NeuronMap, axis: str) -> Callable[[Tensor], Tensor]:
     return apply
 
 
+def _group_orders(layout: LevelLayout, space: str, maps: List[SpaceMaps], groups: int, sizes: Dict[int, int]
+                  ) -> Optional[Dict[int, np.ndarray]]:
+    """For a ``space`` written by a grouped convolution, every model ``k``'s neurons of that space
+    with their groups in the anchor's order (``order[j]``: the neuron at position ``j``), read
+    from the map of the space the convolution reads: output group ``a`` reads input group ``a``,
+    so both move alike (no reordering where that space has no map: the network input, a stream
+    tied to it); ``sizes[k]``: model ``k``'s neurons in ``space``.  The convolution's rows must move with its input's groups before the level runs
+    partially aligned, so the space is transported in this order (:func:`_reordered`).  ``None``
+    for other spaces."""
+    source = layout.group_source(space)
+    if source is None or not groups:
+        return None
+    out = {}
+    for k, n in sizes.items():
+        m = maps[k].get(source)
+        sigma = np.arange(groups) if m is None else block_assignment(m.plan, groups)
+        d = n // groups
+        out[k] = np.concatenate([np.arange(int(a) * d, (int(a) + 1) * d) for a in sigma])
+    return out
+
+
+def _reordered(m: NeuronMap, order: np.ndarray) -> NeuronMap:
+    """The map ``m`` of neurons taken in ``order`` (:func:`_group_orders`) as a map of the neurons
+    in their own order."""
+    plan = np.empty_like(m.plan)
+    plan[order] = m.plan
+    return NeuronMap.from_plan(plan, plan.sum(0))
+
+
 @register_method("otfusion")
 class OTFusion(FusionMethod):
     r"""OTFusion (activation-based): optimal-transport alignment to an anchor, then averaging.
@@ -223,13 +253,13 @@ class OTFusion(FusionMethod):
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         """Alignment needs one map per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index)
+        return alignment_reason(net, index, grouped=True)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         data = run.data
         assert data is not None
         nets = check_same_levels(run.models)
-        layouts, heads = check_alignable(nets, self.name)
+        layouts, heads = check_alignable(nets, self.name, grouped=True)
         anchor = nets[0]
         widths = [m.level_widths() for m in nets]
         outs, params, inner = self._align_all(run, nets, layouts, heads, widths, data)
@@ -308,25 +338,34 @@ class OTFusion(FusionMethod):
                 maps: List[SpaceMaps] = [{"in": outs[k][lvl - 1] if lvl > 0 else None, "out": outs[k][lvl]}
                                          for k in range(n_models)]
                 for unit in space_units(layout.internal):  # inner layers (a residual block's, heads)
+                    name = unit[0].name
+                    groups = 0 if unit[0].heads else layout.unit_groups(name)
+                    order = _group_orders(layout, name, maps, groups,
+                                          {k: space_sizes(nets[k].levels[lvl], layout)[name] for k in others})
+                    for k in order or ():   # the grouped convolution's rows follow its input's groups
+                        maps[k][name] = NeuronMap.from_permutation(order[k])
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    groups = 0 if unit[0].heads else layout.groups_of(unit[0].name)
-                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit,
-                                                  groups=groups).items():
+                    for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit, groups=groups,
+                                                  matched=order is not None).items():
                         for sp, m in zip(unit, ms):
-                            maps[k][sp.name] = m
+                            maps[k][sp.name] = m if order is None else _reordered(m, order[k])
                 mapped_outputs = False
                 if not known:
+                    groups = output_groups(anchor.levels, lvl)
+                    order = _group_orders(layout, "out", maps, groups, {k: widths[k][lvl] for k in others})
+                    for k in order or ():
+                        maps[k]["out"] = NeuronMap.from_permutation(order[k])
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    mapped_outputs = _ends_affine(nets[0].levels[lvl])
+                    mapped_outputs = _ends_affine(nets[0].levels[lvl]) and order is None
                     parts = None
                     if layout.parts:  # a concatenation: one transport per part, block diagonal
                         spans = [part_spans(net, lvl, layout) for net in nets]
                         parts = {k: [(p, sk, s0, maps[k]["in"]) for p, sk, s0 in zip(layout.parts, spans[k], spans[0])]
                                  for k in others}
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
-                                                  keep=mapped_outputs, parts=parts,
-                                                  groups=stream_groups(layouts, members)).items():
-                        outs[k][lvl] = ms[0]
+                                                  keep=mapped_outputs, parts=parts, groups=groups,
+                                                  matched=order is not None).items():
+                        outs[k][lvl] = ms[0] if order is None else _reordered(ms[0], order[k])
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
@@ -360,7 +399,7 @@ class OTFusion(FusionMethod):
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
                     parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None,
-                    groups: int = 0) -> Dict[int, List[NeuronMap]]:
+                    groups: int = 0, matched: bool = False) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
         or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
@@ -369,8 +408,11 @@ class OTFusion(FusionMethod):
         mapped).  ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the
         anchor's neurons, the level input's map): each part is transported on its own (a part that
         is the level input keeps its map) and the map is their block diagonal.  ``groups`` > 0: the
-        space is normalised by a GroupNorm of that many groups, which move as units like attention
-        heads (uniform marginals inside them)."""
+        space is normalised by a GroupNorm of that many groups, or read or written by a grouped
+        convolution of that many groups, which move as units like attention heads (uniform
+        marginals inside them); with ``matched`` every model's groups are already in the
+        anchor's order (a grouped convolution's output, :func:`_group_orders`) and group ``b``
+        goes to group ``b``."""
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
         stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
@@ -415,7 +457,8 @@ class OTFusion(FusionMethod):
                     plan = self._solve(mu, nu, c, lvl)
                     return plan, float((plan * c).sum())
 
-                plans, _ = head_structured_plans(costs if spaces is not None else [sum(costs)], units, inner)
+                plans, _ = head_structured_plans(costs if spaces is not None else [sum(costs)], units, inner,
+                                                 np.arange(units) if matched else None)
                 result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
                 continue
             if spaces is not None:  # importance is defined for level outputs only

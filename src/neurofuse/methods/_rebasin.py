@@ -38,10 +38,10 @@ from ..levels._layout import (
     part_spans,
     space_activation,
     space_units,
-    stream_groups,
+    output_groups,
     stream_members,
 )
-from ..grouping import grouped_permutation, head_structured_plans, lap_inner
+from ..grouping import block_assignment, grouped_permutation, head_structured_plans, lap_inner
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -83,6 +83,18 @@ class GitRebasinOptions(MethodOptions):
     normalize_importance: bool = option(False, Boolean())
     class_weights: Optional[Any] = option(None, Anything("null or a [2, C] array of non-negative weights"))
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
+
+
+def _tied_groups(layout: Any, space: str, maps: Dict[str, Optional[NeuronMap]], groups: int) -> Optional[np.ndarray]:
+    """For a ``space`` written by a grouped convolution, the assignment of groups of the space it
+    reads (output group ``a`` reads input group ``a``, so both move alike), oriented as the costs
+    (``tied[b]``: the model-0 group matched to model-1 group ``b``); the identity where that space
+    has no map.  ``None`` for other spaces."""
+    source = layout.group_source(space)
+    if source is None or not groups:
+        return None
+    m = maps.get(source)
+    return np.arange(groups) if m is None else block_assignment(m.out.numpy(), groups)
 
 
 @register_method("git-rebasin")
@@ -141,11 +153,11 @@ class GitRebasin(FusionMethod):
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
         """Matching needs one permutation per neuron space (:func:`neurofuse.levels.alignment_reason`)."""
-        return alignment_reason(net, index)
+        return alignment_reason(net, index, grouped=True)
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)
-        layouts, heads = check_alignable(nets, self.name)
+        layouts, heads = check_alignable(nets, self.name, grouped=True)
         m0, m1 = nets
         widths = [m.level_widths() for m in nets]
         if widths[0] != widths[1]:
@@ -211,8 +223,11 @@ class GitRebasin(FusionMethod):
                         inner[lvl][sp.name] = m
                     continue
                 sp = unit[0]
+                maps = {"in": outs[lvl - 1] if lvl > 0 else None, **inner[lvl]}
+                groups = layouts[lvl].unit_groups(sp.name)
                 inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp,
-                                                                 groups=layouts[lvl].groups_of(sp.name)))
+                                                                 groups=groups,
+                                                                 tied=_tied_groups(layouts[lvl], sp.name, maps, groups)))
             head = heads[lvl]
             members = stream_members(heads, head)
             if lvl == n_levels - 1 or head == -1 or n_levels - 1 in members:
@@ -229,8 +244,11 @@ class GitRebasin(FusionMethod):
                                                                  members, scores, None, part)))
                 outs[lvl] = concat_maps(blocks)
             else:
+                groups = output_groups(nets[0].levels, lvl)
+                maps = {"in": outs[lvl - 1] if lvl > 0 else None, **inner[lvl]}
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
-                                                       scores, None, groups=stream_groups(layouts, members)))
+                                                       scores, None, groups=groups,
+                                                       tied=_tied_groups(layouts[lvl], "out", maps, groups)))
         run.extras["inner_correspondences"] = {
             lvl: {name: Correspondence.from_permutations([None, m.out.numpy().argmax(1)], [m.out.shape[0]] * 2)
                   for name, m in spaces.items()}
@@ -337,13 +355,14 @@ class GitRebasin(FusionMethod):
     @phase("grouping")
     def _match(self, stats: List[Tuple[CrossMoments, CrossMoments]], lvl: int, members: List[int],
                scores: List[List[np.ndarray]], space: Optional[Space], part: Optional[slice] = None,
-               groups: int = 0) -> np.ndarray:
+               groups: int = 0, tied: Optional[np.ndarray] = None) -> np.ndarray:
         """``perm[j]`` = the model-1 neuron matched to model-0 neuron ``j`` (at the output of
         the stream ``members``, or at the internal ``space`` of level ``lvl``), from the
         (pre, post)-activation moments ``stats`` of each member; only among the neurons ``part``
         of the output (one part of a concatenation), numbered from its start, if given; keeping
-        ``groups`` contiguous groups of neurons together (a GroupNorm's), if given
-        (:func:`neurofuse.grouping.grouped_permutation`).
+        ``groups`` contiguous groups of neurons together (a GroupNorm's, a grouped convolution's),
+        if given (:func:`neurofuse.grouping.grouped_permutation`), matched as ``tied`` says if
+        given (``tied[b]``: the model-0 group matched to model-1 group ``b``).
 
         On post-activations, neurons that are inactive on the whole fusion set all look alike
         (zero vectors), which leaves ties; they are broken by adding the pre-activation cost
@@ -359,7 +378,7 @@ class GitRebasin(FusionMethod):
         if part is not None:
             cost = cost[part, part]
         if groups:
-            perm = grouped_permutation(cost, groups)
+            perm = grouped_permutation(cost, groups, tied)
             rows, cols = np.arange(len(perm)), perm
         else:
             rows, cols = linear_sum_assignment(cost)
