@@ -107,7 +107,7 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     computes the same function (for every model :func:`neurofuse.levels.alignment_reason`
     accepts); fusing a model with it must give the model back.
     """
-    from .levels._layout import align_level, check_alignable, output_groups, space_sizes
+    from .levels._layout import align_level, check_alignable, output_unit_groups, space_sizes
 
     gen = torch.Generator().manual_seed(seed)
     layouts, heads = check_alignable([model], "permute_spaces", grouped=True)
@@ -147,7 +147,7 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
                 if lay.parts:
                     stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen), None)
                 else:
-                    groups = output_groups(model.levels, lvl)
+                    groups = output_unit_groups(model.levels, lvl, lay)
                     perm = _grouped_derangement(widths[lvl], groups, gen, like("out", groups))
                     stream[heads[lvl]] = (_perm_map(perm), perm)
             maps["out"] = stream[heads[lvl]][0]

@@ -30,3 +30,29 @@ def test_kmeans_inside_groups_never_mixes_two_groups_of_a_model():
         for b in range(2):
             fused = set(g.labels[lo + b * per:lo + (b + 1) * per] // 3)
             assert len(fused) == 1                            # one model group -> one fused group
+
+
+def test_a_fixed_assignment_of_heads_is_kept_and_read_back_from_the_plan():
+    """``head_structured_plans(..., sigma)`` solves inside the given pairs of groups only, and
+    ``block_assignment`` reads that assignment back from the plan (a grouped convolution's output
+    keeps its input's assignment of groups)."""
+    from neurofuse.grouping import block_assignment, head_structured_plans, lap_inner
+
+    cost = np.random.default_rng(0).random((12, 9))       # 3 groups: 4 rows, 3 columns each
+    sigma = np.array([2, 0, 1])
+    plans, got = head_structured_plans([cost], 3, lap_inner, sigma)
+    assert np.array_equal(got, sigma) and np.array_equal(block_assignment(plans[0], 3), sigma)
+    free, best = head_structured_plans([cost], 3, lap_inner)
+    assert np.array_equal(block_assignment(free[0], 3), best)
+    assert (free[0] * cost).sum() <= (plans[0] * cost).sum() + 1e-12   # the free assignment is the cheapest
+
+
+def test_a_plan_that_splits_a_group_has_no_assignment_of_groups():
+    import pytest
+
+    from neurofuse.grouping import block_assignment
+
+    plan = np.eye(4) / 4
+    assert np.array_equal(block_assignment(plan, 2), [0, 1])
+    with pytest.raises(ValueError, match="as units"):
+        block_assignment(plan[[0, 2, 1, 3]], 2)                      # rows of two groups in one

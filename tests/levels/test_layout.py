@@ -4,7 +4,9 @@ Properties checked:
 
 * a depthwise convolution stays in the space it reads (its weight, bias and BatchNorm follow the
   input's map), so a level of depthwise layers only is tied to its input; a grouped convolution
-  that is not depthwise is refused with a reason naming it;
+  that is not depthwise is refused with a reason naming it, unless laid out ``grouped=True``
+  (otfusion, git-rebasin): then the spaces it reads and writes move in its groups, its output's
+  groups as its input's, and a copy permuted that way comes back exactly;
 * a concatenation's output is its parts' spaces in order; the map of a concatenation is the
   block diagonal of its parts' maps, and aligning with it is exact for permutations;
 * ``neuron_maps`` / ``format_maps`` / ``format_levels`` list which tensors every map moves and
@@ -277,3 +279,113 @@ def test_the_maps_say_which_spaces_a_grouped_convolution_matches_together():
     text = format_maps(_net(GroupedNet()))
     assert "level 0 out-map" in text and "matched as the level 1 out groups are" in text, text
     assert "matched as the level 0 out groups are" in text, text
+
+
+class _InputGrouped(nn.Module):
+    """A grouped convolution that reads the network input (whose groups stay where they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.c, self.head = nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.g(x)))).mean((2, 3)))
+
+
+class _GroupedChain(nn.Module):
+    """Grouped convolutions in levels of their own, one after the other (the second widens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.g1, self.bn = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        self.g2, self.head = nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.g1(torch.relu(self.stem(x)))))
+        return self.head(torch.relu(self.g2(h)).mean((2, 3)))
+
+
+class _Multiplier(nn.Module):
+    """A depthwise convolution with a channel multiplier (8 groups of one input, two outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dw(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+class _GroupedEnd(nn.Module):
+    """A residual block that ends in a grouped convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.g, self.head = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(h + self.g(torch.relu(self.c1(h)))).mean((2, 3)))
+
+
+def _grouped_models():
+    from ..methods.test_steps import GroupedNet, _GroupedInBlock
+
+    return {"reads the level input": (GroupedNet, (3, 8, 8)),
+            "inside a block, GroupNorm after": (lambda: _GroupedInBlock("groupnorm"), (3, 8, 8)),
+            "reads the network input": (_InputGrouped, (4, 8, 8)),
+            "a chain of levels": (_GroupedChain, (3, 8, 8)),
+            "a channel multiplier": (_Multiplier, (3, 8, 8))}
+
+
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "kf-linear"])
+@pytest.mark.parametrize("case", sorted(_grouped_models()))
+def test_a_copy_permuted_in_the_groups_of_its_grouped_convolutions_is_aligned_back(case, method):
+    from neurofuse.testing import permute_spaces
+
+    factory, shape = _grouped_models()[case]
+    torch.manual_seed(0)
+    model = factory().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    net = neurofuse.levels_from(model, input_shape=shape)
+    twin = permute_spaces(net, seed=1)
+    x = torch.randn(64, *shape)
+    with torch.no_grad():
+        assert (twin(x) - net(x)).abs().max() < 1e-5                      # the same function ...
+    assert any(not torch.equal(a, b) for a, b in zip(twin.state_dict().values(), net.state_dict().values()))
+    fused = neurofuse.fuse([net, twin], (x, torch.randint(0, 10, (64,))), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x) - net(x)).abs().max() / net(x).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+def test_otfusion_aligns_resnexts_of_other_widths_keeping_every_grouped_weight_in_groups(solver):
+    from .user_models import ResNeXt
+
+    torch.manual_seed(0)
+    nets = [neurofuse.levels_from(ResNeXt(base_width=b).eval(), input_shape=(3, 16, 16)) for b in (64, 96, 64)]
+    x = torch.randn(64, 3, 16, 16)
+    result = neurofuse.fuse(nets, (x, torch.randint(0, 10, (64,))), method="otfusion", solver=solver, reg=0.05,
+                            progress=False, return_result=True)
+    anchor = nets[0].state_dict()
+    assert {k: v.shape for k, v in result.model.state_dict().items()} == {k: v.shape for k, v in anchor.items()}
+    with torch.no_grad():
+        out = result.model(x)
+        assert torch.isfinite(out).all() and not torch.allclose(out, nets[0](x))   # an average, not the anchor
+
+
+def test_alignment_refuses_a_grouped_convolution_that_ends_a_residual_block_by_name():
+    from neurofuse.methods import get_method
+
+    net = neurofuse.levels_from(_GroupedEnd().eval(), input_shape=(3, 8, 8))
+    for method in ("otfusion", "git-rebasin"):
+        why = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
+        assert any(w and "grouped convolution (groups=2) that ends a residual block" in w for w in why), why
+    why = get_method("weight-matching").check_level(neurofuse.levels_from(_InputGrouped().eval(), input_shape=(4, 8, 8)), 0)
+    assert why is not None and "only otfusion, git-rebasin, kf-linear and hf-linear move as units" in why, why

@@ -69,6 +69,7 @@ __all__ = [
     "next_activation",
     "normalized",
     "oriented",
+    "output_unit_groups",
     "own_spaces",
     "part_spans",
     "residual_heads",
@@ -160,11 +161,10 @@ def _is_concat(level: nn.Module) -> bool:
 
 
 def _grouped_reason(m: nn.Conv2d) -> str:
-    if m.groups == m.in_channels:
-        return (f"a depthwise convolution with a channel multiplier ({m.in_channels} -> "
-                f"{m.out_channels} channels, groups={m.groups})")
-    return (f"a grouped convolution (groups={m.groups}, {m.in_channels // m.groups} input channels "
-            "per group): a map of its input would have to keep every group's channels together")
+    what = (f"a depthwise convolution with a channel multiplier ({m.in_channels} -> {m.out_channels} channels, "
+            f"groups={m.groups})" if m.groups == m.in_channels else
+            f"a grouped convolution (groups={m.groups}, {m.in_channels // m.groups} input channels per group)")
+    return f"{what}, whose groups of channels only otfusion, git-rebasin, kf-linear and hf-linear move as units"
 
 
 def _join(*names: str) -> str:
@@ -267,7 +267,7 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
                 if not (ungrouped or grouped):
                     raise IncompatibleModelsError(
                         f"level {index} has {_grouped_reason(m)}; {method!r} aligns ungrouped and "
-                        "depthwise convolutions"
+                        "depthwise convolutions (use one of those, or 'kf-gradient')"
                     )
                 if is_depthwise(m):  # output channel c reads input channel c: it stays in the space
                     tensors.append((_join(name, "weight"), current, None, "depthwise"))
@@ -447,6 +447,13 @@ def next_activation(net: LeveledNet, level: int) -> nn.Module:
             if len(list(m.children())) == 0:
                 return activation_module(m)
     return nn.ReLU()
+
+
+def output_unit_groups(levels: Sequence[nn.Module], index: int, layout: LevelLayout) -> int:
+    """The groups in which an alignment moves level ``index``'s output channels (``layout`` laid
+    out with ``grouped=True``): those of its stream (:func:`output_groups`), or of the grouped
+    convolution that writes it (:func:`check_grouped_alignment` refuses the two disagreeing)."""
+    return output_groups(levels, index) or layout.unit_groups("out")
 
 
 def check_grouped_alignment(levels: Sequence[nn.Module], index: int, layout: LevelLayout, method: str) -> None:

@@ -36,7 +36,7 @@ from ..levels._layout import (
     concat_maps,
     identity_ok,
     normalized,
-    output_groups,
+    output_unit_groups,
     part_spans,
     space_sizes,
     space_units,
@@ -351,7 +351,7 @@ class OTFusion(FusionMethod):
                             maps[k][sp.name] = m if order is None else _reordered(m, order[k])
                 mapped_outputs = False
                 if not known:
-                    groups = output_groups(anchor.levels, lvl)
+                    groups = output_unit_groups(anchor.levels, lvl, layout)
                     order = _group_orders(layout, "out", maps, groups, {k: widths[k][lvl] for k in others})
                     for k in order or ():
                         maps[k]["out"] = NeuronMap.from_permutation(order[k])

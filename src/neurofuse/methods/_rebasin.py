@@ -38,7 +38,7 @@ from ..levels._layout import (
     part_spans,
     space_activation,
     space_units,
-    output_groups,
+    output_unit_groups,
     stream_members,
 )
 from ..grouping import block_assignment, grouped_permutation, head_structured_plans, lap_inner
@@ -244,7 +244,7 @@ class GitRebasin(FusionMethod):
                                                                  members, scores, None, part)))
                 outs[lvl] = concat_maps(blocks)
             else:
-                groups = output_groups(nets[0].levels, lvl)
+                groups = output_unit_groups(nets[0].levels, lvl, layouts[lvl])
                 maps = {"in": outs[lvl - 1] if lvl > 0 else None, **inner[lvl]}
                 outs[lvl] = self._perm_map(self._match([level_stats[m] for m in members], lvl, members,
                                                        scores, None, groups=groups,
