@@ -103,7 +103,9 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
     head's queries, keys, values and output columns) and inside every head (one permutation for
     the queries and keys, one for the values); a concatenation's output is permuted inside each of
     its parts (a part that is the level input follows the input's permutation); a space that a
-    GroupNorm normalises in groups of several channels is permuted as groups.  The copy
+    GroupNorm normalises in groups of several channels, or that a grouped convolution reads, is
+    permuted as groups, and the space a grouped convolution writes keeps the order of groups of the
+    space it reads.  The copy
     computes the same function (for every model :func:`neurofuse.levels.alignment_reason`
     accepts); fusing a model with it must give the model back.
     """
