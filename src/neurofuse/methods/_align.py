@@ -33,7 +33,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import Correspondence, MatchedTensor, weight_matching
 from ..levels import LeveledNet, alignment_reason, check_same_levels, traits_reason
 from ..levels._layout import (LevelLayout, NeuronMap, Space, SpaceMaps, align_level, check_alignable, oriented,
-                              stream_members)
+                              output_unit_groups, stream_members)
 from ._base import FusionRun
 from ._rebasin import GitRebasin
 
@@ -46,9 +46,8 @@ __all__ = ["ALIGNMENTS", "LayoutAlignment", "PermutationSpec", "align_models", "
 ALIGNMENTS = ("none", "activations", "weights")
 #: layout structures weight matching does not handle (:func:`neurofuse.levels.layout_traits`): a
 #: concatenation's output is one block of neurons per part, which one permutation of the whole
-#: level output (the objective's group) would mix; a GroupNorm's groups would need group-structured
-#: permutations, which its coordinate descent does not search
-WEIGHT_MATCHING_UNSUPPORTED: FrozenSet[str] = frozenset({"parts", "groups"})
+#: level output (the objective's group) would mix
+WEIGHT_MATCHING_UNSUPPORTED: FrozenSet[str] = frozenset({"parts"})
 
 
 class LayoutAlignment:
@@ -57,6 +56,8 @@ class LayoutAlignment:
     :attr:`unsupported_traits` (:func:`neurofuse.levels.layout_traits`)."""
 
     fuses_levels = True
+    #: whether the method moves a grouped convolution's groups as units (else it refuses them)
+    aligns_grouped = False
     #: layout structures the method does not handle (``"transformer"``, ``"depthwise"``, ``"parts"``)
     unsupported_traits: FrozenSet[str] = frozenset()
     #: for a trait in :attr:`unsupported_traits`, what in the method stands in the way
@@ -64,7 +65,7 @@ class LayoutAlignment:
 
     @classmethod
     def check_level(cls, net: nn.Module, index: int) -> Optional[str]:
-        return alignment_reason(net, index) or traits_reason(net, index, cls.unsupported_traits,
+        return alignment_reason(net, index, cls.aligns_grouped) or traits_reason(net, index, cls.unsupported_traits,
                                                               cls.name, cls.trait_reasons)  # type: ignore[attr-defined]
 
 
@@ -145,15 +146,20 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
     units: List[Tuple[Tuple[int, ...], int]] = []
     out_group: List[Optional[int]] = []
     groups: List[Dict[str, Optional[int]]] = []
+    grouped: Dict[int, int] = {}            # permutation group -> the groups its channels move in
+    linked: List[Tuple[int, int]] = []      # the spaces a grouped convolution reads and writes
     for lvl in range(n_levels):  # groups are numbered in forward order: internal spaces first
+        layout = layouts[lvl]
         spaces: Dict[str, Optional[int]] = {"in": out_group[lvl - 1] if lvl else None}
         sd = net.levels[lvl].state_dict()
         by_unit: Dict[str, Tuple[List[int], int]] = {}   # an attention's spaces, its head count
-        for sp in layouts[lvl].internal:
+        for sp in layout.internal:
             if sp.heads:
                 by_unit.setdefault(sp.unit, ([], int(sp.heads)))[0].append(len(sizes))
+            elif layout.unit_groups(sp.name):
+                grouped[len(sizes)] = layout.unit_groups(sp.name)
             spaces[sp.name] = len(sizes)
-            sizes.append(_space_size(layouts[lvl], sp, sd))
+            sizes.append(_space_size(layout, sp, sd))
         units += [(tuple(gs), h) for gs, h in by_unit.values()]
         head = heads[lvl]
         if lvl == n_levels - 1 or head == -1 or n_levels - 1 in stream_members(heads, head):
@@ -163,15 +169,42 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
         else:
             g = len(sizes)
             sizes.append(widths[lvl])
+            if output_unit_groups(net.levels, lvl, layout):   # type: ignore[arg-type]
+                grouped[g] = output_unit_groups(net.levels, lvl, layout)   # type: ignore[arg-type]
         out_group.append(g)
         spaces["out"] = g
         groups.append(spaces)
-    return PermutationSpec(groups, sizes, units)
+        for space, reads, _ in layout.conv_groups:
+            ends = (spaces.get(space), spaces.get(reads))
+            if ends[0] is not None and ends[1] is not None:
+                linked.append(ends)   # type: ignore[arg-type]
+    return PermutationSpec(groups, sizes, units + _group_units(grouped, linked))
 
 
-def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
+def _group_units(grouped: Dict[int, int], linked: List[Tuple[int, int]]) -> List[Tuple[Tuple[int, ...], int]]:
+    """The units of the permutation groups whose channels move in groups (a GroupNorm's, a
+    grouped convolution's): the groups that grouped convolutions link (the space one reads and
+    the space it writes share their assignment of groups) are one unit."""
+    root = {g: g for g in grouped}
+
+    def find(g: int) -> int:
+        while root[g] != g:
+            g = root[g]
+        return g
+
+    for a, b in linked:
+        root[find(a)] = find(b)
+    members: Dict[int, List[int]] = {}
+    for g in sorted(grouped):
+        members.setdefault(find(g), []).append(g)
+    return [(tuple(gs), grouped[gs[0]]) for gs in members.values()]
+
+
+def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int, groups: int = 0) -> Tensor:
     """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight, a tensor
-    whose last axis is the space: an embedding table, a CLS token, a position embedding)."""
+    whose last axis is the space: an embedding table, a CLS token, a position embedding; the
+    weight of a convolution of ``groups`` groups as its block-diagonal ungrouped weight, whose
+    blocks off the matched groups then add nothing to the objective)."""
     t = oriented(t, kind)
     if kind == "vector":
         return t.reshape(-1, 1, 1)
@@ -179,6 +212,13 @@ def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
         return t.reshape(-1, t.shape[-1]).T.reshape(t.shape[-1], 1, -1)
     if kind in ("conv", "depthwise"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space
         return t.reshape(t.shape[0], t.shape[1], -1)
+    if kind == "grouped":   # [out, in / g, k, k] written out as the block-diagonal [out, in, k k]
+        assert groups
+        rows, per = t.shape[0] // groups, t.shape[1]
+        dense = t.new_zeros(t.shape[0], per * groups, t[0, 0].numel())
+        for a in range(groups):
+            dense[a * rows:(a + 1) * rows, a * per:(a + 1) * per] = t[a * rows:(a + 1) * rows].reshape(rows, per, -1)
+        return dense
     if n_in is None or t.shape[1] == n_in:
         return t.reshape(t.shape[0], t.shape[1], 1)
     if t.shape[1] % n_in == 0:  # Linear after Flatten of [C, H, W]: channel-major
@@ -198,7 +238,8 @@ def _matched_tensors(spec: PermutationSpec, layouts: Sequence[LevelLayout], a: L
                 continue
             g1 = spaces.get(s1) if s1 is not None else None
             n_in = spec.sizes[g1] if g1 is not None else None
-            ta, tb = (_as_3d(t.detach(), kind, n_in, lvl) for t in (pa[key], pb[key]))
+            g = a.levels[lvl].get_submodule(key.rpartition(".")[0]).groups if kind == "grouped" else 0
+            ta, tb = (_as_3d(t.detach(), kind, n_in, lvl, g) for t in (pa[key], pb[key]))
             start = 0                  # a packed tensor ("qk0+qk0+vo0"): one term per part
             for part in s0.split("+"):
                 g0 = spaces.get(part)

@@ -55,7 +55,9 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     a level (a residual block's first convolution) and residual streams, whose levels share one
     permutation; a depthwise kernel is a term of the permutation of the channels it reads, and an
     attention's query/key and value/output spaces are solved as one unit whose heads move whole
-    (:func:`neurofuse.grouping.head_structured_plans`).  Running statistics follow the permutation but are not part of the objective.
+    (:func:`neurofuse.grouping.head_structured_plans`), and so are a GroupNorm's groups and the
+    groups of a grouped convolution (the spaces it reads and writes: one unit, its weight a term
+    of both as its block-diagonal ungrouped weight).  Running statistics follow the permutation but are not part of the objective.
     The fused model is the element-wise mean :math:`\frac1N\sum_k \widetilde W^k` (two models in
     the paper; for more, each is matched to model 0).  No data is read (``data=None`` works);
     with data, ``repair=True`` re-estimates BatchNorm statistics and rescales the neurons (REPAIR),
@@ -78,10 +80,11 @@ class WeightMatching(LayoutAlignment, FusionMethod):
     min_models = 2
     same_architecture = True
     unsupported_traits = WEIGHT_MATCHING_UNSUPPORTED
+    aligns_grouped = True
 
     def _fuse(self, run: FusionRun) -> nn.Module:
         nets = check_same_levels(run.models)
-        layouts, heads = check_alignable(nets, self.name)
+        layouts, heads = check_alignable(nets, self.name, grouped=True)
         widths = check_equal_widths(nets, self.name)
         spec = permutation_spec(nets[0], layouts, heads, widths[0])
         maps = [None] + [weight_maps(nets[0], net, layouts, spec, max_sweeps=self.options.max_sweeps,
