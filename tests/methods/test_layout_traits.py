@@ -221,6 +221,13 @@ def test_a_groupnorm_of_several_channels_per_group_moves_its_groups_as_units(met
     _permuted_copy_fuses_back(net, method, "levels.0.0.weight")
 
 
+@pytest.mark.parametrize("method", ["regmean-aligned", "fisher-aligned"])
+def test_the_align_then_merge_methods_aligned_by_weights_move_groupnorm_groups_as_units(method):
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8))
+    _permuted_copy_fuses_back(net, method, "levels.0.0.weight", align="weights")
+
+
 def _permuted_copy_fuses_back(net, method: str, moved: str, **options) -> None:
     """A copy of ``net`` with every space permuted is the same function and moves ``moved``;
     fused with ``net`` by ``method`` it gives ``net`` back."""

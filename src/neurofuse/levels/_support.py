@@ -88,13 +88,13 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
 def alignment_reason(net: nn.Module, index: int, grouped: bool = False) -> Optional[str]:
     """``None`` if the neurons of level ``index`` of ``net`` can be aligned by one map per neuron
     space, else why not; with ``grouped``, for an alignment that moves the groups of a grouped
-    convolution as units (``otfusion``, ``git-rebasin``)."""
+    convolution as units (``otfusion``, ``git-rebasin``, ``weight-matching``)."""
     tokens = _token_groupnorm(net, index)
     if tokens:
         return tokens
     try:
         layout = level_layout(net.levels[index], index, grouped=grouped)  # type: ignore[index]
-        check_grouped_alignment(net.levels, index, layout, "otfusion")  # type: ignore[arg-type]
+        check_grouped_alignment(net.levels, index, layout, "the alignment")  # type: ignore[arg-type]
     except IncompatibleModelsError as exc:
         return _reason(exc, index)
     return None
