@@ -146,7 +146,7 @@ def neuron_maps(net: nn.Module) -> List[NeuronMapInfo]:
         if (i, space) in conv_groups:
             g, other = conv_groups[(i, space)]
             note.append(f"channels in {g} groups of a grouped convolution, matched as the {other} groups "
-                        "are (closed form only)")
+                        "are")
         out.append(NeuronMapInfo(i, space, tuple(_merge(tensors)), "; ".join(note)))
     return out
 
