@@ -111,3 +111,36 @@ def test_groups_of_one_unit_keep_their_heads_together():
     assert np.array_equal(res.perms[0].reshape(heads, d)[:, 0] // d, res.perms[1].reshape(heads, d)[:, 0] // d)
     with pytest.raises(ConfigError, match="not 5 equal heads"):
         weight_matching(tensors, [heads * d, heads * d], units=[((0, 1), 5)])
+
+
+def test_a_grouped_weight_matches_as_its_block_diagonal_ungrouped_weight_would():
+    """A chain in -> 12 (group 0) -> grouped conv of 3 groups -> 12 (group 1) -> out, two random
+    networks: the grouped term (``MatchedTensor.groups``) finds the same permutations and objective
+    as the block-diagonal dense weight it stands for, and keeps the groups whole."""
+    gen = torch.Generator().manual_seed(4)
+    g, per, taps = 3, 4, 5
+    nets = []
+    for _ in range(2):
+        w0 = torch.randn(12, 6, taps, generator=gen)
+        wg = torch.randn(12, per, taps, generator=gen)       # [out, in / groups, taps]
+        w2 = torch.randn(7, 12, taps, generator=gen)
+        nets.append((w0, wg, w2))
+    units = [((0, 1), g)]
+
+    def run(grouped: bool):
+        ts = [MatchedTensor(nets[0][0], nets[1][0], 0, None)]
+        if grouped:
+            ts.append(MatchedTensor(nets[0][1], nets[1][1], 1, 0, g))
+        else:
+            dense = [MatchedTensor(n[1], n[1], 1, 0, g).dense(n[1]) for n in nets]
+            ts.append(MatchedTensor(dense[0], dense[1], 1, 0))
+        ts.append(MatchedTensor(nets[0][2], nets[1][2], None, 1))
+        return weight_matching(ts, [12, 12], units=units, seed=3)
+
+    a, b = run(True), run(False)
+    assert all(np.array_equal(p, q) for p, q in zip(a.perms, b.perms))
+    assert a.objective == pytest.approx(b.objective, rel=1e-6)
+    for p in a.perms:
+        blocks = p.reshape(g, per) // per
+        assert (blocks == blocks[:, :1]).all()                          # a group stays whole
+    assert np.array_equal(a.perms[0][::per] // per, a.perms[1][::per] // per)   # one assignment

@@ -84,6 +84,21 @@ class MatchedTensor:
     b: Tensor
     axis0: Optional[int]
     axis1: Optional[int]
+    #: ``> 0``: the weight of a convolution of that many groups, ``[d0, d1 / groups, rest]``
+    #: (output group ``a`` reads input group ``a`` only); both axes' permutations must then move
+    #: the groups as units (:func:`weight_matching`'s ``units``)
+    groups: int = 0
+
+    def dense(self, t: Tensor) -> Tensor:
+        """``t`` (:attr:`a` or :attr:`b`) as an ungrouped ``[d0, d1, rest]`` weight: block diagonal
+        over the groups."""
+        if not self.groups:
+            return t
+        rows, per = t.shape[0] // self.groups, t.shape[1]
+        out = t.new_zeros(t.shape[0], per * self.groups, t.shape[2])
+        for a in range(self.groups):
+            out[a * rows:(a + 1) * rows, a * per:(a + 1) * per] = t[a * rows:(a + 1) * rows]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +158,44 @@ class _Term:
         return self.value
 
 
+class _GroupedTerm(_Term):
+    """The term of a grouped convolution's weight (:attr:`MatchedTensor.groups`) seen from one
+    axis, block by block: with the other axis' permutation moving group ``a`` to group
+    ``sigma(a)`` (as every permutation of a unit of groups does), ``X Y_pi^T`` is zero but in the
+    blocks ``(a, sigma(a))``, each the product of group ``a``'s rows of A with group
+    ``sigma(a)``'s rows of B, their columns in the order the permutation gives them.  ``x`` and
+    ``y`` are ``[n, m / groups, r]`` (this axis' neurons first) for axis 0, and the grouped weights
+    themselves, ``[d0, d1 / groups, r]``, for axis 1."""
+
+    def __init__(self, x: Tensor, y: Tensor, group: int, other: Optional[int], groups: int, axis: int) -> None:
+        super().__init__(x, y, group, other)
+        self.groups, self.axis = groups, axis
+
+    def current(self, perms: Sequence[np.ndarray]) -> Tensor:
+        pi = None if self.other is None else perms[self.other]
+        if self.value is not None and (pi is None or np.array_equal(pi, self.seen)):
+            return self.value
+        g, (d0, per) = self.groups, self.x.shape[:2]
+        rows = d0 // g
+        n = d0 if self.axis == 0 else per * g
+        value = self.x.new_zeros(n, n)
+        for a in range(g):
+            xa = self.x[a * rows:(a + 1) * rows]
+            if self.axis == 0:   # the other axis is the input: its group a goes to group b
+                b = a if pi is None else int(pi[a * per]) // per
+                cols = torch.arange(per) if pi is None else torch.from_numpy(pi[a * per:(a + 1) * per] - b * per)
+                yb = self.y[b * rows:(b + 1) * rows].index_select(1, cols)
+                value[a * rows:(a + 1) * rows, b * rows:(b + 1) * rows] = xa.reshape(rows, -1) @ yb.reshape(rows, -1).T
+            else:                # the other axis is the output: its group a goes to group b
+                b = a if pi is None else int(pi[a * rows]) // rows
+                local = torch.arange(rows) if pi is None else torch.from_numpy(pi[a * rows:(a + 1) * rows] - b * rows)
+                yb = self.y[b * rows:(b + 1) * rows].index_select(0, local)
+                value[a * per:(a + 1) * per, b * per:(b + 1) * per] = (
+                    xa.transpose(0, 1).reshape(per, -1) @ yb.transpose(0, 1).reshape(per, -1).T)
+        self.value, self.seen = value, None if pi is None else pi.copy()
+        return value
+
+
 def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, max_sweeps: int = 100,
                     seed: int = 0, units: Sequence[Tuple[Tuple[int, ...], int]] = ()) -> WeightMatchingResult:
     r"""Permutations of network B's neurons that best match network A's weights.
@@ -199,9 +252,13 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
         for axis, g, other in ((0, t.axis0, t.axis1), (1, t.axis1, t.axis0)):
             if g is None:
                 continue
-            if t.a.shape[axis] != sizes[g]:
-                raise ConfigError(f"tensor {k}: axis {axis} has {t.a.shape[axis]} entries but group "
+            size = t.a.shape[axis] * (t.groups if axis == 1 and t.groups else 1)
+            if size != sizes[g]:
+                raise ConfigError(f"tensor {k}: axis {axis} has {size} entries but group "
                                   f"{g} has {sizes[g]} neurons")
+            if t.groups:
+                terms[g].append(_GroupedTerm(t.a, t.b, g, other, t.groups, axis))
+                continue
             x, y = (t.a, t.b) if axis == 0 else (t.a.transpose(0, 1).contiguous(), t.b.transpose(0, 1).contiguous())
             terms[g].append(_Term(x, y, g, other))
     perms = [np.arange(n) for n in sizes]
@@ -289,10 +346,10 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
         log.debug("weight matching sweep %d: %s", sweeps, "changed" if changed else "converged")
     objective = 0.0
     for t in tensors:
-        b = t.b
+        b = t.dense(t.b)
         if t.axis0 is not None:
             b = b.index_select(0, torch.from_numpy(perms[t.axis0]))
         if t.axis1 is not None:
             b = b.index_select(1, torch.from_numpy(perms[t.axis1]))
-        objective += float(torch.dot(t.a.reshape(-1), b.reshape(-1)))
+        objective += float(torch.dot(t.dense(t.a).reshape(-1), b.reshape(-1)))
     return WeightMatchingResult(perms, sweeps, objective, not changed)

@@ -200,11 +200,10 @@ def _group_units(grouped: Dict[int, int], linked: List[Tuple[int, int]]) -> List
     return [(tuple(gs), grouped[gs[0]]) for gs in members.values()]
 
 
-def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int, groups: int = 0) -> Tensor:
+def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
     """``[d0, d1, rest]`` view of a layout tensor (vector, conv weight, linear weight, a tensor
-    whose last axis is the space: an embedding table, a CLS token, a position embedding; the
-    weight of a convolution of ``groups`` groups as its block-diagonal ungrouped weight, whose
-    blocks off the matched groups then add nothing to the objective)."""
+    whose last axis is the space: an embedding table, a CLS token, a position embedding; a
+    grouped convolution's ``[d0, d1 / groups, rest]``)."""
     t = oriented(t, kind)
     if kind == "vector":
         return t.reshape(-1, 1, 1)
@@ -212,13 +211,8 @@ def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int, groups: int = 
         return t.reshape(-1, t.shape[-1]).T.reshape(t.shape[-1], 1, -1)
     if kind in ("conv", "depthwise"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space
         return t.reshape(t.shape[0], t.shape[1], -1)
-    if kind == "grouped":   # [out, in / g, k, k] written out as the block-diagonal [out, in, k k]
-        assert groups
-        rows, per = t.shape[0] // groups, t.shape[1]
-        dense = t.new_zeros(t.shape[0], per * groups, t[0, 0].numel())
-        for a in range(groups):
-            dense[a * rows:(a + 1) * rows, a * per:(a + 1) * per] = t[a * rows:(a + 1) * rows].reshape(rows, per, -1)
-        return dense
+    if kind == "grouped":   # [out, in / g, k, k]: a term of its own (MatchedTensor.groups)
+        return t.reshape(t.shape[0], t.shape[1], -1)
     if n_in is None or t.shape[1] == n_in:
         return t.reshape(t.shape[0], t.shape[1], 1)
     if t.shape[1] % n_in == 0:  # Linear after Flatten of [C, H, W]: channel-major
@@ -239,13 +233,13 @@ def _matched_tensors(spec: PermutationSpec, layouts: Sequence[LevelLayout], a: L
             g1 = spaces.get(s1) if s1 is not None else None
             n_in = spec.sizes[g1] if g1 is not None else None
             g = a.levels[lvl].get_submodule(key.rpartition(".")[0]).groups if kind == "grouped" else 0
-            ta, tb = (_as_3d(t.detach(), kind, n_in, lvl, g) for t in (pa[key], pb[key]))
+            ta, tb = (_as_3d(t.detach(), kind, n_in, lvl) for t in (pa[key], pb[key]))
             start = 0                  # a packed tensor ("qk0+qk0+vo0"): one term per part
             for part in s0.split("+"):
                 g0 = spaces.get(part)
                 n = spec.sizes[g0] if g0 is not None else ta.shape[0] - start
                 if g0 is not None or g1 is not None:
-                    out.append(MatchedTensor(ta[start:start + n], tb[start:start + n], g0, g1))
+                    out.append(MatchedTensor(ta[start:start + n], tb[start:start + n], g0, g1, g))
                 start += n
     return out
 
