@@ -61,6 +61,7 @@ __all__ = [
     "check_alignable",
     "check_grouped_alignment",
     "concat_maps",
+    "group_assignment",
     "identity_ok",
     "is_depthwise",
     "level_adds_input",
@@ -454,6 +455,21 @@ def output_unit_groups(levels: Sequence[nn.Module], index: int, layout: LevelLay
     out with ``grouped=True``): those of its stream (:func:`output_groups`), or of the grouped
     convolution that writes it (:func:`check_grouped_alignment` refuses the two disagreeing)."""
     return output_groups(levels, index) or layout.unit_groups("out")
+
+
+def group_assignment(layout: LevelLayout, space: str, maps: "SpaceMaps", groups: int) -> Optional[np.ndarray]:
+    """For a ``space`` written by a grouped convolution, the assignment of groups it keeps: that
+    of the map of the space the convolution reads (output group ``a`` reads input group ``a``, so
+    both move alike), ``sigma[b]`` = the group of the aligned model matched to anchor group ``b``
+    (:func:`neurofuse.grouping.block_assignment`); the identity where that space has no map (the
+    network input, a stream tied to it).  ``None`` for other spaces."""
+    from ..grouping import block_assignment
+
+    source = layout.group_source(space)
+    if source is None or not groups:
+        return None
+    m = maps.get(source)
+    return np.arange(groups) if m is None else block_assignment(m.plan, groups)
 
 
 def check_grouped_alignment(levels: Sequence[nn.Module], index: int, layout: LevelLayout, method: str) -> None:

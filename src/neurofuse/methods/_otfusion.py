@@ -34,6 +34,7 @@ from ..levels._layout import (
     capture_spaces,
     check_alignable,
     concat_maps,
+    group_assignment,
     identity_ok,
     normalized,
     output_unit_groups,
@@ -42,7 +43,7 @@ from ..levels._layout import (
     space_units,
     stream_members,
 )
-from ..grouping import block_assignment, head_structured_plans
+from ..grouping import head_structured_plans
 from ..levels._transformer import describe as describe_transformer
 from ._base import FusionMethod, FusionRun, register_method
 from ._options import Anything, Interval, MethodOptions, OneOf, Optional_, option
@@ -164,19 +165,16 @@ def _map_outputs(m: NeuronMap, axis: str) -> Callable[[Tensor], Tensor]:
 def _group_orders(layout: LevelLayout, space: str, maps: List[SpaceMaps], groups: int, sizes: Dict[int, int]
                   ) -> Optional[Dict[int, np.ndarray]]:
     """For a ``space`` written by a grouped convolution, every model ``k``'s neurons of that space
-    with their groups in the anchor's order (``order[j]``: the neuron at position ``j``), read
-    from the map of the space the convolution reads: output group ``a`` reads input group ``a``,
-    so both move alike (no reordering where that space has no map: the network input, a stream
-    tied to it); ``sizes[k]``: model ``k``'s neurons in ``space``.  The convolution's rows must move with its input's groups before the level runs
-    partially aligned, so the space is transported in this order (:func:`_reordered`).  ``None``
-    for other spaces."""
-    source = layout.group_source(space)
-    if source is None or not groups:
-        return None
+    with their groups in the anchor's order (``order[j]``: the neuron at position ``j``;
+    ``sizes[k]``: its neurons in ``space``), the groups assigned as the space the convolution reads
+    assigns them (:func:`~neurofuse.levels._layout.group_assignment`).  The convolution's rows
+    must move with its input's groups before the level runs partially aligned, so the space is
+    transported in this order (:func:`_reordered`).  ``None`` for other spaces."""
     out = {}
     for k, n in sizes.items():
-        m = maps[k].get(source)
-        sigma = np.arange(groups) if m is None else block_assignment(m.plan, groups)
+        sigma = group_assignment(layout, space, maps[k], groups)
+        if sigma is None:
+            return None
         d = n // groups
         out[k] = np.concatenate([np.arange(int(a) * d, (int(a) + 1) * d) for a in sigma])
     return out

@@ -33,6 +33,7 @@ from ..levels._layout import (
     capture_spaces,
     check_alignable,
     concat_maps,
+    group_assignment,
     identity_ok,
     next_activation,
     part_spans,
@@ -41,7 +42,7 @@ from ..levels._layout import (
     output_unit_groups,
     stream_members,
 )
-from ..grouping import block_assignment, grouped_permutation, head_structured_plans, lap_inner
+from ..grouping import grouped_permutation, head_structured_plans, lap_inner
 
 __all__ = ["GitRebasin", "GitRebasinOptions"]
 
@@ -86,15 +87,11 @@ class GitRebasinOptions(MethodOptions):
 
 
 def _tied_groups(layout: Any, space: str, maps: Dict[str, Optional[NeuronMap]], groups: int) -> Optional[np.ndarray]:
-    """For a ``space`` written by a grouped convolution, the assignment of groups of the space it
-    reads (output group ``a`` reads input group ``a``, so both move alike), oriented as the costs
-    (``tied[b]``: the model-0 group matched to model-1 group ``b``); the identity where that space
-    has no map.  ``None`` for other spaces."""
-    source = layout.group_source(space)
-    if source is None or not groups:
-        return None
-    m = maps.get(source)
-    return np.arange(groups) if m is None else block_assignment(m.out.numpy(), groups)
+    """For a ``space`` written by a grouped convolution, the assignment of groups it keeps
+    (:func:`~neurofuse.levels._layout.group_assignment`), oriented as the costs: ``tied[b]`` = the
+    model-0 group matched to model-1 group ``b``.  ``None`` for other spaces."""
+    sigma = group_assignment(layout, space, maps, groups)
+    return None if sigma is None else np.argsort(sigma)
 
 
 @register_method("git-rebasin")
