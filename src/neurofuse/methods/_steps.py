@@ -88,17 +88,31 @@ def _flat(t: Tensor) -> Tensor:
     return flatten_neurons(t, {4: "conv", 3: "token"}.get(t.dim(), "dense"))
 
 
-def _capture(level: nn.Module, h: Tensor, inputs: Sequence[nn.Module], outputs: Sequence[nn.Module]
-             ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    """``level(h)``, the inputs of ``inputs`` and the outputs of ``outputs`` during that call."""
+class _Enough(Exception):
+    """Raised by :func:`_capture`'s hooks to stop a level's forward pass once it has what it needs."""
+
+
+def _capture(level: nn.Module, h: Tensor, inputs: Sequence[nn.Module], outputs: Sequence[nn.Module],
+             whole: bool = True) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
+    """``level(h)``, the inputs of ``inputs`` and the outputs of ``outputs`` during that call;
+    with ``whole=False`` the call stops as soon as those are captured, and returns ``None`` for
+    the level's output (a step reads its own layers, not the rest of the level)."""
     got_in: Dict[int, Tensor] = {}
     got_out: Dict[int, Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, i=i: got_in.__setitem__(i, a[0]))
-             for i, m in enumerate(inputs)]
-    hooks += [m.register_forward_hook(lambda _m, _a, o, i=i: got_out.__setitem__(i, o))
-              for i, m in enumerate(outputs)]
+    total = len(inputs) + len(outputs)
+
+    def store(into: Dict[int, Tensor], i: int, value: Tensor) -> None:
+        into[i] = value
+        if not whole and len(got_in) + len(got_out) == total:
+            raise _Enough
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, i=i: store(got_in, i, a[0])) for i, m in enumerate(inputs)]
+    hooks += [m.register_forward_hook(lambda _m, _a, o, i=i: store(got_out, i, o)) for i, m in enumerate(outputs)]
+    out: Optional[Tensor] = None
     try:
         out = level(h)
+    except _Enough:
+        pass
     finally:
         for hd in hooks:
             hd.remove()
@@ -209,10 +223,10 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         reset_layernorm(pre.weight, pre.bias)
     with torch.no_grad():
         for b in stream:
-            _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod)
+            _, ins, res = _capture(flv, b.inputs[0], fmods, res_mod, whole=False)
             outs = []
             for i, (m, h) in enumerate(zip(models, b.inputs[1:]), start=1):
-                z, _, got = _capture(m.levels[level], h, [], bmods[i - 1])
+                z, _, got = _capture(m.levels[level], h, [], bmods[i - 1], whole=whole or keep)
                 if keep:
                     b.keep(i, z)
                 outs.append(flatten_neurons(z, m.axes[level]) if whole else got[0] if bnorms else _flat(got[0]))
@@ -356,10 +370,10 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
     spread = RowScale()
     with torch.no_grad():
         for batch in stream:
-            _, ins, _ = _capture(flv, batch.inputs[0], [f], [])
+            _, ins, _ = _capture(flv, batch.inputs[0], [f], [], whole=False)
             outs = []
             for i, (m, h) in enumerate(zip(models, batch.inputs[1:]), start=1):
-                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]])
+                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]], whole=keep)
                 if keep:
                     batch.keep(i, z)
                 outs.append(got[0])
@@ -453,7 +467,7 @@ def _fit_block_norms(method: Any, level: int, models: List[LeveledNet], flv: nn.
     reg = NeuronRegression()
     with torch.no_grad():
         for b in stream:
-            _, ins, outs = _capture(flv, b.inputs[0], norms, fixed)
+            _, ins, outs = _capture(flv, b.inputs[0], norms, fixed, whole=False)
             ys = []
             for i, (m, h) in enumerate(zip(models, b.inputs[1:]), start=1):
                 z = m.levels[level](h)
@@ -516,11 +530,11 @@ def _fit_norm(method: Any, level: int, models: List[LeveledNet], flv: nn.Module,
     reg = NeuronRegression()
     with torch.no_grad():
         for b in stream:
-            _, ins, _ = _capture(flv, b.inputs[0], [fln], [])
+            _, ins, _ = _capture(flv, b.inputs[0], [fln], [], whole=False)
             u = _flat(normalise(fln, ins[0]))
             ys = []
             for m, ln, h in zip(models, blns, b.inputs[1:]):
-                _, _, got = _capture(m.levels[level], h, [], [ln])
+                _, _, got = _capture(m.levels[level], h, [], [ln], whole=False)
                 ys.append(_flat(got[0]))
             y = torch.cat(ys, 1).double()
             reg.update(u, centroids(y.T, gw.double(), labels, k).T)
