@@ -12,7 +12,7 @@ from ._core import (
     weighted_kmeans,
 )
 from ._correspondence import Correspondence
-from ._heads import block_assignment, grouped_grouping, grouped_permutation, head_structured_plans, lap_inner, matching_cost
+from ._heads import block_assignment, block_matching_costs, grouped_grouping, grouped_permutation, head_structured_plans, lap_inner, matching_cost
 from ._theory import approximation_error, grouping_error, representation_cost
 from ._cca import cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
@@ -27,6 +27,7 @@ __all__ = [
     "WeightMatchingResult",
     "approximation_error",
     "block_assignment",
+    "block_matching_costs",
     "cca_alignment",
     "centroids",
     "grouping_error",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._core import Grouping
 
-__all__ = ["InnerSolve", "block_assignment", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
+__all__ = ["InnerSolve", "block_assignment", "block_matching_costs", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
            "matching_cost"]
 
 #: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads
@@ -114,9 +114,21 @@ def block_assignment(plan: np.ndarray, groups: int) -> np.ndarray:
 def matching_cost(a: Tensor, b: Tensor) -> float:
     """The cost of the best one-to-one matching of the rows of ``a`` and ``b`` (squared
     distances; ``min(len(a), len(b))`` pairs)."""
+    return float(block_matching_costs(a, b, 1)[0, 0])
+
+
+def block_matching_costs(a: Tensor, b: Tensor, groups: int) -> np.ndarray:
+    """``cost[p, q]``: :func:`matching_cost` of the ``p``-th of ``groups`` equal contiguous blocks
+    of rows of ``a`` and the ``q``-th of ``b`` (one distance matrix for all pairs of blocks)."""
     d = torch.cdist(a.double(), b.double()).pow(2).cpu().numpy()
-    r, c = linear_sum_assignment(d)
-    return float(d[r, c].sum())
+    da, db = len(a) // groups, len(b) // groups
+    cost = np.zeros((groups, groups))
+    for p in range(groups):
+        for q in range(groups):
+            block = d[p * da:(p + 1) * da, q * db:(q + 1) * db]
+            r, c = linear_sum_assignment(block)
+            cost[p, q] = block[r, c].sum()
+    return cost
 
 
 #: ``group(points, weights, widths, k) -> Grouping``: a grouping of some base neurons
@@ -146,8 +158,7 @@ def grouped_grouping(group: GroupSolve, points: Tensor, weights: np.ndarray, wid
     sigma = np.zeros((len(widths), groups), dtype=np.int64)
     sigma[0] = np.arange(groups)
     for i in range(1, len(widths)):
-        cost = np.array([[matching_cost(points[rows(i, a)], points[rows(0, b)]) for b in range(groups)]
-                         for a in range(groups)])
+        cost = block_matching_costs(points[offs[i]:offs[i + 1]], points[offs[0]:offs[1]], groups)
         r, c = linear_sum_assignment(cost)
         sigma[i, c] = r
     labels = np.zeros(int(offs[-1]), dtype=np.int64)

@@ -68,7 +68,7 @@ from .._loop import run_epochs
 from ..approximation import (GramStats, LinearStats, NeuronRegression, TokenSums, fold_layernorm,
                              reset_layernorm)
 from ..errors import IncompatibleModelsError
-from ..grouping import Grouping, matching_cost
+from ..grouping import Grouping, block_matching_costs
 from ..importance import normalize_scores
 from ..levels import LeveledNet, LevelStream, flatten_neurons
 from ..levels._transformer import (
@@ -586,11 +586,7 @@ class TransformerFit:
         sigma = np.zeros((len(bst), heads), dtype=np.int64)
         sigma[0] = np.arange(heads)
         for i in range(1, len(bst)):
-            cost = np.zeros((heads, heads))
-            for a in range(heads):
-                for b in range(heads):
-                    cost[a, b] = (matching_cost(qk[i][a * dq[i]:(a + 1) * dq[i]], qk[0][b * dq[0]:(b + 1) * dq[0]])
-                                  + matching_cost(vv[i][a * dv[i]:(a + 1) * dv[i]], vv[0][b * dv[0]:(b + 1) * dv[0]]))
+            cost = block_matching_costs(qk[i], qk[0], heads) + block_matching_costs(vv[i], vv[0], heads)
             rows, cols = linear_sum_assignment(cost)
             sigma[i, cols] = rows
         # 3. inside each fused head, queries and keys grouped together
