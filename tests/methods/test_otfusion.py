@@ -208,6 +208,39 @@ def test_importance_gives_the_marginals(mlps, fs):
     assert predict_logits(fused, fs[0]).shape == (len(fs[0]), 10)
 
 
+def test_importance_weighs_the_transport_inside_groupnorm_groups():
+    """A space a GroupNorm normalises in groups is transported group to group; each block between
+    the importance scores' shares of its groups, so the plan's column sums are the anchor's
+    scores (they were uniform inside the groups before) and a copy permuted group-wise still
+    comes back."""
+    from neurofuse._fusion_set import as_fusion_set
+    from neurofuse.levels._layout import check_alignable
+    from neurofuse.testing import permute_spaces
+
+    from .test_layout_traits import GroupNormNet
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(neurofuse.levels_from(GroupNormNet(lambda c: 2).eval(), input_shape=(3, 8, 8)))
+    result = OTFusion(importance="conductance", progress=False).run(nets, (x, y))
+    _, heads = check_alignable(nets, "otfusion", grouped=True)
+    members = [i for i, h in enumerate(heads) if h == heads[0]]     # level 0's residual stream
+    scores = [neuron_importance(nets[0], m, as_fusion_set((x, y)), "conductance").numpy() for m in members]
+    nu = sum(s / s.sum() for s in scores)
+    nu = nu / nu.sum()
+    plan = result.extras["transports"][0][0]
+    assert not np.allclose(nu, 1.0 / len(nu))                             # the scores are not uniform
+    assert np.allclose(plan.sum(0), nu, atol=1e-8)
+    mass = np.array([[plan[4 * a:4 * a + 4, 4 * b:4 * b + 4].sum() for b in range(2)] for a in range(2)])
+    assert ((mass > 0).sum(0) == 1).all() and ((mass > 0).sum(1) == 1).all()   # groups whole
+    twin = permute_spaces(nets[0], seed=1)
+    fused = neurofuse.fuse([nets[0], twin], (x, y), method="otfusion", importance="conductance", progress=False)
+    assert float((predict_logits(fused, x) - predict_logits(nets[0], x)).abs().max()) < 1e-4
+
+
 def test_sinkhorn_is_a_soft_plan(mlps, fs):
     a, b = mlps
     exact, soft = OTFusion(progress=False), OTFusion(solver="sinkhorn", reg=0.05, progress=False)

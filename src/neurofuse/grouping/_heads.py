@@ -20,12 +20,15 @@ from ._core import Grouping
 __all__ = ["InnerSolve", "block_assignment", "block_matching_costs", "grouped_grouping", "grouped_permutation", "head_structured_plans", "lap_inner",
            "matching_cost"]
 
-#: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads
-InnerSolve = Callable[[np.ndarray], Tuple[np.ndarray, float]]
+#: ``inner(cost_block) -> (plan, cost)``: the within-head problem of one pair of heads; with
+#: marginals, ``inner(cost_block, mu_block, nu_block)`` (each summing to one)
+InnerSolve = Callable[..., Tuple[np.ndarray, float]]
 
 
 def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerSolve,
-                          sigma: Optional[np.ndarray] = None) -> Tuple[List[np.ndarray], np.ndarray]:
+                          sigma: Optional[np.ndarray] = None,
+                          marginals: Optional[Tuple[np.ndarray, np.ndarray]] = None
+                          ) -> Tuple[List[np.ndarray], np.ndarray]:
     r"""Plans ``[n_k, n_0]`` for spaces whose neurons come in ``heads`` equal heads that move as
     units, sharing one assignment of heads.
 
@@ -39,7 +42,11 @@ def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerS
     the head assignment ``sigma`` (``sigma[b]`` = model :math:`k`'s head matched to anchor head
     :math:`b`).  Given ``sigma`` (an assignment fixed elsewhere: the groups of a grouped
     convolution's output follow those of its input), only the within-head problems of its pairs
-    are solved.
+    are solved.  Given ``marginals`` :math:`(\mu, \nu)` (one space's neuron weights, e.g.
+    importance scores), each within-head problem takes its heads' shares of them, normalised, and
+    the chosen pair's plan is scaled by anchor head :math:`b`'s mass :math:`\sum_{j\in b}\nu_j`
+    instead of ``1/heads``, so the plan's column sums are :math:`\nu` (its row sums are
+    :math:`\mu` inside every head, up to the heads' masses).
     """
     blocks = []
     total = np.zeros((heads, heads))
@@ -52,7 +59,12 @@ def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerS
         dk, d0 = nk // heads, n0 // heads
         sub: Dict[Tuple[int, int], np.ndarray] = {}
         for a, b in pairs:
-            plan, cost = inner(c[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0])
+            block = c[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0]
+            if marginals is None:
+                plan, cost = inner(block)
+            else:
+                mu, nu = (np.asarray(w, dtype=np.float64) for w in marginals)
+                plan, cost = inner(block, _share(mu[a * dk:(a + 1) * dk]), _share(nu[b * d0:(b + 1) * d0]))
             sub[a, b] = plan
             total[a, b] += cost
         blocks.append((sub, dk, d0, c.shape))
@@ -65,9 +77,16 @@ def head_structured_plans(costs: Sequence[np.ndarray], heads: int, inner: InnerS
         plan = np.zeros(shape)
         for b in range(heads):
             a = sigma[b]
-            plan[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0] = sub[a, b] / heads
+            mass = 1.0 / heads if marginals is None else float(np.sum(marginals[1][b * d0:(b + 1) * d0]))
+            plan[a * dk:(a + 1) * dk, b * d0:(b + 1) * d0] = sub[a, b] * mass
         plans.append(plan)
     return plans, sigma
+
+
+def _share(w: np.ndarray) -> np.ndarray:
+    """``w`` normalised to sum to one (uniform if it sums to zero)."""
+    total = float(w.sum())
+    return w / total if total > 0 else np.full(len(w), 1.0 / len(w))
 
 
 def lap_inner(c: np.ndarray) -> Tuple[np.ndarray, float]:

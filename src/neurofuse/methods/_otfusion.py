@@ -344,7 +344,7 @@ class OTFusion(FusionMethod):
                         maps[k][name] = NeuronMap.from_permutation(order[k])
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     for k, ms in self._transports(run, nets, stream, partial, lvl, [lvl], unit, groups=groups,
-                                                  matched=order is not None).items():
+                                                  order=order).items():
                         for sp, m in zip(unit, ms):
                             maps[k][sp.name] = m if order is None else _reordered(m, order[k])
                 mapped_outputs = False
@@ -362,7 +362,7 @@ class OTFusion(FusionMethod):
                                  for k in others}
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
                                                   keep=mapped_outputs, parts=parts, groups=groups,
-                                                  matched=order is not None).items():
+                                                  order=order).items():
                         outs[k][lvl] = ms[0] if order is None else _reordered(ms[0], order[k])
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
@@ -397,7 +397,8 @@ class OTFusion(FusionMethod):
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
                     parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None,
-                    groups: int = 0, matched: bool = False) -> Dict[int, List[NeuronMap]]:
+                    groups: int = 0, order: Optional[Dict[int, np.ndarray]] = None
+                    ) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
         or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
@@ -407,9 +408,10 @@ class OTFusion(FusionMethod):
         anchor's neurons, the level input's map): each part is transported on its own (a part that
         is the level input keeps its map) and the map is their block diagonal.  ``groups`` > 0: the
         space is normalised by a GroupNorm of that many groups, or read or written by a grouped
-        convolution of that many groups, which move as units like attention heads (uniform
-        marginals inside them); with ``matched`` every model's groups are already in the
-        anchor's order (a grouped convolution's output, :func:`_group_orders`) and group ``b``
+        convolution of that many groups, which move as units like attention heads (with the
+        importance scores inside them for a level output, uniform marginals for an inner space);
+        with ``order`` every model ``k``'s neurons come in ``order[k]``, their groups in the
+        anchor's order (a grouped convolution's output, :func:`_group_orders`), and group ``b``
         goes to group ``b``."""
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
@@ -446,19 +448,6 @@ class OTFusion(FusionMethod):
             for s in stats[k]:
                 d = self.reduce(s).sq_dist().cpu().numpy()
                 costs.append(d if self.options.ground_metric == "sqeuclidean" else np.sqrt(d))
-            units = spaces[0].heads if spaces is not None and spaces[0].heads else groups
-            if units:
-                # attention heads, or a GroupNorm's groups, matched as units: one within-unit
-                # transport per space
-                def inner(c: np.ndarray) -> Tuple[np.ndarray, float]:
-                    mu, nu = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
-                    plan = self._solve(mu, nu, c, lvl)
-                    return plan, float((plan * c).sum())
-
-                plans, _ = head_structured_plans(costs if spaces is not None else [sum(costs)], units, inner,
-                                                 np.arange(units) if matched else None)
-                result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
-                continue
             if spaces is not None:  # importance is defined for level outputs only
                 cost = costs[0]
                 mu = np.full(cost.shape[0], 1.0 / cost.shape[0])
@@ -467,6 +456,25 @@ class OTFusion(FusionMethod):
                 cost = sum(costs)  # type: ignore[assignment]
                 mu = normalized(sum(normalized(run.importance_scores(nets[k])[m].numpy()) for m in members))
                 nu = normalized(sum(normalized(run.importance_scores(anchor)[m].numpy()) for m in members))
+                if order is not None:   # the rows come in the anchor's order of groups
+                    mu = mu[order[k]]
+            units = spaces[0].heads if spaces is not None and spaces[0].heads else groups
+            if units:
+                # attention heads, or the groups of a GroupNorm or a grouped convolution, matched
+                # as units: one within-unit transport per space, between the units' shares of the
+                # marginals (importance scores for a level output)
+                def inner(c: np.ndarray, m: Optional[np.ndarray] = None, n: Optional[np.ndarray] = None
+                          ) -> Tuple[np.ndarray, float]:
+                    m = np.full(c.shape[0], 1.0 / c.shape[0]) if m is None else m
+                    n = np.full(c.shape[1], 1.0 / c.shape[1]) if n is None else n
+                    plan = self._solve(m, n, c, lvl)
+                    return plan, float((plan * c).sum())
+
+                plans, _ = head_structured_plans(costs if spaces is not None else [cost], units, inner,
+                                                 np.arange(units) if order is not None else None,
+                                                 None if spaces is not None else (mu, nu))
+                result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
+                continue
             if parts is None:
                 plan = self._solve(mu, nu, cost, lvl)
                 result[k] = [NeuronMap.from_plan(plan, nu)]
