@@ -64,9 +64,6 @@ QUERY_METHODS = [("hf-linear-qalign", "hf-linear", {"queries": "align"}),
 #: rows added by ``--attention-rows``: the closed form with gradient steps on the queries and keys
 #: (option ``attention_steps``)
 ATTENTION_METHODS = [(f"{m}-att{s}", m, {"attention_steps": s}) for s in (20, 50) for m in ("kf-linear", "hf-linear")]
-#: rows added by ``--post-norm-rows``: the closed form with a post-norm stage's rows weighted by
-#: the inverse variance of their targets (option ``post_norm_rows``)
-POST_NORM_METHODS = [(f"{m}-pnr", m, {"post_norm_rows": "normalised"}) for m in ("kf-linear", "hf-linear")]
 TWO_ONLY = {"git-rebasin", "hf-linear"}
 #: families on :func:`neurofuse.hf.token_task` (the others take images)
 TOKEN_FAMILIES = ("hf-bert", "hf-gpt2")
@@ -205,8 +202,6 @@ def main() -> None:
                    help="also run " + ", ".join(m[0] for m in QUERY_METHODS))
     p.add_argument("--attention-rows", action="store_true",
                    help="also run " + ", ".join(m[0] for m in ATTENTION_METHODS))
-    p.add_argument("--post-norm-rows", action="store_true",
-                   help="also run " + ", ".join(m[0] for m in POST_NORM_METHODS))
     p.add_argument("--sinkhorn-regs", nargs="+", type=float, default=[],
                    help="add otfusion rows with solver='sinkhorn' at each reg (with and without REPAIR)")
     p.add_argument("--val", type=float, default=0.0,
@@ -216,8 +211,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     table = (METHODS + (EXTRA_METHODS if a.extra_rows else []) + (QUERY_METHODS if a.query_rows else [])
-             + (ATTENTION_METHODS if a.attention_rows else []) + (POST_NORM_METHODS if a.post_norm_rows else [])
-             + sinkhorn_rows(a.sinkhorn_regs))
+             + (ATTENTION_METHODS if a.attention_rows else []) + sinkhorn_rows(a.sinkhorn_regs))
     cols = a.methods or [m[0] for m in table]
     unknown = sorted(set(cols) - {m[0] for m in table})
     if unknown:

@@ -169,21 +169,11 @@ def _design(h: Tensor, bias: bool) -> Tensor:
     return _flat(x)
 
 
-def _scale(t: Tensor, weights: Optional[Tensor], extra: Optional[Tensor] = None) -> Optional[Tensor]:
+def _scale(t: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
     """The square roots of the row weights of token tensor ``t`` flattened (weighted least
-    squares; ``None``: all rows alike), times the per-row weights ``extra`` if given."""
+    squares; ``None``: all rows alike)."""
     w = _row_weights(t, weights)
-    if extra is not None:
-        w = extra if w is None else w * extra
     return None if w is None else w.sqrt()
-
-
-def _inverse_variance(targets: List[Tensor]) -> List[Tensor]:
-    """Per batch, the weight of every token row: the inverse variance over the neurons of its
-    target, divided by the mean of those over all tokens (option ``post_norm_rows``)."""
-    inv = [1.0 / _flat(t.double()).var(dim=1, unbiased=False).clamp_min(1e-12) for t in targets]
-    mean = float(torch.cat(inv).mean())
-    return [w / mean for w in inv]
 
 
 def _group_mean(columns: Tensor, weights: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -479,19 +469,12 @@ class TransformerFit:
         """Group inner neurons (not a level output: uniform importance)."""
         return self.method.group(feats.float(), np.ones(int(sum(widths))), list(widths), k, level)
 
-    def _post_rows(self, st: Any, sums: List[Tensor]) -> Optional[List[Tensor]]:
-        """The row weights of a post-norm stage's fits (option ``post_norm_rows``), else ``None``."""
-        if getattr(st, "post", None) is None or self.method.options.post_norm_rows == "plain":
-            return None
-        return _inverse_variance(sums)
-
     def _fit_residual(self, level: nn.Module, p: Proj, inputs: List[Tensor], targets: List[Tensor],
-                      prior: Optional[Tensor] = None, rows: Optional[List[Tensor]] = None) -> None:
-        """Least squares of projection ``p`` on its ``inputs`` to ``targets`` (no grouping), the
-        rows of batch ``j`` weighted by ``rows[j]`` if given."""
+                      prior: Optional[Tensor] = None) -> None:
+        """Least squares of projection ``p`` on its ``inputs`` to ``targets`` (no grouping)."""
         stats = LinearStats()
-        for j, (h, t) in enumerate(zip(inputs, targets)):
-            stats.update(_design(h, p.bias is not None), _flat(t), _scale(h, self.tw, None if rows is None else rows[j]))
+        for h, t in zip(inputs, targets):
+            stats.update(_design(h, p.bias is not None), _flat(t), _scale(h, self.tw))
         _write_proj(level, p, self._solve(stats, prior).weights, p.bias is not None)
 
     def _residual_prior(self, bl: List[nn.Module], projs: List[Proj], labels: List[Tensor], k_in: int,
@@ -633,12 +616,11 @@ class TransformerFit:
         # 4. values and the output projection, given the fused attention pattern
         with torch.no_grad():   # the grouped sums x + o(ctx): the residual target of values and o
             sums = [group.target([bp["sum"] for bp in parts]) for parts in base_parts]
-        rows = self._post_rows(st, sums)
 
         def values_and_output() -> None:
             o_prior = None
             if heads * k_in + 1 <= JOINT_VALUE_COLUMNS:
-                self._values_jointly(fl, st, bl, bst, xf, sums, group, sigma, dq_f, dv_f, rows)
+                self._values_jointly(fl, st, bl, bst, xf, sums, group, sigma, dq_f, dv_f)
             else:
                 vo_labels = self._values_per_head(level, fl, st, xf, base_parts, sigma, priors, nq, dv, dq_f, dv_f)
                 o_prior = self._residual_prior(bl, [s.o for s in bst], vo_labels, nv_f, st.o.bias is not None,
@@ -649,7 +631,7 @@ class TransformerFit:
                     p = attention_parts(st, getf, x)
                     inputs.append(p["ctx"])
                     targets.append(sums[j] - x.double())
-            self._fit_residual(fl, st.o, inputs, targets, o_prior, rows)
+            self._fit_residual(fl, st.o, inputs, targets, o_prior)
 
         values_and_output()
         # 5. the queries and keys act through the softmax: gradient steps on the stage's residual
@@ -772,7 +754,7 @@ class TransformerFit:
 
     def _values_jointly(self, fl: nn.Module, st: Attention, bl: List[nn.Module], bst: List[Attention],
                         xf: List[Tensor], sums: List[Tensor], group: StreamGrouping,
-                        sigma: np.ndarray, dq_f: int, dv_f: int, rows: Optional[List[Tensor]] = None) -> None:
+                        sigma: np.ndarray, dq_f: int, dv_f: int) -> None:
         r"""Values from the residual target itself.  Given the fused patterns :math:`P_b`, the
         attention output :math:`\sum_b P_b h W_{v,b}^\top W_{o,b}^\top` is linear in the products
         :math:`M_b = W_{v,b}^\top W_{o,b}^\top`: least squares for every :math:`M_b` on the design
@@ -805,7 +787,7 @@ class TransformerFit:
                 pattern = self._patterns(st, fl, h, heads, dq_f)
                 z = torch.cat([pattern[:, b] @ h for b in range(heads)], -1)
                 tgt = sums[j] - x.double()
-                stats.update(_design(z, True), _flat(tgt), _scale(z, self.tw, None if rows is None else rows[j]))
+                stats.update(_design(z, True), _flat(tgt), _scale(z, self.tw))
         m = self._solve(stats, prior).weights
         values = torch.zeros(heads * dv_f, k, dtype=torch.float64, device=m.device)
         for b in range(heads):
@@ -886,8 +868,7 @@ class TransformerFit:
                 inputs.append(act(z))
                 targets.append(sums[j] - x.double())
         self._fit_residual(fl, st.fc2, inputs, targets, self._residual_prior(
-            bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners),
-            self._post_rows(st, sums))
+            bl, [s.fc2 for s in bst], hidden, k_h, st.fc2.bias is not None, group.combiners))
         outs = sums   # the grouped outputs of the stage (without a post-norm, its sums)
         if st.post is not None:
             with torch.no_grad():

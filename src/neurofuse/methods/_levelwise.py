@@ -185,12 +185,6 @@ class LinearOptions(MethodOptions):
         (transformer levels): the attention pattern is not affine in them, so the steps fit them
         through the softmax to the stage's residual target; the values and the output projection
         are then fitted again in closed form given the new pattern.  ``0``: the closed form alone.
-    post_norm_rows : str
-        How the least-squares fits of a post-LayerNorm stage (BERT) weigh their rows (tokens):
-        ``"plain"``, alike, or ``"normalised"``, each by :math:`1/\sigma_t^2`, the inverse
-        variance over the neurons of its grouped target sum, so that each token's error is
-        measured in the units its LayerNorm divides it into (to first order,
-        :math:`\mathrm{LN}(s + e) - \mathrm{LN}(s) \approx (e - \bar e)/\sigma_t`).
     """
 
     rtol: Optional[float] = option(None, Optional_(Interval(float, 0, closed="neither")))
@@ -201,7 +195,6 @@ class LinearOptions(MethodOptions):
     output_weights: str = option("importance", OneOf(*OUTPUT_WEIGHTS))
     queries: str = option("fit", OneOf("fit", "align"))
     attention_steps: int = option(0, Interval(int, 0))
-    post_norm_rows: str = option("plain", OneOf("plain", "normalised"))
 
 
 @dataclasses.dataclass(frozen=True)
