@@ -428,7 +428,7 @@ def merge_inputs(models: Sequence[nn.Module], data: Optional[FusionSet], how: st
     widths = check_equal_widths(nets, method)
     if how == "none":
         return list(nets), out_correspondence([None] * len(nets), widths), {}
-    layouts, heads = check_alignable(nets, method)
+    layouts, heads = check_alignable(nets, method, grouped=True)
     aligned, maps = align_models(nets, layouts, heads, how, data, seed=seed, device=device,
                                  batch_size=batch_size, memory_budget=memory_budget)
     return list(aligned), out_correspondence(maps, widths), inner_correspondences(maps)

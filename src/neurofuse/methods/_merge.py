@@ -85,5 +85,9 @@ class StatisticsMerge(FusionMethod):
 
 class AlignFirst(LayoutAlignment):
     """Mixin of the "align, then merge" classes: level-wise alignment needs one map per neuron
-    space at every level (:func:`neurofuse.levels.alignment_reason`); with ``align="weights"``
-    weight matching's limits apply too (a concatenation is refused when the alignment runs)."""
+    space at every level (:func:`neurofuse.levels.alignment_reason`; a grouped convolution's
+    groups move as units, and the merge then averages or Fisher-weighs its weight as any tensor
+    it does not regress); with ``align="weights"`` weight matching's limits apply too (a
+    concatenation is refused when the alignment runs)."""
+
+    aligns_grouped = True
