@@ -132,8 +132,8 @@ def _grouped_twin(a: GroupedNet) -> GroupedNet:
 def test_a_grouped_convolution_is_fitted_group_by_group_or_refused_by_name_before_any_importance(method, monkeypatch):
     """The closed form fits a grouped conv that reads the level input (the level before groups its
     output in the conv's groups) and gives a group-permuted copy back; so do otfusion, git-rebasin,
-    weight matching and the align-then-merge methods, which move its groups as units; ZipIt! and
-    CCA Merge refuse it."""
+    weight matching, CCA Merge and the align-then-merge methods, which move its groups as units;
+    ZipIt! refuses it."""
     cls = get_method(method)
     torch.manual_seed(0)
     nets = [_net(GroupedNet()) for _ in range(2)]
@@ -150,7 +150,7 @@ def test_a_grouped_convolution_is_fitted_group_by_group_or_refused_by_name_befor
         assert torch.isfinite(neurofuse.fuse(nets, (x, y), method=method, progress=False, **kw)(x[:4])).all()
         return
     if method in ("kf-linear", "hf-linear", "otfusion", "git-rebasin", "weight-matching", "regmean-aligned",
-                  "fisher-aligned"):
+                  "fisher-aligned", "cca-merge"):
         assert not any(reasons)
         torch.manual_seed(0)
         model = GroupedNet().eval()

@@ -14,7 +14,7 @@ from ._core import (
 from ._correspondence import Correspondence
 from ._heads import block_assignment, block_matching_costs, grouped_grouping, grouped_permutation, head_structured_plans, lap_inner, matching_cost
 from ._theory import approximation_error, grouping_error, representation_cost
-from ._cca import cca_alignment
+from ._cca import cca_alignment, grouped_cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
 from ._zipit import JointMoments, zip_features, zip_matrices
 
@@ -31,6 +31,7 @@ __all__ = [
     "cca_alignment",
     "centroids",
     "grouping_error",
+    "grouped_cca_alignment",
     "grouped_grouping",
     "grouped_permutation",
     "head_structured_plans",

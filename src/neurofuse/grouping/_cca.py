@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import ConfigError
 
-__all__ = ["cca_alignment"]
+__all__ = ["cca_alignment", "grouped_cca_alignment"]
 
 
 def _sym_power(s: np.ndarray, power: float) -> np.ndarray:
@@ -102,3 +102,50 @@ def cca_alignment(cov: np.ndarray, n_a: int, reg: float = 1e-4, *, constant: Opt
     u, _, vt = np.linalg.svd(a_inv_half @ sab @ b_inv_half)
     rot = u @ vt
     return a_half @ rot @ b_inv_half, b_half @ rot.T @ a_inv_half
+
+
+def _correlation_sum(cov: np.ndarray, n_a: int, reg: float) -> float:
+    """The sum of the canonical correlations of the two blocks of ``cov`` (regularised as in
+    :func:`cca_alignment`)."""
+    n_b = cov.shape[0] - n_a
+    saa, sbb, sab = cov[:n_a, :n_a], cov[n_a:, n_a:], cov[:n_a, n_a:]
+    saa = saa + reg * max(float(np.mean(np.diag(saa))), 1e-12) * np.eye(n_a)
+    sbb = sbb + reg * max(float(np.mean(np.diag(sbb))), 1e-12) * np.eye(n_b)
+    return float(np.linalg.svd(_sym_power(saa, -0.5) @ sab @ _sym_power(sbb, -0.5), compute_uv=False).sum())
+
+
+def grouped_cca_alignment(cov: np.ndarray, n_a: int, groups: int, reg: float = 1e-4, *,
+                          constant: Optional[np.ndarray] = None, values: Optional[np.ndarray] = None,
+                          sigma: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r""":func:`cca_alignment` for a space whose features come in ``groups`` equal contiguous groups
+    that must move as units (a GroupNorm's, a grouped convolution's): model B's groups are
+    assigned one to one to model A's by the Hungarian algorithm on the sum of the canonical
+    correlations of every pair of groups (largest total), unless ``sigma`` gives the assignment
+    (``sigma[a]``: B's group matched to A's group ``a``), and :math:`T` is block structured: the
+    CCA map of each matched pair in its block.  Returns :math:`T`, :math:`T^{-1}` and ``sigma``.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    if n_a % groups or cov.shape[0] != 2 * n_a:
+        raise ConfigError(f"CCA alignment of {groups} groups needs equal widths that split into them, "
+                          f"got {n_a} and {cov.shape[0] - n_a}")
+    d = n_a // groups
+
+    def idx(a: int, b: int) -> np.ndarray:
+        return np.r_[a * d:(a + 1) * d, n_a + b * d:n_a + (b + 1) * d]
+
+    if sigma is None:
+        score = np.array([[_correlation_sum(cov[np.ix_(idx(a, b), idx(a, b))], d, reg) for b in range(groups)]
+                          for a in range(groups)])
+        rows, cols = linear_sum_assignment(score, maximize=True)
+        sigma = np.empty(groups, dtype=np.int64)
+        sigma[rows] = cols
+    t, t_inv = np.zeros((n_a, n_a)), np.zeros((n_a, n_a))
+    for a in range(groups):
+        b = int(sigma[a])
+        i = idx(a, b)
+        ta, ta_inv = cca_alignment(cov[np.ix_(i, i)], d, reg,
+                                   constant=None if constant is None else np.asarray(constant)[i],
+                                   values=None if values is None else np.asarray(values)[i])
+        t[a * d:(a + 1) * d, b * d:(b + 1) * d] = ta
+        t_inv[b * d:(b + 1) * d, a * d:(a + 1) * d] = ta_inv
+    return t, t_inv, np.asarray(sigma)

@@ -165,8 +165,8 @@ def _grouped_reason(m: nn.Conv2d) -> str:
     what = (f"a depthwise convolution with a channel multiplier ({m.in_channels} -> {m.out_channels} channels, "
             f"groups={m.groups})" if m.groups == m.in_channels else
             f"a grouped convolution (groups={m.groups}, {m.in_channels // m.groups} input channels per group)")
-    return (f"{what}, whose groups of channels only otfusion, git-rebasin, weight-matching, the align-then-merge "
-            "methods, kf-linear and hf-linear move as units")
+    return (f"{what}, whose groups of channels must move as units (otfusion, git-rebasin, weight-matching, "
+            "cca-merge, the align-then-merge methods, kf-linear and hf-linear move them)")
 
 
 def _join(*names: str) -> str:

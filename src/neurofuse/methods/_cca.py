@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..grouping import JointMoments, cca_alignment
+from ..grouping import JointMoments, cca_alignment, grouped_cca_alignment
 from ..levels import check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
-from ..levels._layout import NeuronMap, SpaceMaps, check_alignable, concat_maps, part_spans, stream_members
+from ..levels._layout import (NeuronMap, SpaceMaps, check_alignable, concat_maps, group_assignment, output_unit_groups,
+                               part_spans, stream_members)
 from ._align import (NOT_PERMUTATION_IN_TRANSFORMER, LayoutAlignment, aligned_state, average_states,
                      check_equal_widths, input_part_maps, out_correspondence, record_levels)
 from ._base import FusionMethod, FusionRun, register_method
@@ -88,7 +89,8 @@ class CCAMerge(LayoutAlignment, FusionMethod):
     Options = CCAMergeOptions
     min_models = 2
     same_architecture = True
-    unsupported_traits = frozenset({"transformer", "groups"})
+    unsupported_traits = frozenset({"transformer"})
+    aligns_grouped = True
     trait_reasons = MappingProxyType(
         {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a linear map of the stream")})
 
@@ -97,15 +99,20 @@ class CCAMerge(LayoutAlignment, FusionMethod):
         assert data is not None
         originals = check_same_levels(run.models)
         nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in originals]
-        layouts, heads = check_alignable(nets, self.name)  # type: ignore[arg-type]
+        layouts, heads = check_alignable(nets, self.name, grouped=True)  # type: ignore[arg-type]
         widths = check_equal_widths(nets, self.name)  # type: ignore[arg-type]
         n_models, n_levels = len(nets), nets[0].num_levels
         with self.stream(data, n_models) as stream:
             outputs, inner = feature_moments(nets, layouts, stream, n_levels - 1)  # type: ignore[arg-type]
         maps: List[List[SpaceMaps]] = [[{} for _ in range(n_levels)] for _ in nets]
         for lvl in range(n_levels):
-            for sp in layouts[lvl].internal:
-                for k, m in enumerate(self._align(inner[lvl][sp.name], n_models), start=1):
+            layout = layouts[lvl]
+            for k in range(1, n_models):
+                maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
+            for sp in layout.internal:
+                groups = layout.unit_groups(sp.name)
+                tied = [group_assignment(layout, sp.name, maps[k][lvl], groups) for k in range(1, n_models)]
+                for k, m in enumerate(self._align(inner[lvl][sp.name], n_models, groups, tied), start=1):
                     maps[k][lvl][sp.name] = m
             head = heads[lvl]
             members = stream_members(heads, head)
@@ -133,10 +140,11 @@ class CCAMerge(LayoutAlignment, FusionMethod):
                             blocks[k].append(m)
                     out = [None] + [concat_maps(bl) for bl in blocks]
                 else:
-                    out = [None] + self._align((pre, act), n_models)
+                    groups = output_unit_groups(nets[0].levels, lvl, layout)  # type: ignore[arg-type]
+                    tied = [group_assignment(layout, "out", maps[k][lvl], groups) for k in range(1, n_models)]
+                    out = [None] + self._align((pre, act), n_models, groups, tied)
             for k in range(1, n_models):
                 maps[k][lvl]["out"] = out[k]
-                maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
         record_levels(run, out_correspondence([None] + maps[1:], widths))  # type: ignore[arg-type]
         states = [aligned_state(net, layouts, None if k == 0 else maps[k])  # type: ignore[arg-type]
                   for k, net in enumerate(nets)]
@@ -147,9 +155,13 @@ class CCAMerge(LayoutAlignment, FusionMethod):
         like.load_state_dict(unfold_state(fused, like))
         return like
 
-    def _align(self, moments: Tuple[JointMoments, JointMoments], n_models: int) -> List[NeuronMap]:
+    def _align(self, moments: Tuple[JointMoments, JointMoments], n_models: int, groups: int = 0,
+               tied: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[NeuronMap]:
         """The CCA map of every model ``k >= 1`` onto model 0 at one space from the (pre, post)
-        joint moments of all ``n_models`` models (of equal widths).
+        joint moments of all ``n_models`` models (of equal widths).  A space whose channels come
+        in ``groups`` groups (a GroupNorm's, a grouped convolution's) gets a block-structured map
+        (:func:`~neurofuse.grouping.grouped_cca_alignment`), its groups assigned as ``tied[k - 1]``
+        says where given (the output of a grouped convolution keeps its input's assignment).
 
         Post-activation features that are constant on the fusion set (dead ReLUs) are told apart
         by adding the pre-activation covariance with weight :data:`TIE_BREAK` (relative to the
@@ -166,7 +178,12 @@ class CCAMerge(LayoutAlignment, FusionMethod):
         maps = []
         for k in range(1, n_models):
             idx = np.r_[0:n, k * n:(k + 1) * n]
-            t, t_inv = cca_alignment(cov[np.ix_(idx, idx)], n, self.options.reg, constant=constant[idx],
-                                     values=mean[idx])
+            if groups:
+                t, t_inv, _ = grouped_cca_alignment(cov[np.ix_(idx, idx)], n, groups, self.options.reg,
+                                                    constant=constant[idx], values=mean[idx],
+                                                    sigma=None if tied is None else tied[k - 1])
+            else:
+                t, t_inv = cca_alignment(cov[np.ix_(idx, idx)], n, self.options.reg, constant=constant[idx],
+                                         values=mean[idx])
             maps.append(NeuronMap(out=torch.from_numpy(t), inc=torch.from_numpy(t_inv), plan=t.T / n))
         return maps
