@@ -381,6 +381,30 @@ def test_otfusion_aligns_resnexts_of_other_widths_keeping_every_grouped_weight_i
         assert torch.isfinite(out).all() and not torch.allclose(out, nets[0](x))   # an average, not the anchor
 
 
+@pytest.mark.parametrize("method", ["otfusion", "git-rebasin", "weight-matching", "cca-merge"])
+def test_a_grouped_convolution_reading_the_network_input_keeps_its_groups_in_place(method):
+    """Its input channels are not permuted, so output group ``a`` must stay group ``a``; only the
+    channels inside each group move.  Model 1 is model 0 with the grouped conv's two output groups
+    exchanged (and the next conv's columns with them), so that everything after the conv pulls
+    towards exchanging the groups back, which the conv cannot do."""
+    torch.manual_seed(0)
+    a = _InputGrouped().eval()
+    b = _InputGrouped().eval()
+    swap = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    with torch.no_grad():
+        b.load_state_dict(a.state_dict())
+        b.g.weight.mul_(0.1)                                     # its own term weighs little
+        b.g.weight.copy_(b.g.weight[swap].clone()), b.g.bias.copy_(a.g.bias[swap].clone())
+        b.c.weight.copy_(a.c.weight[:, swap].clone())
+    nets = [neurofuse.levels_from(m, input_shape=(4, 8, 8)) for m in (a, b)]
+    x = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = neurofuse.fuse(nets, (x, torch.randint(0, 10, (64,))), method=method, progress=False,
+                            return_result=True)
+    block = np.abs(result.correspondences[0].matrix()[:, 8:])     # fused channels x model 1's channels
+    mass = np.array([[block[4 * a:4 * a + 4, 4 * b:4 * b + 4].sum() for b in range(2)] for a in range(2)])
+    assert mass[0, 1] == 0 and mass[1, 0] == 0 and mass[0, 0] > 0 and mass[1, 1] > 0, mass
+
+
 def test_alignment_refuses_a_grouped_convolution_that_ends_a_residual_block_by_name():
     from neurofuse.methods import get_method
 

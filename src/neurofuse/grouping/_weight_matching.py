@@ -197,7 +197,8 @@ class _GroupedTerm(_Term):
 
 
 def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, max_sweeps: int = 100,
-                    seed: int = 0, units: Sequence[Tuple[Tuple[int, ...], int]] = ()) -> WeightMatchingResult:
+                    seed: int = 0, units: Sequence[Tuple[Tuple[int, ...], int]] = (),
+                    fixed: Sequence[int] = ()) -> WeightMatchingResult:
     r"""Permutations of network B's neurons that best match network A's weights.
 
     Coordinate descent over the permutation groups (see the module notes): each visit solves one
@@ -222,6 +223,10 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
         one to one on the sum of those profits over the unit's groups
         (:func:`neurofuse.grouping.head_structured_plans`), and the result kept if it
         raises the unit's objective.
+    fixed : sequence of int
+        Groups of ``units`` whose unit keeps every head in place: only the neurons inside each
+        head are matched (a grouped convolution that reads the network input, which is not
+        permuted).
 
     Returns
     -------
@@ -268,6 +273,7 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
     def stamp(g: int) -> Tuple[int, ...]:
         return tuple(versions[h] for h in neighbours[g])
 
+    pinned = set(fixed)
     unit_of: Dict[int, Tuple[Tuple[int, ...], int]] = {}
     for groups, heads in units:
         for g in groups:
@@ -315,7 +321,8 @@ def weight_matching(tensors: Sequence[MatchedTensor], sizes: Sequence[int], *, m
             plan[r, c_] = 1.0 / len(r)
             return plan, -float(c[r, c_].sum())      # head_structured_plans minimises
 
-        plans, _ = head_structured_plans([costs[h] for h in costs], heads, inner)
+        plans, _ = head_structured_plans([costs[h] for h in costs], heads, inner,
+                                         np.arange(heads) if set(groups) & pinned else None)
         return accept({h: p.argmax(1) for h, p in zip(costs, plans)}, costs)
 
     # first sweep, from the input: only the terms whose other axis is fixed or already matched

@@ -124,6 +124,9 @@ class PermutationSpec:
     #: ``((group, ...), heads)``: groups whose neurons come in ``heads`` heads that move as units
     #: together (an attention's query/key and value/output spaces)
     units: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list)
+    #: groups whose unit keeps its heads in place (a grouped convolution that reads the network
+    #: input, whose groups are not permuted): only the neurons inside each head move
+    fixed: Tuple[int, ...] = ()
 
 
 def _space_size(layout: LevelLayout, sp: Space, sd: Dict[str, Tensor]) -> int:
@@ -169,22 +172,27 @@ def permutation_spec(net: LeveledNet, layouts: Sequence[LevelLayout], heads: Seq
         else:
             g = len(sizes)
             sizes.append(widths[lvl])
-            if output_unit_groups(net.levels, lvl, layout):   # type: ignore[arg-type]
-                grouped[g] = output_unit_groups(net.levels, lvl, layout)   # type: ignore[arg-type]
+            count = output_unit_groups(net.levels, lvl, layout)   # type: ignore[arg-type]
+            if count:
+                grouped[g] = count
         out_group.append(g)
         spaces["out"] = g
         groups.append(spaces)
         for space, reads, _ in layout.conv_groups:
             ends = (spaces.get(space), spaces.get(reads))
-            if ends[0] is not None and ends[1] is not None:
+            if ends[0] is not None:
                 linked.append(ends)   # type: ignore[arg-type]
-    return PermutationSpec(groups, sizes, units + _group_units(grouped, linked))
+    found, fixed = _group_units(grouped, linked)
+    return PermutationSpec(groups, sizes, units + found, fixed)
 
 
-def _group_units(grouped: Dict[int, int], linked: List[Tuple[int, int]]) -> List[Tuple[Tuple[int, ...], int]]:
+def _group_units(grouped: Dict[int, int], linked: List[Tuple[int, Optional[int]]]
+                 ) -> Tuple[List[Tuple[Tuple[int, ...], int]], Tuple[int, ...]]:
     """The units of the permutation groups whose channels move in groups (a GroupNorm's, a
     grouped convolution's): the groups that grouped convolutions link (the space one reads and
-    the space it writes share their assignment of groups) are one unit."""
+    the space it writes share their assignment of groups) are one unit; and the groups of the
+    units linked to a space that is not permuted (``None``: the network input), whose groups stay
+    in place."""
     root = {g: g for g in grouped}
 
     def find(g: int) -> int:
@@ -192,12 +200,17 @@ def _group_units(grouped: Dict[int, int], linked: List[Tuple[int, int]]) -> List
             g = root[g]
         return g
 
+    anchored = set()
     for a, b in linked:
-        root[find(a)] = find(b)
+        if b is None:
+            anchored.add(a)
+        else:
+            root[find(a)] = find(b)
     members: Dict[int, List[int]] = {}
     for g in sorted(grouped):
         members.setdefault(find(g), []).append(g)
-    return [(tuple(gs), grouped[gs[0]]) for gs in members.values()]
+    fixed = tuple(g for gs in members.values() if any(m in anchored for m in gs) for g in gs)
+    return [(tuple(gs), grouped[gs[0]]) for gs in members.values()], fixed
 
 
 def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
@@ -209,10 +222,8 @@ def _as_3d(t: Tensor, kind: str, n_in: Optional[int], level: int) -> Tensor:
         return t.reshape(-1, 1, 1)
     if kind == "last":
         return t.reshape(-1, t.shape[-1]).T.reshape(t.shape[-1], 1, -1)
-    if kind in ("conv", "depthwise"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space
-        return t.reshape(t.shape[0], t.shape[1], -1)
-    if kind == "grouped":   # [out, in / g, k, k]: a term of its own (MatchedTensor.groups)
-        return t.reshape(t.shape[0], t.shape[1], -1)
+    if kind in ("conv", "depthwise", "grouped"):   # a depthwise kernel [C, 1, k, k]: axis 1 is no space;
+        return t.reshape(t.shape[0], t.shape[1], -1)    # a grouped one [out, in / g, k, k] (MatchedTensor.groups)
     if n_in is None or t.shape[1] == n_in:
         return t.reshape(t.shape[0], t.shape[1], 1)
     if t.shape[1] % n_in == 0:  # Linear after Flatten of [C, H, W]: channel-major
@@ -254,7 +265,7 @@ def weight_maps(anchor: LeveledNet, other: LeveledNet, layouts: Sequence[LevelLa
     """Per level, the maps that write ``other`` in ``anchor``'s basis, by weight matching."""
     with torch.no_grad():
         result = weight_matching(_matched_tensors(spec, layouts, anchor, other), spec.sizes,
-                                 max_sweeps=max_sweeps, seed=seed, units=spec.units)
+                                 max_sweeps=max_sweeps, seed=seed, units=spec.units, fixed=spec.fixed)
     return _level_maps(spec, result.perms)
 
 
