@@ -4,10 +4,11 @@ Two questions a level answers about itself, each as ``None`` (yes) or a one-line
 
 * :func:`affine_reason`: can a closed-form least-squares fit produce the level from its input,
   one layer at a time after BatchNorm folding (:func:`neurofuse.levels._steps.closed_form_steps`:
-  every layer with parameters a ``Linear`` / ungrouped or depthwise ``Conv2d``);
+  every layer with parameters a ``Linear`` / ``Conv2d``, a grouped one fitted group by group);
 * :func:`alignment_reason`: can the level's neurons be aligned by one map per neuron space
   (:func:`neurofuse.levels._layout.level_layout`: chains, residual blocks and concatenations of
-  Linear / ungrouped or depthwise Conv2d layers and per-channel normalisations).
+  Linear / ungrouped or depthwise Conv2d layers and per-channel normalisations; with
+  ``grouped=True`` grouped convolutions too, whose spaces move in their groups).
 
 The methods decide what to do with the answers; nothing here names a method.
 """
@@ -55,7 +56,7 @@ def affine_reason(net: nn.Module, index: int) -> Optional[str]:
 
     The closed form fits a level one layer at a time (:func:`neurofuse.levels._steps.closed_form_steps`):
     chains, residual blocks and concatenations whose every layer with parameters is a ``Linear`` or
-    a ``Conv2d`` (ungrouped or depthwise, zero padding) after folding, each path ending in its last
+    a ``Conv2d`` (zero padding; a grouped one fitted group by group) after folding, each path ending in its last
     layer (or, outside a residual block, in an element-wise activation; the model's last level may
     end in a softmax or log-softmax).
     """
