@@ -66,17 +66,22 @@ def _derangement(n: int, gen: torch.Generator) -> torch.Tensor:
     return p  # pragma: no cover
 
 
-def _concat_perm(model: LeveledNet, lvl: int, lay: Any, in_map: Any, gen: torch.Generator):  # type: ignore[no-untyped-def]
+def _concat_perm(model: LeveledNet, lvl: int, lay: Any, in_map: Any, gen: torch.Generator,  # type: ignore[no-untyped-def]
+                 like: Any = None):
     """The map of a concatenation level's output: a permutation inside every part (a part that is
-    the level input keeps the input's map), the block diagonal of them."""
+    the level input keeps the input's map; a part a grouped convolution writes moves in its
+    groups, in the order ``like(part, groups)`` gives), the block diagonal of them."""
     from .levels._layout import concat_maps, part_spans
 
     spans = part_spans(model, lvl, lay)
     parts = []
     for p, sp in zip(lay.parts, spans):
         n = sp.stop - sp.start
-        parts.append(in_map if p == "in" and in_map is not None else
-                     _perm_map(torch.arange(n) if p == "in" else _derangement(n, gen)))
+        if p == "in":
+            parts.append(in_map if in_map is not None else _perm_map(torch.arange(n)))
+            continue
+        groups = lay.unit_groups(p)
+        parts.append(_perm_map(_grouped_derangement(n, groups, gen, like(p, groups) if like and groups else None)))
     return concat_maps(parts)
 
 
@@ -147,7 +152,7 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
         if lvl < last and heads[lvl] >= 0 and heads[last] != heads[lvl]:   # a stream tied to the input or output keeps its order
             if heads[lvl] not in stream:
                 if lay.parts:
-                    stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen), None)
+                    stream[heads[lvl]] = (_concat_perm(model, lvl, lay, maps.get("in"), gen, like), None)
                 else:
                     groups = output_unit_groups(model.levels, lvl, lay)
                     perm = _grouped_derangement(widths[lvl], groups, gen, like("out", groups))

@@ -476,15 +476,13 @@ def group_assignment(layout: LevelLayout, space: str, maps: "SpaceMaps", groups:
 def check_grouped_alignment(levels: Sequence[nn.Module], index: int, layout: LevelLayout, method: str) -> None:
     """Refuse, before any work, a grouped convolution of level ``index`` (``layout`` laid out with
     ``grouped=True``) whose groups one map per space cannot keep: one that ends a residual block
-    (its output groups would have to follow its input's and the stream's at once) or writes a
-    part of a concatenation, or whose spaces GroupNorms or other grouped convolutions split into
-    other groups.  The level output and input are checked over their residual streams
+    (its output groups would have to follow its input's and the stream's at once), or whose
+    spaces GroupNorms or other grouped convolutions split into other groups.  The level output and input are checked over their residual streams
     (:func:`output_groups`)."""
     for space, reads, g in layout.conv_groups:
         others = {h for sp, rd, h in layout.conv_groups if {sp, rd} & {space, reads}} | {
             layout.groups_of(space), layout.groups_of(reads)}
         why = ("that ends a residual block" if space == "out" and layout.tied else
-               "that writes a part of a concatenation" if space.startswith("out") and space != "out" else
                "whose spaces GroupNorms or other grouped convolutions split into other groups"
                if others - {0, g} else None)
         if why is None and space == "out" and output_groups(levels, index) not in (0, g):

@@ -124,7 +124,7 @@ def layout_traits(net: nn.Module, index: int) -> FrozenSet[str]:
     (names of :data:`TRAITS`); empty for a level that cannot be aligned at all."""
     level = net.levels[index]  # type: ignore[index]
     try:
-        layout = level_layout(level, index)
+        layout = level_layout(level, index, grouped=True)
     except IncompatibleModelsError:
         return frozenset()
     found = set()

@@ -136,7 +136,9 @@ class CCAMerge(LayoutAlignment, FusionMethod):
                                 blocks[k].append(m)
                             continue
                         sub = part_moments((pre, act), [span] * n_models, [widths[0][lvl]] * n_models)
-                        for k, m in enumerate(self._align(sub, n_models)):
+                        groups = layout.unit_groups(part)   # a part a grouped convolution writes
+                        tied = [group_assignment(layout, part, maps[k][lvl], groups) for k in range(1, n_models)]
+                        for k, m in enumerate(self._align(sub, n_models, groups, tied)):
                             blocks[k].append(m)
                     out = [None] + [concat_maps(bl) for bl in blocks]
                 else:

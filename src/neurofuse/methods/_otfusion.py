@@ -180,6 +180,33 @@ def _group_orders(layout: LevelLayout, space: str, maps: List[SpaceMaps], groups
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One part of a concatenation level's output, for model ``k``'s transport: its space, model
+    ``k``'s and the anchor's neurons of it, the level input's map (a part that is the input), and
+    for a part a grouped convolution writes its groups and model ``k``'s neurons in the anchor's
+    order of groups (:func:`_group_orders`)."""
+
+    space: str
+    mine: slice
+    anchor: slice
+    given: Optional[NeuronMap]
+    groups: int = 0
+    order: Optional[np.ndarray] = None
+
+
+def _inner_solver(method: "OTFusion", level: int) -> Callable[..., Tuple[np.ndarray, float]]:
+    """The within-unit problem of :func:`~neurofuse.grouping.head_structured_plans`: the method's
+    transport between the unit's shares of the marginals (uniform if not given)."""
+    def inner(c: np.ndarray, m: Optional[np.ndarray] = None, n: Optional[np.ndarray] = None
+              ) -> Tuple[np.ndarray, float]:
+        m = np.full(c.shape[0], 1.0 / c.shape[0]) if m is None else m
+        n = np.full(c.shape[1], 1.0 / c.shape[1]) if n is None else n
+        plan = method._solve(m, n, c, level)
+        return plan, float((plan * c).sum())
+    return inner
+
+
 def _reordered(m: NeuronMap, order: np.ndarray) -> NeuronMap:
     """The map ``m`` of neurons taken in ``order`` (:func:`_group_orders`) as a map of the neurons
     in their own order."""
@@ -353,17 +380,29 @@ class OTFusion(FusionMethod):
                     order = _group_orders(layout, "out", maps, groups, {k: widths[k][lvl] for k in others})
                     for k in order or ():
                         maps[k]["out"] = NeuronMap.from_permutation(order[k])
-                    partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    mapped_outputs = _ends_affine(nets[0].levels[lvl]) and order is None
                     parts = None
                     if layout.parts:  # a concatenation: one transport per part, block diagonal
                         spans = [part_spans(net, lvl, layout) for net in nets]
-                        parts = {k: [(p, sk, s0, maps[k]["in"]) for p, sk, s0 in zip(layout.parts, spans[k], spans[0])]
+                        # a part a grouped convolution writes: its groups in the anchor's order first
+                        orders = [_group_orders(layout, p, maps, layout.unit_groups(p),
+                                                {k: spans[k][j].stop - spans[k][j].start for k in others})
+                                  for j, p in enumerate(layout.parts)]
+                        parts = {k: [_Part(p, sk, s0, maps[k]["in"], layout.unit_groups(p),
+                                           None if o is None else o[k])
+                                     for p, sk, s0, o in zip(layout.parts, spans[k], spans[0], orders)]
                                  for k in others}
+                        if any(o is not None for o in orders):
+                            order = {}   # the level runs with the parts' rows reordered
+                            for k in others:
+                                maps[k]["out"] = concat_maps([NeuronMap.from_permutation(
+                                    np.arange(pt.mine.stop - pt.mine.start) if pt.order is None else pt.order)
+                                    for pt in parts[k]])
+                    partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
+                    mapped_outputs = _ends_affine(nets[0].levels[lvl]) and order is None
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
                                                   keep=mapped_outputs, parts=parts, groups=groups,
-                                                  order=order).items():
-                        outs[k][lvl] = ms[0] if order is None else _reordered(ms[0], order[k])
+                                                  order=order if not parts else None).items():
+                        outs[k][lvl] = ms[0] if order is None or parts else _reordered(ms[0], order[k])
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
@@ -396,7 +435,7 @@ class OTFusion(FusionMethod):
     def _transports(self, run: FusionRun, nets: List[LeveledNet], stream: LevelStream,
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
-                    parts: Optional[Dict[int, List[Tuple[str, slice, slice, Optional[NeuronMap]]]]] = None,
+                    parts: Optional[Dict[int, List["_Part"]]] = None,
                     groups: int = 0, order: Optional[Dict[int, np.ndarray]] = None
                     ) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
@@ -404,9 +443,10 @@ class OTFusion(FusionMethod):
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
         the anchor, from one pass over the fusion set.  With ``keep``, the level outputs are handed
         to the stream as every model's next input (the anchor's as they are, the others' to be
-        mapped).  ``parts[k]`` lists the parts of a concatenation (space, model ``k``'s and the
-        anchor's neurons, the level input's map): each part is transported on its own (a part that
-        is the level input keeps its map) and the map is their block diagonal.  ``groups`` > 0: the
+        mapped).  ``parts[k]`` lists the parts of a concatenation (:class:`_Part`): each part is
+        transported on its own (a part that is the level input keeps its map; a part a grouped
+        convolution writes moves in its groups, its rows in the order given) and the map is their
+        block diagonal.  ``groups`` > 0: the
         space is normalised by a GroupNorm of that many groups, or read or written by a grouped
         convolution of that many groups, which move as units like attention heads (with the
         importance scores inside them for a level output, uniform marginals for an inner space);
@@ -463,14 +503,8 @@ class OTFusion(FusionMethod):
                 # attention heads, or the groups of a GroupNorm or a grouped convolution, matched
                 # as units: one within-unit transport per space, between the units' shares of the
                 # marginals (importance scores for a level output)
-                def inner(c: np.ndarray, m: Optional[np.ndarray] = None, n: Optional[np.ndarray] = None
-                          ) -> Tuple[np.ndarray, float]:
-                    m = np.full(c.shape[0], 1.0 / c.shape[0]) if m is None else m
-                    n = np.full(c.shape[1], 1.0 / c.shape[1]) if n is None else n
-                    plan = self._solve(m, n, c, lvl)
-                    return plan, float((plan * c).sum())
-
-                plans, _ = head_structured_plans(costs if spaces is not None else [cost], units, inner,
+                plans, _ = head_structured_plans(costs if spaces is not None else [cost], units,
+                                                 _inner_solver(self, lvl),
                                                  np.arange(units) if order is not None else None,
                                                  None if spaces is not None else (mu, nu))
                 result[k] = [NeuronMap.from_plan(p, p.sum(0)) for p in plans]
@@ -480,12 +514,20 @@ class OTFusion(FusionMethod):
                 result[k] = [NeuronMap.from_plan(plan, nu)]
             else:
                 blocks = []
-                for p, sk, s0, given in parts[k]:
-                    if p == "in":
-                        blocks.append(given or NeuronMap.identity(sk.stop - sk.start))
-                    else:
-                        nu_p = normalized(nu[s0])
-                        blocks.append(NeuronMap.from_plan(self._solve(normalized(mu[sk]), nu_p, cost[sk, s0], lvl), nu_p))
+                for pt in parts[k]:
+                    sk, s0 = pt.mine, pt.anchor
+                    if pt.space == "in":
+                        blocks.append(pt.given or NeuronMap.identity(sk.stop - sk.start))
+                        continue
+                    nu_p = normalized(nu[s0])
+                    if pt.groups:   # a grouped convolution's part: its groups in the anchor's order
+                        assert pt.order is not None
+                        mu_p = normalized(mu[sk])[pt.order]
+                        block, _ = head_structured_plans([cost[sk, s0]], pt.groups, _inner_solver(self, lvl),
+                                                         np.arange(pt.groups), (mu_p, nu_p))
+                        blocks.append(_reordered(NeuronMap.from_plan(block[0], nu_p), pt.order))
+                        continue
+                    blocks.append(NeuronMap.from_plan(self._solve(normalized(mu[sk]), nu_p, cost[sk, s0], lvl), nu_p))
                 result[k] = [concat_maps(blocks)]
                 plan = result[k][0].plan
             log.debug("otfusion model %d level %d%s: transport cost %.4g", k, lvl,

@@ -233,12 +233,15 @@ class GitRebasin(FusionMethod):
                 outs[lvl] = outs[head]
             elif layouts[lvl].parts:  # a concatenation: one permutation per part, block diagonal
                 blocks = []
+                maps = {"in": outs[lvl - 1] if lvl > 0 else None, **inner[lvl]}
                 for p, part in zip(layouts[lvl].parts, part_spans(nets[0], lvl, layouts[lvl])):
                     if p == "in":
                         blocks.append(outs[lvl - 1] or NeuronMap.identity(part.stop - part.start))
-                    else:
+                    else:   # a part a grouped convolution writes moves in its groups
+                        groups = layouts[lvl].unit_groups(p)
                         blocks.append(self._perm_map(self._match([level_stats[m] for m in members], lvl,
-                                                                 members, scores, None, part)))
+                                                                 members, scores, None, part, groups=groups,
+                                                                 tied=_tied_groups(layouts[lvl], p, maps, groups))))
                 outs[lvl] = concat_maps(blocks)
             else:
                 groups = output_unit_groups(nets[0].levels, lvl, layouts[lvl])
