@@ -380,6 +380,7 @@ class OTFusion(FusionMethod):
                     order = _group_orders(layout, "out", maps, groups, {k: widths[k][lvl] for k in others})
                     for k in order or ():
                         maps[k]["out"] = NeuronMap.from_permutation(order[k])
+                    reordered = order is not None   # the level runs with its output's rows reordered
                     parts = None
                     if layout.parts:  # a concatenation: one transport per part, block diagonal
                         spans = [part_spans(net, lvl, layout) for net in nets]
@@ -391,18 +392,17 @@ class OTFusion(FusionMethod):
                                            None if o is None else o[k])
                                      for p, sk, s0, o in zip(layout.parts, spans[k], spans[0], orders)]
                                  for k in others}
-                        if any(o is not None for o in orders):
-                            order = {}   # the level runs with the parts' rows reordered
-                            for k in others:
-                                maps[k]["out"] = concat_maps([NeuronMap.from_permutation(
-                                    np.arange(pt.mine.stop - pt.mine.start) if pt.order is None else pt.order)
-                                    for pt in parts[k]])
+                        reordered = any(o is not None for o in orders)
+                        for k in others if reordered else ():
+                            maps[k]["out"] = concat_maps([NeuronMap.from_permutation(
+                                np.arange(pt.mine.stop - pt.mine.start) if pt.order is None else pt.order)
+                                for pt in parts[k]])
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
-                    mapped_outputs = _ends_affine(nets[0].levels[lvl]) and order is None
+                    mapped_outputs = _ends_affine(nets[0].levels[lvl]) and not reordered
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
                                                   keep=mapped_outputs, parts=parts, groups=groups,
-                                                  order=order if not parts else None).items():
-                        outs[k][lvl] = ms[0] if order is None or parts else _reordered(ms[0], order[k])
+                                                  order=order).items():
+                        outs[k][lvl] = ms[0] if order is None else _reordered(ms[0], order[k])
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
                     params[k].append(align_level(nets[k].levels[lvl], layout, lvl, maps[k]))
@@ -446,8 +446,8 @@ class OTFusion(FusionMethod):
         mapped).  ``parts[k]`` lists the parts of a concatenation (:class:`_Part`): each part is
         transported on its own (a part that is the level input keeps its map; a part a grouped
         convolution writes moves in its groups, its rows in the order given) and the map is their
-        block diagonal.  ``groups`` > 0: the
-        space is normalised by a GroupNorm of that many groups, or read or written by a grouped
+        block diagonal.  ``groups`` > 0: the space is normalised by a GroupNorm of that many
+        groups, or read or written by a grouped
         convolution of that many groups, which move as units like attention heads (with the
         importance scores inside them for a level output, uniform marginals for an inner space);
         with ``order`` every model ``k``'s neurons come in ``order[k]``, their groups in the
