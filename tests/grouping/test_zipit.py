@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from neurofuse.errors import ConfigError
-from neurofuse.grouping import zip_features, zip_matrices
+from neurofuse.grouping import zip_features, zip_grouped_features, zip_matrices
 
 
 def _greedy_pairs(cov, owners, within):
@@ -76,3 +76,51 @@ def test_any_width_and_more_models():
     assert np.allclose(merge @ unmerge, np.eye(4)) and np.allclose(merge.sum(1), 1.0)
     with pytest.raises(ConfigError, match="into 13"):
         zip_features(cov, owners, 13)
+
+
+def _grouped_copies(rng, groups=3, per=4, models=3, rows=600):
+    """Model 0's features in ``groups`` groups; every other model holds the same features with its
+    groups in another order and its channels shuffled inside each group (plus a little noise)."""
+    x = rng.normal(size=(rows, groups * per))
+    blocks, sigmas = [x], [np.arange(groups)]
+    for _ in range(1, models):
+        order = rng.permutation(groups)               # model group q holds model-0 group order[q]
+        inner = [rng.permutation(per) for _ in range(groups)]
+        blocks.append(np.concatenate([x[:, order[q] * per + inner[q]] for q in range(groups)], 1)
+                      + 0.01 * rng.normal(size=(rows, groups * per)))
+        sigma = np.empty(groups, dtype=int)
+        sigma[order] = np.arange(groups)              # sigma[b]: the model group that holds group b
+        sigmas.append(sigma)
+    return np.cov(np.concatenate(blocks, 1).T), sigmas
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_a_grouped_space_is_zipped_group_to_group_and_no_merge_mixes_groups(within):
+    rng = np.random.default_rng(3)
+    cov, truth = _grouped_copies(rng)
+    labels, sigmas = zip_grouped_features(cov, [12, 12, 12], 12, 3, within_model=within)
+    assert [s.tolist() for s in sigmas] == [t.tolist() for t in truth]
+    owner_group = np.tile(np.repeat(np.arange(3), 4), 3)              # each feature's group in its model
+    model = np.repeat(np.arange(3), 12)
+    for j in range(3):
+        for q in range(3):   # model j's group q goes whole into fused group b with sigma_j[b] = q
+            b = int(np.flatnonzero(sigmas[j] == q)[0])
+            assert set((labels[(model == j) & (owner_group == q)] // 4).tolist()) == {b}
+    assert np.bincount(labels).tolist() == [3] * 12                  # every copy of a feature together
+
+
+def test_a_given_assignment_of_groups_is_kept_even_against_the_correlations():
+    rng = np.random.default_rng(4)
+    cov, truth = _grouped_copies(rng, models=2)
+    forced = [None, truth[1][::-1].copy()]
+    labels, sigmas = zip_grouped_features(cov, [12, 12], 12, 3, sigmas=forced)
+    assert sigmas[1].tolist() == forced[1].tolist()
+    for b in range(3):
+        q = forced[1][b]
+        assert set((labels[12 + 4 * q:12 + 4 * q + 4] // 4).tolist()) == {b}
+
+
+def test_a_grouped_width_that_does_not_split_into_the_groups_is_refused_by_value():
+    cov = np.eye(16)
+    with pytest.raises(ConfigError, match="fused width 6 .* multiple of 4"):
+        zip_grouped_features(cov, [8, 8], 6, 4)

@@ -34,23 +34,23 @@ from neurofuse.levels._transformer import describe
 
 from .user_models import ARCHITECTURES, MLP, DropoutMLP, MobileNetV2, VisionTransformer
 
-LEVELWISE = ["hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"]
+LEVELWISE = ["hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"]
 WHOLE = ["vanilla", "ensemble", "kd-head", "base"]
 
 #: architecture -> level-wise methods that fuse it (the others are refused with a reason)
 SUPPORTED = {
-    "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "resnet18_gn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
+    "resnet18": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "resnet18_gn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "vgg11_bn": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "mobilenet_v2": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
     "vit": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "mlp_ln": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
-    "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "kf-gradient"},
-    "resnext": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "kf-gradient"},
+    "mlp_ln": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "zipit", "kf-gradient"},
+    "resnext": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
-REASON = {("branches", "weight-matching"): "concatenation"}
+REASON = {("branches", "weight-matching"): "concatenation", ("vit", "zipit"): "transformer"}
 FAST_GRADIENT = {"levels": {"epochs": 2, "val_fraction": 0.0}, "head": {"epochs": 2, "val_fraction": 0.0}}
 
 

@@ -129,38 +129,42 @@ def _grouped_twin(a: GroupedNet) -> GroupedNet:
 
 
 @pytest.mark.parametrize("method", [n for n in list_methods() if get_method(n).fuses_levels])
-def test_a_grouped_convolution_is_fitted_group_by_group_or_refused_by_name_before_any_importance(method, monkeypatch):
+def test_a_grouped_convolution_is_fused_group_by_group_by_every_level_wise_method(method):
     """The closed form fits a grouped conv that reads the level input (the level before groups its
-    output in the conv's groups) and gives a group-permuted copy back; so do otfusion, git-rebasin,
-    weight matching, CCA Merge and the align-then-merge methods, which move its groups as units;
-    ZipIt! refuses it."""
+    output in the conv's groups) and gives a group-permuted copy back; so do the alignments
+    (otfusion, git-rebasin, weight matching, ZipIt!, CCA Merge, the align-then-merge methods),
+    which move its groups as units."""
     cls = get_method(method)
     torch.manual_seed(0)
-    nets = [_net(GroupedNet()) for _ in range(2)]
+    model = GroupedNet().eval()
+    assert not any(cls.check_level(_net(model), i) for i in range(_net(model).num_levels))
+    x, y = _data()
+    if method == "kf-gradient":
+        kw = {"levels": {"epochs": 1}, "head": {"epochs": 1}}
+        assert torch.isfinite(neurofuse.fuse([_net(model)] * 2, (x, y), method=method, progress=False, **kw)(x[:4])).all()
+        return
+    fused = neurofuse.fuse([_net(model), _net(_grouped_twin(model))], (x, y), method=method, progress=False)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max() / model(x).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", [n for n in list_methods() if get_method(n).fuses_levels and n != "kf-gradient"])
+def test_a_grouped_convolution_ending_a_residual_block_is_refused_by_name_before_any_importance(method, monkeypatch):
+    from ..levels.test_layout import _GroupedEnd
+
+    cls = get_method(method)
+    torch.manual_seed(0)
+    nets = [neurofuse.levels_from(_GroupedEnd().eval(), input_shape=(3, 8, 8)) for _ in range(2)]
     reasons = [cls.check_level(nets[0], i) for i in range(nets[0].num_levels)]
+    assert any(r and "grouped convolution" in r and "residual block" in r for r in reasons), reasons
     calls = []
     import neurofuse.methods._base as base
 
     real = base.importance_sums
     monkeypatch.setattr(base, "importance_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, y = _data()
-    kw = {"levels": {"epochs": 1}, "head": {"epochs": 1}} if method == "kf-gradient" else {}
-    if method == "kf-gradient":
-        assert not any(reasons)
-        assert torch.isfinite(neurofuse.fuse(nets, (x, y), method=method, progress=False, **kw)(x[:4])).all()
-        return
-    if method in ("kf-linear", "hf-linear", "otfusion", "git-rebasin", "weight-matching", "regmean-aligned",
-                  "fisher-aligned", "cca-merge"):
-        assert not any(reasons)
-        torch.manual_seed(0)
-        model = GroupedNet().eval()
-        fused = neurofuse.fuse([_net(model), _net(_grouped_twin(model))], (x, y), method=method, progress=False)
-        with torch.no_grad():
-            assert (fused(x) - model(x)).abs().max() / model(x).abs().max() < 1e-4
-        return
-    assert reasons[0] is None and "grouped convolution (groups=2" in reasons[1]
-    with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level 1 \(relu -> grouped\).*grouped convolution"):
-        neurofuse.fuse(nets, (x, y), method=method, progress=False, **kw,
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level 1 .*grouped convolution.*residual block"):
+        neurofuse.fuse(nets, (x, y), method=method, progress=False,
                        importance="conductance" if cls.uses_importance else "uniform")
     assert not calls
 

@@ -121,3 +121,36 @@ def test_partial_zipping_of_automatic_levels_gives_a_model_that_says_it_cannot_b
     assert isinstance(fused, MultiHead) and torch.isfinite(fused(x[:4])).all()
     with pytest.raises(ConfigError, match="does not describe its architecture"):
         save_model(fused, tmp_path / "fused.safetensors")
+
+
+def test_resnexts_of_other_widths_are_zipped_keeping_every_grouped_weight_in_groups():
+    """Three ResNeXts (bottleneck widths 64, 96, 64 per the base width): the grouped convs' spaces
+    are zipped group to group, so the fused model has the anchor's shapes and each fused group of
+    the grouped conv reads one group of every model."""
+    from ..levels.user_models import ResNeXt
+
+    torch.manual_seed(0)
+    nets = [neurofuse.levels_from(ResNeXt(base_width=b).eval(), input_shape=(3, 16, 16)) for b in (64, 96, 64)]
+    x = torch.randn(64, 3, 16, 16)
+    result = neurofuse.fuse(nets, (x, torch.randint(0, 10, (64,))), method="zipit", progress=False,
+                            return_result=True)
+    anchor = nets[0].state_dict()
+    assert {k: v.shape for k, v in result.model.state_dict().items()} == {k: v.shape for k, v in anchor.items()}
+    with torch.no_grad():
+        out = result.model(x)
+        assert torch.isfinite(out).all() and not torch.allclose(out, nets[0](x))
+
+
+def test_partial_zipping_of_a_grouped_trunk_gives_a_permuted_copy_back():
+    """The trunk (the grouped conv's level included) is zipped group to group; each model keeps
+    its head behind its unmerge matrix: a group-permuted copy gives the model's probabilities."""
+    from .test_steps import GroupedNet, _data, _grouped_twin, _net
+
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    x, y = _data()
+    nets = [_net(model), _net(_grouped_twin(model))]
+    fused = neurofuse.fuse(nets, (x, y), method="zipit", stop_at=nets[0].num_levels - 1, progress=False)
+    assert isinstance(fused, MultiHead)
+    with torch.no_grad():
+        assert (fused(x).exp() - torch.softmax(model(x), -1)).abs().max() < 1e-4

@@ -16,7 +16,7 @@ from ._heads import block_assignment, block_matching_costs, grouped_grouping, gr
 from ._theory import approximation_error, grouping_error, representation_cost
 from ._cca import cca_alignment, grouped_cca_alignment
 from ._weight_matching import MatchedTensor, WeightMatchingResult, weight_matching
-from ._zipit import JointMoments, zip_features, zip_matrices
+from ._zipit import JointMoments, zip_features, zip_grouped_features, zip_matrices
 
 __all__ = [
     "Correspondence",
@@ -46,5 +46,6 @@ __all__ = [
     "weight_matching",
     "weighted_kmeans",
     "zip_features",
+    "zip_grouped_features",
     "zip_matrices",
 ]

@@ -32,7 +32,7 @@ features (computed exactly from the covariance matrix), as long as a group holds
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..stats import AdditiveStats
+from ._heads import head_structured_plans, lap_inner
 
-__all__ = ["JointMoments", "zip_features", "zip_matrices"]
+__all__ = ["JointMoments", "zip_features", "zip_grouped_features", "zip_matrices"]
 
 
 class JointMoments(AdditiveStats):
@@ -209,6 +210,78 @@ def zip_features(cov: np.ndarray, owners: Sequence[int], k: int, *, within_model
         best[better] = row[better]
     _, labels = np.unique(group, return_inverse=True)
     return labels.astype(np.int64)
+
+
+def zip_grouped_features(cov: np.ndarray, widths: Sequence[int], k: int, groups: int, *,
+                         sigmas: Optional[Sequence[Optional[np.ndarray]]] = None, within_model: bool = True,
+                         tie_break: Optional[np.ndarray] = None) -> Tuple[np.ndarray, List[np.ndarray]]:
+    r""":func:`zip_features` for a space whose channels come in ``groups`` equal contiguous groups
+    that must stay whole (a GroupNorm's, or those of a grouped convolution that reads or writes
+    the space): a merged feature never mixes groups, and fused group :math:`b` is zipped from one
+    group of every model.
+
+    Model :math:`j`'s group :math:`\sigma_j(b)` goes to fused group :math:`b` (model 0's group
+    :math:`b` itself).  Unless ``sigmas`` fixes them, the groups of every other model are assigned
+    one to one to model 0's by the Hungarian algorithm on the cost :math:`-\sum` of the
+    correlations of the best one-to-one matching inside every pair of groups
+    (:func:`~neurofuse.grouping.head_structured_plans`, as attention heads are matched).  Then
+    the features of fused group :math:`b`'s members are zipped to :math:`k/\text{groups}` (a
+    merge within one model stays inside one of its groups).
+
+    Parameters
+    ----------
+    cov : np.ndarray
+        ``[M, M]`` covariance of the concatenated features of every model.
+    widths : sequence of int
+        Every model's number of features (``M`` in all), each a multiple of ``groups``.
+    k : int
+        Number of merged features, a multiple of ``groups``.
+    groups : int
+        Number of groups.
+    sigmas : sequence of np.ndarray or None, optional
+        Per model, the assignment of groups to keep (``sigmas[j][b]``: model ``j``'s group that
+        goes to fused group ``b``; e.g. the one of the space a grouped convolution reads);
+        ``None`` (or a ``None`` entry) matches the groups by correlation.
+    within_model, tie_break
+        As :func:`zip_features`.
+
+    Returns
+    -------
+    labels : np.ndarray
+        ``[M]`` the merged feature (``0..k-1``) of every feature; fused group ``b`` holds
+        ``b * k / groups ...``.
+    sigmas : list of np.ndarray
+        The assignment of groups of every model (model 0's the identity).
+
+    Raises
+    ------
+    ConfigError
+        If ``k`` or a model's width does not split into ``groups``.
+    """
+    widths = [int(w) for w in widths]
+    if k % groups or any(w % groups for w in widths):
+        raise ConfigError(f"a space of {groups} groups needs widths that split into them; got the fused width "
+                          f"{k} and the models' {widths}: choose a fused width that is a multiple of {groups}")
+    starts = np.cumsum([0] + widths)
+    s = np.asarray(cov, dtype=np.float64)
+    sd = np.sqrt(np.clip(np.diagonal(s), 0.0, None))
+    corr = s / np.maximum(sd[:, None] * sd[None, :], 1e-12)
+    own = [np.arange(starts[j], starts[j + 1]) for j in range(len(widths))]
+    out_sigmas = [np.arange(groups)]
+    for j in range(1, len(widths)):
+        given = None if sigmas is None else sigmas[j]
+        if given is None:
+            _, given = head_structured_plans([-corr[np.ix_(own[j], own[0])]], groups, lap_inner)
+        out_sigmas.append(np.asarray(given, dtype=np.int64))
+    owners = np.repeat(np.arange(len(widths)), widths)
+    labels = np.empty(len(owners), dtype=np.int64)
+    per = k // groups
+    for b in range(groups):
+        members = np.concatenate([own[j].reshape(groups, -1)[out_sigmas[j][b]] for j in range(len(widths))])
+        sub = np.ix_(members, members)
+        labels[members] = b * per + zip_features(s[sub], owners[members], per, within_model=within_model,
+                                                 tie_break=None if tie_break is None else np.asarray(tie_break)[sub])
+    return labels, out_sigmas
 
 
 def zip_matrices(labels: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -115,7 +115,7 @@ HANDLED_BY = {
     "transformer": "otfusion, git-rebasin and weight-matching",
     "depthwise": "otfusion, git-rebasin and weight-matching",
     "parts": "otfusion, git-rebasin, zipit and cca-merge",
-    "groups": "otfusion, git-rebasin, weight-matching, cca-merge, the align-then-merge methods, kf-linear and hf-linear",
+    "groups": "otfusion, git-rebasin, weight-matching, zipit, cca-merge, the align-then-merge methods, kf-linear and hf-linear",
 }
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..grouping import zip_features, zip_matrices
+from ..grouping import zip_features, zip_grouped_features, zip_matrices
 from ..levels import LeveledNet, check_same_levels, fold_batchnorm, has_batchnorm, unfold_state
 from ..levels._layout import (
     LevelLayout,
@@ -24,8 +24,10 @@ from ..levels._layout import (
     align_level,
     check_alignable,
     concat_maps,
+    group_assignment,
     identity_ok,
     oriented,
+    output_unit_groups,
     part_spans,
     stream_members,
 )
@@ -73,7 +75,12 @@ class ZipIt(LayoutAlignment, FusionMethod):
     fused width is reached (:func:`neurofuse.grouping.zip_features`; the correlations of the
     post-activations on the fusion set; ties broken by the pre-activations'
     :meth:`~neurofuse.grouping.JointMoments.similarity`, which also tells apart features that are
-    constant on the fusion set).  With merge and
+    constant on the fusion set).  A space whose channels come in groups that must stay whole (a
+    ``GroupNorm(g, C)``'s, or those of a grouped convolution that reads or writes it) is zipped
+    group to group (:func:`neurofuse.grouping.zip_grouped_features`): every model's groups are
+    assigned to model 0's (the space a grouped convolution writes keeps the assignment of the
+    space it reads) and each fused group is zipped from its members, so the grouped weight stays
+    block diagonal.  With merge and
     unmerge matrices :math:`\mathcal M, \mathcal U` of each space, every layer is zipped as
 
     .. math:: W = \sum_k \mathcal M_k\, W^k\, \mathcal U_k^{\text{prev}},
@@ -110,7 +117,8 @@ class ZipIt(LayoutAlignment, FusionMethod):
     Options = ZipItOptions
     supports_width = True
     min_models = 2
-    unsupported_traits = frozenset({"transformer", "groups"})
+    aligns_grouped = True
+    unsupported_traits = frozenset({"transformer"})
     trait_reasons = MappingProxyType(
         {"transformer": NOT_PERMUTATION_IN_TRANSFORMER.format(what="a merge of features")})
 
@@ -119,7 +127,7 @@ class ZipIt(LayoutAlignment, FusionMethod):
         assert data is not None
         originals = check_same_levels(run.models)
         nets = [fold_batchnorm(m) if has_batchnorm(m) else m for m in originals]  # type: ignore[misc]
-        layouts, heads = check_alignable(nets, self.name)
+        layouts, heads = check_alignable(nets, self.name, grouped=True)
         n_models, n_levels = len(nets), nets[0].num_levels
         stop = n_levels if self.options.stop_at is None else self.options.stop_at
         if stop > n_levels - 1 and self.options.stop_at is not None:
@@ -133,12 +141,15 @@ class ZipIt(LayoutAlignment, FusionMethod):
             outputs, inner = feature_moments(nets, layouts, stream, min(stop, n_levels - 1))
         maps: List[List[SpaceMaps]] = [[{} for _ in range(n_levels)] for _ in nets]
         for lvl in range(min(stop, n_levels)):
+            for k in range(n_models):
+                maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
             fused_sd = fused.levels[lvl].state_dict()
             for sp in layouts[lvl].internal:  # inner spaces: zipped to the fused model's inner width
                 key, kind = next((k, kd) for k, s0, _, kd in layouts[lvl].tensors if s0 == sp.name)
                 blocks = self._zip(inner[lvl][sp.name],
                                    [int(oriented(net.levels[lvl].state_dict()[key], kind).shape[0]) for net in nets],
-                                   int(oriented(fused_sd[key], kind).shape[0]))
+                                   int(oriented(fused_sd[key], kind).shape[0]),
+                                   *_groups(layouts[lvl], sp.name, [m[lvl] for m in maps], layouts[lvl].unit_groups(sp.name)))
                 for k in range(n_models):
                     maps[k][lvl][sp.name] = blocks[k]
             head = heads[lvl]
@@ -160,10 +171,11 @@ class ZipIt(LayoutAlignment, FusionMethod):
                 if layouts[lvl].parts:
                     out = self._zip_parts((pre, act), nets, fused, layouts[lvl], lvl, maps)
                 else:
-                    out = self._zip((pre, act), [w[lvl] for w in widths], target[lvl])
+                    out = self._zip((pre, act), [w[lvl] for w in widths], target[lvl],
+                                    *_groups(layouts[lvl], "out", [m[lvl] for m in maps],
+                                             output_unit_groups(nets[0].levels, lvl, layouts[lvl])))
             for k in range(n_models):
                 maps[k][lvl]["out"] = out[k]
-                maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
             if lvl < n_levels - 1:
                 blocks = [np.eye(target[lvl], widths[k][lvl]) if out[k] is None else out[k].out.numpy()
                           for k in range(n_models)]
@@ -199,14 +211,19 @@ class ZipIt(LayoutAlignment, FusionMethod):
                 continue
             sub = part_moments(moments, [s[b] for s in spans], widths)
             zipped = self._zip(sub, [s[b].stop - s[b].start for s in spans],
-                               fused_spans[b].stop - fused_spans[b].start)
+                               fused_spans[b].stop - fused_spans[b].start,
+                               *_groups(layout, part, [m[lvl] for m in maps], layout.unit_groups(part)))
             for k in range(len(nets)):
                 blocks[k].append(zipped[k])
                 maps[k][lvl][part] = zipped[k]   # the part's own tensors are zipped (summed, not averaged)
         return [concat_maps(bl) for bl in blocks]
 
-    def _zip(self, moments: FeatureMoments, widths: List[int], k: int) -> List[NeuronMap]:
-        """Merge/unmerge maps of every model for one space from its (pre, post) moments."""
+    def _zip(self, moments: FeatureMoments, widths: List[int], k: int, groups: int = 0,
+             sigmas: Optional[List[np.ndarray]] = None) -> List[NeuronMap]:
+        """Merge/unmerge maps of every model for one space from its (pre, post) moments; a space
+        of ``groups`` groups (a GroupNorm's, a grouped convolution's) zipped group by group
+        (:func:`~neurofuse.grouping.zip_grouped_features`), its groups assigned as ``sigmas`` says
+        if given."""
         pre_m, post_m = moments
         stats = post_m if self.options.activations == "post" else pre_m
         owners = np.repeat(np.arange(len(widths)), widths)
@@ -214,8 +231,11 @@ class ZipIt(LayoutAlignment, FusionMethod):
         cov = stats.covariance().cpu().numpy()
         flat = stats.constant().cpu().numpy()
         cov[flat, :] = cov[:, flat] = 0.0  # no correlation: left to the tie-break
-        labels = zip_features(cov, owners, k,
-                              within_model=self.options.within_model, tie_break=tie)
+        if groups:
+            labels, _ = zip_grouped_features(cov, widths, k, groups, sigmas=sigmas,
+                                             within_model=self.options.within_model, tie_break=tie)
+        else:
+            labels = zip_features(cov, owners, k, within_model=self.options.within_model, tie_break=tie)
         merge, unmerge = zip_matrices(labels, k)
         out, start = [], 0
         for w in widths:
@@ -246,6 +266,16 @@ class ZipIt(LayoutAlignment, FusionMethod):
                 zipped = maps[0][lvl].get(space_of.get(key, "")) is not None
                 state[full] = (total if zipped else total / n).to(v.dtype)
         return state
+
+
+def _groups(layout: LevelLayout, space: str, level_maps: Sequence[SpaceMaps], groups: int
+            ) -> Tuple[int, Optional[List[np.ndarray]]]:
+    """``(groups, sigmas)`` of a ``space`` for :meth:`ZipIt._zip`: the assignment of groups of
+    every model is fixed where a grouped convolution writes the space (that of the space it
+    reads, :func:`~neurofuse.levels._layout.group_assignment`), free (``None``) elsewhere."""
+    if not groups or layout.group_source(space) is None:
+        return groups, None
+    return groups, [group_assignment(layout, space, m, groups) for m in level_maps]
 
 
 def _mean_map(width: int, n_models: int) -> NeuronMap:
