@@ -139,6 +139,8 @@ def permute_spaces(model: LeveledNet, seed: int = 0) -> LeveledNet:
             found = perms.get(source)           # noqa: B023
             return torch.arange(groups) if found is None else found
 
+        if lay.tied and heads[lvl] in stream:   # a stream's map is fixed before its tied levels
+            maps["out"], perms["out"] = stream[heads[lvl]]
         for sp in lay.internal:
             n = sizes[sp.name]
             if sp.heads:

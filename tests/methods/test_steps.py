@@ -150,11 +150,11 @@ def test_a_grouped_convolution_is_fused_group_by_group_by_every_level_wise_metho
 
 @pytest.mark.parametrize("method", [n for n in list_methods() if get_method(n).fuses_levels and n != "kf-gradient"])
 def test_a_grouped_convolution_ending_a_residual_block_is_refused_by_name_before_any_importance(method, monkeypatch):
-    from ..levels.test_layout import _GroupedEnd
+    from ..levels.test_layout import _GroupedEndChained
 
     cls = get_method(method)
     torch.manual_seed(0)
-    nets = [neurofuse.levels_from(_GroupedEnd().eval(), input_shape=(3, 8, 8)) for _ in range(2)]
+    nets = [neurofuse.levels_from(_GroupedEndChained().eval(), input_shape=(3, 8, 8)) for _ in range(2)]
     reasons = [cls.check_level(nets[0], i) for i in range(nets[0].num_levels)]
     assert any(r and "grouped convolution" in r and "residual block" in r for r in reasons), reasons
     calls = []

@@ -155,7 +155,7 @@ GroupSolve = Callable[[Tensor, np.ndarray, List[int], int], Grouping]
 
 
 def grouped_grouping(group: GroupSolve, points: Tensor, weights: np.ndarray, widths: Sequence[int], k: int,
-                     groups: int) -> Grouping:
+                     groups: int, sigma: Optional[np.ndarray] = None) -> Grouping:
     r"""Group the :math:`M = \sum_i n_i` base neurons (rows of ``points``, model by model) into
     ``k`` fused neurons, keeping ``groups`` equal contiguous groups of every model's neurons
     together (a GroupNorm's groups: a fused neuron's members all sit in one group per model and
@@ -163,8 +163,9 @@ def grouped_grouping(group: GroupSolve, points: Tensor, weights: np.ndarray, wid
 
     Every model's groups are matched one to one to model 0's by the Hungarian algorithm on the
     cost of the best one-to-one matching of their neurons' points (:func:`matching_cost`, as
-    attention heads are); then ``group`` groups the neurons of each matched set of groups into
-    ``k / groups`` fused neurons.
+    attention heads are), unless ``sigma`` (``[N, groups]``: ``sigma[i, b]`` is model ``i``'s group
+    that goes to fused group ``b``) fixes them; then ``group`` groups the neurons of each matched
+    set of groups into ``k / groups`` fused neurons.
     """
     if k % groups or any(w % groups for w in widths):
         raise ValueError(f"widths {list(widths)} and {k} fused neurons do not split into {groups} groups")
@@ -174,12 +175,13 @@ def grouped_grouping(group: GroupSolve, points: Tensor, weights: np.ndarray, wid
     def rows(i: int, a: int) -> np.ndarray:
         return np.arange(offs[i] + a * size[i], offs[i] + (a + 1) * size[i])
 
-    sigma = np.zeros((len(widths), groups), dtype=np.int64)
-    sigma[0] = np.arange(groups)
-    for i in range(1, len(widths)):
-        cost = block_matching_costs(points[offs[i]:offs[i + 1]], points[offs[0]:offs[1]], groups)
-        r, c = linear_sum_assignment(cost)
-        sigma[i, c] = r
+    if sigma is None:
+        sigma = np.zeros((len(widths), groups), dtype=np.int64)
+        sigma[0] = np.arange(groups)
+        for i in range(1, len(widths)):
+            cost = block_matching_costs(points[offs[i]:offs[i + 1]], points[offs[0]:offs[1]], groups)
+            r, c = linear_sum_assignment(cost)
+            sigma[i, c] = r
     labels = np.zeros(int(offs[-1]), dtype=np.int64)
     out_w = np.zeros(int(offs[-1]))
     kg = k // groups

@@ -386,7 +386,8 @@ def output_groups(levels: Sequence[nn.Module], index: int) -> int:
     """The groups of level ``index``'s output space over its whole residual stream (the levels
     tied to it by identity skips, before and after it): those of the GroupNorms that normalise it
     or of the grouped convolutions that read it (in the stream, or as the first layer of the next
-    level); 0 if none.  A level whose layout cannot be read ends the stream.
+    level) or write it (the last layer of a level or of a residual block); 0 if none.  A level
+    whose layout cannot be read ends the stream.
 
     Raises
     ------
@@ -421,6 +422,7 @@ def output_groups(levels: Sequence[nn.Module], index: int) -> int:
     readers = [(i, found[i]) for i in members if i > start] + ([(end + 1, reader)] if reader is not None else [])
     conv = {levels[i].get_submodule(key.rpartition(".")[0]).groups for i, lay in readers
             for key, _, s1, kind in lay.tensors if kind == "grouped" and s1 == "in"}   # type: ignore[union-attr]
+    conv |= {g for i in members for out, _, g in found[i].conv_groups if out == "out"}   # type: ignore[union-attr]
     if len(conv | {norm} - {0}) > 1:
         raise IncompatibleModelsError(
             f"levels {members} share one space that grouped convolutions or GroupNorms split into "
@@ -475,16 +477,19 @@ def group_assignment(layout: LevelLayout, space: str, maps: "SpaceMaps", groups:
 
 def check_grouped_alignment(levels: Sequence[nn.Module], index: int, layout: LevelLayout, method: str) -> None:
     """Refuse, before any work, a grouped convolution of level ``index`` (``layout`` laid out with
-    ``grouped=True``) whose groups one map per space cannot keep: one that ends a residual block
-    (its output groups would have to follow its input's and the stream's at once), or whose
-    spaces GroupNorms or other grouped convolutions split into other groups.  The level output and input are checked over their residual streams
-    (:func:`output_groups`)."""
+    ``grouped=True``) whose groups one map per space cannot keep: one whose spaces GroupNorms or
+    other grouped convolutions split into other groups, or one that ends a residual block (its
+    input's groups follow the stream's, :meth:`LevelLayout.group_source`) and reads a space that
+    another grouped convolution writes (whose groups would have to follow that one's input too).
+    The level output and input are checked over their residual streams (:func:`output_groups`)."""
     for space, reads, g in layout.conv_groups:
         others = {h for sp, rd, h in layout.conv_groups if {sp, rd} & {space, reads}} | {
             layout.groups_of(space), layout.groups_of(reads)}
-        why = ("that ends a residual block" if space == "out" and layout.tied else
-               "whose spaces GroupNorms or other grouped convolutions split into other groups"
-               if others - {0, g} else None)
+        why = ("whose spaces GroupNorms or other grouped convolutions split into other groups"
+               if others - {0, g} else
+               "that ends a residual block and reads a space another grouped convolution writes"
+               if space == "out" and layout.tied and reads != "in" and any(sp == reads for sp, _, _ in layout.conv_groups)
+               else None)
         if why is None and space == "out" and output_groups(levels, index) not in (0, g):
             why = "that writes a stream that GroupNorms or grouped convolutions split into other groups"
         if why is None and reads == "in" and index > 0 and output_groups(levels, index - 1) not in (0, g):

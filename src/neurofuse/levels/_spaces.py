@@ -98,7 +98,15 @@ class LevelLayout:
 
     def group_source(self, space: str) -> Optional[str]:
         """The space whose assignment of groups the map of ``space`` keeps: the one read by the
-        grouped convolution that writes ``space`` (``None`` if none does)."""
+        grouped convolution that writes ``space``; in a level tied to its residual stream, whose
+        map is fixed before the level, ``"out"`` for the inner space read by a grouped
+        convolution that ends the block (its input groups must go where its output groups go).
+        ``None`` if neither (the output of a tied level: the stream's map)."""
+        if self.tied:
+            if space == "out":
+                return None
+            if space != "in" and any(out == "out" and reads == space for out, reads, _ in self.conv_groups):
+                return "out"
         return next((reads for out, reads, _ in self.conv_groups if out == space), None)
 
     def keys_in(self, space: str) -> List[str]:

@@ -19,7 +19,13 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   fitted from its own fused group of inputs (one least squares per group);
 * ``"residual"``: the last layer of a residual block with an identity shortcut writes
   ``shortcut + layer``, whose neurons are the input's: it keeps the input's grouping and is fitted
-  to the grouped block outputs minus the fused shortcut (a residual target).
+  to the grouped block outputs minus the fused shortcut (a residual target).  When that layer is
+  a grouped convolution (a ``"grouped"`` step writing ``"in"``), the stream is grouped in its
+  groups (by the level that starts it: :func:`~neurofuse.levels._layout.output_groups`), the space
+  it reads is grouped with the stream's assignment of groups, and each fused group is fitted from
+  its own fused input group to the residual target (to its own outputs, as its GroupNorm sees
+  them, when one follows it; the norm then by a ``"norms"`` step).  With a projection shortcut it
+  is refused (the two last layers are fitted together).
 
 A ``Linear`` followed by a ``LayerNorm`` over its outputs, or a ``Linear`` / ``Conv2d`` followed by
 a ``GroupNorm`` over its channels, is one step with a *norm*: the norm removes the mean and scale
@@ -276,11 +282,29 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             steps.append(_grouped_step(modules[mod], mod, s0, s1, part, layout, norms, last and ends))
         else:
             steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
-    _check_conv_groups(steps)
-    if any(spec[m][2] == "grouped" for m in final):
+    if any(spec[m][2] == "grouped" for m in final) and not layout.tied:
         raise IncompatibleModelsError(
-            "a grouped convolution is the last layer of a residual block, which the closed form fits "
-            "against the block output, not group by group")
+            "a grouped convolution ends a residual block with a projection shortcut, which the closed "
+            "form fits together with the shortcut, not group by group")
+    grouped_end = [m for m in final if spec[m][2] == "grouped"]
+    if grouped_end and pre_norms.get(grouped_end[0]):
+        raise IncompatibleModelsError(
+            f"a LayerNorm ({pre_norms[grouped_end[0]]}) is read by the grouped convolution that ends the "
+            "residual block, which the closed form does not fold")
+    if grouped_end and any(t.kind == "grouped" and t.space == spec[grouped_end[0]][1] for t in steps):
+        raise IncompatibleModelsError(
+            "a grouped convolution that ends a residual block reads another grouped convolution's output, "
+            "whose groups would have to follow both that one's input and the stream")
+    if grouped_end:   # identity shortcut: the stream's groups, fitted group by group to the block output
+        m = grouped_end[0]
+        norm = norms.get(m)
+        steps.append(Step("grouped", "in", (m,), (spec[m][1],), -1, None if norm else "shortcut", norm=norm,
+                          groups=int(modules[m].groups)))
+        if norm:   # its norm's weight and bias: to the block output less the shortcut
+            steps.append(Step("norms", "in", (m,), (spec[m][1],), -1, "shortcut", norms=(norm,)))
+        _check_conv_groups(steps)
+        return layout, steps
+    _check_conv_groups(steps)
     if final:
         ins = tuple(spec[m][1] for m in final)
         after = tuple(norms.get(m) for m in final)

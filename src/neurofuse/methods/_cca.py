@@ -109,6 +109,8 @@ class CCAMerge(LayoutAlignment, FusionMethod):
             layout = layouts[lvl]
             for k in range(1, n_models):
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
+                # a tied level's output is its stream's, known before its inner spaces
+                maps[k][lvl]["out"] = maps[k][heads[lvl]]["out"] if 0 <= heads[lvl] < lvl else None
             for sp in layout.internal:
                 groups = layout.unit_groups(sp.name)
                 tied = [group_assignment(layout, sp.name, maps[k][lvl], groups) for k in range(1, n_models)]

@@ -294,13 +294,14 @@ class LinearFusion(LevelwiseFusion):
         ``k`` fused neurons."""
 
     def grouped(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int, level: int,
-                groups: int) -> Grouping:
+                groups: int, sigma: Optional[np.ndarray] = None) -> Grouping:
         """:meth:`group`, keeping ``groups`` equal groups of neurons together if ``groups`` (a
-        GroupNorm's: :func:`~neurofuse.grouping.grouped_grouping`)."""
+        GroupNorm's, a grouped convolution's: :func:`~neurofuse.grouping.grouped_grouping`), the
+        groups assigned as ``sigma`` says if given."""
         if not groups:
             return self.group(features, scores, widths, k, level)
         return grouped_grouping(lambda f, w, ws, kk: self.group(f, w, ws, kk, level), features, scores, widths,
-                                k, groups)
+                                k, groups, sigma)
 
     def _prior(self, run: LevelRun, level: int, models: List[LeveledNet], affine: nn.Module) -> Optional[torch.Tensor]:
         """Every base neuron's weights in the fused input coordinates (see :func:`aligned_prior`)."""
@@ -473,10 +474,10 @@ class HungarianLinearFusion(LinearFusion):
         return hungarian_grouping(features, scores, widths)  # only the [k, k] costs go to scipy
 
     def grouped(self, features: torch.Tensor, scores: np.ndarray, widths: Sequence[int], k: int, level: int,
-                groups: int) -> Grouping:
+                groups: int, sigma: Optional[np.ndarray] = None) -> Grouping:
         if groups and (len(set(widths)) > 1 or k != widths[0]):
             return self.group(features, scores, widths, k, level)   # refuses, naming the whole widths
-        return super().grouped(features, scores, widths, k, level, groups)
+        return super().grouped(features, scores, widths, k, level, groups, sigma)
 
 
 @register_method("kf-linear")

@@ -220,7 +220,9 @@ class GitRebasin(FusionMethod):
                         inner[lvl][sp.name] = m
                     continue
                 sp = unit[0]
-                maps = {"in": outs[lvl - 1] if lvl > 0 else None, **inner[lvl]}
+                # a tied level's output is its stream's, known before its inner spaces
+                maps = {"in": outs[lvl - 1] if lvl > 0 else None, "out": outs[heads[lvl]] if heads[lvl] >= 0 else None,
+                        **inner[lvl]}
                 groups = layouts[lvl].unit_groups(sp.name)
                 inner[lvl][sp.name] = self._perm_map(self._match([inner_stats[lvl][sp.name]], lvl, [lvl], scores, sp,
                                                                  groups=groups,

@@ -159,6 +159,7 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
     later = {n for s in steps for n in s.norms if n}   # norms a "norms" step fits
     split = {**dict(layout.groups), "out": output_groups(fused.levels, level),
              **{s.inputs[0]: s.groups for s in steps if s.kind == "grouped"}}
+    sigmas = _stream_sigma(steps, groups, level)   # a space grouped as the stream a grouped conv writes
     for j, step in enumerate(steps):
         keep = j == len(steps) - 1 and not last
         if step.kind == "norms":
@@ -171,10 +172,10 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
                     f"level {level}: a GroupNorm splits the channels of {step.modules[0]} into "
                     f"{split[step.space]} groups and its convolution into {step.groups}")
             info = _fit_grouped(method, level, models, fused.levels[level], stream, step, groups,
-                                _step_weights(step, scores, parts_w, widths_j), keep)
+                                _step_weights(step, scores, parts_w, widths_j), keep, step.norm not in later)
         else:
             info = _fit_step(method, run, level, models, fused, stream, step, groups, scores, parts_w,
-                             keep, split.get(step.space, 0), step.norm not in later)
+                             keep, split.get(step.space, 0), step.norm not in later, sigmas.get(step.space))
         steps_report.append(info)
     if layout.parts:
         out = _concat([groups[p] for p in layout.parts])
@@ -197,10 +198,12 @@ def fit_level_in_steps(method: Any, run: Any, level: int, models: List[LeveledNe
 
 def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused: LeveledNet,
               stream: LevelStream, step: Step, groups: Dict[str, Groups], scores: List[np.ndarray],
-              parts_w: List[List[int]], keep: bool, split: int, fit_norm: bool) -> Dict[str, Any]:
+              parts_w: List[List[int]], keep: bool, split: int, fit_norm: bool,
+              sigma: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """One step: accumulate its statistics over ``stream``, solve, write the fused layer(s) and
-    the grouping of the space it writes into ``groups``; ``split``: the GroupNorm groups of that
-    space (0: none); ``fit_norm``: fit the step's norm here (not in a later ``"norms"`` step)."""
+    the grouping of the space it writes into ``groups``; ``split``: the groups of that space (0:
+    none), ``sigma`` their assignment if it is fixed (:func:`_stream_sigma`); ``fit_norm``: fit
+    the step's norm here (not in a later ``"norms"`` step)."""
     opts = method.options
     flv = fused.levels[level]
     fmods = [flv.get_submodule(name) for name in step.modules]
@@ -295,7 +298,7 @@ def _fit_step(method: Any, run: Any, level: int, models: List[LeveledNet], fused
         if last and step.part == -1:
             grouping = identity_grouping(widths, method.output_level_weights(run, models))
         else:
-            grouping = method.grouped(feats, weights, widths, k, level, split)
+            grouping = method.grouped(feats, weights, widths, k, level, split, sigma)
         groups[step.space] = (np.split(grouping.labels, np.cumsum(widths)[:-1]), grouping.k)
     gw = torch.from_numpy(grouping.weights).to(method.device)
     labels = torch.from_numpy(grouping.labels).to(method.device)
@@ -338,48 +341,62 @@ class _Rows(nn.Module):
 
 
 def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Module, stream: LevelStream,
-                 step: Step, groups: Dict[str, Groups], weights: np.ndarray, keep: bool) -> Dict[str, Any]:
+                 step: Step, groups: Dict[str, Groups], weights: np.ndarray, keep: bool,
+                 fit_norm: bool = True) -> Dict[str, Any]:
     r"""A ``"grouped"`` step: a convolution of :math:`g` groups whose input space is grouped in
     :math:`g` whole groups.  Model :math:`i`'s input group :math:`a` went to fused group
     :math:`\sigma_i(a)`, so its output group :math:`a` goes there too: for every fused group
     :math:`b` one least squares from the fused input channels of group :math:`b` to the outputs
-    of the base groups :math:`\sigma_i^{-1}(b)`, grouped into :math:`k/g` fused channels."""
+    of the base groups :math:`\sigma_i^{-1}(b)`, grouped into :math:`k/g` fused channels.
+
+    A grouped convolution that ends a residual block (``step.space == "in"``) keeps the stream's
+    grouping, whose assignment of groups the space it reads was given (:func:`_stream_sigma`):
+    with ``step.residual`` its targets are the block outputs less the fused shortcut, channel by
+    channel (as a ``"residual"`` step's); with a norm after it, its own outputs (the norm is then
+    fitted by a ``"norms"`` step)."""
     opts = method.options
     f = flv.get_submodule(step.modules[0])
     bms = [m.levels[level].get_submodule(step.modules[0]) for m in models]
     g = step.groups
     lab_in, k_in = groups[step.inputs[0]]
     k_out = int(f.weight.shape[0])
-    if k_in % g or k_out % g:
+    kept = groups.get(step.space) if step.space == "in" else None   # the stream's grouping, kept
+    if k_in % g or k_out % g or (kept is not None and kept[1] != k_out):
         raise IncompatibleModelsError(f"level {level}: {step.modules[0]} has {g} groups but {k_in} inputs and "
                                       f"{k_out} outputs; give the fused model widths that split into its groups")
     kg_in, kg_out = k_in // g, k_out // g
     widths = [int(bm.weight.shape[0]) for bm in bms]
-    sigma = []   # sigma[i][a]: the fused group that model i's input group a went to
-    for i, lab in enumerate(lab_in):
-        blocks = np.asarray(lab).reshape(g, -1) // kg_in
-        if not (blocks == blocks[:, :1]).all() or len(set(blocks[:, 0])) != g:
-            raise IncompatibleModelsError(
-                f"level {level}: the channels {step.modules[0]} reads were not grouped in its {g} groups")
-        sigma.append(blocks[:, 0])
+    sigma = [_group_of(lab, g, kg_in, level, step.modules[0]) for lab in lab_in]   # [i][a]: fused group
+    if kept is not None and any(not np.array_equal(s, _group_of(lab, g, kg_out, level, step.modules[0]))
+                                for s, lab in zip(sigma, kept[0])):
+        raise IncompatibleModelsError(
+            f"level {level}: the channels {step.modules[0]} reads were not grouped as the stream it writes")
     # order[b]: every model's group (i, a) whose outputs fused group b fits
     order = [[(i, int(np.flatnonzero(sigma[i] == b)[0])) for i in range(len(models))] for b in range(g)]
     design = nn.Conv2d(kg_in, 1, f.kernel_size, f.stride, f.padding, f.dilation, bias=f.bias is not None)
     stats = [LinearStats() for _ in range(g)]
     bnorms = [m.levels[level].get_submodule(step.norm) for m in models] if step.norm else []
+    res_mod = [flv.get_submodule(step.residual)] if step.residual else []
+    if step.residual:
+        assert kept is not None
+        res_labels = torch.from_numpy(np.concatenate(kept[0])).to(method.device)
     spread = RowScale()
     with torch.no_grad():
         for batch in stream:
-            _, ins, _ = _capture(flv, batch.inputs[0], [f], [], whole=False)
+            _, ins, res = _capture(flv, batch.inputs[0], [f], res_mod, whole=False)
             outs = []
             for i, (m, h) in enumerate(zip(models, batch.inputs[1:]), start=1):
-                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]], whole=keep)
+                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]], whole=keep or bool(step.residual))
                 if keep:
                     batch.keep(i, z)
-                outs.append(got[0])
+                outs.append(flatten_neurons(z, m.axes[level]) if step.residual else got[0])
             if bnorms:   # scaled after the pass as its norm sees them (a conv's units span positions)
                 spread.update([norm_units(ln, o)[1] for ln, o in zip(bnorms, outs)])
             outs = [_flat(o) for o in outs]
+            if step.residual:   # the block output less the fused shortcut of each channel's fused channel
+                shortcut = _flat(res[0])
+                offs = np.cumsum([0] + widths)
+                outs = [o - shortcut[:, res_labels[offs[i]:offs[i + 1]]] for i, o in enumerate(outs)]
             for b in range(g):
                 x = design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])
                 per = [(outs[i], widths[i] // g, a) for i, a in order[b]]
@@ -412,7 +429,10 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
         sol = st.solve(opts.rtol, opts.ridge, prior)
         feats = sol.features.float()
         wb = weights[idx]
-        grouping = method.group(feats, wb, [widths[i] // g for i, _ in order[b]], kg_out, level)
+        if kept is None:
+            grouping = method.group(feats, wb, [widths[i] // g for i, _ in order[b]], kg_out, level)
+        else:
+            grouping = Grouping(np.concatenate(kept[0])[idx] - b * kg_out, kg_out, wb)
         gw = torch.from_numpy(grouping.weights).to(method.device)
         lab = torch.from_numpy(grouping.labels).to(method.device)
         w = sol.combine(gw, lab, kg_out)                                  # [d, k/g]
@@ -430,13 +450,37 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
         info["rows"] = st.rows
         info["grouping_error"] += float((gw * ((f64 - t[lab]) ** 2).sum(1)).sum())
         info["unreachable_error"] += float((gw * sol.residual.to(gw.device)).sum())
-    groups[step.space] = (np.split(labels, offs[1:-1]), k_out)
+    if kept is None:
+        groups[step.space] = (np.split(labels, offs[1:-1]), k_out)
     if step.norm:
         info["norm"] = step.norm
-        info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm,
-                                       torch.from_numpy(out_w).to(method.device),
-                                       torch.from_numpy(labels).to(method.device), k_out)
+        if fit_norm:
+            info["norm_error"] = _fit_norm(method, level, models, flv, stream, step.norm,
+                                           torch.from_numpy(out_w).to(method.device),
+                                           torch.from_numpy(labels).to(method.device), k_out)
     return info
+
+
+def _group_of(labels: Any, g: int, per: int, level: int, name: str) -> np.ndarray:
+    """``[g]`` the fused group of every group of one model's channels (``labels``: their fused
+    channels, ``per`` to a fused group), which must each go whole to one fused group."""
+    blocks = np.asarray(labels).reshape(g, -1) // per
+    if not (blocks == blocks[:, :1]).all() or len(set(blocks[:, 0])) != g:
+        raise IncompatibleModelsError(f"level {level}: the channels {name} reads were not grouped in its {g} groups")
+    return blocks[:, 0]
+
+
+def _stream_sigma(steps: List[Step], groups: Dict[str, Groups], level: int) -> Dict[str, np.ndarray]:
+    """For the space that a grouped convolution ending a residual block reads (not the stream
+    itself), the assignment of groups it must be grouped with: the stream's, ``sigma[i, b]`` =
+    model ``i``'s group that went to fused group ``b`` (:func:`~neurofuse.grouping.grouped_grouping`)."""
+    out: Dict[str, np.ndarray] = {}
+    for s in steps:
+        if s.kind == "grouped" and s.space == "in" and s.inputs[0] != "in":
+            lab, k = groups["in"]
+            fused = np.stack([_group_of(lb, s.groups, k // s.groups, level, s.modules[0]) for lb in lab])
+            out[s.inputs[0]] = np.argsort(fused, axis=1)
+    return out
 
 
 def _units_of(norm: nn.Module) -> int:

@@ -143,6 +143,8 @@ class ZipIt(LayoutAlignment, FusionMethod):
         for lvl in range(min(stop, n_levels)):
             for k in range(n_models):
                 maps[k][lvl]["in"] = maps[k][lvl - 1]["out"] if lvl else None
+                # a tied level's output is its stream's, known before its inner spaces
+                maps[k][lvl]["out"] = maps[k][heads[lvl]]["out"] if 0 <= heads[lvl] < lvl else None
             fused_sd = fused.levels[lvl].state_dict()
             for sp in layouts[lvl].internal:  # inner spaces: zipped to the fused model's inner width
                 key, kind = next((k, kd) for k, s0, _, kd in layouts[lvl].tensors if s0 == sp.name)
