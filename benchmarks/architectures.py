@@ -16,7 +16,10 @@ pre-norm residual MLP (an embedding of ``32 * --width``, two blocks ``x + MLP(La
 ResNet-18 with ``GroupNorm(2, C)`` (widths ``4, 8, 8, 16`` times ``--width``); ``resnext`` a small
 ResNeXt (torchvision's ``Bottleneck`` with a grouped 3x3 convolution of 4 groups of ``4 * --width``
 channels; two stages of ``8, 16`` times ``--width`` planes); ``bottleneck`` the same with one group
-(a plain bottleneck ResNet of the same widths).  ``N`` of them, each from its own initialisation, are trained briefly
+(a plain bottleneck ResNet of the same widths); ``grouped_end`` residual blocks whose second
+3x3 convolution is grouped (4 groups) and ends the block (``x + BN(gconv(...))``: the grouped
+convolution writes the residual stream), widths ``8, 16`` times ``--width`` with a strided
+transition conv between the stages.  ``N`` of them, each from its own initialisation, are trained briefly
 on the parts of a Dirichlet split (the paper's, ratio 0.2) of the training data, cut into levels
 with ``neurofuse.levels_from(model, input_shape=...)`` (nothing declared) and fused on a
 400-sample class-balanced fusion set drawn from the training data with every level-wise method
@@ -43,7 +46,7 @@ from neurofuse.data import balanced_subset, load_dataset, partition
 from neurofuse.training import TrainConfig, evaluate, train_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "levels"))
-from user_models import MLP, BranchNet, MobileNetV2, ResMLP, ResNeXt, resnet18_gn  # noqa: E402
+from user_models import MLP, BranchNet, GroupedEndResNet, MobileNetV2, ResMLP, ResNeXt, resnet18_gn  # noqa: E402
 
 ARCHS = {"mobilenet_v2": lambda s, k, w: MobileNetV2(num_classes=k, in_ch=s[0], width_mult=w),
          "branches": lambda s, k, w: BranchNet(num_classes=k, in_ch=s[0], widths=(8 * w, 6 * w, 10 * w, 16 * w),
@@ -52,7 +55,8 @@ ARCHS = {"mobilenet_v2": lambda s, k, w: MobileNetV2(num_classes=k, in_ch=s[0], 
          "resmlp": lambda s, k, w: ResMLP(in_features=int(np.prod(s)), dim=32 * w, hidden=64 * w, num_classes=k),
          "resnet18_gn": lambda s, k, w: resnet18_gn(k, (4 * w, 8 * w, 8 * w, 16 * w), s[0]),
          "resnext": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=4, base_width=4 * w),
-         "bottleneck": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=1, base_width=16 * w)}
+         "bottleneck": lambda s, k, w: ResNeXt(k, s[0], (8 * w, 16 * w), groups=1, base_width=16 * w),
+         "grouped_end": lambda s, k, w: GroupedEndResNet(k, s[0], (8 * w, 16 * w), groups=4)}
 METHODS = ["vanilla", "ensemble", "kf-linear", "hf-linear", "otfusion", "otfusion+repair", "git-rebasin",
            "git-rebasin+repair", "kf-gradient"]
 

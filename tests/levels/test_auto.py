@@ -48,6 +48,7 @@ SUPPORTED = {
     "resmlp": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
     "branches": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "zipit", "kf-gradient"},
     "resnext": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
+    "grouped_end": {"hf-linear", "kf-linear", "otfusion", "git-rebasin", "weight-matching", "zipit", "kf-gradient"},
 }
 #: a word the one-line reason of each refused method must contain
 REASON = {("branches", "weight-matching"): "concatenation", ("vit", "zipit"): "transformer"}
@@ -319,6 +320,11 @@ def permuted_twin(arch: str, model: nn.Module, seed: int = 7) -> nn.Module:
             _permute_vit(twin, g)
         elif arch == "resnext":
             _permute_resnext(twin, g)
+        elif arch == "grouped_end":   # the streams in the groups of the grouped convs that write them
+            from neurofuse.testing import permute_spaces
+
+            net = neurofuse.levels_from(twin, input_shape=ARCHITECTURES[arch][1])
+            twin.load_state_dict(net.model_state_dict(permute_spaces(net, seed=seed)))
         else:  # chains and residual blocks: through the alignment layout of the automatic levels
             _permute_by_layout(neurofuse.levels_from(twin, input_shape=ARCHITECTURES[arch][1]), seed)
     return twin.eval()

@@ -441,6 +441,37 @@ class ResNeXt(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class GroupedBasicBlock(nn.Module):
+    """A basic block whose second 3x3 convolution is grouped: ``x + BN(gconv(ReLU(BN(conv(x)))))``
+    (an identity shortcut, so the grouped convolution writes the residual stream)."""
+
+    def __init__(self, planes, groups):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class GroupedEndResNet(nn.Module):
+    """Residual blocks that end in grouped convolutions: a stem, two such blocks, a strided
+    transition conv that widens, one more block, average pooling and a linear head."""
+
+    def __init__(self, num_classes=10, in_ch=3, widths=(16, 32), groups=4):
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(in_ch, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stage1 = nn.Sequential(GroupedBasicBlock(widths[0], groups), GroupedBasicBlock(widths[0], groups))
+        self.transition = nn.Sequential(conv3x3(widths[0], widths[1], stride=2), nn.BatchNorm2d(widths[1]), nn.ReLU())
+        self.stage2 = GroupedBasicBlock(widths[1], groups)
+        self.fc = nn.Linear(widths[1], num_classes)
+
+    def forward(self, x):
+        x = self.stage2(self.transition(self.stage1(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 #: name -> (factory, input shape)
 ARCHITECTURES = {
     "resnet18": (resnet18, (3, 32, 32)),
@@ -452,4 +483,5 @@ ARCHITECTURES = {
     "resmlp": (ResMLP, (3, 8, 8)),
     "branches": (BranchNet, (3, 16, 16)),
     "resnext": (ResNeXt, (3, 16, 16)),
+    "grouped_end": (GroupedEndResNet, (3, 16, 16)),
 }

@@ -24,8 +24,9 @@ before it (:mod:`neurofuse.methods._steps`).  The steps follow the level's layou
   groups (by the level that starts it: :func:`~neurofuse.levels._layout.output_groups`), the space
   it reads is grouped with the stream's assignment of groups, and each fused group is fitted from
   its own fused input group to the residual target (to its own outputs, as its GroupNorm sees
-  them, when one follows it; the norm then by a ``"norms"`` step).  With a projection shortcut it
-  is refused (the two last layers are fitted together).
+  them, when one follows it; the norm then by a ``"norms"`` step).  With a projection shortcut
+  (one convolution of the block input) both last layers are fitted together, group by group:
+  the shortcut's rows of each output group beside the grouped convolution's.
 
 A ``Linear`` followed by a ``LayerNorm`` over its outputs, or a ``Linear`` / ``Conv2d`` followed by
 a ``GroupNorm`` over its channels, is one step with a *norm*: the norm removes the mean and scale
@@ -282,11 +283,19 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
             steps.append(_grouped_step(modules[mod], mod, s0, s1, part, layout, norms, last and ends))
         else:
             steps.append(Step("new", s0, (mod,), (s1,), part, norm=norms.get(mod), pre_norm=pre_norms.get(mod)))
-    if any(spec[m][2] == "grouped" for m in final) and not layout.tied:
-        raise IncompatibleModelsError(
-            "a grouped convolution ends a residual block with a projection shortcut, which the closed "
-            "form fits together with the shortcut, not group by group")
     grouped_end = [m for m in final if spec[m][2] == "grouped"]
+    if grouped_end and not layout.tied:   # a projection shortcut: both layers, group by group
+        m = grouped_end[0]
+        others = [o for o in final if o != m]
+        if len(others) != 1 or spec[others[0]][2] != "conv" or spec[others[0]][1] != "in" or any(
+                norms.get(o) or pre_norms.get(o) for o in final):
+            raise IncompatibleModelsError(
+                "a grouped convolution ends a residual block whose shortcut is not one convolution of the "
+                "block input without a norm, which the closed form does not fit group by group")
+        steps.append(Step("grouped", "out", (m, others[0]), (spec[m][1], "in"), -1, joint=True,
+                          groups=int(modules[m].groups)))
+        _check_conv_groups(steps)
+        return layout, steps
     if grouped_end and pre_norms.get(grouped_end[0]):
         raise IncompatibleModelsError(
             f"a LayerNorm ({pre_norms[grouped_end[0]]}) is read by the grouped convolution that ends the "

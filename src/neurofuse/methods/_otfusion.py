@@ -207,6 +207,11 @@ def _inner_solver(method: "OTFusion", level: int) -> Callable[..., Tuple[np.ndar
     return inner
 
 
+def _take(z: Tensor, index: Tensor, axis: str) -> Tensor:
+    """``z``'s neurons (axis 1 of a conv output, the last axis otherwise) in the order ``index``."""
+    return z.index_select(1 if axis == "conv" else z.dim() - 1, index)
+
+
 def _reordered(m: NeuronMap, order: np.ndarray) -> NeuronMap:
     """The map ``m`` of neurons taken in ``order`` (:func:`_group_orders`) as a map of the neurons
     in their own order."""
@@ -399,9 +404,11 @@ class OTFusion(FusionMethod):
                                 for pt in parts[k]])
                     partial = {k: align_level(nets[k].levels[lvl], layout, lvl, maps[k]) for k in others}
                     mapped_outputs = _ends_affine(nets[0].levels[lvl]) and not reordered
+                    # the rest of the stream reads the level output in model k's own order
+                    rows = {k: maps[k]["out"].plan.argmax(0) for k in others} if reordered else None
                     for k, ms in self._transports(run, nets, stream, partial, lvl, members, None,
                                                   keep=mapped_outputs, parts=parts, groups=groups,
-                                                  order=order).items():
+                                                  order=order, rows=rows).items():
                         outs[k][lvl] = ms[0] if order is None else _reordered(ms[0], order[k])
                 for k in others:
                     maps[k]["out"] = outs[k][lvl]
@@ -436,8 +443,8 @@ class OTFusion(FusionMethod):
                     partial: Dict[int, Dict[str, Tensor]],
                     lvl: int, members: List[int], spaces: Optional[List[Space]], keep: bool = False,
                     parts: Optional[Dict[int, List["_Part"]]] = None,
-                    groups: int = 0, order: Optional[Dict[int, np.ndarray]] = None
-                    ) -> Dict[int, List[NeuronMap]]:
+                    groups: int = 0, order: Optional[Dict[int, np.ndarray]] = None,
+                    rows: Optional[Dict[int, np.ndarray]] = None) -> Dict[int, List[NeuronMap]]:
         """Transport of level ``lvl``'s output (over its stream ``members``; a list of one map),
         or of its internal ``spaces`` (one unit: a space, or the spaces of one attention, whose
         heads move as units), from every model ``k`` (parameters ``partial[k]`` at ``lvl``) to
@@ -452,7 +459,10 @@ class OTFusion(FusionMethod):
         importance scores inside them for a level output, uniform marginals for an inner space);
         with ``order`` every model ``k``'s neurons come in ``order[k]``, their groups in the
         anchor's order (a grouped convolution's output, :func:`_group_orders`), and group ``b``
-        goes to group ``b``."""
+        goes to group ``b``.  ``rows[k]``: the order in which model ``k``'s level runs with its
+        output's rows (``rows[k][j]``: its neuron at position ``j``), if reordered; the later levels
+        of the stream are run on the output back in model ``k``'s order and their outputs taken
+        in ``rows[k]`` too, so that every member's cost compares the same neurons."""
         anchor = nets[0]
         n_stats = len(members) if spaces is None else len(spaces)
         stats = {k: [CrossMoments() for _ in range(n_stats)] for k in partial}
@@ -476,8 +486,11 @@ class OTFusion(FusionMethod):
                     if keep:
                         b.keep(k, z)
                     chain = [z]
+                    perm = None if rows is None or k == 0 else torch.from_numpy(rows[k]).to(z.device)
+                    h = z if perm is None else _take(z, torch.argsort(perm), nets[k].axes[lvl])
                     for m in members[1:]:  # rest of the stream, in model k's basis (not yet aligned)
-                        chain.append(nets[k].levels[m](chain[-1]))
+                        h = nets[k].levels[m](h)
+                        chain.append(h if perm is None else _take(h, perm, nets[k].axes[m]))
                     chains[k] = chain
                 for k in partial:
                     for s, m, zk, za in zip(stats[k], members, chains[k], chains[0]):

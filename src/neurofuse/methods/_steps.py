@@ -349,14 +349,21 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
     :math:`b` one least squares from the fused input channels of group :math:`b` to the outputs
     of the base groups :math:`\sigma_i^{-1}(b)`, grouped into :math:`k/g` fused channels.
 
-    A grouped convolution that ends a residual block (``step.space == "in"``) keeps the stream's
-    grouping, whose assignment of groups the space it reads was given (:func:`_stream_sigma`):
-    with ``step.residual`` its targets are the block outputs less the fused shortcut, channel by
-    channel (as a ``"residual"`` step's); with a norm after it, its own outputs (the norm is then
-    fitted by a ``"norms"`` step)."""
+    A grouped convolution that ends a residual block with an identity shortcut
+    (``step.space == "in"``) keeps the stream's grouping, whose assignment of groups the space it
+    reads was given (:func:`_stream_sigma`): with ``step.residual`` its targets are the block
+    outputs less the fused shortcut, channel by channel (as a ``"residual"`` step's); with a norm
+    after it, its own outputs (the norm is then fitted by a ``"norms"`` step).  One that ends a
+    block with a projection shortcut (``step.joint``: ``step.modules[1]`` the shortcut's layer,
+    reading the level input) is fitted with it to the block outputs, group by group: fused group
+    :math:`b`'s design is its input group's patches beside the shortcut's whole input, and the
+    shortcut's rows of group :math:`b` are written from the same solution."""
     opts = method.options
     f = flv.get_submodule(step.modules[0])
     bms = [m.levels[level].get_submodule(step.modules[0]) for m in models]
+    short = flv.get_submodule(step.modules[1]) if step.joint else None
+    bshort = [m.levels[level].get_submodule(step.modules[1]) for m in models] if step.joint else []
+    whole = bool(step.residual) or step.joint   # the targets are block outputs
     g = step.groups
     lab_in, k_in = groups[step.inputs[0]]
     k_out = int(f.weight.shape[0])
@@ -383,13 +390,15 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
     spread = RowScale()
     with torch.no_grad():
         for batch in stream:
-            _, ins, res = _capture(flv, batch.inputs[0], [f], res_mod, whole=False)
+            _, ins, res = _capture(flv, batch.inputs[0], [f] + ([short] if short is not None else []), res_mod,
+                                   whole=False)
             outs = []
             for i, (m, h) in enumerate(zip(models, batch.inputs[1:]), start=1):
-                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]], whole=keep or bool(step.residual))
+                z, _, got = _capture(m.levels[level], h, [], [bms[i - 1]], whole=keep or whole)
                 if keep:
                     batch.keep(i, z)
-                outs.append(flatten_neurons(z, m.axes[level]) if step.residual else got[0])
+                outs.append(flatten_neurons(z, m.axes[level]) if whole else got[0])
+            both = [] if short is None else [design_matrix(short, ins[1])]
             if bnorms:   # scaled after the pass as its norm sees them (a conv's units span positions)
                 spread.update([norm_units(ln, o)[1] for ln, o in zip(bnorms, outs)])
             outs = [_flat(o) for o in outs]
@@ -398,7 +407,7 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                 offs = np.cumsum([0] + widths)
                 outs = [o - shortcut[:, res_labels[offs[i]:offs[i + 1]]] for i, o in enumerate(outs)]
             for b in range(g):
-                x = design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])
+                x = torch.cat([design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])] + both, dim=1)
                 per = [(outs[i], widths[i] // g, a) for i, a in order[b]]
                 stats[b].update(x, torch.cat([o[:, a * n:(a + 1) * n] for o, n, a in per], dim=1))
     offs = np.cumsum([0] + widths)
@@ -424,7 +433,13 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                 bias = None if bms[i].bias is None else bms[i].bias[a * n:(a + 1) * n]
                 per_in = len(lab_in[i]) // g
                 local = torch.from_numpy(np.asarray(lab_in[i][a * per_in:(a + 1) * per_in]) - b * kg_in)
-                cols.append(aligned_prior(_Rows(w, bias), local, kg_in) * float(scale[i]))
+                col = aligned_prior(_Rows(w, bias), local, kg_in) * float(scale[i])
+                if short is not None:   # the shortcut's rows of the group, in the fused input's coordinates
+                    ws, bs = bshort[i].weight[a * n:(a + 1) * n], bshort[i].bias
+                    col = torch.cat([col, aligned_prior(_Rows(ws, None if bs is None else bs[a * n:(a + 1) * n]),
+                                                        torch.from_numpy(np.asarray(groups["in"][0][i])),
+                                                        groups["in"][1])], dim=0)
+                cols.append(col)
             prior = torch.cat(cols, dim=1).to(method.device)  # type: ignore[arg-type]
         sol = st.solve(opts.rtol, opts.ridge, prior)
         feats = sol.features.float()
@@ -442,6 +457,12 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
             f.weight[rows].copy_(w[:d].T.reshape(f.weight[rows].shape).to(f.weight.dtype))
             if f.bias is not None:
                 f.bias[rows].copy_(w[d].to(f.bias.dtype))
+            if short is not None:
+                e = d + (f.bias is not None)
+                ds = short.weight[0].numel()
+                short.weight[rows].copy_(w[e:e + ds].T.reshape(short.weight[rows].shape).to(short.weight.dtype))
+                if short.bias is not None:
+                    short.bias[rows].copy_(w[e + ds].to(short.bias.dtype))
         labels[idx] = b * kg_out + grouping.labels
         out_w[idx] = grouping.weights
         f64 = feats.double()
