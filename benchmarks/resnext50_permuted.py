@@ -8,7 +8,9 @@ expansion 4 (256 to 2,048 output channels), a CIFAR-style 3x3 stem of 64 channel
 method, the largest relative gap of the fused logits to the model's and the CPU seconds of the
 fusion call, next to the floor (one forward pass of both models over the inputs)::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/resnext50_permuted.py [samples]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/resnext50_permuted.py [samples [method ...]]
+
+(default methods: weight-matching, git-rebasin, otfusion, kf-linear).
 """
 import sys
 import time
@@ -87,7 +89,7 @@ with torch.no_grad():
     c0 = time.process_time()
     net(x), twin(x)
     print(f"floor (one forward pass of both): {time.process_time() - c0:.2f} CPU s")
-for method in ("weight-matching", "git-rebasin", "otfusion", "kf-linear"):
+for method in sys.argv[2:] or ("weight-matching", "git-rebasin", "otfusion", "kf-linear"):
     c0 = time.process_time()
     fused = neurofuse.fuse([net, twin], None if method == "weight-matching" else (x, y), method=method,
                            progress=False)

@@ -373,6 +373,7 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
                                       f"{k_out} outputs; give the fused model widths that split into its groups")
     kg_in, kg_out = k_in // g, k_out // g
     widths = [int(bm.weight.shape[0]) for bm in bms]
+    offs = np.cumsum([0] + widths)
     sigma = [_group_of(lab, g, kg_in, level, step.modules[0]) for lab in lab_in]   # [i][a]: fused group
     if kept is not None and any(not np.array_equal(s, _group_of(lab, g, kg_out, level, step.modules[0]))
                                 for s, lab in zip(sigma, kept[0])):
@@ -404,13 +405,11 @@ def _fit_grouped(method: Any, level: int, models: List[LeveledNet], flv: nn.Modu
             outs = [_flat(o) for o in outs]
             if step.residual:   # the block output less the fused shortcut of each channel's fused channel
                 shortcut = _flat(res[0])
-                offs = np.cumsum([0] + widths)
                 outs = [o - shortcut[:, res_labels[offs[i]:offs[i + 1]]] for i, o in enumerate(outs)]
             for b in range(g):
                 x = torch.cat([design_matrix(design, ins[0][:, b * kg_in:(b + 1) * kg_in])] + both, dim=1)
                 per = [(outs[i], widths[i] // g, a) for i, a in order[b]]
                 stats[b].update(x, torch.cat([o[:, a * n:(a + 1) * n] for o, n, a in per], dim=1))
-    offs = np.cumsum([0] + widths)
     labels = np.zeros(int(offs[-1]), dtype=np.int64)
     out_w = np.zeros(int(offs[-1]))
     info: Dict[str, Any] = {"space": step.space, "kind": step.kind, "rank": None, "rows": 0,
