@@ -296,6 +296,10 @@ def closed_form_steps(level: nn.Module, index: int, last: bool = False
                           groups=int(modules[m].groups)))
         _check_conv_groups(steps)
         return layout, steps
+    if grouped_end and len(final) > 1:
+        raise IncompatibleModelsError(
+            "a grouped convolution ends one of several paths of a residual block, which the closed form "
+            "fits together, not group by group")
     if grouped_end and pre_norms.get(grouped_end[0]):
         raise IncompatibleModelsError(
             f"a LayerNorm ({pre_norms[grouped_end[0]]}) is read by the grouped convolution that ends the "
