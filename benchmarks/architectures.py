@@ -18,8 +18,8 @@ ResNeXt (torchvision's ``Bottleneck`` with a grouped 3x3 convolution of 4 groups
 channels; two stages of ``8, 16`` times ``--width`` planes); ``bottleneck`` the same with one group
 (a plain bottleneck ResNet of the same widths); ``grouped_end`` residual blocks whose second
 3x3 convolution is grouped (4 groups) and ends the block (``x + BN(gconv(...))``: the grouped
-convolution writes the residual stream), widths ``8, 16`` times ``--width`` with a strided
-transition conv between the stages.  ``N`` of them, each from its own initialisation, are trained briefly
+convolution writes the residual stream), widths ``8, 16`` times ``--width``, the first block of
+the second stage strided with a projection shortcut.  ``N`` of them, each from its own initialisation, are trained briefly
 on the parts of a Dirichlet split (the paper's, ratio 0.2) of the training data, cut into levels
 with ``neurofuse.levels_from(model, input_shape=...)`` (nothing declared) and fused on a
 400-sample class-balanced fusion set drawn from the training data with every level-wise method

@@ -442,33 +442,39 @@ class ResNeXt(nn.Module):
 
 
 class GroupedBasicBlock(nn.Module):
-    """A basic block whose second 3x3 convolution is grouped: ``x + BN(gconv(ReLU(BN(conv(x)))))``
-    (an identity shortcut, so the grouped convolution writes the residual stream)."""
+    """A basic block whose second 3x3 convolution is grouped and ends the block:
+    ``shortcut(x) + BN(gconv(ReLU(BN(conv(x)))))``, the shortcut the identity or, when the block
+    widens or strides, a 1x1 convolution with its BatchNorm (a projection)."""
 
-    def __init__(self, planes, groups):
+    def __init__(self, inplanes, planes, groups, stride=1):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.conv1, self.bn1 = conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
 
     def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(identity + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
 class GroupedEndResNet(nn.Module):
-    """Residual blocks that end in grouped convolutions: a stem, two such blocks, a strided
-    transition conv that widens, one more block, average pooling and a linear head."""
+    """Residual blocks that end in grouped convolutions: a stem, two such blocks, one that strides
+    and widens (a projection shortcut), one more, average pooling and a linear head."""
 
     def __init__(self, num_classes=10, in_ch=3, widths=(16, 32), groups=4):
         super().__init__()
         self.stem = nn.Sequential(conv3x3(in_ch, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        self.stage1 = nn.Sequential(GroupedBasicBlock(widths[0], groups), GroupedBasicBlock(widths[0], groups))
-        self.transition = nn.Sequential(conv3x3(widths[0], widths[1], stride=2), nn.BatchNorm2d(widths[1]), nn.ReLU())
-        self.stage2 = GroupedBasicBlock(widths[1], groups)
+        self.blocks = nn.Sequential(GroupedBasicBlock(widths[0], widths[0], groups),
+                                    GroupedBasicBlock(widths[0], widths[0], groups),
+                                    GroupedBasicBlock(widths[0], widths[1], groups, stride=2),
+                                    GroupedBasicBlock(widths[1], widths[1], groups))
         self.fc = nn.Linear(widths[1], num_classes)
 
     def forward(self, x):
-        x = self.stage2(self.transition(self.stage1(self.stem(x))))
+        x = self.blocks(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
