@@ -27,7 +27,7 @@ from torch import nn
 import neurofuse
 from neurofuse.errors import ConfigError, IncompatibleModelsError
 from neurofuse.levels import AutoBlock, AutoNet, split_affine
-from neurofuse.methods import format_levels, level_support
+from neurofuse.methods import format_levels, get_method, level_support
 from neurofuse.levels._layout import (NeuronMap, align_level, check_alignable, concat_maps, stream_groups,
                                       stream_members)
 from neurofuse.levels._transformer import describe
@@ -547,3 +547,33 @@ def test_a_softmax_inside_the_network_is_not_a_monotone_head():
     why = level_support(net)[0]["kf-linear"]
     assert why is not None and "Softmax follows it" in why
     assert level_support(net)[1]["kf-linear"] is None
+
+
+@pytest.mark.parametrize("method", [m for m in LEVELWISE if m != "kf-gradient"] + ["cca-merge", "regmean-aligned"])
+def test_a_channel_shuffle_or_split_is_refused_by_name_before_any_work(method, monkeypatch):
+    """ShuffleNet-V2's channel shuffle (``view -> transpose -> view``) and split (``chunk``) move
+    values between channels, so no map of the channels passes through them: every method that
+    maps channels refuses those levels by name before any work (the closed form used to stop with
+    a raw size mismatch), and kf-gradient fuses the model."""
+    from .user_models import ShuffleNetV2
+
+    import neurofuse.methods._base as base
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(neurofuse.levels_from(ShuffleNetV2().eval(), input_shape=(3, 16, 16)))
+    reasons = [get_method(method).check_level(nets[0], i) for i in range(nets[0].num_levels)]
+    assert reasons[0] is None and reasons[2] is not None and reasons[3] is not None, reasons
+    assert all("move values between channels" in reasons[i] for i in (2, 3)), reasons
+    calls = []
+    real = base.importance_sums
+    monkeypatch.setattr(base, "importance_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = _data("branches", 32)
+    with pytest.raises(IncompatibleModelsError, match=r"cannot fuse level \d .*(move values between channels|concat)"):
+        neurofuse.fuse(nets, (x, y), method=method, progress=False,
+                       importance="conductance" if get_method(method).uses_importance else "uniform")
+    assert not calls
+    fused = neurofuse.fuse(nets, (x, y), method="kf-gradient", progress=False, **FAST_GRADIENT)
+    assert torch.isfinite(fused(x)).all()
+

@@ -478,6 +478,52 @@ class GroupedEndResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def channel_shuffle(x, groups):
+    """torchvision's ShuffleNet-V2 channel shuffle: ``view -> transpose -> view``."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """torchvision's ShuffleNet-V2 ``InvertedResidual``: a channel split (``chunk``) or two
+    branches, a concatenation and a channel shuffle."""
+
+    def __init__(self, inp, oup, stride):
+        super().__init__()
+        self.stride, half = stride, oup // 2
+        self.branch1 = nn.Sequential()
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                                         nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """A small ShuffleNet-V2: a stem, a strided unit and a split unit, a 1x1 conv, pooling, a head."""
+
+    def __init__(self, num_classes=10, in_ch=3):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_ch, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1))
+        self.conv5 = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage2(self.conv1(x))).mean([2, 3]))
+
+
 #: name -> (factory, input shape)
 ARCHITECTURES = {
     "resnet18": (resnet18, (3, 32, 32)),

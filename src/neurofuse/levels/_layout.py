@@ -188,6 +188,39 @@ def level_paths(level: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return [("", level, "out")]
 
 
+#: parameter-free operations (``torch.fx`` targets) that move values between channels, or take some
+#: of them: a map of the channels does not pass through them (ShuffleNet's channel shuffle is
+#: ``view -> transpose -> view``, its split ``chunk``)
+_CHANNEL_MOVES = frozenset({
+    "transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "chunk", "split",
+    "tensor_split", "unbind", "narrow", "index_select", "gather", "roll", "flip", "unflatten",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "repeat", "expand", "tile", "cat", "stack"})
+
+
+def channel_moving_op(level: nn.Module) -> Optional[str]:
+    """The first parameter-free operation in ``level``'s traced glue (the automatic levels'
+    ``torch.fx`` sub-graphs between layers) that can move values between channels (``None`` if
+    none): one of :data:`_CHANNEL_MOVES`, or a ``view`` / ``reshape`` other than a flatten to
+    ``[batch, -1]`` (the one that feeds a head, whose positions the alignment follows).  The
+    check reads the operations, not the axes they act on, so it also refuses some that keep the
+    channels (a transpose of the two spatial axes): a refusal, never a wrong map."""
+    import torch.fx as fx
+
+    for m in level.modules():
+        if not isinstance(m, fx.GraphModule):
+            continue
+        for n in m.graph.nodes:
+            if n.op not in ("call_function", "call_method"):
+                continue
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            what = name if n.name == name else f"{name} ({n.name})"
+            if name in _CHANNEL_MOVES:
+                return what
+            if name in ("view", "reshape") and not (len(n.args) == 3 and n.args[2] == -1):
+                return f"{what} that is not a flatten to [batch, -1]"
+    return None
+
+
 def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped: bool = False) -> LevelLayout:
     """Describe a level for alignment.
 
@@ -225,6 +258,11 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
     reason = getattr(level, "not_alignable", None)
     if reason:  # set by the automatic levels on sub-graphs that are not chains or blocks
         raise IncompatibleModelsError(f"{reason}; {method!r} cannot align it (use 'kf-gradient')")
+    moved = channel_moving_op(level)
+    if moved:
+        raise IncompatibleModelsError(
+            f"level {index} has a parameter-free {moved}, which can move values between channels: a "
+            "map of the channels does not pass through it (use 'kf-gradient')")
     block, concat = _is_block(level), _is_concat(level)
     paths = level_paths(level)
     if block or concat:
