@@ -577,3 +577,23 @@ def test_a_channel_shuffle_or_split_is_refused_by_name_before_any_work(method, m
     fused = neurofuse.fuse(nets, (x, y), method="kf-gradient", progress=False, **FAST_GRADIENT)
     assert torch.isfinite(fused(x)).all()
 
+
+
+class _ModuleShuffle(nn.Module):
+    """``nn.ChannelShuffle`` as a module between two convolutions, ``nn.Flatten`` before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.shuffle = nn.Conv2d(3, 8, 3, padding=1), nn.ChannelShuffle(2)
+        self.b, self.flat, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        return self.fc(self.flat(torch.relu(self.b(self.shuffle(torch.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "otfusion", "zipit"])
+def test_a_channel_shuffle_module_is_refused_by_name_and_a_flatten_module_is_not(method):
+    net = neurofuse.levels_from(_ModuleShuffle().eval(), input_shape=(3, 8, 8))
+    reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
+    assert reasons[0] is None and reasons[2] is None, reasons
+    assert reasons[1] and "ChannelShuffle, which can move values between channels" in reasons[1], reasons

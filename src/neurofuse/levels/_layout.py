@@ -207,6 +207,9 @@ def channel_moving_op(level: nn.Module) -> Optional[str]:
     import torch.fx as fx
 
     for m in level.modules():
+        if isinstance(m, (nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unflatten)) or (
+                isinstance(m, nn.Flatten) and m.start_dim not in (1, -3, -2)):
+            return type(m).__name__
         if not isinstance(m, fx.GraphModule):
             continue
         for n in m.graph.nodes:
