@@ -597,3 +597,31 @@ def test_a_channel_shuffle_module_is_refused_by_name_and_a_flatten_module_is_not
     reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
     assert reasons[0] is None and reasons[2] is None, reasons
     assert reasons[1] and "ChannelShuffle, which can move values between channels" in reasons[1], reasons
+
+
+class _LeNetView(nn.Module):
+    """The PyTorch tutorial's LeNet-5, whose head flattens with ``x.view(-1, 16 * 5 * 5)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("method", ["kf-linear", "otfusion"])
+def test_a_flatten_written_as_a_view_to_two_axes_is_not_refused(method):
+    from neurofuse.testing import permute_spaces
+
+    torch.manual_seed(0)
+    net = neurofuse.levels_from(_LeNetView().eval(), input_shape=(1, 32, 32))
+    assert not any(get_method(method).check_level(net, i) for i in range(net.num_levels))
+    x = torch.randn(64, 1, 32, 32)
+    fused = neurofuse.fuse([net, permute_spaces(net, seed=1)], (x, torch.randint(0, 10, (64,))), method=method,
+                           progress=False)
+    assert _gap(fused, net, x) < 1e-4

@@ -200,8 +200,9 @@ _CHANNEL_MOVES = frozenset({
 def channel_moving_op(level: nn.Module) -> Optional[str]:
     """The first parameter-free operation in ``level``'s traced glue (the automatic levels'
     ``torch.fx`` sub-graphs between layers) that can move values between channels (``None`` if
-    none): one of :data:`_CHANNEL_MOVES`, or a ``view`` / ``reshape`` other than a flatten to
-    ``[batch, -1]`` (the one that feeds a head, whose positions the alignment follows).  The
+    none): one of :data:`_CHANNEL_MOVES`, or a ``view`` / ``reshape`` to other than two axes (a
+    flatten to ``[batch, features]``, ``x.view(x.size(0), -1)`` or LeNet's ``x.view(-1, 16 * 5 * 5)``,
+    feeds a head whose positions the alignment follows).  The
     check reads the operations, not the axes they act on, so it also refuses some that keep the
     channels (a transpose of the two spatial axes): a refusal, never a wrong map."""
     import torch.fx as fx
@@ -219,8 +220,9 @@ def channel_moving_op(level: nn.Module) -> Optional[str]:
             what = name if n.name == name else f"{name} ({n.name})"
             if name in _CHANNEL_MOVES:
                 return what
-            if name in ("view", "reshape") and not (len(n.args) == 3 and n.args[2] == -1):
-                return f"{what} that is not a flatten to [batch, -1]"
+            shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+            if name in ("view", "reshape") and len(shape) != 2:
+                return f"{what} that is not a flatten to [batch, features]"
     return None
 
 
