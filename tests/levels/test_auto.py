@@ -591,12 +591,31 @@ class _ModuleShuffle(nn.Module):
         return self.fc(self.flat(torch.relu(self.b(self.shuffle(torch.relu(self.a(x)))))))
 
 
+class _ChannelsLast(nn.Module):
+    """A ``Linear`` over the channels of a conv's output, through ``permute`` to channels-last and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.lin = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 12)
+        self.b, self.fc = nn.Conv2d(12, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)).permute(0, 2, 3, 1)
+        h = torch.relu(self.lin(h)).permute(0, 3, 1, 2)
+        return self.fc(torch.relu(self.b(h)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("method", ["kf-linear", "otfusion", "zipit"])
-def test_a_channel_shuffle_module_is_refused_by_name_and_a_flatten_module_is_not(method):
-    net = neurofuse.levels_from(_ModuleShuffle().eval(), input_shape=(3, 8, 8))
+@pytest.mark.parametrize("model,op", [(_ModuleShuffle, "ChannelShuffle"), (_ChannelsLast, "permute")])
+def test_a_channel_shuffle_or_channels_last_permute_is_refused_by_name_and_a_flatten_module_is_not(method, model, op):
+    """Both used to stop the methods with a raw error (the permute: every alignment too)."""
+    net = neurofuse.levels_from(model().eval(), input_shape=(3, 8, 8))
     reasons = [get_method(method).check_level(net, i) for i in range(net.num_levels)]
-    assert reasons[0] is None and reasons[2] is None, reasons
-    assert reasons[1] and "ChannelShuffle, which can move values between channels" in reasons[1], reasons
+    assert reasons[0] is None and reasons[-1] is None, reasons
+    assert any(r and f"{op}, which can move values between channels" in r for r in reasons), reasons
+    with pytest.raises(IncompatibleModelsError, match="move the channel axis"):
+        neurofuse.fuse([net, net], (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))), method=method,
+                       progress=False)
 
 
 class _LeNetView(nn.Module):

@@ -188,9 +188,10 @@ def level_paths(level: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return [("", level, "out")]
 
 
-#: parameter-free operations (``torch.fx`` targets) that move values between channels, or take some
-#: of them: a map of the channels does not pass through them (ShuffleNet's channel shuffle is
-#: ``view -> transpose -> view``, its split ``chunk``)
+#: parameter-free operations (``torch.fx`` targets) that move values between channels, take some of
+#: them or move the channel axis (which the levels' neuron axis does not follow: a channels-last
+#: ``permute`` around a ``Linear``): a map of the channels does not pass through them (ShuffleNet's
+#: channel shuffle is ``view -> transpose -> view``, its split ``chunk``)
 _CHANNEL_MOVES = frozenset({
     "transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "chunk", "split",
     "tensor_split", "unbind", "narrow", "index_select", "gather", "roll", "flip", "unflatten",
@@ -266,8 +267,8 @@ def level_layout(level: nn.Module, index: int, method: str = "otfusion", grouped
     moved = channel_moving_op(level)
     if moved:
         raise IncompatibleModelsError(
-            f"level {index} has a parameter-free {moved}, which can move values between channels: a "
-            "map of the channels does not pass through it (use 'kf-gradient')")
+            f"level {index} has a parameter-free {moved}, which can move values between channels or "
+            "move the channel axis: a map of the channels does not pass through it (use 'kf-gradient')")
     block, concat = _is_block(level), _is_concat(level)
     paths = level_paths(level)
     if block or concat:
