@@ -644,3 +644,30 @@ def test_a_flatten_written_as_a_view_to_two_axes_is_not_refused(method):
     fused = neurofuse.fuse([net, permute_spaces(net, seed=1)], (x, torch.randint(0, 10, (64,))), method=method,
                            progress=False)
     assert _gap(fused, net, x) < 1e-4
+
+
+class _TextCNN(nn.Module):
+    """Token ids through an ``nn.Embedding`` first (the ids come as floats), a Conv1d over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv, self.fc = nn.Embedding(50, 16), nn.Conv1d(16, 24, 3, padding=1), nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = self.emb(x.long()).permute(0, 2, 1)
+        return self.fc(F.relu(self.conv(h)).max(dim=2).values)
+
+
+def test_a_model_that_starts_with_an_embedding_is_probed_with_token_ids():
+    """The automatic levels probe a model with random inputs; an embedding needs ids inside its
+    vocabulary (a normal probe stopped with "index out of range")."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(_TextCNN().eval())
+    nets = [neurofuse.levels_from(m, input_shape=(12,)) for m in models]
+    x = torch.randint(0, 50, (32, 12)).float()
+    assert _gap(nets[0], models[0], x) < 1e-6                  # the levels compute the model
+    fused = neurofuse.fuse(nets, (x, torch.randint(0, 10, (32,))), method="kf-gradient", progress=False,
+                           **FAST_GRADIENT)
+    assert torch.isfinite(fused(x)).all()

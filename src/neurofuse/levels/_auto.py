@@ -795,7 +795,11 @@ def auto_levels(model: nn.Module, input_shape: Sequence[int], num_classes: Optio
     except StopIteration:
         raise ConfigError(f"{type(model).__name__} has no parameters: nothing to fuse") from None
     gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn((3, *shape), generator=gen).to(device=device, dtype=dtype)
+    first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    if isinstance(first, (nn.Embedding, nn.EmbeddingBag)):   # token ids: a probe inside the vocabulary
+        x = torch.randint(0, first.num_embeddings, (3, *shape), generator=gen).to(device=device, dtype=dtype)
+    else:
+        x = torch.randn((3, *shape), generator=gen).to(device=device, dtype=dtype)
     was_training = model.training
     model.eval()
     try:
