@@ -13,7 +13,7 @@ from neurofuse.errors import ConfigError, IncompatibleModelsError  # noqa: E402
 from neurofuse.methods import get_method  # noqa: E402
 
 FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25),
-            "gpt2": ((12,), 6, 25)}
+            "roberta": ((12,), 6, 25), "gpt2": ((12,), 6, 25)}
 
 
 def tiny(family: str, seed: int = 0) -> nh.HFLeveledNet:
@@ -42,6 +42,7 @@ def test_composed_levels_equal_hf_logits(family):
     ("vit", 4, ["token", "token", "token", "dense"]),         # embeddings, 2 layers, head
     ("resnet", 4, ["conv", "conv", "conv", "dense"]),          # embedder, 2 stages x 1 layer, head
     ("bert", 4, ["token", "token", "token", "dense"]),
+    ("roberta", 4, ["token", "token", "token", "dense"]),
     ("gpt2", 4, ["token", "token", "token", "dense"]),
 ])
 def test_levels_are_embeddings_layers_and_head(family, n_levels, axes):
@@ -154,7 +155,7 @@ def test_transformer_levels_carry_their_stages_and_no_refusal():
 
 def test_method_table_covers_every_method_and_family():
     table = nh.method_table()
-    assert sorted(table) == ["bert", "gpt2", "resnet", "vit"]
+    assert sorted(table) == ["bert", "gpt2", "resnet", "roberta", "vit"]
     whole = {m for m in neurofuse.methods() if not get_method(m).fuses_levels}
     levelwise = {m for m in neurofuse.methods() if get_method(m).fuses_levels}
     for family, row in table.items():
@@ -197,6 +198,30 @@ def test_gpt2_sequences_ending_in_padding_are_refused():
     x[1, -2:] = net.hf_model.config.pad_token_id
     with pytest.raises(DataError, match="1 of 4 sequences end with the pad token"):
         net(x)
+
+
+def test_roberta_sequences_holding_the_padding_id_are_refused():
+    """RoBERTa numbers the positions of the tokens that are not padding; the levels' stages
+    number every token, so padded inputs are refused with a one-line reason."""
+    from neurofuse.errors import DataError
+
+    net = tiny("roberta")
+    x = inputs("roberta", 4)
+    x[2, 5] = net.hf_model.config.pad_token_id
+    with pytest.raises(DataError, match="1 of 4 sequences hold the padding id 25"):
+        net(x)
+
+
+def test_roberta_positions_start_after_the_padding_id():
+    """The embeddings' stage reads position rows ``padding_idx + 1 ...``, as the model does."""
+    from neurofuse.levels._transformer import describe
+
+    net = tiny("roberta")
+    spec = describe(net.levels[0])
+    assert spec.stages[0].pos_offset == net.hf_model.config.pad_token_id + 1 == 26
+    x = inputs("roberta", 4)
+    with torch.no_grad():
+        torch.testing.assert_close(spec.forward(net.levels[0], x), net.levels[0](x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -236,10 +236,11 @@ def _vit_layer_spec(layer: nn.Module, heads: int) -> TransformerSpec:
                       pre=_ln("layernorm_after", layer.layernorm_after))], "parts.layer.")
 
 
-def _bert_embeddings_spec(emb: nn.Module) -> TransformerSpec:
+def _bert_embeddings_spec(emb: nn.Module, pos_offset: int = 0) -> TransformerSpec:
     return _spec([Embed("lookup", Proj("word_embeddings.weight", None, "word_embeddings"),
                         pos="position_embeddings.weight", pos_table=True,
-                        rows=("token_type_embeddings.weight",), norm=_ln("LayerNorm", emb.LayerNorm))],
+                        rows=("token_type_embeddings.weight",), norm=_ln("LayerNorm", emb.LayerNorm),
+                        pos_offset=pos_offset)],
                  "parts.embeddings.")
 
 
@@ -402,6 +403,58 @@ class BertAdapter(HFAdapter):
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         _check_tokens("BERT", shape, "max_position_embeddings", int(config.max_position_embeddings))
         return super().example_input(config, shape, gen)
+
+
+def _roberta_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
+    ids = x.long()
+    padded = int((ids == pad).any(-1).sum()) if ids.dim() == 2 and not _in_transform(ids) else 0
+    if padded:
+        # the model numbers the positions of the tokens that are not padding; the levels' stages
+        # (the alignments, the closed form) number every token
+        raise DataError(f"{padded} of {ids.shape[0]} sequences hold the padding id {pad}; RoBERTa levels take "
+                        "sequences of one length without padding: trim or regroup them")
+    return parts["embeddings"](input_ids=ids)
+
+
+def _roberta_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["classifier"](x)
+
+
+@register_adapter("roberta")
+class RobertaAdapter(BertAdapter):
+    """``RobertaForSequenceClassification``: BERT's embeddings and post-LN encoder layers, its
+    positions counted from ``padding_idx + 1`` (the model numbers the non-padding tokens after
+    its padding id); the head is ``RobertaClassificationHead`` (dense + tanh on the CLS token,
+    dropout, ``out_proj``).  Inputs are token ids ``[B, T]`` of one length without the padding id
+    (the levels run without an attention mask, as the model does when none is given) and with
+    token type 0."""
+
+    model_classes = ("RobertaForSequenceClassification",)
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        rob = model.roberta
+        heads = int(model.config.num_attention_heads)
+        offset = int(rob.embeddings.padding_idx) + 1
+        out = [(HFLevel({"embeddings": rob.embeddings},
+                        functools.partial(_roberta_embeddings, pad=int(rob.embeddings.padding_idx)),
+                        "roberta.embeddings", transformer_spec=_bert_embeddings_spec(rob.embeddings, offset)),
+                "token")]
+        for i, layer in enumerate(_encoder_layers(model, rob)):
+            out.append((HFLevel({"layer": layer}, _run_layer, f"roberta layer {i}",
+                                transformer_spec=_bert_layer_spec(layer, heads)), "token"))
+        cls = model.classifier
+        head = _spec([Head(_lin("classifier.out_proj", cls.out_proj), dense=_lin("classifier.dense", cls.dense),
+                           act="tanh")], "parts.")
+        out.append((HFLevel({"classifier": cls}, _roberta_head, "classifier (dense + tanh + out_proj on CLS)",
+                            transformer_spec=head), "dense"))
+        return out
+
+    def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
+        pad = int(config.pad_token_id)
+        _check_tokens("RoBERTa", shape, "max_position_embeddings less its padding offset",
+                      int(config.max_position_embeddings) - pad - 1)
+        x = HFAdapter.example_input(self, config, shape, gen)
+        return torch.where(x == pad, (x + 1) % int(config.vocab_size), x)   # no padding id: unpadded
 
 
 @register_adapter("gpt2")

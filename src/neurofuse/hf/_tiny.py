@@ -24,8 +24,10 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
         MLP ``2 * hidden``), ``"resnet"`` (``ResNetForImageClassification``: basic layers, stage
         widths ``hidden // 2, hidden``, ``layers`` stages of one layer each), ``"bert"``
         (``BertForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout) or
-        ``"gpt2"`` (``GPT2ForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout;
-        one extra token id, ``vocab_size``, is the pad token, so that inputs drawn from
+        ``"roberta"`` (``RobertaForSequenceClassification``, as BERT; its padding id is one extra
+        token id, ``vocab_size``, and its position table counts from after it), or ``"gpt2"``
+        (``GPT2ForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout; one extra
+        token id, ``vocab_size``, is the pad token, so that inputs drawn from
         ``0 .. vocab_size - 1`` are never padding).
     input_shape : sequence of int
         ``(C, H, W)`` for images, ``(T,)`` for token ids.
@@ -38,7 +40,7 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
     layers : int
         Encoder layers (ViT, BERT) or stages (ResNet).
     vocab_size : int
-        The vocabulary of BERT and GPT-2 (required for ``"bert"`` and ``"gpt2"``).
+        The vocabulary of BERT, RoBERTa and GPT-2 (required for those families).
     **config
         Further fields of the family's config (they win over the ones above).
     """
@@ -67,6 +69,16 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   max_position_embeddings=max(16, shape[0]), num_labels=num_classes,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cfg_cls, model_cls = tf.BertConfig, tf.BertForSequenceClassification
+    elif family == "roberta":
+        if len(shape) != 1 or vocab_size < 2:
+            raise ConfigError("roberta needs input_shape (T,) and vocab_size >= 2, got "
+                              f"{list(shape)} and {vocab_size}")
+        kw = dict(vocab_size=vocab_size + 1, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, intermediate_size=2 * hidden, type_vocab_size=1,
+                  max_position_embeddings=max(16, shape[0]) + vocab_size + 1, num_labels=num_classes,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=vocab_size,
+                  bos_token_id=vocab_size, eos_token_id=vocab_size)
+        cfg_cls, model_cls = tf.RobertaConfig, tf.RobertaForSequenceClassification
     elif family == "gpt2":
         if len(shape) != 1 or vocab_size < 2:
             raise ConfigError("gpt2 needs input_shape (T,) and vocab_size >= 2, got "
@@ -76,7 +88,7 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   attn_pdrop=0.0, pad_token_id=vocab_size, bos_token_id=vocab_size, eos_token_id=vocab_size)
         cfg_cls, model_cls = tf.GPT2Config, tf.GPT2ForSequenceClassification
     else:
-        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet', 'bert' or 'gpt2'")
+        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet', 'bert', 'roberta' or 'gpt2'")
     kw.update(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

@@ -146,8 +146,9 @@ class Embed:
     ``kind`` is ``"unfold"`` (non-overlapping ``patch`` x ``patch`` patches and a Linear, the
     zoo's ViT), ``"conv"`` (a patch convolution: Hugging Face ViT, timm) or ``"lookup"`` (token
     ids and an embedding table: BERT).  ``pos`` is a ``[1, T, C]`` parameter or, with
-    ``pos_table``, the first ``T`` rows of a ``[max_T, C]`` table; ``rows`` are single table rows
-    added to every token (BERT's token type 0).
+    ``pos_table``, the rows ``pos_offset ... pos_offset + T - 1`` of a ``[max_T, C]`` table
+    (RoBERTa's positions start after its padding id); ``rows`` are single table rows added to
+    every token (BERT's token type 0).
     """
 
     kind: str
@@ -159,6 +160,7 @@ class Embed:
     patch: int = 0
     stride: Tuple[int, int] = (1, 1)
     norm: Optional[Norm] = None
+    pos_offset: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,17 +292,17 @@ def embed_forward(stage: Embed, root: nn.Module, get: Getter, x: Tensor, pre_nor
         tok = F.conv2d(x.to(w.dtype), w, None if p.bias is None else get(p.bias), stride=conv.stride,
                        padding=conv.padding, dilation=conv.dilation).flatten(2).transpose(1, 2)
     return _finish_tokens(tok, stage.cls, stage.pos, stage.pos_table, stage.rows, get,
-                          None if pre_norm else stage.norm)
+                          None if pre_norm else stage.norm, stage.pos_offset)
 
 
 def _finish_tokens(tok: Tensor, cls: Optional[str], pos: Optional[str], table: bool, rows: Sequence[str],
-                   get: Getter, norm: Optional[Norm]) -> Tensor:
+                   get: Getter, norm: Optional[Norm], offset: int = 0) -> Tensor:
     if cls is not None:
         c = get(cls).reshape(1, 1, -1)
         tok = torch.cat([c.expand(tok.shape[0], 1, -1), tok], dim=1)
     if pos is not None:
         pe = get(pos)
-        tok = tok + (pe[:tok.shape[1]].unsqueeze(0) if table else pe)
+        tok = tok + (pe[offset:offset + tok.shape[1]].unsqueeze(0) if table else pe)
     for r in rows:
         tok = tok + get(r)[0]
     return tok if norm is None else norm.apply(get, tok)
