@@ -16,7 +16,8 @@ Families (small models built from configs, each from its own initialisation):
   4 heads), fused through its automatic levels;
 * ``hf-vit``: Hugging Face ``ViTForImageClassification`` (:func:`neurofuse.hf.tiny_model`);
 * ``hf-bert``: Hugging Face ``BertForSequenceClassification`` on :func:`neurofuse.hf.token_task`;
-* ``hf-roberta``: Hugging Face ``RobertaForSequenceClassification`` on the same task;
+* ``hf-distilbert`` / ``hf-roberta``: Hugging Face ``DistilBertForSequenceClassification`` /
+  ``RobertaForSequenceClassification`` on the same task;
 * ``hf-gpt2``: Hugging Face ``GPT2ForSequenceClassification`` (a causal decoder, ``Conv1D``
   weights, the head on the last token) on the same task.
 
@@ -67,7 +68,7 @@ QUERY_METHODS = [("hf-linear-qalign", "hf-linear", {"queries": "align"}),
 ATTENTION_METHODS = [(f"{m}-att{s}", m, {"attention_steps": s}) for s in (20, 50) for m in ("kf-linear", "hf-linear")]
 TWO_ONLY = {"git-rebasin", "hf-linear"}
 #: families on :func:`neurofuse.hf.token_task` (the others take images)
-TOKEN_FAMILIES = ("hf-bert", "hf-roberta", "hf-gpt2")
+TOKEN_FAMILIES = ("hf-bert", "hf-distilbert", "hf-roberta", "hf-gpt2")
 
 
 class EncoderViT(nn.Module):

@@ -13,7 +13,7 @@ from neurofuse.errors import ConfigError, IncompatibleModelsError  # noqa: E402
 from neurofuse.methods import get_method  # noqa: E402
 
 FAMILIES = {"vit": ((1, 8, 8), 10, 0), "resnet": ((1, 16, 16), 10, 0), "bert": ((12,), 6, 25),
-            "roberta": ((12,), 6, 25), "gpt2": ((12,), 6, 25)}
+            "distilbert": ((12,), 6, 25), "roberta": ((12,), 6, 25), "gpt2": ((12,), 6, 25)}
 
 
 def tiny(family: str, seed: int = 0) -> nh.HFLeveledNet:
@@ -42,6 +42,7 @@ def test_composed_levels_equal_hf_logits(family):
     ("vit", 4, ["token", "token", "token", "dense"]),         # embeddings, 2 layers, head
     ("resnet", 4, ["conv", "conv", "conv", "dense"]),          # embedder, 2 stages x 1 layer, head
     ("bert", 4, ["token", "token", "token", "dense"]),
+    ("distilbert", 4, ["token", "token", "token", "dense"]),
     ("roberta", 4, ["token", "token", "token", "dense"]),
     ("gpt2", 4, ["token", "token", "token", "dense"]),
 ])
@@ -85,11 +86,12 @@ def test_unsupported_class_of_a_known_family_is_refused():
 
 
 def test_unknown_family_names_the_supported_ones():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import AlbertConfig, AlbertForSequenceClassification
 
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=10, dim=16, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=8))
-    with pytest.raises(IncompatibleModelsError, match="model_type 'distilbert'.*vit.*register_adapter"):
+    model = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=10, embedding_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=8))
+    with pytest.raises(IncompatibleModelsError, match="model_type 'albert'.*vit.*register_adapter"):
         nh.wrap(model)
 
 
@@ -155,7 +157,7 @@ def test_transformer_levels_carry_their_stages_and_no_refusal():
 
 def test_method_table_covers_every_method_and_family():
     table = nh.method_table()
-    assert sorted(table) == ["bert", "gpt2", "resnet", "roberta", "vit"]
+    assert sorted(table) == ["bert", "distilbert", "gpt2", "resnet", "roberta", "vit"]
     whole = {m for m in neurofuse.methods() if not get_method(m).fuses_levels}
     levelwise = {m for m in neurofuse.methods() if get_method(m).fuses_levels}
     for family, row in table.items():

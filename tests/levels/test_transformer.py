@@ -76,7 +76,7 @@ def _models(name: str, seed: int = 0):
     return tiny_model(family, (12,), 6, vocab_size=30, seed=seed), torch.randint(0, 30, (48, 12), generator=g).float()
 
 
-FAMILIES = ["zoo", "timm", "encoder-pre", "encoder-post", "hf-vit", "hf-bert", "hf-roberta", "hf-gpt2"]
+FAMILIES = ["zoo", "timm", "encoder-pre", "encoder-post", "hf-vit", "hf-bert", "hf-distilbert", "hf-roberta", "hf-gpt2"]
 
 
 def _gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:

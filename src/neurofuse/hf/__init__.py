@@ -47,7 +47,8 @@ __all__ = [
 
 #: a small input of every family for :func:`method_table` (shape, extra ``tiny_model`` settings)
 _EXAMPLE_INPUTS = {"vit": ((3, 8, 8), {}), "resnet": ((3, 16, 16), {}), "bert": ((8,), {"vocab_size": 16}),
-                   "roberta": ((8,), {"vocab_size": 16}), "gpt2": ((8,), {"vocab_size": 16})}
+                   "distilbert": ((8,), {"vocab_size": 16}), "roberta": ((8,), {"vocab_size": 16}),
+                   "gpt2": ((8,), {"vocab_size": 16})}
 
 
 def method_table() -> Dict[str, Dict[str, str]]:

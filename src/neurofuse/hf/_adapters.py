@@ -457,6 +457,57 @@ class RobertaAdapter(BertAdapter):
         return torch.where(x == pad, (x + 1) % int(config.vocab_size), x)   # no padding id: unpadded
 
 
+def _distilbert_layer_spec(layer: nn.Module, heads: int) -> TransformerSpec:
+    a = layer.attention
+    return _spec([Attention(_lin("attention.q_lin", a.q_lin), _lin("attention.k_lin", a.k_lin),
+                            _lin("attention.v_lin", a.v_lin), _lin("attention.out_lin", a.out_lin),
+                            heads, post=_ln("sa_layer_norm", layer.sa_layer_norm)),
+                  MLP(_lin("ffn.lin1", layer.ffn.lin1), _lin("ffn.lin2", layer.ffn.lin2), "ffn.activation",
+                      post=_ln("output_layer_norm", layer.output_layer_norm))],
+                 "parts.layer.")
+
+
+def _distilbert_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
+    return parts["classifier"](parts["dropout"](torch.relu(parts["pre_classifier"](x[:, 0]))))
+
+
+@register_adapter("distilbert")
+class DistilBertAdapter(BertAdapter):
+    """``DistilBertForSequenceClassification``: the embeddings (word + position, LayerNorm); one
+    level per transformer block (post-LN, as BERT's); the head is ``pre_classifier`` + ReLU on the
+    CLS token, dropout and the classifier.  Inputs are token ids ``[B, T]`` of one length, without
+    padding (the levels run without an attention mask, as the model does when none is given)."""
+
+    model_classes = ("DistilBertForSequenceClassification",)
+
+    def check_config(self, config: Any) -> None:
+        if getattr(config, "sinusoidal_pos_embds", False):
+            raise IncompatibleModelsError("the 'distilbert' adapter fits learned position embeddings; this "
+                                          "config uses sinusoidal ones (sinusoidal_pos_embds)")
+
+    def levels(self, model: nn.Module) -> List[Tuple[HFLevel, str]]:
+        body = model.distilbert
+        heads = int(model.config.n_heads)
+        emb = _spec([Embed("lookup", Proj("word_embeddings.weight", None, "word_embeddings"),
+                           pos="position_embeddings.weight", pos_table=True,
+                           norm=_ln("LayerNorm", body.embeddings.LayerNorm))], "parts.embeddings.")
+        out = [(HFLevel({"embeddings": body.embeddings}, _token_embeddings, "distilbert.embeddings",
+                        transformer_spec=emb), "token")]
+        for i, layer in enumerate(body.transformer.layer):
+            out.append((HFLevel({"layer": layer}, _run_layer, f"distilbert block {i}",
+                                transformer_spec=_distilbert_layer_spec(layer, heads)), "token"))
+        head = _spec([Head(_lin("classifier", model.classifier), dense=_lin("pre_classifier", model.pre_classifier),
+                           act="relu")], "parts.")
+        out.append((HFLevel({"pre_classifier": model.pre_classifier, "dropout": model.dropout,
+                             "classifier": model.classifier}, _distilbert_head,
+                            "pre_classifier + ReLU + dropout + classifier (CLS)", transformer_spec=head), "dense"))
+        return out
+
+    def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
+        _check_tokens("DistilBERT", shape, "max_position_embeddings", int(config.max_position_embeddings))
+        return HFAdapter.example_input(self, config, shape, gen)
+
+
 @register_adapter("gpt2")
 class GPT2Adapter(HFAdapter):
     """``GPT2ForSequenceClassification``: the embeddings (token + position); one level per

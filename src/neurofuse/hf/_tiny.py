@@ -24,7 +24,8 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
         MLP ``2 * hidden``), ``"resnet"`` (``ResNetForImageClassification``: basic layers, stage
         widths ``hidden // 2, hidden``, ``layers`` stages of one layer each), ``"bert"``
         (``BertForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout) or
-        ``"roberta"`` (``RobertaForSequenceClassification``, as BERT; its padding id is one extra
+        ``"distilbert"`` (``DistilBertForSequenceClassification``, as BERT), ``"roberta"``
+        (``RobertaForSequenceClassification``, as BERT; its padding id is one extra
         token id, ``vocab_size``, and its position table counts from after it), or ``"gpt2"``
         (``GPT2ForSequenceClassification``: 4 heads, MLP ``2 * hidden``, no dropout; one extra
         token id, ``vocab_size``, is the pad token, so that inputs drawn from
@@ -40,7 +41,7 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
     layers : int
         Encoder layers (ViT, BERT) or stages (ResNet).
     vocab_size : int
-        The vocabulary of BERT, RoBERTa and GPT-2 (required for those families).
+        The vocabulary of the token families (BERT, DistilBERT, RoBERTa, GPT-2; required there).
     **config
         Further fields of the family's config (they win over the ones above).
     """
@@ -69,6 +70,14 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   max_position_embeddings=max(16, shape[0]), num_labels=num_classes,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cfg_cls, model_cls = tf.BertConfig, tf.BertForSequenceClassification
+    elif family == "distilbert":
+        if len(shape) != 1 or vocab_size < 2:
+            raise ConfigError("distilbert needs input_shape (T,) and vocab_size >= 2, got "
+                              f"{list(shape)} and {vocab_size}")
+        kw = dict(vocab_size=vocab_size, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden,
+                  max_position_embeddings=max(16, shape[0]), num_labels=num_classes, dropout=0.0,
+                  attention_dropout=0.0, seq_classif_dropout=0.0)
+        cfg_cls, model_cls = tf.DistilBertConfig, tf.DistilBertForSequenceClassification
     elif family == "roberta":
         if len(shape) != 1 or vocab_size < 2:
             raise ConfigError("roberta needs input_shape (T,) and vocab_size >= 2, got "
@@ -88,7 +97,8 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   attn_pdrop=0.0, pad_token_id=vocab_size, bos_token_id=vocab_size, eos_token_id=vocab_size)
         cfg_cls, model_cls = tf.GPT2Config, tf.GPT2ForSequenceClassification
     else:
-        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet', 'bert', 'roberta' or 'gpt2'")
+        raise ConfigError(f"unknown family {family!r}; choose 'vit', 'resnet', 'bert', 'distilbert', 'roberta' "
+                          "or 'gpt2'")
     kw.update(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
