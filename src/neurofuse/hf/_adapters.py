@@ -9,10 +9,10 @@ head.  A family is added by one adapter class::
         model_classes = ("ViTForImageClassification",)
         def levels(self, model): ...
 
-    @register_adapter("deit")          # a ViT-like family: only where its encoder lives differs
-    class DeiTAdapter(ViTAdapter):
-        model_classes = ("DeiTForImageClassification",)
-        body = "deit"
+    @register_adapter("roberta")       # a BERT-like family: its own head and position rows
+    class RobertaAdapter(BertAdapter):
+        model_classes = ("RobertaForSequenceClassification",)
+        def levels(self, model): ...
 
 The adapter also says what its levels' structure does not allow (:attr:`HFAdapter.not_alignable`:
 why one map per neuron space cannot align them); the fusion methods read it from the levels and
