@@ -198,6 +198,15 @@ def _encoder_layers(model: nn.Module, body: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _stack(embeddings: HFLevel, layers: Any, name: str, layer_spec: Any, head: HFLevel,
+           call: Any = None) -> List[Tuple[HFLevel, str]]:
+    """The levels of an encoder or decoder: ``embeddings``, one level per layer (``name i``, its
+    stages ``layer_spec(layer)``, run by ``call``, :func:`_run_layer` by default), ``head``."""
+    body = [(HFLevel({"layer": layer}, call or _run_layer, f"{name} {i}", transformer_spec=layer_spec(layer)),
+             "token") for i, layer in enumerate(layers)]
+    return [(embeddings, "token"), *body, (head, "dense")]
+
+
 # ---------------------------------------------------------------------------------------------
 # transformer stages of the families (keys relative to the level: parts.<name>.<path>)
 # ---------------------------------------------------------------------------------------------
@@ -281,15 +290,12 @@ class ViTAdapter(HFAdapter):
                                           "build it as ViTForImageClassification(config)")
         b = self.body
         heads = int(model.config.num_attention_heads)
-        out = [(HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings",
-                        transformer_spec=_vit_embeddings_spec(vit.embeddings)), "token")]
-        for i, layer in enumerate(_encoder_layers(model, vit)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"{b} layer {i}",
-                                transformer_spec=_vit_layer_spec(layer, heads)), "token"))
+        emb = HFLevel({"embeddings": vit.embeddings}, _vit_embeddings, f"{b}.embeddings",
+                      transformer_spec=_vit_embeddings_spec(vit.embeddings))
         head = _spec([Head(_lin("classifier", model.classifier), norm=_ln("layernorm", vit.layernorm))], "parts.")
-        out.append((HFLevel({"layernorm": vit.layernorm, "classifier": model.classifier}, _cls_head,
-                            f"{b}.layernorm + classifier (CLS token)", transformer_spec=head), "dense"))
-        return out
+        return _stack(emb, _encoder_layers(model, vit), f"{b} layer", lambda layer: _vit_layer_spec(layer, heads),
+                      HFLevel({"layernorm": vit.layernorm, "classifier": model.classifier}, _cls_head,
+                              f"{b}.layernorm + classifier (CLS token)", transformer_spec=head))
 
     def default_input_shape(self, config: Any) -> Optional[Tuple[int, ...]]:
         size = config.image_size
@@ -388,17 +394,13 @@ class BertAdapter(HFAdapter):
         if bert.pooler is None:
             raise IncompatibleModelsError("BertForSequenceClassification needs its pooler")
         heads = int(model.config.num_attention_heads)
-        out = [(HFLevel({"embeddings": bert.embeddings}, _token_embeddings, "bert.embeddings",
-                        transformer_spec=_bert_embeddings_spec(bert.embeddings)), "token")]
-        for i, layer in enumerate(_encoder_layers(model, bert)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"bert layer {i}",
-                                transformer_spec=_bert_layer_spec(layer, heads)), "token"))
+        emb = HFLevel({"embeddings": bert.embeddings}, _token_embeddings, "bert.embeddings",
+                      transformer_spec=_bert_embeddings_spec(bert.embeddings))
         head = _spec([Head(_lin("classifier", model.classifier), dense=_lin("pooler.dense", bert.pooler.dense),
                            act="pooler.activation")], "parts.")
-        out.append((HFLevel({"pooler": bert.pooler, "dropout": model.dropout,
-                             "classifier": model.classifier}, _pooler_head,
-                            "bert.pooler + dropout + classifier", transformer_spec=head), "dense"))
-        return out
+        return _stack(emb, _encoder_layers(model, bert), "bert layer", lambda layer: _bert_layer_spec(layer, heads),
+                      HFLevel({"pooler": bert.pooler, "dropout": model.dropout, "classifier": model.classifier},
+                              _pooler_head, "bert.pooler + dropout + classifier", transformer_spec=head))
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         _check_tokens("BERT", shape, "max_position_embeddings", int(config.max_position_embeddings))
@@ -435,19 +437,15 @@ class RobertaAdapter(BertAdapter):
         rob = model.roberta
         heads = int(model.config.num_attention_heads)
         offset = int(rob.embeddings.padding_idx) + 1
-        out = [(HFLevel({"embeddings": rob.embeddings},
-                        functools.partial(_roberta_embeddings, pad=int(rob.embeddings.padding_idx)),
-                        "roberta.embeddings", transformer_spec=_bert_embeddings_spec(rob.embeddings, offset)),
-                "token")]
-        for i, layer in enumerate(_encoder_layers(model, rob)):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"roberta layer {i}",
-                                transformer_spec=_bert_layer_spec(layer, heads)), "token"))
+        emb = HFLevel({"embeddings": rob.embeddings},
+                      functools.partial(_roberta_embeddings, pad=int(rob.embeddings.padding_idx)),
+                      "roberta.embeddings", transformer_spec=_bert_embeddings_spec(rob.embeddings, offset))
         cls = model.classifier
         head = _spec([Head(_lin("classifier.out_proj", cls.out_proj), dense=_lin("classifier.dense", cls.dense),
                            act="tanh")], "parts.")
-        out.append((HFLevel({"classifier": cls}, _roberta_head, "classifier (dense + tanh + out_proj on CLS)",
-                            transformer_spec=head), "dense"))
-        return out
+        return _stack(emb, _encoder_layers(model, rob), "roberta layer", lambda layer: _bert_layer_spec(layer, heads),
+                      HFLevel({"classifier": cls}, _roberta_head, "classifier (dense + tanh + out_proj on CLS)",
+                              transformer_spec=head))
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         pad = int(config.pad_token_id)
@@ -491,17 +489,14 @@ class DistilBertAdapter(BertAdapter):
         emb = _spec([Embed("lookup", Proj("word_embeddings.weight", None, "word_embeddings"),
                            pos="position_embeddings.weight", pos_table=True,
                            norm=_ln("LayerNorm", body.embeddings.LayerNorm))], "parts.embeddings.")
-        out = [(HFLevel({"embeddings": body.embeddings}, _token_embeddings, "distilbert.embeddings",
-                        transformer_spec=emb), "token")]
-        for i, layer in enumerate(body.transformer.layer):
-            out.append((HFLevel({"layer": layer}, _run_layer, f"distilbert block {i}",
-                                transformer_spec=_distilbert_layer_spec(layer, heads)), "token"))
         head = _spec([Head(_lin("classifier", model.classifier), dense=_lin("pre_classifier", model.pre_classifier),
                            act="relu")], "parts.")
-        out.append((HFLevel({"pre_classifier": model.pre_classifier, "dropout": model.dropout,
-                             "classifier": model.classifier}, _distilbert_head,
-                            "pre_classifier + ReLU + dropout + classifier (CLS)", transformer_spec=head), "dense"))
-        return out
+        return _stack(HFLevel({"embeddings": body.embeddings}, _token_embeddings, "distilbert.embeddings",
+                              transformer_spec=emb),
+                      body.transformer.layer, "distilbert block", lambda layer: _distilbert_layer_spec(layer, heads),
+                      HFLevel({"pre_classifier": model.pre_classifier, "dropout": model.dropout,
+                               "classifier": model.classifier}, _distilbert_head,
+                              "pre_classifier + ReLU + dropout + classifier (CLS)", transformer_spec=head))
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         _check_tokens("DistilBERT", shape, "max_position_embeddings", int(config.max_position_embeddings))
@@ -536,16 +531,14 @@ class GPT2Adapter(HFAdapter):
         net = model.transformer
         heads, width = int(model.config.n_head), int(model.config.n_embd)
         emb = _spec([Embed("lookup", Proj("wte.weight", None, "wte"), pos="wpe.weight", pos_table=True)], "parts.")
-        out = [(HFLevel({"wte": net.wte, "wpe": net.wpe, "drop": net.drop},
-                        functools.partial(_gpt2_embeddings, pad=int(model.config.pad_token_id)),
-                        "transformer.wte + wpe", transformer_spec=emb), "token")]
-        for i, layer in enumerate(net.h):
-            out.append((HFLevel({"layer": layer}, _causal_layer, f"gpt2 block {i}",
-                                transformer_spec=_gpt2_layer_spec(layer, heads, width)), "token"))
         head = _spec([Head(_lin("score", model.score), norm=_ln("ln_f", net.ln_f), pool="last")], "parts.")
-        out.append((HFLevel({"ln_f": net.ln_f, "score": model.score}, _last_token_head,
-                            "transformer.ln_f + score (last token)", transformer_spec=head), "dense"))
-        return out
+        return _stack(HFLevel({"wte": net.wte, "wpe": net.wpe, "drop": net.drop},
+                              functools.partial(_gpt2_embeddings, pad=int(model.config.pad_token_id)),
+                              "transformer.wte + wpe", transformer_spec=emb),
+                      net.h, "gpt2 block", lambda layer: _gpt2_layer_spec(layer, heads, width),
+                      HFLevel({"ln_f": net.ln_f, "score": model.score}, _last_token_head,
+                              "transformer.ln_f + score (last token)", transformer_spec=head),
+                      call=_causal_layer)
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         _check_tokens("GPT-2", shape, "n_positions", int(config.n_positions))

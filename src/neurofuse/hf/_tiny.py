@@ -47,6 +47,8 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
     """
     tf = require_transformers()
     shape = tuple(int(s) for s in input_shape)
+    if family in ("bert", "distilbert", "roberta", "gpt2") and (len(shape) != 1 or vocab_size < 2):
+        raise ConfigError(f"{family} needs input_shape (T,) and vocab_size >= 2, got {list(shape)} and {vocab_size}")
     if family == "vit":
         if len(shape) != 3:
             raise ConfigError(f"vit needs input_shape (C, H, W), got {list(shape)}")
@@ -62,26 +64,17 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   depths=[1] * layers, layer_type="basic", num_labels=num_classes)
         cfg_cls, model_cls = tf.ResNetConfig, tf.ResNetForImageClassification
     elif family == "bert":
-        if len(shape) != 1 or vocab_size < 2:
-            raise ConfigError("bert needs input_shape (T,) and vocab_size >= 2, got "
-                              f"{list(shape)} and {vocab_size}")
         kw = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=4, intermediate_size=2 * hidden,
                   max_position_embeddings=max(16, shape[0]), num_labels=num_classes,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cfg_cls, model_cls = tf.BertConfig, tf.BertForSequenceClassification
     elif family == "distilbert":
-        if len(shape) != 1 or vocab_size < 2:
-            raise ConfigError("distilbert needs input_shape (T,) and vocab_size >= 2, got "
-                              f"{list(shape)} and {vocab_size}")
         kw = dict(vocab_size=vocab_size, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden,
                   max_position_embeddings=max(16, shape[0]), num_labels=num_classes, dropout=0.0,
                   attention_dropout=0.0, seq_classif_dropout=0.0)
         cfg_cls, model_cls = tf.DistilBertConfig, tf.DistilBertForSequenceClassification
     elif family == "roberta":
-        if len(shape) != 1 or vocab_size < 2:
-            raise ConfigError("roberta needs input_shape (T,) and vocab_size >= 2, got "
-                              f"{list(shape)} and {vocab_size}")
         kw = dict(vocab_size=vocab_size + 1, hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=4, intermediate_size=2 * hidden, type_vocab_size=1,
                   max_position_embeddings=max(16, shape[0]) + vocab_size + 1, num_labels=num_classes,
@@ -89,9 +82,6 @@ def tiny_model(family: str, input_shape: Sequence[int], num_classes: int, *, see
                   bos_token_id=vocab_size, eos_token_id=vocab_size)
         cfg_cls, model_cls = tf.RobertaConfig, tf.RobertaForSequenceClassification
     elif family == "gpt2":
-        if len(shape) != 1 or vocab_size < 2:
-            raise ConfigError("gpt2 needs input_shape (T,) and vocab_size >= 2, got "
-                              f"{list(shape)} and {vocab_size}")
         kw = dict(vocab_size=vocab_size + 1, n_embd=hidden, n_layer=layers, n_head=4, n_inner=2 * hidden,
                   n_positions=max(16, shape[0]), num_labels=num_classes, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, pad_token_id=vocab_size, bos_token_id=vocab_size, eos_token_id=vocab_size)
