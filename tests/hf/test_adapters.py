@@ -214,6 +214,20 @@ def test_roberta_sequences_holding_the_padding_id_are_refused():
         net(x)
 
 
+@pytest.mark.parametrize("family,where", [("roberta", 5), ("gpt2", -1)])
+@pytest.mark.parametrize("method", ["kf-linear", "otfusion"])
+def test_padded_fusion_sets_are_refused_before_any_work(family, where, method):
+    """The closed form and the alignments compute the levels through their stages, which number
+    every token: a fusion set with padding is refused before they run (it used to fuse silently)."""
+    from neurofuse.errors import DataError
+
+    nets = [tiny(family, seed) for seed in (0, 1)]
+    x = inputs(family, 8)
+    x[3, where] = nets[0].hf_model.config.pad_token_id
+    with pytest.raises(DataError, match="1 of 8 sequences"):
+        neurofuse.fuse(nets, (x, torch.zeros(8, dtype=torch.long)), method=method, progress=False)
+
+
 def test_roberta_positions_start_after_the_padding_id():
     """The embeddings' stage reads position rows ``padding_idx + 1 ...``, as the model does."""
     from neurofuse.levels._transformer import describe

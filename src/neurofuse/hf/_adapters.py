@@ -73,6 +73,12 @@ class HFAdapter:
     def check_config(self, config: Any) -> None:
         """Refuse configurations the levels do not describe (default: accept)."""
 
+    def check_inputs(self, config: Any, x: Tensor) -> None:
+        """Refuse inputs ``x`` that the levels' stages do not describe (default: accept).  The
+        fusion methods call it on the whole fusion set before any work
+        (:meth:`HFLeveledNet.check_inputs`): the closed form and the alignments compute the
+        levels through their stages, not only through the model's own modules."""
+
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         """A random batch of two inputs, for the check that the levels reproduce ``model(x)``."""
         if self.input_kind == "tokens":
@@ -167,13 +173,23 @@ def _in_transform(t: Tensor) -> bool:
     return bool(is_functorch_wrapped_tensor(t))
 
 
-def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
+def _refuse_padding(x: Tensor, pad: int, family: str, anywhere: bool) -> None:
+    """Refuse token ids ``x`` ``[B, T]`` that hold the padding id ``pad`` (``anywhere``: RoBERTa,
+    which numbers the positions of the other tokens) or end with it (GPT-2, which classifies the
+    last token that is not padding), where the levels' stages would compute something else."""
     ids = x.long()
-    padded = int((ids[:, -1] == pad).sum()) if ids.dim() == 2 and not _in_transform(ids) else 0
-    if padded:
-        # the model classifies the last token that is not padding; the head level reads the last
-        raise DataError(f"{padded} of {ids.shape[0]} sequences end with the pad token (id {pad}); GPT-2 "
-                        "levels take sequences of one length without padding: trim or regroup them")
+    if ids.dim() != 2 or _in_transform(ids):
+        return
+    n = int(((ids == pad).any(-1) if anywhere else ids[:, -1] == pad).sum())
+    if n:
+        what = f"hold the padding id {pad}" if anywhere else f"end with the pad token (id {pad})"
+        raise DataError(f"{n} of {ids.shape[0]} sequences {what}; {family} levels take sequences of one "
+                        "length without padding: trim or regroup them")
+
+
+def _gpt2_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
+    _refuse_padding(x, pad, "GPT-2", anywhere=False)
+    ids = x.long()
     pos = torch.arange(ids.shape[1], device=ids.device)
     return parts["drop"](parts["wte"](ids) + parts["wpe"](pos)[None])
 
@@ -408,14 +424,8 @@ class BertAdapter(HFAdapter):
 
 
 def _roberta_embeddings(parts: nn.ModuleDict, x: Tensor, pad: int) -> Tensor:
-    ids = x.long()
-    padded = int((ids == pad).any(-1).sum()) if ids.dim() == 2 and not _in_transform(ids) else 0
-    if padded:
-        # the model numbers the positions of the tokens that are not padding; the levels' stages
-        # (the alignments, the closed form) number every token
-        raise DataError(f"{padded} of {ids.shape[0]} sequences hold the padding id {pad}; RoBERTa levels take "
-                        "sequences of one length without padding: trim or regroup them")
-    return parts["embeddings"](input_ids=ids)
+    _refuse_padding(x, pad, "RoBERTa", anywhere=True)
+    return parts["embeddings"](input_ids=x.long())
 
 
 def _roberta_head(parts: nn.ModuleDict, x: Tensor) -> Tensor:
@@ -446,6 +456,9 @@ class RobertaAdapter(BertAdapter):
         return _stack(emb, _encoder_layers(model, rob), "roberta layer", lambda layer: _bert_layer_spec(layer, heads),
                       HFLevel({"classifier": cls}, _roberta_head, "classifier (dense + tanh + out_proj on CLS)",
                               transformer_spec=head))
+
+    def check_inputs(self, config: Any, x: Tensor) -> None:
+        _refuse_padding(x, int(config.pad_token_id), "RoBERTa", anywhere=True)
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         pad = int(config.pad_token_id)
@@ -539,6 +552,9 @@ class GPT2Adapter(HFAdapter):
                       HFLevel({"ln_f": net.ln_f, "score": model.score}, _last_token_head,
                               "transformer.ln_f + score (last token)", transformer_spec=head),
                       call=_causal_layer)
+
+    def check_inputs(self, config: Any, x: Tensor) -> None:
+        _refuse_padding(x, int(config.pad_token_id), "GPT-2", anywhere=False)
 
     def example_input(self, config: Any, shape: Tuple[int, ...], gen: torch.Generator) -> Tensor:
         _check_tokens("GPT-2", shape, "n_positions", int(config.n_positions))

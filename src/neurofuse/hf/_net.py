@@ -118,3 +118,11 @@ class HFLeveledNet(LeveledNet):
 
     def extra_repr(self) -> str:
         return f"family={self.family}, levels={self.level_names}, axes={self.axes}"
+
+    def check_inputs(self, x: Tensor) -> None:
+        """Refuse inputs the levels do not describe (RoBERTa's and GPT-2's padding), with a
+        one-line :class:`~neurofuse.errors.DataError`: the fusion methods call it on the fusion
+        set before any work (:meth:`HFAdapter.check_inputs`)."""
+        from ._adapters import adapter_for
+
+        adapter_for(self.hf_model).check_inputs(self.hf_model.config, x)

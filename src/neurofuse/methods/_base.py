@@ -327,6 +327,10 @@ class FusionMethod(ABC):
         shape = getattr(models[0], "input_shape", None)
         if shape is not None:
             fset.check_input_shape(shape)
+        for m in models:   # inputs a model's levels do not describe (a Hugging Face model's padding)
+            check = getattr(m, "check_inputs", None)
+            if callable(check):
+                check(fset.x)
         num_classes = getattr(models[0], "num_classes", None)
         fset.check_labels(num_classes)
         if (self.needs_data and isinstance(num_classes, int) and len(fset) < num_classes):
