@@ -97,6 +97,7 @@ def wrap(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
             lv.not_alignable = lv.not_alignable or adapter.not_alignable
     net = HFLeveledNet(model, [lv for lv, _ in pairs], [ax for _, ax in pairs], shape_t,
                        int(config.num_labels), adapter.model_type)
+    net.adapter = adapter
     _check_levels(net, adapter, atol, seed)
     return net
 

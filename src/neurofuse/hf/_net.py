@@ -81,6 +81,8 @@ class HFLeveledNet(LeveledNet):
     """
 
     arch = "hf"
+    #: the family's :class:`~neurofuse.hf.HFAdapter` (set by :func:`neurofuse.hf.wrap`)
+    adapter: Any = None
     #: a fusion method returns this class with the wrapped model's architecture (its levels are the
     #: model's own modules): BatchNorms a closed form folds are written back, not dropped
     keeps_architecture = True
@@ -123,6 +125,5 @@ class HFLeveledNet(LeveledNet):
         """Refuse inputs the levels do not describe (RoBERTa's and GPT-2's padding), with a
         one-line :class:`~neurofuse.errors.DataError`: the fusion methods call it on the fusion
         set before any work (:meth:`HFAdapter.check_inputs`)."""
-        from ._adapters import adapter_for
-
-        adapter_for(self.hf_model).check_inputs(self.hf_model.config, x)
+        if self.adapter is not None:
+            self.adapter.check_inputs(self.hf_model.config, x)
